@@ -1,0 +1,48 @@
+"""Install MONAI bundles: a model change is a folder, not a code change.
+
+A bundle is ``configs/inference.json`` + ``configs/metadata.json`` + ``models/model.ts``.
+From a folder it is copied and checked; by name it is fetched with
+:func:`monai.bundle.download` (the MONAI model zoo), which needs network access.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+
+class BundleInstallError(RuntimeError):
+    """A bundle cannot be installed; the message says why."""
+
+
+def install_bundle(source: str, dest_root: Path) -> Path:
+    """Install ``source`` (a bundle folder or a model-zoo name) under ``dest_root``."""
+    from dicom_node.pipeline import BundleError, load_bundle
+
+    dest_root = Path(dest_root)
+    dest_root.mkdir(parents=True, exist_ok=True)
+    src = Path(source)
+    if src.is_dir():
+        target = dest_root / src.name
+        if target.resolve() != src.resolve():
+            if target.exists():
+                raise BundleInstallError(f"{target} already exists; remove it first")
+            shutil.copytree(src, target)
+    else:
+        if "/" in source or source.startswith("."):
+            raise BundleInstallError(f"{source} is not a folder")
+        target = dest_root / source
+        try:
+            from monai.bundle import download
+
+            download(name=source, bundle_dir=str(dest_root))
+        except Exception as exc:  # noqa: BLE001 - network errors come in many types
+            raise BundleInstallError(
+                f"cannot download bundle {source!r} ({type(exc).__name__}: {exc}); this machine "
+                "may be offline: download the bundle elsewhere and install it from its folder"
+            ) from None
+    try:
+        load_bundle(target)
+    except BundleError as exc:
+        raise BundleInstallError(f"{target} is not a usable bundle: {exc}") from None
+    return target

@@ -1,0 +1,212 @@
+"""``dicom-node`` command line: serve, jobs, retry, validate-config, model install, push.
+
+Errors a user can cause (a bad config, an unreachable peer, a missing file) end the command
+with one sentence on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from dicom_node.config import ConfigError, Settings, load_settings
+
+log = logging.getLogger("dicom_node")
+
+
+class UserError(Exception):
+    """Something the person running the command can fix; printed as one line."""
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(
+        args.config,
+        port=getattr(args, "port", None),
+        ae_title=getattr(args, "ae_title", None),
+        data_dir=getattr(args, "data_dir", None),
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dicom_node.logsetup import setup_logging
+    from dicom_node.node import Node
+
+    settings = _settings(args)
+    setup_logging(settings.node.data_dir, settings.node.log_json)
+    node = Node(settings)
+    stopping = threading.Event()
+
+    def _stop(signum: int, _frame: object) -> None:
+        log.info("signal %d: stopping", signum)
+        stopping.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        node.start()
+    except OSError as exc:
+        node.stop()
+        raise UserError(
+            f"cannot listen on {settings.node.host}:{settings.node.port}: {exc.strerror}"
+        ) from None
+    if settings.inference.backend == "triton" and not settings.inference.triton_url:
+        # Start Triton now rather than on the first series, so the first study is fast.
+        threading.Thread(target=_warm_backend, args=(node,), daemon=True).start()
+    while not stopping.wait(1.0):
+        pass
+    node.stop()
+    return 0
+
+
+def _warm_backend(node: object) -> None:
+    try:
+        node.backend()  # type: ignore[attr-defined]
+        log.info("inference backend ready")
+    except Exception as exc:  # noqa: BLE001 - jobs retry; the operator sees the reason
+        log.error("inference backend not ready: %s", exc)
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from dicom_node.jobs import JobStore
+
+    settings = _settings(args)
+    db = settings.node.data_dir / "jobs.sqlite"
+    if not db.exists():
+        rows: list[dict] = []
+    else:
+        store = JobStore(db)
+        rows = []
+        for rec in store.list_series():
+            d = rec.to_dict()
+            d["outbox"] = [
+                {"kind": o.kind, "destination": o.destination, "state": o.state,
+                 "attempts": o.attempts, "last_error": o.last_error}
+                for o in store.outbox(rec.series_uid)
+            ]
+            rows.append(d)
+        store.close()
+    if args.json:
+        json.dump(rows, sys.stdout, indent=2)
+        print()
+        return 0
+    print(f"{'series':<64} {'state':<11} {'inst':>5}  reason")
+    for r in rows:
+        print(f"{r['series_uid']:<64} {r['state']:<11} {r['instance_count']:>5}  {r['reason']}")
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    from dicom_node.jobs import JobStore
+
+    settings = _settings(args)
+    store = JobStore(settings.node.data_dir / "jobs.sqlite")
+    n = store.retry(args.series_uid)
+    store.close()
+    if n == 0:
+        raise UserError(f"series {args.series_uid} has nothing failed to retry")
+    print(f"queued again: {n} item(s); a running node picks them up")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    load_settings(Path(args.file))
+    print(f"{args.file}: valid")
+    return 0
+
+
+def cmd_model_install(args: argparse.Namespace) -> int:
+    from dicom_node.bundles import BundleInstallError, install_bundle
+
+    try:
+        path = install_bundle(args.source, Path(args.dest))
+    except BundleInstallError as exc:
+        raise UserError(str(exc)) from None
+    print(f"installed {path}; set [inference] bundle = \"{path}\" to use it")
+    return 0
+
+
+def _parse_peer(text: str) -> tuple[str, str, int]:
+    try:
+        ae, rest = text.split("@", 1)
+        host, port = rest.rsplit(":", 1)
+        return ae, host, int(port)
+    except ValueError:
+        raise UserError(f"--to {text!r} is not AE@HOST:PORT") from None
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from dicom_node.push import push_paths
+
+    ae, host, port = _parse_peer(args.to)
+    paths = [Path(p) for p in args.paths]
+    for p in paths:
+        if not p.exists():
+            raise UserError(f"{p} does not exist")
+    t0 = time.perf_counter()
+    try:
+        report = push_paths(paths, ae, host, port, calling_ae=args.calling_ae,
+                            progress=not args.quiet)
+    except ConnectionError as exc:
+        raise UserError(str(exc)) from None
+    dt = time.perf_counter() - t0
+    print(f"sent {report.sent}, failed {report.failed}, skipped {report.skipped} "
+          f"in {dt:.1f} s ({report.sent / dt if dt else 0:.0f} instances/s)")
+    return 0 if report.failed == 0 else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dicom-node", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", type=Path, default=None,
+                       help="TOML configuration (default: config/node.toml)")
+        p.add_argument("--data-dir", type=Path, default=None, help="override [node] data_dir")
+        return p
+
+    p = with_config(sub.add_parser("serve", help="run the node"))
+    p.add_argument("--port", type=int, default=None, help="override [node] port")
+    p.add_argument("--ae-title", default=None, help="override [node] ae_title")
+    p.set_defaults(func=cmd_serve)
+
+    p = with_config(sub.add_parser("jobs", help="list every series the node knows"))
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_jobs)
+
+    p = with_config(sub.add_parser("retry", help="queue a failed series or its results again"))
+    p.add_argument("series_uid")
+    p.set_defaults(func=cmd_retry)
+
+    p = sub.add_parser("validate-config", help="check a configuration file")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("model", help="manage model bundles")
+    msub = p.add_subparsers(dest="model_command", required=True)
+    pi = msub.add_parser("install", help="install a MONAI bundle from a folder or by name")
+    pi.add_argument("source", help="a bundle folder, or a MONAI model-zoo name (needs network)")
+    pi.add_argument("--dest", default="bundles", help="folder that receives the bundle")
+    pi.set_defaults(func=cmd_model_install)
+
+    p = sub.add_parser("push", help="send DICOM files or folders with C-STORE")
+    p.add_argument("paths", nargs="+")
+    p.add_argument("--to", required=True, help="AE@HOST:PORT of the receiver")
+    p.add_argument("--calling-ae", default="DICOM_NODE_PUSH")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_push)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ConfigError, UserError) as exc:
+        print(f"dicom-node: {exc}", file=sys.stderr)
+        return 2

@@ -1,0 +1,292 @@
+"""The one place settings are read and typed.
+
+The node's configuration is a TOML file (``config/node.toml`` documents every key).
+It is read once with :mod:`tomllib` into frozen dataclasses; every other module receives
+those typed objects and never looks at the file or the environment itself.
+
+Unknown keys and values of the wrong type are rejected here, at start-up, with one sentence
+naming the key, so that a typo in a hospital's config never becomes a crash at 3 a.m.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+#: The configuration shipped with the package and used when no file is given.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG_PATH = PROJECT_ROOT / "config" / "node.toml"
+
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE VR: no backslash, <= 16
+
+
+class ConfigError(ValueError):
+    """A configuration value a user wrote is wrong; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """Identity and storage of the node's own application entity."""
+
+    ae_title: str = "DICOM_NODE"
+    host: str = "0.0.0.0"
+    port: int = 11112
+    data_dir: Path = Path("var")
+    settle_seconds: float = 10.0
+    allowed_calling_aes: list[str] = field(default_factory=list)
+    allowed_hosts: list[str] = field(default_factory=list)
+    require_called_ae: bool = True
+    #: "refuse": other storage SOP classes are rejected in negotiation;
+    #: "fail": they are negotiated and each C-STORE is answered with a failure status.
+    unsupported_sop_class: str = "refuse"
+    log_patient_identifiers: bool = False
+    log_json: bool = False
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    """Bounds that keep one misbehaving peer from taking the node down."""
+
+    max_associations: int = 16
+    acse_timeout: float = 30.0
+    dimse_timeout: float = 60.0
+    network_timeout: float = 60.0
+    max_instance_bytes: int = 512 * 1024 * 1024
+    max_instances_per_series: int = 5000
+    min_free_disk_mb: int = 1024
+    min_slices: int = 3
+    max_rows_columns: int = 4096
+
+
+@dataclass(frozen=True)
+class InferenceSettings:
+    """Where and how segmentation runs."""
+
+    #: "triton" (the default: a Triton server, started by the node or at triton_url) or
+    #: "local" (the same pipeline in-process, for development).
+    backend: str = "triton"
+    #: Empty: the node starts the Triton server shipped with nvidia-pytriton. Otherwise one or
+    #: more gRPC URLs (host:port) of running servers; requests are spread across them.
+    triton_url: list[str] = field(default_factory=list)
+    model: str = "spleen_seg"
+    model_repository: Path = Path("model_repository")
+    bundle: Path = Path("bundles/spleen_ct_demo")
+    #: "auto" (shared memory when the server is on this host), "grpc" or "shm".
+    transport: str = "auto"
+    device: str = "auto"
+    timeout_seconds: float = 600.0
+    startup_timeout_seconds: float = 180.0
+    attempts: int = 3
+    retry_backoff_seconds: float = 5.0
+    #: Series processed at once; Triton batches and schedules their requests on the GPU.
+    max_concurrent_jobs: int = 2
+    grpc_port: int = 8001
+    http_port: int = 8000
+    metrics_port: int = 8002
+
+
+@dataclass(frozen=True)
+class ResultSettings:
+    """What the node writes back for a segmented series."""
+
+    seg_series_description: str = "AI segmentation"
+    rtstruct_series_description: str = "AI contours"
+    sr_series_description: str = "AI measurements"
+    #: "binary" (Segmentation Storage) or "labelmap" (Label Map Segmentation Storage).
+    seg_type: str = "binary"
+    make_seg: bool = True
+    make_rtstruct: bool = True
+    make_sr: bool = True
+    manufacturer: str = "dicom-node"
+    institution_name: str = ""
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A peer that receives results with C-STORE."""
+
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    attempts: int = 20
+    retry_backoff_seconds: float = 5.0
+    max_backoff_seconds: float = 300.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the node needs, typed."""
+
+    node: NodeSettings = field(default_factory=NodeSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    inference: InferenceSettings = field(default_factory=InferenceSettings)
+    results: ResultSettings = field(default_factory=ResultSettings)
+    destinations: list[Destination] = field(default_factory=list)
+    #: Directory the relative paths of the config are resolved against.
+    base_dir: Path = Path(".")
+
+    @property
+    def data_dir(self) -> Path:
+        return self.node.data_dir
+
+    def replace(self, **sections: Any) -> Settings:
+        return dataclasses.replace(self, **sections)
+
+
+def _check_ae(value: str, key: str) -> None:
+    if not _AE_TITLE.match(value) or not value.strip():
+        raise ConfigError(f"{key}: {value!r} is not a valid AE title (1-16 characters, no backslash)")
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Return ``value`` as ``annotation`` or raise :class:`ConfigError` naming ``key``."""
+    origin = typing.get_origin(annotation)
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if isinstance(value, str) and item_type is str:
+            value = [value] if value else []
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
+        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _coerce(value, args[0], key)
+    if annotation is Path:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a path string, got {type(value).__name__}")
+        return Path(value)
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {type(value).__name__}")
+        return float(value)
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__}")
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {type(value).__name__}")
+        return value
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__}")
+        return value
+    raise TypeError(f"unsupported annotation {annotation!r}")  # a bug, not a user error
+
+
+def _build(cls: type, table: Any, key: str) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{key}] must be a table")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(table) - names)
+    if unknown:
+        raise ConfigError(f"[{key}]: unknown key {unknown[0]!r} (known: {', '.join(sorted(names))})")
+    kwargs = {name: _coerce(v, hints[name], f"{key}.{name}") for name, v in table.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:  # a required key is missing
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs and
+                   f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        raise ConfigError(f"[{key}]: missing required key {missing[0]!r}") from exc
+
+
+def _validate(s: Settings) -> None:
+    _check_ae(s.node.ae_title, "node.ae_title")
+    for i, ae in enumerate(s.node.allowed_calling_aes):
+        _check_ae(ae, f"node.allowed_calling_aes[{i}]")
+    if not 0 < s.node.port < 65536:
+        raise ConfigError(f"node.port: {s.node.port} is not a TCP port")
+    if s.node.settle_seconds < 0:
+        raise ConfigError("node.settle_seconds: must not be negative")
+    if s.node.unsupported_sop_class not in ("refuse", "fail"):
+        raise ConfigError("node.unsupported_sop_class: must be 'refuse' or 'fail'")
+    if s.inference.backend not in ("triton", "local"):
+        raise ConfigError("inference.backend: must be 'triton' or 'local'")
+    if s.inference.transport not in ("auto", "grpc", "shm"):
+        raise ConfigError("inference.transport: must be 'auto', 'grpc' or 'shm'")
+    if s.inference.device not in ("auto", "cpu", "cuda"):
+        raise ConfigError("inference.device: must be 'auto', 'cpu' or 'cuda'")
+    if s.inference.attempts < 1:
+        raise ConfigError("inference.attempts: must be at least 1")
+    if s.results.seg_type not in ("binary", "labelmap"):
+        raise ConfigError("results.seg_type: must be 'binary' or 'labelmap'")
+    if s.limits.min_slices < 1:
+        raise ConfigError("limits.min_slices: must be at least 1")
+    names = set()
+    for i, d in enumerate(s.destinations):
+        _check_ae(d.ae_title, f"destinations[{i}].ae_title")
+        if d.name in names:
+            raise ConfigError(f"destinations[{i}].name: {d.name!r} is used twice")
+        names.add(d.name)
+        if not 0 < d.port < 65536:
+            raise ConfigError(f"destinations[{i}].port: {d.port} is not a TCP port")
+
+
+def _resolve(path: Path, base: Path) -> Path:
+    return path if path.is_absolute() else (base / path)
+
+
+def settings_from_dict(raw: dict[str, Any], base_dir: Path = Path(".")) -> Settings:
+    """Build and validate :class:`Settings` from a parsed TOML document."""
+    known = {"node", "limits", "inference", "results", "destinations"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"unknown section [{unknown[0]}] (known: {', '.join(sorted(known))})")
+    dests = raw.get("destinations", [])
+    if not isinstance(dests, list):
+        raise ConfigError("destinations must be an array of tables ([[destinations]])")
+    s = Settings(
+        node=_build(NodeSettings, raw.get("node", {}), "node"),
+        limits=_build(LimitSettings, raw.get("limits", {}), "limits"),
+        inference=_build(InferenceSettings, raw.get("inference", {}), "inference"),
+        results=_build(ResultSettings, raw.get("results", {}), "results"),
+        destinations=[_build(Destination, d, f"destinations[{i}]") for i, d in enumerate(dests)],
+        base_dir=base_dir,
+    )
+    _validate(s)
+    inf = s.inference
+    return s.replace(
+        node=dataclasses.replace(s.node, data_dir=_resolve(s.node.data_dir, base_dir).resolve()),
+        inference=dataclasses.replace(
+            inf,
+            model_repository=_resolve(inf.model_repository, base_dir).resolve(),
+            bundle=_resolve(inf.bundle, base_dir).resolve(),
+        ),
+    )
+
+
+def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
+    """Read ``path`` (the shipped default when ``None``) and apply command-line overrides.
+
+    Relative paths in the file are resolved against the project root (the folder that holds
+    ``config/`` and ``model_repository/``), so a config means the same wherever the node is
+    started from.
+    """
+    path = Path(path) if path is not None else DEFAULT_CONFIG_PATH
+    try:
+        with open(path, "rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    base = PROJECT_ROOT
+    node = dict(raw.get("node", {}))
+    for key, value in overrides.items():
+        if value is not None:
+            node[key] = str(value) if isinstance(value, Path) else value
+    raw["node"] = node
+    return settings_from_dict(raw, base_dir=base)

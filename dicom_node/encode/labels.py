@@ -1,0 +1,285 @@
+"""What the values of a label map mean, and the checks every result encoder shares.
+
+A segmentation model returns a label map: one small integer per voxel. DICOM results need
+more than the integer: a Segmented Property Category and Type (SNOMED CT codes a PACS can
+search and a viewer can name), a recommended display colour, and an identification of the
+algorithm that produced it. :func:`segment_info_for` maps the names a model bundle gives its
+labels ("spleen", "kidney_left", ...) to those codes, so the SEG, RTSTRUCT and SR of one
+result describe each label identically.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import highdicom as hd
+import numpy as np
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import generate_uid
+
+import dicom_node
+from dicom_node.config import ResultSettings
+from dicom_node.volume import SeriesVolume
+
+#: Segmented Property Category of every organ the node knows: "Anatomical Structure",
+#: SCT 91723000 (CID 7150). SCT 123037004 is "Body structure", which older tools used as
+#: the category; current editions of the standard list 91723000.
+ANATOMICAL_STRUCTURE: Code = codes.SCT.AnatomicalStructure
+
+#: Segmented Property Type of a label whose name the node does not know: SCT 123037004
+#: "Body structure", the SNOMED CT concept every anatomical structure specialises. It says
+#: "some part of the body" without claiming which; the label's own name still appears as
+#: Segment Label / ROI Name, so a reader sees what the model called it.
+GENERIC_STRUCTURE = Code("123037004", "SCT", "Body structure")
+
+#: RT ROI Interpreted Types (Defined Terms of (3006,00A4)) a segment may carry.
+RT_ROI_TYPES = frozenset({
+    "EXTERNAL", "PTV", "CTV", "GTV", "TREATED_VOLUME", "IRRAD_VOLUME", "OAR", "BOLUS",
+    "AVOIDANCE", "ORGAN", "MARKER", "REGISTRATION", "ISOCENTER", "CONTRAST_AGENT", "CAVITY",
+    "BRACHY_CHANNEL", "BRACHY_ACCESSORY", "BRACHY_SRC_APP", "BRACHY_CHNL_SHLD", "SUPPORT",
+    "FIXATION", "DOSE_REGION", "CONTROL", "DOSE_MEASUREMENT",
+})
+
+#: Value of Manufacturer Model Name in every object the node writes.
+MODEL_NAME = "dicom-node"
+
+
+class EncodeError(ValueError):
+    """A label map or its description cannot be encoded; the message says why."""
+
+
+@dataclass(frozen=True)
+class SegmentInfo:
+    """The meaning of one label value, as the SEG Segment Description macro needs it.
+
+    Attributes
+    ----------
+    value:
+        Label value in the label map (1-255; 0 is background).
+    name:
+        Segment Label (0062,0005) and ROI Name (3006,0026); at most 64 characters.
+    code:
+        Segmented Property Type, e.g. SCT 78961009 "Spleen".
+    category:
+        Segmented Property Category; "Anatomical Structure" (SCT 91723000) for organs.
+    color_rgb:
+        Recommended display colour, 8-bit sRGB; becomes Recommended Display CIELab Value
+        in the SEG and ROI Display Color in the RTSTRUCT.
+    rt_roi_type:
+        RT ROI Interpreted Type of the RTSTRUCT ROI: ORGAN for organs, EXTERNAL for the body
+        outline.
+    """
+
+    value: int
+    name: str
+    code: Code
+    category: Code = ANATOMICAL_STRUCTURE
+    color_rgb: tuple[int, int, int] = (128, 174, 128)
+    rt_roi_type: str = "ORGAN"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.value, bool) or not isinstance(self.value, (int, np.integer)):
+            raise EncodeError(f"segment value {self.value!r} is not an integer")
+        if not 1 <= int(self.value) <= 255:
+            raise EncodeError(f"segment value {self.value} is outside 1-255 (0 is background)")
+        if not self.name.strip() or len(self.name) > 64 or "\\" in self.name:
+            raise EncodeError(
+                f"segment name {self.name!r} must be 1-64 characters without a backslash"
+            )
+        if len(self.color_rgb) != 3 or not all(0 <= int(c) <= 255 for c in self.color_rgb):
+            raise EncodeError(f"segment colour {self.color_rgb!r} is not three values 0-255")
+        if self.rt_roi_type not in RT_ROI_TYPES:
+            raise EncodeError(f"RT ROI type {self.rt_roi_type!r} is not a DICOM defined term")
+
+    def display_color(self) -> hd.color.CIELabColor:
+        """The colour as the CIELab value a SEG recommends for display."""
+        return hd.color.CIELabColor.from_rgb(*(int(c) for c in self.color_rgb))
+
+
+@dataclass(frozen=True)
+class AlgorithmInfo:
+    """The algorithm that produced a label map (Algorithm Identification, TID 4019).
+
+    Attributes
+    ----------
+    name, version:
+        Algorithm Name and Version, e.g. the model bundle's name and its version.
+    family:
+        Algorithm Family Code (CID 7162); "Artificial Intelligence" (DCM 123110).
+    source:
+        Algorithm Source: where the algorithm comes from, e.g. the bundle or model name.
+    """
+
+    name: str
+    version: str
+    family: Code = codes.cid7162.ArtificialIntelligence
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        for label, text in (("name", self.name), ("version", self.version)):
+            if not text.strip() or len(text) > 64 or "\\" in text:
+                raise EncodeError(
+                    f"algorithm {label} {text!r} must be 1-64 characters without a backslash"
+                )
+
+    def seg_identification(self) -> hd.AlgorithmIdentificationSequence:
+        """Segment Algorithm Identification for a SEG's Segment Sequence items."""
+        return hd.AlgorithmIdentificationSequence(
+            name=self.name, family=self.family, version=self.version, source=self.source or None
+        )
+
+    def sr_identification(self) -> hd.sr.AlgorithmIdentification:
+        """Algorithm Identification (TID 4019) for SR measurements."""
+        return hd.sr.AlgorithmIdentification(
+            name=self.name, version=self.version, family=self.family
+        )
+
+
+@dataclass(frozen=True)
+class _Known:
+    code: Code
+    color: tuple[int, int, int]
+    rt_roi_type: str = "ORGAN"
+    aliases: tuple[str, ...] = ()
+
+
+# Colours follow 3D Slicer's GenericAnatomyColors table, which most viewers reuse, so a
+# spleen looks the same whichever program draws it. Lateral organs use the SNOMED concepts
+# for the left/right structure rather than "Kidney" plus a laterality modifier: the RTSTRUCT
+# has no modifier and every reader understands a single pre-coordinated code.
+_KNOWN: dict[str, _Known] = {
+    "spleen": _Known(codes.SCT.Spleen, (157, 108, 162)),
+    "liver": _Known(codes.SCT.Liver, (221, 130, 101)),
+    "kidney": _Known(codes.SCT.Kidney, (185, 102, 83), aliases=("kidneys",)),
+    "left kidney": _Known(
+        Code("18639004", "SCT", "Left kidney"), (185, 102, 83), aliases=("kidney left",)
+    ),
+    "right kidney": _Known(
+        Code("9846003", "SCT", "Right kidney"), (185, 102, 83), aliases=("kidney right",)
+    ),
+    "pancreas": _Known(codes.SCT.Pancreas, (249, 180, 111)),
+    "stomach": _Known(codes.SCT.Stomach, (216, 132, 105)),
+    "gallbladder": _Known(codes.SCT.Gallbladder, (139, 150, 98), aliases=("gall bladder",)),
+    "aorta": _Known(codes.SCT.Aorta, (224, 97, 76)),
+    # The body outline is RT's "External" ROI; SNOMED's concept for it is the entire body.
+    "body": _Known(
+        codes.SCT.EntireBody, (177, 122, 101), rt_roi_type="EXTERNAL",
+        aliases=("body outline", "external", "body contour", "skin surface"),
+    ),
+}
+_BY_NAME = {alias: k for k, known in _KNOWN.items() for alias in (k, *known.aliases)}
+
+# Colours for labels the table does not know: distinct, and stable per label value.
+_PALETTE = (
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (0, 128, 128),
+)
+
+
+def _normalise(name: str) -> str:
+    return " ".join(name.lower().replace("_", " ").replace("-", " ").split())
+
+
+def segment_info_for(value: int, name: str) -> SegmentInfo:
+    """Describe label ``value`` called ``name`` by its model with SNOMED CT codes.
+
+    Known names (case, ``_`` and ``-`` ignored): spleen, liver, kidney, left/right kidney,
+    pancreas, stomach, gallbladder, aorta and body (alias body outline, external). Any other
+    name is coded as SCT 123037004 "Body structure" in category "Anatomical Structure", with
+    ``name`` kept as the label, so the result is still valid and says no more than is known.
+    """
+    known = _BY_NAME.get(_normalise(name))
+    if known is None:
+        index = int(value) - 1 if isinstance(value, (int, np.integer)) else 0
+        color = _PALETTE[index % len(_PALETTE)]
+        return SegmentInfo(value, name, GENERIC_STRUCTURE, color_rgb=color)
+    entry = _KNOWN[known]
+    return SegmentInfo(
+        value, name, entry.code, color_rgb=entry.color, rt_roi_type=entry.rt_roi_type
+    )
+
+
+def check_inputs(
+    source: SeriesVolume, labels: np.ndarray, segments: Sequence[SegmentInfo]
+) -> None:
+    """Raise :class:`EncodeError` unless ``labels`` and ``segments`` fit ``source``.
+
+    The label map must be a uint8 array of exactly the source's (slices, rows,
+    columns) shape, segment values must be unique, and every non-zero value that occurs
+    must be described (an undescribed value would silently vanish from the results).
+    """
+    if not isinstance(labels, np.ndarray):
+        raise EncodeError(f"the label map is a {type(labels).__name__}, not a numpy array")
+    if labels.dtype != np.uint8:
+        raise EncodeError(f"the label map has dtype {labels.dtype}, expected uint8")
+    if labels.shape != tuple(source.array.shape):
+        raise EncodeError(
+            f"the label map has shape {labels.shape}, but the series is "
+            f"{tuple(source.array.shape)} (slices, rows, columns)"
+        )
+    if not source.first.get("FrameOfReferenceUID"):
+        raise EncodeError("the series has no Frame of Reference UID to place results in")
+    if not segments:
+        raise EncodeError("no segments are described")
+    values = [int(s.value) for s in segments]
+    if len(set(values)) != len(values):
+        raise EncodeError(f"segment values {sorted(values)} contain duplicates")
+    present = set(np.unique(labels).tolist()) - {0}
+    undescribed = sorted(present - set(values))
+    if undescribed:
+        raise EncodeError(
+            f"label value(s) {undescribed} occur in the label map but have no segment description"
+        )
+
+
+def segment_numbers(labels: np.ndarray, segments: Sequence[SegmentInfo]) -> np.ndarray:
+    """The label map with each label value replaced by its Segment Number.
+
+    Segment Numbers run 1..n in the order of ``segments``; SEG, RTSTRUCT (ROI Number) and
+    SR all use this numbering, so a reader can match one result's objects to each other.
+    """
+    lut = np.zeros(256, dtype=np.uint8)
+    for number, seg in enumerate(segments, start=1):
+        lut[int(seg.value)] = number
+    return lut[labels]
+
+
+def software_version() -> str:
+    """The node's version, for Software Versions (0018,1020)."""
+    return str(getattr(dicom_node, "__version__", "0.1.0"))
+
+
+def device_serial_number() -> str:
+    """Device Serial Number for the node's equipment attributes.
+
+    Software has no serial number, but SEG requires one (type 1); the host name tells a
+    site which of its nodes wrote an object.
+    """
+    return socket.gethostname()[:64] or "dicom-node"
+
+
+def device_uid() -> str:
+    """A Device Observer UID that is stable for this host (same input, same UID)."""
+    return generate_uid(entropy_srcs=[MODEL_NAME, device_serial_number()])
+
+
+def common_attributes(source: SeriesVolume, settings: ResultSettings) -> dict[str, Any]:
+    """Keyword arguments for :class:`highdicom.SOPClass`: the node as equipment, and the
+    source's Specific Character Set so copied names keep their meaning.
+
+    An empty Specific Character Set (as some scanners write) means the default repertoire,
+    which highdicom only accepts as "absent".
+    """
+    charset = source.first.get("SpecificCharacterSet") or None
+    return {
+        "specific_character_set": charset,
+        "manufacturer": settings.manufacturer or MODEL_NAME,
+        "manufacturer_model_name": MODEL_NAME,
+        "software_versions": software_version(),
+        "device_serial_number": device_serial_number(),
+        "institution_name": settings.institution_name or None,
+    }

@@ -1,0 +1,179 @@
+"""Encode per-label volumes as a TID 1500 Measurement Report (Comprehensive 3D SR).
+
+The SR is what a PACS or a reporting system can read without drawing anything: for each
+segment of the SEG, a Volumetric ROI Measurements group (TID 1411) holding its volume in
+millilitres, the segment it was measured on (by SEG SOP Instance UID and Segment Number),
+the algorithm that produced it, and the CT images the segment was derived from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import highdicom as hd
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import generate_uid
+
+from dicom_node.config import ResultSettings
+from dicom_node.encode.labels import (
+    MODEL_NAME,
+    AlgorithmInfo,
+    EncodeError,
+    SegmentInfo,
+    check_inputs,
+    common_attributes,
+    device_serial_number,
+    device_uid,
+)
+from dicom_node.volume import SeriesVolume
+
+#: UCUM millilitre.
+MILLILITER = Code("mL", "UCUM", "milliliter")
+
+#: Procedure Reported (TID 1500 row 4): the source is a CT of some body region.
+CT_PROCEDURE: Code = codes.LN.CTUnspecifiedBodyRegion
+
+
+def voxel_volume_ml(source: SeriesVolume) -> float:
+    """Volume of one voxel in mL: the determinant of the affine's 3x3 part, in mm³ / 1000.
+
+    The determinant is right for any orientation and for non-orthogonal (sheared) grids.
+    """
+    return float(abs(np.linalg.det(source.affine[:3, :3]))) / 1000.0
+
+
+def _check_seg(seg: Dataset, source: SeriesVolume, segments: Sequence[SegmentInfo]) -> None:
+    if str(seg.get("Modality", "")) != "SEG" or "SegmentSequence" not in seg:
+        raise EncodeError("the object passed as SEG is not a Segmentation")
+    if seg.StudyInstanceUID != source.first.StudyInstanceUID:
+        raise EncodeError("the SEG belongs to another study than the source series")
+    described = {int(item.SegmentNumber): str(item.SegmentLabel) for item in seg.SegmentSequence}
+    for number, info in enumerate(segments, start=1):
+        if described.get(number) != info.name:
+            raise EncodeError(
+                f"segment {number} of the SEG is not {info.name!r}; build the SR from the "
+                "SEG made for the same segments"
+            )
+
+
+def _referenced_segment(
+    seg: Dataset, number: int, source: SeriesVolume, slices: np.ndarray
+) -> hd.sr.ReferencedSegment:
+    """The SEG segment, with the CT images (and frames) of the slices it lies on.
+
+    Built from the label map rather than the SEG's frames because a Label Map SEG has no
+    per-frame segment identification to read them from.
+    """
+    if slices.size == 0:
+        # A segment the model did not find lies on no image; refer to the source series.
+        return hd.sr.ReferencedSegment(
+            sop_class_uid=seg.SOPClassUID,
+            sop_instance_uid=seg.SOPInstanceUID,
+            segment_number=number,
+            source_series=hd.sr.SourceSeriesForSegmentation(source.first.SeriesInstanceUID),
+        )
+    if source.frame_numbers is not None:
+        images = [
+            hd.sr.SourceImageForSegmentation(
+                source.first.SOPClassUID,
+                source.first.SOPInstanceUID,
+                sorted(source.frame_numbers[k] for k in slices),
+            )
+        ]
+    else:
+        images = [
+            hd.sr.SourceImageForSegmentation(
+                source.headers[k].SOPClassUID, source.headers[k].SOPInstanceUID
+            )
+            for k in slices
+        ]
+    return hd.sr.ReferencedSegment(
+        sop_class_uid=seg.SOPClassUID,
+        sop_instance_uid=seg.SOPInstanceUID,
+        segment_number=number,
+        source_images=images,
+    )
+
+
+def build_sr(
+    seg: Dataset,
+    source: SeriesVolume,
+    labels: np.ndarray,
+    segments: Sequence[SegmentInfo],
+    algorithm: AlgorithmInfo,
+    settings: ResultSettings,
+    series_number: int = 9003,
+) -> Dataset:
+    """Build a Comprehensive 3D SR Measurement Report of each segment's volume.
+
+    ``seg`` is the SEG built by :func:`~dicom_node.encode.seg.build_seg` from the same
+    ``labels`` and ``segments`` (Segment Number n is ``segments[n-1]``). Each volume is
+    the voxel count of the label times the voxel volume of the source grid, in mL. The
+    observer is the node as a device; single-frame source images form the Image Library
+    and, with the SEG, the evidence.
+
+    Raises :class:`~dicom_node.encode.labels.EncodeError` when the inputs do not fit.
+    """
+    check_inputs(source, labels, segments)
+    _check_seg(seg, source, segments)
+    voxel_ml = voxel_volume_ml(source)
+    algorithm_id = algorithm.sr_identification()
+
+    groups = []
+    for number, info in enumerate(segments, start=1):
+        mask = labels == info.value
+        count = int(np.count_nonzero(mask))
+        slices = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))
+        volume = hd.sr.Measurement(
+            name=codes.SCT.Volume,
+            value=count * voxel_ml,
+            unit=MILLILITER,
+            algorithm_id=algorithm_id,
+        )
+        groups.append(
+            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=generate_uid(), identifier=info.name
+                ),
+                referenced_segment=_referenced_segment(seg, number, source, slices),
+                finding_type=info.code,
+                finding_category=info.category,
+                algorithm_id=algorithm_id,
+                measurements=[volume],
+            )
+        )
+
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.cid270.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=device_uid(),
+            name=MODEL_NAME,
+            manufacturer_name=settings.manufacturer or MODEL_NAME,
+            model_name=MODEL_NAME,
+            serial_number=device_serial_number(),
+        ),
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=CT_PROCEDURE,
+        imaging_measurements=groups,
+        # highdicom's Image Library entries read single-frame geometry (Pixel Spacing,
+        # Image Position); an Enhanced CT keeps it per frame, so its library is left out
+        # (the library is optional in TID 1500; the segment still names the frames).
+        referenced_images=source.headers if source.frame_numbers is None else None,
+    )
+    # The source comes first so that patient and study attributes are copied from it.
+    return hd.sr.Comprehensive3DSR(
+        evidence=[*source.headers, seg],
+        content=report,
+        series_instance_uid=generate_uid(),
+        series_number=series_number,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+        is_complete=True,
+        series_description=settings.sr_series_description,
+        **common_attributes(source, settings),
+    )

@@ -1,0 +1,422 @@
+"""The job database: every series the node knows, its instances, and the results it owes.
+
+SQLite in WAL mode, one file under ``data_dir``. The spool on disk is the source of truth
+for received instances (each file is fsynced before the C-STORE is acknowledged); this
+database indexes it, and :meth:`JobStore.reconcile` re-registers any spooled file a crash
+left unrecorded. That split lets commits skip an fsync of their own without ever losing an
+acknowledged instance.
+
+Series states::
+
+    receiving -> complete -> processing -> done
+                                       \\-> failed (with a reason)
+    receiving -> no_model   (stored, no routing rule matched)
+
+Results owed to destinations live in ``outbox`` with their own states
+(pending -> sent | failed), so that a result acknowledged by a PACS is never sent again.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+RECEIVING = "receiving"
+COMPLETE = "complete"
+PROCESSING = "processing"
+DONE = "done"
+FAILED = "failed"
+NO_MODEL = "no_model"
+SERIES_STATES = (RECEIVING, COMPLETE, PROCESSING, DONE, FAILED, NO_MODEL)
+
+PENDING = "pending"
+SENT = "sent"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS series (
+    series_uid      TEXT PRIMARY KEY,
+    study_uid       TEXT NOT NULL,
+    modality        TEXT NOT NULL DEFAULT '',
+    calling_ae      TEXT NOT NULL DEFAULT '',
+    state           TEXT NOT NULL,
+    reason          TEXT NOT NULL DEFAULT '',
+    instance_count  INTEGER NOT NULL DEFAULT 0,
+    first_received  REAL NOT NULL,
+    last_received   REAL NOT NULL,
+    updated         REAL NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    model           TEXT NOT NULL DEFAULT '',
+    timings         TEXT NOT NULL DEFAULT '{}',
+    results         TEXT NOT NULL DEFAULT '{}'
+);
+CREATE TABLE IF NOT EXISTS instances (
+    sop_uid     TEXT PRIMARY KEY,
+    series_uid  TEXT NOT NULL REFERENCES series(series_uid),
+    sop_class   TEXT NOT NULL,
+    path        TEXT NOT NULL,
+    size        INTEGER NOT NULL,
+    digest      TEXT NOT NULL,
+    received    REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_by_series ON instances(series_uid);
+CREATE TABLE IF NOT EXISTS outbox (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    series_uid    TEXT NOT NULL,
+    kind          TEXT NOT NULL,
+    destination   TEXT NOT NULL,
+    path          TEXT NOT NULL,
+    sop_uid       TEXT NOT NULL,
+    state         TEXT NOT NULL,
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    next_attempt  REAL NOT NULL DEFAULT 0,
+    last_error    TEXT NOT NULL DEFAULT '',
+    sent_at       REAL,
+    UNIQUE (sop_uid, destination)
+);
+"""
+
+
+@dataclass
+class SeriesRecord:
+    """One row of the series table, as ``dicom-node jobs`` shows it."""
+
+    series_uid: str
+    study_uid: str
+    modality: str
+    calling_ae: str
+    state: str
+    reason: str
+    instance_count: int
+    first_received: float
+    last_received: float
+    updated: float
+    attempts: int
+    model: str
+    timings: dict[str, float] = field(default_factory=dict)
+    results: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class OutboxItem:
+    """A result file owed to one destination."""
+
+    id: int
+    series_uid: str
+    kind: str
+    destination: str
+    path: str
+    sop_uid: str
+    state: str
+    attempts: int
+    next_attempt: float
+    last_error: str
+    sent_at: float | None
+
+
+class InstanceConflict(Exception):
+    """The SOP Instance UID is already stored with different content."""
+
+
+class JobStore:
+    """Thread-safe access to the job database.
+
+    pynetdicom serves each association on its own thread; SQLite connections are not
+    shareable across threads by default, so one connection is guarded by a lock. Every
+    statement here is short, so the lock is never held across I/O on DICOM data.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=10000")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # -- instances ------------------------------------------------------------------
+    def find_instance(self, sop_uid: str) -> sqlite3.Row | None:
+        with self._lock:
+            return self._db.execute(
+                "SELECT * FROM instances WHERE sop_uid = ?", (sop_uid,)
+            ).fetchone()
+
+    def add_instance(
+        self,
+        *,
+        sop_uid: str,
+        sop_class: str,
+        series_uid: str,
+        study_uid: str,
+        modality: str,
+        calling_ae: str,
+        path: Path,
+        size: int,
+        digest: str,
+        received: float | None = None,
+    ) -> tuple[bool, str | None]:
+        """Record a stored instance; return (is_new, previous series state).
+
+        A series that was finished (done, failed, no model) and receives a new instance goes
+        back to ``receiving`` and will be processed again with all its instances.
+        """
+        now = received if received is not None else time.time()
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT digest FROM instances WHERE sop_uid = ?", (sop_uid,)
+            ).fetchone()
+            if row is not None:
+                if row["digest"] != digest:
+                    raise InstanceConflict(sop_uid)
+                return False, None
+            series = db.execute(
+                "SELECT state FROM series WHERE series_uid = ?", (series_uid,)
+            ).fetchone()
+            if series is None:
+                db.execute(
+                    "INSERT INTO series (series_uid, study_uid, modality, calling_ae, state,"
+                    " instance_count, first_received, last_received, updated)"
+                    " VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?)",
+                    (series_uid, study_uid, modality, calling_ae, RECEIVING, now, now, now),
+                )
+                previous = None
+            else:
+                previous = series["state"]
+            db.execute(
+                "INSERT INTO instances (sop_uid, series_uid, sop_class, path, size, digest,"
+                " received) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (sop_uid, series_uid, sop_class, str(path), size, digest, now),
+            )
+            new_state = RECEIVING if previous in (None, RECEIVING, COMPLETE, DONE, FAILED,
+                                                  NO_MODEL) else previous
+            db.execute(
+                "UPDATE series SET instance_count = instance_count + 1, last_received = ?,"
+                " updated = ?, state = ?, reason = CASE WHEN ? = state THEN reason ELSE '' END"
+                " WHERE series_uid = ?",
+                (now, now, new_state, new_state, series_uid),
+            )
+            return True, previous
+
+    def instance_paths(self, series_uid: str) -> list[Path]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT path FROM instances WHERE series_uid = ? ORDER BY received, sop_uid",
+                (series_uid,),
+            ).fetchall()
+        return [Path(r["path"]) for r in rows]
+
+    def known_paths(self) -> set[str]:
+        with self._lock:
+            return {r["path"] for r in self._db.execute("SELECT path FROM instances")}
+
+    # -- series ---------------------------------------------------------------------
+    def get_series(self, series_uid: str) -> SeriesRecord | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM series WHERE series_uid = ?", (series_uid,)
+            ).fetchone()
+        return _series(row) if row else None
+
+    def list_series(self, state: str | None = None) -> list[SeriesRecord]:
+        with self._lock:
+            if state is None:
+                rows = self._db.execute("SELECT * FROM series ORDER BY first_received").fetchall()
+            else:
+                rows = self._db.execute(
+                    "SELECT * FROM series WHERE state = ? ORDER BY first_received", (state,)
+                ).fetchall()
+        return [_series(r) for r in rows]
+
+    def series_count(self, series_uid: str) -> int:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT instance_count FROM series WHERE series_uid = ?", (series_uid,)
+            ).fetchone()
+        return int(row["instance_count"]) if row else 0
+
+    def settle(self, older_than: float) -> list[str]:
+        """Mark series whose last instance is older than ``older_than`` as complete."""
+        with self._tx() as db:
+            rows = db.execute(
+                "SELECT series_uid FROM series WHERE state = ? AND last_received <= ?",
+                (RECEIVING, older_than),
+            ).fetchall()
+            uids = [r["series_uid"] for r in rows]
+            now = time.time()
+            for uid in uids:
+                db.execute(
+                    "UPDATE series SET state = ?, updated = ? WHERE series_uid = ? AND state = ?",
+                    (COMPLETE, now, uid, RECEIVING),
+                )
+        return uids
+
+    def claim(self, series_uid: str) -> tuple[bool, int]:
+        """Move a complete series to processing; return (claimed, instance count)."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE series SET state = ?, updated = ?, attempts = attempts + 1, reason = ''"
+                " WHERE series_uid = ? AND state = ?",
+                (PROCESSING, time.time(), series_uid, COMPLETE),
+            )
+            row = db.execute(
+                "SELECT instance_count FROM series WHERE series_uid = ?", (series_uid,)
+            ).fetchone()
+        return cur.rowcount == 1, int(row["instance_count"]) if row else 0
+
+    def set_state(
+        self,
+        series_uid: str,
+        state: str,
+        reason: str = "",
+        *,
+        expect: str | None = None,
+        model: str | None = None,
+    ) -> bool:
+        """Change a series' state; with ``expect``, only from that state. Returns success."""
+        if state not in SERIES_STATES:
+            raise ValueError(f"unknown series state {state!r}")
+        sql = "UPDATE series SET state = ?, reason = ?, updated = ?"
+        args: list[Any] = [state, reason, time.time()]
+        if model is not None:
+            sql += ", model = ?"
+            args.append(model)
+        sql += " WHERE series_uid = ?"
+        args.append(series_uid)
+        if expect is not None:
+            sql += " AND state = ?"
+            args.append(expect)
+        with self._tx() as db:
+            return db.execute(sql, args).rowcount == 1
+
+    def record_timings(self, series_uid: str, timings: dict[str, float]) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE series SET timings = ? WHERE series_uid = ?",
+                (json.dumps(timings), series_uid),
+            )
+
+    def record_results(self, series_uid: str, results: dict[str, Any]) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE series SET results = ? WHERE series_uid = ?",
+                (json.dumps(results), series_uid),
+            )
+
+    def resume(self) -> dict[str, int]:
+        """After a restart: series interrupted while processing are processed again."""
+        with self._tx() as db:
+            n = db.execute(
+                "UPDATE series SET state = ?, updated = ? WHERE state = ?",
+                (COMPLETE, time.time(), PROCESSING),
+            ).rowcount
+        return {"reprocess": n}
+
+    # -- outbox ---------------------------------------------------------------------
+    def enqueue_result(
+        self, *, series_uid: str, kind: str, destination: str, path: Path, sop_uid: str
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO outbox (series_uid, kind, destination, path, sop_uid,"
+                " state) VALUES (?, ?, ?, ?, ?, ?)",
+                (series_uid, kind, destination, str(path), sop_uid, PENDING),
+            )
+
+    def due_results(self, now: float | None = None) -> list[OutboxItem]:
+        now = time.time() if now is None else now
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM outbox WHERE state = ? AND next_attempt <= ? ORDER BY id",
+                (PENDING, now),
+            ).fetchall()
+        return [OutboxItem(**dict(r)) for r in rows]
+
+    def outbox(self, series_uid: str | None = None) -> list[OutboxItem]:
+        with self._lock:
+            if series_uid is None:
+                rows = self._db.execute("SELECT * FROM outbox ORDER BY id").fetchall()
+            else:
+                rows = self._db.execute(
+                    "SELECT * FROM outbox WHERE series_uid = ? ORDER BY id", (series_uid,)
+                ).fetchall()
+        return [OutboxItem(**dict(r)) for r in rows]
+
+    def mark_sent(self, item_id: int) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE outbox SET state = ?, sent_at = ?, attempts = attempts + 1,"
+                " last_error = '' WHERE id = ?",
+                (SENT, time.time(), item_id),
+            )
+
+    def mark_attempt_failed(
+        self, item_id: int, error: str, next_attempt: float, give_up: bool
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE outbox SET attempts = attempts + 1, last_error = ?, next_attempt = ?,"
+                " state = ? WHERE id = ?",
+                (error, next_attempt, FAILED if give_up else PENDING, item_id),
+            )
+
+    def retry(self, series_uid: str) -> int:
+        """Operator retry: failed results are re-queued; a failed series is processed again."""
+        with self._tx() as db:
+            n = db.execute(
+                "UPDATE outbox SET state = ?, attempts = 0, next_attempt = 0"
+                " WHERE series_uid = ? AND state = ?",
+                (PENDING, series_uid, FAILED),
+            ).rowcount
+            n += db.execute(
+                "UPDATE series SET state = ?, reason = '', updated = ? WHERE series_uid = ?"
+                " AND state IN (?, ?)",
+                (COMPLETE, time.time(), series_uid, FAILED, NO_MODEL),
+            ).rowcount
+        return n
+
+    def queue_depth(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT state, COUNT(*) AS n FROM series GROUP BY state"
+            ).fetchall()
+            pending = self._db.execute(
+                "SELECT COUNT(*) AS n FROM outbox WHERE state = ?", (PENDING,)
+            ).fetchone()
+        counts = {s: 0 for s in SERIES_STATES}
+        counts.update({r["state"]: r["n"] for r in rows})
+        counts["outbox_pending"] = pending["n"]
+        return counts
+
+
+def _series(row: sqlite3.Row) -> SeriesRecord:
+    d = dict(row)
+    d["timings"] = json.loads(d["timings"] or "{}")
+    d["results"] = json.loads(d["results"] or "{}")
+    return SeriesRecord(**d)

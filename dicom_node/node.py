@@ -1,0 +1,344 @@
+"""The running node: wires receive -> store -> assemble -> infer -> encode -> send.
+
+Three kinds of background work share one job database:
+
+* the settle loop marks a series complete ``settle_seconds`` after its last instance;
+* workers take complete series through assembly, inference and encoding, write the
+  results durably and queue them in the outbox;
+* the exporter sends due outbox items to the destinations.
+
+Every step that changes a series' state logs one line and records it, so a restart
+(:meth:`Node.start`) knows where each series stood and resumes it.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import queue
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from dicom_node.config import Settings
+from dicom_node.export import Exporter
+from dicom_node.jobs import COMPLETE, DONE, FAILED, PROCESSING, RECEIVING, JobStore
+from dicom_node.scp import StorageSCP, StoreOutcome, read_header
+from dicom_node.spool import Spool, check_uid, dataset_digest, write_durably
+from dicom_node.volume import VolumeError, assemble_series
+
+log = logging.getLogger("dicom_node.node")
+
+
+class JobFailed(Exception):
+    """A step of a job failed for a reason that is recorded on the series."""
+
+
+class Node:
+    """One DICOM node: its SCP, its job database and its background workers."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        data_dir = settings.node.data_dir
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.jobs = JobStore(data_dir / "jobs.sqlite")
+        self.spool = Spool(data_dir / "spool")
+        self.results_dir = data_dir / "results"
+        self.results_dir.mkdir(exist_ok=True, mode=0o700)
+        self.scp = StorageSCP(settings, self.spool, self.jobs, on_stored=self._on_stored)
+        self.exporter = Exporter(settings, self.jobs)
+        self._queue: queue.Queue[str] = queue.Queue()
+        self._queued: set[str] = set()
+        self._queued_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._export_wake = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._backend: Any = None
+        self._backend_lock = threading.Lock()
+        self._bundle: Any = None
+        self.observers: list[Any] = []
+
+    # -- life cycle -------------------------------------------------------------------
+    def start(self, serve: bool = True) -> None:
+        """Recover from whatever the last run left, then start serving and working."""
+        removed = self.spool.clean_incoming()
+        registered = self.reconcile()
+        resumed = self.jobs.resume()
+        log.info(
+            "start: %d partial file(s) removed, %d spooled instance(s) re-registered, "
+            "%d interrupted series to process again",
+            removed,
+            registered,
+            resumed["reprocess"],
+        )
+        for record in self.jobs.list_series(COMPLETE):
+            self._enqueue(record.series_uid)
+        if serve:
+            self.scp.start()
+        workers = max(1, self.settings.inference.max_concurrent_jobs)
+        targets = [("settle", self._settle_loop), ("export", self._export_loop)]
+        targets += [(f"worker-{i}", self._worker_loop) for i in range(workers)]
+        for name, target in targets:
+            t = threading.Thread(target=target, name=f"dicom-node-{name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._export_wake.set()
+        self.scp.stop()
+        for _ in self._threads:
+            self._queue.put("")
+        for t in self._threads:
+            t.join(timeout=30)
+        with self._backend_lock:
+            if self._backend is not None:
+                self._backend.close()
+                self._backend = None
+        self.jobs.close()
+
+    def reconcile(self) -> int:
+        """Register spooled files the database does not know (a crash between the
+        acknowledged fsync and the database commit)."""
+        known = self.jobs.known_paths()
+        n = 0
+        for path in self.spool.all_files():
+            if str(path) in known:
+                continue
+            data = path.read_bytes()
+            try:
+                ds = read_header(data)
+                sop = check_uid(ds.SOPInstanceUID, "SOP Instance UID")
+            except Exception as exc:  # noqa: BLE001 - an unreadable spool file is reported
+                log.error("spool file %s cannot be re-registered: %s", path, exc)
+                continue
+            self.jobs.add_instance(
+                sop_uid=sop,
+                sop_class=str(ds.SOPClassUID),
+                series_uid=str(ds.SeriesInstanceUID),
+                study_uid=str(ds.StudyInstanceUID),
+                modality=str(ds.get("Modality", "")),
+                calling_ae="",
+                path=path,
+                size=len(data),
+                digest=dataset_digest(data),
+                received=path.stat().st_mtime,
+            )
+            n += 1
+        return n
+
+    # -- receiving --------------------------------------------------------------------
+    def _on_stored(self, outcome: StoreOutcome) -> None:
+        for observer in self.observers:
+            observer(outcome)
+
+    def _settle_loop(self) -> None:
+        settle = self.settings.node.settle_seconds
+        tick = min(1.0, max(0.05, settle / 4))
+        while not self._stop.wait(tick):
+            for uid in self.jobs.settle(time.time() - settle):
+                log.info("series %s: complete (%d instances)", uid, self.jobs.series_count(uid))
+                self._enqueue(uid)
+
+    def _enqueue(self, series_uid: str) -> None:
+        with self._queued_lock:
+            if series_uid in self._queued:
+                return
+            self._queued.add(series_uid)
+        self._queue.put(series_uid)
+
+    # -- processing -------------------------------------------------------------------
+    def _worker_loop(self) -> None:
+        while not self._stop.is_set():
+            uid = self._queue.get()
+            if not uid:
+                return
+            with self._queued_lock:
+                self._queued.discard(uid)
+            try:
+                self.process(uid)
+            except Exception:  # noqa: BLE001 - a bug must not kill the worker
+                log.exception("series %s: unexpected error", uid)
+                self.jobs.set_state(uid, FAILED, "internal error (see the node's log)",
+                                    expect=PROCESSING)
+
+    def backend(self) -> Any:
+        """The inference backend, created on first use (a Triton server takes a while)."""
+        with self._backend_lock:
+            if self._backend is None:
+                from dicom_node.inference import make_backend
+
+                self._backend = make_backend(self.settings.inference, self.settings.node.data_dir)
+            return self._backend
+
+    def bundle(self) -> Any:
+        if self._bundle is None:
+            from dicom_node.pipeline import load_bundle
+
+            self._bundle = load_bundle(self.settings.inference.bundle)
+        return self._bundle
+
+    def process(self, series_uid: str) -> str:
+        """Take one complete series through the whole chain; return its final state."""
+        claimed, count = self.jobs.claim(series_uid)
+        if not claimed:
+            return self.jobs.get_series(series_uid).state  # type: ignore[union-attr]
+        log.info("series %s: processing (%d instances)", series_uid, count)
+        timings: dict[str, float] = {}
+        try:
+            results = self._run_chain(series_uid, timings)
+        except JobFailed as exc:
+            self.jobs.record_timings(series_uid, timings)
+            self.jobs.set_state(series_uid, FAILED, str(exc), expect=PROCESSING)
+            log.warning("series %s: failed: %s", series_uid, exc)
+            return FAILED
+        self.jobs.record_timings(series_uid, timings)
+        self.jobs.record_results(series_uid, results)
+        if self.jobs.series_count(series_uid) != count:
+            # Instances arrived while we worked: the series is processed again, whole.
+            self.jobs.set_state(series_uid, RECEIVING, expect=PROCESSING)
+            log.info("series %s: new instances arrived while processing; receiving", series_uid)
+            return RECEIVING
+        self.jobs.set_state(series_uid, DONE, expect=PROCESSING, model=results.get("model"))
+        log.info(
+            "series %s: done (%s)",
+            series_uid,
+            ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()),
+        )
+        self._export_wake.set()
+        return DONE
+
+    def _run_chain(self, series_uid: str, timings: dict[str, float]) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        paths = self.jobs.instance_paths(series_uid)
+        try:
+            volume = assemble_series(paths, self.settings.limits.min_slices)
+        except VolumeError as exc:
+            raise JobFailed(f"not a volume: {exc}") from None
+        timings["assemble"] = time.perf_counter() - t0
+
+        result = self._infer(volume, timings)
+
+        t0 = time.perf_counter()
+        files = self._encode(volume, result.labels)
+        timings["encode"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        out_dir = self.results_dir / check_uid(series_uid, "Series Instance UID")
+        out_dir.mkdir(exist_ok=True, mode=0o700)
+        written = {}
+        for kind, (ds, sop_uid) in files.items():
+            path = out_dir / f"{kind.lower()}.dcm"
+            buf = io.BytesIO()
+            ds.save_as(buf, enforce_file_format=True)
+            write_durably(path, buf.getvalue())
+            written[kind] = {"path": str(path), "sop_uid": sop_uid}
+        for kind, info in written.items():
+            for dest in self.settings.destinations:
+                self.jobs.enqueue_result(
+                    series_uid=series_uid,
+                    kind=kind,
+                    destination=dest.name,
+                    path=Path(info["path"]),
+                    sop_uid=info["sop_uid"],
+                )
+        timings["write"] = time.perf_counter() - t0
+        volumes = {
+            name: float(ml) for name, ml in self._label_volumes(volume, result.labels).items()
+        }
+        return {"model": self.bundle().name, "files": written, "volumes_ml": volumes}
+
+    def _infer(self, volume: Any, timings: dict[str, float]) -> Any:
+        from dicom_node.inference import InferenceError
+
+        inf = self.settings.inference
+        last: Exception | None = None
+        for attempt in range(1, inf.attempts + 1):
+            t0 = time.perf_counter()
+            try:
+                backend = self.backend()
+            except Exception as exc:  # noqa: BLE001 - e.g. Triton did not start; retried
+                last = exc
+                log.warning("inference backend unavailable (attempt %d/%d): %s",
+                            attempt, inf.attempts, exc)
+                if attempt < inf.attempts and not self._stop.wait(
+                    inf.retry_backoff_seconds * 2 ** (attempt - 1)
+                ):
+                    continue
+                break
+            try:
+                result = backend.segment(volume.array, volume.affine)
+            except InferenceError as exc:
+                last = exc
+                log.warning("inference attempt %d/%d failed: %s", attempt, inf.attempts, exc)
+                if attempt < inf.attempts and not self._stop.wait(
+                    inf.retry_backoff_seconds * 2 ** (attempt - 1)
+                ):
+                    continue
+                break
+            timings["inference_total"] = time.perf_counter() - t0
+            for k, v in getattr(result, "timings", {}).items():
+                timings[k] = float(v)
+            return result
+        raise JobFailed(f"inference failed after {inf.attempts} attempt(s): {last}")
+
+    def _segments(self) -> list[Any]:
+        from dicom_node.encode import segment_info_for
+
+        return [segment_info_for(v, n) for v, n in sorted(self.bundle().labels.items())]
+
+    def _algorithm(self) -> Any:
+        from dicom_node.encode import AlgorithmInfo
+
+        b = self.bundle()
+        return AlgorithmInfo(name=b.name, version=b.version, source=str(b.path.name))
+
+    def _encode(self, volume: Any, labels: Any) -> dict[str, tuple[Any, str]]:
+        from dicom_node.encode import EncodeError, build_rtstruct, build_seg, build_sr
+
+        res = self.settings.results
+        segments, algorithm = self._segments(), self._algorithm()
+        out: dict[str, tuple[Any, str]] = {}
+        try:
+            seg = build_seg(volume, labels, segments, algorithm, res)
+            if res.make_seg:
+                out["SEG"] = (seg, str(seg.SOPInstanceUID))
+            if res.make_rtstruct:
+                rt = build_rtstruct(volume, labels, segments, algorithm, res)
+                out["RTSTRUCT"] = (rt, str(rt.SOPInstanceUID))
+            if res.make_sr:
+                sr = build_sr(seg, volume, labels, segments, algorithm, res)
+                out["SR"] = (sr, str(sr.SOPInstanceUID))
+        except EncodeError as exc:
+            raise JobFailed(f"results cannot be encoded: {exc}") from None
+        return out
+
+    def _label_volumes(self, volume: Any, labels: Any) -> dict[str, float]:
+        import numpy as np
+
+        voxel_ml = abs(float(np.linalg.det(volume.affine[:3, :3]))) / 1000.0
+        counts = np.bincount(labels.ravel(), minlength=256)
+        return {n: counts[v] * voxel_ml for v, n in self.bundle().labels.items()}
+
+    # -- exporting --------------------------------------------------------------------
+    def _export_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.exporter.run_once()
+            except Exception:  # noqa: BLE001 - keep exporting whatever one item does
+                log.exception("exporter error")
+            self._export_wake.wait(1.0)
+            self._export_wake.clear()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Block until no series is receiving/complete/processing and nothing is due
+        in the outbox (tests and the ``push`` command use this)."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            depth = self.jobs.queue_depth()
+            if not (depth[RECEIVING] or depth[COMPLETE] or depth[PROCESSING]
+                    or depth["outbox_pending"]):
+                return True
+            time.sleep(0.2)
+        return False

@@ -1,0 +1,137 @@
+"""Durable storage of received instances.
+
+An instance is acknowledged only once its bytes and its directory entry are on disk
+(``fsync`` of the file, then of the directory after the atomic rename). Paths are built from
+UIDs that are validated first, so a crafted UID such as ``../../etc`` can never place a file
+outside ``data_dir``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+_LENIENT_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+class InvalidUID(ValueError):
+    """A UID is missing, empty, too long or not made of digits and dots."""
+
+
+def check_uid(value: object, name: str) -> str:
+    """Return ``value`` as a UID string or raise :class:`InvalidUID` saying what is wrong.
+
+    Leading zeros in a component are tolerated (some old modalities write them, and they
+    are harmless in a path); anything but digits and dots is not.
+    """
+    uid = str(value).strip().rstrip("\x00").strip() if value is not None else ""
+    if not uid:
+        raise InvalidUID(f"{name} is missing or empty")
+    if len(uid) > 64:
+        raise InvalidUID(f"{name} is longer than 64 characters")
+    if not _LENIENT_UID.match(uid):
+        raise InvalidUID(f"{name} {uid[:64]!r} is not a valid UID (digits and dots only)")
+    return uid
+
+
+def is_strict_uid(uid: str) -> bool:
+    """Whether ``uid`` also has no leading zeros in its components (PS3.5 9.1)."""
+    return bool(_UID.match(uid))
+
+
+def dataset_digest(data: bytes, has_meta: bool = True) -> str:
+    """SHA-256 of an instance's data set, without its File Meta Information.
+
+    The meta group names the sender (Source AE Title) and the implementation that wrote the
+    file, so two faithful copies of one instance differ there; the data set itself is what
+    "the same content" means when a peer re-sends an instance.
+    """
+    offset = 0
+    if has_meta and data[128:132] == b"DICM":
+        # (0002,0000) UL, explicit VR little endian: tag 4 + VR 2 + length 2 + value 4
+        group_length = int.from_bytes(data[140:144], "little")
+        offset = 144 + group_length
+    return hashlib.sha256(memoryview(data)[offset:]).hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_durably(path: Path, data: bytes, tmp_dir: Path | None = None) -> tuple[int, str]:
+    """Write ``data`` to ``path`` so that it survives a crash the moment this returns.
+
+    The bytes go to a temporary file in ``tmp_dir`` (same file system), which is fsynced
+    and renamed over ``path``; the directory is fsynced so the rename itself is durable.
+    A reader never sees a half-written file. Returns (size, sha256 hex digest).
+    """
+    tmp_dir = tmp_dir or path.parent
+    tmp = tmp_dir / f"{path.name}.{uuid.uuid4().hex}.part"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    return len(data), hashlib.sha256(data).hexdigest()
+
+
+class Spool:
+    """The ``spool/`` tree under ``data_dir``: ``<study>/<series>/<sop>.dcm``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._tmp = self.root / ".incoming"
+        self._tmp.mkdir(exist_ok=True, mode=0o700)
+        self._known_dirs: set[Path] = set()
+
+    def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        for uid, name in ((study_uid, "Study"), (series_uid, "Series"), (sop_uid, "SOP")):
+            check_uid(uid, f"{name} Instance UID")
+        path = self.root / study_uid / series_uid / f"{sop_uid}.dcm"
+        # Belt and braces: the regex already excludes separators and dots-only names.
+        if self.root.resolve() not in path.resolve().parents:
+            raise InvalidUID("UIDs would place the file outside the spool")
+        return path
+
+    def write(self, path: Path, data: bytes) -> tuple[int, str]:
+        """Write ``data`` to ``path`` atomically and durably; return (size, sha256)."""
+        directory = path.parent
+        if directory not in self._known_dirs:
+            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fsync_dir(directory.parent)
+            fsync_dir(directory.parent.parent)
+            self._known_dirs.add(directory)
+        return write_durably(path, data, self._tmp)
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def clean_incoming(self) -> int:
+        """Remove partial files a crash left behind (they were never acknowledged)."""
+        n = 0
+        for p in self._tmp.glob("*.part"):
+            p.unlink(missing_ok=True)
+            n += 1
+        return n
+
+    def all_files(self) -> list[Path]:
+        return sorted(p for p in self.root.glob("*/*/*.dcm"))

@@ -1,0 +1,246 @@
+"""Assemble a stored series into a 3D volume in patient coordinates.
+
+highdicom does the geometry (``get_series_volume_positions``, ``get_volume_from_series``,
+``Volume``): we only add the checks that turn "not a volume" into a reason a radiographer
+can act on, and we keep the slice order of the source SOP Instance UIDs so that the SEG and
+RTSTRUCT can reference exactly the images each frame lies on.
+
+Array convention, used by every later stage: ``volume.array`` is (slices, rows, columns) and
+``volume.affine`` maps (slice, row, column, 1) to LPS millimetres (highdicom's convention).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    LegacyConvertedEnhancedCTImageStorage,
+)
+
+#: SOP classes whose instances can be assembled into a CT volume.
+CT_SOP_CLASSES = (CTImageStorage, EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage)
+MULTIFRAME_CT_SOP_CLASSES = (EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage)
+
+#: Attributes a SEG/RTSTRUCT/SR copies from its source; kept when pixel data is dropped.
+_TILT_TOLERANCE_DEG = 0.5
+
+
+class VolumeError(ValueError):
+    """A series cannot be a volume; the message is the reason recorded on its job."""
+
+
+@dataclass
+class SeriesVolume:
+    """A CT series as a volume, with what the encoders need to reference its sources.
+
+    Attributes
+    ----------
+    volume:
+        highdicom ``Volume``: ``array`` (slices, rows, columns) in Hounsfield units and
+        ``affine`` mapping voxel indices to LPS mm in the series' Frame of Reference.
+    source_uids:
+        SOP Instance UID of the image each slice comes from, in slice order.
+    frame_numbers:
+        For multi-frame sources, the 1-based frame number of each slice; else ``None``.
+    headers:
+        The source datasets without Pixel Data, in slice order (one per instance for
+        single-frame series, the one multi-frame dataset otherwise).
+    """
+
+    volume: hd.Volume
+    source_uids: list[str]
+    frame_numbers: list[int] | None
+    headers: list[Dataset]
+
+    @property
+    def array(self) -> np.ndarray:
+        return self.volume.array
+
+    @property
+    def affine(self) -> np.ndarray:
+        return self.volume.affine
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """(slice, row, column) spacing in mm."""
+        return tuple(float(v) for v in self.volume.spacing)  # type: ignore[return-value]
+
+    @property
+    def first(self) -> Dataset:
+        return self.headers[0]
+
+
+def _header(ds: Dataset) -> Dataset:
+    """A copy of ``ds`` without bulk data, small enough to keep for the encoders."""
+    out = Dataset()
+    out.file_meta = getattr(ds, "file_meta", None) or pydicom.dataset.FileMetaDataset()
+    for elem in ds:
+        if elem.tag in (0x7FE00010, 0x7FE00008, 0x7FE00009):
+            continue
+        if elem.tag == 0x52009230:  # Per-frame Functional Groups: kept (multi-frame geometry)
+            out.add(elem)
+            continue
+        out.add(elem)
+    return out
+
+
+def _check_common(datasets: Sequence[Dataset], min_slices: int) -> None:
+    modalities = {str(ds.get("Modality", "")) for ds in datasets}
+    if modalities != {"CT"}:
+        raise VolumeError(f"modality is {', '.join(sorted(modalities)) or 'missing'}, not CT")
+    for ds in datasets:
+        if ds.get("SOPClassUID") not in CT_SOP_CLASSES:
+            raise VolumeError(f"SOP class {ds.get('SOPClassUID')} is not a CT image")
+
+
+def _single_frame_checks(datasets: Sequence[Dataset], min_slices: int) -> None:
+    if len(datasets) < min_slices:
+        raise VolumeError(f"only {len(datasets)} slice(s); at least {min_slices} are needed")
+    sizes = {(int(ds.Rows), int(ds.Columns)) for ds in datasets}
+    if len(sizes) > 1:
+        raise VolumeError(
+            "slices have mixed sizes: " + ", ".join(f"{r}x{c}" for r, c in sorted(sizes))
+        )
+    for ds in datasets:
+        for kw in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
+            if kw not in ds or ds[kw].value in (None, ""):
+                raise VolumeError(f"instance {ds.SOPInstanceUID} has no {kw}")
+    orientations = {tuple(round(float(v), 4) for v in ds.ImageOrientationPatient) for ds in datasets}
+    if len(orientations) > 1:
+        raise VolumeError(f"slices have {len(orientations)} different orientations")
+    spacings = {tuple(round(float(v), 4) for v in ds.PixelSpacing) for ds in datasets}
+    if len(spacings) > 1:
+        raise VolumeError("slices have different pixel spacings")
+    tilts = {float(ds.get("GantryDetectorTilt", 0) or 0) for ds in datasets}
+    tilt = max(abs(t) for t in tilts)
+    orientation = np.array(next(iter(orientations)), dtype=float)
+    normal = np.cross(orientation[:3], orientation[3:])
+    positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in datasets])
+    order = np.argsort(positions @ normal)
+    positions = positions[order]
+    if len(set(map(tuple, np.round(positions, 3)))) < len(positions):
+        raise VolumeError("two or more slices share the same position")
+    steps = np.diff(positions, axis=0)
+    if len(steps):
+        lengths = np.linalg.norm(steps, axis=1)
+        cosines = np.abs(steps @ normal) / np.where(lengths > 0, lengths, 1)
+        angle = float(np.degrees(np.arccos(np.clip(cosines.min(), -1, 1))))
+        if tilt > _TILT_TOLERANCE_DEG or angle > _TILT_TOLERANCE_DEG:
+            raise VolumeError(
+                f"gantry tilt of {max(tilt, angle):.1f} degrees: slices are not stacked "
+                "perpendicular to the image plane"
+            )
+        distances = steps @ normal
+        smallest = float(distances.min())
+        if smallest <= 0:
+            raise VolumeError("two or more slices share the same position")
+        ratios = distances / smallest
+        if float(ratios.max()) > 1.5 and np.allclose(ratios, np.round(ratios), atol=0.05):
+            missing = int(np.round(ratios).sum() - len(ratios))
+            raise VolumeError(
+                f"{missing} slice(s) missing: gap of {float(distances.max()):.2f} mm in a "
+                f"series spaced {smallest:.2f} mm"
+            )
+        if float(distances.max() - smallest) > max(0.01 * smallest, 0.01):
+            raise VolumeError(
+                f"non-uniform slice spacing: {smallest:.2f} to {float(distances.max()):.2f} mm"
+            )
+
+
+def _pixel_dtype(datasets: Sequence[Dataset]) -> type:
+    """int16 when every rescale maps integers to integers that fit, else float32.
+
+    int16 halves the memory of a volume against float32 and is exactly what a CT stores.
+    """
+    for ds in datasets:
+        slope = float(ds.get("RescaleSlope", 1) or 1)
+        intercept = float(ds.get("RescaleIntercept", 0) or 0)
+        bits = int(ds.get("BitsStored", 16))
+        if slope != int(slope) or intercept != int(intercept) or slope != 1 or bits > 15:
+            return np.float32
+    return np.int16
+
+
+def assemble_single_frame(datasets: Sequence[Dataset], min_slices: int = 3) -> SeriesVolume:
+    """Assemble single-frame CT datasets (with pixel data) into a :class:`SeriesVolume`."""
+    _check_common(datasets, min_slices)
+    _single_frame_checks(datasets, min_slices)
+    _, positions = hd.spatial.get_series_volume_positions(datasets)
+    if positions is None:
+        raise VolumeError("slices do not form a regularly spaced volume")
+    ordered = [datasets[positions.index(i)] for i in range(len(datasets))]
+    try:
+        volume = hd.get_volume_from_series(ordered, dtype=_pixel_dtype(ordered))
+    except (ValueError, TypeError, NotImplementedError, RuntimeError, AttributeError) as exc:
+        raise VolumeError(f"pixel data cannot be decoded: {exc}") from exc
+    return SeriesVolume(
+        volume=volume,
+        source_uids=[str(ds.SOPInstanceUID) for ds in ordered],
+        frame_numbers=None,
+        headers=[_header(ds) for ds in ordered],
+    )
+
+
+def assemble_multiframe(ds: Dataset, min_slices: int = 3) -> SeriesVolume:
+    """Assemble an Enhanced (or Legacy Converted Enhanced) CT from its frames."""
+    _check_common([ds], min_slices)
+    frames = int(ds.get("NumberOfFrames", 1))
+    if frames < min_slices:
+        raise VolumeError(f"only {frames} frame(s); at least {min_slices} are needed")
+    try:
+        image = hd.Image.from_dataset(ds, copy=False)
+        volume = image.get_volume(dtype=_pixel_dtype([ds]))
+    except (ValueError, RuntimeError, KeyError, AttributeError, NotImplementedError) as exc:
+        raise VolumeError(f"frames do not form a volume: {exc}") from exc
+    if volume is None:
+        raise VolumeError("frames do not form a regularly spaced volume")
+    # highdicom sorts frames into the volume; recover which frame each slice came from
+    # by matching each frame's position to the volume's slice positions.
+    pffg = ds.PerFrameFunctionalGroupsSequence
+    positions = np.array([[float(v) for v in f.PlanePositionSequence[0].ImagePositionPatient]
+                          for f in pffg])
+    slice_pos = np.array([volume.affine @ np.array([k, 0, 0, 1.0]) for k in range(volume.shape[0])])[:, :3]
+    frame_numbers = []
+    for p in slice_pos:
+        d = np.linalg.norm(positions - p, axis=1)
+        frame_numbers.append(int(np.argmin(d)) + 1)
+    return SeriesVolume(
+        volume=volume,
+        source_uids=[str(ds.SOPInstanceUID)] * volume.shape[0],
+        frame_numbers=frame_numbers,
+        headers=[_header(ds)],
+    )
+
+
+def assemble_series(paths: Sequence[Path], min_slices: int = 3) -> SeriesVolume:
+    """Read the stored files of one series and assemble them.
+
+    Raises :class:`VolumeError` with a one-sentence reason for any series that is not a
+    CT volume: too few slices, gaps, non-uniform spacing, mixed orientations or sizes,
+    gantry tilt, another modality, or pixel data that cannot be decoded.
+    """
+    if not paths:
+        raise VolumeError("the series has no instances")
+    datasets = []
+    for p in paths:
+        try:
+            datasets.append(pydicom.dcmread(p))
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is a reason, not a crash
+            raise VolumeError(f"stored file {Path(p).name} cannot be read: {exc}") from exc
+    multi = [ds for ds in datasets if ds.get("SOPClassUID") in MULTIFRAME_CT_SOP_CLASSES]
+    if multi:
+        if len(datasets) != 1:
+            raise VolumeError(
+                f"series mixes {len(multi)} multi-frame and {len(datasets) - len(multi)} "
+                "other instances"
+            )
+        return assemble_multiframe(multi[0], min_slices)
+    return assemble_single_frame(datasets, min_slices)

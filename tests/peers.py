@@ -1,0 +1,248 @@
+"""Real peers for the tests: the node as a process, Orthanc, and DCMTK's tools.
+
+Each starts on free loopback ports in a temporary folder and is stopped by its fixture.
+Debian's DCMTK stalls ~45 ms per instance unless the receiving process has
+``TCP_NODELAY=1`` in its environment, so receivers get it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def testdata() -> Path:
+    """The shared real-data folder (``DICOM_NODE_TESTDATA`` or ``../shared/data``)."""
+    env = os.environ.get("DICOM_NODE_TESTDATA")
+    return Path(env) if env else ROOT.parent / "shared" / "data"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before listening")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
+
+
+def dcmtk(tool: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run a DCMTK tool; the result keeps stdout and stderr for assertions."""
+    return subprocess.run(
+        [tool, *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def echoscu(port: int, aet: str = "DICOM_NODE", calling: str = "ECHOSCU") -> bool:
+    r = dcmtk("echoscu", "-aet", calling, "-aec", aet, "-to", "10", "127.0.0.1", str(port))
+    return r.returncode == 0
+
+
+def storescu(port: int, paths: list[Path] | Path, aet: str = "DICOM_NODE",
+             calling: str = "STORESCU", *extra: str) -> subprocess.CompletedProcess:
+    paths = [paths] if isinstance(paths, Path) else paths
+    args = ["-aet", calling, "-aec", aet, "-to", "30", *extra, "127.0.0.1", str(port)]
+    if any(p.is_dir() for p in paths):
+        args = ["+sd", "+r", *args]
+    return dcmtk("storescu", *args, *map(str, paths))
+
+
+class NodeProcess:
+    """``dicom-node serve`` in a subprocess, on its own config and data dir."""
+
+    def __init__(self, workdir: Path, **overrides: Any) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.data_dir = self.workdir / "var"
+        self.config = self.workdir / "node.toml"
+        self.proc: subprocess.Popen | None = None
+        self.log = self.workdir / "node.out"
+        self.write_config(**overrides)
+
+    def write_config(self, **sections: Any) -> None:
+        node = {"ae_title": "DICOM_NODE", "host": "127.0.0.1", "port": self.port,
+                "data_dir": str(self.data_dir), "settle_seconds": 1.0,
+                "min_free_disk_mb": 1}
+        node.update(sections.pop("node", {}))
+        inference = {"backend": "local"}
+        inference.update(sections.pop("inference", {}))
+        limits = {"min_free_disk_mb": node.pop("min_free_disk_mb")}
+        limits.update(sections.pop("limits", {}))
+        doc = {"node": node, "limits": limits, "inference": inference}
+        doc.update(sections)
+        self.config.write_text(_toml(doc))
+
+    def start(self, timeout: float = 60.0) -> NodeProcess:
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self._out = open(self.log, "ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dicom_node", "serve", "--config", str(self.config)],
+            stdout=self._out, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+            start_new_session=True,
+        )
+        wait_port(self.port, timeout, self.proc)
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL the node and everything it started (a crash, not a shutdown)."""
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL) if self.proc else None
+        except ProcessLookupError:
+            pass
+        if hasattr(self, "_out"):
+            self._out.close()
+
+    def jobs(self) -> list[dict]:
+        r = subprocess.run(
+            [sys.executable, "-m", "dicom_node", "jobs", "--config", str(self.config), "--json"],
+            capture_output=True, text=True, check=True, cwd=ROOT,
+        )
+        return json.loads(r.stdout)
+
+    def wait_for(self, predicate, timeout: float = 120.0, what: str = "condition") -> list[dict]:
+        deadline = time.time() + timeout
+        jobs: list[dict] = []
+        while time.time() < deadline:
+            jobs = self.jobs()
+            if predicate(jobs):
+                return jobs
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"node exited ({self.proc.returncode}): {self.tail()}")
+            time.sleep(0.5)
+        raise TimeoutError(f"{what} not reached in {timeout} s; jobs: {jobs}\n{self.tail()}")
+
+    def tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except FileNotFoundError:
+            return ""
+
+
+def _toml(doc: dict) -> str:
+    """Just enough TOML for test configs (tables, arrays of tables, scalars, lists)."""
+    def val(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        return json.dumps(str(v))
+
+    lines = []
+    for name, table in doc.items():
+        if isinstance(table, list):
+            for item in table:
+                lines.append(f"[[{name}]]")
+                lines += [f"{k} = {val(v)}" for k, v in item.items()]
+        else:
+            lines.append(f"[{name}]")
+            lines += [f"{k} = {val(v)}" for k, v in table.items()]
+    return "\n".join(lines) + "\n"
+
+
+class Orthanc:
+    """Debian's Orthanc as a PACS on loopback, from a JSON config in a temp folder."""
+
+    def __init__(self, workdir: Path, modalities: dict[str, list] | None = None) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.dicom_port = free_port()
+        self.http_port = free_port()
+        self.aet = "ORTHANC"
+        self.modalities = modalities or {}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Orthanc:
+        storage = self.workdir / "db"
+        storage.mkdir(exist_ok=True)
+        cfg = {
+            "Name": "test-pacs",
+            "StorageDirectory": str(storage),
+            "IndexDirectory": str(storage),
+            "DicomAet": self.aet,
+            "DicomPort": self.dicom_port,
+            "HttpPort": self.http_port,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "DicomModalities": self.modalities,
+            "DicomCheckCalledAet": True,
+            "Plugins": [],
+            "StableAge": 1,
+            "SaveJobs": False,
+        }
+        (self.workdir / "orthanc.json").write_text(json.dumps(cfg))
+        env = dict(os.environ, TCP_NODELAY="1")
+        self._out = open(self.workdir / "orthanc.log", "ab")
+        self.proc = subprocess.Popen(
+            [shutil.which("Orthanc") or "/usr/sbin/Orthanc", str(self.workdir / "orthanc.json")],
+            stdout=self._out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+        wait_port(self.http_port, 60, self.proc)
+        wait_port(self.dicom_port, 60, self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if hasattr(self, "_out"):
+            self._out.close()
+
+    def rest(self, path: str, data: Any = None, method: str | None = None) -> Any:
+        body = None if data is None else (data if isinstance(data, bytes) else json.dumps(data).encode())
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=body,
+                                     method=method)
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            raw = resp.read()
+        try:
+            return json.loads(raw)
+        except ValueError:
+            return raw
+
+    def instances_by_modality(self) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for iid in self.rest("/instances"):
+            tags = self.rest(f"/instances/{iid}/simplified-tags")
+            out.setdefault(tags.get("Modality", ""), []).append(iid)
+        return out
+
+    def file(self, instance_id: str) -> bytes:
+        return self.rest(f"/instances/{instance_id}/file")
