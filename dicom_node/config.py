@@ -70,6 +70,19 @@ class LimitSettings:
 
 
 @dataclass(frozen=True)
+class TLSSettings:
+    """DICOM TLS (PS3.15 B.1) for the SCP and for exports to destinations with ``tls``."""
+
+    enabled: bool = False
+    certificate: Path | None = None
+    private_key: Path | None = None
+    #: CA bundle that peers' certificates must chain to (client certs on the SCP, server
+    #: certs on exports).
+    ca_certificates: Path | None = None
+    require_client_certificate: bool = False
+
+
+@dataclass(frozen=True)
 class InferenceSettings:
     """Where and how segmentation runs."""
 
@@ -123,6 +136,8 @@ class Destination:
     attempts: int = 20
     retry_backoff_seconds: float = 5.0
     max_backoff_seconds: float = 300.0
+    #: Send over DICOM TLS, with the certificates of the [tls] section.
+    tls: bool = False
 
 
 @dataclass(frozen=True)
@@ -131,6 +146,7 @@ class Settings:
 
     node: NodeSettings = field(default_factory=NodeSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
+    tls: TLSSettings = field(default_factory=TLSSettings)
     inference: InferenceSettings = field(default_factory=InferenceSettings)
     results: ResultSettings = field(default_factory=ResultSettings)
     destinations: list[Destination] = field(default_factory=list)
@@ -241,7 +257,7 @@ def _resolve(path: Path, base: Path) -> Path:
 
 def settings_from_dict(raw: dict[str, Any], base_dir: Path = Path(".")) -> Settings:
     """Build and validate :class:`Settings` from a parsed TOML document."""
-    known = {"node", "limits", "inference", "results", "destinations"}
+    known = {"node", "limits", "tls", "inference", "results", "destinations"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"unknown section [{unknown[0]}] (known: {', '.join(sorted(known))})")
@@ -251,6 +267,7 @@ def settings_from_dict(raw: dict[str, Any], base_dir: Path = Path(".")) -> Setti
     s = Settings(
         node=_build(NodeSettings, raw.get("node", {}), "node"),
         limits=_build(LimitSettings, raw.get("limits", {}), "limits"),
+        tls=_build(TLSSettings, raw.get("tls", {}), "tls"),
         inference=_build(InferenceSettings, raw.get("inference", {}), "inference"),
         results=_build(ResultSettings, raw.get("results", {}), "results"),
         destinations=[_build(Destination, d, f"destinations[{i}]") for i, d in enumerate(dests)],
@@ -258,7 +275,16 @@ def settings_from_dict(raw: dict[str, Any], base_dir: Path = Path(".")) -> Setti
     )
     _validate(s)
     inf = s.inference
+    tls = s.tls
+    if tls.enabled and not (tls.certificate and tls.private_key):
+        raise ConfigError("tls: enabled needs certificate and private_key")
+    tls = dataclasses.replace(
+        tls,
+        **{k: _resolve(getattr(tls, k), base_dir).resolve()
+           for k in ("certificate", "private_key", "ca_certificates") if getattr(tls, k)},
+    )
     return s.replace(
+        tls=tls,
         node=dataclasses.replace(s.node, data_dir=_resolve(s.node.data_dir, base_dir).resolve()),
         inference=dataclasses.replace(
             inf,

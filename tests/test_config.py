@@ -22,7 +22,7 @@ def test_default_config_is_valid_and_documented():
                 "max_backoff_seconds", "seg_series_description", "rtstruct_series_description",
                 "sr_series_description", "make_seg", "make_rtstruct", "make_sr",
                 "manufacturer", "institution_name", "http_port", "metrics_port",
-                "model_repository",
+                "model_repository", "tls",
             }, line
 
 
