@@ -128,49 +128,51 @@ def test_sigkill_mid_push_loses_no_acknowledged_instance(tmp_path, dcmtk_tools):
     node = NodeProcess(tmp_path / "n", node={"settle_seconds": 1.0},
                        inference={"backend": "local", "bundle": str(tmp_path / "missing")})
     node.start()
-    acked: list[str] = []
+    try:
+        acked: list[str] = []
 
-    def push() -> None:
-        ae = AE(ae_title="PUSHER")
-        ae.dimse_timeout = ae.network_timeout = 5
-        ae.add_requested_context(CTImageStorage)
-        assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOM_NODE")
-        assert assoc.is_established
-        for p in paths:
-            ds = pydicom.dcmread(p)
-            try:
-                status = assoc.send_c_store(ds)
-            except Exception:  # noqa: BLE001 - the node died under us
-                return
-            if status and status.Status == 0:
-                acked.append(str(ds.SOPInstanceUID))
-            if not assoc.is_established:
-                return
-        assoc.release()
+        def push() -> None:
+            ae = AE(ae_title="PUSHER")
+            ae.dimse_timeout = ae.network_timeout = 5
+            ae.add_requested_context(CTImageStorage)
+            assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOM_NODE")
+            assert assoc.is_established
+            for p in paths:
+                ds = pydicom.dcmread(p)
+                try:
+                    status = assoc.send_c_store(ds)
+                except Exception:  # noqa: BLE001 - the node died under us
+                    return
+                if status and status.Status == 0:
+                    acked.append(str(ds.SOPInstanceUID))
+                if not assoc.is_established:
+                    return
+            assoc.release()
 
-    t = threading.Thread(target=push)
-    t.start()
-    while len(acked) < 20:
-        time.sleep(0.005)
-    node.kill()
-    t.join(30)
-    assert 20 <= len(acked) < 60
-    node.start()
-    # every acknowledged instance survived the crash
-    stored = set(_spooled(node))
-    assert set(acked) <= stored
-    jobs = node.jobs()
-    assert jobs[0]["instance_count"] >= len(acked)
-    # the sender retries everything; the node completes the series with each slice once
-    assert storescu(node.port, tmp_path / "series").returncode == 0
-    jobs = node.wait_for(lambda js: js and js[0]["state"] not in ("receiving", "complete",
-                                                                  "processing"),
-                         timeout=60, what="series settled")
-    assert jobs[0]["instance_count"] == 60
-    assert len(_spooled(node)) == 60
-    # no bundle is installed in this test: the job fails with that reason, not a traceback
-    assert jobs[0]["state"] == "failed"
-    node.stop()
+        t = threading.Thread(target=push)
+        t.start()
+        while len(acked) < 20:
+            time.sleep(0.005)
+        node.kill()
+        t.join(30)
+        assert 20 <= len(acked) < 60
+        node.start()
+        # every acknowledged instance survived the crash
+        stored = set(_spooled(node))
+        assert set(acked) <= stored
+        jobs = node.jobs()
+        assert jobs[0]["instance_count"] >= len(acked)
+        # the sender retries everything; the node completes the series with each slice once
+        assert storescu(node.port, tmp_path / "series").returncode == 0
+        jobs = node.wait_for(lambda js: js and js[0]["state"] not in ("receiving", "complete",
+                                                                      "processing"),
+                             timeout=60, what="series settled")
+        assert jobs[0]["instance_count"] == 60
+        assert len(_spooled(node)) == 60
+        # no bundle is installed in this test: the job fails with that reason, not a traceback
+        assert jobs[0]["state"] == "failed"
+    finally:
+        node.stop()
 
 
 def test_geometry_failure_is_recorded_on_the_job(tmp_path, data_dir, dcmtk_tools):
