@@ -24,9 +24,9 @@ from typing import Any
 from dicom_node.config import Settings
 from dicom_node.export import Exporter
 from dicom_node.jobs import COMPLETE, DONE, FAILED, PROCESSING, RECEIVING, JobStore
-from dicom_node.scp import StorageSCP, StoreOutcome, read_header
+from dicom_node.scp import StorageSCP, StoreOutcome
 from dicom_node.spool import Spool, check_uid, dataset_digest, write_durably
-from dicom_node.volume import VolumeError, assemble_series
+from dicom_node.volume import VolumeError, assemble_series, read_whole
 
 log = logging.getLogger("dicom_node.node")
 
@@ -99,8 +99,12 @@ class Node:
         self.jobs.close()
 
     def reconcile(self) -> int:
-        """Register spooled files the database does not know (a crash between the
-        acknowledged fsync and the database commit)."""
+        """Register spooled files the database does not know.
+
+        A crash between the acknowledged sync and the database commit leaves a whole file
+        that the sender was told is stored: it is registered. A crash mid-write leaves a
+        partial file that was never acknowledged: it is moved to ``quarantine/``.
+        """
         known = self.jobs.known_paths()
         n = 0
         for path in self.spool.all_files():
@@ -108,10 +112,12 @@ class Node:
                 continue
             data = path.read_bytes()
             try:
-                ds = read_header(data)
+                ds = read_whole(data)
                 sop = check_uid(ds.SOPInstanceUID, "SOP Instance UID")
-            except Exception as exc:  # noqa: BLE001 - an unreadable spool file is reported
-                log.error("spool file %s cannot be re-registered: %s", path, exc)
+            except Exception as exc:  # noqa: BLE001 - an unreadable spool file is set aside
+                moved = self.spool.quarantine(path, f"incomplete or unreadable: {exc}")
+                log.warning("spool file %s is incomplete (never acknowledged); moved to %s",
+                            path.name, moved)
                 continue
             self.jobs.add_instance(
                 sop_uid=sop,
@@ -119,7 +125,7 @@ class Node:
                 series_uid=str(ds.SeriesInstanceUID),
                 study_uid=str(ds.StudyInstanceUID),
                 modality=str(ds.get("Modality", "")),
-                calling_ae="",
+                calling_ae=str(ds.file_meta.get("SourceApplicationEntityTitle", "")).strip(),
                 path=path,
                 size=len(data),
                 digest=dataset_digest(data),

@@ -11,6 +11,7 @@ Array convention, used by every later stage: ``volume.array`` is (slices, rows, 
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,6 +219,24 @@ def assemble_multiframe(ds: Dataset, min_slices: int = 3) -> SeriesVolume:
         frame_numbers=frame_numbers,
         headers=[_header(ds)],
     )
+
+
+def read_whole(data: bytes) -> Dataset:
+    """Parse an encoded instance completely, or raise if it is truncated.
+
+    pydicom reads lazily and tolerates a short final element, so the pixel data length is
+    checked against what the image attributes declare (native syntaxes); an encapsulated
+    stream that ends early fails to parse.
+    """
+    ds = pydicom.dcmread(io.BytesIO(data))
+    if "PixelData" in ds:
+        pixels = ds.PixelData
+        if not ds.file_meta.TransferSyntaxUID.is_compressed:
+            expected = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1))
+                        * int(ds.get("NumberOfFrames", 1) or 1) * int(ds.BitsAllocated) // 8)
+            if len(pixels) < expected:
+                raise ValueError(f"Pixel Data holds {len(pixels)} of {expected} bytes")
+    return ds
 
 
 def assemble_series(paths: Sequence[Path], min_slices: int = 3) -> SeriesVolume:
