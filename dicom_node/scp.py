@@ -9,14 +9,18 @@ This module does no pixel math and knows nothing of models.
 from __future__ import annotations
 
 import io
+import ipaddress
 import logging
+import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.encaps import parse_fragments
 from pydicom.uid import (
     HTJ2K,
     JPEG2000,
@@ -39,10 +43,11 @@ from pynetdicom import AE, evt
 from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
-from dicom_node.config import Settings
+from dicom_node.config import ConfigError, Settings
 from dicom_node.jobs import InstanceConflict, JobStore
 from dicom_node.spool import InvalidUID, Spool, check_uid, dataset_digest
-from dicom_node.volume import CT_SOP_CLASSES
+from dicom_node.tls import peer_certificate_subject, server_ssl_context
+from dicom_node.volume import CT_SOP_CLASSES, MULTIFRAME_CT_SOP_CLASSES
 
 log = logging.getLogger("dicom_node.scp")
 
@@ -82,10 +87,47 @@ PROCESSING_FAILURE = 0x0110
 
 # A-ASSOCIATE-RJ (PS3.8 9.3.4): result, source, reason.
 REJECTED_PERMANENT = 0x01
+REJECTED_TRANSIENT = 0x02
 SOURCE_SERVICE_USER = 0x01
+SOURCE_SERVICE_PROVIDER_PRESENTATION = 0x03
 REASON_NO_REASON = 0x01
 REASON_CALLING_AE = 0x03
 REASON_CALLED_AE = 0x07
+REASON_LOCAL_LIMIT_EXCEEDED = 0x02  # with SOURCE_SERVICE_PROVIDER_PRESENTATION
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def allowed_networks(hosts: list[str]) -> list[IPNetwork]:
+    """Parse ``[node] allowed_hosts``: IP addresses or networks in CIDR notation.
+
+    Raises :class:`~dicom_node.config.ConfigError` naming the first entry that is neither.
+    """
+    networks = []
+    for i, entry in enumerate(hosts):
+        try:
+            networks.append(ipaddress.ip_network(entry.strip(), strict=False))
+        except ValueError:
+            raise ConfigError(
+                f"node.allowed_hosts[{i}]: {entry!r} is not an IP address or network"
+            ) from None
+    return networks
+
+
+def address_allowed(address: str, networks: list[IPNetwork]) -> bool:
+    """Whether a peer's ``address`` lies in one of ``networks`` (all, when there are none).
+
+    An IPv4 peer seen on a dual-stack socket (``::ffff:10.0.0.1``) matches IPv4 entries.
+    """
+    if not networks:
+        return True
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in networks if net.version == ip.version)
 
 
 @dataclass
@@ -144,6 +186,90 @@ def _same_image(stored_path: str, ds: Dataset) -> bool:
         return False
 
 
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+def _check_well_formed(ds: Dataset, size: int | None) -> None:
+    """Refuse a data set whose encoding is cut short or unreadable (0xC000).
+
+    pydicom reads leniently: a stream cut inside a value yields a shorter value, one cut
+    inside an element header is dropped, garbage stops the parse without an error. So the
+    raw top-level elements are checked against what they declare: each value as long as
+    its length, and (``size`` given) the last element ending where the stream ends.
+    """
+    tags = list(ds.keys())
+    if not tags:
+        raise StoreRefused(CANNOT_UNDERSTAND, "the data set holds no readable element")
+    for tag in tags:
+        elem = ds.get_item(tag)
+        if not isinstance(elem, RawDataElement) or elem.length == _UNDEFINED_LENGTH:
+            continue
+        got = len(elem.value or b"")
+        if got != elem.length:
+            raise StoreRefused(
+                CANNOT_UNDERSTAND,
+                f"data set ends inside element {tag} ({got} of {elem.length} bytes)",
+            )
+    last = ds.get_item(tags[-1])
+    if size is not None and isinstance(last, RawDataElement) and last.length != _UNDEFINED_LENGTH:
+        end = last.value_tell + last.length
+        if end != size:
+            raise StoreRefused(
+                CANNOT_UNDERSTAND,
+                f"{size - end} byte(s) after element {last.tag} cannot be parsed",
+            )
+
+
+def _check_encapsulated(ds: Dataset) -> None:
+    """Encapsulated Pixel Data must be items, the last one complete, at least one per frame.
+
+    A frame is one or more fragments (PS3.5 A.4), so a header declaring more frames than
+    the data holds fragments is refused here, before a worker would size a volume for them.
+    """
+    if not ds["PixelData"].is_undefined_length:
+        raise StoreRefused(
+            CANNOT_UNDERSTAND,
+            f"Pixel Data is not encapsulated although {ds.file_meta.TransferSyntaxUID.name} is "
+            "a compressed transfer syntax",
+        )
+    data = ds.PixelData
+    try:
+        count, offsets = parse_fragments(data)
+    except (ValueError, TypeError) as exc:
+        raise StoreRefused(CANNOT_UNDERSTAND, f"encapsulated Pixel Data: {exc}") from None
+    if count < 2:  # the Basic Offset Table item comes first
+        raise StoreRefused(CANNOT_UNDERSTAND, "encapsulated Pixel Data holds no fragment")
+    last = offsets[-1]
+    length = int.from_bytes(data[last + 4:last + 8], "little")
+    if last + 8 + length > len(data):
+        raise StoreRefused(CANNOT_UNDERSTAND, "encapsulated Pixel Data ends inside a fragment")
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        raise StoreRefused(DOES_NOT_MATCH_SOP_CLASS, "Number of Frames is not a number") from None
+    if frames > count - 1:
+        raise StoreRefused(
+            CANNOT_UNDERSTAND,
+            f"{frames} frames declared, but Pixel Data holds only {count - 1} fragment(s)",
+        )
+
+
+def _check_frames(ds: Dataset) -> None:
+    """An Enhanced CT describes each of its frames once (PS3.3 C.7.6.16): refuse otherwise."""
+    try:
+        frames = int(ds.NumberOfFrames)
+    except (AttributeError, TypeError, ValueError):
+        raise StoreRefused(
+            DOES_NOT_MATCH_SOP_CLASS, "a multi-frame CT without a valid Number of Frames"
+        ) from None
+    items = len(ds.get("PerFrameFunctionalGroupsSequence") or [])
+    if frames < 1 or items != frames:
+        raise StoreRefused(
+            DOES_NOT_MATCH_SOP_CLASS,
+            f"{frames} frames declared, {items} Per-Frame Functional Groups items present",
+        )
+
+
 class StorageSCP:
     """Validates, stores durably and records each received instance.
 
@@ -170,17 +296,25 @@ class StorageSCP:
         self.on_stored = on_stored
         self._locks = [threading.Lock() for _ in range(64)]
         self._server = None
+        # Parsed (and TLS files loaded) here, so a bad [node]/[tls] value stops the node at
+        # start-up with one sentence instead of at the first peer.
+        self._networks = allowed_networks(settings.node.allowed_hosts)
+        self._ssl_context = server_ssl_context(settings.tls) if settings.tls.enabled else None
         self.ae = self._make_ae()
 
     # -- application entity -----------------------------------------------------------
     def _make_ae(self) -> AE:
         node, limits = self.settings.node, self.settings.limits
         ae = AE(ae_title=node.ae_title)
+        # pynetdicom rejects beyond these itself, with the PS3.8 reasons: calling AE title
+        # not recognised (1, 1, 3), called AE title not recognised (1, 1, 7) and, past
+        # maximum_associations, transient local-limit-exceeded (2, 3, 2).
         ae.maximum_associations = limits.max_associations
+        ae.require_calling_aet = [a.strip() for a in node.allowed_calling_aes]
+        ae.require_called_aet = node.require_called_ae
         ae.acse_timeout = limits.acse_timeout
         ae.dimse_timeout = limits.dimse_timeout
         ae.network_timeout = limits.network_timeout
-        ae.require_called_aet = node.require_called_ae
         ae.maximum_pdu_size = 0  # no limit: fewer, larger P-DATA PDUs from the peer
         ae.add_supported_context(Verification)
         for uid in CT_SOP_CLASSES:
@@ -193,22 +327,37 @@ class StorageSCP:
 
     def handlers(self) -> list[tuple]:
         return [
+            (evt.EVT_CONN_OPEN, self.handle_connection),
             (evt.EVT_C_ECHO, self.handle_echo),
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_REQUESTED, self.handle_requested),
             (evt.EVT_ACCEPTED, self._log_assoc, ["accepted"]),
             (evt.EVT_RELEASED, self._log_assoc, ["released"]),
             (evt.EVT_ABORTED, self._log_assoc, ["aborted"]),
-            (evt.EVT_REJECTED, self._log_assoc, ["rejected"]),
+            (evt.EVT_REJECTED, self._log_rejected),
         ]
+
+    @property
+    def tls(self) -> bool:
+        """Whether the SCP speaks DICOM TLS (and only TLS) on its port."""
+        return self._ssl_context is not None
 
     def start(self) -> None:
         """Start serving on the configured address, in background threads."""
         node = self.settings.node
         self._server = self.ae.start_server(
-            (node.host, node.port), block=False, evt_handlers=self.handlers()
+            (node.host, node.port),
+            block=False,
+            evt_handlers=self.handlers(),
+            ssl_context=self._ssl_context,
         )
-        log.info("listening as %s on %s:%d", node.ae_title, node.host, node.port)
+        log.info(
+            "listening as %s on %s:%d%s",
+            node.ae_title,
+            node.host,
+            self.port,
+            " (DICOM TLS)" if self.tls else "",
+        )
 
     @property
     def port(self) -> int:
@@ -228,22 +377,71 @@ class StorageSCP:
             "association %s: %s from %s:%s", what, req.ae_title, req.address, req.port
         )
 
-    def handle_requested(self, event: evt.Event) -> None:
-        """Access control before negotiation: calling AE title and source address."""
-        node = self.settings.node
-        assoc = event.assoc
-        calling = assoc.requestor.primitive.calling_ae_title.strip()
-        address = assoc.requestor.address
-        if node.allowed_hosts and address not in node.allowed_hosts:
-            log.warning("association refused: address %s is not allowed", address)
-            assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, REASON_NO_REASON)
-            assoc.is_rejected = True
-            assoc.kill()
+    def _log_rejected(self, event: evt.Event) -> None:
+        req, rj = event.assoc.requestor, event.assoc.acceptor.primitive
+        log.warning(
+            "association rejected (%s, %s): %s; %r calling %r from %s",
+            rj.result_str,
+            rj.source_str,
+            rj.reason_str,
+            req.primitive.calling_ae_title,
+            req.primitive.called_ae_title,
+            req.address,
+        )
+
+    def handle_connection(self, event: evt.Event) -> None:
+        """Bound a new connection's I/O by ``network_timeout``; complete its TLS handshake.
+
+        pynetdicom leaves accepted sockets blocking without a timeout: a peer that stops
+        in the middle of a PDU would hold the association's thread, and its slot in
+        ``max_associations``, forever. With a timeout the read fails and the slot is freed.
+
+        On a TLS port the handshake is done here, in the connection's own thread (see
+        :mod:`dicom_node.tls`), so that a peer without a valid certificate, or one speaking
+        plain DICOM to the TLS port, is refused with one log line before any DICOM is read.
+        """
+        assoc_socket = event.assoc.dul.socket
+        sock = assoc_socket.socket if assoc_socket is not None else None
+        if sock is None:
             return
-        if node.allowed_calling_aes and calling not in node.allowed_calling_aes:
-            log.warning("association refused: calling AE title %r is not allowed", calling)
-            assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, REASON_CALLING_AE)
-            assoc.is_rejected = True
+        sock.settimeout(self.settings.limits.network_timeout)
+        if not isinstance(sock, ssl.SSLSocket):
+            return
+        try:
+            sock.do_handshake()
+        except (ssl.SSLError, OSError) as exc:
+            if isinstance(exc, ssl.SSLEOFError):  # a port probe: connected, said nothing
+                log.info("connection from %s closed before TLS began", event.address[0])
+            else:
+                reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+                log.warning("TLS connection from %s refused: %s", event.address[0], reason)
+            # Closing queues "transport closed" for the DUL: the association ends before
+            # it starts, without pynetdicom reading from the broken socket.
+            assoc_socket.close()
+
+    def handle_requested(self, event: evt.Event) -> None:
+        """Access control on the source address, before negotiation.
+
+        The calling and called AE titles are checked by pynetdicom during negotiation
+        (see :meth:`_make_ae`). PS3.8 has no rejection reason for a source address, so an
+        address that is not allowed gets a permanent rejection with no reason given.
+        """
+        assoc = event.assoc
+        address = assoc.requestor.address
+        subject = peer_certificate_subject(assoc.dul.socket.socket if assoc.dul.socket else None)
+        if subject is not None:
+            log.info("TLS peer %s presents certificate %r", address, subject)
+        if not address_allowed(address, self._networks):
+            log.warning(
+                "association rejected: source address %s is not in node.allowed_hosts "
+                "(%r calling %r)",
+                address,
+                assoc.requestor.primitive.calling_ae_title,
+                assoc.requestor.primitive.called_ae_title,
+            )
+            # As pynetdicom does for its own rejections: send, then stop the association's
+            # threads once the A-ASSOCIATE-RJ is out.
+            assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, REASON_NO_REASON)
             assoc.kill()
 
     def handle_echo(self, event: evt.Event) -> int:
@@ -280,17 +478,19 @@ class StorageSCP:
             raise StoreRefused(
                 SOP_CLASS_NOT_SUPPORTED, f"SOP class {context_class} is not a CT image"
             )
-        if self.spool.free_bytes() < limits.min_free_disk_mb * 1024 * 1024:
-            raise StoreRefused(
-                OUT_OF_RESOURCES,
-                f"free disk space is below the {limits.min_free_disk_mb} MB watermark",
-            )
         data = event.request.DataSet.getvalue() if event.request.DataSet else b""
         if len(data) > limits.max_instance_bytes:
             raise StoreRefused(
                 TOO_LARGE, f"instance of {len(data)} bytes exceeds {limits.max_instance_bytes}"
             )
-        ds = self._decode(event)
+        # The instance must fit above the watermark, so a burst of large instances cannot
+        # take the disk below it between two checks.
+        if self.spool.free_bytes() - len(data) < limits.min_free_disk_mb * 1024 * 1024:
+            raise StoreRefused(
+                OUT_OF_RESOURCES,
+                f"free disk space is below the {limits.min_free_disk_mb} MB watermark",
+            )
+        ds = self._decode(event, len(data))
         sop_uid, series_uid, study_uid = self._check_identity(event, ds)
         self._check_image(ds)
         modality = str(ds.get("Modality", ""))
@@ -311,7 +511,7 @@ class StorageSCP:
                     TOO_MANY_INSTANCES,
                     f"series already holds {limits.max_instances_per_series} instances",
                 )
-            size, _ = self.spool.write(path, encoded)
+            size = self.spool.write(path, encoded)
             try:
                 new, previous = self.jobs.add_instance(
                     sop_uid=sop_uid,
@@ -327,21 +527,48 @@ class StorageSCP:
             except InstanceConflict:  # pragma: no cover - guarded by the lock above
                 raise StoreRefused(UID_CONFLICT, f"SOP Instance UID {sop_uid} conflict") from None
         if previous is None:
-            log.info("series %s: receiving (first instance)", series_uid)
+            log.info("series %s: receiving (first instance)%s", series_uid, self._patient(ds))
         elif previous not in ("receiving", "processing"):
             log.info("series %s: receiving again (was %s)", series_uid, previous)
         return StoreOutcome(SUCCESS, series_uid, sop_uid, new=new)
 
-    def _decode(self, event: evt.Event) -> Dataset:
+    def _patient(self, ds: Dataset) -> str:
+        """", patient NAME (ID)" for a log line, only with ``log_patient_identifiers``.
+
+        Logs are shipped, rotated and read by people who may see no patient data; by
+        default the node names series by UID only.
+        """
+        if not self.settings.node.log_patient_identifiers:
+            return ""
+        return f", patient {ds.get('PatientName', '')} ({ds.get('PatientID', '')})"
+
+    def _decode(self, event: evt.Event, size: int) -> Dataset:
         try:
             ds = event.dataset
             ds.file_meta = event.file_meta
-            # Touch the elements we rely on so that a truncated or corrupt stream fails
-            # here, as a status, rather than later in a worker.
+        except Exception as exc:  # noqa: BLE001 - any parse error is the peer's data
+            raise StoreRefused(CANNOT_UNDERSTAND, f"dataset cannot be decoded: {exc}") from None
+        # The stream of a deflated syntax is parsed after inflating: its offsets are not
+        # offsets into the received bytes, so only the values are checked.
+        syntax = ds.file_meta.TransferSyntaxUID
+        _check_well_formed(ds, None if syntax.is_deflated else size)
+        # pydicom silently switches to the VR encoding it finds (its raw elements then have
+        # no VR when read as implicit); the spool file would claim a transfer syntax its
+        # data set is not in.
+        first = ds.get_item(next(iter(ds.keys())))
+        if isinstance(first, RawDataElement) and (first.VR is None) != syntax.is_implicit_VR:
+            found = "implicit" if first.VR is None else "explicit"
+            raise StoreRefused(
+                CANNOT_UNDERSTAND,
+                f"data set is in {found} VR, not in the negotiated {syntax.name}",
+            )
+        try:
+            # Touch the elements we rely on so that a corrupt value fails here, as a
+            # status, rather than later in a worker.
             for kw in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
                 ds.get(kw)
             if "PixelData" in ds:
-                ds["PixelData"].value  # noqa: B018 - forces the read of the last element
+                ds["PixelData"].value  # noqa: B018 - forces the conversion of the last element
         except Exception as exc:  # noqa: BLE001 - any parse error is the peer's data
             raise StoreRefused(CANNOT_UNDERSTAND, f"dataset cannot be decoded: {exc}") from None
         return ds
@@ -369,7 +596,7 @@ class StorageSCP:
 
     def _check_image(self, ds: Dataset) -> None:
         limits = self.settings.limits
-        if "PixelData" not in ds and "FloatPixelData" not in ds:
+        if "PixelData" not in ds:
             raise StoreRefused(DOES_NOT_MATCH_SOP_CLASS, "a CT image without Pixel Data")
         try:
             rows, cols = int(ds.Rows), int(ds.Columns)
@@ -384,7 +611,11 @@ class StorageSCP:
             raise StoreRefused(
                 DOES_NOT_MATCH_SOP_CLASS, f"modality {ds.get('Modality')} in a CT image"
             )
-        if not ds.file_meta.TransferSyntaxUID.is_compressed:
+        if ds.SOPClassUID in MULTIFRAME_CT_SOP_CLASSES:
+            _check_frames(ds)
+        if ds.file_meta.TransferSyntaxUID.is_compressed:
+            _check_encapsulated(ds)
+        else:
             expected = _expected_pixel_bytes(ds)
             actual = len(ds.PixelData)
             if expected is not None and actual < expected:

@@ -1,0 +1,1 @@
+"""Benchmarks of dicom-node: each module has run() -> list[dict] and main()."""

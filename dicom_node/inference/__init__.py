@@ -1,0 +1,107 @@
+"""Where segmentation runs: in this process or on Triton Inference Server.
+
+Every backend has the same two methods (:class:`Backend`), so the job runner does not care
+where the model runs. :func:`make_backend` builds the one the configuration asks for:
+
+* ``backend = "local"``: :class:`~dicom_node.inference.local.LocalBackend`, the pipeline
+  in-process (development, tests);
+* ``backend = "triton"`` without ``triton_url``: the node starts the Triton server shipped
+  with nvidia-pytriton on ``model_repository`` and talks to it over loopback (shared
+  memory); the server is restarted before a request if it died;
+* ``backend = "triton"`` with ``triton_url``: servers run elsewhere (an NGC container, a GPU
+  host); requests are spread across them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from dicom_node.config import InferenceSettings
+    from dicom_node.inference.server import TritonServer
+    from dicom_node.inference.triton import TritonBackend
+    from dicom_node.pipeline import SegmentationResult
+
+__all__ = ["Backend", "InferenceError", "ManagedTritonBackend", "make_backend"]
+
+
+class InferenceError(RuntimeError):
+    """Segmentation could not run (server down, not ready, timed out); a retry may succeed."""
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """Runs the segmentation pipeline on a volume."""
+
+    def segment(self, hu: np.ndarray, affine: np.ndarray) -> SegmentationResult:
+        """Segment ``hu`` (slices, rows, cols) in HU, with ``affine`` (slice,row,col,1) -> LPS."""
+        ...
+
+    def close(self) -> None:
+        """Release what the backend holds (connections, a server it started)."""
+        ...
+
+
+class ManagedTritonBackend:
+    """A :class:`TritonBackend` to a :class:`TritonServer` this object starts and stops.
+
+    Before each request the server is restarted if it died (a crash, the OOM killer), so
+    that the job runner's next attempt after an :class:`InferenceError` finds it running.
+    """
+
+    def __init__(self, server: TritonServer, client: TritonBackend) -> None:
+        self.server = server
+        self.client = client
+
+    def segment(self, hu: np.ndarray, affine: np.ndarray) -> SegmentationResult:
+        if self.server.ensure_running():  # TritonStartError is an InferenceError
+            self.client.reconnect()
+        return self.client.segment(hu, affine)
+
+    def close(self) -> None:
+        self.client.close()
+        self.server.stop()
+
+
+def make_backend(settings: InferenceSettings, data_dir: Path) -> Backend:
+    """Build the backend ``settings`` ask for; a managed server is started before returning.
+
+    ``data_dir`` is the node's data directory: a managed server keeps its backends and log in
+    ``data_dir/triton``. Raises :class:`~dicom_node.inference.server.TritonStartError` (an
+    :class:`InferenceError`) when a managed server does not start.
+    """
+    if settings.backend == "local":
+        from dicom_node.inference.local import LocalBackend
+
+        return LocalBackend.from_settings(settings)
+    if settings.backend != "triton":
+        raise ValueError(f"unknown inference backend {settings.backend!r}")
+
+    from dicom_node.inference.server import TritonServer
+    from dicom_node.inference.triton import TritonBackend
+
+    if settings.triton_url:
+        return TritonBackend(
+            settings.triton_url, settings.model, settings.transport, settings.timeout_seconds
+        )
+    env = {"DICOM_NODE_BUNDLE": str(Path(settings.bundle).resolve())}
+    if settings.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # instance groups of kind AUTO then land on the CPU
+    server = TritonServer(
+        model_repository=Path(settings.model_repository),
+        work_dir=Path(data_dir) / "triton",
+        grpc_port=settings.grpc_port,
+        http_port=settings.http_port,
+        metrics_port=settings.metrics_port,
+        models=None,  # the whole repository: spleen_seg calls spleen_unet through BLS
+        startup_timeout=settings.startup_timeout_seconds,
+        env=env,
+    )
+    server.start()
+    client = TritonBackend(
+        [server.grpc_url], settings.model, settings.transport, settings.timeout_seconds
+    )
+    return ManagedTritonBackend(server, client)

@@ -1,0 +1,57 @@
+"""Run the segmentation in the node's own process, without Triton.
+
+For a node without a GPU server, for tests, and as the reference the Triton backend is
+compared with: the same :class:`SegmentationPipeline`, with the bundle's TorchScript network
+called directly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from dicom_node.pipeline import Bundle, SegmentationPipeline, SegmentationResult, load_bundle
+
+if TYPE_CHECKING:
+    from dicom_node.config import InferenceSettings
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` is the first CUDA device when there is one, else the CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class LocalBackend:
+    """Segments volumes in-process with the bundle at ``bundle_path``.
+
+    The network is loaded when the backend is built, so that a bundle without weights fails
+    at start-up rather than on the first series.
+    """
+
+    def __init__(self, bundle_path: Path, device: str = "auto") -> None:
+        self.bundle: Bundle = load_bundle(bundle_path)
+        self.device = resolve_device(device)
+        self.pipeline = SegmentationPipeline(self.bundle, self.device)
+        _ = self.pipeline.network
+
+    @classmethod
+    def from_settings(cls, settings: InferenceSettings) -> LocalBackend:
+        """The backend for the ``[inference]`` settings (``bundle`` and ``device``)."""
+        return cls(Path(settings.bundle), settings.device)
+
+    @property
+    def labels(self) -> dict[int, str]:
+        """Label value -> name of the bundle's foreground classes."""
+        return self.bundle.labels
+
+    def segment(self, hu: np.ndarray, affine: np.ndarray) -> SegmentationResult:
+        """Segment a (slices, rows, columns) HU array whose affine maps voxels to LPS mm."""
+        return self.pipeline.run(hu, affine)
+
+    def close(self) -> None:
+        """Nothing to release: the network is freed with the backend."""

@@ -1,0 +1,425 @@
+"""Run the Triton Inference Server shipped in the ``nvidia-pytriton`` wheel as a child process.
+
+The wheel carries a complete ``tritonserver`` binary, the Python backend and a backend stub
+for each supported Python version, but it is laid out for PyTriton's own use. This module
+turns it into a plain server over a model repository:
+
+* the Python backend directory is copied into a writable work directory (the backend writes
+  next to itself) together with the stub built for the running interpreter;
+* the stub is an executable that embeds ``libpython`` and imports ``dicom_node`` and ``torch``:
+  it finds ``libpython`` through ``LD_LIBRARY_PATH`` and this virtual environment's
+  site-packages through the ``python3`` first on ``PATH``;
+* a stub that cannot start leaves Triton waiting in "loading" for ever, so start-up is
+  supervised with a deadline and the process is killed when the deadline passes.
+
+The server runs in its own process group: the backend stubs are its children, and stopping
+the group stops them too, even when the server itself died first.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import threading
+import time
+import weakref
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from dicom_node.inference import InferenceError
+
+log = logging.getLogger(__name__)
+
+#: Lines of the server log quoted in a :class:`TritonStartError`.
+_LOG_TAIL_LINES = 25
+#: Log lines after which the server never becomes ready, though it keeps running: a backend
+#: stub that cannot be executed (built for another Python, libpython not found).
+_FATAL_LOG_LINES = ("triton_python_backend_stub: error while loading shared libraries",)
+
+
+def _end_orphan(pid_file: Path) -> None:
+    """End the server group a killed node left behind (its pid file names it).
+
+    Only a process that still runs the ``tritonserver`` binary is signalled, so a pid
+    reused by something else is left alone.
+    """
+    try:
+        pid = int(pid_file.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return
+    if b"tritonserver" not in cmdline.split(b"\0")[0]:
+        return
+    log.warning("ending Triton server %d left by a previous run", pid)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    for _ in range(100):
+        if not Path(f"/proc/{pid}").exists():
+            break
+        time.sleep(0.05)
+
+
+class TritonStartError(InferenceError):
+    """The Triton server did not become ready; the message quotes the end of its log.
+
+    An :class:`InferenceError`: the job runner retries later, when the server may start.
+    """
+
+
+def _wheel_root() -> Path:
+    """Return the ``pytriton/tritonserver`` folder of the installed nvidia-pytriton wheel."""
+    try:
+        import pytriton
+    except ImportError:
+        raise TritonStartError(
+            "nvidia-pytriton is not installed, so there is no tritonserver to start"
+        ) from None
+    return Path(pytriton.__file__).resolve().parent / "tritonserver"
+
+
+def _pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _python_tag() -> str:
+    return f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+class TritonServer:
+    """One ``tritonserver`` process serving ``model_repository``.
+
+    Models are loaded explicitly (``--model-control-mode=explicit``): ``models`` names them,
+    ``None`` loads every model of the repository. The repository is not polled, so a model
+    edited on disk changes nothing until the server restarts.
+
+    ``env`` adds or overrides environment variables of the server and its backend stubs
+    (for example ``DICOM_NODE_BUNDLE``, or ``CUDA_VISIBLE_DEVICES=""`` to keep it on the CPU).
+    ``python_version`` picks the backend stub ("3.11"); it must match the interpreter whose
+    site-packages the stub imports from, which is why it defaults to the running one.
+    """
+
+    def __init__(
+        self,
+        model_repository: Path,
+        work_dir: Path,
+        grpc_port: int = 8001,
+        http_port: int = 8000,
+        metrics_port: int = 8002,
+        models: Sequence[str] | None = None,
+        startup_timeout: float = 180.0,
+        env: Mapping[str, str] | None = None,
+        *,
+        host: str = "127.0.0.1",
+        python_version: str | None = None,
+        stop_timeout: float = 15.0,
+    ) -> None:
+        self.model_repository = Path(model_repository).resolve()
+        self.work_dir = Path(work_dir).resolve()
+        self.grpc_port = grpc_port
+        self.http_port = http_port
+        self.metrics_port = metrics_port
+        self.models = list(models) if models is not None else None
+        self.startup_timeout = startup_timeout
+        self.env = dict(env or {})
+        self.host = host
+        self.python_version = python_version or _python_tag()
+        self.stop_timeout = stop_timeout
+        self._process: subprocess.Popen[bytes] | None = None
+        self._log_file = None
+        # Two servers on one host (several nodes, tests) must not share the Python backend's
+        # shared-memory regions, whose names start with this prefix.
+        self._shm_prefix = f"dicom_node_{os.getpid()}_{grpc_port}_"
+        # Workers may find the server dead at the same time: one of them restarts it.
+        self._lock = threading.RLock()
+        # Stop the server when the interpreter exits without calling stop(); a weak
+        # reference so that the hook does not keep a dropped server object alive.
+        ref = weakref.ref(self)
+        atexit.register(lambda: (s := ref()) is not None and s.stop())
+
+    # ----------------------------------------------------------------- public API
+    @property
+    def grpc_url(self) -> str:
+        """``host:port`` of the gRPC endpoint, as :class:`TritonBackend` takes it."""
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.work_dir / "tritonserver.log"
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def start(self) -> None:
+        """Start the server and wait until it and its models are ready.
+
+        Raises :class:`TritonStartError` (after killing the process) when the server exits
+        or is not ready within ``startup_timeout`` seconds.
+        """
+        with self._lock:
+            self._start()
+
+    def _start(self) -> None:
+        if self.is_alive():
+            return
+        if self._process is not None:  # it died: its stubs may still run in its group
+            self._kill_group(signal.SIGKILL)
+            self._reap()
+        if not self.model_repository.is_dir():
+            raise TritonStartError(f"model repository {self.model_repository} does not exist")
+        backends = self._prepare_backends()
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        if self.log_path.exists():  # keep the previous run's log: it says why it died
+            self.log_path.replace(self.log_path.with_suffix(".log.1"))
+        _end_orphan(self.work_dir / "tritonserver.pid")
+        self._log_file = open(self.log_path, "wb")  # noqa: SIM115 - kept open while it runs
+        cmd = self._command(backends)
+        log.info("starting Triton on %s (log %s)", self.grpc_url, self.log_path)
+        self._process = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            env=self._environment(),
+            cwd=self.work_dir,
+            # Own process group: stop() signals the server and its backend stubs together.
+            start_new_session=True,
+        )
+        # A SIGKILLed node leaves its server running; the next start ends it (see
+        # _end_orphan) so that it never finds its ports held.
+        (self.work_dir / "tritonserver.pid").write_text(str(self._process.pid))
+        try:
+            self._wait_ready()
+        except BaseException:
+            self._kill_group(signal.SIGKILL)
+            self._reap()
+            raise
+
+    def is_alive(self) -> bool:
+        """True while the server process runs (ready or not)."""
+        return self._process is not None and self._process.poll() is None
+
+    def ensure_running(self) -> bool:
+        """Restart the server if it died; return True when it had to be restarted."""
+        with self._lock:
+            if self.is_alive():
+                return False
+            if self._process is not None:
+                log.warning(
+                    "Triton (pid %s) exited with status %s; restarting it",
+                    self._process.pid,
+                    self._process.returncode,
+                )
+            self._start()
+            return True
+
+    def stop(self) -> None:
+        """Stop the server: SIGINT for a graceful shutdown, SIGKILL after ``stop_timeout``."""
+        with self._lock:
+            if self._process is None:
+                return
+            if self._process.poll() is None:
+                self._process.send_signal(signal.SIGINT)
+                try:
+                    self._process.wait(timeout=self.stop_timeout)
+                except subprocess.TimeoutExpired:
+                    log.warning("Triton did not stop within %.0f s; killing it", self.stop_timeout)
+            # Whatever is left of the group (the server, stubs it could not stop) is killed.
+            self._kill_group(signal.SIGKILL)
+            self._reap()
+
+    def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
+        """The last ``lines`` lines of the server log."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def __enter__(self) -> TritonServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ----------------------------------------------------------------- internals
+    def _prepare_backends(self) -> Path:
+        """Copy the Python backend and the matching stub into ``work_dir/backends`` once."""
+        wheel = _wheel_root()
+        backends = self.work_dir / "backends"
+        stub_name = "triton_python_backend_stub"
+        stub = wheel / "python_backend_stubs" / self.python_version / stub_name
+        if not stub.is_file():
+            raise TritonStartError(
+                f"nvidia-pytriton has no Python backend stub for Python {self.python_version}"
+            )
+        target = backends / "python" / stub_name
+        if not (backends / "python" / "libtriton_python.so").is_file():
+            shutil.copytree(wheel / "backends", backends, dirs_exist_ok=True)
+        if not target.is_file() or target.stat().st_size != stub.stat().st_size:
+            shutil.copy2(stub, target)
+        return backends
+
+    def _command(self, backends: Path) -> list[str]:
+        binary = _wheel_root() / "bin" / "tritonserver"
+        cmd = [
+            str(binary),
+            f"--model-repository={self.model_repository}",
+            f"--backend-directory={backends}",
+            "--model-control-mode=explicit",
+            f"--grpc-port={self.grpc_port}",
+            f"--http-port={self.http_port}",
+            f"--metrics-port={self.metrics_port}",
+            "--allow-sagemaker=false",
+            "--allow-vertex-ai=false",
+            "--exit-on-error=true",
+            "--strict-readiness=true",
+            f"--exit-timeout-secs={max(1, int(self.stop_timeout) - 2)}",
+            "--log-verbose=0",
+            f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
+            # Volumes are tens to hundreds of MB: grow the stub's shared memory in large
+            # steps rather than the default 1 MiB ones.
+            "--backend-config=python,shm-growth-byte-size=67108864",
+        ]
+        if self.host in ("127.0.0.1", "localhost"):
+            cmd += ["--grpc-address=127.0.0.1", "--http-address=127.0.0.1"]
+        else:
+            cmd += [f"--grpc-address={self.host}", f"--http-address={self.host}"]
+        for model in self.models if self.models is not None else ["*"]:
+            cmd.append(f"--load-model={model}")
+        return cmd
+
+    def _environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        site_packages = Path(sysconfig.get_paths()["purelib"])
+        libs = [str(site_packages / "nvidia_pytriton.libs")]
+        libdir = sysconfig.get_config_var("LIBDIR")
+        if libdir:
+            libs.append(libdir)  # libpython3.X.so.1.0, which the stub links against
+        if env.get("LD_LIBRARY_PATH"):
+            libs.append(env["LD_LIBRARY_PATH"])
+        env["LD_LIBRARY_PATH"] = ":".join(libs)
+        # The stub runs the first python3 on PATH to find the site-packages to import from.
+        env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+        env.update(self.env)
+        return env
+
+    def _wait_ready(self) -> None:
+        """Poll the HTTP health endpoints until the server and its models are ready."""
+        import tritonclient.http as httpclient
+
+        assert self._process is not None
+        deadline = time.monotonic() + self.startup_timeout
+        client = httpclient.InferenceServerClient(self.http_url, connection_timeout=2.0)
+        try:
+            while True:
+                code = self._process.poll()
+                if code is not None:
+                    raise TritonStartError(
+                        f"Triton exited with status {code} while starting; "
+                        f"end of {self.log_path}:\n{self.log_tail()}"
+                    )
+                if self._ready(client):
+                    log.info("Triton ready on %s", self.grpc_url)
+                    return
+                tail = self.log_tail()
+                if any(line in tail for line in _FATAL_LOG_LINES):
+                    raise TritonStartError(
+                        f"a Triton backend stub cannot start; end of {self.log_path}:\n{tail}"
+                    )
+                if time.monotonic() > deadline:
+                    raise TritonStartError(
+                        f"Triton was not ready within {self.startup_timeout:.0f} s "
+                        f"(a backend stub that cannot start makes it wait for ever); "
+                        f"end of {self.log_path}:\n{self.log_tail()}"
+                    )
+                time.sleep(0.25)
+        finally:
+            client.close()
+
+    def _ready(self, client) -> bool:
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            if not client.is_server_ready():
+                return False
+            return all(client.is_model_ready(m) for m in self.models or [])
+        except (InferenceServerException, OSError):
+            return False  # not listening yet
+
+    def _kill_group(self, sig: signal.Signals) -> None:
+        """Signal the server's process group: the server and the backend stubs it started."""
+        if self._process is None:
+            return
+        pgid = self._process.pid
+        if self._process.returncode is not None and _pid_exists(pgid):
+            # The server was reaped and its number now names another process, so a group
+            # with that id is not ours any more (while ours exists, the id is not reused).
+            return
+        try:
+            os.killpg(pgid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass  # the group is already gone
+
+    def _reap(self) -> None:
+        if self._process is not None:
+            try:
+                self._process.wait(timeout=self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                log.error("Triton (pid %s) did not exit after SIGKILL", self._process.pid)
+            # A server or stub that was killed leaves the Python backend's regions behind.
+            for region in Path("/dev/shm").glob(f"{self._shm_prefix}*"):
+                region.unlink(missing_ok=True)
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+        self._process = None
+
+
+# --------------------------------------------------------------------------------------
+# Helpers for the model.py files of model_repository, which run inside the backend stub.
+
+
+def bundle_path_from_config(model_config: Mapping, model_dir: str | Path) -> Path:
+    """The MONAI bundle a Triton model serves.
+
+    ``DICOM_NODE_BUNDLE`` wins (the node sets it from ``inference.bundle``); otherwise the
+    model config's ``bundle`` parameter, relative to the repository root (the folder that holds
+    the model's folder), default ``../bundles/spleen_ct_demo``.
+    """
+    if os.environ.get("DICOM_NODE_BUNDLE"):
+        return Path(os.environ["DICOM_NODE_BUNDLE"]).resolve()
+    parameters = model_config.get("parameters", {})
+    value = parameters.get("bundle", {}).get("string_value") or "../bundles/spleen_ct_demo"
+    return (Path(model_dir).resolve().parent / value).resolve()
+
+
+def instance_device(args: Mapping[str, str]) -> str:
+    """The torch device of a model instance: its GPU for KIND_GPU instances, else the CPU.
+
+    ``DICOM_NODE_DEVICE=cpu`` keeps even a GPU instance on the CPU.
+    """
+    if os.environ.get("DICOM_NODE_DEVICE") == "cpu":
+        return "cpu"
+    if args.get("model_instance_kind") == "GPU":
+        return f"cuda:{args.get('model_instance_device_id', '0')}"
+    return "cpu"
