@@ -4,7 +4,7 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 CONFIG  ?= config/node.toml
-APT_PKGS := dcmtk orthanc dicom3tools
+APT_PKGS := dcmtk orthanc dicom3tools chromium
 STAMP   := $(VENV)/.installed
 
 .PHONY: install run test bench lint format demo-bundle clean

@@ -48,8 +48,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    from dicom_node.status import StatusError
+
     try:
         node.start()
+    except StatusError as exc:
+        node.stop()
+        raise UserError(str(exc)) from None
     except OSError as exc:
         node.stop()
         raise UserError(

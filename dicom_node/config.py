@@ -126,6 +126,20 @@ class ResultSettings:
 
 
 @dataclass(frozen=True)
+class StatusSettings:
+    """The HTTP status service: job pages with previews, /healthz, /readyz, /metrics.
+
+    Loopback by default: the pages show clinical images, so serving them further is a
+    deliberate decision (behind a reverse proxy that authenticates).
+    """
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    #: 0: any free port (tests).
+    port: int = 8080
+
+
+@dataclass(frozen=True)
 class Destination:
     """A peer that receives results with C-STORE."""
 
@@ -149,6 +163,7 @@ class Settings:
     tls: TLSSettings = field(default_factory=TLSSettings)
     inference: InferenceSettings = field(default_factory=InferenceSettings)
     results: ResultSettings = field(default_factory=ResultSettings)
+    status: StatusSettings = field(default_factory=StatusSettings)
     destinations: list[Destination] = field(default_factory=list)
     #: Directory the relative paths of the config are resolved against.
     base_dir: Path = Path(".")
@@ -225,6 +240,8 @@ def _validate(s: Settings) -> None:
         _check_ae(ae, f"node.allowed_calling_aes[{i}]")
     if not 0 < s.node.port < 65536:
         raise ConfigError(f"node.port: {s.node.port} is not a TCP port")
+    if not 0 <= s.status.port < 65536:
+        raise ConfigError(f"status.port: {s.status.port} is not a TCP port")
     if s.node.settle_seconds < 0:
         raise ConfigError("node.settle_seconds: must not be negative")
     if s.node.unsupported_sop_class not in ("refuse", "fail"):
@@ -257,7 +274,7 @@ def _resolve(path: Path, base: Path) -> Path:
 
 def settings_from_dict(raw: dict[str, Any], base_dir: Path = Path(".")) -> Settings:
     """Build and validate :class:`Settings` from a parsed TOML document."""
-    known = {"node", "limits", "tls", "inference", "results", "destinations"}
+    known = {"node", "limits", "tls", "inference", "results", "status", "destinations"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"unknown section [{unknown[0]}] (known: {', '.join(sorted(known))})")
@@ -270,6 +287,7 @@ def settings_from_dict(raw: dict[str, Any], base_dir: Path = Path(".")) -> Setti
         tls=_build(TLSSettings, raw.get("tls", {}), "tls"),
         inference=_build(InferenceSettings, raw.get("inference", {}), "inference"),
         results=_build(ResultSettings, raw.get("results", {}), "results"),
+        status=_build(StatusSettings, raw.get("status", {}), "status"),
         destinations=[_build(Destination, d, f"destinations[{i}]") for i, d in enumerate(dests)],
         base_dir=base_dir,
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
@@ -84,10 +85,17 @@ def send_files(
 class Exporter:
     """Works through the outbox, grouping due items per destination."""
 
-    def __init__(self, settings: Settings, jobs: JobStore) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        jobs: JobStore,
+        on_attempt: Callable[[str, bool, int, float, bool], None] | None = None,
+    ) -> None:
         self.settings = settings
         self.jobs = jobs
         self.destinations = {d.name: d for d in settings.destinations}
+        #: Called per item sent or not: (destination, ok, attempt, seconds, gave_up).
+        self.on_attempt = on_attempt
 
     def run_once(self) -> int:
         """Send what is due now; return how many items were acknowledged."""
@@ -109,18 +117,22 @@ class Exporter:
 
     def _send(self, dest: Destination, items: list[OutboxItem]) -> int:
         paths = [Path(i.path) for i in items]
+        t0 = time.perf_counter()
         try:
             results: dict[Path, int | str] = send_files(
                 dest, paths, self.settings.node.ae_title, self.settings.limits.network_timeout
             )
         except (ExportError, OSError) as exc:
             results = {p: str(exc) for p in paths}
+        seconds = time.perf_counter() - t0
         sent = 0
         for item in items:
             outcome = results.get(Path(item.path), "not attempted (association ended early)")
             if isinstance(outcome, int) and outcome in _OK:
                 self.jobs.mark_sent(item.id)
                 sent += 1
+                if self.on_attempt is not None:
+                    self.on_attempt(dest.name, True, item.attempts + 1, seconds, False)
                 log.info("%s of series %s sent to %s", item.kind, item.series_uid, dest.name)
                 continue
             error = f"status 0x{outcome:04X}" if isinstance(outcome, int) else outcome
@@ -128,6 +140,8 @@ class Exporter:
             give_up = attempt >= dest.attempts
             wait = backoff(attempt, dest.retry_backoff_seconds, dest.max_backoff_seconds)
             self.jobs.mark_attempt_failed(item.id, error, time.time() + wait, give_up)
+            if self.on_attempt is not None:
+                self.on_attempt(dest.name, False, attempt, seconds, give_up)
             log.warning(
                 "%s of series %s to %s: %s (attempt %d/%d%s)",
                 item.kind,

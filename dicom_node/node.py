@@ -24,6 +24,7 @@ from typing import Any
 from dicom_node.config import Settings
 from dicom_node.export import Exporter
 from dicom_node.jobs import COMPLETE, DONE, FAILED, PROCESSING, RECEIVING, JobStore
+from dicom_node.metrics import NodeMetrics
 from dicom_node.scp import StorageSCP, StoreOutcome
 from dicom_node.spool import Spool, check_uid, dataset_digest, write_durably
 from dicom_node.volume import VolumeError, assemble_series, read_whole
@@ -47,7 +48,9 @@ class Node:
         self.results_dir = data_dir / "results"
         self.results_dir.mkdir(exist_ok=True, mode=0o700)
         self.scp = StorageSCP(settings, self.spool, self.jobs, on_stored=self._on_stored)
-        self.exporter = Exporter(settings, self.jobs)
+        self.metrics = NodeMetrics(self.jobs)
+        self.exporter = Exporter(settings, self.jobs, on_attempt=self.metrics.observe_export)
+        self.status: Any = None
         self._queue: queue.Queue[str] = queue.Queue()
         self._queued: set[str] = set()
         self._queued_lock = threading.Lock()
@@ -57,7 +60,7 @@ class Node:
         self._backend: Any = None
         self._backend_lock = threading.Lock()
         self._bundle: Any = None
-        self.observers: list[Any] = []
+        self.observers: list[Any] = [self.metrics.observe_store]
 
     # -- life cycle -------------------------------------------------------------------
     def start(self, serve: bool = True) -> None:
@@ -75,6 +78,14 @@ class Node:
         for record in self.jobs.list_series(COMPLETE):
             self._enqueue(record.series_uid)
         if serve:
+            if self.settings.status.enabled:  # first: a taken port stops before any C-STORE
+                from dicom_node.status import StatusServer, create_app
+
+                app = create_app(self.settings, self.jobs, self.metrics, self.backend_ready)
+                self.status = StatusServer(
+                    app, self.settings.status.host, self.settings.status.port
+                )
+                self.status.start()
             self.scp.start()
         workers = max(1, self.settings.inference.max_concurrent_jobs)
         targets = [("settle", self._settle_loop), ("export", self._export_loop)]
@@ -87,6 +98,8 @@ class Node:
     def stop(self) -> None:
         self._stop.set()
         self._export_wake.set()
+        if self.status is not None:
+            self.status.stop()
         self.scp.stop()
         for _ in self._threads:
             self._queue.put("")
@@ -178,6 +191,20 @@ class Node:
                 self._backend = make_backend(self.settings.inference, self.settings.node.data_dir)
             return self._backend
 
+    def backend_ready(self) -> bool:
+        """Whether a series would be segmented now (the status service's ``/readyz``).
+
+        The local pipeline loads in a moment on first use and remote Triton servers are
+        checked per request; a Triton server the node starts must be up and running.
+        """
+        with self._backend_lock:
+            backend = self._backend
+        inf = self.settings.inference
+        if backend is None:
+            return inf.backend == "local" or bool(inf.triton_url)
+        server = getattr(backend, "server", None)
+        return server is None or server.is_alive()
+
     def bundle(self) -> Any:
         if self._bundle is None:
             from dicom_node.pipeline import load_bundle
@@ -196,10 +223,12 @@ class Node:
             results = self._run_chain(series_uid, timings)
         except JobFailed as exc:
             self.jobs.record_timings(series_uid, timings)
+            self.metrics.observe_timings(timings)
             self.jobs.set_state(series_uid, FAILED, str(exc), expect=PROCESSING)
             log.warning("series %s: failed: %s", series_uid, exc)
             return FAILED
         self.jobs.record_timings(series_uid, timings)
+        self.metrics.observe_timings(timings)
         self.jobs.record_results(series_uid, results)
         if self.jobs.series_count(series_uid) != count:
             # Instances arrived while we worked: the series is processed again, whole.

@@ -1,0 +1,267 @@
+"""The node's HTTP status service: job pages with previews, health checks and metrics.
+
+Routes:
+
+* ``/healthz``: 200 while the process serves requests (liveness);
+* ``/readyz``: 200 when the node can take a study: the inference backend is ready, the
+  data directory has more free space than ``limits.min_free_disk_mb`` and the spool is
+  writable; 503 with the reasons otherwise (readiness);
+* ``/metrics``: Prometheus text format (:mod:`dicom_node.metrics`);
+* ``/``: every series with its state, model, instance count, stage timings and failure;
+* ``/jobs/<series_uid>``: one series, with preview images of three key slices
+  (:mod:`dicom_node.preview`) and its SEG, RTSTRUCT and SR files to download.
+
+Flask renders the pages on the server (Jinja, no scripts, no build step); waitress serves
+them from a few threads, which fits a node whose other work runs on threads too. The
+service binds to loopback by default: the pages show clinical images, so exposing them is
+a deliberate decision (a reverse proxy with authentication in front).
+
+Every series UID in a URL is checked with :func:`~dicom_node.spool.check_uid` and every file
+served must lie inside the data directory, so no URL reaches a file outside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+
+from flask import Flask, Response, abort, jsonify, render_template, send_file
+from waitress.server import create_server
+
+from dicom_node.config import Settings
+from dicom_node.jobs import DONE, JobStore, SeriesRecord
+from dicom_node.metrics import CONTENT_TYPE, NodeMetrics
+from dicom_node.preview import PREVIEW_NAME, Preview, PreviewError, load_previews, make_previews
+from dicom_node.spool import InvalidUID, check_uid
+
+log = logging.getLogger("dicom_node.status")
+
+__all__ = ["RESULT_KINDS", "StatusError", "StatusServer", "create_app", "readiness"]
+
+#: Result files a job page links to, in the order shown.
+RESULT_KINDS = ("SEG", "RTSTRUCT", "SR")
+
+#: Series listed on the jobs page, newest first; older ones stay reachable at /jobs/<uid>.
+JOBS_SHOWN = 500
+
+#: Timing columns of the jobs page, in the order of the chain.
+TIMING_COLUMNS = ("assemble", "pre", "inference", "post", "encode", "write")
+
+#: Ready when it returns True; it may raise to say why not (the message becomes the reason).
+BackendReady = Callable[[], bool]
+
+
+class StatusError(RuntimeError):
+    """The status service cannot start (the port is taken, the host is not an address)."""
+
+
+def readiness(settings: Settings, backend_ready: BackendReady | None) -> list[str]:
+    """Reasons the node cannot take a study now; empty when it can."""
+    reasons = []
+    if backend_ready is not None:
+        try:
+            if not backend_ready():
+                reasons.append("the inference backend is not ready")
+        except Exception as exc:  # noqa: BLE001 - whatever it is, the node is not ready
+            reasons.append(f"the inference backend is not ready: {exc}")
+    data_dir = settings.node.data_dir
+    spool = data_dir / "spool"
+    watermark = settings.limits.min_free_disk_mb
+    try:
+        free_mb = shutil.disk_usage(data_dir).free // (1024 * 1024)
+    except OSError as exc:
+        reasons.append(f"the data directory {data_dir} cannot be read: {exc.strerror}")
+    else:
+        if free_mb < watermark:
+            reasons.append(
+                f"only {free_mb} MB free in {data_dir}, below limits.min_free_disk_mb "
+                f"({watermark} MB)"
+            )
+    try:
+        with tempfile.NamedTemporaryFile(dir=spool, prefix=".ready-"):
+            pass
+    except OSError as exc:
+        reasons.append(f"the spool {spool} is not writable: {exc.strerror or exc}")
+    return reasons
+
+
+def create_app(
+    settings: Settings,
+    jobs: JobStore,
+    metrics: NodeMetrics,
+    backend_ready: BackendReady | None = None,
+) -> Flask:
+    """The Flask application of the status service for one node."""
+    app = Flask(__name__)
+    data_dir = settings.node.data_dir.resolve()
+    results_dir = data_dir / "results"
+    preview_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+    locks_lock = threading.Lock()
+
+    def series_or_404(series_uid: str) -> SeriesRecord:
+        try:
+            uid = check_uid(series_uid, "Series Instance UID")
+        except InvalidUID:
+            abort(404)
+        record = jobs.get_series(uid)
+        if record is None:
+            abort(404)
+        return record
+
+    def inside_data_dir(path: Path) -> Path:
+        # Paths come from the job database the node wrote; checked anyway so that a URL can
+        # never be turned into a read of another file.
+        resolved = path.resolve()
+        if not resolved.is_relative_to(data_dir) or not resolved.is_file():
+            abort(404)
+        return resolved
+
+    def previews_for(record: SeriesRecord) -> tuple[list[Preview], str]:
+        """Cached previews of a done series, drawn on first request; or why there are none."""
+        seg = record.results.get("files", {}).get("SEG")
+        if record.state != DONE or not seg:
+            return [], ""
+        out_dir = results_dir / record.series_uid / "previews"
+        with locks_lock:
+            lock = preview_locks[record.series_uid]
+        with lock:  # two browsers opening one job draw its previews once
+            cached = load_previews(out_dir, seg["sop_uid"])
+            if cached is not None:
+                return cached, ""
+            try:
+                previews = make_previews(
+                    jobs.instance_paths(record.series_uid),
+                    inside_data_dir(Path(seg["path"])),
+                    out_dir,
+                )
+            except PreviewError as exc:
+                log.warning("series %s: no previews: %s", record.series_uid, exc)
+                return [], str(exc)
+            return previews, ""
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        return jsonify(status="alive")
+
+    @app.get("/readyz")
+    def readyz() -> tuple[Response, int]:
+        reasons = readiness(settings, backend_ready)
+        return jsonify(ready=not reasons, reasons=reasons), 503 if reasons else 200
+
+    @app.get("/metrics")
+    def prometheus() -> Response:
+        return Response(metrics.exposition(), content_type=CONTENT_TYPE)
+
+    @app.get("/")
+    def index() -> str:
+        every = jobs.list_series()
+        records = sorted(every, key=lambda r: r.first_received, reverse=True)[:JOBS_SHOWN]
+        outbox: defaultdict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        for item in jobs.outbox():
+            outbox[item.series_uid][item.state] += 1
+        return render_template(
+            "jobs.html",
+            records=records,
+            total=len(every),
+            outbox=outbox,
+            depth=jobs.queue_depth(),
+            stages=TIMING_COLUMNS,
+            node=settings.node,
+        )
+
+    @app.get("/jobs/<series_uid>")
+    def job(series_uid: str) -> str:
+        record = series_or_404(series_uid)
+        previews, preview_problem = previews_for(record)
+        files = record.results.get("files", {})
+        return render_template(
+            "job.html",
+            record=record,
+            previews=previews,
+            preview_problem=preview_problem,
+            files=[k for k in RESULT_KINDS if k in files],
+            outbox=jobs.outbox(record.series_uid),
+            stages=TIMING_COLUMNS,
+            node=settings.node,
+        )
+
+    @app.get("/jobs/<series_uid>/files/<kind>")
+    def result_file(series_uid: str, kind: str) -> Response:
+        record = series_or_404(series_uid)
+        kind = kind.upper()
+        info = record.results.get("files", {}).get(kind)
+        if kind not in RESULT_KINDS or not info:
+            abort(404)
+        return send_file(
+            inside_data_dir(Path(info["path"])),
+            mimetype="application/dicom",
+            as_attachment=True,
+            download_name=f"{kind.lower()}-{record.series_uid}.dcm",
+        )
+
+    @app.get("/jobs/<series_uid>/previews/<name>")
+    def preview_image(series_uid: str, name: str) -> Response:
+        record = series_or_404(series_uid)
+        if not PREVIEW_NAME.match(name):
+            abort(404)
+        path = inside_data_dir(results_dir / record.series_uid / "previews" / name)
+        return send_file(path, mimetype="image/png", max_age=0)
+
+    @app.template_filter("when")
+    def when(seconds: float) -> str:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
+
+    return app
+
+
+class StatusServer:
+    """The status service on ``host:port`` (port 0: any free port), served from a thread."""
+
+    def __init__(self, app: Flask, host: str = "127.0.0.1", port: int = 8080,
+                 threads: int = 4) -> None:
+        try:
+            self._server = create_server(app, host=host, port=port, threads=threads,
+                                         ident="dicom-node")
+        except OSError as exc:
+            raise StatusError(
+                f"the status service cannot listen on {host}:{port}: {exc.strerror or exc}"
+            ) from None
+        self.host = host
+        self.port = int(self._server.effective_port)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def start(self) -> None:
+        self._thread = threading.Thread(
+            target=self._server.run, name="dicom-node-status", daemon=True
+        )
+        self._thread.start()
+        log.info("status service on %s", self.url)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Close the listening socket and open connections, and wait for the thread."""
+        server = self._server
+        if self._thread is None:  # never started: only the listening socket to close
+            server.close()
+            return
+
+        def close_all() -> None:
+            # Runs on the server's own loop thread (waitress' trigger), where closing its
+            # channels is safe; once none is left the loop returns.
+            for channel in list(server._map.values()):
+                channel.close()
+
+        server.trigger.pull_trigger(close_all)
+        self._thread.join(timeout)
+        server.task_dispatcher.shutdown()
+        self._thread = None
