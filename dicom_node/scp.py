@@ -4,6 +4,13 @@ Behaviour hangs on small pynetdicom event handlers. The C-STORE handler validate
 instance, writes it durably to the spool, records it in the job database and only then
 answers; every refusal is a DIMSE status from PS3.4 Annex B with one log line saying why.
 This module does no pixel math and knows nothing of models.
+
+Who may talk to the node is decided before any data set is read: DICOM TLS with optional
+client certificates (:mod:`dicom_node.tls`), the source address, the calling and called AE
+titles, and the number of concurrent associations, each refused with the A-ASSOCIATE-RJ
+reason of PS3.8 9.3.4. Every connection's reads are bounded by ``network_timeout``, so a
+peer that stops talking frees its slot. Patient names and IDs reach the log only with
+``[node] log_patient_identifiers``.
 """
 
 from __future__ import annotations
@@ -199,7 +206,9 @@ def _check_well_formed(ds: Dataset, size: int | None) -> None:
     """
     tags = list(ds.keys())
     if not tags:
-        raise StoreRefused(CANNOT_UNDERSTAND, "the data set holds no readable element")
+        raise StoreRefused(
+            CANNOT_UNDERSTAND, "the data set holds no readable element (truncated, or not DICOM)"
+        )
     for tag in tags:
         elem = ds.get_item(tag)
         if not isinstance(elem, RawDataElement) or elem.length == _UNDEFINED_LENGTH:
@@ -270,6 +279,35 @@ def _check_frames(ds: Dataset) -> None:
         )
 
 
+class _TransportLogFilter(logging.Filter):
+    """One line per bad connection from pynetdicom's transport layer, not one per 6 bytes.
+
+    pynetdicom logs "Unknown PDU type" for every PDU header it tries to read, so a peer
+    sending garbage writes a log line per 6 bytes it sends, and it attaches a traceback to
+    every dropped connection. This keeps the first unknown-PDU line of each connection
+    (each has its own DUL thread) and the message of each exception without its traceback.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info:
+            if not record.getMessage():  # LOGGER.exception(exc) of an exception without text
+                record.msg, record.args = type(record.exc_info[1]).__name__, ()
+            record.exc_info = None
+            record.exc_text = None
+        if str(record.msg).startswith("Unknown PDU type received"):
+            thread = threading.current_thread()
+            if getattr(thread, "_dicom_node_logged_garbage", False):
+                return False
+            thread._dicom_node_logged_garbage = True  # type: ignore[attr-defined]
+        return True
+
+
+def _quiet_transport_log() -> None:
+    dul_log = logging.getLogger("pynetdicom.dul")
+    if not any(isinstance(f, _TransportLogFilter) for f in dul_log.filters):
+        dul_log.addFilter(_TransportLogFilter())
+
+
 class StorageSCP:
     """Validates, stores durably and records each received instance.
 
@@ -301,6 +339,7 @@ class StorageSCP:
         self._networks = allowed_networks(settings.node.allowed_hosts)
         self._ssl_context = server_ssl_context(settings.tls) if settings.tls.enabled else None
         self.ae = self._make_ae()
+        _quiet_transport_log()
 
     # -- application entity -----------------------------------------------------------
     def _make_ae(self) -> AE:
@@ -503,7 +542,7 @@ class StorageSCP:
                 if existing["digest"] != digest and not _same_image(existing["path"], ds):
                     raise StoreRefused(
                         UID_CONFLICT,
-                        f"SOP Instance UID {sop_uid} is already stored with other content",
+                        f"other content is already stored under SOP Instance UID {sop_uid}",
                     )
                 return StoreOutcome(SUCCESS, series_uid, sop_uid, new=False)
             if self.jobs.series_count(series_uid) >= limits.max_instances_per_series:

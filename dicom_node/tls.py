@@ -41,8 +41,10 @@ class _DeferredHandshakeContext(ssl.SSLContext):
     first read, bounded by the socket timeout the SCP sets when the connection opens.
     """
 
-    def wrap_socket(self, sock, server_side=False, do_handshake_on_connect=True,  # type: ignore[override]
-                    suppress_ragged_eofs=True, server_hostname=None, session=None):
+    def wrap_socket(  # type: ignore[override]
+        self, sock, server_side=False, do_handshake_on_connect=True,
+        suppress_ragged_eofs=True, server_hostname=None, session=None,
+    ):
         return super().wrap_socket(
             sock,
             server_side=server_side,
@@ -77,7 +79,9 @@ def _load_ca(ctx: ssl.SSLContext, tls: TLSSettings) -> None:
     try:
         ctx.load_verify_locations(cafile=str(ca))
     except (ssl.SSLError, OSError) as exc:
-        raise TLSConfigError(f"tls.ca_certificates: {ca} holds no usable certificate: {exc}") from None
+        raise TLSConfigError(
+            f"tls.ca_certificates: {ca} holds no usable certificate: {exc}"
+        ) from None
 
 
 def server_ssl_context(tls: TLSSettings) -> ssl.SSLContext:
