@@ -132,11 +132,17 @@ class NodeProcess:
         )
         return json.loads(r.stdout)
 
-    def wait_for(self, predicate, timeout: float = 120.0, what: str = "condition") -> list[dict]:
+    def wait_for(self, predicate, timeout: float = 120.0, what: str = "condition",
+                 failures_allowed: bool = True) -> list[dict]:
+        """Poll ``dicom-node jobs`` until ``predicate(jobs)``; a failed job ends the wait
+        at once (with its reason) when ``failures_allowed`` is false."""
         deadline = time.time() + timeout
         jobs: list[dict] = []
         while time.time() < deadline:
             jobs = self.jobs()
+            failed = [j for j in jobs if j["state"] == "failed"]
+            if failed and not failures_allowed:
+                raise AssertionError(f"job failed while waiting for {what}: {failed[0]['reason']}")
             if predicate(jobs):
                 return jobs
             if self.proc is not None and self.proc.poll() is not None:

@@ -81,7 +81,8 @@ def test_phantom_from_scanner_to_pacs(node, pacs, tmp_path):
     ct_paths = write_ct_series(phantom.hu, tmp_path / "ct", spacing=phantom.spacing,
                                origin=phantom.origin, attrs=attrs)
     assert storescu(node.port, tmp_path / "ct").returncode == 0
-    node.wait_for(_finished(attrs.series_instance_uid), timeout=600, what="results in the PACS")
+    node.wait_for(_finished(attrs.series_instance_uid), timeout=600, what="results in the PACS",
+                    failures_allowed=False)
 
     results = _study_results(pacs, attrs.study_instance_uid, tmp_path / "from-pacs")
     _check_results(results, ct_paths)
@@ -121,7 +122,8 @@ def test_results_wait_for_a_pacs_that_is_down_then_arrive_once(node, pacs, tmp_p
                         and all(o["attempts"] >= 1 and o["state"] == "pending"
                                 for o in job["outbox"]))
 
-        jobs = node.wait_for(waiting, timeout=600, what="failed export attempts")
+        jobs = node.wait_for(waiting, timeout=600, what="failed export attempts",
+                               failures_allowed=False)
         job = next(j for j in jobs if j["series_uid"] == attrs.series_instance_uid)
         assert all("cannot be reached" in o["last_error"] for o in job["outbox"])
     finally:

@@ -60,7 +60,7 @@ def test_killed_while_inferring_then_restarted(tmp_path, orthanc):
         jobs = node.wait_for(
             lambda js: (j := _job(js, attrs.series_instance_uid)) is not None
             and j["state"] == "done" and j["outbox"]
-            and all(o["state"] == "sent" for o in j["outbox"]), 300, "results sent")
+            and all(o["state"] == "sent" for o in j["outbox"]), 300, "results sent", failures_allowed=False)
         job = _job(jobs, attrs.series_instance_uid)
         assert job["instance_count"] == 40
         assert job["attempts"] >= 2  # processed again after the crash
@@ -82,7 +82,8 @@ def test_killed_while_exporting_then_restarted(tmp_path):
         assert storescu(node.port, tmp_path / "ct").returncode == 0
         node.wait_for(lambda js: (j := _job(js, attrs.series_instance_uid)) is not None
                       and j["state"] == "done" and j["outbox"]
-                      and all(o["attempts"] >= 1 for o in j["outbox"]), 300, "export retrying")
+                      and all(o["attempts"] >= 1 for o in j["outbox"]), 300, "export retrying",
+                      failures_allowed=False)
         node.kill()
         pacs.start()
         node.start()
