@@ -42,7 +42,9 @@ def install_bundle(source: str, dest_root: Path) -> Path:
                 "may be offline: download the bundle elsewhere and install it from its folder"
             ) from None
     try:
-        load_bundle(target)
+        load_bundle(target).load_network("cpu")  # the weights load, not only the configs
     except BundleError as exc:
+        if target.resolve() != src.resolve():
+            shutil.rmtree(target, ignore_errors=True)  # leave no half-usable bundle behind
         raise BundleInstallError(f"{target} is not a usable bundle: {exc}") from None
     return target
