@@ -18,8 +18,9 @@ from pathlib import Path
 import pydicom
 from pynetdicom import AE
 
-from dicom_node.config import Destination, Settings
+from dicom_node.config import Destination, Settings, TLSSettings
 from dicom_node.jobs import JobStore, OutboxItem
+from dicom_node.tls import client_ssl_context, client_tls_args
 
 log = logging.getLogger("dicom_node.export")
 
@@ -37,7 +38,11 @@ def backoff(attempt: int, base: float, cap: float) -> float:
 
 
 def send_files(
-    destination: Destination, paths: list[Path], calling_ae: str, timeout: float = 30.0
+    destination: Destination,
+    paths: list[Path],
+    calling_ae: str,
+    timeout: float = 30.0,
+    tls: TLSSettings | None = None,
 ) -> dict[Path, int | str]:
     """C-STORE ``paths`` to ``destination`` in one association.
 
@@ -56,7 +61,12 @@ def send_files(
         if key not in seen:
             seen.add(key)
             ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title)
+    assoc = ae.associate(
+        destination.host,
+        destination.port,
+        ae_title=destination.ae_title,
+        tls_args=client_tls_args(tls or TLSSettings(), destination),
+    )
     if not assoc.is_established:
         if assoc.is_rejected:
             raise ExportError(f"{destination.name} rejected the association")
@@ -94,6 +104,8 @@ class Exporter:
         self.settings = settings
         self.jobs = jobs
         self.destinations = {d.name: d for d in settings.destinations}
+        if any(d.tls for d in settings.destinations):
+            client_ssl_context(settings.tls)  # a bad certificate path fails at start, clearly
         #: Called per item sent or not: (destination, ok, attempt, seconds, gave_up).
         self.on_attempt = on_attempt
 
@@ -120,7 +132,11 @@ class Exporter:
         t0 = time.perf_counter()
         try:
             results: dict[Path, int | str] = send_files(
-                dest, paths, self.settings.node.ae_title, self.settings.limits.network_timeout
+                dest,
+                paths,
+                self.settings.node.ae_title,
+                self.settings.limits.network_timeout,
+                self.settings.tls,
             )
         except (ExportError, OSError) as exc:
             results = {p: str(exc) for p in paths}

@@ -48,3 +48,5 @@ def setup_logging(data_dir: Path | None, json_lines: bool = False, level: int = 
         file_handler.setFormatter(fmt)
         root.addHandler(file_handler)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # pydicom logs a whole traceback when a pixel decoder fails; the job records the reason
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)

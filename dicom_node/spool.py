@@ -121,7 +121,9 @@ class Spool:
         """
         directory = path.parent
         if directory not in self._known_dirs:
-            directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+            # one level at a time: mkdir(parents=True) ignores the mode for the parents
+            directory.parent.mkdir(exist_ok=True, mode=0o700)
+            directory.mkdir(exist_ok=True, mode=0o700)
             fsync_dir(directory.parent)
             fsync_dir(directory.parent.parent)
             self._known_dirs.add(directory)

@@ -1,0 +1,780 @@
+"""A catalogue of bad input, pushed over real associations to one node process.
+
+Every case names its expected outcome: refused in negotiation, a specific C-STORE failure
+status, a job failed with a specific reason, or a connection the node drops. After each case
+a C-ECHO proves the node still serves and ``spool/.incoming`` is checked empty. The last test
+prints one summary line and checks that no acknowledged instance was lost.
+
+Peers: pynetdicom as an SCU (crafted data sets, and raw data set bytes sent as they are),
+DCMTK's storescu, and plain sockets for bytes that are not DICOM at all.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import socket
+import struct
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    JPEGLosslessSV1,
+    generate_uid,
+)
+from pynetdicom import AE, _config
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode
+from pynetdicom.sop_class import (
+    ComprehensiveSRStorage,
+    CTImageStorage,
+    MRImageStorage,
+    SegmentationStorage,
+    Verification,
+)
+
+from dicom_node.synthetic import SeriesAttributes, ct_slice
+from tests.peers import NodeProcess, storescu
+from tests.peers import testdata as shared_data
+
+#: Limits of the node under test: small, so that each is reached by a small case.
+LIMITS = {
+    "acse_timeout": 2.0,
+    "network_timeout": 4.0,
+    "max_instance_bytes": 1_500_000,
+    "max_instances_per_series": 6,
+    "min_slices": 3,
+}
+UNKNOWN_SYNTAX = "1.2.826.0.1.3680043.9.7433.99.1"  # a private transfer syntax nobody decodes
+PRIVATE_SOP_CLASS = "1.2.826.0.1.3680043.9.7433.99.2"
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Invalid value for VR UI", "ignore:The value length", "ignore:Expected explicit VR"
+)
+ALL_SYNTAXES = [ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, JPEGLosslessSV1]
+
+
+# -- the ledger ---------------------------------------------------------------------------
+@dataclass
+class Ledger:
+    """Expected and observed outcome of every case, and every instance the node acknowledged."""
+
+    rows: list[tuple[str, str, str]] = field(default_factory=list)
+    acked: set[str] = field(default_factory=set)
+
+    def check(self, case: str, expected: str, observed: str) -> None:
+        """Record a case; its outcome is as expected when ``observed`` starts with ``expected``
+        (statuses and reasons are compared up to the detail the case is about)."""
+        self.rows.append((case, expected, observed))
+        assert observed.startswith(expected), f"{case}: expected {expected!r}, got {observed!r}"
+
+    @property
+    def as_expected(self) -> int:
+        return sum(o.startswith(e) for _, e, o in self.rows)
+
+
+@pytest.fixture(scope="module")
+def ledger() -> Ledger:
+    return Ledger()
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory, dcmtk_tools) -> Iterator[NodeProcess]:
+    work = tmp_path_factory.mktemp("bad-input")
+    n = NodeProcess(
+        work / "node",
+        node={"settle_seconds": 0.3, "unsupported_sop_class": "refuse"},
+        limits=LIMITS,
+        # never reached: every series here fails assembly first
+        inference={"backend": "local", "bundle": str(work / "no-bundle")},
+    ).start()
+    yield n
+    n.stop()
+
+
+@pytest.fixture(scope="module")
+def fail_node(tmp_path_factory, dcmtk_tools) -> Iterator[NodeProcess]:
+    """A node that negotiates every storage class and fails non-CT instances (0x0122)."""
+    n = NodeProcess(
+        tmp_path_factory.mktemp("bad-input-fail") / "node",
+        node={"settle_seconds": 3600, "unsupported_sop_class": "fail"},
+    ).start()
+    yield n
+    n.stop()
+
+
+@pytest.fixture
+def served(node: NodeProcess) -> Iterator[None]:
+    """After each case: the node answers C-ECHO and has no half-written file."""
+    yield
+    assert _echo(node.port), f"node stopped serving:\n{node.tail()}"
+    assert list((node.data_dir / "spool" / ".incoming").iterdir()) == []
+
+
+# -- peers --------------------------------------------------------------------------------
+def _ae(*contexts: tuple[str, list[str]]) -> AE:
+    ae = AE(ae_title="BAD_INPUT")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 20
+    ae.add_requested_context(Verification)
+    for abstract, syntaxes in contexts:
+        for syntax in syntaxes:  # one context per syntax: the node accepts each as proposed
+            ae.add_requested_context(abstract, syntax)
+    return ae
+
+
+def _echo(port: int) -> bool:
+    assoc = _ae().associate("127.0.0.1", port, ae_title="DICOM_NODE")
+    if not assoc.is_established:
+        return False
+    status = assoc.send_c_echo()
+    assoc.release()
+    return bool(status) and status.Status == 0
+
+
+@contextmanager
+def _association(port: int, abstract: str = CTImageStorage, syntaxes=None):
+    assoc = _ae((abstract, syntaxes or ALL_SYNTAXES)).associate(
+        "127.0.0.1", port, ae_title="DICOM_NODE"
+    )
+    assert assoc.is_established
+    try:
+        yield assoc
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
+def _status(rsp: Dataset, ledger: Ledger, sop_uid: str) -> str:
+    """'0xSSSS' (and the node's comment) of a C-STORE response; records acknowledgements."""
+    assert rsp is not None and "Status" in rsp, "no C-STORE response"
+    if rsp.Status == 0:
+        ledger.acked.add(sop_uid)
+    return f"0x{rsp.Status:04X}"
+
+
+def _comment(rsp: Dataset) -> str:
+    return str(rsp.get("ErrorComment", ""))
+
+
+@contextmanager
+def _as_stored_bytes() -> Iterator[None]:
+    """Let pynetdicom send a file's data set bytes as they are, without decoding them."""
+    before = _config.STORE_SEND_CHUNKED_DATASET
+    _config.STORE_SEND_CHUNKED_DATASET = True
+    try:
+        yield
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = before
+
+
+def _raw_file(tmp: Path, body: bytes, sop_uid: str, sop_class: str = CTImageStorage,
+              syntax: str = ExplicitVRLittleEndian) -> Path:
+    """A Part 10 file: valid File Meta Information, then ``body`` as its data set bytes.
+
+    pynetdicom takes the C-STORE request's Affected SOP Class/Instance UID from the meta.
+    """
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = sop_class
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = syntax
+    head = Dataset()
+    head.file_meta = meta
+    buf = io.BytesIO()
+    head.save_as(buf, enforce_file_format=True)
+    path = tmp / f"{uuid.uuid4().hex}.dcm"
+    path.write_bytes(buf.getvalue() + body)
+    return path
+
+
+def _send_raw(port: int, ledger: Ledger, tmp: Path, body: bytes, sop_uid: str,
+              syntax: str = ExplicitVRLittleEndian, data_uid: str | None = None,
+              sop_class: str = CTImageStorage) -> Dataset:
+    path = _raw_file(tmp, body, sop_uid, sop_class, syntax)
+    with _as_stored_bytes(), _association(port, sop_class, [syntax]) as assoc:
+        rsp = assoc.send_c_store(path)
+    _status(rsp, ledger, data_uid or sop_uid)
+    return rsp
+
+
+# -- data ---------------------------------------------------------------------------------
+def _ct(z: float = 0.0, rows: int = 16, cols: int = 16, attrs: SeriesAttributes | None = None,
+        orientation=(1, 0, 0, 0, 1, 0), number: int = 1, uid: str | None = None) -> Dataset:
+    hu = np.random.default_rng(int(z * 10) + rows).integers(-1000, 1000, (rows, cols))
+    return ct_slice(hu, (0.0, 0.0, z), orientation, (0.7, 0.7), 2.0, number,
+                    attrs or SeriesAttributes(), sop_instance_uid=uid)
+
+
+def _bytes(ds: Dataset, implicit: bool = False) -> bytes:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return encode(ds, implicit, True)
+
+
+def _series(n: int, **kw) -> list[Dataset]:
+    attrs = SeriesAttributes()
+    return [_ct(z=2.0 * k, attrs=attrs, number=k + 1, **kw) for k in range(n)]
+
+
+def _enhanced_ct(frames: int, items: int, pixel_frames: int, positions: list[float]) -> Dataset:
+    """A small Enhanced CT built from the real one in the shared data (16x16 frames)."""
+    src = pydicom.dcmread(shared_data() / "enhanced-ct" / "eCT_Supplemental.dcm")
+    ds = copy.deepcopy(src)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.Rows = ds.Columns = 16
+    ds.NumberOfFrames = frames
+    first = src.PerFrameFunctionalGroupsSequence[0]
+    per_frame = []
+    for k in range(items):
+        item = copy.deepcopy(first)
+        item.PlanePositionSequence[0].ImagePositionPatient = [0.0, 0.0, positions[k]]
+        per_frame.append(item)
+    ds.PerFrameFunctionalGroupsSequence = per_frame
+    ds.PixelData = np.zeros((pixel_frames, 16, 16), np.uint16).tobytes()
+    return ds
+
+
+# -- C-STORE of crafted instances: each answered with a failure status ---------------------
+def _uid_case(keyword: str, value: str | None) -> Callable[[], Dataset]:
+    def build() -> Dataset:
+        ds = _ct()
+        if value is None:
+            delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+        return ds
+    return build
+
+
+def _modified(**changes) -> Callable[[], Dataset]:
+    def build() -> Dataset:
+        ds = _ct()
+        for k, v in changes.items():
+            if v is None:
+                delattr(ds, k)
+            else:
+                setattr(ds, k, v)
+        return ds
+    return build
+
+
+def _short_pixels() -> Dataset:
+    ds = _ct(rows=64, cols=64)
+    ds.PixelData = ds.PixelData[: 16 * 16 * 2]
+    return ds
+
+
+def _compressed(frames: int, fragments: list[bytes] | None, encapsulated: bool = True):
+    def build() -> Dataset:
+        ds = _ct()
+        ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
+        ds.NumberOfFrames = frames
+        if encapsulated:
+            ds.PixelData = encapsulate(fragments or [b"\xff\xd8\xff\xd9"])
+            ds["PixelData"].is_undefined_length = True
+        ds["PixelData"].VR = "OB"
+        return ds
+    return build
+
+
+#: (case, build the data set, status, start of the node's error comment)
+DATASET_CASES = [
+    ("pixel data shorter than declared", _short_pixels, "0xC000", "Pixel Data holds 512 bytes"),
+    ("SOP Instance UID missing", _uid_case("SOPInstanceUID", None), "0xA900",
+     "SOP Instance UID is missing"),
+    ("SOP Instance UID empty", _uid_case("SOPInstanceUID", ""), "0xA900",
+     "SOP Instance UID is missing or empty"),
+    ("Series Instance UID missing", _uid_case("SeriesInstanceUID", None), "0xA900",
+     "Series Instance UID is missing"),
+    ("Study Instance UID empty", _uid_case("StudyInstanceUID", ""), "0xA900",
+     "Study Instance UID is missing"),
+    ("SOP Instance UID '../../../../pwned-sop'", _uid_case("SOPInstanceUID",
+     "../../../../pwned-sop"), "0xA900", "SOP Instance UID '../../../../pwned-sop' is not"),
+    ("Series Instance UID '../../pwned-series'", _uid_case("SeriesInstanceUID",
+     "../../pwned-series"), "0xA900", "Series Instance UID '../../pwned-series' is not"),
+    ("Study Instance UID '/tmp/pwned-study'", _uid_case("StudyInstanceUID",
+     "/tmp/pwned-study"), "0xA900", "Study Instance UID '/tmp/pwned-study' is not"),
+    ("Series Instance UID of 70 digits", _uid_case("SeriesInstanceUID", "1" * 70), "0xA900",
+     "Series Instance UID is longer than 64 characters"),
+    ("SOP Class UID of MR in a CT context", _modified(SOPClassUID=MRImageStorage), "0xA900",
+     f"SOP Class UID {MRImageStorage} does not match"),
+    ("huge declared Rows x Columns", _modified(Rows=65535, Columns=65535), "0xA900",
+     "image size 65535x65535 is outside 1..4096"),
+    ("zero Rows", _modified(Rows=0), "0xA900", "image size 0x16 is outside"),
+    ("Rows missing", _modified(Rows=None), "0xA900", "Rows or Columns missing"),
+    ("no Pixel Data", _modified(PixelData=None), "0xA900", "a CT image without Pixel Data"),
+    ("modality MR in a CT image", _modified(Modality="MR"), "0xA900", "modality MR in a CT"),
+    ("instance above max_instance_bytes", lambda: _ct(rows=1024, cols=1024), "0xA702",
+     "instance of 2098"),
+    ("compressed: 1000 frames declared, 1 fragment", _compressed(1000, None), "0xC000",
+     "1000 frames declared, but Pixel Data holds only 1 fragment"),
+    ("compressed syntax, native Pixel Data", _compressed(1, None, encapsulated=False),
+     "0xC000", "Pixel Data is not encapsulated"),
+    ("Enhanced CT: 4 frames, 3 per-frame items", lambda: _enhanced_ct(4, 3, 4, [0, 5, 10]),
+     "0xA900", "4 frames declared, 3 Per-Frame Functional Groups"),
+    ("Enhanced CT: 4 frames, pixels for 2", lambda: _enhanced_ct(4, 4, 2, [0, 5, 10, 15]),
+     "0xC000", "Pixel Data holds 1024 bytes, the image attributes declare 2048"),
+]
+
+
+@pytest.mark.parametrize(("case", "build", "status", "comment"), DATASET_CASES,
+                         ids=[c[0] for c in DATASET_CASES])
+def test_crafted_instance_is_refused(node, ledger, served, tmp_path, case, build, status,
+                                     comment):
+    ds = build()
+    syntax = ds.file_meta.TransferSyntaxUID
+    affected = ds.file_meta.MediaStorageSOPInstanceUID
+    # Sent as bytes with the meta's UIDs, so that data sets pynetdicom would refuse to
+    # send (no SOP Instance UID, a class other than the context's) reach the node as made.
+    rsp = _send_raw(node.port, ledger, tmp_path, _bytes(ds), affected, syntax=syntax,
+                    sop_class=ds.file_meta.MediaStorageSOPClassUID)
+    ledger.check(case, f"{status} {comment}", f"{_status(rsp, ledger, affected)} "
+                 f"{_comment(rsp)}")
+
+
+# -- corrupt and truncated streams --------------------------------------------------------
+def _corrupt_middle(uid: str) -> bytes:
+    body = bytearray(_bytes(_ct(rows=32, cols=32, uid=uid)))
+    body[400:900] = np.random.default_rng(5).bytes(500)
+    return bytes(body)
+
+
+def _truncated_pixels(uid: str) -> bytes:
+    body = _bytes(_ct(rows=32, cols=32, uid=uid))
+    return body[: len(body) - 700]
+
+
+def _cut_in_header(uid: str) -> bytes:
+    body = _bytes(_ct(uid=uid))
+    # end 3 bytes into the header of the element after (0008,0016) SOP Class UID
+    ds = pydicom.dcmread(io.BytesIO(body), force=True)
+    raw = ds.get_item(0x00080016)
+    return body[: raw.value_tell + raw.length + 3]
+
+
+def _jpeg(uid: str) -> Dataset:
+    ds = _compressed(1, [b"\xff\xd8" + bytes(300) + b"\xff\xd9"])()
+    ds.SOPInstanceUID = uid
+    return ds
+
+
+def _truncated_fragment(uid: str) -> bytes:
+    return _bytes(_jpeg(uid))[:-120]
+
+
+def _overlong_fragment(uid: str) -> bytes:
+    ds = _jpeg(uid)
+    data = bytearray(ds.PixelData)
+    data[12:16] = struct.pack("<L", 304 + 1000)  # the fragment item after an empty BOT
+    ds.PixelData = bytes(data)
+    return _bytes(ds)
+
+
+STREAM_CASES = [
+    ("corrupt: random bytes as the data set", lambda _: np.random.default_rng(5).bytes(5000),
+     ExplicitVRLittleEndian, "0xC000", "data set ends inside element"),
+    ("corrupt: 500 bytes of garbage mid-header", _corrupt_middle, ExplicitVRLittleEndian,
+     "0xC000", "data set ends inside element"),
+    ("corrupt: a data set of 0xFF bytes", lambda _: b"\xff" * 256, ExplicitVRLittleEndian,
+     "0xC000", "the data set holds no readable element"),
+    ("truncated inside Pixel Data", _truncated_pixels, ExplicitVRLittleEndian, "0xC000",
+     "data set ends inside element (7FE0,0010)"),
+    ("truncated inside an element header", _cut_in_header, ExplicitVRLittleEndian, "0xC000",
+     "3 byte(s) after element (0008,0016) cannot be parsed"),
+    ("truncated inside a compressed fragment", _truncated_fragment, JPEGLosslessSV1,
+     "0xC000", "the data set holds no readable element"),
+    ("fragment longer than the Pixel Data holding it", _overlong_fragment, JPEGLosslessSV1,
+     "0xC000", "encapsulated Pixel Data: Unexpected tag"),
+    ("implicit VR data set in an explicit VR context",
+     lambda uid: _bytes(_ct(uid=uid), implicit=True),
+     ExplicitVRLittleEndian, "0xC000", "data set is in implicit VR, not in the negotiated"),
+    ("deflated syntax, stream not deflate", lambda _: np.random.default_rng(9).bytes(3000),
+     DeflatedExplicitVRLittleEndian,
+     "0xC000", "the data set holds no readable element"),
+]
+
+
+@pytest.mark.parametrize(("case", "body", "syntax", "status", "comment"), STREAM_CASES,
+                         ids=[c[0] for c in STREAM_CASES])
+def test_corrupt_stream_is_refused(node, ledger, served, tmp_path, case, body, syntax, status,
+                                   comment):
+    uid = generate_uid()
+    rsp = _send_raw(node.port, ledger, tmp_path, body(uid), uid, syntax=syntax)
+    ledger.check(case, f"{status} {comment}",
+                 f"{_status(rsp, ledger, uid)} {_comment(rsp)}")
+
+
+def test_affected_uid_differs_from_the_data_set(node, ledger, served, tmp_path):
+    ds = _ct()
+    rsp = _send_raw(node.port, ledger, tmp_path, _bytes(ds), generate_uid(),
+                    data_uid=ds.SOPInstanceUID)
+    ledger.check("Affected SOP Instance UID differs from the data set's",
+                 "0xA900 SOP Instance UID in the data set differs",
+                 f"{_status(rsp, ledger, ds.SOPInstanceUID)} {_comment(rsp)}")
+
+
+# -- negotiation --------------------------------------------------------------------------
+NEGOTIATION_CASES = [
+    ("unknown transfer syntax", CTImageStorage, UNKNOWN_SYNTAX, 0x04),
+    ("MR Image Storage", MRImageStorage, ExplicitVRLittleEndian, 0x03),
+    ("Comprehensive SR Storage", ComprehensiveSRStorage, ExplicitVRLittleEndian, 0x03),
+    ("Segmentation Storage", SegmentationStorage, ExplicitVRLittleEndian, 0x03),
+    ("a private SOP class", PRIVATE_SOP_CLASS, ExplicitVRLittleEndian, 0x03),
+]
+_CONTEXT_RESULT = {0x03: "abstract syntax not supported", 0x04: "transfer syntax not supported"}
+
+
+@pytest.mark.parametrize(("case", "abstract", "syntax", "result"), NEGOTIATION_CASES,
+                         ids=[c[0] for c in NEGOTIATION_CASES])
+def test_refused_in_negotiation(node, ledger, served, case, abstract, syntax, result):
+    assoc = _ae((abstract, [syntax])).associate("127.0.0.1", node.port, ae_title="DICOM_NODE")
+    assert assoc.is_established  # Verification is accepted; the storage context is not
+    observed = {cx.abstract_syntax: cx.result for cx in assoc.rejected_contexts}
+    assoc.release()
+    ledger.check(f"{case}: refused in negotiation",
+                 _CONTEXT_RESULT[result], _CONTEXT_RESULT.get(observed.get(abstract), "accepted"))
+
+
+def test_real_seg_from_dcmtk_is_refused_in_negotiation(node, ledger, served):
+    seg = shared_data() / "seg" / "dcmqi" / "liver.dcm"
+    r = storescu(node.port, seg, "DICOM_NODE", "STORESCU", "-R")  # propose the file's class
+    observed = r.stderr.strip() if r.returncode else "sent"
+    ledger.check("real SEG file from DCMTK storescu", "F: No Acceptable Presentation Contexts",
+                 observed)
+    assert str(pydicom.dcmread(seg).SOPInstanceUID) not in _spooled_uids(node)
+
+
+def _sr() -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = ComprehensiveSRStorage
+    ds.SOPInstanceUID = generate_uid()
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Modality = "SR"
+    return ds
+
+
+def _mr() -> Dataset:
+    ds = _ct()
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
+    ds.Modality = "MR"
+    return ds
+
+
+@pytest.mark.parametrize(("case", "build"), [("MR", _mr), ("SR", _sr)])
+def test_non_ct_fails_with_0122_when_negotiated(fail_node, ledger, case, build):
+    ds = build()
+    with _association(fail_node.port, ds.SOPClassUID) as assoc:
+        rsp = assoc.send_c_store(ds)
+    ledger.check(f"{case} with unsupported_sop_class='fail'",
+                 f"0x0122 SOP class {ds.SOPClassUID} is not a CT image",
+                 f"{_status(rsp, ledger, ds.SOPInstanceUID)} {_comment(rsp)}")
+    assert _echo(fail_node.port)
+
+
+def test_real_seg_from_dcmtk_fails_with_0122(fail_node, ledger):
+    r = storescu(fail_node.port, shared_data() / "seg" / "dcmqi" / "liver.dcm", "DICOM_NODE",
+                 "STORESCU", "-R", "-v")
+    response = [line for line in r.stderr.splitlines() if "Received Store Response" in line]
+    ledger.check("real SEG file from DCMTK with unsupported_sop_class='fail'",
+                 "I: Received Store Response (Refused: SOPClassNotSupported)",
+                 response[0] if response else r.stderr[-300:])
+    assert fail_node.jobs() == []
+    assert _echo(fail_node.port)
+
+
+# -- the same SOP Instance UID twice ------------------------------------------------------
+def _spooled_uids(node: NodeProcess) -> dict[str, Path]:
+    return {
+        str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p
+        for p in (node.data_dir / "spool").glob("*/*/*.dcm")
+    }
+
+
+def test_same_uid_other_content_keeps_the_first(node, ledger, served):
+    first = _ct(z=0.0)
+    second = copy.deepcopy(first)
+    second.PixelData = np.zeros((16, 16), np.uint16).tobytes()
+    with _association(node.port) as assoc:
+        a = _status(assoc.send_c_store(first), ledger, first.SOPInstanceUID)
+        rsp = assoc.send_c_store(second)
+    b = f"{_status(rsp, ledger, second.SOPInstanceUID)} {_comment(rsp)}"
+    ledger.check("same SOP Instance UID, other pixels", "0x0000 then 0xC001 "
+                 "other content is already stored under", f"{a} then {b}")
+    kept = pydicom.dcmread(_spooled_uids(node)[str(first.SOPInstanceUID)])
+    assert kept.PixelData == first.PixelData
+
+
+def test_same_uid_same_content_is_a_duplicate(node, ledger, served):
+    ds = _ct(z=0.0)
+    with _association(node.port) as assoc:
+        statuses = [_status(assoc.send_c_store(ds), ledger, ds.SOPInstanceUID)
+                    for _ in range(2)]
+    count = _job(node, ds.SeriesInstanceUID)["instance_count"]
+    ledger.check("same instance sent twice", "0x0000 0x0000, stored once",
+                 f"{' '.join(statuses)}, stored {'once' if count == 1 else count}")
+
+
+# -- series the node stores, whose jobs fail with a reason ---------------------------------
+def _job(node: NodeProcess, series_uid: str, state: str | None = None) -> dict:
+    def find(jobs: list[dict]) -> dict | None:
+        return next((j for j in jobs if j["series_uid"] == series_uid), None)
+
+    jobs = node.wait_for(
+        lambda js: (j := find(js)) is not None and (state is None or j["state"] == state),
+        timeout=60, what=f"series {series_uid} {state or 'known'}",
+    )
+    return find(jobs)  # type: ignore[return-value]
+
+
+def _push(node: NodeProcess, ledger: Ledger, datasets: list[Dataset]) -> list[str]:
+    with _association(node.port, datasets[0].SOPClassUID) as assoc:
+        return [_status(assoc.send_c_store(ds), ledger, ds.SOPInstanceUID) for ds in datasets]
+
+
+def _mixed_sizes() -> list[Dataset]:
+    s = _series(3)
+    big = _ct(z=4.0, rows=20, cols=20, number=3)
+    big.SeriesInstanceUID, big.StudyInstanceUID = s[0].SeriesInstanceUID, s[0].StudyInstanceUID
+    big.FrameOfReferenceUID = s[0].FrameOfReferenceUID
+    return [s[0], s[1], big]
+
+
+def _mixed_orientations() -> list[Dataset]:
+    s = _series(3)
+    s[2].ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+    return s
+
+
+def _gantry_tilt() -> list[Dataset]:
+    s = _series(4)
+    for k, ds in enumerate(s):
+        ds.GantryDetectorTilt = 20
+        ds.ImagePositionPatient = [0.0, 2.0 * k * np.tan(np.radians(20)), 2.0 * k]
+    return s
+
+
+def _gap() -> list[Dataset]:
+    s = _series(5)
+    for ds, z in zip(s, (0, 2, 4, 8, 10), strict=True):
+        ds.ImagePositionPatient = [0.0, 0.0, float(z)]
+    return s
+
+
+def _enhanced_inconsistent() -> list[Dataset]:
+    return [_enhanced_ct(4, 4, 4, [0.0, 5.0, 5.0, 30.0])]
+
+
+def _undecodable_jpeg() -> list[Dataset]:
+    s = _series(3)
+    for ds in s:
+        ds.file_meta.TransferSyntaxUID = JPEGLosslessSV1
+        ds.PixelData = encapsulate([b"\xff\xd8" + bytes(range(200)) + b"\xff\xd9"])
+        ds["PixelData"].VR = "OB"
+        ds["PixelData"].is_undefined_length = True
+    return s
+
+
+JOB_CASES = [
+    ("single slice", lambda: _series(1), "not a volume: only 1 slice(s); at least 3 are needed"),
+    ("mixed sizes", _mixed_sizes, "not a volume: slices have mixed sizes: 16x16, 20x20"),
+    ("mixed orientations", _mixed_orientations,
+     "not a volume: slices have 2 different orientations"),
+    ("gantry tilt", _gantry_tilt, "not a volume: gantry tilt of 20.0 degrees"),
+    ("a gap of one slice", _gap, "not a volume: 1 slice(s) missing: gap of 4.00 mm"),
+    ("Enhanced CT, frames at repeated positions", _enhanced_inconsistent,
+     "not a volume: frames do not form a volume"),
+    ("JPEG Lossless that does not decode", _undecodable_jpeg,
+     "not a volume: pixel data cannot be decoded"),
+]
+
+
+@pytest.mark.parametrize(("case", "build", "reason"), JOB_CASES, ids=[c[0] for c in JOB_CASES])
+def test_series_job_fails_with_reason(node, ledger, served, case, build, reason):
+    datasets = build()
+    statuses = _push(node, ledger, datasets)
+    assert statuses == ["0x0000"] * len(datasets)
+    job = _job(node, datasets[0].SeriesInstanceUID, "failed")
+    ledger.check(f"job: {case}", f"failed: {reason}",
+                 f"{job['state']}: {job['reason']}")
+    assert job["instance_count"] == len(datasets)
+
+
+def test_gap_series_from_dcmtk_fails_with_reason(node, ledger, served, tmp_path):
+    paths = []
+    for k, ds in enumerate(_gap()):
+        paths.append(tmp_path / f"{k}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    r = storescu(node.port, paths)
+    assert r.returncode == 0, r.stderr
+    ledger.acked.update(str(pydicom.dcmread(p).SOPInstanceUID) for p in paths)
+    job = _job(node, str(pydicom.dcmread(paths[0]).SeriesInstanceUID), "failed")
+    reason = "not a volume: 1 slice(s) missing"
+    ledger.check("job: a gap, pushed by DCMTK storescu", f"failed: {reason}",
+                 f"{job['state']}: {job['reason']}")
+
+
+def test_series_over_the_instance_limit(node, ledger, served):
+    attrs = SeriesAttributes()
+    datasets = [_ct(z=0.0, attrs=attrs, number=k + 1) for k in range(7)]  # one position
+    with _association(node.port) as assoc:
+        statuses = [_status(assoc.send_c_store(ds), ledger, ds.SOPInstanceUID)
+                    for ds in datasets[:6]]
+        rsp = assoc.send_c_store(datasets[6])
+    ledger.check("7th instance of a series limited to 6", "0xA701 series already holds 6",
+                 f"{_status(rsp, ledger, datasets[6].SOPInstanceUID)} {_comment(rsp)}")
+    assert statuses == ["0x0000"] * 6
+    job = _job(node, attrs.series_instance_uid, "failed")
+    ledger.check("job: six slices at one position",
+                 "failed: not a volume: two or more slices share the same position",
+                 f"{job['state']}: {job['reason']}")
+
+
+# -- the transport: bytes that are not DICOM, peers that stop talking ---------------------
+def _drain(sock: socket.socket, timeout: float = 30.0) -> bytes:
+    """Read until the node closes the connection; return what it sent."""
+    sock.settimeout(timeout)
+    got = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return got
+        if not chunk:
+            return got
+        got += chunk
+
+
+def _connect(node: NodeProcess) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", node.port), timeout=10)
+
+
+def _pdu_kind(data: bytes) -> str:
+    return {0x07: "A-ABORT", 0x03: "A-ASSOCIATE-RJ"}.get(data[0], "other") if data else "close"
+
+
+def _log_lines(node: NodeProcess, text: str) -> int:
+    return node.log.read_text(errors="replace").count(text)
+
+
+def test_garbage_bytes_on_the_port(node, ledger, served):
+    before = _log_lines(node, "Unknown PDU type")
+    with _connect(node) as s:
+        s.sendall(b"\xee" + np.random.default_rng(3).bytes(4095))
+        answer = _drain(s)
+    time.sleep(0.2)  # let the node's log line land
+    lines = _log_lines(node, "Unknown PDU type") - before
+    ledger.check("garbage bytes on the port", "A-ABORT, 1 log line",
+                 f"{_pdu_kind(answer)}, {lines} log line{'s' if lines != 1 else ''}")
+
+
+def test_http_request_on_the_port(node, ledger, served):
+    with _connect(node) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: node\r\n\r\n")
+        answer = _drain(s)
+    ledger.check("an HTTP request on the DICOM port", "A-ABORT", _pdu_kind(answer))
+
+
+def test_malformed_associate_request(node, ledger, served):
+    body = (b"\x00\x01\x00\x00" + b"DICOM_NODE".ljust(16) + b"BAD_INPUT".ljust(16)
+            + bytes(32) + b"\x10\x00\x00\x40" + b"1.2.840.10008.3.1.1.1")
+    with _connect(node) as s:
+        s.sendall(b"\x01\x00" + struct.pack(">L", len(body)) + body)
+        answer = _drain(s)
+    ledger.check("A-ASSOCIATE-RQ with an item longer than the PDU", "A-ABORT",
+                 _pdu_kind(answer))
+
+
+def test_pdu_declaring_4_gib_then_silence(node, ledger, served):
+    with _connect(node) as s:
+        s.sendall(b"\x01\x00\xff\xff\xff\xf0" + bytes(64))
+        answer = _drain(s)  # the node's read times out after network_timeout
+    ledger.check("PDU header declaring 4 GiB, then silence", "dropped",
+                 "dropped" if _pdu_kind(answer) in ("close", "A-ABORT") else answer[:16].hex())
+
+
+def test_abandoned_connection(node, ledger, served):
+    with _connect(node) as s:
+        answer = _drain(s)  # connect, say nothing: dropped after acse_timeout
+    ledger.check("connection that never asks for an association", "close", _pdu_kind(answer))
+
+
+def test_silent_association_is_aborted(node, ledger, served):
+    with _association(node.port) as assoc:
+        deadline = time.monotonic() + 30
+        while assoc.is_established and time.monotonic() < deadline:
+            time.sleep(0.2)
+        ledger.check("association that goes quiet", "aborted by the node",
+                     "aborted by the node" if assoc.is_aborted else "still open")
+
+
+def _partial_store(node: NodeProcess, finish: Callable) -> str:
+    """Send the first fragments of a C-STORE of a 300x300 image, then ``finish(assoc)``."""
+    ds = _ct(rows=300, cols=300)
+    with _association(node.port) as assoc:
+        req = C_STORE()
+        req.MessageID = 1
+        req.AffectedSOPClassUID = CTImageStorage
+        req.AffectedSOPInstanceUID = ds.SOPInstanceUID
+        req.Priority = 2
+        req.DataSet = io.BytesIO(_bytes(ds))
+        msg = C_STORE_RQ()
+        msg.primitive_to_message(req)
+        context_id = assoc.accepted_contexts[-1].context_id
+        for k, pdata in enumerate(msg.encode_msg(context_id, 16384)):
+            if k == 4:
+                break
+            assoc.dul.send_pdu(pdata)
+        time.sleep(0.3)
+        finish(assoc)
+    return str(ds.SOPInstanceUID)
+
+
+def _tcp_drop(assoc) -> None:
+    assoc.dul.socket.socket.shutdown(socket.SHUT_RDWR)
+    assoc.kill()
+
+
+@pytest.mark.parametrize(("case", "finish"), [
+    ("A-ABORT mid-transfer", lambda assoc: assoc.abort()),
+    ("TCP connection dropped mid-transfer", _tcp_drop),
+])
+def test_interrupted_transfer_leaves_nothing(node, ledger, served, case, finish):
+    uid = _partial_store(node, finish)
+    time.sleep(0.5)
+    incoming = list((node.data_dir / "spool" / ".incoming").iterdir())
+    stored = uid in _spooled_uids(node)
+    ledger.check(case, "nothing stored, .incoming empty",
+                 f"{'stored' if stored else 'nothing stored'}, "
+                 f".incoming {'empty' if not incoming else incoming}")
+
+
+# -- the summary --------------------------------------------------------------------------
+def test_catalogue_summary(node, ledger):
+    """Every acknowledged instance is in the spool; nothing was written outside it."""
+    assert len(ledger.rows) >= 25, "the catalogue must run whole (run the file, not one test)"
+    spooled = _spooled_uids(node)
+    lost = ledger.acked - set(spooled)
+    strays = [p for p in node.workdir.parent.rglob("*pwned*")]
+    spool = node.data_dir / "spool"
+    outside = [p for p in node.data_dir.rglob("*.dcm") if spool not in p.parents]
+    line = (f"bad-input catalogue: {len(ledger.rows)} cases, {ledger.as_expected} as expected, "
+            f"instances lost = {len(lost)}")
+    print("\n" + line)
+    assert ledger.as_expected == len(ledger.rows)
+    assert not lost, lost
+    assert not strays and not outside, (strays, outside)
+    assert _echo(node.port)

@@ -1,0 +1,405 @@
+"""Who may talk to the node, over what, and what it keeps to itself.
+
+Access control (calling/called AE title, source address), DICOM TLS against DCMTK's TLS
+tools with a throwaway CA made by the ``openssl`` CLI, the association limit, the free-disk
+watermark, spool permissions and patient identifiers in logs. Every peer is real: the node
+runs as ``dicom-node serve``; the clients are DCMTK and pynetdicom.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage, Verification
+
+from dicom_node.config import ConfigError, Destination, TLSSettings
+from dicom_node.scp import address_allowed, allowed_networks
+from dicom_node.synthetic import SeriesAttributes, write_ct_series
+from dicom_node.tls import (
+    TLSConfigError,
+    client_ssl_context,
+    client_tls_args,
+    server_ssl_context,
+)
+from tests.peers import ROOT, NodeProcess, dcmtk, storescu
+
+pytestmark = pytest.mark.usefixtures("dcmtk_tools")
+
+
+# -- helpers ------------------------------------------------------------------------------
+def _series(out: Path, n: int = 3, **attrs: str) -> list[Path]:
+    hu = np.random.default_rng(7).integers(-1000, 1000, (n, 16, 16)).astype(np.int16)
+    return write_ct_series(hu, out, spacing=(2.0, 1.0, 1.0), attrs=SeriesAttributes(**attrs))
+
+
+def _associate(port: int, calling: str = "PYNETDICOM", called: str = "DICOM_NODE",
+               tls_args=None):
+    ae = AE(ae_title=calling)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    ae.add_requested_context(Verification)
+    ae.add_requested_context(CTImageStorage)
+    return ae.associate("127.0.0.1", port, ae_title=called, tls_args=tls_args)
+
+
+def _rejection(assoc) -> tuple[int, int, int]:
+    rj = assoc.acceptor.primitive
+    return rj.result, rj.result_source, rj.diagnostic
+
+
+def _echo(port: int, *extra: str, calling: str = "ECHOSCU", called: str = "DICOM_NODE"):
+    return dcmtk("echoscu", "-aet", calling, "-aec", called, "-to", "10", *extra,
+                 "127.0.0.1", str(port))
+
+
+def _spool_files(node: NodeProcess) -> list[Path]:
+    return sorted((node.data_dir / "spool").glob("*/*/*.dcm"))
+
+
+def _log_text(node: NodeProcess) -> str:
+    """Everything the node wrote: its stdout/stderr and its rotating log files."""
+    parts = [node.log.read_text(errors="replace")]
+    parts += [p.read_text(errors="replace") for p in (node.data_dir / "logs").glob("node.log*")]
+    return "\n".join(parts)
+
+
+@pytest.fixture
+def started(tmp_path):
+    """Start NodeProcesses that are stopped after the test, whatever happens."""
+    nodes: list[NodeProcess] = []
+
+    def start(name: str, **overrides) -> NodeProcess:
+        node = NodeProcess(tmp_path / name, **overrides).start()
+        nodes.append(node)
+        return node
+
+    yield start
+    for node in nodes:
+        node.stop()
+
+
+# -- access control -----------------------------------------------------------------------
+def test_calling_and_called_ae_titles_are_checked(started):
+    node = started("n", node={"allowed_calling_aes": ["SCANNER1", "SCANNER2"]})
+
+    r = _echo(node.port, calling="INTRUDER")
+    assert r.returncode != 0
+    assert "Association Rejected" in r.stderr
+    assert "Rejected Permanent, Source: Service User" in r.stderr
+    assert "Calling AE Title Not Recognized" in r.stderr
+
+    r = _echo(node.port, calling="SCANNER2", called="OTHER_NODE")
+    assert r.returncode != 0
+    assert "Called AE Title Not Recognized" in r.stderr
+
+    assert _echo(node.port, calling="SCANNER1").returncode == 0
+
+    # the same, as pynetdicom sees the A-ASSOCIATE-RJ: (result, source, reason)
+    assoc = _associate(node.port, calling="INTRUDER")
+    assert assoc.is_rejected and _rejection(assoc) == (1, 1, 3)
+    assoc = _associate(node.port, calling="SCANNER1", called="NOT_US")
+    assert assoc.is_rejected and _rejection(assoc) == (1, 1, 7)
+
+    log = _log_text(node)
+    assert "Calling AE title not recognised; 'INTRUDER'" in log
+    assert "Called AE title not recognised; 'SCANNER2' calling 'OTHER_NODE'" in log
+    assert node.jobs() == []
+
+
+def test_source_address_is_checked(started):
+    outside = started("outside", node={"allowed_hosts": ["192.0.2.0/24", "2001:db8::/32"]})
+    r = _echo(outside.port)
+    assert r.returncode != 0
+    assert "Association Rejected" in r.stderr
+    assert "Rejected Permanent, Source: Service User" in r.stderr
+    assert "Reason: No Reason" in r.stderr
+    assoc = _associate(outside.port)
+    assert assoc.is_rejected and _rejection(assoc) == (1, 1, 1)
+    assert "source address 127.0.0.1 is not in node.allowed_hosts" in _log_text(outside)
+
+    inside = started("inside", node={"allowed_hosts": ["10.1.2.3", "127.0.0.0/8"]})
+    assert _echo(inside.port).returncode == 0
+
+
+def test_allowed_hosts_matching_and_config_errors(tmp_path):
+    nets = allowed_networks(["10.0.0.0/8", "192.168.1.7", "fd00::/8"])
+    assert address_allowed("10.200.3.4", nets)
+    assert address_allowed("::ffff:10.1.1.1", nets)  # IPv4 peer on a dual-stack socket
+    assert address_allowed("192.168.1.7", nets)
+    assert address_allowed("fd12::1", nets)
+    assert not address_allowed("192.168.1.8", nets)
+    assert not address_allowed("11.0.0.1", nets)
+    assert not address_allowed("not-an-address", nets)
+    assert address_allowed("203.0.113.9", [])  # none configured: everyone
+    with pytest.raises(ConfigError, match=r"node.allowed_hosts\[1\]: 'pacs.example.org'"):
+        allowed_networks(["10.0.0.1", "pacs.example.org"])
+
+    # the node refuses to start on such a config, with one sentence and status 2
+    node = NodeProcess(tmp_path / "bad", node={"allowed_hosts": ["pacs.example.org"]})
+    r = subprocess.run(
+        [sys.executable, "-m", "dicom_node", "serve", "--config", str(node.config)],
+        capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (
+        "dicom-node: node.allowed_hosts[0]: 'pacs.example.org' is not an IP address or network"
+    )
+
+
+def _until(predicate, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def _first_established(port: int, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assoc = _associate(port)
+        if assoc.is_established:
+            return assoc
+        time.sleep(0.2)
+    pytest.fail(f"no association slot came free in {timeout} s")
+
+
+def test_association_limit_rejects_transient(started):
+    node = started("n", limits={"max_associations": 1, "acse_timeout": 1.0})
+    # A connection counts from the moment it opens (the start-up probe too) until its
+    # association has ended, or it said nothing for acse_timeout: wait for a free slot.
+    held = _first_established(node.port)
+    try:
+        r = _echo(node.port)
+        assert r.returncode != 0
+        assert "Association Rejected" in r.stderr
+        assert ("Result: Rejected Transient, Source: Service Provider (Presentation Related)"
+                in r.stderr)
+        assert "Reason: Local Limit Exceeded" in r.stderr
+        other = _associate(node.port)
+        assert other.is_rejected and _rejection(other) == (2, 3, 2)
+        assert held.send_c_echo().Status == 0  # the held association still works
+    finally:
+        held.release()
+    assert _until(lambda: _echo(node.port).returncode == 0)
+    # a peer that connects and says nothing holds the slot only until acse_timeout
+    with socket.create_connection(("127.0.0.1", node.port)) as silent:
+        assert _associate(node.port).is_rejected
+        silent.settimeout(30)
+        assert silent.recv(1) == b""  # the node hung up on it
+    assert _until(lambda: _echo(node.port).returncode == 0)
+    assert "Local limit exceeded" in _log_text(node)
+
+
+# -- DICOM TLS ----------------------------------------------------------------------------
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+
+def _make_ca(d: Path, name: str) -> tuple[Path, Path]:
+    key, cert = d / f"{name}.key", d / f"{name}.pem"
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+             str(cert), "-days", "2", "-subj", f"/CN={name}")
+    return key, cert
+
+
+def _issue(d: Path, ca: tuple[Path, Path], name: str) -> tuple[Path, Path]:
+    key, csr, cert, ext = (d / f"{name}.{s}" for s in ("key", "csr", "pem", "ext"))
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
+             "-subj", f"/CN={name}")
+    ext.write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca[1]), "-CAkey", str(ca[0]),
+             "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext))
+    return key, cert
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+    """A throwaway CA with a node and a client certificate, and a client of another CA."""
+    if shutil.which("openssl") is None:
+        pytest.fail("the openssl command is not installed")
+    d = tmp_path_factory.mktemp("pki")
+    ca = _make_ca(d, "test-ca")
+    rogue_ca = _make_ca(d, "rogue-ca")
+    return {
+        "ca": ca,
+        "node": _issue(d, ca, "dicom-node"),
+        "client": _issue(d, ca, "scanner-1"),
+        "rogue": _issue(d, rogue_ca, "rogue-scanner"),
+    }
+
+
+@pytest.fixture
+def tls_node(started, pki):
+    return started("tls", tls={
+        "enabled": True,
+        "certificate": str(pki["node"][1]),
+        "private_key": str(pki["node"][0]),
+        "ca_certificates": str(pki["ca"][1]),
+        "require_client_certificate": True,
+    }, limits={"network_timeout": 5.0, "acse_timeout": 5.0})
+
+
+def _dcmtk_tls(pki, who: str = "client") -> list[str]:
+    key, cert = pki[who]
+    return ["+tls", str(key), str(cert), "+cf", str(pki["ca"][1])]
+
+
+def test_tls_echo_and_store_with_dcmtk(tls_node, pki, tmp_path):
+    # a silent TCP peer on the TLS port must not hold up the others
+    with socket.create_connection(("127.0.0.1", tls_node.port)):
+        r = _echo(tls_node.port, *_dcmtk_tls(pki))
+        assert r.returncode == 0, r.stderr
+    paths = _series(tmp_path / "s")
+    r = storescu(tls_node.port, paths, "DICOM_NODE", "STORESCU", *_dcmtk_tls(pki))
+    assert r.returncode == 0, r.stderr
+    jobs = tls_node.jobs()
+    assert [j["instance_count"] for j in jobs] == [3]
+    stored = {str(pydicom.dcmread(p).SOPInstanceUID) for p in _spool_files(tls_node)}
+    assert stored == {str(pydicom.dcmread(p).SOPInstanceUID) for p in paths}
+    assert "TLS peer 127.0.0.1 presents certificate 'scanner-1'" in _log_text(tls_node)
+
+
+def test_tls_refuses_peers_without_a_trusted_certificate(tls_node, pki, tmp_path):
+    paths = _series(tmp_path / "s")
+    # no client certificate
+    r = dcmtk("echoscu", "-aec", "DICOM_NODE", "-to", "10", "+tla", "+cf", str(pki["ca"][1]),
+              "127.0.0.1", str(tls_node.port))
+    assert r.returncode != 0
+    # a certificate from another CA
+    r = storescu(tls_node.port, paths, "DICOM_NODE", "STORESCU", *_dcmtk_tls(pki, "rogue"))
+    assert r.returncode != 0
+    # plain DICOM on the TLS port
+    r = storescu(tls_node.port, paths)
+    assert r.returncode != 0
+    assert "Association Request Failed" in r.stderr
+    assert _spool_files(tls_node) == []
+    assert tls_node.jobs() == []
+    log = _log_text(tls_node)
+    assert "refused: PEER_DID_NOT_RETURN_A_CERTIFICATE" in log
+    assert "refused: CERTIFICATE_VERIFY_FAILED" in log or "refused: TLSV1_ALERT_UNKNOWN_CA" in log
+    assert "refused: WRONG_VERSION_NUMBER" in log
+    # ... and the node still serves TLS peers
+    assert _echo(tls_node.port, *_dcmtk_tls(pki)).returncode == 0
+
+
+def test_client_ssl_context_talks_to_the_tls_node(tls_node, pki):
+    """The context exports use: verifies the node's certificate, presents the node's own."""
+    settings = TLSSettings(enabled=True, certificate=pki["client"][1],
+                           private_key=pki["client"][0], ca_certificates=pki["ca"][1])
+    dest = Destination(name="pacs", ae_title="DICOM_NODE", host="127.0.0.1",
+                       port=tls_node.port, tls=True)
+    args = client_tls_args(settings, dest)
+    assert args is not None and args[1] == "127.0.0.1"
+    assoc = _associate(tls_node.port, tls_args=args)
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0
+    assoc.release()
+    assert client_tls_args(settings, Destination("p", "X", "127.0.0.1", 1)) is None
+
+    # a node certificate that does not chain to the configured CA is not trusted
+    distrust = TLSSettings(enabled=True, ca_certificates=pki["rogue"][1])
+    assoc = _associate(tls_node.port, tls_args=(client_ssl_context(distrust), "127.0.0.1"))
+    assert not assoc.is_established
+
+
+def test_tls_settings_errors_are_one_sentence(pki, tmp_path):
+    missing = tmp_path / "nope.pem"
+    with pytest.raises(TLSConfigError, match=r"tls.certificate: .*nope.pem does not exist"):
+        server_ssl_context(TLSSettings(enabled=True, certificate=missing,
+                                       private_key=pki["node"][0]))
+    with pytest.raises(TLSConfigError, match="cannot be loaded together"):
+        server_ssl_context(TLSSettings(enabled=True, certificate=pki["node"][1],
+                                       private_key=pki["client"][0]))
+    with pytest.raises(TLSConfigError, match="require_client_certificate needs"):
+        server_ssl_context(TLSSettings(enabled=True, certificate=pki["node"][1],
+                                       private_key=pki["node"][0],
+                                       require_client_certificate=True))
+    ctx = server_ssl_context(TLSSettings(enabled=True, certificate=pki["node"][1],
+                                         private_key=pki["node"][0],
+                                         ca_certificates=pki["ca"][1]))
+    import ssl
+
+    assert ctx.verify_mode == ssl.CERT_OPTIONAL
+    assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
+
+
+# -- limits and storage -------------------------------------------------------------------
+def _store_all(port: int, paths: list[Path]) -> list[int]:
+    assoc = _associate(port)
+    assert assoc.is_established
+    try:
+        return [int(assoc.send_c_store(pydicom.dcmread(p)).Status) for p in paths]
+    finally:
+        assoc.release()
+
+
+def test_free_disk_watermark_refuses_and_writes_nothing(tmp_path):
+    paths = _series(tmp_path / "s")
+    free_mb = shutil.disk_usage(tmp_path).free // (1024 * 1024)
+    node = NodeProcess(tmp_path / "n", node={"min_free_disk_mb": free_mb + 10_000}).start()
+    try:
+        assert _store_all(node.port, paths) == [0xA700] * 3
+        assert _spool_files(node) == []
+        assert list((node.data_dir / "spool" / ".incoming").iterdir()) == []
+        assert node.jobs() == []
+        assert "below the" in _log_text(node)
+    finally:
+        node.stop()
+    # the same node, with a sane watermark, accepts again
+    node.write_config(node={"min_free_disk_mb": 1})
+    node.start()
+    try:
+        assert _store_all(node.port, paths) == [0] * 3
+        assert [j["instance_count"] for j in node.jobs()] == [3]
+    finally:
+        node.stop()
+
+
+def test_spool_is_private_to_the_node_user(started, tmp_path):
+    node = started("n", node={"settle_seconds": 3600})
+    assert _store_all(node.port, _series(tmp_path / "s")) == [0] * 3
+    spool = node.data_dir / "spool"
+    entries = [spool, *spool.rglob("*")]
+    files = [p for p in entries if p.is_file()]
+    dirs = [p for p in entries if p.is_dir()]
+    assert len(files) == 3 and len(dirs) == 4  # spool, .incoming, study, series
+    for p in files:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+    for p in dirs:
+        assert stat.S_IMODE(p.stat().st_mode) == 0o700, p
+    assert all(p.stat().st_uid == os.getuid() for p in entries)
+
+
+def test_no_patient_identifiers_in_logs(started, tmp_path):
+    tag = uuid.uuid4().hex[:10].upper()
+    name, pid = f"Zqx{tag}^Vrk{tag}", f"PID{tag}"
+    paths = _series(tmp_path / "s", n=2, patient_name=name, patient_id=pid)
+    # an instance that is refused, so the refusal path logs too
+    bad = pydicom.dcmread(paths[0])
+    bad.SOPInstanceUID = bad.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    bad.Modality = "MR"
+    bad.save_as(tmp_path / "bad.dcm", enforce_file_format=True)
+    for flag in (False, True):
+        node = started(f"n{flag}", node={"settle_seconds": 0.3, "log_patient_identifiers": flag})
+        statuses = _store_all(node.port, [*paths, tmp_path / "bad.dcm"])
+        assert statuses == [0, 0, 0xA900]
+        # two slices are too few: the job fails at assembly, and that is logged as well
+        node.wait_for(lambda js: js and js[0]["state"] == "failed", 60, "failed job")
+        node.stop()
+        log = _log_text(node)
+        assert "failed: not a volume" in log
+        for secret in (tag, name, pid):
+            assert (secret in log) == flag, (flag, secret)
