@@ -36,6 +36,7 @@ from dicom_node.encode.labels import segment_numbers
 from dicom_node.encode.sr import voxel_volume_ml
 from dicom_node.synthetic import SeriesAttributes, write_ct_series
 from dicom_node.volume import SeriesVolume, assemble_series
+from tests.checks import dciodvfy_errors
 
 REPO = Path(__file__).resolve().parent.parent
 ALGORITHM = AlgorithmInfo("spleen_ct_segmentation", "0.5.3", source="MONAI model zoo")
@@ -71,17 +72,6 @@ def _need_tool(name: str) -> str:
         pytest.skip(f"{name} (dicom3tools) is not installed")
     return exe
 
-
-def dciodvfy_errors(path: Path) -> list[str]:
-    """Error lines of dciodvfy for ``path``; warnings are printed, not failed on."""
-    run = subprocess.run(
-        [_need_tool("dciodvfy"), str(path)], capture_output=True, text=True, timeout=60
-    )
-    lines = (run.stdout + run.stderr).splitlines()
-    for line in lines:
-        if line.startswith("Warning"):
-            print(f"dciodvfy {path.name}: {line}")
-    return [line for line in lines if line.startswith("Error")]
 
 
 # ---------------------------------------------------------------------------- label maps
