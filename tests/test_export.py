@@ -102,3 +102,28 @@ def test_gives_up_after_the_configured_attempts(tmp_path):
     # an operator's retry queues it again
     assert jobs.retry("1.2") == 1
     assert jobs.outbox("1.2")[0].state == "pending"
+
+
+def test_a_pacs_that_rejects_the_association_is_retried(tmp_path):
+    """Orthanc checks the called AE title: a destination configured with the wrong one is
+    rejected; the item waits with that reason and arrives once the destination is fixed."""
+    _, files = _results(tmp_path)
+    pacs = Orthanc(tmp_path / "orthanc").start()
+    try:
+        jobs = JobStore(tmp_path / "jobs.sqlite")
+        path, uid = files["SEG"]
+        jobs.enqueue_result(series_uid="1.3", kind="SEG", destination="pacs", path=path,
+                            sop_uid=uid)
+        wrong = Destination(name="pacs", ae_title="NOT_ORTHANC", host="127.0.0.1",
+                            port=pacs.dicom_port, attempts=5, retry_backoff_seconds=0.0)
+        assert Exporter(Settings(destinations=[wrong]), jobs).run_once() == 0
+        (item,) = jobs.outbox("1.3")
+        assert (item.state, item.attempts) == ("pending", 1)
+        assert "rejected the association" in item.last_error
+        right = Destination(name="pacs", ae_title=pacs.aet, host="127.0.0.1",
+                            port=pacs.dicom_port, attempts=5, retry_backoff_seconds=0.0)
+        assert Exporter(Settings(destinations=[right]), jobs).run_once() == 1
+        assert jobs.outbox("1.3")[0].state == "sent"
+        assert {m: len(v) for m, v in pacs.instances_by_modality().items()} == {"SEG": 1}
+    finally:
+        pacs.stop()
