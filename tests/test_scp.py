@@ -185,3 +185,21 @@ def test_geometry_failure_is_recorded_on_the_job(tmp_path, data_dir, dcmtk_tools
         assert echoscu(node.port)
     finally:
         node.stop()
+
+
+def test_push_command_sends_a_folder(node, data_dir):
+    import subprocess
+    import sys
+
+    series = data_dir / "ct" / "lidc-chest" / "LIDC-IDRI-0003"
+    r = subprocess.run([sys.executable, "-m", "dicom_node", "push", str(series), "--to",
+                        f"DICOM_NODE@127.0.0.1:{node.port}"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    n = len(list(series.rglob("*.dcm")))
+    assert f"sent {n}, failed 0" in r.stdout
+    assert node.jobs()[0]["instance_count"] == n
+    # an unreachable peer is one sentence, not a traceback
+    r = subprocess.run([sys.executable, "-m", "dicom_node", "push", str(series), "--to",
+                        "NOBODY@127.0.0.1:1", "--quiet"], capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "refused or cannot be reached" in r.stderr
