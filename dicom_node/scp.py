@@ -534,7 +534,7 @@ class StorageSCP:
         self._check_image(ds)
         modality = str(ds.get("Modality", ""))
         encoded = event.encoded_dataset(include_meta=True)
-        digest = dataset_digest(encoded)
+        digest = dataset_digest(data, has_meta=False)  # the received data set bytes
         path = self.spool.path_for(study_uid, series_uid, sop_uid)
         with self._locks[hash(sop_uid) % len(self._locks)]:
             existing = self.jobs.find_instance(sop_uid)
