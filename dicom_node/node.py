@@ -264,7 +264,9 @@ class Node:
         out_dir.mkdir(exist_ok=True, mode=0o700)
         written = {}
         for kind, (ds, sop_uid) in files.items():
-            path = out_dir / f"{kind.lower()}.dcm"
+            # named by SOP Instance UID: a series processed again never overwrites a
+            # result an earlier outbox item still has to send
+            path = out_dir / f"{kind.lower()}-{sop_uid}.dcm"
             buf = io.BytesIO()
             ds.save_as(buf, enforce_file_format=True)
             write_durably(path, buf.getvalue())
