@@ -71,7 +71,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _warm_backend(node: object) -> None:
     try:
-        node.backend()  # type: ignore[attr-defined]
+        node.backends()  # type: ignore[attr-defined]
         log.info("inference backend ready")
     except Exception as exc:  # noqa: BLE001 - jobs retry; the operator sees the reason
         log.error("inference backend not ready: %s", exc)

@@ -140,6 +140,45 @@ class StatusSettings:
 
 
 @dataclass(frozen=True)
+class RetentionSettings:
+    """How long received instances and results are kept. Nothing still owed to a
+    destination, and no series still being received or processed, is ever deleted."""
+
+    #: Delete a finished series' spool files and results this many days after it finished
+    #: (0: keep forever).
+    days: float = 0.0
+    #: Delete the oldest finished series while the spool and results hold more than this
+    #: (0: no limit).
+    max_bytes: int = 0
+    #: How often the policy is applied.
+    interval_seconds: float = 3600.0
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """One segmentation model: a Triton model (or, locally, the bundle) and its bundle."""
+
+    name: str
+    triton_model: str
+    bundle: Path
+
+
+@dataclass(frozen=True)
+class Route:
+    """Which series go to which models. Every condition given must hold; empty ones match
+    anything. Strings compare case-insensitively; ranges are inclusive [min, max]."""
+
+    models: list[str]
+    modality: list[str] = field(default_factory=list)
+    body_part: list[str] = field(default_factory=list)
+    #: A regular expression searched in Series Description.
+    series_description: str = ""
+    calling_ae: list[str] = field(default_factory=list)
+    slice_thickness: list[float] = field(default_factory=list)
+    slice_count: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
 class Destination:
     """A peer that receives results with C-STORE."""
 
@@ -165,6 +204,11 @@ class Settings:
     results: ResultSettings = field(default_factory=ResultSettings)
     status: StatusSettings = field(default_factory=StatusSettings)
     destinations: list[Destination] = field(default_factory=list)
+    #: Models and routing rules; with no [[models]], the [inference] model and bundle, and
+    #: with no [[routes]], every series goes to the first model.
+    models: list[ModelSettings] = field(default_factory=list)
+    routes: list[Route] = field(default_factory=list)
+    retention: RetentionSettings = field(default_factory=RetentionSettings)
     #: Directory the relative paths of the config are resolved against.
     base_dir: Path = Path(".")
 
@@ -266,21 +310,46 @@ def _validate(s: Settings) -> None:
         names.add(d.name)
         if not 0 < d.port < 65536:
             raise ConfigError(f"destinations[{i}].port: {d.port} is not a TCP port")
+    model_names = [m.name for m in s.models]
+    for i, m in enumerate(s.models):
+        if model_names.count(m.name) > 1:
+            raise ConfigError(f"models[{i}].name: {m.name!r} is used twice")
+    for i, r in enumerate(s.routes):
+        key = f"routes[{i}]"
+        if not r.models:
+            raise ConfigError(f"{key}.models: name at least one model")
+        for name in r.models:
+            if name not in (model_names or [s.inference.model]):
+                raise ConfigError(f"{key}.models: {name!r} is not a configured model")
+        try:
+            re.compile(r.series_description)
+        except re.error as exc:
+            raise ConfigError(f"{key}.series_description: not a regular expression: {exc}") from None
+        for rng in ("slice_thickness", "slice_count"):
+            value = getattr(r, rng)
+            if value and (len(value) != 2 or value[0] > value[1]):
+                raise ConfigError(f"{key}.{rng}: must be [min, max]")
 
 
 def _resolve(path: Path, base: Path) -> Path:
     return path if path.is_absolute() else (base / path)
 
 
+def _array(raw: dict[str, Any], name: str) -> list[Any]:
+    value = raw.get(name, [])
+    if not isinstance(value, list):
+        raise ConfigError(f"{name} must be an array of tables ([[{name}]])")
+    return value
+
+
 def settings_from_dict(raw: dict[str, Any], base_dir: Path = Path(".")) -> Settings:
     """Build and validate :class:`Settings` from a parsed TOML document."""
-    known = {"node", "limits", "tls", "inference", "results", "status", "destinations"}
+    known = {"node", "limits", "tls", "inference", "results", "status", "destinations",
+             "models", "routes", "retention"}
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"unknown section [{unknown[0]}] (known: {', '.join(sorted(known))})")
-    dests = raw.get("destinations", [])
-    if not isinstance(dests, list):
-        raise ConfigError("destinations must be an array of tables ([[destinations]])")
+    dests = _array(raw, "destinations")
     s = Settings(
         node=_build(NodeSettings, raw.get("node", {}), "node"),
         limits=_build(LimitSettings, raw.get("limits", {}), "limits"),
@@ -289,6 +358,10 @@ def settings_from_dict(raw: dict[str, Any], base_dir: Path = Path(".")) -> Setti
         results=_build(ResultSettings, raw.get("results", {}), "results"),
         status=_build(StatusSettings, raw.get("status", {}), "status"),
         destinations=[_build(Destination, d, f"destinations[{i}]") for i, d in enumerate(dests)],
+        models=[_build(ModelSettings, m, f"models[{i}]") for i, m in enumerate(
+            _array(raw, "models"))],
+        routes=[_build(Route, r, f"routes[{i}]") for i, r in enumerate(_array(raw, "routes"))],
+        retention=_build(RetentionSettings, raw.get("retention", {}), "retention"),
         base_dir=base_dir,
     )
     _validate(s)
@@ -301,8 +374,13 @@ def settings_from_dict(raw: dict[str, Any], base_dir: Path = Path(".")) -> Setti
         **{k: _resolve(getattr(tls, k), base_dir).resolve()
            for k in ("certificate", "private_key", "ca_certificates") if getattr(tls, k)},
     )
+    models = s.models or [
+        ModelSettings(name=inf.model, triton_model=inf.model, bundle=inf.bundle)
+    ]
     return s.replace(
         tls=tls,
+        models=[dataclasses.replace(m, bundle=_resolve(m.bundle, base_dir).resolve())
+                for m in models],
         node=dataclasses.replace(s.node, data_dir=_resolve(s.node.data_dir, base_dir).resolve()),
         inference=dataclasses.replace(
             inf,

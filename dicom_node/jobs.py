@@ -10,7 +10,7 @@ Series states::
 
     receiving -> complete -> processing -> done
                                        \\-> failed (with a reason)
-    receiving -> no_model   (stored, no routing rule matched)
+                                       \\-> no_model (stored, no routing rule matched)
 
 Results owed to destinations live in ``outbox`` with their own states
 (pending -> sent | failed), so that a result acknowledged by a PACS is never sent again.

@@ -21,10 +21,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dicom_node.config import Settings
+import pydicom
+
+from dicom_node.config import ModelSettings, Settings
 from dicom_node.export import Exporter
-from dicom_node.jobs import COMPLETE, DONE, FAILED, PROCESSING, RECEIVING, JobStore
+from dicom_node.jobs import COMPLETE, DONE, FAILED, NO_MODEL, PROCESSING, RECEIVING, JobStore
 from dicom_node.metrics import NodeMetrics
+from dicom_node.routing import describe, select_models
 from dicom_node.scp import StorageSCP, StoreOutcome
 from dicom_node.spool import Spool, check_uid, dataset_digest, write_durably
 from dicom_node.volume import VolumeError, assemble_series, read_whole
@@ -34,6 +37,10 @@ log = logging.getLogger("dicom_node.node")
 
 class JobFailed(Exception):
     """A step of a job failed for a reason that is recorded on the series."""
+
+
+class NoModel(Exception):
+    """No routing rule sends the series to a model: it is kept, marked "no model"."""
 
 
 class Node:
@@ -57,9 +64,9 @@ class Node:
         self._stop = threading.Event()
         self._export_wake = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._backend: Any = None
+        self._backends: dict[str, Any] | None = None
         self._backend_lock = threading.Lock()
-        self._bundle: Any = None
+        self._bundles: dict[str, Any] = {}
         self.observers: list[Any] = [self.metrics.observe_store]
 
     # -- life cycle -------------------------------------------------------------------
@@ -106,9 +113,9 @@ class Node:
         for t in self._threads:
             t.join(timeout=30)
         with self._backend_lock:
-            if self._backend is not None:
-                self._backend.close()
-                self._backend = None
+            for backend in (self._backends or {}).values():
+                backend.close()
+            self._backends = None
         self.jobs.close()
 
     def reconcile(self) -> int:
@@ -182,14 +189,16 @@ class Node:
                 self.jobs.set_state(uid, FAILED, "internal error (see the node's log)",
                                     expect=PROCESSING)
 
-    def backend(self) -> Any:
-        """The inference backend, created on first use (a Triton server takes a while)."""
+    def backends(self) -> dict[str, Any]:
+        """Inference backends by model name, created on first use (Triton takes a while)."""
         with self._backend_lock:
-            if self._backend is None:
-                from dicom_node.inference import make_backend
+            if self._backends is None:
+                from dicom_node.inference import make_backends
 
-                self._backend = make_backend(self.settings.inference, self.settings.node.data_dir)
-            return self._backend
+                self._backends = make_backends(
+                    self.settings.inference, self.settings.models, self.settings.node.data_dir
+                )
+            return self._backends
 
     def backend_ready(self) -> bool:
         """Whether a series would be segmented now (the status service's ``/readyz``).
@@ -198,19 +207,19 @@ class Node:
         checked per request; a Triton server the node starts must be up and running.
         """
         with self._backend_lock:
-            backend = self._backend
+            backends = self._backends
         inf = self.settings.inference
-        if backend is None:
+        if backends is None:
             return inf.backend == "local" or bool(inf.triton_url)
-        server = getattr(backend, "server", None)
-        return server is None or server.is_alive()
+        servers = [getattr(b, "server", None) for b in backends.values()]
+        return all(server is None or server.is_alive() for server in servers)
 
-    def bundle(self) -> Any:
-        if self._bundle is None:
+    def bundle(self, model: ModelSettings) -> Any:
+        if model.name not in self._bundles:
             from dicom_node.pipeline import load_bundle
 
-            self._bundle = load_bundle(self.settings.inference.bundle)
-        return self._bundle
+            self._bundles[model.name] = load_bundle(model.bundle)
+        return self._bundles[model.name]
 
     def process(self, series_uid: str) -> str:
         """Take one complete series through the whole chain; return its final state."""
@@ -221,6 +230,10 @@ class Node:
         timings: dict[str, float] = {}
         try:
             results = self._run_chain(series_uid, timings)
+        except NoModel as exc:
+            self.jobs.set_state(series_uid, NO_MODEL, str(exc), expect=PROCESSING)
+            log.info("series %s: no model: %s", series_uid, exc)
+            return NO_MODEL
         except JobFailed as exc:
             self.jobs.record_timings(series_uid, timings)
             self.metrics.observe_timings(timings)
@@ -244,24 +257,50 @@ class Node:
         self._export_wake.set()
         return DONE
 
+    def _route(self, series_uid: str, paths: list[Path]) -> list[ModelSettings]:
+        """The models this series goes to, from its first instance's header."""
+        record = self.jobs.get_series(series_uid)
+        calling_ae = record.calling_ae if record else ""
+        header = pydicom.dcmread(paths[0], stop_before_pixels=True)
+        count = len(paths)
+        if count == 1:
+            count = int(header.get("NumberOfFrames", 1) or 1)
+        models = select_models(self.settings, header, count, calling_ae)
+        if not models:
+            raise NoModel(f"no routing rule matched ({describe(header, count, calling_ae)})")
+        return models
+
     def _run_chain(self, series_uid: str, timings: dict[str, float]) -> dict[str, Any]:
-        t0 = time.perf_counter()
         paths = self.jobs.instance_paths(series_uid)
+        models = self._route(series_uid, paths)
+        t0 = time.perf_counter()
         try:
             volume = assemble_series(paths, self.settings.limits.min_slices)
         except VolumeError as exc:
             raise JobFailed(f"not a volume: {exc}") from None
         timings["assemble"] = time.perf_counter() - t0
 
-        result = self._infer(volume, timings)
-
-        t0 = time.perf_counter()
-        files = self._encode(volume, result.labels)
-        timings["encode"] = time.perf_counter() - t0
-
-        t0 = time.perf_counter()
         out_dir = self.results_dir / check_uid(series_uid, "Series Instance UID")
         out_dir.mkdir(exist_ok=True, mode=0o700)
+        by_model: dict[str, Any] = {}
+        for index, model in enumerate(models):
+            result = self._infer(model, volume, timings)
+            t0 = time.perf_counter()
+            files = self._encode(model, volume, result.labels, series_offset=10 * index)
+            timings["encode"] = timings.get("encode", 0.0) + time.perf_counter() - t0
+            t0 = time.perf_counter()
+            by_model[model.name] = {
+                "files": self._write_results(series_uid, out_dir, files),
+                "volumes_ml": self._label_volumes(model, volume, result.labels),
+            }
+            timings["write"] = timings.get("write", 0.0) + time.perf_counter() - t0
+        first = by_model[models[0].name]
+        return {"model": ", ".join(m.name for m in models), "files": first["files"],
+                "volumes_ml": first["volumes_ml"], "models": by_model}
+
+    def _write_results(self, series_uid: str, out_dir: Path,
+                       files: dict[str, tuple[Any, str]]) -> dict[str, dict[str, str]]:
+        """Write each result durably, then queue it for every destination."""
         written = {}
         for kind, (ds, sop_uid) in files.items():
             # named by SOP Instance UID: a series processed again never overwrites a
@@ -271,22 +310,12 @@ class Node:
             ds.save_as(buf, enforce_file_format=True)
             write_durably(path, buf.getvalue())
             written[kind] = {"path": str(path), "sop_uid": sop_uid}
-        for kind, info in written.items():
             for dest in self.settings.destinations:
-                self.jobs.enqueue_result(
-                    series_uid=series_uid,
-                    kind=kind,
-                    destination=dest.name,
-                    path=Path(info["path"]),
-                    sop_uid=info["sop_uid"],
-                )
-        timings["write"] = time.perf_counter() - t0
-        volumes = {
-            name: float(ml) for name, ml in self._label_volumes(volume, result.labels).items()
-        }
-        return {"model": self.bundle().name, "files": written, "volumes_ml": volumes}
+                self.jobs.enqueue_result(series_uid=series_uid, kind=kind, destination=dest.name,
+                                         path=path, sop_uid=sop_uid)
+        return written
 
-    def _infer(self, volume: Any, timings: dict[str, float]) -> Any:
+    def _infer(self, model: ModelSettings, volume: Any, timings: dict[str, float]) -> Any:
         from dicom_node.inference import InferenceError
 
         inf = self.settings.inference
@@ -294,7 +323,7 @@ class Node:
         for attempt in range(1, inf.attempts + 1):
             t0 = time.perf_counter()
             try:
-                backend = self.backend()
+                backend = self.backends()[model.name]
             except Exception as exc:  # noqa: BLE001 - e.g. Triton did not start; retried
                 last = exc
                 log.warning("inference backend unavailable (attempt %d/%d): %s",
@@ -314,49 +343,53 @@ class Node:
                 ):
                     continue
                 break
-            timings["inference_total"] = time.perf_counter() - t0
+            timings["inference_total"] = (timings.get("inference_total", 0.0)
+                                          + time.perf_counter() - t0)
             for k, v in getattr(result, "timings", {}).items():
-                timings[k] = float(v)
+                timings[k] = timings.get(k, 0.0) + float(v)
             return result
         raise JobFailed(f"inference failed after {inf.attempts} attempt(s): {last}")
 
-    def _segments(self) -> list[Any]:
+    def _segments(self, model: ModelSettings) -> list[Any]:
         from dicom_node.encode import segment_info_for
 
-        return [segment_info_for(v, n) for v, n in sorted(self.bundle().labels.items())]
+        return [segment_info_for(v, n) for v, n in sorted(self.bundle(model).labels.items())]
 
-    def _algorithm(self) -> Any:
+    def _algorithm(self, model: ModelSettings) -> Any:
         from dicom_node.encode import AlgorithmInfo
 
-        b = self.bundle()
+        b = self.bundle(model)
         return AlgorithmInfo(name=b.name, version=b.version, source=str(b.path.name))
 
-    def _encode(self, volume: Any, labels: Any) -> dict[str, tuple[Any, str]]:
+    def _encode(self, model: ModelSettings, volume: Any, labels: Any,
+                series_offset: int = 0) -> dict[str, tuple[Any, str]]:
         from dicom_node.encode import EncodeError, build_rtstruct, build_seg, build_sr
 
         res = self.settings.results
-        segments, algorithm = self._segments(), self._algorithm()
+        segments, algorithm = self._segments(model), self._algorithm(model)
         out: dict[str, tuple[Any, str]] = {}
         try:
-            seg = build_seg(volume, labels, segments, algorithm, res)
+            seg = build_seg(volume, labels, segments, algorithm, res, 9001 + series_offset)
             if res.make_seg:
                 out["SEG"] = (seg, str(seg.SOPInstanceUID))
             if res.make_rtstruct:
-                rt = build_rtstruct(volume, labels, segments, algorithm, res)
+                rt = build_rtstruct(volume, labels, segments, algorithm, res,
+                                    9002 + series_offset)
                 out["RTSTRUCT"] = (rt, str(rt.SOPInstanceUID))
             if res.make_sr:
-                sr = build_sr(seg, volume, labels, segments, algorithm, res)
+                sr = build_sr(seg, volume, labels, segments, algorithm, res,
+                              9003 + series_offset)
                 out["SR"] = (sr, str(sr.SOPInstanceUID))
         except EncodeError as exc:
             raise JobFailed(f"results cannot be encoded: {exc}") from None
         return out
 
-    def _label_volumes(self, volume: Any, labels: Any) -> dict[str, float]:
+    def _label_volumes(self, model: ModelSettings, volume: Any, labels: Any) -> dict[str, float]:
         import numpy as np
 
         voxel_ml = abs(float(np.linalg.det(volume.affine[:3, :3]))) / 1000.0
         counts = np.bincount(labels.ravel(), minlength=256)
-        return {n: counts[v] * voxel_ml for v, n in self.bundle().labels.items()}
+        return {n: float(counts[v] * voxel_ml) for v, n in self.bundle(model).labels.items()}
 
     # -- exporting --------------------------------------------------------------------
     def _export_loop(self) -> None:

@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 import numpy as np
 
 if TYPE_CHECKING:
-    from dicom_node.config import InferenceSettings
+    from dicom_node.config import InferenceSettings, ModelSettings
     from dicom_node.inference.server import TritonServer
     from dicom_node.inference.triton import TritonBackend
     from dicom_node.pipeline import SegmentationResult
 
-__all__ = ["Backend", "InferenceError", "ManagedTritonBackend", "make_backend"]
+__all__ = ["Backend", "InferenceError", "ManagedTritonBackend", "make_backend", "make_backends"]
 
 
 class InferenceError(RuntimeError):
@@ -63,7 +63,53 @@ class ManagedTritonBackend:
 
     def close(self) -> None:
         self.client.close()
-        self.server.stop()
+        self.server.stop()  # idempotent: several models may share one server
+
+
+def bundle_env_name(triton_model: str) -> str:
+    """The variable that tells a Triton model which bundle to load (``model.py`` reads it)."""
+    return "DICOM_NODE_BUNDLE_" + "".join(c if c.isalnum() else "_" for c in triton_model).upper()
+
+
+def make_backends(
+    settings: InferenceSettings, models: list[ModelSettings], data_dir: Path
+) -> dict[str, Backend]:
+    """One backend per model, by model name; a managed Triton server is shared by all.
+
+    Several models share one server so that Triton schedules them together on the GPU.
+    """
+    if settings.backend == "local":
+        from dicom_node.inference.local import LocalBackend
+
+        return {m.name: LocalBackend(m.bundle, settings.device) for m in models}
+    if settings.backend != "triton":
+        raise ValueError(f"unknown inference backend {settings.backend!r}")
+
+    from dicom_node.inference.server import TritonServer
+    from dicom_node.inference.triton import TritonBackend
+
+    def client(urls: list[str], m: ModelSettings) -> TritonBackend:
+        return TritonBackend(urls, m.triton_model, settings.transport, settings.timeout_seconds)
+
+    if settings.triton_url:
+        return {m.name: client(settings.triton_url, m) for m in models}
+    env = {bundle_env_name(m.triton_model): str(Path(m.bundle).resolve()) for m in models}
+    if models and models[0].triton_model == "spleen_seg":
+        env["DICOM_NODE_BUNDLE"] = str(Path(models[0].bundle).resolve())
+    if settings.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""  # instance groups of kind AUTO then land on the CPU
+    server = TritonServer(
+        model_repository=Path(settings.model_repository),
+        work_dir=Path(data_dir) / "triton",
+        grpc_port=settings.grpc_port,
+        http_port=settings.http_port,
+        metrics_port=settings.metrics_port,
+        models=None,  # the whole repository: a segmentation model calls its network by BLS
+        startup_timeout=settings.startup_timeout_seconds,
+        env=env,
+    )
+    server.start()
+    return {m.name: ManagedTritonBackend(server, client([server.grpc_url], m)) for m in models}
 
 
 def make_backend(settings: InferenceSettings, data_dir: Path) -> Backend:
@@ -73,35 +119,7 @@ def make_backend(settings: InferenceSettings, data_dir: Path) -> Backend:
     ``data_dir/triton``. Raises :class:`~dicom_node.inference.server.TritonStartError` (an
     :class:`InferenceError`) when a managed server does not start.
     """
-    if settings.backend == "local":
-        from dicom_node.inference.local import LocalBackend
+    from dicom_node.config import ModelSettings
 
-        return LocalBackend.from_settings(settings)
-    if settings.backend != "triton":
-        raise ValueError(f"unknown inference backend {settings.backend!r}")
-
-    from dicom_node.inference.server import TritonServer
-    from dicom_node.inference.triton import TritonBackend
-
-    if settings.triton_url:
-        return TritonBackend(
-            settings.triton_url, settings.model, settings.transport, settings.timeout_seconds
-        )
-    env = {"DICOM_NODE_BUNDLE": str(Path(settings.bundle).resolve())}
-    if settings.device == "cpu":
-        env["CUDA_VISIBLE_DEVICES"] = ""  # instance groups of kind AUTO then land on the CPU
-    server = TritonServer(
-        model_repository=Path(settings.model_repository),
-        work_dir=Path(data_dir) / "triton",
-        grpc_port=settings.grpc_port,
-        http_port=settings.http_port,
-        metrics_port=settings.metrics_port,
-        models=None,  # the whole repository: spleen_seg calls spleen_unet through BLS
-        startup_timeout=settings.startup_timeout_seconds,
-        env=env,
-    )
-    server.start()
-    client = TritonBackend(
-        [server.grpc_url], settings.model, settings.transport, settings.timeout_seconds
-    )
-    return ManagedTritonBackend(server, client)
+    model = ModelSettings(name=settings.model, triton_model=settings.model, bundle=settings.bundle)
+    return make_backends(settings, [model], data_dir)[settings.model]
