@@ -401,6 +401,35 @@ class JobStore:
             ).rowcount
         return n
 
+    def retention_candidates(self) -> list[SeriesRecord]:
+        """Finished series (done, failed, no model) with nothing owed to a destination,
+        oldest first: the only series a retention policy may delete."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM series WHERE state IN (?, ?, ?) AND NOT EXISTS ("
+                " SELECT 1 FROM outbox WHERE outbox.series_uid = series.series_uid"
+                " AND outbox.state != ?) ORDER BY updated",
+                (DONE, FAILED, NO_MODEL, SENT),
+            ).fetchall()
+        return [_series(r) for r in rows]
+
+    def purge(self, series_uid: str) -> list[Path]:
+        """Forget a finished series; return its instance paths for the caller to delete.
+
+        Refuses (returns nothing) if the series changed state meanwhile (a late instance).
+        """
+        with self._tx() as db:
+            row = db.execute("SELECT state FROM series WHERE series_uid = ?",
+                             (series_uid,)).fetchone()
+            if row is None or row["state"] not in (DONE, FAILED, NO_MODEL):
+                return []
+            paths = [Path(r["path"]) for r in db.execute(
+                "SELECT path FROM instances WHERE series_uid = ?", (series_uid,))]
+            db.execute("DELETE FROM instances WHERE series_uid = ?", (series_uid,))
+            db.execute("DELETE FROM outbox WHERE series_uid = ?", (series_uid,))
+            db.execute("DELETE FROM series WHERE series_uid = ?", (series_uid,))
+        return paths
+
     def queue_depth(self) -> dict[str, int]:
         with self._lock:
             rows = self._db.execute(

@@ -27,6 +27,7 @@ from dicom_node.config import ModelSettings, Settings
 from dicom_node.export import Exporter
 from dicom_node.jobs import COMPLETE, DONE, FAILED, NO_MODEL, PROCESSING, RECEIVING, JobStore
 from dicom_node.metrics import NodeMetrics
+from dicom_node.retention import apply_retention
 from dicom_node.routing import describe, select_models
 from dicom_node.scp import StorageSCP, StoreOutcome
 from dicom_node.spool import Spool, check_uid, dataset_digest, write_durably
@@ -95,7 +96,8 @@ class Node:
                 self.status.start()
             self.scp.start()
         workers = max(1, self.settings.inference.max_concurrent_jobs)
-        targets = [("settle", self._settle_loop), ("export", self._export_loop)]
+        targets = [("settle", self._settle_loop), ("export", self._export_loop),
+                   ("retention", self._retention_loop)]
         targets += [(f"worker-{i}", self._worker_loop) for i in range(workers)]
         for name, target in targets:
             t = threading.Thread(target=target, name=f"dicom-node-{name}", daemon=True)
@@ -390,6 +392,14 @@ class Node:
         voxel_ml = abs(float(np.linalg.det(volume.affine[:3, :3]))) / 1000.0
         counts = np.bincount(labels.ravel(), minlength=256)
         return {n: float(counts[v] * voxel_ml) for v, n in self.bundle(model).labels.items()}
+
+    def _retention_loop(self) -> None:
+        policy = self.settings.retention
+        while not self._stop.wait(policy.interval_seconds):
+            try:
+                apply_retention(policy, self.jobs, self.spool.root, self.results_dir)
+            except Exception:  # noqa: BLE001 - the policy must not stop the node
+                log.exception("retention error")
 
     # -- exporting --------------------------------------------------------------------
     def _export_loop(self) -> None:
