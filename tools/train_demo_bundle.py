@@ -1,8 +1,10 @@
-"""Train the demo spleen model on synthetic phantoms and write it as a MONAI bundle.
+"""Train a demo organ model on synthetic phantoms and write it as a MONAI bundle.
 
-The node needs a model that runs everywhere its tests run (a CPU, a few minutes), so the
-committed bundle ``bundles/spleen_ct_demo`` holds a small MONAI UNet trained on
-:mod:`dicom_node.phantom` phantoms. It is a demonstration model, not a clinical one.
+The node needs models that run everywhere its tests run (a CPU, a few minutes), so the
+committed bundles ``bundles/spleen_ct_demo`` and ``bundles/liver_ct_demo`` each hold a small
+MONAI UNet trained on :mod:`dicom_node.phantom` phantoms. They are demonstration models, not
+clinical ones. Both bundles share the network, grid and window: only the organ learnt (label
+1 of the bundle) differs, so that Triton can serve them side by side on one CPU.
 
 The configs are written first and the training reads them back with :func:`load_bundle`: the
 network comes from ``network_def`` and every phantom goes through the very transforms the
@@ -10,6 +12,7 @@ inference pipeline applies (:mod:`dicom_node.pipeline.transforms`), so training 
 cannot disagree about orientation, spacing or intensity window.
 
     python tools/train_demo_bundle.py                 # about 5-8 minutes on two CPU cores
+    python tools/train_demo_bundle.py --organ liver   # writes bundles/liver_ct_demo
     python tools/train_demo_bundle.py --iterations 2000 --device cuda
 """
 
@@ -19,6 +22,7 @@ import argparse
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,18 +30,43 @@ import torch
 from monai.losses import DiceCELoss
 from monai.utils import set_determinism
 
-from dicom_node.phantom import make_phantom
+from dicom_node.phantom import Phantom, make_phantom
 from dicom_node.pipeline import Bundle, SegmentationPipeline, load_bundle
 from dicom_node.pipeline.transforms import image_transforms, label_transforms, to_metatensor
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = ROOT / "bundles" / "spleen_ct_demo"
 VERSION = "0.1.0"
 
 #: Seeds of the training phantoms start here; evaluation phantoms use EVAL_SEEDS. Tests use
 #: seeds below 100, which the model never saw.
 TRAIN_SEED0 = 1000
 EVAL_SEEDS = (900, 901, 902)
+
+
+@dataclass(frozen=True)
+class Organ:
+    """What changes between the demo bundles: the organ learnt as label 1, and its words."""
+
+    name: str
+    #: Medical Segmentation Decathlon task of the real model of this organ (``dataset_dir``).
+    decathlon_task: str
+
+    @property
+    def title(self) -> str:
+        return self.name.capitalize()
+
+    def default_out(self) -> Path:
+        return ROOT / "bundles" / f"{self.name}_ct_demo"
+
+    def mask(self, phantom: Phantom) -> np.ndarray:
+        """The phantom's ground truth for this organ (boolean)."""
+        return phantom.spleen if self.name == "spleen" else phantom.organs[self.name]
+
+
+ORGANS = {
+    "spleen": Organ("spleen", "Task09_Spleen"),
+    "liver": Organ("liver", "Task03_Liver"),
+}
 
 NETWORK_DEF = {
     "_target_": "UNet",
@@ -51,14 +80,15 @@ NETWORK_DEF = {
 }
 
 
-def inference_config() -> dict:
+def inference_config(organ: Organ = ORGANS["spleen"]) -> dict:
     """``configs/inference.json``: the structure of MONAI's ``spleen_ct_segmentation`` bundle.
 
-    Same transforms, window (-57..164 HU) and label definition, so the node runs the real
-    bundle without change. Two values differ on purpose: a 2.5 mm grid instead of 1.5 x 1.5 x
+    Same transforms, window (-57..164 HU) and (for the spleen) label definition, so the node
+    runs the real bundle without change. Two values differ on purpose: a 2.5 mm grid instead of 1.5 x 1.5 x
     2.0 mm and an overlap of 0.25 instead of 0.5, so that training and inference take minutes
     and seconds on a CPU. The network is the small demo UNet, loaded from TorchScript (the only
-    weights this bundle ships).
+    weights this bundle ships). The liver bundle keeps the spleen's window, which holds both
+    organs' densities, so that one preprocessing serves both models.
     """
     return {
         "imports": ["$import glob", "$import numpy", "$import os"],
@@ -69,7 +99,7 @@ def inference_config() -> dict:
         "output_dtype": "$numpy.float32",
         "output_postfix": "trans",
         "separate_folder": True,
-        "dataset_dir": "/workspace/data/Task09_Spleen",
+        "dataset_dir": f"/workspace/data/{organ.decathlon_task}",
         "datalist": "$list(sorted(glob.glob(@dataset_dir + '/imagesTs/*.nii.gz')))",
         "device": "$torch.device('cuda:0' if torch.cuda.is_available() else 'cpu')",
         "network_def": NETWORK_DEF,
@@ -156,7 +186,7 @@ def inference_config() -> dict:
     }
 
 
-def metadata(mean_dice: float | None) -> dict:
+def metadata(mean_dice: float | None, organ: Organ = ORGANS["spleen"]) -> dict:
     """``configs/metadata.json`` in the model zoo's schema, saying plainly what this model is."""
     import monai
 
@@ -168,8 +198,8 @@ def metadata(mean_dice: float | None) -> dict:
         "monai_version": monai.__version__,
         "pytorch_version": torch.__version__.split("+")[0],
         "numpy_version": np.__version__,
-        "name": "Spleen CT segmentation (demo)",
-        "task": "Spleen segmentation on synthetic abdominal CT phantoms",
+        "name": f"{organ.title} CT segmentation (demo)",
+        "task": f"{organ.title} segmentation on synthetic abdominal CT phantoms",
         "description": "A small 3D UNet trained on synthetic phantoms to demonstrate the "
         "dicom-node pipeline; not a clinical model",
         "authors": "dicom-node",
@@ -177,8 +207,9 @@ def metadata(mean_dice: float | None) -> dict:
         "data_source": "synthetic phantoms of dicom_node.phantom (tools/train_demo_bundle.py)",
         "data_type": "dicom",
         "image_classes": "single channel data, intensity scaled to [0, 1]",
-        "label_classes": "single channel data, 1 is spleen, 0 is everything else",
-        "pred_classes": "2 channels OneHot data, channel 1 is spleen, channel 0 is background",
+        "label_classes": f"single channel data, 1 is {organ.name}, 0 is everything else",
+        "pred_classes": f"2 channels OneHot data, channel 1 is {organ.name}, "
+        "channel 0 is background",
         "eval_metrics": {"mean_dice": round(mean_dice, 3) if mean_dice is not None else None},
         "intended_use": "Demonstration and testing only: trained on synthetic phantoms, it "
         "is not for diagnostic use and does not segment real patients reliably",
@@ -206,17 +237,21 @@ def metadata(mean_dice: float | None) -> dict:
                     "dtype": "float32",
                     "value_range": [0, 1],
                     "is_patch_data": True,
-                    "channel_def": {"0": "background", "1": "spleen"},
+                    "channel_def": {"0": "background", "1": organ.name},
                 }
             },
         },
     }
 
 
-def write_configs(out: Path, mean_dice: float | None = None) -> None:
+def write_configs(
+    out: Path, mean_dice: float | None = None, organ: Organ = ORGANS["spleen"]
+) -> None:
     (out / "configs").mkdir(parents=True, exist_ok=True)
-    (out / "configs" / "inference.json").write_text(json.dumps(inference_config(), indent=4) + "\n")
-    (out / "configs" / "metadata.json").write_text(json.dumps(metadata(mean_dice), indent=4) + "\n")
+    config = json.dumps(inference_config(organ), indent=4)
+    (out / "configs" / "inference.json").write_text(config + "\n")
+    meta = json.dumps(metadata(mean_dice, organ), indent=4)
+    (out / "configs" / "metadata.json").write_text(meta + "\n")
 
 
 def random_acquisition(rng: np.random.Generator) -> tuple[tuple[int, ...], tuple[float, ...]]:
@@ -230,8 +265,10 @@ def random_acquisition(rng: np.random.Generator) -> tuple[tuple[int, ...], tuple
     return (int(round(height / slice_)), n, n), (slice_, pixel, pixel)
 
 
-def training_volumes(bundle: Bundle, count: int, seed0: int) -> list[tuple[torch.Tensor, ...]]:
-    """Phantoms preprocessed exactly as inference preprocesses a volume."""
+def training_volumes(
+    bundle: Bundle, count: int, seed0: int, organ: Organ = ORGANS["spleen"]
+) -> list[tuple[torch.Tensor, ...]]:
+    """Phantoms preprocessed exactly as inference preprocesses a volume; label 1 is ``organ``."""
     pre_image = image_transforms(bundle.preprocessing)
     pre_label = label_transforms(bundle.preprocessing)
     rng = np.random.default_rng(seed0)
@@ -240,13 +277,14 @@ def training_volumes(bundle: Bundle, count: int, seed0: int) -> list[tuple[torch
         shape, spacing = random_acquisition(rng)
         phantom = make_phantom(shape, spacing, seed=seed0 + i)
         image = pre_image(to_metatensor(phantom.hu, phantom.affine))
-        label = pre_label(to_metatensor(phantom.labels, phantom.affine))
+        truth = organ.mask(phantom).astype(np.uint8)
+        label = pre_label(to_metatensor(truth, phantom.affine))
         image = torch.as_tensor(image).to(torch.float16)  # half the memory; exact enough
         label = torch.as_tensor(label).to(torch.uint8)
         volumes.append((image, label))
         print(
             f"phantom {i + 1}/{count}: grid {shape} at {spacing[0]:.1f}/{spacing[1]:.2f} mm "
-            f"-> {tuple(image.shape[1:])}, spleen {int(label.sum())} voxels",
+            f"-> {tuple(image.shape[1:])}, {organ.name} {int(label.sum())} voxels",
             flush=True,
         )
     return volumes
@@ -266,9 +304,9 @@ def train(
     lr = 3e-3
     optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-5)
     rng = np.random.default_rng(0)
-    # Two of three patches are centred on the spleen. Hand-written rather than MONAI's
+    # Two of three patches are centred on the organ. Hand-written rather than MONAI's
     # RandCropByPosNegLabel: its background index lists would take gigabytes for these volumes.
-    spleen_voxels = [torch.nonzero(label[0]) for _, label in volumes]
+    organ_voxels = [torch.nonzero(label[0]) for _, label in volumes]
     edge = torch.tensor(patch)
     half = edge // 2
     quarter = (edge // 4).numpy()
@@ -281,8 +319,8 @@ def train(
             v = int(rng.integers(len(volumes)))
             image, label = volumes[v]
             size = torch.tensor(image.shape[1:])
-            if rng.random() < 2 / 3 and len(spleen_voxels[v]):
-                center = spleen_voxels[v][int(rng.integers(len(spleen_voxels[v])))]
+            if rng.random() < 2 / 3 and len(organ_voxels[v]):
+                center = organ_voxels[v][int(rng.integers(len(organ_voxels[v])))]
                 center = center + torch.from_numpy(rng.integers(-quarter, quarter + 1))
             else:
                 center = torch.from_numpy(rng.integers(0, size.numpy()))
@@ -327,14 +365,14 @@ def export(net: torch.nn.Module, out: Path) -> Path:
     return path
 
 
-def evaluate(out: Path, device: torch.device) -> float:
-    """Mean spleen Dice of the exported bundle on unseen phantoms, through the real pipeline."""
+def evaluate(out: Path, device: torch.device, organ: Organ = ORGANS["spleen"]) -> float:
+    """Mean organ Dice of the exported bundle on unseen phantoms, through the real pipeline."""
     pipeline = SegmentationPipeline(load_bundle(out), device)
     dices = []
     for seed in EVAL_SEEDS:
         phantom = make_phantom((40, 96, 96), (5.0, 3.5, 3.5), seed=seed)
         result = pipeline.run(phantom.hu, phantom.affine)
-        pred, truth = result.labels == 1, phantom.spleen
+        pred, truth = result.labels == 1, organ.mask(phantom)
         dice = 2 * float((pred & truth).sum()) / max(float(pred.sum() + truth.sum()), 1.0)
         dices.append(dice)
         print(f"evaluation phantom {seed}: Dice {dice:.3f}", flush=True)
@@ -343,7 +381,12 @@ def evaluate(out: Path, device: torch.device) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="bundle folder")
+    parser.add_argument(
+        "--organ", choices=sorted(ORGANS), default="spleen", help="organ learnt as label 1"
+    )
+    parser.add_argument(
+        "--out", type=Path, default=None, help="bundle folder (default bundles/<organ>_ct_demo)"
+    )
     parser.add_argument("--phantoms", type=int, default=32, help="training phantoms")
     parser.add_argument("--iterations", type=int, default=900)
     parser.add_argument("--max-minutes", type=float, default=7.0, help="stop training after")
@@ -362,16 +405,18 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     set_determinism(seed=0)
     device = torch.device(args.device)
+    organ = ORGANS[args.organ]
+    out = args.out or organ.default_out()
     t0 = time.monotonic()
-    write_configs(args.out)
-    bundle = load_bundle(args.out)
-    volumes = training_volumes(bundle, args.phantoms, TRAIN_SEED0)
+    write_configs(out, organ=organ)
+    bundle = load_bundle(out)
+    volumes = training_volumes(bundle, args.phantoms, TRAIN_SEED0, organ)
     print(f"phantoms ready in {(time.monotonic() - t0) / 60:.1f} min", flush=True)
     net = train(bundle, volumes, args.iterations, args.max_minutes, args.patch, args.batch, device)
-    path = export(net, args.out)
+    path = export(net, out)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
-    mean_dice = evaluate(args.out, device)
-    write_configs(args.out, mean_dice)
+    mean_dice = evaluate(out, device, organ)
+    write_configs(out, mean_dice, organ)
     print(
         f"mean Dice on unseen phantoms {mean_dice:.3f}; total {(time.monotonic() - t0) / 60:.1f} min"
     )

@@ -21,6 +21,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -399,16 +400,39 @@ class TritonServer:
 # Helpers for the model.py files of model_repository, which run inside the backend stub.
 
 
+#: The models ``DICOM_NODE_BUNDLE`` points at: the spleen segmentation, the node's first model.
+_LEGACY_BUNDLE_MODELS = frozenset({"spleen_seg", "spleen_unet"})
+
+
+def _bundle_variable(model: str) -> str:
+    return "DICOM_NODE_BUNDLE_" + re.sub(r"[^A-Z0-9_]", "_", model.upper())
+
+
 def bundle_path_from_config(model_config: Mapping, model_dir: str | Path) -> Path:
     """The MONAI bundle a Triton model serves.
 
-    ``DICOM_NODE_BUNDLE`` wins (the node sets it from ``inference.bundle``); otherwise the
-    model config's ``bundle`` parameter, relative to the repository root (the folder that holds
-    the model's folder), default ``../bundles/spleen_ct_demo``.
+    Several models share one server, so each may be pointed at a bundle of its own; the
+    first of these that is set wins:
+
+    * ``DICOM_NODE_BUNDLE_<MODEL>``, the model's name in upper case with any character
+      other than a letter, digit or underscore as ``_`` (``DICOM_NODE_BUNDLE_LIVER_SEG``);
+    * for a network model, the variable of the segmentation model that calls it, named by
+      its ``segmentation_model`` parameter (``liver_unet`` follows ``liver_seg``): the two
+      must run the same bundle, and the node only sets the segmentation model's variable;
+    * ``DICOM_NODE_BUNDLE``, for the spleen models (``spleen_seg`` and ``spleen_unet``)
+      only, as when the node served one model;
+    * the model config's ``bundle`` parameter, relative to the repository root (the folder
+      that holds the model's folder), default ``../bundles/spleen_ct_demo``.
     """
-    if os.environ.get("DICOM_NODE_BUNDLE"):
-        return Path(os.environ["DICOM_NODE_BUNDLE"]).resolve()
     parameters = model_config.get("parameters", {})
+    name = str(model_config.get("name") or Path(model_dir).name)
+    caller = parameters.get("segmentation_model", {}).get("string_value")
+    variables = [_bundle_variable(m) for m in (name, caller) if m]
+    if name in _LEGACY_BUNDLE_MODELS:
+        variables.append("DICOM_NODE_BUNDLE")
+    for variable in variables:
+        if os.environ.get(variable):
+            return Path(os.environ[variable]).resolve()
     value = parameters.get("bundle", {}).get("string_value") or "../bundles/spleen_ct_demo"
     return (Path(model_dir).resolve().parent / value).resolve()
 

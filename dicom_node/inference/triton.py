@@ -14,9 +14,19 @@ touching host memory. It fits in :class:`SystemShmRegion`'s place when both side
 ``as_shared_memory_tensor``); the node assembles volumes on the CPU, so there is nothing to
 gain from it today and it is not wired in.
 
-Several servers. Requests go round-robin to the next server whose model is ready; a server
-that cannot be reached is skipped and the request is sent to the next one. Only when none
-can serve it does :meth:`TritonBackend.segment` raise :class:`InferenceError`.
+Several servers. Requests go round-robin over the servers. Before each request the chosen
+server is asked whether the model is ready (a health check that costs one small gRPC call);
+a server that cannot be reached, is not ready, or drops the model between the check and the
+request (it is shutting down) is skipped and the request goes to the next one. Inference is
+a pure function of its inputs, so sending the same request again elsewhere is safe.
+
+A server that failed is set aside for a while (1 s, doubling with each further failure, at
+most 30 s by default) so that requests do not each pay for its failure again: a host that is
+switched off does not refuse connections, it lets each one wait for the health check's
+timeout. Set-aside servers are still tried, last, when no other server can take a request,
+and the first request after the pause checks the server again: once it answers ready it is
+back in the rotation. Only when every server failed does a request raise
+:class:`InferenceError`.
 """
 
 from __future__ import annotations
@@ -29,12 +39,13 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import tritonclient.grpc as grpcclient
-from tritonclient.utils import InferenceServerException
+from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 from tritonclient.utils import shared_memory as shm
 
 from dicom_node.inference import InferenceError
@@ -50,6 +61,11 @@ _MAX_GRPC_MESSAGE = 2**31 - 1
 _ALIGN = 64
 #: gRPC status codes that mean "this server cannot be reached": try the next one.
 _UNREACHABLE = ("StatusCode.UNAVAILABLE", "StatusCode.CANCELLED")
+#: gRPC status of a request for a model the server does not have (any more): a server that is
+#: shutting down unloads its models between the readiness check and the request.
+_NOT_FOUND = "StatusCode.NOT_FOUND"
+
+_T = TypeVar("_T")
 
 
 def is_loopback(url: str) -> bool:
@@ -72,6 +88,14 @@ def _align(n: int) -> int:
 
 class _Unreachable(Exception):
     """The server could not be reached or is not ready: the next one may serve the request."""
+
+
+@dataclass
+class _Health:
+    """What the balancer remembers of one server: failures in a row, and until when it rests."""
+
+    failures: int = 0
+    down_until: float = 0.0  # time.monotonic(); 0: in the rotation
 
 
 class SystemShmRegion:
@@ -124,7 +148,11 @@ class TritonBackend:
     ``urls`` are gRPC endpoints (``host:port``). ``transport`` is ``"grpc"``, ``"shm"`` (system
     shared memory with every server: they must run on this host) or ``"auto"`` (shared
     memory with servers at a loopback address, gRPC with the others). ``timeout`` bounds one
-    request, in seconds.
+    request, in seconds; ``health_timeout`` bounds the readiness check before it.
+
+    A server that failed is set aside for ``down_seconds``, doubled with each further
+    failure up to ``max_down_seconds`` (see the module's docstring). One object is shared by
+    the node's workers: every method may be called from several threads at once.
     """
 
     def __init__(
@@ -135,33 +163,69 @@ class TritonBackend:
         timeout: float = 600.0,
         *,
         health_timeout: float = 5.0,
+        down_seconds: float = 1.0,
+        max_down_seconds: float = 30.0,
     ) -> None:
         if not urls:
             raise ValueError("TritonBackend needs at least one server URL")
         if transport not in ("auto", "grpc", "shm"):
             raise ValueError(f"transport must be 'auto', 'grpc' or 'shm', not {transport!r}")
-        self.urls = [u.removeprefix("grpc://") for u in urls]
+        if not 0 < down_seconds <= max_down_seconds:
+            raise ValueError("need 0 < down_seconds <= max_down_seconds")
+        # dict.fromkeys: a URL listed twice would get twice the share of requests.
+        self.urls = list(dict.fromkeys(u.removeprefix("grpc://") for u in urls))
         self.model = model
         self.transport = transport
         self.timeout = timeout
         self.health_timeout = health_timeout
+        self.down_seconds = down_seconds
+        self.max_down_seconds = max_down_seconds
         self._clients = {url: _connect(url) for url in self.urls}
+        self._health = {url: _Health() for url in self.urls}
         self._next = 0
         self._lock = threading.Lock()
 
     def reconnect(self, url: str | None = None) -> None:
-        """Open fresh connections to ``url`` (every server when ``None``).
+        """Open fresh connections to ``url`` (every server when ``None``) and trust it again.
 
         A gRPC channel whose server went away retries with a growing back-off and fails
         calls fast meanwhile, even once the server is back; a new channel connects at once.
         Calls in flight on the old channel finish on it: it closes when they drop it.
+        Call it when a server is known to be back (it was restarted): it leaves the set-aside
+        servers at once instead of after its pause.
         """
         for u in [url] if url is not None else self.urls:
             self._clients[u] = _connect(u)
+            with self._lock:
+                self._health[u] = _Health()
 
     def uses_shm(self, url: str) -> bool:
         """Whether requests to ``url`` travel through system shared memory."""
         return self.transport == "shm" or (self.transport == "auto" and is_loopback(url))
+
+    def healthy_urls(self) -> list[str]:
+        """The servers in the rotation now: those not set aside after a failure."""
+        now = time.monotonic()
+        with self._lock:
+            return [u for u in self.urls if self._health[u].down_until <= now]
+
+    def ready(self) -> bool:
+        """Whether some server answers that the model is ready (for a readiness probe).
+
+        Asks the servers in turn and stops at the first that is ready; it does not change
+        which servers are set aside, so a probe never takes a server out of the rotation.
+        """
+        for url in self.urls:
+            try:
+                if self._clients[url].is_model_ready(
+                    self.model, client_timeout=self.health_timeout
+                ):
+                    return True
+            except InferenceServerException:
+                # A fresh channel, or the next probe would fail fast in its back-off even
+                # once the server is back.
+                self._clients[url] = _connect(url)
+        return False
 
     def segment(self, hu: np.ndarray, affine: np.ndarray) -> SegmentationResult:
         """Segment ``hu`` (slices, rows, cols) on the next ready server.
@@ -174,32 +238,114 @@ class TritonBackend:
         affine = np.ascontiguousarray(affine, dtype=np.float64)
         if affine.shape != (4, 4):
             raise ValueError(f"affine must be 4x4, got {affine.shape}")
-        with self._lock:
-            start = self._next
-            self._next = (self._next + 1) % len(self.urls)
-        reasons = []
-        for k in range(len(self.urls)):
-            url = self.urls[(start + k) % len(self.urls)]
+        return self._balanced(self.model, lambda url: self._segment_on(url, hu, affine))
+
+    def infer(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str],
+        model: str | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Run ``model`` (default: this backend's) on named tensors; return the named outputs.
+
+        The same balancing and fail-over as :meth:`segment`, for any model. The tensors
+        travel inside the gRPC messages whatever ``transport`` says: shared memory needs the
+        output sizes before the request, which only a model-specific client knows.
+        """
+        model = model or self.model
+        arrays = {name: np.ascontiguousarray(a) for name, a in inputs.items()}
+
+        def run(url: str) -> dict[str, np.ndarray]:
+            client = self._clients[url]
+            self._check_ready(client, model)
+            tensors = []
+            for name, array in arrays.items():
+                tensor = grpcclient.InferInput(
+                    name, list(array.shape), np_to_triton_dtype(array.dtype)
+                )
+                tensor.set_data_from_numpy(array)
+                tensors.append(tensor)
+            requested = [grpcclient.InferRequestedOutput(n) for n in outputs]
             try:
-                return self._segment_on(url, hu, affine)
-            except _Unreachable as exc:
-                log.warning("Triton at %s cannot serve %s: %s", url, self.model, exc)
-                reasons.append(f"{url}: {exc}")
-                self.reconnect(url)
-        raise InferenceError(
-            f"no Triton server could run model {self.model!r} ({'; '.join(reasons)})"
-        )
+                response = client.infer(
+                    model, tensors, outputs=requested, client_timeout=self.timeout
+                )
+            except InferenceServerException as exc:
+                raise _classify(exc, url, model, self.timeout) from exc
+            return {n: response.as_numpy(n) for n in outputs}
+
+        return self._balanced(model, run)
 
     def close(self) -> None:
         for client in self._clients.values():
             client.close()
+
+    # ----------------------------------------------------------------- balancing
+    def _balanced(self, model: str, request: Callable[[str], _T]) -> _T:
+        """Send ``request`` to the servers in turn until one serves it."""
+        reasons = []
+        for url in self._order():
+            try:
+                result = request(url)
+            except _Unreachable as exc:
+                self._set_aside(url, model, str(exc))
+                reasons.append(f"{url}: {exc}")
+                continue
+            self._trust(url)
+            return result
+        raise InferenceError(f"no Triton server could run model {model!r} ({'; '.join(reasons)})")
+
+    def _order(self) -> list[str]:
+        """This request's servers: round-robin over the trusted ones, then the set-aside ones.
+
+        Set-aside servers come last, the one whose pause ends first before the others, so a
+        request fails only when every server failed it.
+        """
+        now = time.monotonic()
+        with self._lock:
+            start = self._next
+            self._next = (self._next + 1) % len(self.urls)
+            turn = [self.urls[(start + k) % len(self.urls)] for k in range(len(self.urls))]
+            trusted = [u for u in turn if self._health[u].down_until <= now]
+            aside = sorted(
+                (u for u in turn if self._health[u].down_until > now),
+                key=lambda u: self._health[u].down_until,
+            )
+        return trusted + aside
+
+    def _set_aside(self, url: str, model: str, reason: str) -> None:
+        with self._lock:
+            health = self._health[url]
+            health.failures += 1
+            pause = min(self.max_down_seconds, self.down_seconds * 2 ** (health.failures - 1))
+            health.down_until = time.monotonic() + pause
+            first = health.failures == 1
+        # Warn when a server leaves the rotation; its further failures are expected.
+        log.log(
+            logging.WARNING if first else logging.DEBUG,
+            "Triton at %s cannot serve %s (%s); set aside for %.3g s",
+            url,
+            model,
+            reason,
+            pause,
+        )
+        # A fresh channel for the next attempt (see reconnect); not a reset of its health.
+        self._clients[url] = _connect(url)
+
+    def _trust(self, url: str) -> None:
+        with self._lock:
+            health = self._health[url]
+            if health.failures == 0:
+                return
+            self._health[url] = _Health()
+        log.info("Triton at %s serves again after %d failure(s)", url, health.failures)
 
     # ----------------------------------------------------------------- internals
     def _segment_on(self, url: str, hu: np.ndarray, affine: np.ndarray) -> SegmentationResult:
         from dicom_node.pipeline import SegmentationResult
 
         client = self._clients[url]
-        self._check_ready(url, client)
+        self._check_ready(client, self.model)
         t0 = time.perf_counter()
         name, datatype = ("HU_INT16", "INT16") if hu.dtype == np.int16 else ("HU_FP32", "FP32")
         inputs = [
@@ -246,13 +392,13 @@ class TritonBackend:
         timings["transfer"] = max(0.0, total - timings.get("server", 0.0))
         return SegmentationResult(labels=labels, contours=contours, timings=timings)
 
-    def _check_ready(self, url: str, client: grpcclient.InferenceServerClient) -> None:
+    def _check_ready(self, client: grpcclient.InferenceServerClient, model: str) -> None:
         try:
-            ready = client.is_model_ready(self.model, client_timeout=self.health_timeout)
+            ready = client.is_model_ready(model, client_timeout=self.health_timeout)
         except InferenceServerException as exc:
             raise _Unreachable(_reason(exc)) from exc
         if not ready:
-            raise _Unreachable(f"model {self.model!r} is not ready")
+            raise _Unreachable(f"model {model!r} is not ready")
 
 
 def _connect(url: str) -> grpcclient.InferenceServerClient:
@@ -296,8 +442,10 @@ def _reason(exc: InferenceServerException) -> str:
 def _classify(exc: InferenceServerException, url: str, model: str, timeout: float) -> Exception:
     """Turn a tritonclient error into :class:`_Unreachable` (try elsewhere) or InferenceError."""
     status = exc.status() or ""
-    if status in _UNREACHABLE:
+    if status in _UNREACHABLE or status == _NOT_FOUND:
         return _Unreachable(_reason(exc))
+    # Not failed over: another server would make the request wait its whole timeout again,
+    # and an error the model raised would be raised there too. The job runner retries.
     if status == "StatusCode.DEADLINE_EXCEEDED":
         return InferenceError(
             f"Triton at {url} did not finish model {model!r} within {timeout:.0f} s"

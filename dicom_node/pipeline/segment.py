@@ -3,9 +3,9 @@
 This is the one place where pre- and postprocessing live. Triton's model runs it around a
 predictor that calls the network through BLS; the in-process backend runs it around the
 bundle's TorchScript network. Every stage works on torch tensors on the pipeline's device, so a
-volume is copied to the device once and the label map back once. (MONAI's
-KeepLargestConnectedComponent stays on a GPU only when cuCIM is installed; otherwise MONAI itself
-labels the components on the host.)
+volume is copied to the device once and the label map back once. (Connected components are
+labelled on the host by scipy on a CPU pipeline, and on a GPU by MONAI, which stays on the GPU
+only when cuCIM is installed.)
 """
 
 from __future__ import annotations
@@ -13,17 +13,20 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
-from monai.transforms import KeepLargestConnectedComponent, LabelToContour
 
 from dicom_node.pipeline.bundle import Bundle
-from dicom_node.pipeline.transforms import image_transforms, resample_to_input, to_metatensor
+from dicom_node.pipeline.postprocess import postprocess_fast, postprocess_monai
+from dicom_node.pipeline.transforms import image_transforms, to_metatensor
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
+PostprocessMode = Literal["fast", "monai"]
+_POSTPROCESS = {"fast": postprocess_fast, "monai": postprocess_monai}
 
 
 @dataclass
@@ -47,15 +50,26 @@ class SegmentationPipeline:
     ``predictor`` (see :meth:`run`) maps a patch batch ``(N, 1, *roi_size)`` float32 on the
     device to logits ``(N, num_classes, *roi_size)``; without one the bundle's own network
     runs in-process, loaded on first use.
+
+    ``postprocess_mode`` picks the implementation of :meth:`postprocess`: ``"fast"`` (the
+    default) or ``"monai"``, MONAI's transforms chained, which give the same arrays slower
+    (see :mod:`dicom_node.pipeline.postprocess`).
     """
 
-    def __init__(self, bundle: Bundle, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        bundle: Bundle,
+        device: str | torch.device = "cpu",
+        postprocess_mode: PostprocessMode = "fast",
+    ) -> None:
+        if postprocess_mode not in _POSTPROCESS:
+            raise ValueError(
+                f"postprocess_mode must be one of {sorted(_POSTPROCESS)}, not {postprocess_mode!r}"
+            )
         self.bundle = bundle
         self.device = torch.device(device)
+        self.postprocess_mode = postprocess_mode
         self._preprocess = image_transforms(bundle.preprocessing)
-        self._keep_largest = KeepLargestConnectedComponent(
-            applied_labels=sorted(bundle.labels), is_onehot=False, independent=True
-        )
         self._network: torch.nn.Module | None = None
 
     @property
@@ -93,25 +107,9 @@ class SegmentationPipeline:
         argmax, the largest connected component of each label, nearest-neighbour resampling
         back to the input grid, then the in-plane contour of every label on every slice.
         """
-        with torch.inference_mode():
-            label = torch.argmax(logits, dim=0, keepdim=True).to(torch.uint8)
-            label = self._keep_largest(label)
-            labels = resample_to_input(torch.as_tensor(label), image).to(torch.uint8)
-            contours = self._contours(labels)
-            return SegmentationResult(labels=labels.cpu().numpy(), contours=contours.cpu().numpy())
-
-    def _contours(self, labels: torch.Tensor) -> torch.Tensor:
-        # Slices as channels of a 2-D image: LabelToContour then outlines each slice on its
-        # own, which is what a planar RTSTRUCT contour needs (a 3-D contour would mark the
-        # whole top and bottom slice of an organ).
-        contours = torch.zeros_like(labels)
-        to_contour = LabelToContour()
-        for value in self.bundle.labels:
-            mask = (labels == value).to(torch.float32)
-            if mask.any():
-                edge = torch.as_tensor(to_contour(mask)) > 0
-                contours[edge] = value
-        return contours
+        postprocess = _POSTPROCESS[self.postprocess_mode]
+        labels, contours = postprocess(logits, image, sorted(self.bundle.labels))
+        return SegmentationResult(labels=labels, contours=contours)
 
     def run(
         self,

@@ -1,7 +1,11 @@
-"""spleen_seg: dicom_node's segmentation pipeline on Triton (see config.pbtxt).
+"""A segmentation model: dicom_node's segmentation pipeline on Triton (see config.pbtxt).
+
+Every segmentation model of the repository runs this file (liver_seg links to it): the
+bundle it serves and the network model it sends the patches to come from its config
+(``bundle``, ``network_model``), so another organ is another config, not another program.
 
 Tensors move between Triton and torch through DLPack, so a volume that arrives in GPU
-memory is never copied to the host, and patches reach spleen_unet the same way.
+memory is never copied to the host, and patches reach the network model the same way.
 """
 
 import json
@@ -23,7 +27,9 @@ class TritonPythonModel:
         self.device = torch.device(instance_device(args))
         bundle = load_bundle(bundle_path_from_config(config, args["model_repository"]))
         self.pipeline = SegmentationPipeline(bundle, device=self.device)
-        self.network_model = parameters.get("network_model", "spleen_unet")
+        if not parameters.get("network_model"):
+            raise ValueError(f"model {config['name']} has no network_model parameter")
+        self.network_model = parameters["network_model"]
         self.max_batch = int(parameters.get("network_max_batch_size", "8"))
 
     def execute(self, requests):

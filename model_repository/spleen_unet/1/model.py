@@ -1,4 +1,8 @@
-"""spleen_unet: the bundle's TorchScript network on batches of patches (see config.pbtxt)."""
+"""A network model: the bundle's TorchScript network on batches of patches (see config.pbtxt).
+
+Every network model of the repository runs this file (liver_unet links to it); its config
+names the bundle.
+"""
 
 import json
 

@@ -1,0 +1,275 @@
+"""End to end: from the last C-STORE response of a CT series to the PACS's acknowledgement
+of its SEG, RTSTRUCT and SR, minus the settle time, split by stage.
+
+This project: ``dicom-node serve`` with the Triton server it starts, pushed to with DCMTK
+``storescu``, sending to Orthanc. Peer, in the same run with the same demo network: the plain
+approach of the MONAI tutorials and MONAI Deploy apps: read the files with pydicom, stack the
+slices, MONAI dictionary transforms on numpy on the CPU, ``sliding_window_inference``,
+post-processing with dictionary transforms and Invertd, then a highdicom SEG.
+
+Also printed: 100/200/400 slices (linear growth), the node's peak RSS for a 300-slice series
+against the volume's INT16 size (target <= 3x), and series per minute with 1, 2 and 4
+series pushed at once, with Triton's dynamic batching on and off.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import torch
+from monai.data import MetaTensor
+from monai.inferers import sliding_window_inference
+from monai.transforms import (
+    AsDiscreted,
+    Compose,
+    CopyItemsd,
+    EnsureChannelFirstd,
+    Invertd,
+    KeepLargestConnectedComponentd,
+    LabelToContourd,
+    Orientationd,
+    ScaleIntensityRanged,
+    Spacingd,
+)
+
+from dicom_node.config import PROJECT_ROOT
+from dicom_node.encode import AlgorithmInfo, segment_info_for
+from dicom_node.phantom import make_phantom
+from dicom_node.pipeline import load_bundle
+from dicom_node.pipeline.transforms import ras_affine
+from dicom_node.synthetic import SeriesAttributes, write_ct_series
+from tests.peers import NodeProcess, Orthanc, free_port
+
+RUNS = int(os.environ.get("BENCH_RUNS", "3"))
+SETTLE = 1.0
+BUNDLE = PROJECT_ROOT / "bundles" / "spleen_ct_demo"
+SIZES = [int(v) for v in os.environ.get("BENCH_E2E_SLICES", "100,200,400").split(",")]
+MEMORY_SLICES = int(os.environ.get("BENCH_MEMORY_SLICES", "300"))
+CONCURRENCY = [int(v) for v in os.environ.get("BENCH_THROUGHPUT", "1,2,4").split(",")]
+
+
+def _write_series(root: Path, slices: int, seed: int) -> tuple[Path, SeriesAttributes]:
+    ph = make_phantom(shape=(slices, 512, 512), spacing=(400.0 / slices, 0.7, 0.7), seed=seed)
+    attrs = SeriesAttributes(patient_id=f"BENCH-{seed}")
+    folder = root / f"s{slices}-{seed}"
+    write_ct_series(ph.hu, folder, spacing=ph.spacing, attrs=attrs)
+    return folder, attrs
+
+
+def plain(folder: Path) -> float:
+    """The plain approach, timed from reading the files to a SEG on disk."""
+    bundle = load_bundle(BUNDLE)
+    pre = bundle.preprocessing
+    net = bundle.load_network("cpu")
+    t0 = time.perf_counter()
+    datasets = [pydicom.dcmread(p) for p in sorted(folder.iterdir())]
+    datasets.sort(key=lambda d: float(d.ImagePositionPatient[2]))
+    hu = np.stack([d.pixel_array * float(d.RescaleSlope) + float(d.RescaleIntercept)
+                   for d in datasets]).astype(np.float32)
+    first = datasets[0]
+    dz = float(datasets[1].ImagePositionPatient[2]) - float(first.ImagePositionPatient[2])
+    affine = np.eye(4)
+    affine[:3, 0] = (0, 0, dz)
+    affine[:3, 1] = (0, float(first.PixelSpacing[0]), 0)
+    affine[:3, 2] = (float(first.PixelSpacing[1]), 0, 0)
+    affine[:3, 3] = [float(v) for v in first.ImagePositionPatient]
+    image = MetaTensor(torch.as_tensor(hu), affine=torch.as_tensor(ras_affine(affine)))
+    transforms = Compose([
+        EnsureChannelFirstd("image", channel_dim="no_channel"),
+        Orientationd("image", axcodes=pre.axcodes),
+        Spacingd("image", pixdim=pre.pixdim, mode="bilinear"),
+        ScaleIntensityRanged("image", a_min=pre.a_min, a_max=pre.a_max, b_min=pre.b_min,
+                             b_max=pre.b_max, clip=True),
+    ])
+    data = transforms({"image": image})
+    with torch.no_grad():
+        data["pred"] = sliding_window_inference(data["image"][None], bundle.roi_size,
+                                                bundle.sw_batch_size, net,
+                                                overlap=bundle.overlap)[0]
+    data = Compose([
+        AsDiscreted("pred", argmax=True),
+        KeepLargestConnectedComponentd("pred", applied_labels=[1]),
+        Invertd("pred", transform=transforms, orig_keys="image", nearest_interp=True),
+        CopyItemsd("pred", names="contour"),
+        LabelToContourd("contour"),
+    ])(data)
+    # Invertd restores the input's own axes: (slice, row, column) of the sorted files
+    mask = np.asarray(data["pred"][0]).astype(bool)
+    info = segment_info_for(1, "spleen")
+    seg = hd.seg.Segmentation(
+        source_images=datasets, pixel_array=mask,
+        segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=[hd.seg.SegmentDescription(
+            segment_number=1, segment_label="spleen", segmented_property_category=info.category,
+            segmented_property_type=info.code,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=hd.AlgorithmIdentificationSequence(
+                name="plain", version="1", family=AlgorithmInfo("p", "1").family))],
+        series_instance_uid=hd.UID(), series_number=99, sop_instance_uid=hd.UID(),
+        instance_number=1, manufacturer="bench", manufacturer_model_name="plain",
+        software_versions="1", device_serial_number="1", omit_empty_frames=True)
+    seg.save_as(folder.parent / f"{folder.name}-plain-seg.dcm")
+    return time.perf_counter() - t0
+
+
+def _node(root: Path, pacs: Orthanc, repository: Path | None = None) -> NodeProcess:
+    inference = {"backend": "triton", "grpc_port": free_port(), "http_port": free_port(),
+                 "metrics_port": free_port(), "max_concurrent_jobs": 4}
+    if repository is not None:
+        inference["model_repository"] = str(repository)
+    return NodeProcess(root, node={"settle_seconds": SETTLE}, inference=inference,
+                       destinations=[{"name": "pacs", "ae_title": pacs.aet, "host": "127.0.0.1",
+                                      "port": pacs.dicom_port}]).start(timeout=120)
+
+
+def _push(node: NodeProcess, folder: Path) -> subprocess.Popen:
+    return subprocess.Popen(["storescu", "-aec", "DICOM_NODE", "+sd", "+r", "127.0.0.1",
+                             str(node.port), str(folder)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+
+
+def _wait_sent(node: NodeProcess, uids: set[str], timeout: float = 900) -> dict[str, dict]:
+    def done(jobs: list[dict]) -> bool:
+        finished = {j["series_uid"] for j in jobs if j["state"] == "done" and j["outbox"]
+                    and all(o["state"] == "sent" for o in j["outbox"])}
+        return uids <= finished
+    jobs = node.wait_for(done, timeout, "results in the PACS", failures_allowed=False)
+    return {j["series_uid"]: j for j in jobs if j["series_uid"] in uids}
+
+
+def _sent_at(node: NodeProcess, uid: str) -> float:
+    from dicom_node.jobs import JobStore
+
+    store = JobStore(node.data_dir / "jobs.sqlite")
+    try:
+        return max(o.sent_at or 0.0 for o in store.outbox(uid))
+    finally:
+        store.close()
+
+
+def _latency(node: NodeProcess, folder: Path, attrs: SeriesAttributes) -> tuple[float, dict]:
+    p = _push(node, folder)
+    if p.wait(600) != 0:
+        raise RuntimeError("storescu failed")
+    job = _wait_sent(node, {attrs.series_instance_uid})[attrs.series_instance_uid]
+    latency = _sent_at(node, attrs.series_instance_uid) - job["last_received"] - SETTLE
+    return latency, job["timings"]
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(re.findall(r"\d+", line)[0]) / 1024
+    return float("nan")
+
+
+def _unbatched_repository(root: Path) -> Path:
+    repo = root / "repository-no-batching"
+    shutil.copytree(PROJECT_ROOT / "model_repository", repo,
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    for config in repo.glob("*_unet/config.pbtxt"):
+        text = config.read_text()
+        text = re.sub(r"dynamic_batching \{[^}]*\}\n", "", text)
+        config.write_text(text)
+    # the models find their bundles relative to the repository: point them at the project's
+    for config in repo.glob("*/config.pbtxt"):
+        config.write_text(config.read_text().replace(
+            '"../bundles/', f'"{PROJECT_ROOT}/bundles/'))
+    return repo
+
+
+def run() -> list[dict]:
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp:
+        root = Path(tmp)
+        pacs = Orthanc(root / "pacs").start()
+        try:
+            node = _node(root / "node", pacs)
+            try:
+                warm, wattrs = _write_series(root, 40, seed=1)  # first job loads the models
+                _latency(node, warm, wattrs)
+                latencies: dict[int, float] = {}
+                for slices in SIZES:
+                    mine, peer, stages = [], [], []
+                    for run_ in range(RUNS):
+                        folder, attrs = _write_series(root, slices, seed=10 * slices + run_)
+                        latency, timings = _latency(node, folder, attrs)
+                        mine.append(latency)
+                        stages.append(timings)
+                        peer.append(plain(folder))
+                        shutil.rmtree(folder)
+                    m, p = statistics.median(mine), statistics.median(peer)
+                    latencies[slices] = m
+                    rows.append({"figure": f"e2e 512x512x{slices}: last C-STORE to PACS ack "
+                                           "minus settle, s (peer: plain MONAI way to a SEG)",
+                                 "this_project": round(m, 2), "peer": round(p, 2),
+                                 "ratio": round(m / p, 2)})
+                    split = {k: round(statistics.median(s.get(k, 0.0) for s in stages), 3)
+                             for k in ("assemble", "transfer", "pre", "inference", "post",
+                                       "encode", "write")}
+                    rows.append({"figure": f"e2e 512x512x{slices} stages (s): " + ", ".join(
+                        f"{k} {v}" for k, v in split.items()), "this_project": None,
+                        "peer": None, "ratio": None})
+                if len(latencies) > 1:
+                    lo, hi = min(latencies), max(latencies)
+                    rows.append({"figure": f"e2e growth {lo}->{hi} slices (linear = "
+                                           f"{hi / lo:.1f})", "this_project":
+                                 round(latencies[hi] / latencies[lo], 2), "peer": hi / lo,
+                                 "ratio": None})
+                folder, attrs = _write_series(root, MEMORY_SLICES, seed=7)
+                _latency(node, folder, attrs)
+                rss = _peak_rss_mb(node.proc.pid)
+                volume_mb = MEMORY_SLICES * 512 * 512 * 2 / 2**20
+                rows.append({"figure": f"peak RSS of the node, 512x512x{MEMORY_SLICES} end to "
+                                       "end, MB (peer: the volume's INT16 size; target <= 3x)",
+                             "this_project": round(rss, 0), "peer": round(volume_mb, 0),
+                             "ratio": round(rss / volume_mb, 2)})
+                rows += _throughput(node, root, "on")
+            finally:
+                node.stop()
+            node = _node(root / "node-nb", pacs, _unbatched_repository(root))
+            try:
+                rows += _throughput(node, root, "off")
+            finally:
+                node.stop()
+        finally:
+            pacs.stop()
+    return rows
+
+
+def _throughput(node: NodeProcess, root: Path, batching: str) -> list[dict]:
+    rows = []
+    for n in CONCURRENCY:
+        series = [_write_series(root, 100, seed=1000 + 10 * n + i) for i in range(n)]
+        t0 = time.time()
+        pushes = [_push(node, folder) for folder, _ in series]
+        for p in pushes:
+            p.wait(600)
+        _wait_sent(node, {a.series_instance_uid for _, a in series})
+        minutes = (time.time() - t0) / 60
+        rows.append({"figure": f"throughput, {n} x 512x512x100 pushed at once, dynamic batching "
+                               f"{batching}: series/min", "this_project": round(n / minutes, 2),
+                     "peer": None, "ratio": None})
+        for folder, _ in series:
+            shutil.rmtree(folder)
+    return rows
+
+
+def main() -> None:
+    for row in run():
+        print(row)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

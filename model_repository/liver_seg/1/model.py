@@ -1,0 +1,1 @@
+../../spleen_seg/1/model.py

@@ -1,0 +1,1 @@
+../../spleen_unet/1/model.py
