@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydicom.dataset import Dataset
 
-from dicom_node.config import ConfigError, PROJECT_ROOT, settings_from_dict
+from dicom_node.config import PROJECT_ROOT, ConfigError, settings_from_dict
 from dicom_node.phantom import make_phantom
 from dicom_node.routing import select_models
 from dicom_node.synthetic import SeriesAttributes, write_ct_series

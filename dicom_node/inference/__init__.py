@@ -14,6 +14,7 @@ where the model runs. :func:`make_backend` builds the one the configuration asks
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -71,6 +72,22 @@ def bundle_env_name(triton_model: str) -> str:
     return "DICOM_NODE_BUNDLE_" + "".join(c if c.isalnum() else "_" for c in triton_model).upper()
 
 
+def models_to_load(repository: Path, triton_models: list[str]) -> list[str]:
+    """The segmentation models and the network models they call through BLS.
+
+    A managed server loads only what the node's configuration uses: each model costs start-up
+    time and memory (its network, a backend stub process).
+    """
+    pattern = re.compile(r'key:\s*"network_model",\s*value:\s*\{\s*string_value:\s*"([^"]+)"')
+    names: list[str] = []
+    for model in triton_models:
+        names.append(model)
+        config = Path(repository) / model / "config.pbtxt"
+        if config.exists():
+            names += pattern.findall(config.read_text())
+    return list(dict.fromkeys(names))
+
+
 def make_backends(
     settings: InferenceSettings, models: list[ModelSettings], data_dir: Path
 ) -> dict[str, Backend]:
@@ -104,7 +121,7 @@ def make_backends(
         grpc_port=settings.grpc_port,
         http_port=settings.http_port,
         metrics_port=settings.metrics_port,
-        models=None,  # the whole repository: a segmentation model calls its network by BLS
+        models=models_to_load(Path(settings.model_repository), [m.triton_model for m in models]),
         startup_timeout=settings.startup_timeout_seconds,
         env=env,
     )
