@@ -160,10 +160,10 @@ def build_sr(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=CT_PROCEDURE,
         imaging_measurements=groups,
-        # highdicom's Image Library entries read single-frame geometry (Pixel Spacing,
-        # Image Position); an Enhanced CT keeps it per frame, so its library is left out
-        # (the library is optional in TID 1500; the segment still names the frames).
-        referenced_images=source.headers if source.frame_numbers is None else None,
+        # No Image Library (optional in TID 1500): each segment already names the images it
+        # lies on, and building a library entry per slice made the SR the slowest object to
+        # encode (seconds for a few hundred slices, most of it highdicom copying the tree).
+        referenced_images=None,
     )
     # The source comes first so that patient and study attributes are copied from it.
     return hd.sr.Comprehensive3DSR(
