@@ -218,9 +218,9 @@ class Node:
 
     def bundle(self, model: ModelSettings) -> Any:
         if model.name not in self._bundles:
-            from dicom_node.pipeline import load_bundle
+            from dicom_node.pipeline import read_bundle_info
 
-            self._bundles[model.name] = load_bundle(model.bundle)
+            self._bundles[model.name] = read_bundle_info(model.bundle)
         return self._bundles[model.name]
 
     def process(self, series_uid: str) -> str:

@@ -51,7 +51,7 @@ from tritonclient.utils import shared_memory as shm
 from dicom_node.inference import InferenceError
 
 if TYPE_CHECKING:
-    from dicom_node.pipeline import SegmentationResult
+    from dicom_node.pipeline.result import SegmentationResult
 
 log = logging.getLogger(__name__)
 
@@ -342,7 +342,7 @@ class TritonBackend:
 
     # ----------------------------------------------------------------- internals
     def _segment_on(self, url: str, hu: np.ndarray, affine: np.ndarray) -> SegmentationResult:
-        from dicom_node.pipeline import SegmentationResult
+        from dicom_node.pipeline.result import SegmentationResult
 
         client = self._clients[url]
         self._check_ready(client, self.model)

@@ -12,7 +12,6 @@ preprocessed images gives plausible-looking wrong masks.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,17 +19,21 @@ from typing import Any
 import torch
 from monai.bundle import ConfigParser
 
-INFERENCE_CONFIG = "configs/inference.json"
-METADATA = "configs/metadata.json"
+from dicom_node.pipeline.metadata import (
+    INFERENCE_CONFIG,
+    METADATA,
+    BundleError,
+    read_bundle_info,
+    read_json,
+)
+
+__all__ = ["INFERENCE_CONFIG", "METADATA", "Bundle", "BundleError", "Preprocessing", "load_bundle"]
+
 TORCHSCRIPT = "models/model.ts"
 STATE_DICT = "models/model.pt"
 
 #: Dictionary transforms that are no-ops on an in-memory, channel-first float tensor.
 _PASS_THROUGH = {"LoadImaged", "EnsureChannelFirstd", "EnsureTyped", "AddChanneld"}
-
-
-class BundleError(ValueError):
-    """A folder is not a MONAI bundle this node can run; the message says why."""
 
 
 @dataclass(frozen=True)
@@ -165,15 +168,6 @@ def _parse_preprocessing(parser: ConfigParser, path: Path) -> Preprocessing:
     return Preprocessing(**values, order=tuple(order))
 
 
-def _read_json(path: Path, bundle: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise BundleError(f"bundle {bundle} has no {path.relative_to(bundle)}")
-    try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{path} is not valid JSON: {exc}") from exc
-
-
 def load_bundle(path: str | Path) -> Bundle:
     """Parse the MONAI bundle folder at ``path``.
 
@@ -185,8 +179,8 @@ def load_bundle(path: str | Path) -> Bundle:
     root = Path(path)
     if not root.is_dir():
         raise BundleError(f"bundle folder {root} does not exist")
-    config = _read_json(root / INFERENCE_CONFIG, root)
-    metadata = _read_json(root / METADATA, root)
+    config = read_json(root / INFERENCE_CONFIG, root)
+    info = read_bundle_info(root)
 
     parser = ConfigParser()
     parser.read_config(root / INFERENCE_CONFIG)
@@ -214,24 +208,12 @@ def load_bundle(path: str | Path) -> Bundle:
     if len(roi_size) != 3:
         raise BundleError(f"bundle {root} has a {len(roi_size)}-D roi_size; a 3-D one is needed")
 
-    try:
-        pred = metadata["network_data_format"]["outputs"]["pred"]
-        channel_def = {int(k): str(v) for k, v in pred["channel_def"].items()}
-    except (KeyError, TypeError, ValueError) as exc:
-        raise BundleError(
-            f"bundle {root} has no network_data_format.outputs.pred.channel_def in {METADATA}"
-        ) from exc
-    num_classes = int(pred.get("num_channels", max(channel_def) + 1))
-    labels = {k: v for k, v in sorted(channel_def.items()) if k != 0}
-    if not labels:
-        raise BundleError(f"bundle {root} defines no foreground label in {METADATA}")
-
     return Bundle(
         path=root,
-        name=str(metadata.get("name") or root.name),
-        version=str(metadata.get("version", "0")),
-        labels=labels,
-        num_classes=num_classes,
+        name=info.name,
+        version=info.version,
+        labels=info.labels,
+        num_classes=info.num_classes,
         roi_size=roi_size,  # type: ignore[arg-type]
         sw_batch_size=sw_batch_size,
         overlap=overlap,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -22,26 +21,12 @@ from monai.inferers import sliding_window_inference
 
 from dicom_node.pipeline.bundle import Bundle
 from dicom_node.pipeline.postprocess import postprocess_fast, postprocess_monai
+from dicom_node.pipeline.result import SegmentationResult
 from dicom_node.pipeline.transforms import image_transforms, to_metatensor
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 PostprocessMode = Literal["fast", "monai"]
 _POSTPROCESS = {"fast": postprocess_fast, "monai": postprocess_monai}
-
-
-@dataclass
-class SegmentationResult:
-    """A label map on the input grid.
-
-    ``labels`` and ``contours`` are uint8 (slices, rows, columns) arrays on the grid of the
-    array given to :meth:`SegmentationPipeline.run`; values are the bundle's label values.
-    ``contours`` marks the in-plane boundary of each label on each slice (what an RTSTRUCT
-    contour outlines). ``timings`` holds seconds for ``"pre"``, ``"inference"`` and ``"post"``.
-    """
-
-    labels: np.ndarray
-    contours: np.ndarray
-    timings: dict[str, float] = field(default_factory=dict)
 
 
 class SegmentationPipeline:
