@@ -213,8 +213,13 @@ class Node:
         inf = self.settings.inference
         if backends is None:
             return inf.backend == "local" or bool(inf.triton_url)
-        servers = [getattr(b, "server", None) for b in backends.values()]
-        return all(server is None or server.is_alive() for server in servers)
+        for backend in backends.values():
+            server = getattr(backend, "server", None)
+            if server is not None and not server.is_alive():
+                return False
+            if server is None and hasattr(backend, "ready") and not backend.ready():
+                return False  # remote servers: some server must have the model ready
+        return True
 
     def bundle(self, model: ModelSettings) -> Any:
         if model.name not in self._bundles:
