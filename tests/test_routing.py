@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import io
+
+import highdicom as hd
+import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
@@ -103,5 +107,40 @@ def test_a_series_no_rule_matches_is_kept_as_no_model(tmp_path, dcmtk_tools):
         assert len(list((node.data_dir / "spool").glob(f"*/{chest.series_instance_uid}/*"))) == 40
         done = by_uid[abdomen.series_instance_uid]
         assert done["state"] == "done" and done["model"] == "spleen"
+    finally:
+        node.stop()
+
+
+def test_one_series_to_two_models_gives_two_result_sets(tmp_path, orthanc, dcmtk_tools):
+    node = NodeProcess(
+        tmp_path / "node", node={"settle_seconds": 0.5},
+        models=[{"name": "spleen", "triton_model": "spleen_seg", "bundle": SPLEEN},
+                {"name": "liver", "triton_model": "liver_seg", "bundle": LIVER}],
+        routes=[{"models": ["spleen", "liver"], "body_part": ["ABDOMEN"]}],
+        destinations=[{"name": "pacs", "ae_title": orthanc.aet, "host": "127.0.0.1",
+                       "port": orthanc.dicom_port}],
+    ).start()
+    try:
+        ph = make_phantom(shape=(40, 96, 96), spacing=(5.0, 3.5, 3.5), seed=23)
+        attrs = SeriesAttributes(body_part_examined="ABDOMEN")
+        write_ct_series(ph.hu, tmp_path / "ct", spacing=ph.spacing, attrs=attrs)
+        assert storescu(node.port, tmp_path / "ct").returncode == 0
+        (job,) = node.wait_for(lambda js: js and js[0]["state"] == "done" and len(
+            js[0]["outbox"]) == 6 and all(o["state"] == "sent" for o in js[0]["outbox"]),
+            300, "both models' results sent", failures_allowed=False)
+        assert job["model"] == "spleen, liver"
+        assert set(job["results"]["models"]) == {"spleen", "liver"}
+        segs = [i for i in orthanc.rest("/tools/find", {
+            "Level": "Instance", "Expand": True,
+            "Query": {"StudyInstanceUID": attrs.study_instance_uid, "Modality": "SEG"}})]
+        labels = set()
+        for inst in segs:
+            seg = hd.seg.Segmentation.from_dataset(
+                pydicom.dcmread(io.BytesIO(orthanc.file(inst["ID"]))))
+            labels.add(tuple(d.segment_label for d in seg.SegmentSequence))
+        assert labels == {("spleen",), ("liver",)}
+        volumes = job["results"]["models"]
+        assert volumes["spleen"]["volumes_ml"]["spleen"] > 0
+        assert volumes["liver"]["volumes_ml"]["liver"] > volumes["spleen"]["volumes_ml"]["spleen"]
     finally:
         node.stop()
