@@ -20,6 +20,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.pixels import apply_modality_lut
 from pydicom.uid import (
     CTImageStorage,
     EnhancedCTImageStorage,
@@ -170,18 +171,44 @@ def _pixel_dtype(datasets: Sequence[Dataset]) -> type:
     return np.int16
 
 
-def assemble_single_frame(datasets: Sequence[Dataset], min_slices: int = 3) -> SeriesVolume:
-    """Assemble single-frame CT datasets (with pixel data) into a :class:`SeriesVolume`."""
+def assemble_single_frame(
+    datasets: Sequence[Dataset], min_slices: int = 3, paths: Sequence[Path] | None = None
+) -> SeriesVolume:
+    """Assemble single-frame CT datasets into a :class:`SeriesVolume`.
+
+    ``datasets`` may be headers read without pixel data when ``paths`` (same order) says
+    where each file is: the slices are then decoded one at a time into the volume.
+    highdicom's ``get_volume_from_series`` needs every dataset with its pixel data at once,
+    and with its per-frame intermediates it peaked at several times the volume's size; here
+    the geometry is still highdicom's (``get_series_volume_positions``,
+    ``Volume.from_attributes``) and only the filling of the array is our own loop.
+    """
     _check_common(datasets, min_slices)
     _single_frame_checks(datasets, min_slices)
-    _, positions = hd.spatial.get_series_volume_positions(datasets)
-    if positions is None:
+    spacing, positions = hd.spatial.get_series_volume_positions(datasets)
+    if positions is None or spacing is None:
         raise VolumeError("slices do not form a regularly spaced volume")
-    ordered = [datasets[positions.index(i)] for i in range(len(datasets))]
-    try:
-        volume = hd.get_volume_from_series(ordered, dtype=_pixel_dtype(ordered))
-    except (ValueError, TypeError, NotImplementedError, RuntimeError, AttributeError) as exc:
-        raise VolumeError(f"pixel data cannot be decoded: {exc}") from exc
+    order = [positions.index(i) for i in range(len(datasets))]
+    ordered = [datasets[k] for k in order]
+    first = ordered[0]
+    dtype = _pixel_dtype(ordered)
+    array = np.empty((len(ordered), int(first.Rows), int(first.Columns)), dtype=dtype)
+    for slot, k in enumerate(order):
+        ds = datasets[k]
+        try:
+            full = ds if paths is None or "PixelData" in ds else pydicom.dcmread(paths[k])
+            array[slot] = apply_modality_lut(full.pixel_array, full)
+        except Exception as exc:  # noqa: BLE001 - decoders raise many types; a reason
+            raise VolumeError(f"pixel data cannot be decoded: {exc}") from exc
+    volume = hd.Volume.from_attributes(
+        array=array,
+        frame_of_reference_uid=first.FrameOfReferenceUID,
+        image_position=first.ImagePositionPatient,
+        image_orientation=first.ImageOrientationPatient,
+        pixel_spacing=first.PixelSpacing,
+        spacing_between_slices=spacing,
+        coordinate_system=hd.spatial.get_image_coordinate_system(first),
+    )
     return SeriesVolume(
         volume=volume,
         source_uids=[str(ds.SOPInstanceUID) for ds in ordered],
@@ -250,8 +277,8 @@ def assemble_series(paths: Sequence[Path], min_slices: int = 3) -> SeriesVolume:
         raise VolumeError("the series has no instances")
     datasets = []
     for p in paths:
-        try:
-            datasets.append(pydicom.dcmread(p))
+        try:  # headers only: slices are decoded one by one into the volume
+            datasets.append(pydicom.dcmread(p, stop_before_pixels=True))
         except Exception as exc:  # noqa: BLE001 - any unreadable file is a reason, not a crash
             raise VolumeError(f"stored file {Path(p).name} cannot be read: {exc}") from exc
     multi = [ds for ds in datasets if ds.get("SOPClassUID") in MULTIFRAME_CT_SOP_CLASSES]
@@ -261,5 +288,5 @@ def assemble_series(paths: Sequence[Path], min_slices: int = 3) -> SeriesVolume:
                 f"series mixes {len(multi)} multi-frame and {len(datasets) - len(multi)} "
                 "other instances"
             )
-        return assemble_multiframe(multi[0], min_slices)
-    return assemble_single_frame(datasets, min_slices)
+        return assemble_multiframe(pydicom.dcmread(paths[0]), min_slices)
+    return assemble_single_frame(datasets, min_slices, paths)
