@@ -51,7 +51,7 @@ from dicom_node.pipeline.transforms import ras_affine
 from dicom_node.synthetic import SeriesAttributes, write_ct_series
 from tests.peers import NodeProcess, Orthanc, free_port
 
-RUNS = int(os.environ.get("BENCH_RUNS", "3"))
+RUNS = int(os.environ.get("BENCH_E2E_RUNS", "2"))  # 2 x (node + plain) per size: < 15 min
 SETTLE = 1.0
 BUNDLE = PROJECT_ROOT / "bundles" / "spleen_ct_demo"
 SIZES = [int(v) for v in os.environ.get("BENCH_E2E_SLICES", "100,200,400").split(",")]
@@ -227,6 +227,12 @@ def run() -> list[dict]:
                                            f"{hi / lo:.1f})", "this_project":
                                  round(latencies[hi] / latencies[lo], 2), "peer": hi / lo,
                                  "ratio": None})
+                rows += _throughput(node, root, "on")
+            finally:
+                node.stop()
+            # memory in a fresh node process: its peak then belongs to this one series
+            node = _node(root / "node-mem", pacs)
+            try:
                 folder, attrs = _write_series(root, MEMORY_SLICES, seed=7)
                 _latency(node, folder, attrs)
                 rss = _peak_rss_mb(node.proc.pid)
@@ -235,7 +241,6 @@ def run() -> list[dict]:
                                        "end, MB (peer: the volume's INT16 size; target <= 3x)",
                              "this_project": round(rss, 0), "peer": round(volume_mb, 0),
                              "ratio": round(rss / volume_mb, 2)})
-                rows += _throughput(node, root, "on")
             finally:
                 node.stop()
             node = _node(root / "node-nb", pacs, _unbatched_repository(root))
