@@ -26,7 +26,8 @@ import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
 from dicom_node.inference.server import TritonServer
-from dicom_node.inference.triton import SystemShmRegion
+from dicom_node.inference.shm import region_of, shared_empty, unlink
+from dicom_node.inference.triton import Registration
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MODEL = "echo"
@@ -65,27 +66,33 @@ def echo_grpc(url: str) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def echo_shm(url: str) -> Callable[[np.ndarray], np.ndarray]:
-    """Round trip through a system shared-memory region, as the node sends volumes.
+    """Round trip through system shared memory, as the node sends volumes.
 
-    Like :class:`~dicom_node.inference.triton.TritonBackend`, every call creates, registers,
-    unregisters and destroys its own region, so the figure includes that overhead.
+    Like :class:`~dicom_node.inference.triton.TritonBackend` with a volume in ordinary
+    memory, every call copies it into a region of its own, registers that and an output
+    region, and unregisters and unlinks both, so the figure includes that overhead.
     """
     client = grpcclient.InferenceServerClient(url)
 
     def call(volume: np.ndarray) -> np.ndarray:
-        out_offset = -(-volume.nbytes // 64) * 64  # outputs start 64-byte aligned
-        region = SystemShmRegion(client, out_offset + volume.nbytes)
+        staged = shared_empty(volume.shape, volume.dtype)
+        staged[...] = volume
+        result = shared_empty(volume.shape, volume.dtype)
+        regions = [region_of(staged), region_of(result)]
+        registrations = []
         try:
-            region.open(timeout=30.0)
-            region.write(volume, 0)
+            registrations = [Registration(client, r, timeout=30.0) for r in regions]
             inp = grpcclient.InferInput("INPUT", list(volume.shape), "INT16")
-            inp.set_shared_memory(region.name, volume.nbytes, 0)
+            inp.set_shared_memory(registrations[0].name, volume.nbytes)
             out = grpcclient.InferRequestedOutput("OUTPUT")
-            out.set_shared_memory(region.name, volume.nbytes, out_offset)
+            out.set_shared_memory(registrations[1].name, volume.nbytes)
             client.infer(MODEL, [inp], outputs=[out])
-            return region.read(volume.dtype, volume.shape, out_offset)
+            return result
         finally:
-            region.release()
+            for registration in registrations:
+                registration.release()
+            for region in regions:
+                unlink(region)
 
     return call
 

@@ -74,6 +74,9 @@ class Node:
     def start(self, serve: bool = True) -> None:
         """Recover from whatever the last run left, then start serving and working."""
         removed = self.spool.clean_incoming()
+        from dicom_node.inference.shm import remove_stale
+
+        remove_stale()  # volumes a killed node left in shared memory
         registered = self.reconcile()
         resumed = self.jobs.resume()
         log.info(
@@ -282,16 +285,20 @@ class Node:
         models = self._route(series_uid, paths)
         t0 = time.perf_counter()
         try:
-            volume = assemble_series(paths, self.settings.limits.min_slices)
+            volume = assemble_series(paths, self.settings.limits.min_slices,
+                                     self._allocator(models))
         except VolumeError as exc:
             raise JobFailed(f"not a volume: {exc}") from None
         timings["assemble"] = time.perf_counter() - t0
 
+        results = [self._infer(model, volume, timings) for model in models]
+        # The encoders need the geometry and the headers, not the voxels: the volume's
+        # memory is free again before the label maps are encoded.
+        volume.release_pixels()
         out_dir = self.results_dir / check_uid(series_uid, "Series Instance UID")
         out_dir.mkdir(exist_ok=True, mode=0o700)
         by_model: dict[str, Any] = {}
-        for index, model in enumerate(models):
-            result = self._infer(model, volume, timings)
+        for index, (model, result) in enumerate(zip(models, results, strict=True)):
             t0 = time.perf_counter()
             files = self._encode(model, volume, result.labels, series_offset=10 * index)
             timings["encode"] = timings.get("encode", 0.0) + time.perf_counter() - t0
@@ -304,6 +311,22 @@ class Node:
         first = by_model[models[0].name]
         return {"model": ", ".join(m.name for m in models), "files": first["files"],
                 "volumes_ml": first["volumes_ml"], "models": by_model}
+
+    def _allocator(self, models: list[ModelSettings]) -> Any:
+        """Where to assemble the volume: in shared memory when every model's backend reads
+        it there (a local Triton server), so that it is never copied; else ``numpy.empty``.
+        """
+        import numpy as np
+
+        try:
+            backends = self.backends()
+        except Exception:  # noqa: BLE001 - not started: _infer reports it and retries
+            return np.empty
+        if all(backends[m.name].takes_shared_memory() for m in models):
+            from dicom_node.inference.shm import allocate
+
+            return allocate
+        return np.empty
 
     def _write_results(self, series_uid: str, out_dir: Path,
                        files: dict[str, tuple[Any, str]]) -> dict[str, dict[str, str]]:
@@ -394,8 +417,10 @@ class Node:
     def _label_volumes(self, model: ModelSettings, volume: Any, labels: Any) -> dict[str, float]:
         import numpy as np
 
+        from dicom_node.encode import label_counts
+
         voxel_ml = abs(float(np.linalg.det(volume.affine[:3, :3]))) / 1000.0
-        counts = np.bincount(labels.ravel(), minlength=256)
+        counts = label_counts(labels)
         return {n: float(counts[v] * voxel_ml) for v, n in self.bundle(model).labels.items()}
 
     def _retention_loop(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -106,6 +107,10 @@ def test_phantom_from_scanner_to_pacs(node, pacs, tmp_path):
     (volume_ml,) = checks.sr_volumes_ml(results["SR"][0])
     voxel_ml = abs(np.linalg.det(source.affine[:3, :3])) / 1000
     assert volume_ml == pytest.approx(seg.sum() * voxel_ml, rel=0.01)
+
+    # The volume and the label map travelled through shared memory: none of it is left.
+    ours = re.compile(rf"dicom_node_{node.proc.pid}_[0-9a-f]{{12}}")
+    assert [p.name for p in Path("/dev/shm").iterdir() if ours.fullmatch(p.name)] == []
 
 
 def test_results_wait_for_a_pacs_that_is_down_then_arrive_once(node, pacs, tmp_path):

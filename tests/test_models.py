@@ -86,7 +86,7 @@ def results(server, phantom):
     def segment(model: str) -> None:
         start.wait()
         try:
-            outcome[model] = clients[model].segment(phantom.hu, phantom.affine)
+            outcome[model] = clients[model].segment(phantom.hu, phantom.affine, contours=True)
         except Exception as exc:  # noqa: BLE001 - reported by the test below
             outcome[model] = exc
 

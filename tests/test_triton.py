@@ -7,6 +7,7 @@ the restart and start-failure tests start servers of their own.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import threading
@@ -18,12 +19,12 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
-from tritonclient.utils import shared_memory as shm
 
 from dicom_node.config import InferenceSettings
 from dicom_node.inference import Backend, InferenceError, ManagedTritonBackend, make_backend
 from dicom_node.inference.server import TritonServer, TritonStartError
-from dicom_node.inference.triton import SystemShmRegion, TritonBackend, is_loopback
+from dicom_node.inference.shm import region_of, shared_empty, unlink
+from dicom_node.inference.triton import Registration, TritonBackend, is_loopback
 
 pytestmark = pytest.mark.slow
 
@@ -92,7 +93,7 @@ def grpc_result(server, phantom):
     # The first URL refuses connections: the request must fail over to the live server.
     client = TritonBackend([f"127.0.0.1:{free_port()}", server.grpc_url], transport="grpc")
     try:
-        return client.segment(phantom.hu, phantom.affine)
+        return client.segment(phantom.hu, phantom.affine, contours=True)
     finally:
         client.close()
 
@@ -102,7 +103,7 @@ def shm_result(server, phantom):
     client = TritonBackend([server.grpc_url], transport="auto")
     assert client.uses_shm(server.grpc_url)
     try:
-        return client.segment(phantom.hu, phantom.affine)
+        return client.segment(phantom.hu, phantom.affine, contours=True)
     finally:
         client.close()
 
@@ -118,27 +119,29 @@ def test_echo_round_trip_grpc_and_shm(server):
     inp.set_data_from_numpy(volume)
     over_grpc = client.infer("echo", [inp]).as_numpy("OUTPUT")
 
-    region = SystemShmRegion(client, 2 * volume.nbytes)
+    both = shared_empty((2, *volume.shape), np.int16)
+    region = region_of(both)
+    registration = Registration(client, region, timeout=10.0)
     try:
-        region.open(timeout=10.0)
         status = client.get_system_shared_memory_status(as_json=True)
-        assert region.name in status["regions"]
-        region.write(volume, 0)
+        assert registration.name in status["regions"]
+        both[0] = volume
         inp = grpcclient.InferInput("INPUT", list(volume.shape), "INT16")
-        inp.set_shared_memory(region.name, volume.nbytes, 0)
+        inp.set_shared_memory(registration.name, volume.nbytes, 0)
         out = grpcclient.InferRequestedOutput("OUTPUT")
-        out.set_shared_memory(region.name, volume.nbytes, volume.nbytes)
+        out.set_shared_memory(registration.name, volume.nbytes, volume.nbytes)
         client.infer("echo", [inp], outputs=[out])
-        over_shm = region.read(np.int16, volume.shape, volume.nbytes)
+        over_shm = both[1]
     finally:
-        region.release()
+        registration.release()
+        unlink(region)
 
     np.testing.assert_array_equal(over_grpc, volume)
     np.testing.assert_array_equal(over_shm, volume)
-    # Released: neither the server nor this process keep the region.
+    # Released: the server keeps no registration and the name is gone from /dev/shm; the
+    # memory itself goes with the last array viewing it.
     assert client.get_system_shared_memory_status(as_json=True).get("regions", {}) == {}
-    assert shm.mapped_shared_memory_regions() == []
-    assert not Path("/dev/shm", region.name).exists()
+    assert not region.path.exists()
     client.close()
 
 
@@ -170,7 +173,38 @@ def test_spleen_seg_finds_the_phantom_spleen(grpc_result, phantom):
 def test_shared_memory_and_grpc_give_the_same_result(grpc_result, shm_result):
     np.testing.assert_array_equal(shm_result.labels, grpc_result.labels)
     np.testing.assert_array_equal(shm_result.contours, grpc_result.contours)
-    assert shm.mapped_shared_memory_regions() == []
+    assert _named_regions() == []
+
+
+def _named_regions() -> list[str]:
+    """The node's regions of this process (the Python backend's have names of their own)."""
+    ours = re.compile(rf"dicom_node_{os.getpid()}_[0-9a-f]{{12}}")
+    return sorted(p.name for p in Path("/dev/shm").iterdir() if ours.fullmatch(p.name))
+
+
+@needs_bundle
+def test_volume_in_shared_memory_is_read_in_place(server, grpc_result, phantom):
+    """A volume assembled into shared memory goes to the server without a copy, and the
+    label map comes back as a view of the region the server wrote."""
+    hu = shared_empty(phantom.hu.shape, np.int16)
+    hu[...] = phantom.hu
+    client = TritonBackend([server.grpc_url], transport="auto")
+    assert client.takes_shared_memory()
+    try:
+        result = client.segment(hu, phantom.affine)
+    finally:
+        client.close()
+    np.testing.assert_array_equal(result.labels, grpc_result.labels)
+    assert result.contours is None  # not asked for
+    # the labels are where the server wrote them: a region whose name is already gone
+    out = region_of(result.labels)
+    assert out is not None and not out.path.exists()
+    # The server holds no registration; only the volume's own region is still named.
+    status = grpcclient.InferenceServerClient(server.grpc_url)
+    assert status.get_system_shared_memory_status(as_json=True).get("regions", {}) == {}
+    assert _named_regions() == [region_of(hu).name]
+    del hu
+    assert _named_regions() == []
 
 
 @needs_bundle

@@ -46,6 +46,30 @@ def test_synthetic_series_round_trips_hu(tmp_path):
     assert np.allclose(np.linalg.norm(vol.affine[:3, :3], axis=0), [3.0, 0.7, 0.9])
 
 
+def test_volume_assembles_into_the_memory_it_is_given(tmp_path):
+    hu, paths = _series(tmp_path)
+    given = []
+
+    def allocate(shape, dtype):
+        given.append(np.full(shape, 12345, dtype))
+        return given[-1]
+
+    vol = assemble_series(paths, allocate=allocate)
+    assert vol.array is given[0]
+    assert sorted(vol.array.ravel().tolist()) == sorted(hu.ravel().tolist())
+
+
+def test_released_volume_keeps_its_geometry(tmp_path):
+    _, paths = _series(tmp_path)
+    vol = assemble_series(paths)
+    affine, shape = vol.affine.copy(), vol.array.shape
+    vol.release_pixels()
+    assert vol.shape == shape and np.array_equal(vol.affine, affine)
+    assert len(vol.headers) == len(paths)
+    with pytest.raises(VolumeError, match="released"):
+        vol.array  # noqa: B018
+
+
 def test_gantry_tilt_fails_with_reason(data_dir):
     paths = sorted((data_dir / "ct" / "ge-head-gantry-tilt").glob("*.dcm"))
     with pytest.raises(VolumeError, match="gantry tilt of 18.5 degrees"):

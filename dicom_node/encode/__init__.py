@@ -12,6 +12,7 @@ from dicom_node.encode.labels import (
     AlgorithmInfo,
     EncodeError,
     SegmentInfo,
+    label_counts,
     segment_info_for,
 )
 from dicom_node.encode.rtstruct import build_rtstruct
@@ -25,5 +26,6 @@ __all__ = [
     "build_rtstruct",
     "build_seg",
     "build_sr",
+    "label_counts",
     "segment_info_for",
 ]

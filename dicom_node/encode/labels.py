@@ -216,10 +216,10 @@ def check_inputs(
         raise EncodeError(f"the label map is a {type(labels).__name__}, not a numpy array")
     if labels.dtype != np.uint8:
         raise EncodeError(f"the label map has dtype {labels.dtype}, expected uint8")
-    if labels.shape != tuple(source.array.shape):
+    if labels.shape != tuple(source.shape):
         raise EncodeError(
             f"the label map has shape {labels.shape}, but the series is "
-            f"{tuple(source.array.shape)} (slices, rows, columns)"
+            f"{tuple(source.shape)} (slices, rows, columns)"
         )
     if not source.first.get("FrameOfReferenceUID"):
         raise EncodeError("the series has no Frame of Reference UID to place results in")
@@ -228,7 +228,7 @@ def check_inputs(
     values = [int(s.value) for s in segments]
     if len(set(values)) != len(values):
         raise EncodeError(f"segment values {sorted(values)} contain duplicates")
-    present = set(np.unique(labels).tolist()) - {0}
+    present = set(np.flatnonzero(label_counts(labels)).tolist()) - {0}
     undescribed = sorted(present - set(values))
     if undescribed:
         raise EncodeError(
@@ -236,15 +236,42 @@ def check_inputs(
         )
 
 
+def label_counts(labels: np.ndarray) -> np.ndarray:
+    """Voxels of each value 0..255 in a uint8 label map.
+
+    Counted slice by slice: ``np.bincount`` casts its input to int64 (8x a uint8 map) and
+    ``np.unique`` sorts a copy, either of which would briefly need several times the
+    memory of the map itself.
+    """
+    counts = np.zeros(256, dtype=np.int64)
+    for plane in labels.reshape(-1, *labels.shape[-2:]):
+        counts += np.bincount(plane.ravel(), minlength=256)
+    return counts
+
+
+def slices_with(labels: np.ndarray, value: int) -> np.ndarray:
+    """Indices of the slices of ``labels`` on which ``value`` occurs.
+
+    Compared one slice at a time: ``labels == value`` over the whole map would allocate
+    a boolean copy of it for each segment.
+    """
+    return np.flatnonzero([bool((plane == value).any()) for plane in labels])
+
+
 def segment_numbers(labels: np.ndarray, segments: Sequence[SegmentInfo]) -> np.ndarray:
     """The label map with each label value replaced by its Segment Number.
 
     Segment Numbers run 1..n in the order of ``segments``; SEG, RTSTRUCT (ROI Number) and
     SR all use this numbering, so a reader can match one result's objects to each other.
+    Call it on a map that passed :func:`check_inputs`.
     """
     lut = np.zeros(256, dtype=np.uint8)
     for number, seg in enumerate(segments, start=1):
         lut[int(seg.value)] = number
+    if [int(s.value) for s in segments] == list(range(1, len(segments) + 1)):
+        # The values already are the numbers, and check_inputs has made sure that no other
+        # value occurs: the map itself, not a copy of it.
+        return labels
     return lut[labels]
 
 

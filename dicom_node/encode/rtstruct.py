@@ -43,6 +43,7 @@ from dicom_node.encode.labels import (
     SegmentInfo,
     check_inputs,
     common_attributes,
+    slices_with,
 )
 from dicom_node.volume import SeriesVolume
 
@@ -120,13 +121,14 @@ def _slice_origins(source: SeriesVolume) -> np.ndarray:
 
 
 def _roi_contours(
-    source: SeriesVolume, mask: np.ndarray, origins: np.ndarray, first_number: int
+    source: SeriesVolume, labels: np.ndarray, value: int, origins: np.ndarray,
+    first_number: int
 ) -> list[Dataset]:
-    """Contour Sequence items of one label, slice by slice, in patient LPS mm."""
+    """Contour Sequence items of one label value, slice by slice, in patient LPS mm."""
     in_plane = source.affine[:3, 1:3]  # mm per row step and per column step
     items = []
-    for k in np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1)):
-        for polygon in slice_contours(mask[k]):
+    for k in slices_with(labels, value):
+        for polygon in slice_contours(labels[k] == value):
             lps = origins[k] + polygon @ in_plane.T
             item = Dataset()
             item.ContourNumber = first_number + len(items)
@@ -230,7 +232,7 @@ def build_rtstruct(
 
         contour = Dataset()
         contour.ROIDisplayColor = [int(c) for c in seg.color_rgb]
-        items = _roi_contours(source, labels == seg.value, origins, next_contour)
+        items = _roi_contours(source, labels, int(seg.value), origins, next_contour)
         next_contour += len(items)
         if items:
             contour.ContourSequence = DicomSequence(items)

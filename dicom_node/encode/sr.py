@@ -27,6 +27,7 @@ from dicom_node.encode.labels import (
     common_attributes,
     device_serial_number,
     device_uid,
+    slices_with,
 )
 from dicom_node.volume import SeriesVolume
 
@@ -124,9 +125,8 @@ def build_sr(
 
     groups = []
     for number, info in enumerate(segments, start=1):
-        mask = labels == info.value
-        count = int(np.count_nonzero(mask))
-        slices = np.flatnonzero(mask.reshape(mask.shape[0], -1).any(axis=1))
+        slices = slices_with(labels, info.value)
+        count = sum(int(np.count_nonzero(labels[k] == info.value)) for k in slices)
         volume = hd.sr.Measurement(
             name=codes.SCT.Volume,
             value=count * voxel_ml,

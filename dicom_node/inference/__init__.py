@@ -1,7 +1,7 @@
 """Where segmentation runs: in this process or on Triton Inference Server.
 
-Every backend has the same two methods (:class:`Backend`), so the job runner does not care
-where the model runs. :func:`make_backend` builds the one the configuration asks for:
+Every backend has the same three methods (:class:`Backend`), so the job runner does not
+care where the model runs. :func:`make_backend` builds the one the configuration asks for:
 
 * ``backend = "local"``: :class:`~dicom_node.inference.local.LocalBackend`, the pipeline
   in-process (development, tests);
@@ -41,6 +41,11 @@ class Backend(Protocol):
         """Segment ``hu`` (slices, rows, cols) in HU, with ``affine`` (slice,row,col,1) -> LPS."""
         ...
 
+    def takes_shared_memory(self) -> bool:
+        """Whether a volume assembled into shared memory (:mod:`dicom_node.inference.shm`)
+        reaches the model without a copy."""
+        ...
+
     def close(self) -> None:
         """Release what the backend holds (connections, a server it started)."""
         ...
@@ -61,6 +66,9 @@ class ManagedTritonBackend:
         if self.server.ensure_running():  # TritonStartError is an InferenceError
             self.client.reconnect()
         return self.client.segment(hu, affine)
+
+    def takes_shared_memory(self) -> bool:
+        return self.client.takes_shared_memory()
 
     def close(self) -> None:
         self.client.close()

@@ -53,5 +53,9 @@ class LocalBackend:
         """Segment a (slices, rows, columns) HU array whose affine maps voxels to LPS mm."""
         return self.pipeline.run(hu, affine)
 
+    def takes_shared_memory(self) -> bool:
+        """No: the pipeline reads the volume in this process, wherever it lies."""
+        return False
+
     def close(self) -> None:
         """Nothing to release: the network is freed with the backend."""

@@ -1,14 +1,14 @@
 """Segment volumes on one or more Triton servers (the ``spleen_seg`` model of ``model_repository``).
 
 Transport. A CT volume is tens to hundreds of megabytes. When the server runs on this host
-the volume and the label maps travel through a POSIX shared-memory region registered with
-the server (``tritonclient.utils.shared_memory``): the gRPC messages then carry only the
-region's name and offsets, and the data is copied once on each side instead of being
-serialised into protobuf. Otherwise the tensors travel inside the gRPC messages, whose size
-limits are raised to Triton's own maximum (2 GiB).
+the volume and the label maps travel through POSIX shared-memory regions registered with
+the server (:mod:`dicom_node.inference.shm`): the gRPC messages then carry only the regions'
+names, a volume the node assembled into shared memory is not copied at all, and the label
+map is read where the server wrote it. Otherwise the tensors travel inside the gRPC
+messages, whose size limits are raised to Triton's own maximum (2 GiB).
 
 CUDA shared memory would take the volume from a GPU on this side to the server's GPU without
-touching host memory. It fits in :class:`SystemShmRegion`'s place when both sides have a GPU
+touching host memory. It would take the place of the system regions when both sides have a GPU
 (``tritonclient.utils.cuda_shared_memory``: ``create_shared_memory_region`` +
 ``register_cuda_shared_memory(name, get_raw_handle(h), device_id, size)``, outputs read with
 ``as_shared_memory_tensor``); the node assembles volumes on the CPU, so there is nothing to
@@ -34,7 +34,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
-import os
 import socket
 import threading
 import time
@@ -46,9 +45,9 @@ from typing import TYPE_CHECKING, TypeVar
 import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
-from tritonclient.utils import shared_memory as shm
 
 from dicom_node.inference import InferenceError
+from dicom_node.inference.shm import Region, region_of, shared_empty, unlink
 
 if TYPE_CHECKING:
     from dicom_node.pipeline.result import SegmentationResult
@@ -57,8 +56,6 @@ log = logging.getLogger(__name__)
 
 #: Triton's own limit on a gRPC message (src/core/constants.h).
 _MAX_GRPC_MESSAGE = 2**31 - 1
-#: Outputs are placed at offsets aligned like this inside the shared-memory region.
-_ALIGN = 64
 #: gRPC status codes that mean "this server cannot be reached": try the next one.
 _UNREACHABLE = ("StatusCode.UNAVAILABLE", "StatusCode.CANCELLED")
 #: gRPC status of a request for a model the server does not have (any more): a server that is
@@ -82,10 +79,6 @@ def is_loopback(url: str) -> bool:
             return False
 
 
-def _align(n: int) -> int:
-    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
-
-
 class _Unreachable(Exception):
     """The server could not be reached or is not ready: the next one may serve the request."""
 
@@ -98,37 +91,23 @@ class _Health:
     down_until: float = 0.0  # time.monotonic(); 0: in the rotation
 
 
-class SystemShmRegion:
-    """One POSIX shared-memory region registered with one server for one request.
+class Registration:
+    """A shared-memory region registered with one server, under a name of its own.
 
-    The input volume sits at offset 0 and each output at the next aligned offset.
-    :meth:`release` unregisters and unlinks it and is safe to call in any state, so that
-    neither the server nor ``/dev/shm`` keep a region when a request fails half-way.
+    Each request registers its regions under fresh names, so that requests running at
+    once (threads, models) never unregister each other's. :meth:`release` is safe to call
+    in any state, so that the server keeps no registration when a request fails half-way.
     """
 
-    def __init__(self, client: grpcclient.InferenceServerClient, byte_size: int) -> None:
+    def __init__(
+        self, client: grpcclient.InferenceServerClient, region: Region, timeout: float
+    ) -> None:
         self.client = client
-        # Unique per process and request: several requests (threads, nodes) run at once.
-        self.name = f"dicom_node_{os.getpid()}_{uuid.uuid4().hex[:12]}"
-        self.byte_size = byte_size
-        self.handle = None
-        self.registered = False
-
-    def open(self, timeout: float) -> None:
-        self.handle = shm.create_shared_memory_region(
-            self.name, f"/{self.name}", self.byte_size, create_only=True
-        )
-        self.client.register_system_shared_memory(
-            self.name, f"/{self.name}", self.byte_size, client_timeout=timeout
+        self.name = f"{region.name}_{uuid.uuid4().hex[:8]}"
+        client.register_system_shared_memory(
+            self.name, region.key, region.nbytes, client_timeout=timeout
         )
         self.registered = True
-
-    def write(self, array: np.ndarray, offset: int) -> None:
-        shm.set_shared_memory_region(self.handle, [array], offset=offset)
-
-    def read(self, dtype: np.dtype, shape: Sequence[int], offset: int) -> np.ndarray:
-        # get_contents_as_numpy returns a view of the mapping: copy it before the unlink.
-        return np.array(shm.get_contents_as_numpy(self.handle, dtype, shape, offset=offset))
 
     def release(self) -> None:
         if self.registered:
@@ -137,9 +116,6 @@ class SystemShmRegion:
                 self.client.unregister_system_shared_memory(self.name, client_timeout=10.0)
             except InferenceServerException as exc:  # the server is gone: nothing to undo
                 log.debug("could not unregister %s: %s", self.name, exc)
-        if self.handle is not None:
-            handle, self.handle = self.handle, None
-            shm.destroy_shared_memory_region(handle)
 
 
 class TritonBackend:
@@ -203,6 +179,10 @@ class TritonBackend:
         """Whether requests to ``url`` travel through system shared memory."""
         return self.transport == "shm" or (self.transport == "auto" and is_loopback(url))
 
+    def takes_shared_memory(self) -> bool:
+        """Whether volumes go to some server through shared memory (see :meth:`segment`)."""
+        return any(self.uses_shm(url) for url in self.urls)
+
     def healthy_urls(self) -> list[str]:
         """The servers in the rotation now: those not set aside after a failure."""
         now = time.monotonic()
@@ -227,18 +207,27 @@ class TritonBackend:
                 self._clients[url] = _connect(url)
         return False
 
-    def segment(self, hu: np.ndarray, affine: np.ndarray) -> SegmentationResult:
+    def segment(
+        self, hu: np.ndarray, affine: np.ndarray, *, contours: bool = False
+    ) -> SegmentationResult:
         """Segment ``hu`` (slices, rows, cols) on the next ready server.
 
         ``timings`` of the result holds the pipeline's "pre", "inference" and "post" seconds
         as measured in the server, "server" (the model's whole execution there) and
-        "transfer" (everything else: moving the data, queueing, the network).
+        "transfer" (everything else: moving the data, queueing, the network). The contour
+        map is asked for only with ``contours``: the encoders trace the label map, and
+        another volume-sized array would only cost memory and transfer.
+
+        ``hu`` made by :func:`~dicom_node.inference.shm.shared_empty` is read by a local
+        server where it lies.
         """
         hu = _as_model_input(hu)
         affine = np.ascontiguousarray(affine, dtype=np.float64)
         if affine.shape != (4, 4):
             raise ValueError(f"affine must be 4x4, got {affine.shape}")
-        return self._balanced(self.model, lambda url: self._segment_on(url, hu, affine))
+        return self._balanced(
+            self.model, lambda url: self._segment_on(url, hu, affine, contours)
+        )
 
     def infer(
         self,
@@ -341,7 +330,9 @@ class TritonBackend:
         log.info("Triton at %s serves again after %d failure(s)", url, health.failures)
 
     # ----------------------------------------------------------------- internals
-    def _segment_on(self, url: str, hu: np.ndarray, affine: np.ndarray) -> SegmentationResult:
+    def _segment_on(
+        self, url: str, hu: np.ndarray, affine: np.ndarray, contours: bool
+    ) -> SegmentationResult:
         from dicom_node.pipeline.result import SegmentationResult
 
         client = self._clients[url]
@@ -353,44 +344,76 @@ class TritonBackend:
             grpcclient.InferInput("AFFINE", [4, 4], "FP64"),
         ]
         inputs[1].set_data_from_numpy(affine)
-        outputs = [grpcclient.InferRequestedOutput(n) for n in ("LABELS", "CONTOURS", "TIMINGS")]
-        region = None
+        maps = ["LABELS", "CONTOURS"] if contours else ["LABELS"]
+        outputs = [grpcclient.InferRequestedOutput(n) for n in (*maps, "TIMINGS")]
+        registrations: list[Registration] = []
+        staged: list[Region] = []
+        results = None
         try:
             if self.uses_shm(url):
-                label_bytes = int(np.prod(hu.shape))  # UINT8 outputs, one byte a voxel
-                offsets = [0, _align(hu.nbytes), _align(hu.nbytes) + _align(label_bytes)]
-                region = SystemShmRegion(client, offsets[2] + label_bytes)
-                region.open(self.health_timeout)
-                region.write(hu, 0)
-                inputs[0].set_shared_memory(region.name, hu.nbytes, offsets[0])
-                outputs[0].set_shared_memory(region.name, label_bytes, offsets[1])
-                outputs[1].set_shared_memory(region.name, label_bytes, offsets[2])
+                results = self._place_in_shm(client, hu, len(maps), registrations, staged)
+            if results is not None:
+                inputs[0].set_shared_memory(registrations[0].name, hu.nbytes)
+                for i, output in enumerate(outputs[: len(maps)]):
+                    output.set_shared_memory(registrations[1].name, hu.size, offset=i * hu.size)
             else:
                 inputs[0].set_data_from_numpy(hu)
             response = client.infer(
                 self.model, inputs, outputs=outputs, client_timeout=self.timeout
             )
-            if region is not None:
-                labels = region.read(np.uint8, hu.shape, offsets[1])
-                contours = region.read(np.uint8, hu.shape, offsets[2])
-            else:
-                labels = response.as_numpy("LABELS")
-                contours = response.as_numpy("CONTOURS")
+            # From shared memory: views of the region the server wrote, not copies; the
+            # region's memory is freed with the last of them.
+            arrays = list(results) if results is not None else [
+                response.as_numpy(n) for n in maps
+            ]
             server_timings = json.loads(response.as_numpy("TIMINGS")[0])
         except InferenceServerException as exc:
             raise _classify(exc, url, self.model, self.timeout) from exc
-        except shm.SharedMemoryException as exc:
-            raise InferenceError(
-                f"could not place a {hu.nbytes} byte volume in shared memory ({exc}); "
-                "is /dev/shm full?"
-            ) from exc
         finally:
-            if region is not None:
-                region.release()
+            for registration in registrations:
+                registration.release()
+            for region in staged:
+                unlink(region)
         total = time.perf_counter() - t0
         timings = {k: float(v) for k, v in server_timings.items()}
         timings["transfer"] = max(0.0, total - timings.get("server", 0.0))
-        return SegmentationResult(labels=labels, contours=contours, timings=timings)
+        return SegmentationResult(
+            labels=arrays[0], contours=arrays[1] if contours else None, timings=timings
+        )
+
+    def _place_in_shm(
+        self,
+        client: grpcclient.InferenceServerClient,
+        hu: np.ndarray,
+        maps: int,
+        registrations: list[Registration],
+        staged: list[Region],
+    ) -> np.ndarray | None:
+        """Register the volume's region and a new one for ``maps`` uint8 outputs.
+
+        A volume in ordinary memory is first copied into a region of its own. Returns the
+        (maps, slices, rows, columns) output array, or ``None`` when ``/dev/shm`` has no
+        room: the request then travels in the gRPC messages instead of failing.
+        """
+        try:
+            source = region_of(hu)
+            if source is None:
+                copy = shared_empty(hu.shape, hu.dtype)
+                copy[...] = hu
+                source = region_of(copy)
+                staged.append(source)
+            results = shared_empty((maps, *hu.shape), np.uint8)
+        except OSError as exc:
+            log.warning("volume of %d bytes sent in gRPC messages: no room in shared memory "
+                        "(%s)", hu.nbytes, exc)
+            for region in staged:
+                unlink(region)
+            staged.clear()
+            return None
+        staged.append(region_of(results))
+        registrations.append(Registration(client, source, self.health_timeout))
+        registrations.append(Registration(client, staged[-1], self.health_timeout))
+        return results
 
     def _check_ready(self, client: grpcclient.InferenceServerClient, model: str) -> None:
         try:

@@ -52,12 +52,16 @@ class TritonPythonModel:
         affine = pb_utils.get_input_tensor_by_name(request, "AFFINE").as_numpy()
         result = self.pipeline.run(hu, affine, predictor=self._predict)
         timings = dict(result.timings, server=time.perf_counter() - t0)
+        outputs = {
+            "LABELS": lambda: np.ascontiguousarray(result.labels, dtype=np.uint8),
+            "CONTOURS": lambda: np.ascontiguousarray(result.contours, dtype=np.uint8),
+            "TIMINGS": lambda: np.array([json.dumps(timings).encode()], dtype=object),
+        }
+        # Only what the client asked for (all when it named none): an output nobody reads is
+        # a volume-sized copy into the response for nothing.
+        wanted = set(request.requested_output_names()) or set(outputs)
         return pb_utils.InferenceResponse(
-            output_tensors=[
-                pb_utils.Tensor("LABELS", np.ascontiguousarray(result.labels, dtype=np.uint8)),
-                pb_utils.Tensor("CONTOURS", np.ascontiguousarray(result.contours, dtype=np.uint8)),
-                pb_utils.Tensor("TIMINGS", np.array([json.dumps(timings).encode()], dtype=object)),
-            ]
+            output_tensors=[pb_utils.Tensor(n, make()) for n, make in outputs.items() if n in wanted]
         )
 
     def _predict(self, patches):
