@@ -163,8 +163,10 @@ def _latency(node: NodeProcess, folder: Path, attrs: SeriesAttributes) -> tuple[
     if p.wait(600) != 0:
         raise RuntimeError("storescu failed")
     job = _wait_sent(node, {attrs.series_instance_uid})[attrs.series_instance_uid]
-    latency = _sent_at(node, attrs.series_instance_uid) - job["last_received"] - SETTLE
-    return latency, job["timings"]
+    sent_at = _sent_at(node, attrs.series_instance_uid)
+    latency = sent_at - job["last_received"] - SETTLE
+    # "updated" is when the job became done: its results were on disk and queued
+    return latency, dict(job["timings"], export=sent_at - job["updated"])
 
 
 def _peak_rss_mb(pid: int) -> float:
@@ -217,7 +219,7 @@ def run() -> list[dict]:
                                  "ratio": round(m / p, 2)})
                     split = {k: round(statistics.median(s.get(k, 0.0) for s in stages), 3)
                              for k in ("assemble", "transfer", "pre", "inference", "post",
-                                       "encode", "write")}
+                                       "encode", "write", "export")}
                     rows.append({"figure": f"e2e 512x512x{slices} stages (s): " + ", ".join(
                         f"{k} {v}" for k, v in split.items()), "this_project": None,
                         "peer": None, "ratio": None})
