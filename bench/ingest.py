@@ -27,7 +27,8 @@ from dicom_node.synthetic import SeriesAttributes, write_ct_series
 from tests.peers import NodeProcess, Orthanc, free_port, wait_port
 
 SLICES = int(os.environ.get("BENCH_INGEST_SLICES", "200"))
-RUNS = int(os.environ.get("BENCH_RUNS", "3"))
+# storescp alone swings between ~200 and ~320 inst/s from run to run here: 5 runs per receiver
+RUNS = int(os.environ.get("BENCH_INGEST_RUNS", "5"))
 
 
 def _series(root: Path, run: int) -> Path:

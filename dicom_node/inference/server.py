@@ -86,7 +86,8 @@ def _wheel_root() -> Path:
     return Path(pytriton.__file__).resolve().parent / "tritonserver"
 
 
-def _pid_exists(pid: int) -> bool:
+def pid_exists(pid: int) -> bool:
+    """Whether a process with this id runs (one of another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -372,7 +373,7 @@ class TritonServer:
         if self._process is None:
             return
         pgid = self._process.pid
-        if self._process.returncode is not None and _pid_exists(pgid):
+        if self._process.returncode is not None and pid_exists(pgid):
             # The server was reaped and its number now names another process, so a group
             # with that id is not ours any more (while ours exists, the id is not reused).
             return

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dicom_node.inference.server import pid_exists
+
 log = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
@@ -122,18 +124,9 @@ def remove_stale() -> int:
             pid = int(path.name.split("_")[2])
         except (IndexError, ValueError):
             continue
-        if pid == os.getpid() or _alive(pid):
+        if pid == os.getpid() or pid_exists(pid):
             continue
         path.unlink(missing_ok=True)
         removed += 1
     return removed
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
