@@ -256,6 +256,8 @@ def run() -> list[dict]:
                 node.stop()
             node = _node(root / "node-nb", pacs, _unbatched_repository(root))
             try:
+                warm, wattrs = _write_series(root, 40, seed=2)  # loads its models first
+                _latency(node, warm, wattrs)
                 rows += _throughput(node, root, "off")
             finally:
                 node.stop()
