@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 
+from dicom_node.inference.shm import named_regions
 from dicom_node.phantom import make_phantom
 from dicom_node.synthetic import SeriesAttributes, write_ct_series
 from dicom_node.volume import assemble_series
@@ -109,8 +109,7 @@ def test_phantom_from_scanner_to_pacs(node, pacs, tmp_path):
     assert volume_ml == pytest.approx(seg.sum() * voxel_ml, rel=0.01)
 
     # The volume and the label map travelled through shared memory: none of it is left.
-    ours = re.compile(rf"dicom_node_{node.proc.pid}_[0-9a-f]{{12}}")
-    assert [p.name for p in Path("/dev/shm").iterdir() if ours.fullmatch(p.name)] == []
+    assert named_regions(node.proc.pid) == []
 
 
 def test_results_wait_for_a_pacs_that_is_down_then_arrive_once(node, pacs, tmp_path):

@@ -7,7 +7,6 @@ the restart and start-failure tests start servers of their own.
 from __future__ import annotations
 
 import os
-import re
 import signal
 import socket
 import threading
@@ -23,7 +22,7 @@ from tritonclient.utils import InferenceServerException
 from dicom_node.config import InferenceSettings
 from dicom_node.inference import Backend, InferenceError, ManagedTritonBackend, make_backend
 from dicom_node.inference.server import TritonServer, TritonStartError
-from dicom_node.inference.shm import region_of, shared_empty, unlink
+from dicom_node.inference.shm import named_regions, region_of, shared_empty, unlink
 from dicom_node.inference.triton import Registration, TritonBackend, is_loopback
 
 pytestmark = pytest.mark.slow
@@ -177,9 +176,7 @@ def test_shared_memory_and_grpc_give_the_same_result(grpc_result, shm_result):
 
 
 def _named_regions() -> list[str]:
-    """The node's regions of this process (the Python backend's have names of their own)."""
-    ours = re.compile(rf"dicom_node_{os.getpid()}_[0-9a-f]{{12}}")
-    return sorted(p.name for p in Path("/dev/shm").iterdir() if ours.fullmatch(p.name))
+    return named_regions(os.getpid())
 
 
 @needs_bundle

@@ -20,6 +20,7 @@ import errno
 import logging
 import mmap
 import os
+import re
 import uuid
 import weakref
 from collections.abc import Sequence
@@ -114,6 +115,16 @@ def allocate(shape: Sequence[int], dtype: np.dtype | type) -> np.ndarray:
         level = logging.WARNING if exc.errno == errno.ENOSPC else logging.INFO
         log.log(level, "volume kept in ordinary memory (no shared-memory region: %s)", exc)
         return np.empty(shape, dtype)
+
+
+def named_regions(pid: int) -> list[str]:
+    """Names of the regions of node process ``pid`` still in ``/dev/shm``.
+
+    The Triton server's Python backend names its own regions with the same prefix and a
+    port; a node's have 12 hex digits after the pid.
+    """
+    ours = re.compile(rf"{PREFIX}_{pid}_[0-9a-f]{{12}}")
+    return sorted(p.name for p in SHM_DIR.glob(f"{PREFIX}_{pid}_*") if ours.fullmatch(p.name))
 
 
 def remove_stale() -> int:

@@ -31,6 +31,7 @@ back in the rotation. Only when every server failed does a request raise
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import logging
@@ -346,34 +347,30 @@ class TritonBackend:
         inputs[1].set_data_from_numpy(affine)
         maps = ["LABELS", "CONTOURS"] if contours else ["LABELS"]
         outputs = [grpcclient.InferRequestedOutput(n) for n in (*maps, "TIMINGS")]
-        registrations: list[Registration] = []
-        staged: list[Region] = []
-        results = None
-        try:
-            if self.uses_shm(url):
-                results = self._place_in_shm(client, hu, len(maps), registrations, staged)
-            if results is not None:
-                inputs[0].set_shared_memory(registrations[0].name, hu.nbytes)
-                for i, output in enumerate(outputs[: len(maps)]):
-                    output.set_shared_memory(registrations[1].name, hu.size, offset=i * hu.size)
-            else:
-                inputs[0].set_data_from_numpy(hu)
-            response = client.infer(
-                self.model, inputs, outputs=outputs, client_timeout=self.timeout
-            )
-            # From shared memory: views of the region the server wrote, not copies; the
-            # region's memory is freed with the last of them.
-            arrays = list(results) if results is not None else [
-                response.as_numpy(n) for n in maps
-            ]
-            server_timings = json.loads(response.as_numpy("TIMINGS")[0])
-        except InferenceServerException as exc:
-            raise _classify(exc, url, self.model, self.timeout) from exc
-        finally:
-            for registration in registrations:
-                registration.release()
-            for region in staged:
-                unlink(region)
+        # Unregisters and unlinks whatever a request placed in shared memory, however it ends.
+        with contextlib.ExitStack() as cleanup:
+            try:
+                placed = None
+                if self.uses_shm(url):
+                    placed = self._place_in_shm(client, hu, len(maps), cleanup)
+                if placed is not None:
+                    results, input_name, output_name = placed
+                    inputs[0].set_shared_memory(input_name, hu.nbytes)
+                    for i, output in enumerate(outputs[: len(maps)]):
+                        output.set_shared_memory(output_name, hu.size, offset=i * hu.size)
+                else:
+                    inputs[0].set_data_from_numpy(hu)
+                response = client.infer(
+                    self.model, inputs, outputs=outputs, client_timeout=self.timeout
+                )
+                # From shared memory: views of the region the server wrote, not copies; the
+                # region's memory is freed with the last of them.
+                arrays = list(results) if placed is not None else [
+                    response.as_numpy(n) for n in maps
+                ]
+                server_timings = json.loads(response.as_numpy("TIMINGS")[0])
+            except InferenceServerException as exc:
+                raise _classify(exc, url, self.model, self.timeout) from exc
         total = time.perf_counter() - t0
         timings = {k: float(v) for k, v in server_timings.items()}
         timings["transfer"] = max(0.0, total - timings.get("server", 0.0))
@@ -386,14 +383,15 @@ class TritonBackend:
         client: grpcclient.InferenceServerClient,
         hu: np.ndarray,
         maps: int,
-        registrations: list[Registration],
-        staged: list[Region],
-    ) -> np.ndarray | None:
+        cleanup: contextlib.ExitStack,
+    ) -> tuple[np.ndarray, str, str] | None:
         """Register the volume's region and a new one for ``maps`` uint8 outputs.
 
         A volume in ordinary memory is first copied into a region of its own. Returns the
-        (maps, slices, rows, columns) output array, or ``None`` when ``/dev/shm`` has no
-        room: the request then travels in the gRPC messages instead of failing.
+        (maps, slices, rows, columns) output array and the names the input and the outputs
+        are registered under, or ``None`` when ``/dev/shm`` has no room: the request then
+        travels in the gRPC messages instead of failing. What it registers and makes is
+        undone by ``cleanup``.
         """
         try:
             source = region_of(hu)
@@ -401,19 +399,20 @@ class TritonBackend:
                 copy = shared_empty(hu.shape, hu.dtype)
                 copy[...] = hu
                 source = region_of(copy)
-                staged.append(source)
+                cleanup.callback(unlink, source)
             results = shared_empty((maps, *hu.shape), np.uint8)
         except OSError as exc:
             log.warning("volume of %d bytes sent in gRPC messages: no room in shared memory "
                         "(%s)", hu.nbytes, exc)
-            for region in staged:
-                unlink(region)
-            staged.clear()
             return None
-        staged.append(region_of(results))
-        registrations.append(Registration(client, source, self.health_timeout))
-        registrations.append(Registration(client, staged[-1], self.health_timeout))
-        return results
+        target = region_of(results)
+        cleanup.callback(unlink, target)
+        names = []
+        for region in (source, target):
+            registration = Registration(client, region, self.health_timeout)
+            cleanup.callback(registration.release)
+            names.append(registration.name)
+        return results, names[0], names[1]
 
     def _check_ready(self, client: grpcclient.InferenceServerClient, model: str) -> None:
         try:
