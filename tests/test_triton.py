@@ -21,6 +21,7 @@ from tritonclient.utils import InferenceServerException
 
 from dicom_node.config import InferenceSettings
 from dicom_node.inference import Backend, InferenceError, ManagedTritonBackend, make_backend
+from dicom_node.inference.cuda_shm import unavailable_reason
 from dicom_node.inference.server import TritonServer, TritonStartError
 from dicom_node.inference.shm import named_regions, region_of, shared_empty, unlink
 from dicom_node.inference.triton import Registration, TritonBackend, is_loopback
@@ -172,6 +173,25 @@ def test_spleen_seg_finds_the_phantom_spleen(grpc_result, phantom):
 def test_shared_memory_and_grpc_give_the_same_result(grpc_result, shm_result):
     np.testing.assert_array_equal(shm_result.labels, grpc_result.labels)
     np.testing.assert_array_equal(shm_result.contours, grpc_result.contours)
+    assert _named_regions() == []
+
+
+@needs_bundle
+def test_cuda_transport_without_a_gpu_falls_back_to_system_shared_memory(
+    server, grpc_result, phantom, caplog
+):
+    # No GPU (or no cuda-python) on this side: the volume goes through a system region and
+    # the request still succeeds with the same labels, saying why in the log.
+    if unavailable_reason() is None:
+        pytest.skip("a GPU is present: the CUDA path itself is measured by bench gpu")
+    client = TritonBackend([server.grpc_url], transport="cuda_shm")
+    try:
+        with caplog.at_level("WARNING", logger="dicom_node.inference.triton"):
+            result = client.segment(phantom.hu, phantom.affine)
+    finally:
+        client.close()
+    np.testing.assert_array_equal(result.labels, grpc_result.labels)
+    assert "volume sent through host memory" in caplog.text
     assert _named_regions() == []
 
 

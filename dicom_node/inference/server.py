@@ -19,6 +19,7 @@ the group stops them too, even when the server itself died first.
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import logging
 import os
 import re
@@ -76,14 +77,17 @@ class TritonStartError(InferenceError):
 
 
 def _wheel_root() -> Path:
-    """Return the ``pytriton/tritonserver`` folder of the installed nvidia-pytriton wheel."""
-    try:
-        import pytriton
-    except ImportError:
+    """Return the ``pytriton/tritonserver`` folder of the installed nvidia-pytriton wheel.
+
+    Found without importing ``pytriton``: its package imports PyTriton's own Python API and
+    that API's dependencies, none of which the server binary needs.
+    """
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
         raise TritonStartError(
             "nvidia-pytriton is not installed, so there is no tritonserver to start"
-        ) from None
-    return Path(pytriton.__file__).resolve().parent / "tritonserver"
+        )
+    return Path(next(iter(spec.submodule_search_locations))).resolve() / "tritonserver"
 
 
 def pid_exists(pid: int) -> bool:
@@ -312,8 +316,9 @@ class TritonServer:
 
     def _environment(self) -> dict[str, str]:
         env = dict(os.environ)
-        site_packages = Path(sysconfig.get_paths()["purelib"])
-        libs = [str(site_packages / "nvidia_pytriton.libs")]
+        # The wheel's own copies of the libraries the server links against, beside the
+        # pytriton package wherever the wheel was installed.
+        libs = [str(_wheel_root().parent.parent / "nvidia_pytriton.libs")]
         libdir = sysconfig.get_config_var("LIBDIR")
         if libdir:
             libs.append(libdir)  # libpython3.X.so.1.0, which the stub links against
@@ -322,16 +327,24 @@ class TritonServer:
         env["LD_LIBRARY_PATH"] = ":".join(libs)
         # The stub runs the first python3 on PATH to find the site-packages to import from.
         env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+        # It ignores PYTHONPATH: the repository's model.py files put these first on sys.path,
+        # so that they import this dicom_node and whatever PYTHONPATH adds here.
+        paths = [str(Path(__file__).resolve().parents[2])]
+        paths += [str(Path(p).resolve()) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+        env["DICOM_NODE_PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
         env.update(self.env)
         return env
 
     def _wait_ready(self) -> None:
-        """Poll the HTTP health endpoints until the server and its models are ready."""
-        import tritonclient.http as httpclient
+        """Poll the gRPC health endpoints until the server and its models are ready.
+
+        gRPC, the protocol the node's requests use, so that a client needs no HTTP stack.
+        """
+        import tritonclient.grpc as grpcclient
 
         assert self._process is not None
         deadline = time.monotonic() + self.startup_timeout
-        client = httpclient.InferenceServerClient(self.http_url, connection_timeout=2.0)
+        client = grpcclient.InferenceServerClient(self.grpc_url)
         try:
             while True:
                 code = self._process.poll()
@@ -362,9 +375,9 @@ class TritonServer:
         from tritonclient.utils import InferenceServerException
 
         try:
-            if not client.is_server_ready():
+            if not client.is_server_ready(client_timeout=2.0):
                 return False
-            return all(client.is_model_ready(m) for m in self.models or [])
+            return all(client.is_model_ready(m, client_timeout=2.0) for m in self.models or [])
         except (InferenceServerException, OSError):
             return False  # not listening yet
 

@@ -7,12 +7,12 @@ names, a volume the node assembled into shared memory is not copied at all, and 
 map is read where the server wrote it. Otherwise the tensors travel inside the gRPC
 messages, whose size limits are raised to Triton's own maximum (2 GiB).
 
-CUDA shared memory would take the volume from a GPU on this side to the server's GPU without
-touching host memory. It would take the place of the system regions when both sides have a GPU
-(``tritonclient.utils.cuda_shared_memory``: ``create_shared_memory_region`` +
-``register_cuda_shared_memory(name, get_raw_handle(h), device_id, size)``, outputs read with
-``as_shared_memory_tensor``); the node assembles volumes on the CPU, so there is nothing to
-gain from it today and it is not wired in.
+CUDA shared memory takes the volume from this process straight to the server's GPU
+(:mod:`dicom_node.inference.cuda_shm`): a volume assembled into a
+:class:`~dicom_node.inference.cuda_shm.CudaVolume` is registered with the server as a CUDA
+region, and a model instance on that GPU reads it without a host copy. The label map still
+comes back through a system region: the encoders need it in host memory. ``transport =
+"cuda_shm"`` also sends an ordinary volume this way, copying it to the GPU first.
 
 Several servers. Requests go round-robin over the servers. Before each request the chosen
 server is asked whether the model is ready (a health check that costs one small gRPC call);
@@ -48,6 +48,7 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from dicom_node.inference import InferenceError
+from dicom_node.inference.cuda_shm import CudaUnavailable, CudaVolume
 from dicom_node.inference.shm import Region, region_of, shared_empty, unlink
 
 if TYPE_CHECKING:
@@ -64,6 +65,9 @@ _UNREACHABLE = ("StatusCode.UNAVAILABLE", "StatusCode.CANCELLED")
 _NOT_FOUND = "StatusCode.NOT_FOUND"
 
 _T = TypeVar("_T")
+
+#: What :class:`TritonBackend` takes as ``transport``.
+TRANSPORTS = ("auto", "grpc", "shm", "cuda_shm")
 
 
 def is_loopback(url: str) -> bool:
@@ -101,20 +105,38 @@ class Registration:
     """
 
     def __init__(
-        self, client: grpcclient.InferenceServerClient, region: Region, timeout: float
+        self,
+        client: grpcclient.InferenceServerClient,
+        region: Region | CudaVolume,
+        timeout: float,
     ) -> None:
         self.client = client
+        self.cuda = isinstance(region, CudaVolume)
         self.name = f"{region.name}_{uuid.uuid4().hex[:8]}"
-        client.register_system_shared_memory(
-            self.name, region.key, region.nbytes, client_timeout=timeout
-        )
+        if isinstance(region, CudaVolume):
+            client.register_cuda_shared_memory(
+                self.name,
+                region.raw_handle(),
+                region.device_id,
+                region.nbytes,
+                client_timeout=timeout,
+            )
+        else:
+            client.register_system_shared_memory(
+                self.name, region.key, region.nbytes, client_timeout=timeout
+            )
         self.registered = True
 
     def release(self) -> None:
         if self.registered:
             self.registered = False
+            unregister = (
+                self.client.unregister_cuda_shared_memory
+                if self.cuda
+                else self.client.unregister_system_shared_memory
+            )
             try:
-                self.client.unregister_system_shared_memory(self.name, client_timeout=10.0)
+                unregister(self.name, client_timeout=10.0)
             except InferenceServerException as exc:  # the server is gone: nothing to undo
                 log.debug("could not unregister %s: %s", self.name, exc)
 
@@ -123,8 +145,9 @@ class TritonBackend:
     """Client of the ``spleen_seg`` model (or one with the same inputs and outputs).
 
     ``urls`` are gRPC endpoints (``host:port``). ``transport`` is ``"grpc"``, ``"shm"`` (system
-    shared memory with every server: they must run on this host) or ``"auto"`` (shared
-    memory with servers at a loopback address, gRPC with the others). ``timeout`` bounds one
+    shared memory with every server: they must run on this host), ``"cuda_shm"`` (as
+    ``"shm"``, the volume in GPU memory) or ``"auto"`` (shared memory with servers at a
+    loopback address, gRPC with the others; CUDA for a volume already on the GPU). ``timeout`` bounds one
     request, in seconds; ``health_timeout`` bounds the readiness check before it.
 
     A server that failed is set aside for ``down_seconds``, doubled with each further
@@ -145,8 +168,8 @@ class TritonBackend:
     ) -> None:
         if not urls:
             raise ValueError("TritonBackend needs at least one server URL")
-        if transport not in ("auto", "grpc", "shm"):
-            raise ValueError(f"transport must be 'auto', 'grpc' or 'shm', not {transport!r}")
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, not {transport!r}")
         if not 0 < down_seconds <= max_down_seconds:
             raise ValueError("need 0 < down_seconds <= max_down_seconds")
         # dict.fromkeys: a URL listed twice would get twice the share of requests.
@@ -177,8 +200,10 @@ class TritonBackend:
                 self._health[u] = _Health()
 
     def uses_shm(self, url: str) -> bool:
-        """Whether requests to ``url`` travel through system shared memory."""
-        return self.transport == "shm" or (self.transport == "auto" and is_loopback(url))
+        """Whether requests to ``url`` travel through shared memory (system or CUDA)."""
+        return self.transport in ("shm", "cuda_shm") or (
+            self.transport == "auto" and is_loopback(url)
+        )
 
     def takes_shared_memory(self) -> bool:
         """Whether volumes go to some server through shared memory (see :meth:`segment`)."""
@@ -209,7 +234,7 @@ class TritonBackend:
         return False
 
     def segment(
-        self, hu: np.ndarray, affine: np.ndarray, *, contours: bool = False
+        self, hu: np.ndarray | CudaVolume, affine: np.ndarray, *, contours: bool = False
     ) -> SegmentationResult:
         """Segment ``hu`` (slices, rows, cols) on the next ready server.
 
@@ -219,16 +244,19 @@ class TritonBackend:
         map is asked for only with ``contours``: the encoders trace the label map, and
         another volume-sized array would only cost memory and transfer.
 
-        ``hu`` made by :func:`~dicom_node.inference.shm.shared_empty` is read by a local
-        server where it lies.
+        ``hu`` made by :func:`~dicom_node.inference.shm.shared_empty` (host) or a
+        :class:`~dicom_node.inference.cuda_shm.CudaVolume` (GPU) is read by a local server
+        where it lies.
         """
-        hu = _as_model_input(hu)
+        if isinstance(hu, CudaVolume):
+            if hu.dtype not in (np.dtype(np.int16), np.dtype(np.float32)):
+                raise ValueError(f"a CUDA volume must be int16 or float32, not {hu.dtype}")
+        else:
+            hu = _as_model_input(hu)
         affine = np.ascontiguousarray(affine, dtype=np.float64)
         if affine.shape != (4, 4):
             raise ValueError(f"affine must be 4x4, got {affine.shape}")
-        return self._balanced(
-            self.model, lambda url: self._segment_on(url, hu, affine, contours)
-        )
+        return self._balanced(self.model, lambda url: self._segment_on(url, hu, affine, contours))
 
     def infer(
         self,
@@ -332,7 +360,7 @@ class TritonBackend:
 
     # ----------------------------------------------------------------- internals
     def _segment_on(
-        self, url: str, hu: np.ndarray, affine: np.ndarray, contours: bool
+        self, url: str, hu: np.ndarray | CudaVolume, affine: np.ndarray, contours: bool
     ) -> SegmentationResult:
         from dicom_node.pipeline.result import SegmentationResult
 
@@ -350,25 +378,29 @@ class TritonBackend:
         # Unregisters and unlinks whatever a request placed in shared memory, however it ends.
         with contextlib.ExitStack() as cleanup:
             try:
-                placed = None
+                input_name = results = None
                 if self.uses_shm(url):
-                    placed = self._place_in_shm(client, hu, len(maps), cleanup)
-                if placed is not None:
-                    results, input_name, output_name = placed
+                    input_name = self._place_input(client, hu, cleanup)
+                    results = self._place_outputs(client, hu.shape, len(maps), cleanup)
+                if input_name is not None:
                     inputs[0].set_shared_memory(input_name, hu.nbytes)
+                else:
+                    inputs[0].set_data_from_numpy(_on_host(hu))
+                if results is not None:
+                    results_array, output_name = results
                     for i, output in enumerate(outputs[: len(maps)]):
                         output.set_shared_memory(output_name, hu.size, offset=i * hu.size)
-                else:
-                    inputs[0].set_data_from_numpy(hu)
                 response = client.infer(
                     self.model, inputs, outputs=outputs, client_timeout=self.timeout
                 )
                 # From shared memory: views of the region the server wrote, not copies; the
                 # region's memory is freed with the last of them.
-                arrays = list(results) if placed is not None else [
-                    response.as_numpy(n) for n in maps
-                ]
-                server_timings = json.loads(response.as_numpy("TIMINGS")[0])
+                arrays = (
+                    list(results_array)
+                    if results is not None
+                    else [response.as_numpy(n) for n in maps]
+                )
+                server_timings = json.loads(response.as_numpy("TIMINGS").tobytes())
             except InferenceServerException as exc:
                 raise _classify(exc, url, self.model, self.timeout) from exc
         total = time.perf_counter() - t0
@@ -378,41 +410,76 @@ class TritonBackend:
             labels=arrays[0], contours=arrays[1] if contours else None, timings=timings
         )
 
-    def _place_in_shm(
+    def _place_input(
         self,
         client: grpcclient.InferenceServerClient,
-        hu: np.ndarray,
-        maps: int,
+        hu: np.ndarray | CudaVolume,
         cleanup: contextlib.ExitStack,
-    ) -> tuple[np.ndarray, str, str] | None:
-        """Register the volume's region and a new one for ``maps`` uint8 outputs.
+    ) -> str | None:
+        """Register the volume where the server reads it; return the name it is under.
 
-        A volume in ordinary memory is first copied into a region of its own. Returns the
-        (maps, slices, rows, columns) output array and the names the input and the outputs
-        are registered under, or ``None`` when ``/dev/shm`` has no room: the request then
-        travels in the gRPC messages instead of failing. What it registers and makes is
-        undone by ``cleanup``.
+        A :class:`CudaVolume`, or any volume with ``transport="cuda_shm"``, goes as a CUDA
+        region (an ordinary one copied to the GPU first); otherwise a system region, a
+        volume in ordinary memory first copied into one. ``None`` when no region can be
+        made (no GPU, ``/dev/shm`` full): the volume then travels in the gRPC message.
         """
+        if isinstance(hu, CudaVolume) or self.transport == "cuda_shm":
+            try:
+                volume = hu
+                if not isinstance(volume, CudaVolume):
+                    volume = CudaVolume(hu.shape, hu.dtype)
+                    cleanup.callback(volume.release)
+                    volume.write(hu)
+                return self._register(client, volume, cleanup)
+            except CudaUnavailable as exc:
+                log.warning("volume sent through host memory: %s", exc)
         try:
-            source = region_of(hu)
+            host = _on_host(hu)
+            source = region_of(host)
             if source is None:
-                copy = shared_empty(hu.shape, hu.dtype)
-                copy[...] = hu
+                copy = shared_empty(host.shape, host.dtype)
+                copy[...] = host
                 source = region_of(copy)
                 cleanup.callback(unlink, source)
-            results = shared_empty((maps, *hu.shape), np.uint8)
         except OSError as exc:
-            log.warning("volume of %d bytes sent in gRPC messages: no room in shared memory "
-                        "(%s)", hu.nbytes, exc)
+            log.warning(
+                "volume of %d bytes sent in gRPC messages: no room in shared memory (%s)",
+                hu.nbytes,
+                exc,
+            )
+            return None
+        return self._register(client, source, cleanup)
+
+    def _place_outputs(
+        self,
+        client: grpcclient.InferenceServerClient,
+        shape: tuple[int, ...],
+        maps: int,
+        cleanup: contextlib.ExitStack,
+    ) -> tuple[np.ndarray, str] | None:
+        """A registered system region for ``maps`` uint8 outputs of ``shape``.
+
+        Returns the (maps, slices, rows, columns) array and its registered name, or
+        ``None`` when ``/dev/shm`` has no room (the outputs then come in the response).
+        """
+        try:
+            results = shared_empty((maps, *shape), np.uint8)
+        except OSError as exc:
+            log.warning("label maps sent in gRPC messages: no room in shared memory (%s)", exc)
             return None
         target = region_of(results)
         cleanup.callback(unlink, target)
-        names = []
-        for region in (source, target):
-            registration = Registration(client, region, self.health_timeout)
-            cleanup.callback(registration.release)
-            names.append(registration.name)
-        return results, names[0], names[1]
+        return results, self._register(client, target, cleanup)
+
+    def _register(
+        self,
+        client: grpcclient.InferenceServerClient,
+        region: Region | CudaVolume,
+        cleanup: contextlib.ExitStack,
+    ) -> str:
+        registration = Registration(client, region, self.health_timeout)
+        cleanup.callback(registration.release)
+        return registration.name
 
     def _check_ready(self, client: grpcclient.InferenceServerClient, model: str) -> None:
         try:
@@ -436,6 +503,11 @@ def _connect(url: str) -> grpcclient.InferenceServerClient:
             ("grpc.use_local_subchannel_pool", 1),
         ],
     )
+
+
+def _on_host(hu: np.ndarray | CudaVolume) -> np.ndarray:
+    """The volume in host memory (a CUDA volume is copied back for a remote server)."""
+    return hu.to_numpy() if isinstance(hu, CudaVolume) else hu
 
 
 def _as_model_input(hu: np.ndarray) -> np.ndarray:

@@ -9,6 +9,8 @@ memory is never copied to the host, and patches reach the network model the same
 """
 
 import json
+import os
+import sys
 import time
 
 import numpy as np
@@ -16,8 +18,14 @@ import torch
 import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import to_dlpack
 
-from dicom_node.inference.server import bundle_path_from_config, instance_device
-from dicom_node.pipeline import SegmentationPipeline, load_bundle
+# The backend stub imports from the site-packages of the python3 first on PATH and ignores
+# PYTHONPATH: the server hands over the node's own import path (TritonServer).
+sys.path[:0] = [
+    p for p in os.environ.get("DICOM_NODE_PYTHONPATH", "").split(os.pathsep) if p not in sys.path
+]
+
+from dicom_node.inference.server import bundle_path_from_config, instance_device  # noqa: E402
+from dicom_node.pipeline import SegmentationPipeline, load_bundle  # noqa: E402
 
 
 class TritonPythonModel:
@@ -48,20 +56,22 @@ class TritonPythonModel:
         given = [t for t in given if t is not None]
         if len(given) != 1:
             raise ValueError("give the volume as exactly one of HU_INT16 and HU_FP32")
-        hu = torch.from_dlpack(given[0].to_dlpack()).to(self.device)
-        affine = pb_utils.get_input_tensor_by_name(request, "AFFINE").as_numpy()
+        hu = _from_triton(given[0]).to(self.device)
+        affine = _from_triton(pb_utils.get_input_tensor_by_name(request, "AFFINE")).cpu().numpy()
         result = self.pipeline.run(hu, affine, predictor=self._predict)
         timings = dict(result.timings, server=time.perf_counter() - t0)
         outputs = {
-            "LABELS": lambda: np.ascontiguousarray(result.labels, dtype=np.uint8),
-            "CONTOURS": lambda: np.ascontiguousarray(result.contours, dtype=np.uint8),
-            "TIMINGS": lambda: np.array([json.dumps(timings).encode()], dtype=object),
+            "LABELS": lambda: _to_triton("LABELS", result.labels),
+            "CONTOURS": lambda: _to_triton("CONTOURS", result.contours),
+            "TIMINGS": lambda: _to_triton(
+                "TIMINGS", np.frombuffer(json.dumps(timings).encode(), np.uint8)
+            ),
         }
         # Only what the client asked for (all when it named none): an output nobody reads is
         # a volume-sized copy into the response for nothing.
         wanted = set(request.requested_output_names()) or set(outputs)
         return pb_utils.InferenceResponse(
-            output_tensors=[pb_utils.Tensor(n, make()) for n, make in outputs.items() if n in wanted]
+            output_tensors=[make() for n, make in outputs.items() if n in wanted]
         )
 
     def _predict(self, patches):
@@ -83,3 +93,15 @@ class TritonPythonModel:
             output = pb_utils.get_output_tensor_by_name(response, "OUTPUT__0")
             logits.append(torch.from_dlpack(output.to_dlpack()).to(self.device))
         return torch.cat(logits)
+
+
+# Numeric tensors cross between Triton and torch through DLPack only: no copy, and no use of
+# the stub's own numpy bindings, which read numpy 2 arrays wrongly (the stub is built
+# against numpy 1's array layout).
+def _from_triton(tensor):
+    return torch.from_dlpack(tensor.to_dlpack())
+
+
+def _to_triton(name, array):
+    data = torch.from_numpy(np.ascontiguousarray(array, dtype=np.uint8))
+    return pb_utils.Tensor.from_dlpack(name, to_dlpack(data))

@@ -5,13 +5,21 @@ names the bundle.
 """
 
 import json
+import os
+import sys
 
 import torch
 import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import to_dlpack
 
-from dicom_node.inference.server import bundle_path_from_config, instance_device
-from dicom_node.pipeline import load_bundle
+# The backend stub imports from the site-packages of the python3 first on PATH and ignores
+# PYTHONPATH: the server hands over the node's own import path (TritonServer).
+sys.path[:0] = [
+    p for p in os.environ.get("DICOM_NODE_PYTHONPATH", "").split(os.pathsep) if p not in sys.path
+]
+
+from dicom_node.inference.server import bundle_path_from_config, instance_device  # noqa: E402
+from dicom_node.pipeline import load_bundle  # noqa: E402
 
 
 class TritonPythonModel:
