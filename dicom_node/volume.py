@@ -157,24 +157,36 @@ def _single_frame_checks(datasets: Sequence[Dataset], min_slices: int) -> None:
                 f"gantry tilt of {max(tilt, angle):.1f} degrees: slices are not stacked "
                 "perpendicular to the image plane"
             )
-        distances = steps @ normal
-        smallest = float(distances.min())
-        if smallest <= 0:
-            raise VolumeError("two or more slices share the same position")
-        ratios = distances / smallest
-        if float(ratios.max()) > 1.5 and np.allclose(ratios, np.round(ratios), atol=0.05):
-            missing = int(np.round(ratios).sum() - len(ratios))
-            raise VolumeError(
-                f"{missing} slice(s) missing: gap of {float(distances.max()):.2f} mm in a "
-                f"series spaced {smallest:.2f} mm"
-            )
-        if float(distances.max() - smallest) > max(0.01 * smallest, 0.01):
-            raise VolumeError(
-                f"non-uniform slice spacing: {smallest:.2f} to {float(distances.max()):.2f} mm"
-            )
+        check_spacing(steps @ normal)
 
 
-def _pixel_dtype(datasets: Sequence[Dataset]) -> type:
+def check_spacing(distances: np.ndarray) -> None:
+    """Raise :class:`VolumeError` unless sorted slices are evenly spaced.
+
+    ``distances`` are the steps between consecutive slices along the slice normal, in
+    position order. A step that is a whole multiple of the smallest one is reported as
+    missing slices (a gap), any other unevenness as non-uniform spacing. The completion
+    rule (:mod:`dicom_node.completion`) asks the same question of a series still arriving.
+    """
+    if not len(distances):
+        return
+    smallest = float(distances.min())
+    if smallest <= 0:
+        raise VolumeError("two or more slices share the same position")
+    ratios = distances / smallest
+    if float(ratios.max()) > 1.5 and np.allclose(ratios, np.round(ratios), atol=0.05):
+        missing = int(np.round(ratios).sum() - len(ratios))
+        raise VolumeError(
+            f"{missing} slice(s) missing: gap of {float(distances.max()):.2f} mm in a "
+            f"series spaced {smallest:.2f} mm"
+        )
+    if float(distances.max() - smallest) > max(0.01 * smallest, 0.01):
+        raise VolumeError(
+            f"non-uniform slice spacing: {smallest:.2f} to {float(distances.max()):.2f} mm"
+        )
+
+
+def pixel_dtype(datasets: Sequence[Dataset]) -> type:
     """int16 when every rescale maps integers to integers that fit, else float32.
 
     int16 halves the memory of a volume against float32 and is exactly what a CT stores.
@@ -191,6 +203,71 @@ def _pixel_dtype(datasets: Sequence[Dataset]) -> type:
 #: Allocates a volume's array, ``(shape, dtype) -> array``: ``numpy.empty`` by default, or
 #: memory an inference server reads in place (:class:`dicom_node.inference.shm.SharedArray`).
 Allocator = Callable[[tuple[int, int, int], type], np.ndarray]
+
+
+@dataclass(frozen=True)
+class SlicePlan:
+    """Where each single-frame slice goes, decided from headers alone.
+
+    ``order[slot]`` is the index, in the datasets the plan was made from, of the slice at
+    ``slot``; ``shape`` is (slices, rows, columns) and ``dtype`` that of the voxels.
+    """
+
+    order: list[int]
+    spacing: float
+    dtype: type
+    shape: tuple[int, int, int]
+
+
+def plan_single_frame(datasets: Sequence[Dataset], min_slices: int = 3) -> SlicePlan:
+    """Check that single-frame CT headers form a volume and plan its slice order.
+
+    Raises :class:`VolumeError` with the reason a series is not a volume. The plan is the
+    same whether the slices are then read from the spool (:func:`assemble_single_frame`)
+    or were decoded while they arrived (:mod:`dicom_node.assembly`).
+    """
+    _check_common(datasets, min_slices)
+    _single_frame_checks(datasets, min_slices)
+    spacing, positions = hd.spatial.get_series_volume_positions(datasets)
+    if positions is None or spacing is None:
+        raise VolumeError("slices do not form a regularly spaced volume")
+    order = [positions.index(i) for i in range(len(datasets))]
+    ordered = [datasets[k] for k in order]
+    first = ordered[0]
+    return SlicePlan(order=order, spacing=float(spacing), dtype=pixel_dtype(ordered),
+                     shape=(len(ordered), int(first.Rows), int(first.Columns)))
+
+
+def volume_from_plan(
+    datasets: Sequence[Dataset], plan: SlicePlan, array: np.ndarray
+) -> SeriesVolume:
+    """The :class:`SeriesVolume` of ``array`` (filled in ``plan`` order) and its headers."""
+    ordered = [datasets[k] for k in plan.order]
+    first = ordered[0]
+    volume = hd.Volume.from_attributes(
+        array=array,
+        frame_of_reference_uid=first.FrameOfReferenceUID,
+        image_position=first.ImagePositionPatient,
+        image_orientation=first.ImageOrientationPatient,
+        pixel_spacing=first.PixelSpacing,
+        spacing_between_slices=plan.spacing,
+        coordinate_system=hd.spatial.get_image_coordinate_system(first),
+    )
+    return SeriesVolume(
+        volume=volume,
+        source_uids=[str(ds.SOPInstanceUID) for ds in ordered],
+        frame_numbers=None,
+        headers=[_header(ds) for ds in ordered],
+    )
+
+
+def decode_slice(ds: Dataset) -> np.ndarray:
+    """A slice's stored values through its modality LUT (Hounsfield units for CT).
+
+    The caller assigns the result into an array of the plan's dtype: numpy's cast there is
+    the one every path of the node uses, so that all give the same voxels.
+    """
+    return apply_modality_lut(ds.pixel_array, ds)
 
 
 def assemble_single_frame(
@@ -210,38 +287,16 @@ def assemble_single_frame(
     ``allocate`` gives the array the slices are decoded into, so that a volume bound for a
     server on this host is written once, straight into the memory the server reads.
     """
-    _check_common(datasets, min_slices)
-    _single_frame_checks(datasets, min_slices)
-    spacing, positions = hd.spatial.get_series_volume_positions(datasets)
-    if positions is None or spacing is None:
-        raise VolumeError("slices do not form a regularly spaced volume")
-    order = [positions.index(i) for i in range(len(datasets))]
-    ordered = [datasets[k] for k in order]
-    first = ordered[0]
-    dtype = _pixel_dtype(ordered)
-    array = allocate((len(ordered), int(first.Rows), int(first.Columns)), dtype)
-    for slot, k in enumerate(order):
+    plan = plan_single_frame(datasets, min_slices)
+    array = allocate(plan.shape, plan.dtype)
+    for slot, k in enumerate(plan.order):
         ds = datasets[k]
         try:
             full = ds if paths is None or "PixelData" in ds else pydicom.dcmread(paths[k])
-            array[slot] = apply_modality_lut(full.pixel_array, full)
+            array[slot] = decode_slice(full)
         except Exception as exc:  # noqa: BLE001 - decoders raise many types; a reason
             raise VolumeError(f"pixel data cannot be decoded: {exc}") from exc
-    volume = hd.Volume.from_attributes(
-        array=array,
-        frame_of_reference_uid=first.FrameOfReferenceUID,
-        image_position=first.ImagePositionPatient,
-        image_orientation=first.ImageOrientationPatient,
-        pixel_spacing=first.PixelSpacing,
-        spacing_between_slices=spacing,
-        coordinate_system=hd.spatial.get_image_coordinate_system(first),
-    )
-    return SeriesVolume(
-        volume=volume,
-        source_uids=[str(ds.SOPInstanceUID) for ds in ordered],
-        frame_numbers=None,
-        headers=[_header(ds) for ds in ordered],
-    )
+    return volume_from_plan(datasets, plan, array)
 
 
 def assemble_multiframe(ds: Dataset, min_slices: int = 3) -> SeriesVolume:
@@ -252,7 +307,7 @@ def assemble_multiframe(ds: Dataset, min_slices: int = 3) -> SeriesVolume:
         raise VolumeError(f"only {frames} frame(s); at least {min_slices} are needed")
     try:
         image = hd.Image.from_dataset(ds, copy=False)
-        volume = image.get_volume(dtype=_pixel_dtype([ds]))
+        volume = image.get_volume(dtype=pixel_dtype([ds]))
     except (ValueError, RuntimeError, KeyError, AttributeError, NotImplementedError) as exc:
         raise VolumeError(f"frames do not form a volume: {exc}") from exc
     if volume is None:
