@@ -73,7 +73,8 @@ def run() -> list[dict]:
         root = Path(tmp)
         series = [_series(root, i) for i in range(RUNS)]  # fresh UIDs per run: no de-duplication
 
-        node = NodeProcess(root / "node", node={"settle_seconds": 3600.0}).start()
+        node = NodeProcess(root / "node", node={"settle_seconds": 3600.0,
+                                                "complete_on_release": False}).start()
         stack.callback(node.stop)
         scp_port = _storescp(root, stack)
         pacs = Orthanc(root / "orthanc").start()

@@ -100,9 +100,10 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         json.dump(rows, sys.stdout, indent=2)
         print()
         return 0
-    print(f"{'series':<64} {'state':<11} {'inst':>5}  reason")
+    print(f"{'series':<64} {'state':<11} {'inst':>5}  {'completed by':<20}  reason")
     for r in rows:
-        print(f"{r['series_uid']:<64} {r['state']:<11} {r['instance_count']:>5}  {r['reason']}")
+        print(f"{r['series_uid']:<64} {r['state']:<11} {r['instance_count']:>5}  "
+              f"{r['completed_by'] or '-':<20}  {r['reason']}")
     return 0
 
 

@@ -44,6 +44,10 @@ class NodeSettings:
     port: int = 11112
     data_dir: Path = Path("var")
     settle_seconds: float = 10.0
+    #: Complete a series as soon as the association that carried it is released, when its
+    #: slices form a volume without a gap (:mod:`dicom_node.completion`); the settle timer
+    #: remains the rule for everything else.
+    complete_on_release: bool = True
     allowed_calling_aes: list[str] = field(default_factory=list)
     allowed_hosts: list[str] = field(default_factory=list)
     require_called_ae: bool = True

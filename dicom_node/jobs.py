@@ -39,6 +39,13 @@ SERIES_STATES = (RECEIVING, COMPLETE, PROCESSING, DONE, FAILED, NO_MODEL)
 PENDING = "pending"
 SENT = "sent"
 
+#: Columns added after the first release, with their definitions: an older database gets
+#: them on open (``ALTER TABLE ... ADD COLUMN``), its existing rows the default.
+_ADDED_COLUMNS = (
+    ("series", "completed_by", "TEXT NOT NULL DEFAULT ''"),
+    ("instances", "geometry", "TEXT NOT NULL DEFAULT ''"),
+)
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS series (
     series_uid      TEXT PRIMARY KEY,
@@ -54,7 +61,8 @@ CREATE TABLE IF NOT EXISTS series (
     attempts        INTEGER NOT NULL DEFAULT 0,
     model           TEXT NOT NULL DEFAULT '',
     timings         TEXT NOT NULL DEFAULT '{}',
-    results         TEXT NOT NULL DEFAULT '{}'
+    results         TEXT NOT NULL DEFAULT '{}',
+    completed_by    TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS instances (
     sop_uid     TEXT PRIMARY KEY,
@@ -63,7 +71,8 @@ CREATE TABLE IF NOT EXISTS instances (
     path        TEXT NOT NULL,
     size        INTEGER NOT NULL,
     digest      TEXT NOT NULL,
-    received    REAL NOT NULL
+    received    REAL NOT NULL,
+    geometry    TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS instances_by_series ON instances(series_uid);
 CREATE TABLE IF NOT EXISTS outbox (
@@ -101,6 +110,9 @@ class SeriesRecord:
     model: str
     timings: dict[str, float] = field(default_factory=dict)
     results: dict[str, Any] = field(default_factory=dict)
+    #: The rule that last marked the series complete ("association released" or "settle
+    #: timer", :mod:`dicom_node.completion`); empty while it is receiving.
+    completed_by: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -145,6 +157,10 @@ class JobStore:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA busy_timeout=10000")
         self._db.executescript(_SCHEMA)
+        for table, column, definition in _ADDED_COLUMNS:
+            have = {r["name"] for r in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
 
     def close(self) -> None:
         with self._lock:
@@ -181,11 +197,14 @@ class JobStore:
         size: int,
         digest: str,
         received: float | None = None,
+        geometry: str = "",
     ) -> tuple[bool, str | None]:
         """Record a stored instance; return (is_new, previous series state).
 
         A series that was finished (done, failed, no model) and receives a new instance goes
         back to ``receiving`` and will be processed again with all its instances.
+        ``geometry`` is the instance's :class:`~dicom_node.completion.SliceGeometry` as
+        JSON: kept here so that the completion check at a release reads no file.
         """
         now = received if received is not None else time.time()
         with self._tx() as db:
@@ -211,16 +230,17 @@ class JobStore:
                 previous = series["state"]
             db.execute(
                 "INSERT INTO instances (sop_uid, series_uid, sop_class, path, size, digest,"
-                " received) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (sop_uid, series_uid, sop_class, str(path), size, digest, now),
+                " received, geometry) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (sop_uid, series_uid, sop_class, str(path), size, digest, now, geometry),
             )
             new_state = RECEIVING if previous in (None, RECEIVING, COMPLETE, DONE, FAILED,
                                                   NO_MODEL) else previous
             db.execute(
                 "UPDATE series SET instance_count = instance_count + 1, last_received = ?,"
-                " updated = ?, state = ?, reason = CASE WHEN ? = state THEN reason ELSE '' END"
+                " updated = ?, state = ?, reason = CASE WHEN ? = state THEN reason ELSE '' END,"
+                " completed_by = CASE WHEN ? = ? THEN '' ELSE completed_by END"
                 " WHERE series_uid = ?",
-                (now, now, new_state, new_state, series_uid),
+                (now, now, new_state, new_state, new_state, RECEIVING, series_uid),
             )
             return True, previous
 
@@ -231,6 +251,21 @@ class JobStore:
                 (series_uid,),
             ).fetchall()
         return [Path(r["path"]) for r in rows]
+
+    def receiving_geometry(self, series_uid: str) -> tuple[int, list[str]] | None:
+        """(instance count, each instance's geometry JSON) of a series that is receiving;
+        ``None`` when it is in any other state (nothing to complete)."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT instance_count FROM series WHERE series_uid = ? AND state = ?",
+                (series_uid, RECEIVING),
+            ).fetchone()
+            if row is None:
+                return None
+            rows = self._db.execute(
+                "SELECT geometry FROM instances WHERE series_uid = ?", (series_uid,)
+            ).fetchall()
+        return int(row["instance_count"]), [r["geometry"] for r in rows]
 
     def known_paths(self) -> set[str]:
         with self._lock:
@@ -261,8 +296,9 @@ class JobStore:
             ).fetchone()
         return int(row["instance_count"]) if row else 0
 
-    def settle(self, older_than: float) -> list[str]:
-        """Mark series whose last instance is older than ``older_than`` as complete."""
+    def settle(self, older_than: float, rule: str = "settle timer") -> list[str]:
+        """Mark series whose last instance is older than ``older_than`` as complete,
+        recording ``rule`` as what completed them."""
         with self._tx() as db:
             rows = db.execute(
                 "SELECT series_uid FROM series WHERE state = ? AND last_received <= ?",
@@ -272,10 +308,21 @@ class JobStore:
             now = time.time()
             for uid in uids:
                 db.execute(
-                    "UPDATE series SET state = ?, updated = ? WHERE series_uid = ? AND state = ?",
-                    (COMPLETE, now, uid, RECEIVING),
+                    "UPDATE series SET state = ?, updated = ?, completed_by = ?"
+                    " WHERE series_uid = ? AND state = ?",
+                    (COMPLETE, now, rule, uid, RECEIVING),
                 )
         return uids
+
+    def complete(self, series_uid: str, rule: str, instance_count: int) -> bool:
+        """Mark a receiving series complete by ``rule``, only if it still holds exactly
+        ``instance_count`` instances (the ones the rule looked at). Returns success."""
+        with self._tx() as db:
+            return db.execute(
+                "UPDATE series SET state = ?, updated = ?, completed_by = ?"
+                " WHERE series_uid = ? AND state = ? AND instance_count = ?",
+                (COMPLETE, time.time(), rule, series_uid, RECEIVING, instance_count),
+            ).rowcount == 1
 
     def claim(self, series_uid: str) -> tuple[bool, int]:
         """Move a complete series to processing; return (claimed, instance count)."""
@@ -298,8 +345,11 @@ class JobStore:
         *,
         expect: str | None = None,
         model: str | None = None,
+        instance_count: int | None = None,
     ) -> bool:
-        """Change a series' state; with ``expect``, only from that state. Returns success."""
+        """Change a series' state; with ``expect``, only from that state, and with
+        ``instance_count``, only while the series holds that many instances (a job ends
+        "done" only for the instances it processed). Returns success."""
         if state not in SERIES_STATES:
             raise ValueError(f"unknown series state {state!r}")
         sql = "UPDATE series SET state = ?, reason = ?, updated = ?"
@@ -307,11 +357,16 @@ class JobStore:
         if model is not None:
             sql += ", model = ?"
             args.append(model)
+        if state == RECEIVING:
+            sql += ", completed_by = ''"
         sql += " WHERE series_uid = ?"
         args.append(series_uid)
         if expect is not None:
             sql += " AND state = ?"
             args.append(expect)
+        if instance_count is not None:
+            sql += " AND instance_count = ?"
+            args.append(instance_count)
         with self._tx() as db:
             return db.execute(sql, args).rowcount == 1
 

@@ -2,7 +2,11 @@
 
 Three kinds of background work share one job database:
 
-* the settle loop marks a series complete ``settle_seconds`` after its last instance;
+* completion: a series is complete when the association that carried it is released and
+  its slices form a volume without a gap (:mod:`dicom_node.completion`), otherwise when
+  the settle loop finds it ``settle_seconds`` after its last instance;
+* the streaming assembler decodes each new instance while the rest of its series arrives
+  (:mod:`dicom_node.assembly`), so that a complete series is a volume with a few copies;
 * workers take complete series through assembly, inference and encoding, write the
   results durably and queue them in the outbox;
 * the exporter sends due outbox items to the destinations.
@@ -23,6 +27,8 @@ from typing import Any
 
 import pydicom
 
+from dicom_node.assembly import StreamingAssembler
+from dicom_node.completion import RELEASED, SETTLE_TIMER, SliceGeometry, gap_free, slice_geometry
 from dicom_node.config import ModelSettings, Settings
 from dicom_node.export import Exporter
 from dicom_node.jobs import COMPLETE, DONE, FAILED, NO_MODEL, PROCESSING, RECEIVING, JobStore
@@ -55,7 +61,8 @@ class Node:
         self.spool = Spool(data_dir / "spool")
         self.results_dir = data_dir / "results"
         self.results_dir.mkdir(exist_ok=True, mode=0o700)
-        self.scp = StorageSCP(settings, self.spool, self.jobs, on_stored=self._on_stored)
+        self.scp = StorageSCP(settings, self.spool, self.jobs, on_stored=self._on_stored,
+                              on_released=self._on_released)
         self.metrics = NodeMetrics(self.jobs)
         self.exporter = Exporter(settings, self.jobs, on_attempt=self.metrics.observe_export)
         self.status: Any = None
@@ -68,7 +75,8 @@ class Node:
         self._backends: dict[str, Any] | None = None
         self._backend_lock = threading.Lock()
         self._bundles: dict[str, Any] = {}
-        self.observers: list[Any] = [self.metrics.observe_store]
+        self.assembler = StreamingAssembler()
+        self.observers: list[Any] = [self.metrics.observe_store, self._stage]
 
     # -- life cycle -------------------------------------------------------------------
     def start(self, serve: bool = True) -> None:
@@ -113,6 +121,7 @@ class Node:
         if self.status is not None:
             self.status.stop()
         self.scp.stop()
+        self.assembler.close()
         for _ in self._threads:
             self._queue.put("")
         for t in self._threads:
@@ -155,6 +164,7 @@ class Node:
                 size=len(data),
                 digest=dataset_digest(data),
                 received=path.stat().st_mtime,
+                geometry=slice_geometry(ds).to_json(),
             )
             n += 1
         return n
@@ -164,12 +174,50 @@ class Node:
         for observer in self.observers:
             observer(outcome)
 
+    def _stage(self, outcome: StoreOutcome) -> None:
+        """Hand a new instance to the streaming assembler (a queue put: the C-STORE
+        response does not wait for its decoding)."""
+        if outcome.new and outcome.dataset is not None:
+            self.assembler.feed(outcome.series_uid, outcome.path, outcome.dataset)
+
+    def _on_released(self, series_uids: set[str]) -> None:
+        """An association was released normally: complete what it carried, if whole."""
+        if not self.settings.node.complete_on_release:
+            return
+        for uid in sorted(series_uids):
+            self._complete_if_whole(uid)
+
+    def _complete_if_whole(self, series_uid: str) -> bool:
+        """Complete a receiving series now if its headers show a whole volume.
+
+        Not while another open association has stored instances of it (its own release
+        decides then), and only for the very instances looked at: one stored meanwhile
+        leaves the series receiving.
+        """
+        if series_uid in self.scp.open_series():
+            return False
+        found = self.jobs.receiving_geometry(series_uid)
+        if found is None:  # not receiving: processing (see process), done, or gone
+            return False
+        count, stored = found
+        if not gap_free([SliceGeometry.from_json(g) for g in stored]):
+            log.info("series %s: association released, but its %d instance(s) do not form "
+                     "a volume without a gap; waiting %.0f s for more",
+                     series_uid, count, self.settings.node.settle_seconds)
+            return False
+        if not self.jobs.complete(series_uid, RELEASED, count):
+            return False
+        log.info("series %s: complete (%d instances, %s)", series_uid, count, RELEASED)
+        self._enqueue(series_uid)
+        return True
+
     def _settle_loop(self) -> None:
         settle = self.settings.node.settle_seconds
         tick = min(1.0, max(0.05, settle / 4))
         while not self._stop.wait(tick):
-            for uid in self.jobs.settle(time.time() - settle):
-                log.info("series %s: complete (%d instances)", uid, self.jobs.series_count(uid))
+            for uid in self.jobs.settle(time.time() - settle, SETTLE_TIMER):
+                log.info("series %s: complete (%d instances, %s)", uid,
+                         self.jobs.series_count(uid), SETTLE_TIMER)
                 self._enqueue(uid)
 
     def _enqueue(self, series_uid: str) -> None:
@@ -236,29 +284,31 @@ class Node:
         claimed, count = self.jobs.claim(series_uid)
         if not claimed:
             return self.jobs.get_series(series_uid).state  # type: ignore[union-attr]
+        record = self.jobs.get_series(series_uid)
         log.info("series %s: processing (%d instances)", series_uid, count)
-        timings: dict[str, float] = {}
+        # from the last instance to this job's start: the completion rule and the queue
+        timings: dict[str, float] = {
+            "completion": max(0.0, time.time() - record.last_received) if record else 0.0
+        }
         try:
             results = self._run_chain(series_uid, timings)
         except NoModel as exc:
-            self.jobs.set_state(series_uid, NO_MODEL, str(exc), expect=PROCESSING)
+            if self._finish(series_uid, count, NO_MODEL, str(exc)) != NO_MODEL:
+                return RECEIVING
             log.info("series %s: no model: %s", series_uid, exc)
             return NO_MODEL
         except JobFailed as exc:
             self.jobs.record_timings(series_uid, timings)
             self.metrics.observe_timings(timings)
-            self.jobs.set_state(series_uid, FAILED, str(exc), expect=PROCESSING)
+            if self._finish(series_uid, count, FAILED, str(exc)) != FAILED:
+                return RECEIVING
             log.warning("series %s: failed: %s", series_uid, exc)
             return FAILED
         self.jobs.record_timings(series_uid, timings)
         self.metrics.observe_timings(timings)
         self.jobs.record_results(series_uid, results)
-        if self.jobs.series_count(series_uid) != count:
-            # Instances arrived while we worked: the series is processed again, whole.
-            self.jobs.set_state(series_uid, RECEIVING, expect=PROCESSING)
-            log.info("series %s: new instances arrived while processing; receiving", series_uid)
+        if self._finish(series_uid, count, DONE, model=results.get("model")) != DONE:
             return RECEIVING
-        self.jobs.set_state(series_uid, DONE, expect=PROCESSING, model=results.get("model"))
         log.info(
             "series %s: done (%s)",
             series_uid,
@@ -266,6 +316,25 @@ class Node:
         )
         self._export_wake.set()
         return DONE
+
+    def _finish(self, series_uid: str, count: int, state: str, reason: str = "",
+                model: str | None = None) -> str:
+        """End a job in ``state`` if the series still holds the ``count`` instances it
+        processed; otherwise it is receiving again and will be processed once more, whole.
+
+        A late instance's association may have been released while the job ran, when the
+        series was not receiving and the release rule passed it by: so the rule is asked
+        again here (once; the next job ends normally unless still more instances come).
+        """
+        if self.jobs.set_state(series_uid, state, reason, expect=PROCESSING, model=model,
+                               instance_count=count):
+            return state
+        self.jobs.set_state(series_uid, RECEIVING, expect=PROCESSING)
+        log.info("series %s: %d new instance(s) arrived while processing; receiving again",
+                 series_uid, self.jobs.series_count(series_uid) - count)
+        if self.settings.node.complete_on_release:
+            self._complete_if_whole(series_uid)
+        return RECEIVING
 
     def _route(self, series_uid: str, paths: list[Path]) -> list[ModelSettings]:
         """The models this series goes to, from its first instance's header."""
@@ -282,14 +351,19 @@ class Node:
 
     def _run_chain(self, series_uid: str, timings: dict[str, float]) -> dict[str, Any]:
         paths = self.jobs.instance_paths(series_uid)
-        models = self._route(series_uid, paths)
-        t0 = time.perf_counter()
+        staged = self.assembler.take(series_uid)
         try:
-            volume = assemble_series(paths, self.settings.limits.min_slices,
-                                     self._allocator(models))
-        except VolumeError as exc:
-            raise JobFailed(f"not a volume: {exc}") from None
-        timings["assemble"] = time.perf_counter() - t0
+            models = self._route(series_uid, paths)
+            allocate = self._allocator(models)
+            t0 = time.perf_counter()
+            try:
+                volume = self._assemble(series_uid, paths, staged, allocate)
+            except VolumeError as exc:
+                raise JobFailed(f"not a volume: {exc}") from None
+            timings["assemble"] = time.perf_counter() - t0
+        finally:
+            if staged is not None:
+                staged.release()
 
         results = [self._infer(model, volume, timings) for model in models]
         # The encoders need the geometry and the headers, not the voxels: the volume's
@@ -311,6 +385,18 @@ class Node:
         first = by_model[models[0].name]
         return {"model": ", ".join(m.name for m in models), "files": first["files"],
                 "volumes_ml": first["volumes_ml"], "models": by_model}
+
+    def _assemble(self, series_uid: str, paths: list[Path], staged: Any,
+                  allocate: Any) -> Any:
+        """The series' volume from the slices decoded as they arrived, or, when those are
+        not exactly the instances listed (a restart, a slice that would not decode...),
+        from the spool; the same volume either way."""
+        min_slices = self.settings.limits.min_slices
+        volume = staged.assemble(paths, min_slices, allocate) if staged is not None else None
+        if volume is not None:
+            log.info("series %s: assembled from slices decoded as they arrived", series_uid)
+            return volume
+        return assemble_series(paths, min_slices, allocate)
 
     def _allocator(self, models: list[ModelSettings]) -> Any:
         """Where to assemble the volume: in shared memory when every model's backend reads

@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pydicom
@@ -71,6 +71,7 @@ from pynetdicom.dimse_primitives import DimseServiceType
 from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
+from dicom_node.completion import slice_geometry
 from dicom_node.config import ConfigError, Settings
 from dicom_node.jobs import InstanceConflict, JobStore
 from dicom_node.spool import InvalidUID, Spool, check_uid, dataset_digest
@@ -160,13 +161,22 @@ def address_allowed(address: str, networks: list[IPNetwork]) -> bool:
 
 @dataclass
 class StoreOutcome:
-    """What happened to one C-STORE; passed to observers (metrics, tests)."""
+    """What happened to one C-STORE; passed to observers (metrics, the streaming
+    assembler, tests).
+
+    For a new instance, ``path`` is its spool file and ``dataset`` the data set the handler
+    parsed (with its transfer syntax in ``file_meta``): an observer that decodes the pixels
+    off the acknowledgement path need not parse the file again. Observers run before the
+    response is sent, so they only hand work on.
+    """
 
     status: int
     series_uid: str = ""
     sop_uid: str = ""
     new: bool = False
     reason: str = ""
+    path: str = ""
+    dataset: Dataset | None = field(default=None, repr=False)
 
 
 class StoreRefused(Exception):
@@ -481,6 +491,10 @@ class StorageSCP:
         Where instances are written and recorded.
     on_stored:
         Called after each C-STORE with its :class:`StoreOutcome` (metrics, wake-ups).
+    on_released:
+        Called when an association is released normally (not aborted), with the Series
+        Instance UIDs of the instances it stored: the node's completion rule
+        (:mod:`dicom_node.completion`) takes it from there.
     """
 
     def __init__(
@@ -489,11 +503,17 @@ class StorageSCP:
         spool: Spool,
         jobs: JobStore,
         on_stored: Callable[[StoreOutcome], None] | None = None,
+        on_released: Callable[[set[str]], None] | None = None,
     ) -> None:
         self.settings = settings
         self.spool = spool
         self.jobs = jobs
         self.on_stored = on_stored
+        self.on_released = on_released
+        # Series each open association has stored instances of (duplicates included: a
+        # sender re-sending a whole series after a crash completes it by its release).
+        self._carried: dict[Association, set[str]] = {}
+        self._carried_lock = threading.Lock()
         self._locks = [threading.Lock() for _ in range(64)]
         # The SHA-256 of a new instance is computed here while its file is written and
         # synced (all three release the GIL): only its database row needs the digest.
@@ -540,8 +560,23 @@ class StorageSCP:
             (evt.EVT_ACCEPTED, self._log_assoc, ["accepted"]),
             (evt.EVT_RELEASED, self._log_assoc, ["released"]),
             (evt.EVT_ABORTED, self._log_assoc, ["aborted"]),
+            (evt.EVT_RELEASED, self.handle_released),
+            (evt.EVT_ABORTED, self._forget_association),
             (evt.EVT_REJECTED, self._log_rejected),
         ]
+
+    def open_series(self) -> set[str]:
+        """Series that an open association has stored instances of: more may follow.
+
+        An association that ended without a release or an abort (its connection dropped)
+        is forgotten here, once its thread has ended. Not on ``EVT_CONN_CLOSE``: that
+        comes from the transport's thread and may precede ``EVT_RELEASED``, which the
+        association's own thread triggers after the peer, answered, has hung up.
+        """
+        with self._carried_lock:
+            for assoc in [a for a in self._carried if not a.is_alive()]:
+                del self._carried[assoc]
+            return set().union(*self._carried.values())
 
     @property
     def tls(self) -> bool:
@@ -654,6 +689,23 @@ class StorageSCP:
             assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, REASON_NO_REASON)
             assoc.kill()
 
+    def handle_released(self, event: evt.Event) -> None:
+        """A normal release: hand the series this association stored to ``on_released``.
+
+        pynetdicom triggers ``EVT_RELEASED`` on the association's thread after its last
+        C-STORE was answered and after the A-RELEASE-RP went out, so the peer never waits
+        for what the node does with it. The association is forgotten first: a series it
+        carried is then no longer "open" when the node looks.
+        """
+        series = self._forget_association(event)
+        if series and self.on_released is not None:
+            self.on_released(series)
+
+    def _forget_association(self, event: evt.Event) -> set[str]:
+        """Drop the bookkeeping of an association that ended (aborts: nothing more)."""
+        with self._carried_lock:
+            return self._carried.pop(event.assoc, set())
+
     def handle_echo(self, event: evt.Event) -> int:
         return SUCCESS
 
@@ -672,8 +724,12 @@ class StorageSCP:
         except OSError as exc:  # the disk said no: nothing was acknowledged
             outcome = StoreOutcome(status=OUT_OF_RESOURCES, reason=f"cannot write: {exc}")
             log.error("C-STORE refused (0xA700): cannot write the instance: %s", exc)
+        if outcome.status == SUCCESS and outcome.series_uid:
+            with self._carried_lock:
+                self._carried.setdefault(event.assoc, set()).add(outcome.series_uid)
         if self.on_stored is not None:
             self.on_stored(outcome)
+        outcome.dataset = None  # observers are done with it: its pixel data may go
         if outcome.status != SUCCESS and outcome.reason:
             status = Dataset()
             status.Status = outcome.status
@@ -724,6 +780,7 @@ class StorageSCP:
                 )
             hashing = self._digests.submit(dataset_digest, data, has_meta=False)
             size = self.spool.write(path, header, data)
+            geometry = slice_geometry(ds).to_json()  # while the digest is computed
             digest = hashing.result()
             try:
                 new, previous = self.jobs.add_instance(
@@ -736,6 +793,7 @@ class StorageSCP:
                     path=path,
                     size=size,
                     digest=digest,
+                    geometry=geometry,
                 )
             except InstanceConflict:  # pragma: no cover - guarded by the lock above
                 raise StoreRefused(UID_CONFLICT, f"SOP Instance UID {sop_uid} conflict") from None
@@ -743,7 +801,8 @@ class StorageSCP:
             log.info("series %s: receiving (first instance)%s", series_uid, self._patient(ds))
         elif previous not in ("receiving", "processing"):
             log.info("series %s: receiving again (was %s)", series_uid, previous)
-        return StoreOutcome(SUCCESS, series_uid, sop_uid, new=new)
+        return StoreOutcome(SUCCESS, series_uid, sop_uid, new=new, path=str(path),
+                            dataset=ds if new else None)
 
     def _patient(self, ds: Dataset) -> str:
         """", patient NAME (ID)" for a log line, only with ``log_patient_identifiers``.

@@ -109,7 +109,8 @@ def fail_node(tmp_path_factory, dcmtk_tools) -> Iterator[NodeProcess]:
     """A node that negotiates every storage class and fails non-CT instances (0x0122)."""
     n = NodeProcess(
         tmp_path_factory.mktemp("bad-input-fail") / "node",
-        node={"settle_seconds": 3600, "unsupported_sop_class": "fail"},
+        node={"settle_seconds": 3600, "complete_on_release": False,
+              "unsupported_sop_class": "fail"},
     ).start()
     yield n
     n.stop()

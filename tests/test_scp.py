@@ -42,8 +42,9 @@ CT_CLASSES = {
 
 @pytest.fixture
 def node(tmp_path, dcmtk_tools):
-    # a long settle time: these tests look at storage only, no job runs
-    n = NodeProcess(tmp_path / "node", node={"settle_seconds": 3600}).start()
+    # these tests look at storage only: no job runs (no release rule, a long settle time)
+    n = NodeProcess(tmp_path / "node", node={"settle_seconds": 3600,
+                                             "complete_on_release": False}).start()
     yield n
     n.stop()
 
@@ -112,7 +113,8 @@ def test_every_transfer_syntax(node, data_dir):
 
 
 def test_orthanc_pushes_a_series_to_the_node(tmp_path, orthanc, data_dir, dcmtk_tools):
-    node = NodeProcess(tmp_path / "n", node={"settle_seconds": 3600}).start()
+    node = NodeProcess(tmp_path / "n", node={"settle_seconds": 3600,
+                                             "complete_on_release": False}).start()
     try:
         orthanc.rest("/modalities/node", {"AET": "DICOM_NODE", "Host": "127.0.0.1",
                                           "Port": node.port}, method="PUT")

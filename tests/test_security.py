@@ -369,7 +369,7 @@ def test_free_disk_watermark_refuses_and_writes_nothing(tmp_path):
 
 
 def test_spool_is_private_to_the_node_user(started, tmp_path):
-    node = started("n", node={"settle_seconds": 3600})
+    node = started("n", node={"settle_seconds": 3600, "complete_on_release": False})
     assert _store_all(node.port, _series(tmp_path / "s")) == [0] * 3
     spool = node.data_dir / "spool"
     entries = [spool, *spool.rglob("*")]

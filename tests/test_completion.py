@@ -1,0 +1,364 @@
+"""When a series is complete, against real peers: DCMTK storescu sends, the node decides.
+
+A series is complete at the normal release of the association that carried it when its
+slices stack without a gap, and by the settle timer otherwise. These tests read the job
+database directly (read-only) to poll with a deadline: positive conditions only.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.dataset import FileMetaDataset
+from pynetdicom import AE
+from pynetdicom.sop_class import CTImageStorage
+
+from dicom_node.assembly import StreamingAssembler
+from dicom_node.completion import RELEASED, SETTLE_TIMER, SliceGeometry, gap_free
+from dicom_node.phantom import make_phantom
+from dicom_node.synthetic import SeriesAttributes, write_ct_series
+from dicom_node.volume import VolumeError, assemble_series
+from tests.peers import NodeProcess, storescu
+
+SLICES = 40
+
+
+@pytest.fixture(scope="module")
+def phantom_hu() -> tuple[np.ndarray, tuple[float, float, float]]:
+    ph = make_phantom(shape=(SLICES, 96, 96), spacing=(5.0, 3.5, 3.5), seed=515)
+    return ph.hu, ph.spacing
+
+
+def _write(folder: Path, phantom_hu, patient: str) -> tuple[list[Path], SeriesAttributes]:
+    hu, spacing = phantom_hu
+    attrs = SeriesAttributes(patient_id=patient)
+    return write_ct_series(hu, folder, spacing=spacing, attrs=attrs), attrs
+
+
+def _node(tmp_path: Path, settle: float, **node) -> NodeProcess:
+    # the demo bundle in-process: a job takes a few seconds, the first one longer (torch)
+    return NodeProcess(tmp_path / "node", node={"settle_seconds": settle, **node},
+                       inference={"backend": "local", "attempts": 1}).start()
+
+
+def _series(node: NodeProcess, series_uid: str) -> dict | None:
+    db = node.data_dir / "jobs.sqlite"
+    if not db.exists():
+        return None
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    con.row_factory = sqlite3.Row
+    try:
+        row = con.execute("SELECT * FROM series WHERE series_uid = ?", (series_uid,)).fetchone()
+    except sqlite3.OperationalError:  # the node is creating its tables
+        return None
+    finally:
+        con.close()
+    return dict(row) if row else None
+
+
+def _poll(node: NodeProcess, series_uid: str, condition: Callable[[dict], bool],
+          timeout: float, what: str) -> dict:
+    deadline = time.monotonic() + timeout
+    job = None
+    while time.monotonic() < deadline:
+        job = _series(node, series_uid)
+        if job is not None and condition(job):
+            return job
+        if node.proc is not None and node.proc.poll() is not None:
+            raise RuntimeError(f"node exited: {node.tail()}")
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} not reached in {timeout} s: {job}\n{node.tail()}")
+
+
+def _finished(job: dict) -> bool:
+    return job["state"] in ("done", "failed", "no_model")
+
+
+def _send(node: NodeProcess, paths: list[Path], *extra: str) -> subprocess.CompletedProcess:
+    return storescu(node.port, paths, "DICOM_NODE", "STORESCU", *extra)
+
+
+# -- the rule on headers alone ------------------------------------------------------------
+def _slices(zs, expected=None, **kw) -> list[SliceGeometry]:
+    return [SliceGeometry(position=(0.0, 0.0, float(z)), orientation=(1, 0, 0, 0, 1, 0),
+                          rows=64, columns=64, expected=expected, **kw) for z in zs]
+
+
+def test_gap_free_on_headers():
+    assert gap_free(_slices([0, 2, 4, 6]))
+    assert gap_free(_slices([6, 0, 4, 2]))  # arrival order does not matter
+    assert not gap_free(_slices([0, 2, 6, 8]))  # a missing slice
+    assert not gap_free(_slices([0, 2, 4, 7]))  # uneven
+    assert not gap_free(_slices([0, 2, 2, 4]))  # the same position twice
+    assert gap_free(_slices([0, 2, 4], expected=3))
+    assert not gap_free(_slices([0, 2, 4], expected=5))  # the modality said 5
+    assert not gap_free([*_slices([0, 2]), None])  # an instance without recorded geometry
+    assert not gap_free([*_slices([0, 2]), SliceGeometry(orientation=(1, 0, 0, 0, 1, 0))])
+    tilted = _slices([0, 2, 4])
+    tilted[1] = SliceGeometry(position=(0.0, 0.0, 2.0), orientation=(1, 0, 0, 0, 0.9, 0.1),
+                              rows=64, columns=64)
+    assert not gap_free(tilted)
+    assert gap_free([SliceGeometry(frames=40)])  # one Enhanced CT holds the whole series
+    assert not gap_free([SliceGeometry(frames=40), SliceGeometry(frames=40)])
+
+
+# -- with real peers ----------------------------------------------------------------------
+@pytest.mark.timeout(120)
+def test_one_association_completes_at_release(tmp_path, phantom_hu, dcmtk_tools):
+    paths, attrs = _write(tmp_path / "ct", phantom_hu, "COMPLETE-1")
+    node = _node(tmp_path, settle=3600)
+    try:
+        assert _send(node, paths).returncode == 0
+        released = time.monotonic()
+        job = _poll(node, attrs.series_instance_uid, lambda j: j["completed_by"] != "", 10,
+                    "completion")
+        assert job["completed_by"] == RELEASED
+        assert time.monotonic() - released < 10  # not 3600 s
+        job = _poll(node, attrs.series_instance_uid, _finished, 90, "job end")
+        assert job["state"] == "done", job["reason"]
+        assert job["instance_count"] == SLICES and job["attempts"] == 1
+        # the rule shows in `dicom-node jobs`, as JSON and as text
+        [listed] = node.jobs()
+        assert listed["completed_by"] == RELEASED
+        text = subprocess.run(
+            [*_cli(node), "jobs", "--config", str(node.config)], capture_output=True, text=True, check=True).stdout
+        assert RELEASED in text
+        # the slices were decoded while they arrived: nothing read from the spool at the end
+        assert "assembled from slices decoded as they arrived" in node.tail(200)
+    finally:
+        node.stop()
+
+
+def _cli(node: NodeProcess) -> list[str]:
+    return [sys.executable, "-m", "dicom_node"]
+
+
+@pytest.mark.timeout(120)
+def test_gap_at_first_release_and_an_abort_complete_by_the_timer(tmp_path, phantom_hu,
+                                                                   dcmtk_tools):
+    paths, attrs = _write(tmp_path / "ct", phantom_hu, "COMPLETE-2")
+    node = _node(tmp_path, settle=4)
+    try:
+        first = paths[:10] + paths[20:]  # slices 11-20 missing: a gap at this release
+        assert _send(node, first).returncode == 0
+        # the rest comes over an association the sender aborts: no evidence of the end
+        r = _send(node, paths[10:20], "--abort")
+        assert r.returncode == 0, r.stderr
+        job = _poll(node, attrs.series_instance_uid, lambda j: j["completed_by"] != "", 30,
+                    "completion")
+        assert job["completed_by"] == SETTLE_TIMER
+        assert job["instance_count"] == SLICES
+        job = _poll(node, attrs.series_instance_uid, _finished, 90, "job end")
+        assert job["state"] == "done", job["reason"]
+        assert job["attempts"] == 1
+    finally:
+        node.stop()
+
+
+@pytest.mark.timeout(120)
+def test_gap_filled_by_a_second_association_completes_at_its_release(tmp_path, phantom_hu,
+                                                                      dcmtk_tools):
+    paths, attrs = _write(tmp_path / "ct", phantom_hu, "COMPLETE-3")
+    node = _node(tmp_path, settle=3600)
+    try:
+        assert _send(node, paths[:10] + paths[20:]).returncode == 0
+        assert _series(node, attrs.series_instance_uid)["state"] == "receiving"
+        assert _send(node, paths[10:20]).returncode == 0
+        job = _poll(node, attrs.series_instance_uid, lambda j: j["completed_by"] != "", 10,
+                    "completion")
+        assert job["completed_by"] == RELEASED
+        job = _poll(node, attrs.series_instance_uid, _finished, 90, "job end")
+        assert job["state"] == "done", job["reason"]
+        assert job["instance_count"] == SLICES and job["attempts"] == 1
+    finally:
+        node.stop()
+
+
+@pytest.mark.timeout(120)
+def test_a_series_with_a_gap_completes_by_the_timer_and_fails(tmp_path, phantom_hu,
+                                                              dcmtk_tools):
+    paths, attrs = _write(tmp_path / "ct", phantom_hu, "COMPLETE-4")
+    node = _node(tmp_path, settle=1)
+    try:
+        assert _send(node, paths[:15] + paths[16:]).returncode == 0
+        job = _poll(node, attrs.series_instance_uid, _finished, 60, "job end")
+        assert job["completed_by"] == SETTLE_TIMER
+        assert job["state"] == "failed"
+        assert job["reason"].startswith("not a volume: 1 slice(s) missing"), job["reason"]
+    finally:
+        node.stop()
+
+
+@pytest.mark.timeout(180)
+def test_an_instance_arriving_during_the_job_reprocesses_once(tmp_path, phantom_hu,
+                                                              dcmtk_tools):
+    paths, attrs = _write(tmp_path / "ct", phantom_hu, "COMPLETE-5")
+    node = _node(tmp_path, settle=3600)
+    try:
+        assert _send(node, paths[:-1]).returncode == 0
+        # the node's first job also loads torch and the bundle: seconds in "processing"
+        _poll(node, attrs.series_instance_uid, lambda j: j["state"] == "processing", 20,
+              "processing")
+        assert _send(node, paths[-1:]).returncode == 0
+        job = _poll(node, attrs.series_instance_uid,
+                    lambda j: _finished(j) and j["instance_count"] == SLICES, 120, "job end")
+        assert job["state"] == "done", job["reason"]
+        assert job["attempts"] == 2  # one more run, for all 40 slices
+        assert job["completed_by"] == RELEASED
+        assert "1 new instance(s) arrived while processing" in node.tail(200)
+    finally:
+        node.stop()
+
+
+@pytest.mark.timeout(180)
+def test_node_killed_mid_stream_completes_the_series_after_restart(tmp_path, phantom_hu,
+                                                                   dcmtk_tools):
+    paths, attrs = _write(tmp_path / "ct", phantom_hu, "COMPLETE-6")
+    node = _node(tmp_path, settle=3600)
+    try:
+        opened, killed = threading.Event(), threading.Event()
+
+        def send_part() -> None:  # 15 slices, then the association stays open
+            ae = AE(ae_title="STORESCU")
+            ae.add_requested_context(CTImageStorage)
+            assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOM_NODE")
+            try:
+                for p in paths[:15]:
+                    assert assoc.send_c_store(pydicom.dcmread(p)).Status == 0
+                opened.set()
+                killed.wait(30)
+            finally:
+                assoc.abort()
+
+        sender = threading.Thread(target=send_part)
+        sender.start()
+        assert opened.wait(30)
+        node.kill()
+        killed.set()
+        sender.join(30)
+        stored = _series(node, attrs.series_instance_uid)["instance_count"]
+        assert stored == 15
+        node.start()
+        # the sender sends the whole series again; its release completes it
+        assert _send(node, paths).returncode == 0
+        job = _poll(node, attrs.series_instance_uid, _finished, 120, "job end")
+        assert job["completed_by"] == RELEASED
+        assert job["state"] == "done", job["reason"]
+        assert job["instance_count"] == SLICES
+    finally:
+        node.stop()
+
+
+# -- streaming assembly: the same volume as from the spool ------------------------------
+def _as_received(path: Path) -> pydicom.Dataset:
+    """The data set as the C-STORE handler has it: no meta group but its transfer syntax."""
+    ds = pydicom.dcmread(path)
+    syntax = ds.file_meta.TransferSyntaxUID
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = syntax
+    return ds
+
+
+def _stream(paths: list[Path], seed: int = 0) -> tuple[StreamingAssembler, list[Path]]:
+    """Feed ``paths`` in a shuffled arrival order; return the assembler and that order."""
+    arrival = list(paths)
+    np.random.default_rng(seed).shuffle(arrival)
+    assembler = StreamingAssembler()
+    for p in arrival:
+        assembler.feed("1.2.3", str(p), _as_received(p))
+    return assembler, arrival
+
+
+def _same_volume(a, b) -> None:
+    assert a.array.dtype == b.array.dtype
+    assert a.array.shape == b.array.shape
+    assert a.array.tobytes() == b.array.tobytes()  # bit for bit
+    assert np.array_equal(a.affine, b.affine)
+    assert a.source_uids == b.source_uids
+    assert a.frame_numbers == b.frame_numbers
+    assert a.headers == b.headers
+    assert [h.file_meta for h in a.headers] == [h.file_meta for h in b.headers]
+
+
+def _synthetic(folder: Path, slope: float = 1.0) -> list[Path]:
+    hu = np.random.default_rng(3).integers(-1024, 2000, (23, 48, 40)).astype(np.int16)
+    paths = write_ct_series(hu, folder, spacing=(2.5, 0.8, 0.8),
+                            orientation=(0, 1, 0, 0, 0, -1))
+    if slope != 1.0:
+        for p in paths:
+            ds = pydicom.dcmread(p)
+            ds.RescaleSlope = slope
+            ds.save_as(p)
+    return paths
+
+
+@pytest.mark.parametrize("source", ["synthetic", "float", "lidc-chest/LIDC-IDRI-0001",
+                                    "dcmqi-abdomen-3slice"])
+@pytest.mark.parametrize("allocator", ["numpy", "shm"])
+def test_streamed_volume_is_bit_identical_to_the_spool_assembly(tmp_path, data_dir, source,
+                                                                allocator):
+    from dicom_node.inference.shm import allocate as shm_allocate
+
+    if source == "synthetic":
+        paths = _synthetic(tmp_path)
+    elif source == "float":
+        paths = _synthetic(tmp_path, slope=0.5)
+    else:
+        paths = sorted((data_dir / "ct" / source).rglob("*.dcm"))
+    allocate = np.empty if allocator == "numpy" else shm_allocate
+    assembler, arrival = _stream(paths)
+    try:
+        staged = assembler.take("1.2.3")
+        streamed = staged.assemble(arrival, 3, allocate)
+        assert streamed is not None, staged.problem
+        _same_volume(streamed, assemble_series(arrival, 3))
+        if source == "float":
+            assert streamed.array.dtype == np.float32
+        assert assembler.staged_bytes == 0  # the staging memory is given back
+    finally:
+        assembler.close()
+
+
+def test_streamed_series_that_is_not_a_volume_fails_with_the_same_reason(tmp_path):
+    paths = _synthetic(tmp_path)
+    del paths[7]
+    assembler, arrival = _stream(paths, seed=1)
+    try:
+        with pytest.raises(VolumeError) as streamed:
+            assembler.take("1.2.3").assemble(arrival, 3, np.empty)
+        with pytest.raises(VolumeError) as spooled:
+            assemble_series(arrival, 3)
+        assert str(streamed.value) == str(spooled.value)
+        assert "1 slice(s) missing" in str(streamed.value)
+        assert assembler.staged_bytes == 0
+    finally:
+        assembler.close()
+
+
+def test_staged_slices_that_differ_from_the_database_are_not_used(tmp_path):
+    paths = _synthetic(tmp_path)
+    assembler, arrival = _stream(paths[:-1], seed=2)  # one slice stored, never fed (restart)
+    try:
+        assert assembler.take("1.2.3").assemble(paths, 3, np.empty) is None
+        assert assembler.staged_bytes == 0
+        # one that would need float voxels after integer ones: read from the spool instead
+        mixed = _synthetic(tmp_path / "mixed")
+        ds = pydicom.dcmread(mixed[5])
+        ds.RescaleSlope = 0.5
+        ds.save_as(mixed[5])
+        for p in mixed:
+            assembler.feed("1.2.4", str(p), _as_received(p))
+        staged = assembler.take("1.2.4")
+        assert staged.assemble(mixed, 3, np.empty) is None
+        assert "floating-point" in (staged.problem or "")
+    finally:
+        assembler.close()
