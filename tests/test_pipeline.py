@@ -58,7 +58,14 @@ def backend():
 @pytest.fixture(scope="module")
 def result(backend, case):
     _, volume, _ = case
-    return backend.segment(volume.array, volume.affine)
+    return backend.segment(volume.array, volume.affine, contours=True)
+
+
+def test_contours_only_when_asked_for(backend, case, result):
+    _, volume, _ = case
+    plain = backend.segment(volume.array, volume.affine)
+    assert plain.contours is None
+    np.testing.assert_array_equal(plain.labels, result.labels)
 
 
 def test_demo_model_finds_the_spleen_of_an_unseen_phantom(result, case):

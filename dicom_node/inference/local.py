@@ -49,9 +49,14 @@ class LocalBackend:
         """Label value -> name of the bundle's foreground classes."""
         return self.bundle.labels
 
-    def segment(self, hu: np.ndarray, affine: np.ndarray) -> SegmentationResult:
-        """Segment a (slices, rows, columns) HU array whose affine maps voxels to LPS mm."""
-        return self.pipeline.run(hu, affine)
+    def segment(
+        self, hu: np.ndarray, affine: np.ndarray, *, contours: bool = False
+    ) -> SegmentationResult:
+        """Segment a (slices, rows, columns) HU array whose affine maps voxels to LPS mm.
+
+        The contour map is computed only with ``contours``, as with Triton.
+        """
+        return self.pipeline.run(hu, affine, contours=contours)
 
     def takes_shared_memory(self) -> bool:
         """No: the pipeline reads the volume in this process, wherever it lies."""

@@ -39,14 +39,15 @@ _FULL_3D = np.ones((3, 3, 3), dtype=bool)
 
 
 class Postprocessed(NamedTuple):
-    """uint8 (slices, rows, columns) label map and in-plane contours on the input grid."""
+    """uint8 (slices, rows, columns) label map and in-plane contours on the input grid
+    (``None`` when not asked for)."""
 
     labels: np.ndarray
-    contours: np.ndarray
+    contours: np.ndarray | None
 
 
 def postprocess_monai(
-    logits: torch.Tensor, image: MetaTensor, label_values: Sequence[int]
+    logits: torch.Tensor, image: MetaTensor, label_values: Sequence[int], contours: bool = True
 ) -> Postprocessed:
     """Labels and contours of ``logits`` with MONAI's transforms (the reference).
 
@@ -63,26 +64,29 @@ def postprocess_monai(
         label = torch.argmax(logits, dim=0, keepdim=True).to(torch.uint8)
         label = keep_largest(label)
         labels = resample_to_input(torch.as_tensor(label), image).to(torch.uint8)
+        if not contours:
+            return Postprocessed(labels.cpu().numpy(), None)
         # Slices as channels of a 2-D image: LabelToContour then outlines each slice on its
         # own, which is what a planar RTSTRUCT contour needs (a 3-D contour would mark the
         # whole top and bottom slice of an organ).
-        contours = torch.zeros_like(labels)
+        outlines = torch.zeros_like(labels)
         to_contour = LabelToContour()
         for value in label_values:
             mask = (labels == value).to(torch.float32)
             if mask.any():
-                contours[torch.as_tensor(to_contour(mask)) > 0] = value
-        return Postprocessed(labels.cpu().numpy(), contours.cpu().numpy())
+                outlines[torch.as_tensor(to_contour(mask)) > 0] = value
+        return Postprocessed(labels.cpu().numpy(), outlines.cpu().numpy())
 
 
 def postprocess_fast(
-    logits: torch.Tensor, image: MetaTensor, label_values: Sequence[int]
+    logits: torch.Tensor, image: MetaTensor, label_values: Sequence[int], contours: bool = True
 ) -> Postprocessed:
     """The arrays of :func:`postprocess_monai`, computed on the organs' bounding box only.
 
     Runs on ``logits``' device; the connected components are labelled by scipy on the CPU and
     by CuPy (when installed) on a GPU. A mapping between the model and input grids that
-    is oblique falls back to MONAI's resample.
+    is oblique falls back to MONAI's resample. From a GPU only the bounding box travels back
+    to the host: the rest of the map is zeros.
     """
     values = sorted(int(v) for v in label_values)
     with torch.inference_mode():
@@ -95,9 +99,22 @@ def postprocess_fast(
             box = (slice(None),) * 3
         else:
             labels, box = _gather(label, *mapping)
-        contours = torch.zeros_like(labels)
-        contours[box] = _contours(labels[box], values)
-        return Postprocessed(labels.cpu().numpy(), contours.cpu().numpy())
+        shape = tuple(labels.shape)
+        host = labels.numpy() if labels.device.type == "cpu" else _to_host(labels[box], box, shape)
+        if not contours:
+            return Postprocessed(host, None)
+        return Postprocessed(host, _to_host(_contours(labels[box], values), box, shape))
+
+
+def _to_host(block: torch.Tensor, box: tuple[slice, ...], shape: tuple[int, ...]) -> np.ndarray:
+    """A uint8 host array of ``shape``, zero but for ``block`` at ``box``.
+
+    ``np.zeros`` maps untouched pages lazily, so only the box costs memory and a copy: from
+    a GPU, a few megabytes instead of the whole series' grid.
+    """
+    out = np.zeros(shape, dtype=np.uint8)
+    out[box] = block.cpu().numpy()
+    return out
 
 
 def _argmax(logits: torch.Tensor) -> torch.Tensor:
@@ -218,7 +235,10 @@ def _axis_mapping(
         probe_shape[src_axis] = int(src_shape[src_axis])
         probe = torch.arange(1, src_shape[src_axis] + 1, dtype=torch.float32, device=device)
         sampled = torch.nn.functional.grid_sample(
-            probe.reshape(1, 1, *probe_shape), grid, mode="nearest", padding_mode="zeros",
+            probe.reshape(1, 1, *probe_shape),
+            grid,
+            mode="nearest",
+            padding_mode="zeros",
             align_corners=False,
         )
         indices.append(sampled.reshape(-1).to(torch.int64) - 1)

@@ -86,14 +86,17 @@ class SegmentationPipeline:
             )
         return torch.as_tensor(logits)[0]
 
-    def postprocess(self, logits: torch.Tensor, image: MetaTensor) -> SegmentationResult:
-        """Labels and contours on the input grid from the logits of :meth:`infer`.
+    def postprocess(
+        self, logits: torch.Tensor, image: MetaTensor, contours: bool = True
+    ) -> SegmentationResult:
+        """Labels (and contours) on the input grid from the logits of :meth:`infer`.
 
         argmax, the largest connected component of each label, nearest-neighbour resampling
-        back to the input grid, then the in-plane contour of every label on every slice.
+        back to the input grid, then, with ``contours``, the in-plane contour of every label
+        on every slice.
         """
         postprocess = _POSTPROCESS[self.postprocess_mode]
-        labels, contours = postprocess(logits, image, sorted(self.bundle.labels))
+        labels, contours = postprocess(logits, image, sorted(self.bundle.labels), contours)
         return SegmentationResult(labels=labels, contours=contours)
 
     def run(
@@ -101,8 +104,12 @@ class SegmentationPipeline:
         hu: np.ndarray | torch.Tensor,
         affine: np.ndarray,
         predictor: Predictor | None = None,
+        contours: bool = True,
     ) -> SegmentationResult:
-        """Segment ``hu`` (slices, rows, columns) whose ``affine`` maps voxels to LPS mm."""
+        """Segment ``hu`` (slices, rows, columns) whose ``affine`` maps voxels to LPS mm.
+
+        ``contours=False`` leaves out the contour map, which the encoders do not need.
+        """
         if predictor is None:
             _ = self.network  # load before timing, so "inference" times the inference
         start = time.perf_counter()
@@ -110,7 +117,7 @@ class SegmentationPipeline:
         pre = self._lap(start)
         logits = self.infer(image, predictor)
         inference = self._lap(start + pre)
-        result = self.postprocess(logits, image)
+        result = self.postprocess(logits, image, contours)
         post = self._lap(start + pre + inference)
         result.timings = {"pre": pre, "inference": inference, "post": post}
         return result

@@ -58,7 +58,12 @@ class TritonPythonModel:
             raise ValueError("give the volume as exactly one of HU_INT16 and HU_FP32")
         hu = _from_triton(given[0]).to(self.device)
         affine = _from_triton(pb_utils.get_input_tensor_by_name(request, "AFFINE")).cpu().numpy()
-        result = self.pipeline.run(hu, affine, predictor=self._predict)
+        # Only what the client asked for (all when it named none): an output nobody reads is
+        # volume-sized work and a copy into the response for nothing.
+        wanted = set(request.requested_output_names()) or {"LABELS", "CONTOURS", "TIMINGS"}
+        result = self.pipeline.run(
+            hu, affine, predictor=self._predict, contours="CONTOURS" in wanted
+        )
         timings = dict(result.timings, server=time.perf_counter() - t0)
         outputs = {
             "LABELS": lambda: _to_triton("LABELS", result.labels),
@@ -67,9 +72,6 @@ class TritonPythonModel:
                 "TIMINGS", np.frombuffer(json.dumps(timings).encode(), np.uint8)
             ),
         }
-        # Only what the client asked for (all when it named none): an output nobody reads is
-        # a volume-sized copy into the response for nothing.
-        wanted = set(request.requested_output_names()) or set(outputs)
         return pb_utils.InferenceResponse(
             output_tensors=[make() for n, make in outputs.items() if n in wanted]
         )
