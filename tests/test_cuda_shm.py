@@ -47,3 +47,25 @@ def test_cuda_shm_is_a_transport_and_others_are_refused():
     backend.close()
     with pytest.raises(ValueError, match="transport must be one of"):
         TritonBackend(["127.0.0.1:1"], transport="cuda")
+
+
+@no_gpu
+def test_volume_allocator_follows_where_the_server_reads():
+    from dicom_node.inference.shm import allocate
+
+    remote = TritonBackend(["127.0.0.1:8001"], transport="grpc")
+    local = TritonBackend(["127.0.0.1:8001"], transport="auto", gpu_server=True)
+    cuda = TritonBackend(["127.0.0.1:8001"], transport="cuda_shm")
+    try:
+        assert remote.volume_allocator() is np.empty  # tensors in the gRPC messages
+        # Without CUDA IPC here, a local server on a GPU still reads a system region.
+        assert local.volume_allocator() is allocate
+        assert cuda.volume_allocator() is allocate
+    finally:
+        for backend in (remote, local, cuda):
+            backend.close()
+
+
+def test_one_cuda_allocator_per_device():
+    assert cuda_allocate(0) is cuda_allocate(0)
+    assert cuda_allocate(0) is not cuda_allocate(1)

@@ -15,8 +15,9 @@ care where the model runs. :func:`make_backend` builds the one the configuration
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -46,6 +47,16 @@ class Backend(Protocol):
         reaches the model without a copy."""
         ...
 
+    def volume_allocator(self) -> Callable[[Sequence[int], Any], Any]:
+        """Where to assemble a volume for this backend (``allocate(shape, dtype)``).
+
+        ``numpy.empty``, a system shared-memory region for a server on this host, or GPU
+        memory (:class:`~dicom_node.inference.cuda_shm.CudaVolume`) for a server on this
+        host whose model instances run on a GPU. The same object for every model that
+        wants the same place, so that a series routed to several models can share one.
+        """
+        ...
+
     def close(self) -> None:
         """Release what the backend holds (connections, a server it started)."""
         ...
@@ -69,6 +80,9 @@ class ManagedTritonBackend:
 
     def takes_shared_memory(self) -> bool:
         return self.client.takes_shared_memory()
+
+    def volume_allocator(self) -> Callable[[Sequence[int], Any], Any]:
+        return self.client.volume_allocator()
 
     def close(self) -> None:
         self.client.close()
@@ -113,8 +127,10 @@ def make_backends(
     from dicom_node.inference.server import TritonServer
     from dicom_node.inference.triton import TritonBackend
 
-    def client(urls: list[str], m: ModelSettings) -> TritonBackend:
-        return TritonBackend(urls, m.triton_model, settings.transport, settings.timeout_seconds)
+    def client(urls: list[str], m: ModelSettings, gpu: bool = False) -> TritonBackend:
+        return TritonBackend(
+            urls, m.triton_model, settings.transport, settings.timeout_seconds, gpu_server=gpu
+        )
 
     if settings.triton_url:
         return {m.name: client(settings.triton_url, m) for m in models}
@@ -134,7 +150,12 @@ def make_backends(
         env=env,
     )
     server.start()
-    return {m.name: ManagedTritonBackend(server, client([server.grpc_url], m)) for m in models}
+    # KIND_AUTO instances run on the GPU whenever the server sees one, and it sees what this
+    # process sees: volumes are then assembled in GPU memory when CUDA IPC works here.
+    from dicom_node.inference.cuda_shm import unavailable_reason
+
+    gpu = settings.device != "cpu" and unavailable_reason() is None
+    return {m.name: ManagedTritonBackend(server, client([server.grpc_url], m, gpu)) for m in models}
 
 
 def make_backend(settings: InferenceSettings, data_dir: Path) -> Backend:

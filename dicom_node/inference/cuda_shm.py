@@ -19,7 +19,7 @@ from __future__ import annotations
 import functools
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -157,8 +157,9 @@ class CudaVolume:
             raise CudaUnavailable(f"CUDA copy failed: {cudart.cudaGetErrorString(err)[1]!r}")
 
 
-def cuda_allocate(device_id: int = 0):
-    """An allocator (``allocate(shape, dtype)``) of volumes on ``device_id``.
+@functools.cache
+def cuda_allocate(device_id: int = 0) -> Callable[[Sequence[int], Any], CudaVolume | np.ndarray]:
+    """The allocator (``allocate(shape, dtype)``) of volumes on ``device_id`` (one per device).
 
     Falls back to a numpy array when no region can be made, as
     :func:`dicom_node.inference.shm.allocate` falls back to ordinary memory.

@@ -7,8 +7,9 @@ called directly.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -61,6 +62,10 @@ class LocalBackend:
     def takes_shared_memory(self) -> bool:
         """No: the pipeline reads the volume in this process, wherever it lies."""
         return False
+
+    def volume_allocator(self) -> Callable[[Sequence[int], Any], Any]:
+        """Ordinary memory: the pipeline copies the volume to its device once."""
+        return np.empty
 
     def close(self) -> None:
         """Nothing to release: the network is freed with the backend."""

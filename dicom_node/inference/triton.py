@@ -41,15 +41,20 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from dicom_node.inference import InferenceError
-from dicom_node.inference.cuda_shm import CudaUnavailable, CudaVolume
-from dicom_node.inference.shm import Region, region_of, shared_empty, unlink
+from dicom_node.inference.cuda_shm import (
+    CudaUnavailable,
+    CudaVolume,
+    cuda_allocate,
+    unavailable_reason,
+)
+from dicom_node.inference.shm import Region, allocate, region_of, shared_empty, unlink
 
 if TYPE_CHECKING:
     from dicom_node.pipeline.result import SegmentationResult
@@ -150,6 +155,9 @@ class TritonBackend:
     loopback address, gRPC with the others; CUDA for a volume already on the GPU). ``timeout`` bounds one
     request, in seconds; ``health_timeout`` bounds the readiness check before it.
 
+    ``gpu_server`` says that the servers on this host run the model on a GPU: volumes are
+    then assembled in GPU memory (see :meth:`volume_allocator`).
+
     A server that failed is set aside for ``down_seconds``, doubled with each further
     failure up to ``max_down_seconds`` (see the module's docstring). One object is shared by
     the node's workers: every method may be called from several threads at once.
@@ -165,6 +173,7 @@ class TritonBackend:
         health_timeout: float = 5.0,
         down_seconds: float = 1.0,
         max_down_seconds: float = 30.0,
+        gpu_server: bool = False,
     ) -> None:
         if not urls:
             raise ValueError("TritonBackend needs at least one server URL")
@@ -180,6 +189,7 @@ class TritonBackend:
         self.health_timeout = health_timeout
         self.down_seconds = down_seconds
         self.max_down_seconds = max_down_seconds
+        self.gpu_server = gpu_server
         self._clients = {url: _connect(url) for url in self.urls}
         self._health = {url: _Health() for url in self.urls}
         self._next = 0
@@ -208,6 +218,15 @@ class TritonBackend:
     def takes_shared_memory(self) -> bool:
         """Whether volumes go to some server through shared memory (see :meth:`segment`)."""
         return any(self.uses_shm(url) for url in self.urls)
+
+    def volume_allocator(self) -> Callable[[Sequence[int], Any], Any]:
+        """GPU memory for a local server on a GPU (or ``transport="cuda_shm"``) when CUDA
+        IPC works here, a system region for any other local server, else ``numpy.empty``."""
+        if not self.takes_shared_memory():
+            return np.empty
+        if (self.gpu_server or self.transport == "cuda_shm") and unavailable_reason() is None:
+            return cuda_allocate()
+        return allocate
 
     def healthy_urls(self) -> list[str]:
         """The servers in the rotation now: those not set aside after a failure."""
