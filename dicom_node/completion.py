@@ -95,21 +95,25 @@ def slice_geometry(ds: Dataset) -> SliceGeometry:
     """The geometry of one received instance, from its header; never raises.
 
     Called in the C-STORE handler on the dataset it has already parsed: a handful of
-    attribute reads, no pixel data.
+    attribute reads, no pixel data. An attribute pydicom cannot convert makes the whole
+    geometry unknown, which only means the settle timer decides for that series.
     """
-    expected = None
-    for keyword in _COUNT_KEYWORDS:
-        expected = _integer(ds, keyword)
-        if expected:
-            break
-    return SliceGeometry(
-        position=_numbers(ds, "ImagePositionPatient", 3),
-        orientation=_numbers(ds, "ImageOrientationPatient", 6),
-        rows=_integer(ds, "Rows"),
-        columns=_integer(ds, "Columns"),
-        expected=expected or None,
-        frames=_integer(ds, "NumberOfFrames") or 1,
-    )
+    try:
+        expected = None
+        for keyword in _COUNT_KEYWORDS:
+            expected = _integer(ds, keyword)
+            if expected:
+                break
+        return SliceGeometry(
+            position=_numbers(ds, "ImagePositionPatient", 3),
+            orientation=_numbers(ds, "ImageOrientationPatient", 6),
+            rows=_integer(ds, "Rows"),
+            columns=_integer(ds, "Columns"),
+            expected=expected or None,
+            frames=_integer(ds, "NumberOfFrames") or 1,
+        )
+    except Exception:  # noqa: BLE001 - the peer's data; the instance is stored regardless
+        return SliceGeometry()
 
 
 def gap_free(slices: Sequence[SliceGeometry | None]) -> bool:

@@ -3,7 +3,9 @@
 Behaviour hangs on small pynetdicom event handlers. The C-STORE handler validates the
 instance, writes it durably to the spool, records it in the job database and only then
 answers; every refusal is a DIMSE status from PS3.4 Annex B with one log line saying why.
-This module does no pixel math and knows nothing of models.
+This module does no pixel math and knows nothing of models. It remembers which series each
+open association stored and, at a normal release (``EVT_RELEASED``), hands that set to the
+node, whose completion rule (:mod:`dicom_node.completion`) decides what is complete.
 
 Who may talk to the node is decided before any data set is read: DICOM TLS with optional
 client certificates (:mod:`dicom_node.tls`), the source address, the calling and called AE
