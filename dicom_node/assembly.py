@@ -216,7 +216,7 @@ class StagedSeries:
                 assert chunk is not None
                 first = c * self._per_chunk
                 for row in range(min(self._per_chunk, len(keys) - first)):
-                    array[slot_of_arrival[first + row]] = chunk[row]
+                    array[int(slot_of_arrival[first + row])] = chunk[row]
                 # unmapped now: the volume and the staging area never both hold it all
                 self._chunks[c] = None
                 self._budget.give(chunk.nbytes)
