@@ -66,14 +66,15 @@ def server(tmp_path_factory):
     srv = TritonServer(
         REPOSITORY,
         tmp_path_factory.mktemp("triton"),
-        grpc_port=free_port(),
-        http_port=free_port(),
-        metrics_port=free_port(),
+        grpc_port=0,  # free ports, picked when it starts
+        http_port=0,
+        metrics_port=0,
         models=models,
         startup_timeout=180.0,
         env={"DICOM_NODE_BUNDLE": str(BUNDLE)},
     )
     srv.start()
+    assert 0 not in (srv.grpc_port, srv.http_port, srv.metrics_port)
     yield srv
     pgid = srv.pid
     srv.stop()
@@ -143,6 +144,33 @@ def test_echo_round_trip_grpc_and_shm(server):
     assert client.get_system_shared_memory_status(as_json=True).get("regions", {}) == {}
     assert not region.path.exists()
     client.close()
+
+
+def test_a_port_another_server_holds_is_refused_before_starting(server, tmp_path):
+    other = TritonServer(
+        REPOSITORY,
+        tmp_path,
+        grpc_port=server.grpc_port,
+        http_port=0,
+        metrics_port=0,
+        models=["echo"],
+        startup_timeout=30.0,
+    )
+    with pytest.raises(TritonStartError, match=rf"port {server.grpc_port} \(grpc_port\).*in use"):
+        other.start()
+    assert not other.is_alive()
+
+
+def test_readiness_is_asked_of_the_server_this_node_started(server, tmp_path):
+    # Whatever answers on the ports must be the process started with this object's --id.
+    other = TritonServer(REPOSITORY, tmp_path, grpc_port=server.grpc_port, models=["echo"])
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        assert server._ready(client)
+        with pytest.raises(TritonStartError, match="another Triton server .* answers"):
+            other._ready(client)
+    finally:
+        client.close()
 
 
 def test_loopback_detection():
@@ -230,7 +258,7 @@ def test_triton_matches_the_local_backend(grpc_result, phantom):
     local = make_backend(settings, ROOT / "var")
     assert isinstance(local, Backend)
     try:
-        result = local.segment(phantom.hu, phantom.affine)
+        result = local.segment(phantom.hu, phantom.affine, contours=True)
     finally:
         local.close()
     np.testing.assert_array_equal(result.labels, grpc_result.labels)

@@ -25,11 +25,13 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -146,9 +148,12 @@ class TritonServer:
         self.stop_timeout = stop_timeout
         self._process: subprocess.Popen[bytes] | None = None
         self._log_file = None
+        # What the server reports as its name (--id): readiness is asked of this server, not
+        # of whatever answers on its ports.
+        self.server_id = f"dicom_node_{os.getpid()}_{uuid.uuid4().hex[:8]}"
         # Two servers on one host (several nodes, tests) must not share the Python backend's
         # shared-memory regions, whose names start with this prefix.
-        self._shm_prefix = f"dicom_node_{os.getpid()}_{grpc_port}_"
+        self._shm_prefix = f"{self.server_id}_"
         # Workers may find the server dead at the same time: one of them restarts it.
         self._lock = threading.RLock()
         # Stop the server when the interpreter exits without calling stop(); a weak
@@ -192,6 +197,7 @@ class TritonServer:
         if not self.model_repository.is_dir():
             raise TritonStartError(f"model repository {self.model_repository} does not exist")
         backends = self._prepare_backends()
+        self._claim_ports()
         self.work_dir.mkdir(parents=True, exist_ok=True)
         if self.log_path.exists():  # keep the previous run's log: it says why it died
             self.log_path.replace(self.log_path.with_suffix(".log.1"))
@@ -218,6 +224,30 @@ class TritonServer:
             self._kill_group(signal.SIGKILL)
             self._reap()
             raise
+
+    def _claim_ports(self) -> None:
+        """Pick free ports for those set to 0; refuse ports another program listens on.
+
+        Without the check, a second server on the same ports fails to bind and exits while
+        the first one answers the readiness probes: the node would send its volumes to a
+        server that is not its own.
+        """
+        for attr in ("grpc_port", "http_port", "metrics_port"):
+            port = getattr(self, attr)
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+                # SO_REUSEADDR as the server sets it: connections of an earlier run still
+                # in TIME_WAIT do not count, a listening socket does.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    probe.bind((_bind_host(self.host), port))
+                except OSError as exc:
+                    raise TritonStartError(
+                        f"cannot start Triton: port {port} ({attr}) on {self.host} is in use "
+                        f"by another program ({exc.strerror}); choose another [inference] "
+                        f"{attr}, or 0 for a free one"
+                    ) from None
+                if port == 0:
+                    setattr(self, attr, probe.getsockname()[1])
 
     def is_alive(self) -> bool:
         """True while the server process runs (ready or not)."""
@@ -301,6 +331,7 @@ class TritonServer:
             "--strict-readiness=true",
             f"--exit-timeout-secs={max(1, int(self.stop_timeout) - 2)}",
             "--log-verbose=0",
+            f"--id={self.server_id}",
             f"--backend-config=python,shm-region-prefix-name={self._shm_prefix}",
             # Volumes are tens to hundreds of MB: grow the stub's shared memory in large
             # steps rather than the default 1 MiB ones.
@@ -377,6 +408,12 @@ class TritonServer:
         try:
             if not client.is_server_ready(client_timeout=2.0):
                 return False
+            name = client.get_server_metadata(client_timeout=2.0).name
+            if name != self.server_id:
+                raise TritonStartError(
+                    f"another Triton server ({name!r}) answers on {self.grpc_url}, not the one "
+                    f"this node started"
+                )
             return all(client.is_model_ready(m, client_timeout=2.0) for m in self.models or [])
         except (InferenceServerException, OSError):
             return False  # not listening yet
@@ -408,6 +445,10 @@ class TritonServer:
             self._log_file.close()
             self._log_file = None
         self._process = None
+
+
+def _bind_host(host: str) -> str:
+    return "127.0.0.1" if host == "localhost" else host
 
 
 # --------------------------------------------------------------------------------------
