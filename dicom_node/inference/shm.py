@@ -37,6 +37,7 @@ SHM_DIR = Path("/dev/shm")
 #: Every region of the node is named ``<PREFIX>_<pid>_<random>``.
 PREFIX = "dicom_node"
 
+
 @dataclass(frozen=True)
 class Region:
     """A shared-memory region holding one array: ``name`` is what a server registers it
@@ -140,4 +141,3 @@ def remove_stale() -> int:
         path.unlink(missing_ok=True)
         removed += 1
     return removed
-
