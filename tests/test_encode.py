@@ -73,7 +73,6 @@ def _need_tool(name: str) -> str:
     return exe
 
 
-
 # ---------------------------------------------------------------------------- label maps
 
 
@@ -123,7 +122,10 @@ def _synthetic_oblique(tmp: Path) -> list[Path]:
     """A small series in an oblique plane (normal (-0.8, 0.6, 0)), anisotropic voxels."""
     hu = np.full((6, 40, 52), -100, dtype=np.int16)
     return write_ct_series(
-        hu, tmp / "oblique", spacing=(2.5, 0.7, 0.9), origin=(-30.0, 12.5, 80.0),
+        hu,
+        tmp / "oblique",
+        spacing=(2.5, 0.7, 0.9),
+        origin=(-30.0, 12.5, 80.0),
         attrs=SeriesAttributes(patient_name="Oblique^Phantom", patient_id="OBL-1"),
         orientation=(0.6, 0.8, 0, 0, 0, -1),
     )
@@ -207,9 +209,16 @@ def test_every_object_passes_dciodvfy(encoded: Encoded) -> None:
 
 def test_ct_and_results_are_one_consistent_study(encoded: Encoded) -> None:
     run = subprocess.run(
-        [_need_tool("dcentvfy"), *map(str, encoded.ct_paths),
-         str(encoded.seg_path), str(encoded.rt_path), str(encoded.sr_path)],
-        capture_output=True, text=True, timeout=120,
+        [
+            _need_tool("dcentvfy"),
+            *map(str, encoded.ct_paths),
+            str(encoded.seg_path),
+            str(encoded.rt_path),
+            str(encoded.sr_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     print(run.stdout + run.stderr)
     assert run.returncode == 0, run.stdout + run.stderr
@@ -228,8 +237,10 @@ def test_seg_reads_back_exactly_on_the_source_grid(encoded: Encoded) -> None:
         )
     else:
         array = seg.get_pixels_by_source_frame(
-            source.source_uids[0], source_frame_numbers=source.frame_numbers,
-            combine_segments=True, assert_missing_frames_are_empty=True,
+            source.source_uids[0],
+            source_frame_numbers=source.frame_numbers,
+            combine_segments=True,
+            assert_missing_frames_are_empty=True,
         )
     np.testing.assert_array_equal(array, segment_numbers(encoded.labels, SEGMENTS))
 
@@ -251,11 +262,26 @@ def test_seg_frames_reference_the_exact_source_images(encoded: Encoded) -> None:
 
 
 PATIENT_AND_STUDY = (
-    "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
-    "OtherPatientIDsSequence", "EthnicGroup", "PatientComments", "PatientIdentityRemoved",
-    "DeidentificationMethod", "PatientAge", "PatientSize", "PatientWeight",
-    "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "AccessionNumber",
-    "ReferringPhysicianName", "StudyDescription",
+    "PatientName",
+    "PatientID",
+    "IssuerOfPatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "OtherPatientIDsSequence",
+    "EthnicGroup",
+    "PatientComments",
+    "PatientIdentityRemoved",
+    "DeidentificationMethod",
+    "PatientAge",
+    "PatientSize",
+    "PatientWeight",
+    "StudyInstanceUID",
+    "StudyDate",
+    "StudyTime",
+    "StudyID",
+    "AccessionNumber",
+    "ReferringPhysicianName",
+    "StudyDescription",
 )
 
 
@@ -290,7 +316,10 @@ def test_seg_segments_carry_codes_colours_and_algorithm(encoded: Encoded) -> Non
     spleen, kidney, other = seg.SegmentSequence
     prop = spleen.SegmentedPropertyTypeCodeSequence[0]
     assert (prop.CodeValue, prop.CodingSchemeDesignator, prop.CodeMeaning) == (
-        "78961009", "SCT", "Spleen")
+        "78961009",
+        "SCT",
+        "Spleen",
+    )
     category = spleen.SegmentedPropertyCategoryCodeSequence[0]
     assert (category.CodeValue, category.CodingSchemeDesignator) == ("91723000", "SCT")
     assert kidney.SegmentedPropertyTypeCodeSequence[0].CodeValue == "64033007"
@@ -360,13 +389,15 @@ def test_rtstruct_contours_lie_in_their_referenced_slices(encoded: Encoded) -> N
         if "PerFrameFunctionalGroupsSequence" in ct:
             shared = ct.SharedFunctionalGroupsSequence[0]
             for n, frame in enumerate(ct.PerFrameFunctionalGroupsSequence, start=1):
-                orient = (frame if "PlaneOrientationSequence" in frame else shared)
+                orient = frame if "PlaneOrientationSequence" in frame else shared
                 cosines = orient.PlaneOrientationSequence[0].ImageOrientationPatient
                 position = frame.PlanePositionSequence[0].ImagePositionPatient
                 plane[(str(ct.SOPInstanceUID), n)] = (cosines, position)
         else:
             plane[(str(ct.SOPInstanceUID), None)] = (
-                ct.ImageOrientationPatient, ct.ImagePositionPatient)
+                ct.ImageOrientationPatient,
+                ct.ImagePositionPatient,
+            )
     count = 0
     for roi in rt.ROIContourSequence:
         for contour in roi.get("ContourSequence", []):
@@ -384,8 +415,16 @@ def test_rtstruct_rois_and_references(encoded: Encoded) -> None:
     rt = pydicom.dcmread(encoded.rt_path)
     ct = pydicom.dcmread(encoded.ct_paths[0], stop_before_pixels=True)
     assert rt.SOPClassUID == pydicom.uid.RTStructureSetStorage
-    for kw in ("StudyInstanceUID", "PatientID", "PatientName", "PatientBirthDate",
-               "PatientSex", "StudyID", "AccessionNumber", "FrameOfReferenceUID"):
+    for kw in (
+        "StudyInstanceUID",
+        "PatientID",
+        "PatientName",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyID",
+        "AccessionNumber",
+        "FrameOfReferenceUID",
+    ):
         assert rt.get(kw) == ct.get(kw), kw
     assert rt.SeriesDescription == SETTINGS.rtstruct_series_description
     assert [r.ROIName for r in rt.StructureSetROISequence] == [s.name for s in SEGMENTS]
@@ -394,7 +433,8 @@ def test_rtstruct_rois_and_references(encoded: Encoded) -> None:
     code = rt.RTROIObservationsSequence[0].RTROIIdentificationCodeSequence[0]
     assert (code.CodeValue, code.CodingSchemeDesignator) == ("78961009", "SCT")
     assert [list(c.ROIDisplayColor) for c in rt.ROIContourSequence] == [
-        list(s.color_rgb) for s in SEGMENTS]
+        list(s.color_rgb) for s in SEGMENTS
+    ]
     (frame,) = rt.ReferencedFrameOfReferenceSequence
     assert frame.FrameOfReferenceUID == ct.FrameOfReferenceUID
     (study,) = frame.RTReferencedStudySequence
@@ -464,11 +504,15 @@ def test_labelmap_seg_reads_back_and_passes_dciodvfy_but_for_its_age(
     source = result.source
     if source.frame_numbers is None:
         array = seg.get_pixels_by_source_instance(
-            source.source_uids, combine_segments=True, assert_missing_frames_are_empty=True)
+            source.source_uids, combine_segments=True, assert_missing_frames_are_empty=True
+        )
     else:
         array = seg.get_pixels_by_source_frame(
-            source.source_uids[0], source_frame_numbers=source.frame_numbers,
-            combine_segments=True, assert_missing_frames_are_empty=True)
+            source.source_uids[0],
+            source_frame_numbers=source.frame_numbers,
+            combine_segments=True,
+            assert_missing_frames_are_empty=True,
+        )
     np.testing.assert_array_equal(array, segment_numbers(result.labels, SEGMENTS))
     # one frame per slice holding any label
     assert int(seg.NumberOfFrames) == len(_slices_with(result.labels > 0, True))
@@ -484,21 +528,37 @@ def test_labelmap_seg_reads_back_and_passes_dciodvfy_but_for_its_age(
 # --------------------------------------------------------------------- empty and errors
 
 
-def test_a_segment_the_model_did_not_find_is_still_described(tmp_path: Path) -> None:
+def test_a_segment_the_model_did_not_find_is_left_out_but_reported(tmp_path: Path) -> None:
     paths = _synthetic_oblique(tmp_path)
     source = assemble_series(paths)
     labels = np.zeros(source.array.shape, dtype=np.uint8)
-    labels[2, 10:20, 10:30] = 1
-    segments = [segment_info_for(1, "spleen"), segment_info_for(2, "liver")]
+    labels[2, 10:20, 10:30] = 2
+    segments = [
+        segment_info_for(1, "spleen"),
+        segment_info_for(2, "liver"),
+        segment_info_for(3, "kidney_left"),
+    ]
     seg = build_seg(source, labels, segments, ALGORITHM, SETTINGS)
     rt = build_rtstruct(source, labels, segments, ALGORITHM, SETTINGS)
     sr = build_sr(seg, source, labels, segments, ALGORITHM, SETTINGS)
-    assert len(seg.SegmentSequence) == 2 and int(seg.NumberOfFrames) == 1
+    # only the liver is in the SEG and the RTSTRUCT, as segment / ROI 1
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["liver"]
+    assert int(seg.NumberOfFrames) == 1
+    assert [r.ROIName for r in rt.StructureSetROISequence] == ["liver"]
+    assert [int(r.ROINumber) for r in rt.StructureSetROISequence] == [1]
     assert "ContourSequence" in rt.ROIContourSequence[0]
-    assert "ContourSequence" not in rt.ROIContourSequence[1]
+    # the SR reports all three, in label order: 0 mL for the two the model did not find
     report = hd.sr.Comprehensive3DSR.from_dataset(sr).content
-    liver = report.get_volumetric_roi_measurement_groups()[1]
-    assert liver.get_measurements(name=codes.SCT.Volume)[0].value == 0
+    (liver,) = report.get_volumetric_roi_measurement_groups()
+    assert liver.referenced_segment.referenced_segment_numbers == [1]
+    assert liver.get_measurements(name=codes.SCT.Volume)[0].value > 0
+    others = report.get_image_measurement_groups()
+    assert [g.finding_type.value for g in others] == ["78961009", "64033007"]
+    assert [g.get_measurements(name=codes.SCT.Volume)[0].value for g in others] == [0, 0]
+    (site,) = others[1].finding_sites
+    assert site.laterality.value == "7771000"  # left
+    names = [str(i.ContentSequence[0].TextValue) for i in sr.ContentSequence[-1].ContentSequence]
+    assert names == ["spleen", "liver", "kidney_left"]
     for kind, ds in (("seg", seg), ("rt", rt), ("sr", sr)):
         ds.save_as(tmp_path / f"{kind}.dcm", enforce_file_format=True)
         assert dciodvfy_errors(tmp_path / f"{kind}.dcm") == [], kind
@@ -553,14 +613,20 @@ def test_bad_descriptions_are_refused() -> None:
 
 def test_known_names_map_to_snomed_codes() -> None:
     cases = {
-        "Spleen": "78961009", "liver": "10200004", "kidney": "64033007",
-        "kidney_left": "18639004", "Right-Kidney": "9846003", "pancreas": "15776009",
-        "body outline": "38266002", "tumour": "123037004",
+        "Spleen": ("78961009", None),
+        "liver": ("10200004", None),
+        "kidney": ("64033007", None),
+        "kidney_left": ("64033007", "7771000"),
+        "Right-Kidney": ("64033007", "24028007"),
+        "pancreas": ("15776009", None),
+        "body outline": ("38266002", None),
+        "tumour": ("123037004", None),
     }
-    for name, code in cases.items():
+    for name, (code, modifier) in cases.items():
         info = segment_info_for(5, name)
         assert info.code.value == code and info.code.scheme_designator == "SCT", name
+        assert (info.modifier.value if info.modifier else None) == modifier, name
         assert info.category.value == "91723000"
         assert info.name == name
     assert segment_info_for(9, "body").rt_roi_type == "EXTERNAL"
-    assert segment_info_for(1, "spleen").color_rgb == (157, 108, 162)
+    assert segment_info_for(1, "spleen").color_rgb == (50, 170, 60)  # TotalSegmentator's

@@ -23,6 +23,7 @@ from pydicom.uid import generate_uid
 
 import dicom_node
 from dicom_node.config import ResultSettings
+from dicom_node.encode import codes as structure_codes
 from dicom_node.volume import SeriesVolume
 
 #: Segmented Property Category of every organ the node knows: "Anatomical Structure",
@@ -37,12 +38,34 @@ ANATOMICAL_STRUCTURE: Code = codes.SCT.AnatomicalStructure
 GENERIC_STRUCTURE = Code("123037004", "SCT", "Body structure")
 
 #: RT ROI Interpreted Types (Defined Terms of (3006,00A4)) a segment may carry.
-RT_ROI_TYPES = frozenset({
-    "EXTERNAL", "PTV", "CTV", "GTV", "TREATED_VOLUME", "IRRAD_VOLUME", "OAR", "BOLUS",
-    "AVOIDANCE", "ORGAN", "MARKER", "REGISTRATION", "ISOCENTER", "CONTRAST_AGENT", "CAVITY",
-    "BRACHY_CHANNEL", "BRACHY_ACCESSORY", "BRACHY_SRC_APP", "BRACHY_CHNL_SHLD", "SUPPORT",
-    "FIXATION", "DOSE_REGION", "CONTROL", "DOSE_MEASUREMENT",
-})
+RT_ROI_TYPES = frozenset(
+    {
+        "EXTERNAL",
+        "PTV",
+        "CTV",
+        "GTV",
+        "TREATED_VOLUME",
+        "IRRAD_VOLUME",
+        "OAR",
+        "BOLUS",
+        "AVOIDANCE",
+        "ORGAN",
+        "MARKER",
+        "REGISTRATION",
+        "ISOCENTER",
+        "CONTRAST_AGENT",
+        "CAVITY",
+        "BRACHY_CHANNEL",
+        "BRACHY_ACCESSORY",
+        "BRACHY_SRC_APP",
+        "BRACHY_CHNL_SHLD",
+        "SUPPORT",
+        "FIXATION",
+        "DOSE_REGION",
+        "CONTROL",
+        "DOSE_MEASUREMENT",
+    }
+)
 
 #: Value of Manufacturer Model Name in every object the node writes.
 MODEL_NAME = "dicom-node"
@@ -72,6 +95,10 @@ class SegmentInfo:
     rt_roi_type:
         RT ROI Interpreted Type of the RTSTRUCT ROI: ORGAN for organs, EXTERNAL for the body
         outline.
+    modifier:
+        Segmented Property Type Modifier, e.g. SCT 7771000 "Left" for a left kidney.
+    anatomic_region, anatomic_region_modifier:
+        Where a finding lies (a cyst: "Kidney", "Left"); None for anatomy itself.
     """
 
     value: int
@@ -80,6 +107,9 @@ class SegmentInfo:
     category: Code = ANATOMICAL_STRUCTURE
     color_rgb: tuple[int, int, int] = (128, 174, 128)
     rt_roi_type: str = "ORGAN"
+    modifier: Code | None = None
+    anatomic_region: Code | None = None
+    anatomic_region_modifier: Code | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.value, bool) or not isinstance(self.value, (int, np.integer)):
@@ -94,6 +124,12 @@ class SegmentInfo:
             raise EncodeError(f"segment colour {self.color_rgb!r} is not three values 0-255")
         if self.rt_roi_type not in RT_ROI_TYPES:
             raise EncodeError(f"RT ROI type {self.rt_roi_type!r} is not a DICOM defined term")
+
+    @property
+    def laterality(self) -> Code | None:
+        """The type modifier when it is a laterality (left, right...), else None."""
+        m = self.modifier
+        return m if m is not None and m.value in structure_codes.LATERALITY_CODES else None
 
     def display_color(self) -> hd.color.CIELabColor:
         """The colour as the CIELab value a SEG recommends for display."""
@@ -139,44 +175,23 @@ class AlgorithmInfo:
         )
 
 
-@dataclass(frozen=True)
-class _Known:
-    code: Code
-    color: tuple[int, int, int]
-    rt_roi_type: str = "ORGAN"
-    aliases: tuple[str, ...] = ()
-
-
-# Colours follow 3D Slicer's GenericAnatomyColors table, which most viewers reuse, so a
-# spleen looks the same whichever program draws it. Lateral organs use the SNOMED concepts
-# for the left/right structure rather than "Kidney" plus a laterality modifier: the RTSTRUCT
-# has no modifier and every reader understands a single pre-coordinated code.
-_KNOWN: dict[str, _Known] = {
-    "spleen": _Known(codes.SCT.Spleen, (157, 108, 162)),
-    "liver": _Known(codes.SCT.Liver, (221, 130, 101)),
-    "kidney": _Known(codes.SCT.Kidney, (185, 102, 83), aliases=("kidneys",)),
-    "left kidney": _Known(
-        Code("18639004", "SCT", "Left kidney"), (185, 102, 83), aliases=("kidney left",)
-    ),
-    "right kidney": _Known(
-        Code("9846003", "SCT", "Right kidney"), (185, 102, 83), aliases=("kidney right",)
-    ),
-    "pancreas": _Known(codes.SCT.Pancreas, (249, 180, 111)),
-    "stomach": _Known(codes.SCT.Stomach, (216, 132, 105)),
-    "gallbladder": _Known(codes.SCT.Gallbladder, (139, 150, 98), aliases=("gall bladder",)),
-    "aorta": _Known(codes.SCT.Aorta, (224, 97, 76)),
-    # The body outline is RT's "External" ROI; SNOMED's concept for it is the entire body.
-    "body": _Known(
-        codes.SCT.EntireBody, (177, 122, 101), rt_roi_type="EXTERNAL",
-        aliases=("body outline", "external", "body contour", "skin surface"),
-    ),
-}
-_BY_NAME = {alias: k for k, known in _KNOWN.items() for alias in (k, *known.aliases)}
+# The body outline is not a TotalSegmentator structure: it is RT's "External" ROI, and
+# SNOMED's concept for it is the entire body.
+_BODY_NAMES = frozenset({"body", "body outline", "external", "body contour", "skin surface"})
+_BODY_COLOR = (177, 122, 101)
 
 # Colours for labels the table does not know: distinct, and stable per label value.
 _PALETTE = (
-    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
-    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (0, 128, 128),
+    (230, 25, 75),
+    (60, 180, 75),
+    (255, 225, 25),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (0, 128, 128),
 )
 
 
@@ -187,25 +202,48 @@ def _normalise(name: str) -> str:
 def segment_info_for(value: int, name: str) -> SegmentInfo:
     """Describe label ``value`` called ``name`` by its model with SNOMED CT codes.
 
-    Known names (case, ``_`` and ``-`` ignored): spleen, liver, kidney, left/right kidney,
-    pancreas, stomach, gallbladder, aorta and body (alias body outline, external). Any other
-    name is coded as SCT 123037004 "Body structure" in category "Anatomical Structure", with
-    ``name`` kept as the label, so the result is still valid and says no more than is known.
+    Names are looked up in TotalSegmentator's table of 170 structures
+    (:mod:`dicom_node.encode.codes`), tolerant of how bundles spell them: case, spaces,
+    ``_``, ``-`` and word order are ignored ("Left Kidney" = "kidney_left"), and known
+    misspellings and abbreviations ("Left Kideny", "IVC") are understood. A lateral
+    structure is its organ's code with a laterality Type Modifier, as the table has it.
+    "body" (alias body outline, external) is the entire body, an EXTERNAL ROI. Any other
+    name is coded as SCT 123037004 "Body structure" in category "Anatomical Structure",
+    with ``name`` kept as the label, so the result is still valid and says no more than
+    is known. ``name`` is always kept as Segment Label / ROI Name.
     """
-    known = _BY_NAME.get(_normalise(name))
+    if _normalise(name) in _BODY_NAMES:
+        return SegmentInfo(
+            value, name, codes.SCT.EntireBody, color_rgb=_BODY_COLOR, rt_roi_type="EXTERNAL"
+        )
+    known = structure_codes.lookup(name)
     if known is None:
         index = int(value) - 1 if isinstance(value, (int, np.integer)) else 0
         color = _PALETTE[index % len(_PALETTE)]
         return SegmentInfo(value, name, GENERIC_STRUCTURE, color_rgb=color)
-    entry = _KNOWN[known]
     return SegmentInfo(
-        value, name, entry.code, color_rgb=entry.color, rt_roi_type=entry.rt_roi_type
+        value,
+        name,
+        known.type,
+        category=known.category,
+        color_rgb=known.color_rgb,
+        modifier=known.type_modifier,
+        anatomic_region=known.anatomic_region,
+        anatomic_region_modifier=known.anatomic_region_modifier,
     )
 
 
-def check_inputs(
-    source: SeriesVolume, labels: np.ndarray, segments: Sequence[SegmentInfo]
-) -> None:
+def present_segments(labels: np.ndarray, segments: Sequence[SegmentInfo]) -> list[SegmentInfo]:
+    """The segments whose value occurs in ``labels``, in the order of ``segments``.
+
+    A label the model did not find has no pixels and no contours: SEG and RTSTRUCT leave
+    it out rather than carry an empty segment or ROI, and the SR reports it as 0 mL.
+    """
+    counts = label_counts(labels)
+    return [s for s in segments if counts[int(s.value)] > 0]
+
+
+def check_inputs(source: SeriesVolume, labels: np.ndarray, segments: Sequence[SegmentInfo]) -> None:
     """Raise :class:`EncodeError` unless ``labels`` and ``segments`` fit ``source``.
 
     The label map must be a uint8 array of exactly the source's (slices, rows,

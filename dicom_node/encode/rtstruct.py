@@ -43,6 +43,7 @@ from dicom_node.encode.labels import (
     SegmentInfo,
     check_inputs,
     common_attributes,
+    present_segments,
     slices_with,
 )
 from dicom_node.volume import SeriesVolume
@@ -112,8 +113,9 @@ def _slice_origins(source: SeriesVolume) -> np.ndarray:
         for n in source.frame_numbers:
             plane = frames[n - 1].get("PlanePositionSequence") if len(frames) >= n else None
             positions.append(plane[0].get("ImagePositionPatient") if plane else None)
-    origins = np.array([source.affine @ np.array([k, 0.0, 0.0, 1.0]) for k in
-                        range(len(positions))])[:, :3]
+    origins = np.array(
+        [source.affine @ np.array([k, 0.0, 0.0, 1.0]) for k in range(len(positions))]
+    )[:, :3]
     for k, position in enumerate(positions):
         if position is not None and len(position) == 3:
             origins[k] = [float(v) for v in position]
@@ -121,8 +123,7 @@ def _slice_origins(source: SeriesVolume) -> np.ndarray:
 
 
 def _roi_contours(
-    source: SeriesVolume, labels: np.ndarray, value: int, origins: np.ndarray,
-    first_number: int
+    source: SeriesVolume, labels: np.ndarray, value: int, origins: np.ndarray, first_number: int
 ) -> list[Dataset]:
     """Contour Sequence items of one label value, slice by slice, in patient LPS mm."""
     in_plane = source.affine[:3, 1:3]  # mm per row step and per column step
@@ -157,8 +158,12 @@ def _referenced_frame_of_reference(source: SeriesVolume) -> Dataset:
     return frame
 
 
-def _code_item(code: Code) -> Dataset:
-    return hd.sr.CodedConcept(code.value, code.scheme_designator, code.meaning)
+def _code_item(code: Code, modifier: Code | None = None) -> Dataset:
+    """A code sequence item, with the laterality (or other) type modifier nested in it."""
+    item = hd.sr.CodedConcept(code.value, code.scheme_designator, code.meaning)
+    if modifier is not None:
+        item.SegmentedPropertyTypeModifierCodeSequence = [_code_item(modifier)]
+    return item
 
 
 def build_rtstruct(
@@ -171,11 +176,13 @@ def build_rtstruct(
 ) -> Dataset:
     """Build the RT Structure Set for ``labels`` drawn on ``source``.
 
-    One ROI per segment (ROI Number = position in ``segments`` + 1, as the SEG's Segment
-    Number), generated AUTOMATIC by ``algorithm``, interpreted as ``segment.rt_roi_type``
-    and identified by its SNOMED code; CLOSED_PLANAR contours in LPS mm on every slice the
-    label touches, each referencing the image (and frame) it lies on. A segment absent from
-    the label map is an ROI without contours.
+    One ROI per segment that occurs in ``labels`` (ROI Number = its position among those,
+    as the SEG's Segment Number), generated AUTOMATIC by ``algorithm``, interpreted as
+    ``segment.rt_roi_type`` and identified by its SNOMED code (with its laterality
+    modifier); CLOSED_PLANAR contours in LPS mm on every slice the label touches, each
+    referencing the image (and frame) it lies on. A segment absent from the label map has
+    no ROI. When no label occurs at all, every segment is an ROI without contours: a
+    Structure Set needs at least one ROI, and this says what was looked for.
 
     Raises :class:`~dicom_node.encode.labels.EncodeError` when the inputs do not fit.
     """
@@ -221,7 +228,7 @@ def build_rtstruct(
     origins = _slice_origins(source)
     rois, contours, observations = [], [], []
     next_contour = 1
-    for number, seg in enumerate(segments, start=1):
+    for number, seg in enumerate(present_segments(labels, segments) or segments, start=1):
         roi = Dataset()
         roi.ROINumber = number
         roi.ReferencedFrameOfReferenceUID = first.FrameOfReferenceUID
@@ -243,7 +250,9 @@ def build_rtstruct(
         observation.ObservationNumber = number
         observation.ReferencedROINumber = number
         observation.ROIObservationLabel = seg.name[:16]
-        observation.RTROIIdentificationCodeSequence = DicomSequence([_code_item(seg.code)])
+        observation.RTROIIdentificationCodeSequence = DicomSequence(
+            [_code_item(seg.code, seg.modifier)]
+        )
         observation.RTROIInterpretedType = seg.rt_roi_type
         observation.ROIInterpreter = ""
         observations.append(observation)

@@ -1,9 +1,20 @@
 """Encode a label map as a DICOM Segmentation (SEG) with highdicom.
 
-The SEG is a new series in the source study and Frame of Reference. Each label becomes
-one segment with its coded property, colour and algorithm identification; each frame
-records, in its Derivation Image Sequence, the CT image (and for an Enhanced CT source the
-frame) it was derived from, so a viewer overlays it on exactly the slices it came from.
+The SEG is a new series in the source study and Frame of Reference. Each label the model
+found becomes one segment with its coded property (type, laterality modifier, anatomic
+region), colour and algorithm identification; each frame records, in its Derivation Image
+Sequence, the CT image (and for an Enhanced CT source the frame) it was derived from, so a
+viewer overlays it on exactly the slices it came from.
+
+Labels the model did not find are left out (no empty segment); the SR lists them with
+0 mL. A result in which no label was found at all cannot be a SEG without segments
+(Segment Sequence is Type 1, and highdicom refuses one), so such a SEG describes every
+label it looked for and holds a single empty frame on the first slice: a valid, small
+"nothing found" object, where highdicom by itself would encode every empty frame.
+
+Label Map SEGs may be compressed (``[results] seg_compression``): RLE Lossless or JPEG-LS
+Lossless. A binary SEG stays uncompressed: highdicom encodes 1-bit frames only natively or
+as JPEG 2000.
 """
 
 from __future__ import annotations
@@ -12,7 +23,9 @@ from collections.abc import Sequence
 
 import highdicom as hd
 import numpy as np
-from pydicom.uid import generate_uid
+from pydicom.dataset import Dataset
+from pydicom.sr.coding import Code
+from pydicom.uid import UID, ExplicitVRLittleEndian, JPEGLSLossless, RLELossless, generate_uid
 
 from dicom_node.config import ResultSettings
 from dicom_node.encode.labels import (
@@ -21,18 +34,41 @@ from dicom_node.encode.labels import (
     SegmentInfo,
     check_inputs,
     common_attributes,
+    present_segments,
     segment_numbers,
 )
 from dicom_node.volume import SeriesVolume
+
+#: ``[results] seg_compression`` values and the transfer syntax each gives a Label Map SEG.
+COMPRESSION_SYNTAXES: dict[str, UID] = {
+    "none": ExplicitVRLittleEndian,
+    "rle": RLELossless,
+    "jpegls": JPEGLSLossless,
+}
+
+
+def _with_modifier(item: Dataset, keyword: str, modifier: Code | None) -> None:
+    """Nest a modifier code in a code sequence item (highdicom takes no modifier)."""
+    if modifier is not None:
+        setattr(
+            item,
+            keyword,
+            [hd.sr.CodedConcept(modifier.value, modifier.scheme_designator, modifier.meaning)],
+        )
 
 
 def segment_descriptions(
     segments: Sequence[SegmentInfo], algorithm: AlgorithmInfo
 ) -> list[hd.seg.SegmentDescription]:
-    """One Segment Sequence item per label; Segment Number n describes ``segments[n-1]``."""
+    """One Segment Sequence item per label; Segment Number n describes ``segments[n-1]``.
+
+    The laterality of a lateral organ is a Segmented Property Type Modifier and where a
+    finding lies an Anatomic Region (with its modifier), as in TotalSegmentator's table.
+    """
     family = algorithm.seg_identification()
-    return [
-        hd.seg.SegmentDescription(
+    out = []
+    for number, seg in enumerate(segments, start=1):
+        description = hd.seg.SegmentDescription(
             segment_number=number,
             segment_label=seg.name,
             segmented_property_category=seg.category,
@@ -41,10 +77,22 @@ def segment_descriptions(
             algorithm_identification=family,
             tracking_uid=generate_uid(),
             tracking_id=seg.name,
+            anatomic_regions=[seg.anatomic_region] if seg.anatomic_region else None,
             display_color=seg.display_color(),
         )
-        for number, seg in enumerate(segments, start=1)
-    ]
+        _with_modifier(
+            description.SegmentedPropertyTypeCodeSequence[0],
+            "SegmentedPropertyTypeModifierCodeSequence",
+            seg.modifier,
+        )
+        if seg.anatomic_region is not None:
+            _with_modifier(
+                description.AnatomicRegionSequence[0],
+                "AnatomicRegionModifierSequence",
+                seg.anatomic_region_modifier,
+            )
+        out.append(description)
+    return out
 
 
 def _frames_in_source_order(source: SeriesVolume, numbered: np.ndarray) -> np.ndarray:
@@ -64,6 +112,20 @@ def _frames_in_source_order(source: SeriesVolume, numbered: np.ndarray) -> np.nd
     return out
 
 
+def _one_empty_frame(
+    source: SeriesVolume, labels: np.ndarray
+) -> tuple[np.ndarray, Sequence[Dataset]]:
+    """Pixels and source images for a SEG of a label map without any label.
+
+    For a single-frame series, one empty frame derived from the first image. A multi-frame
+    source keeps all its frames (highdicom pairs frames with the source's own), which
+    the Enhanced CTs a scanner writes hold few enough of.
+    """
+    if source.frame_numbers is None:
+        return np.zeros((1, *labels.shape[1:]), dtype=np.uint8), source.headers[:1]
+    return _frames_in_source_order(source, labels), source.headers
+
+
 def build_seg(
     source: SeriesVolume,
     labels: np.ndarray,
@@ -75,10 +137,13 @@ def build_seg(
     """Build the SEG instance for ``labels`` drawn on ``source``.
 
     ``labels`` is (slices, rows, columns) uint8 on the source grid; each value described in
-    ``segments`` becomes one segment (Segment Number = position in ``segments`` + 1).
+    ``segments`` that occurs in it becomes one segment, numbered 1.. in the order of
+    ``segments`` (:func:`~dicom_node.encode.labels.present_segments`; the RTSTRUCT's ROI
+    Numbers are the same). When no label occurs, every segment is described and the SEG
+    holds one empty frame (see the module's docstring).
     ``settings.seg_type`` picks Segmentation Storage with SegmentationType BINARY (frames
     only where a segment is present) or Label Map Segmentation Storage (one frame per slice
-    that holds any label).
+    that holds any label); ``settings.seg_compression`` the Label Map's transfer syntax.
 
     highdicom takes the source images' metadata only: the headers kept by
     :mod:`dicom_node.volume` (no Pixel Data, Rows/Columns intact) are passed as they are.
@@ -93,12 +158,29 @@ def build_seg(
         if settings.seg_type == "labelmap"
         else hd.seg.SegmentationTypeValues.BINARY
     )
-    pixels = _frames_in_source_order(source, segment_numbers(labels, segments))
+    compression = getattr(settings, "seg_compression", "none")
+    if compression not in COMPRESSION_SYNTAXES:
+        raise EncodeError(
+            f"SEG compression {compression!r} is not one of {sorted(COMPRESSION_SYNTAXES)}"
+        )
+    syntax = (
+        COMPRESSION_SYNTAXES[compression]
+        if settings.seg_type == "labelmap"
+        else (ExplicitVRLittleEndian)
+    )
+    found = present_segments(labels, segments)
+    source_images, nothing_found = source.headers, not found
+    if found:
+        pixels = _frames_in_source_order(source, segment_numbers(labels, found))
+    else:
+        found = list(segments)
+        pixels, source_images = _one_empty_frame(source, labels)
     return hd.seg.Segmentation(
-        source_images=source.headers,
+        source_images=source_images,
         pixel_array=pixels,
+        transfer_syntax_uid=syntax,
         segmentation_type=seg_type,
-        segment_descriptions=segment_descriptions(segments, algorithm),
+        segment_descriptions=segment_descriptions(found, algorithm),
         series_instance_uid=generate_uid(),
         series_number=series_number,
         sop_instance_uid=generate_uid(),
@@ -106,6 +188,6 @@ def build_seg(
         series_description=settings.seg_series_description,
         content_description=f"{algorithm.name} {algorithm.version}"[:64],
         content_label="SEGMENTATION",
-        omit_empty_frames=True,
+        omit_empty_frames=not nothing_found,
         **common_attributes(source, settings),
     )

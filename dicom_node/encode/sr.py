@@ -4,6 +4,11 @@ The SR is what a PACS or a reporting system can read without drawing anything: f
 segment of the SEG, a Volumetric ROI Measurements group (TID 1411) holding its volume in
 millilitres, the segment it was measured on (by SEG SOP Instance UID and Segment Number),
 the algorithm that produced it, and the CT images the segment was derived from.
+
+Every label the model was asked for is reported, in the model's label order: one it did
+not find has no segment to point at (the SEG leaves it out), so its 0 mL is a Measurement
+Group (TID 1501) with the same finding type, finding site and algorithm, and no region.
+A lateral structure's laterality is its Finding Site's laterality.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
 from dicom_node.config import ResultSettings
+from dicom_node.encode.codes import LATERALITY_CODES
 from dicom_node.encode.labels import (
     MODEL_NAME,
     AlgorithmInfo,
@@ -27,6 +33,7 @@ from dicom_node.encode.labels import (
     common_attributes,
     device_serial_number,
     device_uid,
+    present_segments,
     slices_with,
 )
 from dicom_node.volume import SeriesVolume
@@ -47,6 +54,7 @@ def voxel_volume_ml(source: SeriesVolume) -> float:
 
 
 def _check_seg(seg: Dataset, source: SeriesVolume, segments: Sequence[SegmentInfo]) -> None:
+    """Raise unless ``seg`` is a SEG of ``source`` whose segment n is ``segments[n-1]``."""
     if str(seg.get("Modality", "")) != "SEG" or "SegmentSequence" not in seg:
         raise EncodeError("the object passed as SEG is not a Segmentation")
     if seg.StudyInstanceUID != source.first.StudyInstanceUID:
@@ -60,6 +68,19 @@ def _check_seg(seg: Dataset, source: SeriesVolume, segments: Sequence[SegmentInf
             )
 
 
+def _finding_sites(info: SegmentInfo) -> list[hd.sr.FindingSite] | None:
+    """Where the finding lies, with its laterality: the anatomic region of a finding (a
+    left kidney cyst), or the lateral organ itself (left kidney)."""
+    if info.anatomic_region is not None:
+        laterality = info.anatomic_region_modifier
+        if laterality is not None and laterality.value not in LATERALITY_CODES:
+            laterality = None
+        return [hd.sr.FindingSite(info.anatomic_region, laterality=laterality)]
+    if info.laterality is not None:
+        return [hd.sr.FindingSite(info.code, laterality=info.laterality)]
+    return None
+
+
 def _referenced_segment(
     seg: Dataset, number: int, source: SeriesVolume, slices: np.ndarray
 ) -> hd.sr.ReferencedSegment:
@@ -68,14 +89,6 @@ def _referenced_segment(
     Built from the label map rather than the SEG's frames because a Label Map SEG has no
     per-frame segment identification to read them from.
     """
-    if slices.size == 0:
-        # A segment the model did not find lies on no image; refer to the source series.
-        return hd.sr.ReferencedSegment(
-            sop_class_uid=seg.SOPClassUID,
-            sop_instance_uid=seg.SOPInstanceUID,
-            segment_number=number,
-            source_series=hd.sr.SourceSeriesForSegmentation(source.first.SeriesInstanceUID),
-        )
     if source.frame_numbers is not None:
         images = [
             hd.sr.SourceImageForSegmentation(
@@ -111,21 +124,29 @@ def build_sr(
     """Build a Comprehensive 3D SR Measurement Report of each segment's volume.
 
     ``seg`` is the SEG built by :func:`~dicom_node.encode.seg.build_seg` from the same
-    ``labels`` and ``segments`` (Segment Number n is ``segments[n-1]``). Each volume is
-    the voxel count of the label times the voxel volume of the source grid, in mL. The
+    ``labels`` and ``segments`` (its Segment Number n is the n-th segment that occurs in
+    ``labels``). Every segment gets a group, in the order of ``segments``; each volume is
+    the voxel count of the label times the voxel volume of the source grid, in mL, and a
+    label that does not occur is 0 mL in a group without region (see the module). The
     observer is the node as a device; single-frame source images form the Image Library
     and, with the SEG, the evidence.
 
     Raises :class:`~dicom_node.encode.labels.EncodeError` when the inputs do not fit.
     """
     check_inputs(source, labels, segments)
-    _check_seg(seg, source, segments)
+    found = present_segments(labels, segments)
+    _check_seg(seg, source, found or segments)
+    numbers = {int(info.value): n for n, info in enumerate(found, start=1)}
     voxel_ml = voxel_volume_ml(source)
     algorithm_id = algorithm.sr_identification()
 
-    groups = []
-    for number, info in enumerate(segments, start=1):
-        slices = slices_with(labels, info.value)
+    groups: list[
+        hd.sr.MeasurementsAndQualitativeEvaluations
+        | hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations
+    ] = []
+    for info in segments:
+        number = numbers.get(int(info.value))
+        slices = slices_with(labels, info.value) if number else np.zeros(0, dtype=int)
         count = sum(int(np.count_nonzero(labels[k] == info.value)) for k in slices)
         volume = hd.sr.Measurement(
             name=codes.SCT.Volume,
@@ -133,14 +154,26 @@ def build_sr(
             unit=MILLILITER,
             algorithm_id=algorithm_id,
         )
+        tracking = hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=info.name)
+        if number is None:
+            groups.append(
+                hd.sr.MeasurementsAndQualitativeEvaluations(
+                    tracking_identifier=tracking,
+                    finding_type=info.code,
+                    finding_category=info.category,
+                    finding_sites=_finding_sites(info),
+                    algorithm_id=algorithm_id,
+                    measurements=[volume],
+                )
+            )
+            continue
         groups.append(
             hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=generate_uid(), identifier=info.name
-                ),
+                tracking_identifier=tracking,
                 referenced_segment=_referenced_segment(seg, number, source, slices),
                 finding_type=info.code,
                 finding_category=info.category,
+                finding_sites=_finding_sites(info),
                 algorithm_id=algorithm_id,
                 measurements=[volume],
             )
