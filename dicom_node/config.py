@@ -122,6 +122,14 @@ class ResultSettings:
     sr_series_description: str = "AI measurements"
     #: "binary" (Segmentation Storage) or "labelmap" (Label Map Segmentation Storage).
     seg_type: str = "binary"
+    #: Transfer syntax of a Label Map SEG: "none" (Explicit VR Little Endian), "rle" (RLE
+    #: Lossless) or "jpegls" (JPEG-LS Lossless). A binary SEG is always uncompressed.
+    seg_compression: str = "rle"
+    #: RTSTRUCT: at most this many contours per ROI on one slice, the largest kept (0: no
+    #: limit). Bounds the object a fragmented (noisy) label map gives.
+    rtstruct_max_contours_per_slice: int = 100
+    #: RTSTRUCT: contours enclosing less than this many mm² are left out (0: none are).
+    rtstruct_min_contour_area_mm2: float = 0.0
     make_seg: bool = True
     make_rtstruct: bool = True
     make_sr: bool = True
@@ -304,6 +312,12 @@ def _validate(s: Settings) -> None:
         raise ConfigError("inference.attempts: must be at least 1")
     if s.results.seg_type not in ("binary", "labelmap"):
         raise ConfigError("results.seg_type: must be 'binary' or 'labelmap'")
+    if s.results.seg_compression not in ("none", "rle", "jpegls"):
+        raise ConfigError("results.seg_compression: must be 'none', 'rle' or 'jpegls'")
+    if s.results.rtstruct_max_contours_per_slice < 0:
+        raise ConfigError("results.rtstruct_max_contours_per_slice: must not be negative")
+    if s.results.rtstruct_min_contour_area_mm2 < 0:
+        raise ConfigError("results.rtstruct_min_contour_area_mm2: must not be negative")
     if s.limits.min_slices < 1:
         raise ConfigError("limits.min_slices: must be at least 1")
     names = set()
