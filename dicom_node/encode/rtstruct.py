@@ -27,6 +27,7 @@ contours. No "keyhole" cuts are made.
 from __future__ import annotations
 
 import datetime
+import logging
 from collections.abc import Sequence
 
 import highdicom as hd
@@ -47,6 +48,8 @@ from dicom_node.encode.labels import (
     slices_with,
 )
 from dicom_node.volume import SeriesVolume
+
+log = logging.getLogger(__name__)
 
 #: Referenced SOP Class UID for a study in RT Referenced Study Sequence items: the
 #: (retired) Detached Study Management SOP Class, which the RT modules still name.
@@ -93,8 +96,18 @@ def _image_reference(source: SeriesVolume, k: int) -> Dataset:
 
 
 def _contour_data(points_lps: np.ndarray) -> list[str]:
-    # 0.1 µm resolution; fixed-point keeps every value within the 16 bytes of a DS.
-    return [f"{v:.4f}" for v in points_lps.ravel()]
+    """Decimal strings of the coordinates, 0.1 µm resolution, without trailing zeros.
+
+    Fixed-point keeps every value within the 16 bytes of a DS; vertices lie on half-pixel
+    boundaries, so most need far fewer than four decimals, and ContourData is most of an
+    RTSTRUCT's bytes: "12.4" rather than "12.4000" makes the object about a fifth smaller
+    with the same geometry.
+    """
+    out = []
+    for v in np.round(points_lps.ravel(), 4).tolist():
+        text = f"{v:.4f}".rstrip("0").rstrip(".")
+        out.append("0" if text == "-0" else text)
+    return out
 
 
 def _slice_origins(source: SeriesVolume) -> np.ndarray:
@@ -122,14 +135,54 @@ def _slice_origins(source: SeriesVolume) -> np.ndarray:
     return origins
 
 
+def polygon_area(polygon: np.ndarray) -> float:
+    """Area enclosed by a closed polygon of (row, column) vertices, in pixels (shoelace)."""
+    rows, cols = polygon[:, 0], polygon[:, 1]
+    return 0.5 * abs(float(np.dot(rows, np.roll(cols, 1)) - np.dot(cols, np.roll(rows, 1))))
+
+
+def select_contours(
+    polygons: list[np.ndarray], pixel_mm2: float, min_area_mm2: float, max_contours: int
+) -> tuple[list[np.ndarray], int, float]:
+    """The contours of one ROI on one slice worth writing, largest first.
+
+    Drops contours enclosing less than ``min_area_mm2``, then keeps the ``max_contours``
+    largest (0: all). Ranking by enclosed area keeps nesting intact: a hole is smaller
+    than the outline around it, so an outline is never dropped while its hole is kept.
+    Returns the kept contours, how many were dropped and the area they enclosed (mm²).
+    """
+    areas = np.array([polygon_area(p) * pixel_mm2 for p in polygons])
+    order = [int(i) for i in np.argsort(-areas, kind="stable") if areas[i] >= min_area_mm2]
+    if max_contours:
+        order = order[:max_contours]
+    kept = set(order)
+    dropped = [i for i in range(len(polygons)) if i not in kept]
+    return [polygons[i] for i in sorted(kept)], len(dropped), float(areas[dropped].sum())
+
+
 def _roi_contours(
-    source: SeriesVolume, labels: np.ndarray, value: int, origins: np.ndarray, first_number: int
+    source: SeriesVolume,
+    labels: np.ndarray,
+    seg: SegmentInfo,
+    origins: np.ndarray,
+    first_number: int,
+    settings: ResultSettings,
 ) -> list[Dataset]:
     """Contour Sequence items of one label value, slice by slice, in patient LPS mm."""
+    value = int(seg.value)
     in_plane = source.affine[:3, 1:3]  # mm per row step and per column step
+    pixel_mm2 = float(np.linalg.norm(np.cross(in_plane[:, 0], in_plane[:, 1])))
+    min_area = float(getattr(settings, "rtstruct_min_contour_area_mm2", 0.0))
+    cap = int(getattr(settings, "rtstruct_max_contours_per_slice", 0))
     items = []
+    dropped, dropped_mm2, total = 0, 0.0, 0
     for k in slices_with(labels, value):
-        for polygon in slice_contours(labels[k] == value):
+        polygons = slice_contours(labels[k] == value)
+        total += len(polygons)
+        if min_area > 0 or (cap and len(polygons) > cap):
+            polygons, n, area = select_contours(polygons, pixel_mm2, min_area, cap)
+            dropped, dropped_mm2 = dropped + n, dropped_mm2 + area
+        for polygon in polygons:
             lps = origins[k] + polygon @ in_plane.T
             item = Dataset()
             item.ContourNumber = first_number + len(items)
@@ -138,6 +191,17 @@ def _roi_contours(
             item.NumberOfContourPoints = len(polygon)
             item.ContourData = _contour_data(lps)
             items.append(item)
+    if dropped:
+        log.warning(
+            "RTSTRUCT ROI %r: %d of %d contours left out (%.1f mm² in all; fewer than %.1f mm² "
+            "or beyond %d per slice): the label map is fragmented",
+            seg.name,
+            dropped,
+            total,
+            dropped_mm2,
+            min_area,
+            cap,
+        )
     return items
 
 
@@ -239,7 +303,7 @@ def build_rtstruct(
 
         contour = Dataset()
         contour.ROIDisplayColor = [int(c) for c in seg.color_rgb]
-        items = _roi_contours(source, labels, int(seg.value), origins, next_contour)
+        items = _roi_contours(source, labels, seg, origins, next_contour, settings)
         next_contour += len(items)
         if items:
             contour.ContourSequence = DicomSequence(items)
