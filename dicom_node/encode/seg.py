@@ -9,8 +9,9 @@ viewer overlays it on exactly the slices it came from.
 Labels the model did not find are left out (no empty segment); the SR lists them with
 0 mL. A result in which no label was found at all cannot be a SEG without segments
 (Segment Sequence is Type 1, and highdicom refuses one), so such a SEG describes every
-label it looked for and holds a single empty frame on the first slice: a valid, small
-"nothing found" object, where highdicom by itself would encode every empty frame.
+label it looked for and holds only empty frames of the first slice (one per segment for
+BINARY, one for a Label Map): a valid, small "nothing found" object, where highdicom by
+itself would encode every empty frame of every slice.
 
 Label Map SEGs may be compressed (``[results] seg_compression``): RLE Lossless or JPEG-LS
 Lossless. A binary SEG stays uncompressed: highdicom encodes 1-bit frames only natively or
@@ -140,7 +141,7 @@ def build_seg(
     ``segments`` that occurs in it becomes one segment, numbered 1.. in the order of
     ``segments`` (:func:`~dicom_node.encode.labels.present_segments`; the RTSTRUCT's ROI
     Numbers are the same). When no label occurs, every segment is described and the SEG
-    holds one empty frame (see the module's docstring).
+    holds only empty frames of the first slice (see the module's docstring).
     ``settings.seg_type`` picks Segmentation Storage with SegmentationType BINARY (frames
     only where a segment is present) or Label Map Segmentation Storage (one frame per slice
     that holds any label); ``settings.seg_compression`` the Label Map's transfer syntax.
