@@ -4,8 +4,13 @@ Every encoder takes the assembled source (:class:`~dicom_node.volume.SeriesVolum
 label map on its grid, what each label means (:class:`SegmentInfo`, usually from
 :func:`segment_info_for`) and which algorithm made it (:class:`AlgorithmInfo`), and returns
 a dataset ready to be stored or sent: a new series in the source's study and Frame of
-Reference. Segment Number, ROI Number and SR measurement group n all describe
-``segments[n-1]``.
+Reference. Label names are coded from TotalSegmentator's table (:mod:`.codes`).
+
+Segment Number and ROI Number n both describe the n-th segment that occurs in the label
+map (:func:`present_segments`): a label the model did not find has no segment and no ROI.
+The SR reports every segment, in order, found ones by reference to their SEG segment and
+the others as 0 mL. When no label occurs at all, SEG and RTSTRUCT describe every segment
+(without pixels or contours), since neither may be empty.
 """
 
 from dicom_node.encode.labels import (
@@ -13,6 +18,7 @@ from dicom_node.encode.labels import (
     EncodeError,
     SegmentInfo,
     label_counts,
+    present_segments,
     segment_info_for,
 )
 from dicom_node.encode.rtstruct import build_rtstruct
@@ -27,5 +33,6 @@ __all__ = [
     "build_seg",
     "build_sr",
     "label_counts",
+    "present_segments",
     "segment_info_for",
 ]
