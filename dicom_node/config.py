@@ -168,11 +168,16 @@ class RetentionSettings:
 
 @dataclass(frozen=True)
 class ModelSettings:
-    """One segmentation model: a Triton model (or, locally, the bundle) and its bundle."""
+    """One segmentation model: a MONAI bundle, and the Triton model that serves it.
+
+    With no ``triton_model`` the node writes the Triton models the bundle needs into its data
+    directory and serves them (``dicom_node.inference.repository``): a bundle is a folder,
+    not a hand-written model.
+    """
 
     name: str
-    triton_model: str
     bundle: Path
+    triton_model: str = ""
 
 
 @dataclass(frozen=True)
@@ -304,8 +309,8 @@ def _validate(s: Settings) -> None:
         raise ConfigError("node.unsupported_sop_class: must be 'refuse' or 'fail'")
     if s.inference.backend not in ("triton", "local"):
         raise ConfigError("inference.backend: must be 'triton' or 'local'")
-    if s.inference.transport not in ("auto", "grpc", "shm"):
-        raise ConfigError("inference.transport: must be 'auto', 'grpc' or 'shm'")
+    if s.inference.transport not in ("auto", "grpc", "shm", "cuda_shm"):
+        raise ConfigError("inference.transport: must be 'auto', 'grpc', 'shm' or 'cuda_shm'")
     if s.inference.device not in ("auto", "cpu", "cuda"):
         raise ConfigError("inference.device: must be 'auto', 'cpu' or 'cuda'")
     if s.inference.attempts < 1:

@@ -176,31 +176,107 @@ def test_state_dict_weights_load_into_network_def(tmp_path):
 def test_missing_weights_is_a_clear_error(tmp_path):
     root = tmp_path / "copy"
     shutil.copytree(DEMO_BUNDLE / "configs", root / "configs")
-    with pytest.raises(BundleError, match=r"no trained weights: models/model\.ts is missing"):
+    with pytest.raises(
+        BundleError, match=r"no trained weights: neither models/model\.ts nor models/model\.pt"
+    ):
         LocalBackend(root, device="cpu")
 
 
-def test_unsupported_preprocessing_is_refused(tmp_path):
+def test_other_preprocessing_runs_as_monai_transforms(tmp_path):
+    # Not the fast path's chain: the bundle's own transforms run (the "bundle" path).
     config = json.loads(PUBLIC_INFERENCE.read_text())
     config["preprocessing"]["transforms"].insert(
         3, {"_target_": "NormalizeIntensityd", "keys": "@image_key"}
     )
-    with pytest.raises(BundleError, match="NormalizeIntensityd"):
-        load_bundle(_bundle_with(tmp_path, config))
+    bundle = load_bundle(_bundle_with(tmp_path, config))
+    assert bundle.preprocessing is None and not bundle.fast_path
+    assert SegmentationPipeline(bundle).path == "bundle"
 
 
-def test_other_inferers_are_refused(tmp_path):
+def test_other_inferers_run_as_the_bundle_says(tmp_path):
     config = json.loads(PUBLIC_INFERENCE.read_text())
     config["inferer"] = {"_target_": "SimpleInferer"}
-    with pytest.raises(BundleError, match="SimpleInferer"):
+    bundle = load_bundle(_bundle_with(tmp_path, config))
+    assert bundle.roi_size is None and not bundle.fast_path
+
+
+@pytest.mark.parametrize(
+    ("transform", "reason"),
+    [
+        ({"_target_": "ConcatItemsd", "keys": ["image", "pet"], "name": "image"},
+         r"combines several images \(ConcatItemsd\): a CT series is one image"),
+        ({"_target_": "LoadImaged", "keys": ["image", "pet"]},
+         r"loads 2 images \(image, pet\) per case"),
+    ],
+)
+def test_a_bundle_that_needs_several_images_is_refused(tmp_path, transform, reason):
+    config = json.loads(PUBLIC_INFERENCE.read_text())
+    config["preprocessing"]["transforms"].insert(1, transform)
+    with pytest.raises(BundleError, match=reason):
         load_bundle(_bundle_with(tmp_path, config))
 
 
-def test_labels_come_from_the_metadata(tmp_path):
+def test_labels_come_from_the_metadata_or_the_config(tmp_path):
     meta = json.loads((DEMO_BUNDLE / "configs" / "metadata.json").read_text())
     del meta["network_data_format"]["outputs"]["pred"]["channel_def"]
-    with pytest.raises(BundleError, match="channel_def"):
-        load_bundle(_bundle_with(tmp_path, PUBLIC_INFERENCE.read_text(), meta))
+    with pytest.raises(BundleError, match="names no labels"):
+        load_bundle(_bundle_with(tmp_path / "a", PUBLIC_INFERENCE.read_text(), meta))
+    config = json.loads(PUBLIC_INFERENCE.read_text())
+    config["label_names"] = {"0": "background", "1": "spleen"}
+    assert load_bundle(_bundle_with(tmp_path / "b", config, meta)).labels == {1: "spleen"}
+
+
+def test_a_yaml_config_is_read_as_monai_reads_it(tmp_path):
+    import yaml
+
+    config = json.loads(PUBLIC_INFERENCE.read_text())
+    root = _bundle_with(tmp_path, config)
+    (root / "configs" / "inference.json").unlink()
+    (root / "configs" / "inference.yaml").write_text(yaml.safe_dump(config))
+    bundle = load_bundle(root)
+    assert bundle.preprocessing is not None and bundle.preprocessing.pixdim == (1.5, 1.5, 2.0)
+
+
+def test_weights_are_where_the_checkpoint_loader_points(tmp_path):
+    config = json.loads(PUBLIC_INFERENCE.read_text())
+    config["checkpointloader"]["load_path"] = "$@bundle_root + '/models/other.pt'"
+    root = _bundle_with(tmp_path, config)
+    bundle = load_bundle(root)
+    assert bundle.weights == root.resolve() / "models" / "other.pt"
+    with pytest.raises(BundleError, match=r"models/other\.pt \(checkpointloader#load_path\)"):
+        bundle.load_network()
+    (root / "models").mkdir()
+    torch.save(bundle.build_network().state_dict(), root / "models" / "other.pt")
+    assert not bundle.load_network().training
+
+
+def test_imports_and_the_bundles_own_scripts_are_honoured(tmp_path):
+    config = json.loads(PUBLIC_INFERENCE.read_text())
+    config["imports"] = ["$import scripts.intensity"]
+    config["preprocessing"]["transforms"].append(
+        {"_target_": "scripts.intensity.Offsetd", "keys": "@image_key", "offset": 0.5}
+    )
+    root = _bundle_with(tmp_path, config)
+    (root / "scripts").mkdir()
+    (root / "scripts" / "__init__.py").write_text("")
+    (root / "scripts" / "intensity.py").write_text(
+        "from monai.transforms import MapTransform\n\n"
+        "class Offsetd(MapTransform):\n"
+        "    def __init__(self, keys, offset):\n"
+        "        super().__init__(keys)\n"
+        "        self.offset = offset\n\n"
+        "    def __call__(self, data):\n"
+        "        d = dict(data)\n"
+        "        for key in self.key_iterator(d):\n"
+        "            d[key] = d[key] + self.offset\n"
+        "        return d\n"
+    )
+    bundle = load_bundle(root)
+    assert not bundle.fast_path
+    pipeline = SegmentationPipeline(bundle)
+    data = pipeline._workflow.preprocess(np.zeros((4, 8, 8), np.int16), np.eye(4))
+    # ScaleIntensityRange clips HU 0 to (0 + 57) / 221, then the bundle's own offset
+    np.testing.assert_allclose(float(data["image"].max()), 57 / 221 + 0.5, rtol=1e-5)
 
 
 def test_not_a_bundle(tmp_path):

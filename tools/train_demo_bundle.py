@@ -149,16 +149,22 @@ def inference_config(organ: Organ = ORGANS["spleen"]) -> dict:
         "postprocessing": {
             "_target_": "Compose",
             "transforms": [
+                # The chain the node's fast path computes exactly (dicom_node.pipeline.bundle).
                 {"_target_": "Activationsd", "keys": "pred", "softmax": True},
+                {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
+                {
+                    "_target_": "KeepLargestConnectedComponentd",
+                    "keys": "pred",
+                    "applied_labels": [1],
+                },
                 {
                     "_target_": "Invertd",
                     "keys": "pred",
                     "transform": "@preprocessing",
                     "orig_keys": "@image_key",
-                    "nearest_interp": False,
+                    "nearest_interp": True,
                     "to_tensor": True,
                 },
-                {"_target_": "AsDiscreted", "keys": "pred", "argmax": True},
                 {
                     "_target_": "SaveImaged",
                     "keys": "pred",

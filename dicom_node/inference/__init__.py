@@ -14,6 +14,7 @@ care where the model runs. :func:`make_backend` builds the one the configuration
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -124,6 +125,7 @@ def make_backends(
     if settings.backend != "triton":
         raise ValueError(f"unknown inference backend {settings.backend!r}")
 
+    from dicom_node.inference.repository import write_models
     from dicom_node.inference.server import TritonServer
     from dicom_node.inference.triton import TritonBackend
 
@@ -132,6 +134,19 @@ def make_backends(
             urls, m.triton_model, settings.transport, settings.timeout_seconds, gpu_server=gpu
         )
 
+    # A model without a triton_model is served by models written for its bundle: by the
+    # node into its data directory for its own server, by `dicom-node model export-triton`
+    # for remote ones, under the model's name.
+    generated = Path(data_dir) / "triton" / "models"
+    written: list[str] = []
+    named = []
+    for m in models:
+        if not m.triton_model:
+            if not settings.triton_url:
+                written += write_models(m.name, m.bundle, generated)
+            m = dataclasses.replace(m, triton_model=m.name)
+        named.append(m)
+    models = named
     if settings.triton_url:
         return {m.name: client(settings.triton_url, m) for m in models}
     env = {bundle_env_name(m.triton_model): str(Path(m.bundle).resolve()) for m in models}
@@ -145,9 +160,14 @@ def make_backends(
         grpc_port=settings.grpc_port,
         http_port=settings.http_port,
         metrics_port=settings.metrics_port,
-        models=models_to_load(Path(settings.model_repository), [m.triton_model for m in models]),
+        models=models_to_load(
+            Path(settings.model_repository),
+            [m.triton_model for m in models if m.triton_model not in written],
+        )
+        + written,
         startup_timeout=settings.startup_timeout_seconds,
         env=env,
+        extra_repositories=[generated] if written else [],
     )
     server.start()
     # KIND_AUTO instances run on the GPU whenever the server sees one, and it sees what this

@@ -134,8 +134,11 @@ class TritonServer:
         host: str = "127.0.0.1",
         python_version: str | None = None,
         stop_timeout: float = 15.0,
+        extra_repositories: Sequence[Path] = (),
     ) -> None:
         self.model_repository = Path(model_repository).resolve()
+        #: More repositories served beside it (the models the node writes for bundles).
+        self.extra_repositories = [Path(p).resolve() for p in extra_repositories]
         self.work_dir = Path(work_dir).resolve()
         self.grpc_port = grpc_port
         self.http_port = http_port
@@ -320,6 +323,7 @@ class TritonServer:
         cmd = [
             str(binary),
             f"--model-repository={self.model_repository}",
+            *(f"--model-repository={p}" for p in self.extra_repositories),
             f"--backend-directory={backends}",
             "--model-control-mode=explicit",
             f"--grpc-port={self.grpc_port}",

@@ -1,21 +1,30 @@
-"""Read what inference needs from a MONAI bundle.
+"""Read a MONAI bundle as MONAI's own bundle workflow reads it.
 
-A MONAI bundle's ``configs/inference.json`` describes a file-based workflow (LoadImaged from
-NIfTI, a DataLoader, SaveImaged...). The node already holds the volume in memory, so instead of
-running that workflow we read the parts that define the model's contract with
-:class:`monai.bundle.ConfigParser` (so ``@`` references and ``$`` expressions resolve as MONAI
-resolves them): the network, the preprocessing parameters, the sliding-window inferer and the
-label names of ``configs/metadata.json``. Any preprocessing transform that the in-memory pipeline
-cannot reproduce is refused, rather than silently skipped, because a model fed differently
-preprocessed images gives plausible-looking wrong masks.
+A bundle's inference config (``configs/inference.json`` or ``.yaml``) describes a file-based
+workflow: LoadImaged from NIfTI, a DataLoader, an evaluator, SaveImaged. The node already holds
+the volume in memory, so it runs the parts that define the model's contract, built by
+:class:`monai.bundle.ConfigParser` exactly as ``monai.bundle.run`` builds them (``imports``,
+the bundle's own ``scripts/`` package, ``@`` references and ``$`` expressions): the network,
+its weights from where ``checkpointloader#load_path`` points, ``preprocessing``,
+``inferer`` and ``postprocessing`` (see :mod:`dicom_node.pipeline.workflow`).
+
+Where the bundle's chain is one the node's fast path reproduces exactly (Orientation,
+Spacing and ScaleIntensityRange before the network; argmax, optionally the largest connected
+component, and a nearest-neighbour inverse after it), :attr:`Bundle.preprocessing` and
+:attr:`Bundle.fast_postprocessing` describe it and :class:`SegmentationPipeline` takes the fast
+path; any other chain runs as MONAI's transforms. What cannot apply to a single CT series
+(several images concatenated, several input keys) is refused when the bundle is loaded,
+with the reason.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import monai
 import torch
 from monai.bundle import ConfigParser
 
@@ -23,17 +32,31 @@ from dicom_node.pipeline.metadata import (
     INFERENCE_CONFIG,
     METADATA,
     BundleError,
+    find_inference_config,
     read_bundle_info,
-    read_json,
+    read_config,
 )
 
-__all__ = ["INFERENCE_CONFIG", "METADATA", "Bundle", "BundleError", "Preprocessing", "load_bundle"]
+__all__ = [
+    "INFERENCE_CONFIG",
+    "METADATA",
+    "Bundle",
+    "BundleError",
+    "FastPostprocessing",
+    "Preprocessing",
+    "load_bundle",
+]
 
 TORCHSCRIPT = "models/model.ts"
 STATE_DICT = "models/model.pt"
 
 #: Dictionary transforms that are no-ops on an in-memory, channel-first float tensor.
 _PASS_THROUGH = {"LoadImaged", "EnsureChannelFirstd", "EnsureTyped", "AddChanneld"}
+#: Postprocessing transforms that write files: the node encodes DICOM instead.
+WRITERS = {"SaveImaged", "SaveImage"}
+#: Transforms that combine several images (phases, modalities) into one input: a CT series
+#: is one image.
+_SEVERAL_IMAGES = ("ConcatItemsd", "ConcatImages", "ConcatItems")
 
 
 @dataclass(frozen=True)
@@ -56,39 +79,80 @@ class Preprocessing:
     order: tuple[str, ...] = ("orientation", "spacing", "intensity")
 
 
+@dataclass(frozen=True)
+class FastPostprocessing:
+    """A postprocessing the fast path computes exactly: argmax (after an optional softmax,
+    which does not change it), the largest connected component of each label when
+    ``keep_largest``, then the inverse of the preprocessing with nearest-neighbour
+    interpolation."""
+
+    keep_largest: bool
+
+
 @dataclass
 class Bundle:
-    """A parsed MONAI bundle folder (``configs/inference.json``, ``configs/metadata.json``,
-    ``models/model.ts``)."""
+    """A parsed MONAI bundle folder."""
 
     path: Path
     name: str
     version: str
     labels: dict[int, str]
     num_classes: int
-    roi_size: tuple[int, int, int]
+    #: The sliding window, when the inferer is a ``SlidingWindowInferer`` (else ``None``).
+    roi_size: tuple[int, int, int] | None
     sw_batch_size: int
     overlap: float
     blend_mode: str
-    preprocessing: Preprocessing
+    #: Set when the fast path reproduces the bundle's preprocessing, else ``None``.
+    preprocessing: Preprocessing | None
     network_def: dict[str, Any]
     parser: ConfigParser = field(repr=False)
+    #: Set when the fast path reproduces the bundle's postprocessing, else ``None``.
+    fast_postprocessing: FastPostprocessing | None = None
+    #: The data key of the image in the bundle's transforms (``image_key``).
+    image_key: str = "image"
+    #: The bundle's evaluator runs the network under autocast (``evaluator#amp``).
+    amp: bool = False
+    #: Where ``checkpointloader#load_path`` points (``models/model.pt`` without one).
+    weights: Path | None = None
+
+    @property
+    def fast_path(self) -> bool:
+        """Whether :class:`SegmentationPipeline`'s fast path gives the bundle's own result."""
+        return (
+            self.preprocessing is not None
+            and self.fast_postprocessing is not None
+            and self.roi_size is not None
+        )
 
     def build_network(self) -> torch.nn.Module:
         """A freshly initialised network from ``network_def`` (for training or state dicts)."""
         try:
             return self.parser.get_parsed_content("network_def", instantiate=True)
         except Exception as exc:  # noqa: BLE001 - any config error is the bundle's fault
-            raise BundleError(f"bundle {self.path} has an unusable network_def: {exc}") from exc
+            raise BundleError(
+                f"bundle {self.path} has a network_def that MONAI {monai.__version__} cannot "
+                f"build ({_root_cause(exc)}){self._made_for()}"
+            ) from exc
+
+    def _made_for(self) -> str:
+        """Which MONAI the bundle says it was made for, when another one runs here."""
+        wanted = self.parser.get("_meta_#monai_version")
+        if wanted and str(wanted) != monai.__version__:
+            return f"; the bundle was made for MONAI {wanted}"
+        return ""
 
     def load_network(self, device: str | torch.device = "cpu") -> torch.nn.Module:
         """The trained network on ``device``, in eval mode.
 
         ``models/model.ts`` (TorchScript) is preferred: it needs no Python definition of the
-        architecture and is what Triton's PyTorch backend serves. Bundles from the MONAI model
-        zoo that only ship ``models/model.pt`` are loaded into ``network_def`` instead.
+        architecture and is what Triton's PyTorch backend serves. Otherwise the weights
+        where ``checkpointloader#load_path`` points (``models/model.pt`` by default) are
+        loaded into ``network_def``, as MONAI's ``CheckpointLoader`` loads them: a
+        checkpoint whose ``model`` item is the state dict, or the state dict itself.
         """
-        ts, pt = self.path / TORCHSCRIPT, self.path / STATE_DICT
+        ts = self.path / TORCHSCRIPT
+        pt = self.weights or self.path / STATE_DICT
         if ts.is_file():
             net = torch.jit.load(str(ts), map_location=device)
         elif pt.is_file():
@@ -96,13 +160,28 @@ class Bundle:
             state = torch.load(pt, map_location=device, weights_only=True)
             if isinstance(state, dict) and isinstance(state.get("model"), dict):
                 state = state["model"]  # a CheckpointSaver checkpoint
-            net.load_state_dict(state)
+            try:
+                net.load_state_dict(state)
+            except (RuntimeError, TypeError) as exc:
+                raise BundleError(
+                    f"bundle {self.path}: the weights in {pt.name} do not fit its network_def "
+                    f"({str(exc).splitlines()[0]})"
+                ) from None
             net = net.to(device)
         else:
+            where = pt.relative_to(self.path) if pt.is_relative_to(self.path) else pt
             raise BundleError(
-                f"bundle {self.path} has no trained weights: {TORCHSCRIPT} is missing"
+                f"bundle {self.path} has no trained weights: neither {TORCHSCRIPT} nor "
+                f"{where} (checkpointloader#load_path) is there"
             )
         return net.eval()
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost exception's message: ConfigParser wraps the error that says why."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
 def _target_name(item: Any) -> str:
@@ -110,12 +189,18 @@ def _target_name(item: Any) -> str:
     return str(target).rsplit(".", 1)[-1]
 
 
-def _parse_preprocessing(parser: ConfigParser, path: Path) -> Preprocessing:
+def _transforms(config: dict[str, Any], section: str) -> list[Any]:
+    compose = config.get(section)
+    transforms = compose.get("transforms") if isinstance(compose, dict) else None
+    return transforms if isinstance(transforms, list) else []
+
+
+def _parse_preprocessing(parser: ConfigParser, path: Path) -> Preprocessing | None:
+    """The fast path's parameters of the bundle's preprocessing, or ``None`` when it uses a
+    transform the fast path does not reproduce (the bundle's transforms then run)."""
     transforms = parser.get("preprocessing#transforms")
     if not isinstance(transforms, list):
-        raise BundleError(
-            f"bundle {path} has no preprocessing transforms list in {INFERENCE_CONFIG}"
-        )
+        return None
     values: dict[str, Any] = {
         "axcodes": None,
         "pixdim": None,
@@ -135,79 +220,194 @@ def _parse_preprocessing(parser: ConfigParser, path: Path) -> Preprocessing:
     order = []
     for i, item in enumerate(transforms):
         name = _target_name(item)
-        if name in _PASS_THROUGH:
+        if name in _PASS_THROUGH and set(item) <= {"_target_", "keys"}:
             continue
-        if name == "Orientationd":
+        if name == "Orientationd" and set(item) <= {"_target_", "keys", "axcodes"}:
             values["axcodes"] = str(arg(i, "axcodes"))
             order.append("orientation")
-        elif name == "Spacingd":
+        elif name == "Spacingd" and set(item) <= {"_target_", "keys", "pixdim", "mode"}:
             pixdim = arg(i, "pixdim")
             pixdim = pixdim if isinstance(pixdim, (list, tuple)) else [pixdim] * 3
             values["pixdim"] = tuple(float(v) for v in pixdim)
             values["spacing_mode"] = str(arg(i, "mode", "bilinear"))
             order.append("spacing")
-        elif name == "ScaleIntensityRanged":
+        elif name == "ScaleIntensityRanged" and set(item) <= {
+            "_target_",
+            "keys",
+            "a_min",
+            "a_max",
+            "b_min",
+            "b_max",
+            "clip",
+        }:
             for key in ("a_min", "a_max", "b_min", "b_max"):
                 values[key] = arg(i, key)
             values["clip"] = bool(arg(i, "clip", False))
             order.append("intensity")
         else:
-            raise BundleError(
-                f"bundle {path} uses preprocessing transform {name or item!r}, which this "
-                "node does not support"
-            )
-    if values["a_min"] is None or values["a_max"] is None:
-        raise BundleError(f"bundle {path} has no ScaleIntensityRanged in its preprocessing")
+            return None
+    if values["a_min"] is None or values["a_max"] is None or len(set(order)) != len(order):
+        return None
     for key in ("a_min", "a_max"):
         values[key] = float(values[key])
     # MONAI's ScaleIntensityRange leaves the range unscaled when b_min/b_max are None.
     for key in ("b_min", "b_max"):
         values[key] = None if values[key] is None else float(values[key])
-    if len(set(order)) != len(order):
-        raise BundleError(f"bundle {path} repeats a preprocessing transform")
     return Preprocessing(**values, order=tuple(order))
+
+
+def _parse_postprocessing(
+    parser: ConfigParser, labels: dict[int, str]
+) -> FastPostprocessing | None:
+    """The fast path's description of the bundle's postprocessing, or ``None``.
+
+    Recognised: [Activationsd(softmax)], AsDiscreted(argmax), [KeepLargestConnectedComponentd
+    of every foreground label], Invertd(nearest_interp) and writers, in that order. A
+    softmax followed by a bilinear Invertd and then argmax is not the same: it runs as
+    MONAI's transforms.
+    """
+    transforms = parser.get("postprocessing#transforms")
+    if not isinstance(transforms, list):
+        return None
+
+    def arg(index: int, key: str, default: Any = None) -> Any:
+        if key not in transforms[index]:
+            return default
+        return parser.get_parsed_content(f"postprocessing#transforms#{index}#{key}")
+
+    steps = []
+    keep_largest = False
+    for i, item in enumerate(transforms):
+        name = _target_name(item)
+        keys = set(item) - {"_target_", "keys"}
+        if name in WRITERS or (name == "EnsureTyped" and not keys):
+            continue
+        if name == "Activationsd" and keys <= {"softmax"} and arg(i, "softmax", False):
+            steps.append("softmax")
+        elif name == "AsDiscreted" and keys == {"argmax"} and arg(i, "argmax") is True:
+            steps.append("argmax")
+        elif name == "KeepLargestConnectedComponentd" and keys <= {"applied_labels"}:
+            applied = arg(i, "applied_labels")
+            applied = [applied] if isinstance(applied, int) else applied
+            if applied is not None and sorted(int(v) for v in applied) != sorted(labels):
+                return None
+            keep_largest = True
+            steps.append("largest")
+        elif (
+            name == "Invertd"
+            and keys
+            <= {
+                "transform",
+                "orig_keys",
+                "nearest_interp",
+                "to_tensor",
+            }
+            and arg(i, "nearest_interp", True) is True
+        ):
+            steps.append("invert")
+        else:
+            return None
+    expected = [s for s in ("softmax", "argmax", "largest", "invert") if s in steps]
+    if steps != expected or "argmax" not in steps or "invert" not in steps:
+        return None
+    return FastPostprocessing(keep_largest=keep_largest)
+
+
+def _check_single_image(config: dict[str, Any], path: Path, image_key: str) -> None:
+    """Refuse a bundle whose preprocessing needs more than the one image of a series."""
+    for item in _transforms(config, "preprocessing"):
+        name = _target_name(item)
+        if name in _SEVERAL_IMAGES:
+            raise BundleError(
+                f"bundle {path} combines several images ({name}): a CT series is one image"
+            )
+        if name == "LoadImaged":
+            keys = item.get("keys")
+            keys = [keys] if isinstance(keys, str) else keys
+            if isinstance(keys, list) and len(keys) > 1:
+                raise BundleError(
+                    f"bundle {path} loads {len(keys)} images ({', '.join(map(str, keys))}) "
+                    "per case: a CT series is one image"
+                )
+
+
+def _parse(parser: ConfigParser, key: str, path: Path, default: Any = None) -> Any:
+    try:
+        return parser.get_parsed_content(key, default=default)
+    except Exception as exc:  # noqa: BLE001 - an unresolvable item is the bundle's fault
+        raise BundleError(f"bundle {path} has an unusable {key} ({_root_cause(exc)})") from exc
 
 
 def load_bundle(path: str | Path) -> Bundle:
     """Parse the MONAI bundle folder at ``path``.
 
-    Raises :class:`BundleError` when the folder lacks a config, the inferer is not a
-    ``SlidingWindowInferer``, the network or label definition is missing, or the preprocessing
-    uses a transform the pipeline cannot reproduce. Weights are loaded later by
-    :meth:`Bundle.load_network`.
+    Raises :class:`BundleError`, whose message says in one sentence what is wrong, when the
+    folder lacks a config, labels or ``network_def``, when its ``imports`` or
+    ``preprocessing``, ``inferer`` or ``postprocessing`` cannot be built, or when it needs more
+    than one image. Weights are loaded later by :meth:`Bundle.load_network`.
     """
     root = Path(path)
     if not root.is_dir():
         raise BundleError(f"bundle folder {root} does not exist")
-    config = read_json(root / INFERENCE_CONFIG, root)
+    config_path = find_inference_config(root)
+    config = read_config(config_path, root)
     info = read_bundle_info(root)
 
+    # A bundle's own code lives in its scripts/ package, imported as "scripts" by
+    # monai.bundle.run with the bundle folder on sys.path.
+    if (root / "scripts").is_dir() and str(root.resolve()) not in sys.path:
+        sys.path.insert(0, str(root.resolve()))
     parser = ConfigParser()
-    parser.read_config(root / INFERENCE_CONFIG)
-    parser.read_meta(root / METADATA)
-    parser["bundle_root"] = str(root)
+    parser.read_config(str(config_path))
+    parser.read_meta(str(root / METADATA))
+    parser["bundle_root"] = str(root.resolve())
+    if "imports" in config:
+        _parse(parser, "imports", root)
+
+    # The node loads the series itself (workflow.loaded_image): a file reader a bundle names
+    # (ITKReader...) needs a package the node does not use, and is never called.
+    for i, item in enumerate(_transforms(config, "preprocessing")):
+        if _target_name(item) == "LoadImaged" and "reader" in item:
+            parser[f"preprocessing#transforms#{i}#reader"] = None
 
     network_def = config.get("network_def")
     if not isinstance(network_def, dict) or "_target_" not in network_def:
-        raise BundleError(f"bundle {root} has no network_def in {INFERENCE_CONFIG}")
+        raise BundleError(f"bundle {root} has no network_def in {config_path.name}")
+    image_key = str(_parse(parser, "image_key", root, default="image"))
+    _check_single_image(config, root, image_key)
+    for section in ("preprocessing", "inferer", "postprocessing"):
+        if section not in config:
+            raise BundleError(f"bundle {root} has no {section} in {config_path.name}")
+        _parse(parser, section, root)  # every transform and the inferer can be built
 
-    inferer = config.get("inferer")
-    if _target_name(inferer) != "SlidingWindowInferer":
-        raise BundleError(
-            f"bundle {root} uses inferer {_target_name(inferer) or 'none'}; "
-            "only SlidingWindowInferer is supported"
+    roi_size = None
+    sw_batch_size, overlap, blend_mode = 1, 0.25, "constant"
+    if _target_name(config["inferer"]) == "SlidingWindowInferer":
+        inferer = _parse(parser, "inferer", root)
+        roi = inferer.roi_size
+        roi_size = tuple(int(v) for v in (roi if isinstance(roi, (list, tuple)) else [roi] * 3))
+        if len(roi_size) != 3:
+            raise BundleError(f"bundle {root} has a {len(roi_size)}-D roi_size; 3-D is needed")
+        sw_batch_size = int(inferer.sw_batch_size)
+        overlap = float(
+            inferer.overlap
+            if not isinstance(inferer.overlap, (list, tuple))
+            else inferer.overlap[0]
         )
-    try:
-        roi = parser.get_parsed_content("inferer#roi_size")
-        sw_batch_size = int(parser.get_parsed_content("inferer#sw_batch_size", default=1))
-        overlap = float(parser.get_parsed_content("inferer#overlap", default=0.25))
-        blend_mode = str(parser.get_parsed_content("inferer#mode", default="constant"))
-    except Exception as exc:  # noqa: BLE001 - an unresolvable reference is the bundle's fault
-        raise BundleError(f"bundle {root} has an unusable inferer: {exc}") from exc
-    roi_size = tuple(int(v) for v in (roi if isinstance(roi, (list, tuple)) else [roi] * 3))
-    if len(roi_size) != 3:
-        raise BundleError(f"bundle {root} has a {len(roi_size)}-D roi_size; a 3-D one is needed")
+        blend_mode = str(getattr(inferer.mode, "value", inferer.mode))
 
+    weights = None
+    if "checkpointloader" in config:
+        load_path = _parse(parser, "checkpointloader#load_path", root)
+        if load_path:
+            weights = Path(str(load_path))
+            weights = weights if weights.is_absolute() else root / weights
+    amp = (
+        bool(_parse(parser, "evaluator#amp", root, default=False))
+        if isinstance(config.get("evaluator"), dict)
+        else False
+    )
+    fast_post = _parse_postprocessing(parser, info.labels)
     return Bundle(
         path=root,
         name=info.name,
@@ -221,4 +421,8 @@ def load_bundle(path: str | Path) -> Bundle:
         preprocessing=_parse_preprocessing(parser, root),
         network_def=network_def,
         parser=parser,
+        fast_postprocessing=fast_post,
+        image_key=image_key,
+        amp=amp,
+        weights=weights,
     )

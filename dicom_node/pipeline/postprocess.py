@@ -47,22 +47,27 @@ class Postprocessed(NamedTuple):
 
 
 def postprocess_monai(
-    logits: torch.Tensor, image: MetaTensor, label_values: Sequence[int], contours: bool = True
+    logits: torch.Tensor,
+    image: MetaTensor,
+    label_values: Sequence[int],
+    contours: bool = True,
+    keep_largest: bool = True,
 ) -> Postprocessed:
     """Labels and contours of ``logits`` with MONAI's transforms (the reference).
 
     ``logits`` is (num_classes, x, y, z) on the grid of ``image``, the preprocessed image
-    (whose meta records the input grid). argmax, the largest 26-connected component of each
-    label in ``label_values``, nearest-neighbour resampling back to the input grid, then the
+    (whose meta records the input grid). argmax, with ``keep_largest`` the largest
+    26-connected component of each label in ``label_values``, nearest-neighbour resampling back to the input grid, then the
     in-plane contour of every label on every slice: a label voxel with any of its 8 in-plane
     neighbours outside the label (or outside the image).
     """
-    keep_largest = KeepLargestConnectedComponent(
+    largest = KeepLargestConnectedComponent(
         applied_labels=sorted(label_values), is_onehot=False, independent=True
     )
     with torch.inference_mode():
         label = torch.argmax(logits, dim=0, keepdim=True).to(torch.uint8)
-        label = keep_largest(label)
+        if keep_largest:
+            label = largest(label)
         labels = resample_to_input(torch.as_tensor(label), image).to(torch.uint8)
         if not contours:
             return Postprocessed(labels.cpu().numpy(), None)
@@ -79,7 +84,11 @@ def postprocess_monai(
 
 
 def postprocess_fast(
-    logits: torch.Tensor, image: MetaTensor, label_values: Sequence[int], contours: bool = True
+    logits: torch.Tensor,
+    image: MetaTensor,
+    label_values: Sequence[int],
+    contours: bool = True,
+    keep_largest: bool = True,
 ) -> Postprocessed:
     """The arrays of :func:`postprocess_monai`, computed on the organs' bounding box only.
 
@@ -91,7 +100,8 @@ def postprocess_fast(
     values = sorted(int(v) for v in label_values)
     with torch.inference_mode():
         label = _argmax(logits)  # (x, y, z) on the model grid
-        label = _keep_largest(label, values)
+        if keep_largest:
+            label = _keep_largest(label, values)
         mapping = _axis_mapping(label.shape, image, label.device)
         if mapping is None:
             labels = resample_to_input(label[None], image).to(torch.uint8)
@@ -103,7 +113,7 @@ def postprocess_fast(
         host = labels.numpy() if labels.device.type == "cpu" else _to_host(labels[box], box, shape)
         if not contours:
             return Postprocessed(host, None)
-        return Postprocessed(host, _to_host(_contours(labels[box], values), box, shape))
+        return Postprocessed(host, _to_host(in_plane_contours(labels[box], values), box, shape))
 
 
 def _to_host(block: torch.Tensor, box: tuple[slice, ...], shape: tuple[int, ...]) -> np.ndarray:
@@ -279,7 +289,7 @@ def _gather(
     return out, box
 
 
-def _contours(labels: torch.Tensor, values: list[int]) -> torch.Tensor:
+def in_plane_contours(labels: torch.Tensor, values: list[int]) -> torch.Tensor:
     """In-plane 8-neighbour boundary of each label on each slice of a (slices, rows, cols) box.
 
     What LabelToContour's 3x3 Laplacian marks on a slice: a voxel of the label with a neighbour

@@ -1,11 +1,19 @@
-"""Segment a CT volume with a MONAI bundle: preprocessing, sliding window, postprocessing.
+"""Segment a CT volume with a MONAI bundle: preprocessing, inference, postprocessing.
 
 This is the one place where pre- and postprocessing live. Triton's model runs it around a
 predictor that calls the network through BLS; the in-process backend runs it around the
-bundle's TorchScript network. Every stage works on torch tensors on the pipeline's device, so a
-volume is copied to the device once and the label map back once. (Connected components are
-labelled on the host by scipy on a CPU pipeline, and on a GPU by MONAI, which stays on the GPU
-only when cuCIM is installed.)
+bundle's network. Every stage works on torch tensors on the pipeline's device, so a volume is
+copied to the device once and the label map back once.
+
+Two paths, chosen per bundle (``path="auto"``):
+
+* ``"bundle"``: the bundle's own transforms and inferer, as MONAI's bundle workflow runs them
+  (:mod:`dicom_node.pipeline.workflow`); any chain a bundle may hold;
+* ``"fast"``: for the chain most CT bundles use (Orientation, Spacing, ScaleIntensityRange;
+  argmax, largest component, nearest inverse), MONAI's array transforms before the network
+  and :mod:`dicom_node.pipeline.postprocess` after it, which computes the same label map on
+  the organs' bounding box only. ``"auto"`` takes it only where the bundle's config says
+  exactly that chain (:attr:`Bundle.fast_path`).
 """
 
 from __future__ import annotations
@@ -20,12 +28,14 @@ from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 
 from dicom_node.pipeline.bundle import Bundle
-from dicom_node.pipeline.postprocess import postprocess_fast, postprocess_monai
+from dicom_node.pipeline.postprocess import in_plane_contours, postprocess_fast, postprocess_monai
 from dicom_node.pipeline.result import SegmentationResult
 from dicom_node.pipeline.transforms import image_transforms, to_metatensor
+from dicom_node.pipeline.workflow import BundleWorkflow
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 PostprocessMode = Literal["fast", "monai"]
+Path_ = Literal["auto", "fast", "bundle"]
 _POSTPROCESS = {"fast": postprocess_fast, "monai": postprocess_monai}
 
 
@@ -36,9 +46,10 @@ class SegmentationPipeline:
     device to logits ``(N, num_classes, *roi_size)``; without one the bundle's own network
     runs in-process, loaded on first use.
 
-    ``postprocess_mode`` picks the implementation of :meth:`postprocess`: ``"fast"`` (the
-    default) or ``"monai"``, MONAI's transforms chained, which give the same arrays slower
-    (see :mod:`dicom_node.pipeline.postprocess`).
+    ``path`` is ``"auto"`` (the fast path where it gives the bundle's own result), ``"fast"``
+    or ``"bundle"`` (see the module's docstring). On the fast path ``postprocess_mode`` picks
+    the implementation of :meth:`postprocess`: ``"fast"`` (the default) or ``"monai"``,
+    MONAI's transforms chained, which give the same arrays slower.
     """
 
     def __init__(
@@ -46,15 +57,26 @@ class SegmentationPipeline:
         bundle: Bundle,
         device: str | torch.device = "cpu",
         postprocess_mode: PostprocessMode = "fast",
+        path: Path_ = "auto",
     ) -> None:
         if postprocess_mode not in _POSTPROCESS:
             raise ValueError(
                 f"postprocess_mode must be one of {sorted(_POSTPROCESS)}, not {postprocess_mode!r}"
             )
+        if path not in ("auto", "fast", "bundle"):
+            raise ValueError(f"path must be 'auto', 'fast' or 'bundle', not {path!r}")
         self.bundle = bundle
         self.device = torch.device(device)
         self.postprocess_mode = postprocess_mode
-        self._preprocess = image_transforms(bundle.preprocessing)
+        self.path = ("fast" if bundle.fast_path else "bundle") if path == "auto" else path
+        if self.path == "fast":
+            if bundle.preprocessing is None or bundle.roi_size is None:
+                raise ValueError(f"bundle {bundle.path} has no chain the fast path reproduces")
+            self._preprocess = image_transforms(bundle.preprocessing)
+            fast = bundle.fast_postprocessing
+            self._keep_largest = True if fast is None else fast.keep_largest
+        else:
+            self._workflow = BundleWorkflow(bundle, self.device)
         self._network: torch.nn.Module | None = None
 
     @property
@@ -65,7 +87,8 @@ class SegmentationPipeline:
         return self._network
 
     def preprocess(self, hu: np.ndarray | torch.Tensor, affine: np.ndarray) -> MetaTensor:
-        """The bundle's preprocessing of a (slices, rows, columns) HU array with an LPS affine."""
+        """The bundle's preprocessing of a (slices, rows, columns) HU array with an LPS affine
+        (fast path)."""
         with torch.inference_mode():
             return self._preprocess(to_metatensor(hu, affine, self.device))
 
@@ -96,8 +119,10 @@ class SegmentationPipeline:
         on every slice.
         """
         postprocess = _POSTPROCESS[self.postprocess_mode]
-        labels, contours = postprocess(logits, image, sorted(self.bundle.labels), contours)
-        return SegmentationResult(labels=labels, contours=contours)
+        labels, outlines = postprocess(
+            logits, image, sorted(self.bundle.labels), contours, self._keep_largest
+        )
+        return SegmentationResult(labels=labels, contours=outlines)
 
     def run(
         self,
@@ -113,6 +138,8 @@ class SegmentationPipeline:
         if predictor is None:
             _ = self.network  # load before timing, so "inference" times the inference
         start = time.perf_counter()
+        if self.path == "bundle":
+            return self._run_bundle(hu, affine, predictor or self.network, contours, start)
         image = self.preprocess(hu, affine)
         pre = self._lap(start)
         logits = self.infer(image, predictor)
@@ -121,6 +148,32 @@ class SegmentationPipeline:
         post = self._lap(start + pre + inference)
         result.timings = {"pre": pre, "inference": inference, "post": post}
         return result
+
+    def _run_bundle(
+        self,
+        hu: np.ndarray | torch.Tensor,
+        affine: np.ndarray,
+        network: Predictor,
+        contours: bool,
+        start: float,
+    ) -> SegmentationResult:
+        workflow = self._workflow
+        data = workflow.preprocess(hu, affine)
+        pre = self._lap(start)
+        data = workflow.infer(data, network)
+        inference = self._lap(start + pre)
+        labels = workflow.postprocess(data)
+        outlines = None
+        if contours:
+            outlines = in_plane_contours(
+                torch.from_numpy(labels), sorted(self.bundle.labels)
+            ).numpy()
+        post = self._lap(start + pre + inference)
+        return SegmentationResult(
+            labels=labels,
+            contours=outlines,
+            timings={"pre": pre, "inference": inference, "post": post},
+        )
 
     def _lap(self, since: float) -> float:
         if self.device.type == "cuda":

@@ -1,0 +1,46 @@
+"""A network model: the bundle's network on batches of patches, inside Triton.
+
+Every network model runs this class (the ``model.py`` of each only imports it); its config
+names the bundle. It imports ``triton_python_backend_utils``, so it runs only inside
+Triton's Python backend.
+"""
+
+import contextlib
+import json
+
+import torch
+import triton_python_backend_utils as pb_utils
+from torch.utils.dlpack import to_dlpack
+
+from dicom_node.inference.server import bundle_path_from_config, instance_device
+from dicom_node.pipeline import load_bundle
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        self.device = torch.device(instance_device(args))
+        bundle = load_bundle(bundle_path_from_config(config, args["model_repository"]))
+        self.network = bundle.load_network(self.device)
+        # The bundle's evaluator runs the network under autocast when its config says amp.
+        self.amp = bundle.amp and self.device.type == "cuda"
+
+    def execute(self, requests):
+        # The dynamic batcher hands over several requests: run them as one batch.
+        batches = [
+            torch.from_dlpack(pb_utils.get_input_tensor_by_name(r, "INPUT__0").to_dlpack())
+            for r in requests
+        ]
+        amp = torch.autocast("cuda") if self.amp else contextlib.nullcontext()
+        with torch.inference_mode(), amp:
+            logits = self.network(torch.cat(batches).to(self.device)).float()
+            if logits.is_cuda:
+                # DLPack carries no stream: finish the kernels before Triton reads the output.
+                torch.cuda.current_stream(logits.device).synchronize()
+        outputs = logits.split([len(b) for b in batches])
+        return [
+            pb_utils.InferenceResponse(
+                output_tensors=[pb_utils.Tensor.from_dlpack("OUTPUT__0", to_dlpack(o.contiguous()))]
+            )
+            for o in outputs
+        ]

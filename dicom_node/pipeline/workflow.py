@@ -1,0 +1,106 @@
+"""A bundle's own preprocessing, inferer and postprocessing, run on an in-memory volume.
+
+This is what ``monai.bundle.run`` does with the bundle's inference config, minus the files:
+the transforms, the inferer and the network are the very objects
+:class:`monai.bundle.ConfigParser` builds from the config, applied in the config's order.
+Two things differ, and only in where the data comes from and goes to:
+
+* ``LoadImaged`` is replaced by :func:`loaded_image`, which gives the series as MONAI's
+  readers give a NIfTI file of it: an (x, y, z) float32 MetaTensor with its RAS affine and
+  no channel, so that ``EnsureChannelFirstd``, ``Orientationd``, ``Spacingd``,
+  ``CropForegroundd``, ``Invertd``... see what they would see;
+* writers (``SaveImaged``) are left out: the node encodes DICOM.
+
+The data lives on the pipeline's device from the start, so a GPU runs the transforms too;
+the evaluator's ``amp`` is honoured on a GPU as MONAI's evaluator honours it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import Compose, LoadImaged
+
+from dicom_node.pipeline.bundle import WRITERS, Bundle
+from dicom_node.pipeline.transforms import from_metatensor, to_metatensor
+
+Predictor = Callable[[torch.Tensor], torch.Tensor]
+
+
+def loaded_image(
+    hu: np.ndarray | torch.Tensor, affine: np.ndarray, device: str | torch.device = "cpu"
+) -> MetaTensor:
+    """The series as ``LoadImaged`` loads a NIfTI file of it: (x, y, z), RAS, no channel."""
+    channel_first = to_metatensor(hu, affine, device)
+    meta = dict(channel_first.meta)
+    meta.pop("affine", None)  # given as the affine itself
+    meta["original_channel_dim"] = "no_channel"
+    meta["spatial_shape"] = np.asarray(channel_first.shape[1:])
+    meta.setdefault("filename_or_obj", "")
+    return MetaTensor(channel_first.as_tensor()[0], affine=channel_first.affine, meta=meta)
+
+
+class BundleWorkflow:
+    """The bundle's transforms and inferer around a network, on ``device``."""
+
+    def __init__(self, bundle: Bundle, device: str | torch.device = "cpu") -> None:
+        parser = bundle.parser
+        self.bundle = bundle
+        self.device = torch.device(device)
+        self.image_key = bundle.image_key
+        self.pred_key = "pred"
+        # The objects Invertd refers to (@preprocessing) are these: the same instances must
+        # be applied, since each records its own identity in the data's applied operations.
+        self._preprocessing = parser.get_parsed_content("preprocessing")
+        steps = [t for t in _flat(self._preprocessing) if not isinstance(t, LoadImaged)]
+        self._pre = Compose(steps)
+        post = parser.get_parsed_content("postprocessing")
+        self._post = Compose([t for t in _flat(post) if type(t).__name__ not in WRITERS])
+        self._inferer = parser.get_parsed_content("inferer")
+
+    def preprocess(self, hu: np.ndarray | torch.Tensor, affine: np.ndarray) -> dict[str, Any]:
+        """The data dictionary after the bundle's preprocessing."""
+        with torch.inference_mode():
+            return self._pre({self.image_key: loaded_image(hu, affine, self.device)})
+
+    def infer(self, data: dict[str, Any], network: Predictor) -> dict[str, Any]:
+        """The bundle's inferer on the preprocessed image: adds the prediction to ``data``."""
+        image = data[self.image_key]
+        autocast = self.bundle.amp and self.device.type == "cuda"
+        amp = torch.autocast("cuda") if autocast else contextlib.nullcontext()
+        with torch.inference_mode(), amp:
+            pred = self._inferer(image[None], network)
+        pred = pred[0]
+        if autocast:
+            pred = pred.float()
+        data[self.pred_key] = pred
+        return data
+
+    def postprocess(self, data: dict[str, Any]) -> np.ndarray:
+        """The bundle's postprocessing: the label map on the input grid, (slices, rows,
+        columns) uint8."""
+        with torch.inference_mode():
+            data = self._post(data)
+        pred = torch.as_tensor(data[self.pred_key])
+        if pred.ndim == 4:
+            if pred.shape[0] != 1:
+                raise ValueError(
+                    f"the bundle's postprocessing gives {pred.shape[0]} channels, not a label map"
+                )
+        else:
+            pred = pred[None]
+        return from_metatensor(pred).round().to(torch.uint8).cpu().numpy()
+
+
+def _flat(compose: Any) -> list[Any]:
+    """The transforms of a (nested) Compose, in order."""
+    if isinstance(compose, Compose):
+        return list(compose.flatten().transforms)
+    if isinstance(compose, (list, tuple)):
+        return list(compose)
+    return [compose]

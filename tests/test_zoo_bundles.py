@@ -1,0 +1,213 @@
+"""The MONAI model zoo's CT bundles run on the node exactly as MONAI itself runs them.
+
+``../shared/zoo`` holds the published configs of three bundles (spleen_ct_segmentation,
+swin_unetr_btcv_segmentation, wholeBody_ct_segmentation: 1, 13 and 104 organs). Their weights
+cannot be downloaded here: each test bundle gets a network built from its own ``network_def``
+with ``torch.manual_seed(0)``, saved where its ``checkpointloader#load_path`` points. The
+output of such a network means nothing clinically, but it is a deterministic function of the
+input, so the node's labels can be compared voxel for voxel with the reference: MONAI's own
+bundle workflow on a NIfTI of the same series (the bundle's ``preprocessing``, ``inferer``
+and ``postprocessing`` as :class:`monai.bundle.ConfigParser` builds them, ``SaveImaged``
+left out).
+
+swin_unetr_btcv_segmentation 0.5.6 was published for MONAI 1.4: its ``network_def`` passes
+SwinUNETR an ``img_size`` that MONAI 1.5 removed, so MONAI 1.6 (this node's) cannot build it
+either. The node refuses it at install, saying so; the comparison runs on the config as the
+zoo's later versions write it, without ``img_size``. Its ``LoadImaged`` names ITK's reader,
+which the node never calls (it loads the series itself); the reference reads the NIfTI with
+MONAI's default reader instead, since ITK is not installed here.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import highdicom as hd
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+import torch
+from monai.bundle import ConfigParser
+from monai.transforms import Compose
+
+from dicom_node.bundles import BundleInstallError, install_bundle
+from dicom_node.phantom import make_phantom
+from dicom_node.pipeline import SegmentationPipeline, load_bundle, read_bundle_info
+from dicom_node.pipeline.transforms import ras_affine
+from dicom_node.synthetic import SeriesAttributes, write_ct_series
+from dicom_node.volume import assemble_series
+from tests import checks
+from tests.peers import NodeProcess, Orthanc, storescu, testdata
+
+ZOO = testdata().parent / "zoo"
+BUNDLES = ["spleen_ct_segmentation", "swin_unetr_btcv_segmentation", "wholeBody_ct_segmentation"]
+
+pytestmark = pytest.mark.skipif(not ZOO.is_dir(), reason=f"no model-zoo configs at {ZOO}")
+
+
+def zoo_bundle(name: str, dest: Path, *, as_published: bool = False) -> Path:
+    """A copy of the published bundle's configs with seeded weights."""
+    root = dest / name
+    shutil.copytree(ZOO / name / "configs", root / "configs")
+    if name.startswith("swin_unetr") and not as_published:
+        config = root / "configs" / "inference.json"
+        doc = json.loads(config.read_text())
+        doc["network_def"].pop("img_size")
+        config.write_text(json.dumps(doc, indent=4))
+    if as_published:
+        return root
+    bundle = load_bundle(root)
+    torch.manual_seed(0)
+    network = bundle.build_network()
+    assert bundle.weights is not None
+    bundle.weights.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(network.state_dict(), bundle.weights)
+    return root
+
+
+def monai_reference(root: Path, hu: np.ndarray, affine: np.ndarray, tmp: Path) -> np.ndarray:
+    """MONAI's own bundle workflow on a NIfTI of the series: labels (slices, rows, columns)."""
+    nifti = tmp / f"{root.name}.nii.gz"
+    nib.save(nib.Nifti1Image(hu.transpose(2, 1, 0).astype(np.float32), ras_affine(affine)), nifti)
+    parser = ConfigParser()
+    parser.read_config(str(root / "configs" / "inference.json"))
+    parser.read_meta(str(root / "configs" / "metadata.json"))
+    parser["bundle_root"] = str(root)
+    for item in parser["preprocessing"]["transforms"]:
+        if item["_target_"] == "LoadImaged":
+            item.pop("reader", None)  # ITKReader: see the module's docstring
+    preprocessing = parser.get_parsed_content("preprocessing")
+    inferer = parser.get_parsed_content("inferer")
+    postprocessing = parser.get_parsed_content("postprocessing")
+    network = parser.get_parsed_content("network_def")
+    load_path = parser.get_parsed_content("checkpointloader#load_path")
+    network.load_state_dict(torch.load(load_path, weights_only=True))
+    network.eval()
+    data = preprocessing({"image": str(nifti)})
+    with torch.no_grad():
+        data["pred"] = inferer(data["image"][None], network)[0]
+    writers = ("SaveImaged",)
+    data = Compose([t for t in postprocessing.transforms if type(t).__name__ not in writers])(data)
+    pred = np.asarray(data["pred"])[0]
+    return pred.transpose(2, 1, 0).round().astype(np.uint8)
+
+
+def mean_dice(a: np.ndarray, b: np.ndarray) -> float:
+    values = (set(np.unique(a).tolist()) | set(np.unique(b).tolist())) - {0}
+    return float(np.mean([checks.dice(a == v, b == v) for v in values])) if values else 1.0
+
+
+@pytest.fixture(scope="module")
+def series(tmp_path_factory):
+    """A small abdominal phantom as a DICOM series, and its assembled volume."""
+    tmp = tmp_path_factory.mktemp("zoo-ct")
+    phantom = make_phantom((20, 48, 48), (5.0, 4.2, 4.2), seed=3, origin=(-100.8, -100.8, -560.0))
+    attrs = SeriesAttributes(patient_name="Zoo^Phantom", patient_id="ZOO-1")
+    paths = write_ct_series(phantom.hu, tmp / "ct", spacing=phantom.spacing,
+                            origin=phantom.origin, attrs=attrs)
+    return paths, assemble_series(paths), attrs
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("zoo")
+    return {name: zoo_bundle(name, tmp) for name in BUNDLES}
+
+
+@pytest.fixture(scope="module")
+def references(bundles, series, tmp_path_factory):
+    _, volume, _ = series
+    tmp = tmp_path_factory.mktemp("zoo-reference")
+    return {name: monai_reference(root, volume.array, volume.affine, tmp)
+            for name, root in bundles.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", BUNDLES)
+def test_in_process_labels_are_monai_s_own(name, bundles, references, series):
+    _, volume, _ = series
+    bundle = load_bundle(bundles[name])
+    pipeline = SegmentationPipeline(bundle, "cpu")
+    assert pipeline.path == "bundle"  # none of the three is the fast path's chain
+    result = pipeline.run(volume.array, volume.affine, contours=False)
+    reference = references[name]
+    assert result.labels.shape == reference.shape == volume.array.shape
+    assert len(np.unique(reference)) > 1, "the seeded network labels something"
+    assert mean_dice(result.labels, reference) >= 0.99
+
+
+def test_the_published_btcv_config_is_refused_with_the_reason(tmp_path):
+    root = zoo_bundle("swin_unetr_btcv_segmentation", tmp_path / "src", as_published=True)
+    (root / "models").mkdir()
+    (root / "models" / "model.pt").write_bytes(b"")
+    with pytest.raises(BundleInstallError) as info:
+        install_bundle(str(root), tmp_path / "installed")
+    message = str(info.value)
+    assert "img_size" in message and "made for MONAI 1.4.0" in message
+    assert "\n" not in message
+    assert not (tmp_path / "installed" / root.name).exists()
+
+
+def test_labels_of_the_three_bundles_are_read_from_their_metadata(bundles):
+    counts = {name: len(read_bundle_info(root).labels) for name, root in bundles.items()}
+    assert counts == {"spleen_ct_segmentation": 1, "swin_unetr_btcv_segmentation": 13,
+                      "wholeBody_ct_segmentation": 104}
+
+
+@pytest.mark.slow
+def test_the_three_bundles_through_triton_to_the_pacs(bundles, references, series, tmp_path):
+    # [[models]] with only a name and a bundle: the node writes the Triton models itself.
+    paths, volume, attrs = series
+    pacs = Orthanc(tmp_path / "pacs").start()
+    names = {name: name.split("_")[0].lower() for name in BUNDLES}
+    node = NodeProcess(
+        tmp_path / "node",
+        node={"settle_seconds": 1.0},
+        inference={"backend": "triton", "grpc_port": 0, "http_port": 0, "metrics_port": 0,
+                   "retry_backoff_seconds": 1.0, "startup_timeout_seconds": 300},
+        models=[{"name": names[n], "bundle": str(bundles[n])} for n in BUNDLES],
+        routes=[{"models": list(names.values())}],
+        destinations=[{"name": "pacs", "ae_title": pacs.aet, "host": "127.0.0.1",
+                       "port": pacs.dicom_port, "retry_backoff_seconds": 0.5,
+                       "max_backoff_seconds": 2.0}],
+    )
+    try:
+        node.start()
+        assert storescu(node.port, paths).returncode == 0
+
+        def finished(jobs: list[dict]) -> bool:
+            job = next((j for j in jobs if j["series_uid"] == attrs.series_instance_uid), None)
+            return bool(job and job["state"] == "done" and job["outbox"]
+                        and all(o["state"] == "sent" for o in job["outbox"]))
+
+        node.wait_for(finished, timeout=900, what="three results in the PACS",
+                      failures_allowed=False)
+        found = pacs.rest("/tools/find", {"Level": "Instance", "Expand": True,
+                                          "Query": {"StudyInstanceUID": attrs.study_instance_uid,
+                                                    "Modality": "SEG"}})
+        segs = {}
+        for inst in found:
+            path = tmp_path / f"{inst['ID']}.dcm"
+            path.write_bytes(pacs.file(inst["ID"]))
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            segs[str(ds.SegmentSequence[0].SegmentAlgorithmName)] = path
+        assert len(segs) == 3, sorted(segs)
+        for name in BUNDLES:
+            info = read_bundle_info(bundles[name])
+            path = segs[info.name]
+            assert checks.dciodvfy_errors(path) == []
+            seg = hd.seg.segread(path)
+            by_name = {v: k for k, v in info.labels.items()}
+            labels = np.zeros(volume.array.shape, np.uint8)
+            for item in seg.SegmentSequence:
+                mask = checks.seg_mask(path, volume, int(item.SegmentNumber))
+                labels[mask] = by_name[str(item.SegmentLabel)]
+            d = mean_dice(labels, references[name])
+            print(f"zoo {name} through Triton: mean Dice vs MONAI {d:.4f}")
+            assert d >= 0.99, name
+    finally:
+        node.stop()
+        pacs.stop()
