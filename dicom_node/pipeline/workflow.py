@@ -94,7 +94,9 @@ class BundleWorkflow:
                 )
         else:
             pred = pred[None]
-        return from_metatensor(pred).round().to(torch.uint8).cpu().numpy()
+        # Contiguous where the labels are (a GPU permutes in a moment): the encoders and
+        # Triton's output want a C-ordered map, and a strided host copy is slow.
+        return from_metatensor(pred).round().to(torch.uint8).contiguous().cpu().numpy()
 
 
 def _flat(compose: Any) -> list[Any]:
