@@ -399,8 +399,9 @@ class Node:
         return assemble_series(paths, min_slices, allocate)
 
     def _allocator(self, models: list[ModelSettings]) -> Any:
-        """Where to assemble the volume: in shared memory when every model's backend reads
-        it there (a local Triton server), so that it is never copied; else ``numpy.empty``.
+        """Where to assemble the volume: where every model's backend reads it without a copy
+        (GPU memory or a system shared-memory region for a Triton server on this host), or
+        ``numpy.empty`` when they disagree or the backends are not up.
         """
         import numpy as np
 
@@ -408,11 +409,8 @@ class Node:
             backends = self.backends()
         except Exception:  # noqa: BLE001 - not started: _infer reports it and retries
             return np.empty
-        if all(backends[m.name].takes_shared_memory() for m in models):
-            from dicom_node.inference.shm import allocate
-
-            return allocate
-        return np.empty
+        allocators = {backends[m.name].volume_allocator() for m in models}
+        return allocators.pop() if len(allocators) == 1 else np.empty
 
     def _write_results(self, series_uid: str, out_dir: Path,
                        files: dict[str, tuple[Any, str]]) -> dict[str, dict[str, str]]:

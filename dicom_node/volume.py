@@ -15,6 +15,7 @@ import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -61,9 +62,14 @@ class SeriesVolume:
     source_uids: list[str]
     frame_numbers: list[int] | None
     headers: list[Dataset]
+    #: The voxels when they live in device memory (see :func:`volume_from_plan`).
+    device_pixels: Any = None
 
     @property
-    def array(self) -> np.ndarray:
+    def array(self) -> np.ndarray | Any:
+        """The voxels: a numpy array, or the device volume the allocator gave."""
+        if self.device_pixels is not None:
+            return self.device_pixels
         if not isinstance(self.volume, hd.Volume):
             raise VolumeError("the voxels of this volume were released after inference")
         return self.volume.array
@@ -82,6 +88,9 @@ class SeriesVolume:
         """
         if isinstance(self.volume, hd.Volume):
             self.volume = self.volume.get_geometry()
+        if self.device_pixels is not None:
+            self.device_pixels.release()
+            self.device_pixels = None
 
     @property
     def affine(self) -> np.ndarray:
@@ -239,25 +248,41 @@ def plan_single_frame(datasets: Sequence[Dataset], min_slices: int = 3) -> Slice
 
 
 def volume_from_plan(
-    datasets: Sequence[Dataset], plan: SlicePlan, array: np.ndarray
+    datasets: Sequence[Dataset], plan: SlicePlan, array: np.ndarray | Any
 ) -> SeriesVolume:
-    """The :class:`SeriesVolume` of ``array`` (filled in ``plan`` order) and its headers."""
+    """The :class:`SeriesVolume` of ``array`` (filled in ``plan`` order) and its headers.
+
+    ``array`` is a numpy array, or a volume in device memory (an allocator's
+    :class:`~dicom_node.inference.cuda_shm.CudaVolume`): highdicom's ``Volume`` holds numpy
+    arrays only, so that one is kept beside the volume's geometry.
+    """
     ordered = [datasets[k] for k in plan.order]
     first = ordered[0]
-    volume = hd.Volume.from_attributes(
-        array=array,
-        frame_of_reference_uid=first.FrameOfReferenceUID,
-        image_position=first.ImagePositionPatient,
-        image_orientation=first.ImageOrientationPatient,
-        pixel_spacing=first.PixelSpacing,
-        spacing_between_slices=plan.spacing,
-        coordinate_system=hd.spatial.get_image_coordinate_system(first),
-    )
+    attributes = {
+        "frame_of_reference_uid": first.FrameOfReferenceUID,
+        "image_position": first.ImagePositionPatient,
+        "image_orientation": first.ImageOrientationPatient,
+        "pixel_spacing": first.PixelSpacing,
+        "spacing_between_slices": plan.spacing,
+        "coordinate_system": hd.spatial.get_image_coordinate_system(first),
+    }
+    device_pixels = None
+    if isinstance(array, np.ndarray):
+        volume: hd.Volume | hd.VolumeGeometry = hd.Volume.from_attributes(
+            array=array, **attributes
+        )
+    else:
+        slices, rows, columns = plan.shape
+        volume = hd.VolumeGeometry.from_attributes(
+            rows=rows, columns=columns, number_of_frames=slices, **attributes
+        )
+        device_pixels = array
     return SeriesVolume(
         volume=volume,
         source_uids=[str(ds.SOPInstanceUID) for ds in ordered],
         frame_numbers=None,
         headers=[_header(ds) for ds in ordered],
+        device_pixels=device_pixels,
     )
 
 

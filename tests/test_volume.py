@@ -70,6 +70,42 @@ def test_released_volume_keeps_its_geometry(tmp_path):
         vol.array  # noqa: B018
 
 
+class DeviceVolume:
+    """Stands for memory outside numpy that an allocator may give (GPU memory: a
+    ``CudaVolume``, which needs a GPU): written slice by slice, released explicitly."""
+
+    def __init__(self, shape, dtype):
+        self.shape, self.dtype = tuple(shape), np.dtype(dtype)
+        self.slices = {}
+        self.released = False
+
+    def __setitem__(self, index, value):
+        assert type(index) is int  # the CUDA volume takes whole slices by Python int
+        self.slices[index] = np.asarray(value, self.dtype).copy()
+
+    def release(self):
+        self.released = True
+
+
+def test_volume_assembles_into_device_memory_beside_its_geometry(tmp_path):
+    hu, paths = _series(tmp_path)
+    reference = assemble_series(paths)
+    device = []
+    vol = assemble_series(
+        paths, allocate=lambda s, d: device.append(DeviceVolume(s, d)) or device[-1]
+    )
+    assert vol.array is device[0]
+    assert sorted(device[0].slices) == list(range(len(paths)))
+    assert np.array_equal(
+        np.stack([device[0].slices[k] for k in range(len(paths))]), reference.array
+    )
+    assert np.array_equal(vol.affine, reference.affine) and vol.shape == reference.shape
+    vol.release_pixels()
+    assert device[0].released and vol.shape == reference.shape
+    with pytest.raises(VolumeError, match="released"):
+        vol.array  # noqa: B018
+
+
 def test_gantry_tilt_fails_with_reason(data_dir):
     paths = sorted((data_dir / "ct" / "ge-head-gantry-tilt").glob("*.dcm"))
     with pytest.raises(VolumeError, match="gantry tilt of 18.5 degrees"):
@@ -87,8 +123,9 @@ def test_non_uniform_spacing(tmp_path):
     attrs = SeriesAttributes()
     hu = np.zeros((6, 32, 32), np.int16)
     p1 = write_ct_series(hu[:3], tmp_path / "b1", spacing=(2.0, 1, 1), attrs=attrs)
-    p2 = write_ct_series(hu[3:], tmp_path / "b2", spacing=(3.1, 1, 1), attrs=attrs,
-                         origin=(0, 0, 4.0 + 3.1))
+    p2 = write_ct_series(
+        hu[3:], tmp_path / "b2", spacing=(3.1, 1, 1), attrs=attrs, origin=(0, 0, 4.0 + 3.1)
+    )
     for p in p2:  # keep SOP UIDs unique, instance numbers distinct
         ds = pydicom.dcmread(p)
         ds.InstanceNumber += 3
@@ -100,8 +137,9 @@ def test_non_uniform_spacing(tmp_path):
 def test_mixed_sizes(tmp_path):
     attrs = SeriesAttributes()
     p1 = write_ct_series(np.zeros((3, 32, 32), np.int16), tmp_path / "a", attrs=attrs)
-    p2 = write_ct_series(np.zeros((3, 64, 64), np.int16), tmp_path / "b", attrs=attrs,
-                         origin=(0, 0, 6.0))
+    p2 = write_ct_series(
+        np.zeros((3, 64, 64), np.int16), tmp_path / "b", attrs=attrs, origin=(0, 0, 6.0)
+    )
     with pytest.raises(VolumeError, match="mixed sizes: 32x32, 64x64"):
         assemble_series(p1 + p2)
 
@@ -109,8 +147,13 @@ def test_mixed_sizes(tmp_path):
 def test_mixed_orientations(tmp_path):
     attrs = SeriesAttributes()
     p1 = write_ct_series(np.zeros((3, 32, 32), np.int16), tmp_path / "a", attrs=attrs)
-    p2 = write_ct_series(np.zeros((3, 32, 32), np.int16), tmp_path / "b", attrs=attrs,
-                         orientation=(1, 0, 0, 0, 0, -1), origin=(0, 50, 0))
+    p2 = write_ct_series(
+        np.zeros((3, 32, 32), np.int16),
+        tmp_path / "b",
+        attrs=attrs,
+        orientation=(1, 0, 0, 0, 0, -1),
+        origin=(0, 50, 0),
+    )
     with pytest.raises(VolumeError, match="2 different orientations"):
         assemble_series(p1 + p2)
 
@@ -150,7 +193,8 @@ def test_enhanced_ct_is_assembled_from_its_frames(data_dir):
     assert set(vol.source_uids) == {str(ds.SOPInstanceUID)}
     for k, frame in enumerate(vol.frame_numbers):
         pos = ds.PerFrameFunctionalGroupsSequence[frame - 1].PlanePositionSequence[0]
-        assert np.allclose((vol.affine @ [k, 0, 0, 1])[:3],
-                           [float(v) for v in pos.ImagePositionPatient], atol=1e-3)
+        assert np.allclose(
+            (vol.affine @ [k, 0, 0, 1])[:3], [float(v) for v in pos.ImagePositionPatient], atol=1e-3
+        )
     with pytest.raises(VolumeError, match=r"only 2 frame\(s\)"):
         assemble_series([path], min_slices=3)
