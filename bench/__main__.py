@@ -15,7 +15,7 @@ import time
 import traceback
 from pathlib import Path
 
-BENCHMARKS = ["ingest", "transport", "pipeline", "postprocess", "gpu", "e2e"]
+BENCHMARKS = ["ingest", "transport", "pipeline", "postprocess", "encode", "gpu", "e2e"]
 
 
 def main(argv: list[str]) -> int:

@@ -30,6 +30,7 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+import yaml
 from monai.bundle import ConfigParser
 from monai.transforms import Compose
 
@@ -68,12 +69,53 @@ def zoo_bundle(name: str, dest: Path, *, as_published: bool = False) -> Path:
     return root
 
 
+def unseen_variant(dest: Path) -> Path:
+    """A bundle laid out as the three are not: a YAML config, its CheckpointLoader among the
+    handlers pointing at another weights file, its labels in the config rather than in
+    metadata.json, and CropForegroundd before the network (made from the spleen bundle)."""
+    root = dest / "spleen_variant"
+    (root / "configs").mkdir(parents=True)
+    config = json.loads((ZOO / "spleen_ct_segmentation/configs/inference.json").read_text())
+    del config["checkpointloader"]
+    config["initialize"] = ["$monai.utils.set_determinism(seed=123)"]
+    config["handlers"].insert(0, {
+        "_target_": "CheckpointLoader",
+        "load_path": "$@bundle_root + '/models/weights_v2.pt'",
+        "load_dict": {"model": "@network"},
+    })
+    config["label_names"] = ["background", "spleen"]
+    transforms = config["preprocessing"]["transforms"]
+    at = next(i for i, t in enumerate(transforms) if t["_target_"] == "ScaleIntensityRanged")
+    transforms.insert(at + 1, {"_target_": "CropForegroundd", "keys": "@image_key",
+                               "source_key": "@image_key", "allow_smaller": True})
+    (root / "configs" / "inference.yaml").write_text(yaml.safe_dump(config))
+    meta = json.loads((ZOO / "spleen_ct_segmentation/configs/metadata.json").read_text())
+    meta["name"] = "Spleen variant"
+    del meta["network_data_format"]["outputs"]["pred"]["channel_def"]
+    (root / "configs" / "metadata.json").write_text(json.dumps(meta))
+    bundle = load_bundle(root)
+    assert bundle.weights == root.resolve() / "models" / "weights_v2.pt"
+    torch.manual_seed(0)
+    network = bundle.build_network()
+    bundle.weights.parent.mkdir()
+    torch.save({"model": network.state_dict()}, bundle.weights)  # as CheckpointSaver saves
+    return root
+
+
+def _weights(parser: ConfigParser, config: dict) -> Path:
+    if "checkpointloader" in config:
+        return Path(parser.get_parsed_content("checkpointloader#load_path"))
+    at = next(i for i, h in enumerate(config["handlers"]) if h["_target_"] == "CheckpointLoader")
+    return Path(parser.get_parsed_content(f"handlers#{at}#load_path"))
+
+
 def monai_reference(root: Path, hu: np.ndarray, affine: np.ndarray, tmp: Path) -> np.ndarray:
     """MONAI's own bundle workflow on a NIfTI of the series: labels (slices, rows, columns)."""
     nifti = tmp / f"{root.name}.nii.gz"
     nib.save(nib.Nifti1Image(hu.transpose(2, 1, 0).astype(np.float32), ras_affine(affine)), nifti)
     parser = ConfigParser()
-    parser.read_config(str(root / "configs" / "inference.json"))
+    (config_path,) = (root / "configs").glob("inference.*")
+    parser.read_config(str(config_path))
     parser.read_meta(str(root / "configs" / "metadata.json"))
     parser["bundle_root"] = str(root)
     for item in parser["preprocessing"]["transforms"]:
@@ -83,8 +125,8 @@ def monai_reference(root: Path, hu: np.ndarray, affine: np.ndarray, tmp: Path) -
     inferer = parser.get_parsed_content("inferer")
     postprocessing = parser.get_parsed_content("postprocessing")
     network = parser.get_parsed_content("network_def")
-    load_path = parser.get_parsed_content("checkpointloader#load_path")
-    network.load_state_dict(torch.load(load_path, weights_only=True))
+    state = torch.load(_weights(parser, parser.get()), weights_only=True)
+    network.load_state_dict(state.get("model", state))
     network.eval()
     data = preprocessing({"image": str(nifti)})
     with torch.no_grad():
@@ -95,9 +137,20 @@ def monai_reference(root: Path, hu: np.ndarray, affine: np.ndarray, tmp: Path) -
     return pred.transpose(2, 1, 0).round().astype(np.uint8)
 
 
-def mean_dice(a: np.ndarray, b: np.ndarray) -> float:
-    values = (set(np.unique(a).tolist()) | set(np.unique(b).tolist())) - {0}
-    return float(np.mean([checks.dice(a == v, b == v) for v in values])) if values else 1.0
+def label_dice(labels: np.ndarray, reference: np.ndarray) -> dict[int, float]:
+    """Dice of each label with at least 500 voxels in the reference (smaller ones move by
+    more than their size allows from noise alone)."""
+    values, counts = np.unique(reference, return_counts=True)
+    return {int(v): checks.dice(labels == v, reference == v)
+            for v, n in zip(values, counts, strict=True) if v != 0 and n >= 500}
+
+
+def assert_same_labels(labels: np.ndarray, reference: np.ndarray, what: str) -> None:
+    dice = label_dice(labels, reference)
+    assert dice, f"{what}: no label of 500 voxels"
+    mean, worst = float(np.mean(list(dice.values()))), min(dice.values())
+    print(f"{what}: {len(dice)} labels, mean Dice vs MONAI {mean:.4f}, lowest {worst:.4f}")
+    assert mean >= 0.99 and worst >= 0.95, (what, dice)
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +167,9 @@ def series(tmp_path_factory):
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("zoo")
-    return {name: zoo_bundle(name, tmp) for name in BUNDLES}
+    made = {name: zoo_bundle(name, tmp) for name in BUNDLES}
+    made["spleen_variant"] = unseen_variant(tmp)
+    return made
 
 
 @pytest.fixture(scope="module")
@@ -126,17 +181,24 @@ def references(bundles, series, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", BUNDLES)
+@pytest.mark.parametrize("name", [*BUNDLES, "spleen_variant"])
 def test_in_process_labels_are_monai_s_own(name, bundles, references, series):
     _, volume, _ = series
     bundle = load_bundle(bundles[name])
     pipeline = SegmentationPipeline(bundle, "cpu")
-    assert pipeline.path == "bundle"  # none of the three is the fast path's chain
+    assert pipeline.path == "bundle"  # none of them is the fast path's chain
     result = pipeline.run(volume.array, volume.affine, contours=False)
     reference = references[name]
     assert result.labels.shape == reference.shape == volume.array.shape
     assert len(np.unique(reference)) > 1, "the seeded network labels something"
-    assert mean_dice(result.labels, reference) >= 0.99
+    assert_same_labels(result.labels, reference, f"{name} in-process")
+
+
+def test_a_bundle_laid_out_otherwise_installs(bundles, tmp_path):
+    installed = install_bundle(str(bundles["spleen_variant"]), tmp_path)
+    bundle = load_bundle(installed)
+    assert bundle.labels == {1: "spleen"} and bundle.weights.name == "weights_v2.pt"
+    assert not bundle.load_network().training
 
 
 def test_the_published_btcv_config_is_refused_with_the_reason(tmp_path):
@@ -154,7 +216,7 @@ def test_the_published_btcv_config_is_refused_with_the_reason(tmp_path):
 def test_labels_of_the_three_bundles_are_read_from_their_metadata(bundles):
     counts = {name: len(read_bundle_info(root).labels) for name, root in bundles.items()}
     assert counts == {"spleen_ct_segmentation": 1, "swin_unetr_btcv_segmentation": 13,
-                      "wholeBody_ct_segmentation": 104}
+                      "wholeBody_ct_segmentation": 104, "spleen_variant": 1}
 
 
 @pytest.mark.slow
@@ -162,13 +224,15 @@ def test_the_three_bundles_through_triton_to_the_pacs(bundles, references, serie
     # [[models]] with only a name and a bundle: the node writes the Triton models itself.
     paths, volume, attrs = series
     pacs = Orthanc(tmp_path / "pacs").start()
+    served = [*BUNDLES, "spleen_variant"]
     names = {name: name.split("_")[0].lower() for name in BUNDLES}
+    names["spleen_variant"] = "variant"
     node = NodeProcess(
         tmp_path / "node",
         node={"settle_seconds": 1.0},
         inference={"backend": "triton", "grpc_port": 0, "http_port": 0, "metrics_port": 0,
                    "retry_backoff_seconds": 1.0, "startup_timeout_seconds": 300},
-        models=[{"name": names[n], "bundle": str(bundles[n])} for n in BUNDLES],
+        models=[{"name": names[n], "bundle": str(bundles[n])} for n in served],
         routes=[{"models": list(names.values())}],
         destinations=[{"name": "pacs", "ae_title": pacs.aet, "host": "127.0.0.1",
                        "port": pacs.dicom_port, "retry_backoff_seconds": 0.5,
@@ -183,31 +247,36 @@ def test_the_three_bundles_through_triton_to_the_pacs(bundles, references, serie
             return bool(job and job["state"] == "done" and job["outbox"]
                         and all(o["state"] == "sent" for o in job["outbox"]))
 
-        node.wait_for(finished, timeout=900, what="three results in the PACS",
+        node.wait_for(finished, timeout=900, what="four result sets in the PACS",
                       failures_allowed=False)
         found = pacs.rest("/tools/find", {"Level": "Instance", "Expand": True,
-                                          "Query": {"StudyInstanceUID": attrs.study_instance_uid,
-                                                    "Modality": "SEG"}})
-        segs = {}
+                                          "Query": {"StudyInstanceUID": attrs.study_instance_uid}})
+        segs, modalities = {}, []
         for inst in found:
             path = tmp_path / f"{inst['ID']}.dcm"
             path.write_bytes(pacs.file(inst["ID"]))
             ds = pydicom.dcmread(path, stop_before_pixels=True)
-            segs[str(ds.SegmentSequence[0].SegmentAlgorithmName)] = path
-        assert len(segs) == 3, sorted(segs)
-        for name in BUNDLES:
+            if ds.Modality == "CT":
+                continue
+            modalities.append(str(ds.Modality))
+            assert checks.dciodvfy_errors(path) == [], (ds.Modality, ds.SeriesDescription)
+            if ds.Modality == "SEG":
+                segs[str(ds.SegmentSequence[0].SegmentAlgorithmName)] = path
+        assert sorted(modalities) == sorted(["SEG", "RTSTRUCT", "SR"] * len(served))
+        for name in served:
             info = read_bundle_info(bundles[name])
             path = segs[info.name]
-            assert checks.dciodvfy_errors(path) == []
             seg = hd.seg.segread(path)
             by_name = {v: k for k, v in info.labels.items()}
             labels = np.zeros(volume.array.shape, np.uint8)
             for item in seg.SegmentSequence:
                 mask = checks.seg_mask(path, volume, int(item.SegmentNumber))
                 labels[mask] = by_name[str(item.SegmentLabel)]
-            d = mean_dice(labels, references[name])
-            print(f"zoo {name} through Triton: mean Dice vs MONAI {d:.4f}")
-            assert d >= 0.99, name
+            assert_same_labels(labels, references[name], f"{name} through Triton")
+            if name == "wholeBody_ct_segmentation":
+                generic = [str(item.SegmentLabel) for item in seg.SegmentSequence
+                           if item.SegmentedPropertyTypeCodeSequence[0].CodeValue == "123037004"]
+                assert generic == [], f"segments coded only as Body structure: {generic}"
     finally:
         node.stop()
         pacs.stop()

@@ -313,6 +313,20 @@ def _parse_postprocessing(
     return FastPostprocessing(keep_largest=keep_largest)
 
 
+def _checkpoint_loader_id(config: dict[str, Any]) -> str | None:
+    """The config id of the bundle's CheckpointLoader: ``checkpointloader`` as the zoo's
+    inference configs name it, or the first one among the ``handlers`` (or any other list
+    of the config), as MONAI's evaluator would run it."""
+    if isinstance(config.get("checkpointloader"), dict):
+        return "checkpointloader"
+    for key, value in config.items():
+        items = value if isinstance(value, list) else []
+        for i, item in enumerate(items):
+            if _target_name(item) == "CheckpointLoader" and "load_path" in item:
+                return f"{key}#{i}"
+    return None
+
+
 def _check_single_image(config: dict[str, Any], path: Path, image_key: str) -> None:
     """Refuse a bundle whose preprocessing needs more than the one image of a series."""
     for item in _transforms(config, "preprocessing"):
@@ -397,8 +411,9 @@ def load_bundle(path: str | Path) -> Bundle:
         blend_mode = str(getattr(inferer.mode, "value", inferer.mode))
 
     weights = None
-    if "checkpointloader" in config:
-        load_path = _parse(parser, "checkpointloader#load_path", root)
+    loader = _checkpoint_loader_id(config)
+    if loader is not None:
+        load_path = _parse(parser, f"{loader}#load_path", root)
         if load_path:
             weights = Path(str(load_path))
             weights = weights if weights.is_absolute() else root / weights
