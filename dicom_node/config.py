@@ -69,6 +69,9 @@ class LimitSettings:
     max_instance_bytes: int = 512 * 1024 * 1024
     max_instances_per_series: int = 5000
     min_free_disk_mb: int = 1024
+    #: Free space kept for recording (job database, acknowledgement journal, logs): results
+    #: are not written below it. Keep it under ``min_free_disk_mb``, where intake stops.
+    reserved_disk_mb: int = 64
     min_slices: int = 3
     max_rows_columns: int = 4096
 
@@ -323,6 +326,8 @@ def _validate(s: Settings) -> None:
         raise ConfigError("results.rtstruct_max_contours_per_slice: must not be negative")
     if s.results.rtstruct_min_contour_area_mm2 < 0:
         raise ConfigError("results.rtstruct_min_contour_area_mm2: must not be negative")
+    if s.limits.reserved_disk_mb < 0:
+        raise ConfigError("limits.reserved_disk_mb: must not be negative")
     if s.limits.min_slices < 1:
         raise ConfigError("limits.min_slices: must be at least 1")
     names = set()
