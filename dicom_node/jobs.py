@@ -13,7 +13,15 @@ Series states::
                                        \\-> no_model (stored, no routing rule matched)
 
 Results owed to destinations live in ``outbox`` with their own states
-(pending -> sent | failed), so that a result acknowledged by a PACS is never sent again.
+(pending -> sent | failed | cancelled), so that a result acknowledged by a PACS is never
+sent again.
+
+Results are a unit: one run of one series at one instance count. A job's results enter the
+outbox in the transaction that ends it "done" (:meth:`JobStore.finish_run`), and only while
+the series still holds the instances the job processed; a run overtaken by new instances
+queues nothing. Results of an earlier run that were not sent yet are cancelled then (and as
+soon as a new instance reaches a done series); those already acknowledged are named by the
+new run's SR as its predecessors.
 """
 
 from __future__ import annotations
@@ -38,12 +46,19 @@ SERIES_STATES = (RECEIVING, COMPLETE, PROCESSING, DONE, FAILED, NO_MODEL)
 
 PENDING = "pending"
 SENT = "sent"
+#: An outbox item of an earlier run that was not sent before the series changed: never sent.
+CANCELLED = "cancelled"
+
+#: :meth:`JobStore.finish_run` outcomes besides ``DONE``.
+OVERTAKEN = "overtaken"  # the series no longer holds the instances the run processed
+STALE_PREDECESSORS = "stale predecessors"  # an earlier result was acknowledged meanwhile
 
 #: Columns added after the first release, with their definitions: an older database gets
 #: them on open (``ALTER TABLE ... ADD COLUMN``), its existing rows the default.
 _ADDED_COLUMNS = (
     ("series", "completed_by", "TEXT NOT NULL DEFAULT ''"),
     ("instances", "geometry", "TEXT NOT NULL DEFAULT ''"),
+    ("outbox", "model", "TEXT NOT NULL DEFAULT ''"),
 )
 
 _SCHEMA = """
@@ -87,8 +102,10 @@ CREATE TABLE IF NOT EXISTS outbox (
     next_attempt  REAL NOT NULL DEFAULT 0,
     last_error    TEXT NOT NULL DEFAULT '',
     sent_at       REAL,
+    model         TEXT NOT NULL DEFAULT '',
     UNIQUE (sop_uid, destination)
 );
+CREATE INDEX IF NOT EXISTS outbox_by_series ON outbox(series_uid);
 """
 
 
@@ -133,6 +150,7 @@ class OutboxItem:
     next_attempt: float
     last_error: str
     sent_at: float | None
+    model: str = ""
 
 
 class InstanceConflict(Exception):
@@ -233,6 +251,10 @@ class JobStore:
                 " received, geometry) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (sop_uid, series_uid, sop_class, str(path), size, digest, now, geometry),
             )
+            if previous == DONE:
+                # results of the instances it held until now are not results of the series
+                # any more: what was not sent yet never will be (the next run supersedes)
+                _cancel_unsent(db, series_uid, "cancelled: new instances arrived")
             new_state = RECEIVING if previous in (None, RECEIVING, COMPLETE, DONE, FAILED,
                                                   NO_MODEL) else previous
             db.execute(
@@ -395,14 +417,69 @@ class JobStore:
 
     # -- outbox ---------------------------------------------------------------------
     def enqueue_result(
-        self, *, series_uid: str, kind: str, destination: str, path: Path, sop_uid: str
+        self, *, series_uid: str, kind: str, destination: str, path: Path, sop_uid: str,
+        model: str = "",
     ) -> None:
         with self._tx() as db:
+            _enqueue(db, series_uid, kind, destination, path, sop_uid, model)
+
+    def sent_results(self, series_uid: str, model: str | None = None) -> list[OutboxItem]:
+        """Results of the series acknowledged by some destination (one item per SOP
+        Instance UID), optionally of one model: what a new run supersedes."""
+        sql = "SELECT * FROM outbox WHERE series_uid = ? AND state = ?"
+        args: list[Any] = [series_uid, SENT]
+        if model is not None:
+            sql += " AND model = ?"
+            args.append(model)
+        with self._lock:
+            rows = self._db.execute(sql + " ORDER BY id", args).fetchall()
+        seen: dict[str, OutboxItem] = {}
+        for r in rows:
+            seen.setdefault(r["sop_uid"], OutboxItem(**dict(r)))
+        return list(seen.values())
+
+    def finish_run(
+        self,
+        series_uid: str,
+        instance_count: int,
+        results: dict[str, Any],
+        items: list[dict[str, Any]],
+        predecessors: dict[str, set[str]],
+    ) -> str:
+        """End a run "done" and queue its results, in one transaction, or queue nothing.
+
+        Only while the series is processing and still holds ``instance_count`` instances
+        (instances are only ever added: the count names the set); otherwise returns
+        :data:`OVERTAKEN`. ``predecessors`` maps each model to the SOP Instance UIDs of its
+        earlier, acknowledged results that the new SR names; if others were acknowledged
+        since, returns :data:`STALE_PREDECESSORS` (encode again). On success, earlier
+        results not sent yet are cancelled, ``items`` (keyword arguments of
+        :meth:`enqueue_result`) are queued, and :data:`DONE` is returned.
+        """
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT state, instance_count FROM series WHERE series_uid = ?", (series_uid,)
+            ).fetchone()
+            if row is None or row["state"] != PROCESSING or (
+                int(row["instance_count"]) != instance_count
+            ):
+                return OVERTAKEN
+            for model, expected in predecessors.items():
+                sent = {r["sop_uid"] for r in db.execute(
+                    "SELECT sop_uid FROM outbox WHERE series_uid = ? AND state = ?"
+                    " AND model = ?", (series_uid, SENT, model))}
+                if sent != set(expected):
+                    return STALE_PREDECESSORS
+            _cancel_unsent(db, series_uid, "cancelled: superseded by a later run")
+            for item in items:
+                _enqueue(db, **item)
             db.execute(
-                "INSERT OR IGNORE INTO outbox (series_uid, kind, destination, path, sop_uid,"
-                " state) VALUES (?, ?, ?, ?, ?, ?)",
-                (series_uid, kind, destination, str(path), sop_uid, PENDING),
+                "UPDATE series SET state = ?, reason = '', updated = ?, model = ?, results = ?"
+                " WHERE series_uid = ?",
+                (DONE, time.time(), str(results.get("model", "")), json.dumps(results),
+                 series_uid),
             )
+        return DONE
 
     def due_results(self, now: float | None = None) -> list[OutboxItem]:
         now = time.time() if now is None else now
@@ -423,12 +500,14 @@ class JobStore:
                 ).fetchall()
         return [OutboxItem(**dict(r)) for r in rows]
 
-    def mark_sent(self, item_id: int) -> None:
+    def mark_sent(self, item_id: int, sent_at: float | None = None) -> None:
+        """Record an acknowledgement (whatever the item's state: a cancelled item whose
+        send was already under way was still received by the destination)."""
         with self._tx() as db:
             db.execute(
                 "UPDATE outbox SET state = ?, sent_at = ?, attempts = attempts + 1,"
-                " last_error = '' WHERE id = ?",
-                (SENT, time.time(), item_id),
+                " last_error = '' WHERE id = ? AND state != ?",
+                (SENT, sent_at or time.time(), item_id, SENT),
             )
 
     def mark_attempt_failed(
@@ -463,8 +542,8 @@ class JobStore:
             rows = self._db.execute(
                 "SELECT * FROM series WHERE state IN (?, ?, ?) AND NOT EXISTS ("
                 " SELECT 1 FROM outbox WHERE outbox.series_uid = series.series_uid"
-                " AND outbox.state != ?) ORDER BY updated",
-                (DONE, FAILED, NO_MODEL, SENT),
+                " AND outbox.state NOT IN (?, ?)) ORDER BY updated",
+                (DONE, FAILED, NO_MODEL, SENT, CANCELLED),
             ).fetchall()
         return [_series(r) for r in rows]
 
@@ -497,6 +576,22 @@ class JobStore:
         counts.update({r["state"]: r["n"] for r in rows})
         counts["outbox_pending"] = pending["n"]
         return counts
+
+
+def _cancel_unsent(db: sqlite3.Connection, series_uid: str, why: str) -> None:
+    db.execute(
+        "UPDATE outbox SET state = ?, last_error = ? WHERE series_uid = ? AND state IN (?, ?)",
+        (CANCELLED, why, series_uid, PENDING, FAILED),
+    )
+
+
+def _enqueue(db: sqlite3.Connection, series_uid: str, kind: str, destination: str,
+             path: Path | str, sop_uid: str, model: str = "") -> None:
+    db.execute(
+        "INSERT OR IGNORE INTO outbox (series_uid, kind, destination, path, sop_uid, state,"
+        " model) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (series_uid, kind, destination, str(path), sop_uid, PENDING, model),
+    )
 
 
 def _series(row: sqlite3.Row) -> SeriesRecord:

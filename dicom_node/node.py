@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import logging
 import queue
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -31,7 +32,17 @@ from dicom_node.assembly import StreamingAssembler
 from dicom_node.completion import RELEASED, SETTLE_TIMER, SliceGeometry, gap_free, slice_geometry
 from dicom_node.config import ModelSettings, Settings
 from dicom_node.export import Exporter
-from dicom_node.jobs import COMPLETE, DONE, FAILED, NO_MODEL, PROCESSING, RECEIVING, JobStore
+from dicom_node.jobs import (
+    COMPLETE,
+    DONE,
+    FAILED,
+    NO_MODEL,
+    OVERTAKEN,
+    PROCESSING,
+    RECEIVING,
+    JobStore,
+    OutboxItem,
+)
 from dicom_node.metrics import NodeMetrics
 from dicom_node.retention import apply_retention
 from dicom_node.routing import describe, select_models
@@ -291,7 +302,7 @@ class Node:
             "completion": max(0.0, time.time() - record.last_received) if record else 0.0
         }
         try:
-            results = self._run_chain(series_uid, timings)
+            results = self._run_chain(series_uid, timings, count)
         except NoModel as exc:
             if self._finish(series_uid, count, NO_MODEL, str(exc)) != NO_MODEL:
                 return RECEIVING
@@ -306,8 +317,8 @@ class Node:
             return FAILED
         self.jobs.record_timings(series_uid, timings)
         self.metrics.observe_timings(timings)
-        self.jobs.record_results(series_uid, results)
-        if self._finish(series_uid, count, DONE, model=results.get("model")) != DONE:
+        if results is None:  # overtaken: nothing was queued, its files are gone
+            self._receiving_again(series_uid, count)
             return RECEIVING
         log.info(
             "series %s: done (%s)",
@@ -329,12 +340,15 @@ class Node:
         if self.jobs.set_state(series_uid, state, reason, expect=PROCESSING, model=model,
                                instance_count=count):
             return state
+        self._receiving_again(series_uid, count)
+        return RECEIVING
+
+    def _receiving_again(self, series_uid: str, count: int) -> None:
         self.jobs.set_state(series_uid, RECEIVING, expect=PROCESSING)
         log.info("series %s: %d new instance(s) arrived while processing; receiving again",
                  series_uid, self.jobs.series_count(series_uid) - count)
         if self.settings.node.complete_on_release:
             self._complete_if_whole(series_uid)
-        return RECEIVING
 
     def _route(self, series_uid: str, paths: list[Path]) -> list[ModelSettings]:
         """The models this series goes to, from its first instance's header."""
@@ -349,7 +363,12 @@ class Node:
             raise NoModel(f"no routing rule matched ({describe(header, count, calling_ae)})")
         return models
 
-    def _run_chain(self, series_uid: str, timings: dict[str, float]) -> dict[str, Any]:
+    def _run_chain(self, series_uid: str, timings: dict[str, float],
+                   count: int) -> dict[str, Any] | None:
+        """Assemble, segment, encode and write; queue the results in the transaction that
+        ends the job, if the series still holds the ``count`` instances processed.
+        Returns the results, or ``None`` when new instances overtook the run (its files
+        are deleted, nothing is queued)."""
         paths = self.jobs.instance_paths(series_uid)
         staged = self.assembler.take(series_uid)
         try:
@@ -371,20 +390,69 @@ class Node:
         volume.release_pixels()
         out_dir = self.results_dir / check_uid(series_uid, "Series Instance UID")
         out_dir.mkdir(exist_ok=True, mode=0o700)
-        by_model: dict[str, Any] = {}
-        for index, (model, result) in enumerate(zip(models, results, strict=True)):
-            t0 = time.perf_counter()
-            files = self._encode(model, volume, result.labels, series_offset=10 * index)
-            timings["encode"] = timings.get("encode", 0.0) + time.perf_counter() - t0
-            t0 = time.perf_counter()
-            by_model[model.name] = {
-                "files": self._write_results(series_uid, out_dir, files),
-                "volumes_ml": self._label_volumes(model, volume, result.labels),
-            }
-            timings["write"] = timings.get("write", 0.0) + time.perf_counter() - t0
-        first = by_model[models[0].name]
-        return {"model": ", ".join(m.name for m in models), "files": first["files"],
-                "volumes_ml": first["volumes_ml"], "models": by_model}
+        # An earlier result acknowledged while this run encodes would be superseded without
+        # being named: the transaction that queues the results sees it, and the run encodes
+        # again (a send takes well under a second; three tries are plenty).
+        for _ in range(3):
+            earlier = {m.name: self.jobs.sent_results(series_uid, m.name) for m in models}
+            by_model: dict[str, Any] = {}
+            items: list[dict[str, Any]] = []
+            written: list[Path] = []
+            try:
+                for index, (model, result) in enumerate(zip(models, results, strict=True)):
+                    t0 = time.perf_counter()
+                    files = self._encode(model, volume, result.labels, 10 * index,
+                                         self._predecessors(earlier[model.name]))
+                    timings["encode"] = timings.get("encode", 0.0) + time.perf_counter() - t0
+                    t0 = time.perf_counter()
+                    by_model[model.name] = {
+                        "files": self._write_results(out_dir, files, written),
+                        "volumes_ml": self._label_volumes(model, volume, result.labels),
+                    }
+                    items += [
+                        {"series_uid": series_uid, "kind": kind, "destination": dest.name,
+                         "path": f["path"], "sop_uid": f["sop_uid"], "model": model.name}
+                        for kind, f in by_model[model.name]["files"].items()
+                        for dest in self.settings.destinations
+                    ]
+                    timings["write"] = timings.get("write", 0.0) + time.perf_counter() - t0
+            except BaseException:
+                _discard(written)
+                raise
+            first = by_model[models[0].name]
+            out = {"model": ", ".join(m.name for m in models), "files": first["files"],
+                   "volumes_ml": first["volumes_ml"], "models": by_model}
+            if any(earlier.values()):
+                out["supersedes"] = sorted(i.sop_uid for v in earlier.values() for i in v)
+            outcome = self.jobs.finish_run(
+                series_uid, count, out, items,
+                {name: {i.sop_uid for i in sent} for name, sent in earlier.items()},
+            )
+            if outcome == DONE:
+                if out.get("supersedes"):
+                    log.info("series %s: the new results supersede %d acknowledged earlier "
+                             "result(s)", series_uid, len(out["supersedes"]))
+                return out
+            _discard(written)
+            if outcome == OVERTAKEN:
+                log.info("series %s: new instances arrived while processing: this run's "
+                         "results are discarded, none was queued", series_uid)
+                return None
+        raise JobFailed("earlier results kept being acknowledged while the new ones were "
+                        "encoded; retry the series")
+
+    def _predecessors(self, earlier: list[OutboxItem]) -> list[Any]:
+        """Headers of the acknowledged earlier results a new SR supersedes (their files are
+        kept while the series is: retention removes both together)."""
+        out = []
+        for item in earlier:
+            try:
+                out.append(pydicom.dcmread(item.path, stop_before_pixels=True, specific_tags=[
+                    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"]))
+            except (OSError, ValueError) as exc:
+                log.warning("earlier result %s cannot be read (%s): not named as superseded",
+                            item.sop_uid, exc)
+        return out
 
     def _assemble(self, series_uid: str, paths: list[Path], staged: Any,
                   allocate: Any) -> Any:
@@ -412,22 +480,36 @@ class Node:
         allocators = {backends[m.name].volume_allocator() for m in models}
         return allocators.pop() if len(allocators) == 1 else np.empty
 
-    def _write_results(self, series_uid: str, out_dir: Path,
-                       files: dict[str, tuple[Any, str]]) -> dict[str, dict[str, str]]:
-        """Write each result durably, then queue it for every destination."""
-        written = {}
+    def _write_results(self, out_dir: Path, files: dict[str, tuple[Any, str]],
+                       written: list[Path]) -> dict[str, dict[str, str]]:
+        """Write each result durably (appending its path to ``written``); the caller
+        queues them. Below the disk reserve, or when the disk says no, the job fails with
+        the reason and nothing half-written is left (``dicom-node retry`` once there is
+        space)."""
+        reserve = self.settings.limits.reserved_disk_mb * 1024 * 1024
+        out = {}
         for kind, (ds, sop_uid) in files.items():
             # named by SOP Instance UID: a series processed again never overwrites a
             # result an earlier outbox item still has to send
             path = out_dir / f"{kind.lower()}-{sop_uid}.dcm"
             buf = io.BytesIO()
             ds.save_as(buf, enforce_file_format=True)
-            write_durably(path, buf.getvalue())
-            written[kind] = {"path": str(path), "sop_uid": sop_uid}
-            for dest in self.settings.destinations:
-                self.jobs.enqueue_result(series_uid=series_uid, kind=kind, destination=dest.name,
-                                         path=path, sop_uid=sop_uid)
-        return written
+            data = buf.getvalue()
+            free = shutil.disk_usage(out_dir).free
+            if free - len(data) < reserve:
+                raise JobFailed(
+                    f"results not written: {free // 2**20} MB free, {len(data) // 2**20 + 1} "
+                    f"MB needed above the {self.settings.limits.reserved_disk_mb} MB kept for "
+                    "the database and logs; retry the series once there is space"
+                )
+            try:
+                write_durably(path, data)
+            except OSError as exc:
+                raise JobFailed(f"results not written: {exc}; retry the series once the "
+                                "disk is writable") from None
+            written.append(path)
+            out[kind] = {"path": str(path), "sop_uid": sop_uid}
+        return out
 
     def _infer(self, model: ModelSettings, volume: Any, timings: dict[str, float]) -> Any:
         from dicom_node.inference import InferenceError
@@ -476,7 +558,8 @@ class Node:
         return AlgorithmInfo(name=b.name, version=b.version, source=str(b.path.name))
 
     def _encode(self, model: ModelSettings, volume: Any, labels: Any,
-                series_offset: int = 0) -> dict[str, tuple[Any, str]]:
+                series_offset: int = 0,
+                predecessors: list[Any] | None = None) -> dict[str, tuple[Any, str]]:
         from dicom_node.encode import EncodeError, build_rtstruct, build_seg, build_sr
 
         res = self.settings.results
@@ -492,7 +575,7 @@ class Node:
                 out["RTSTRUCT"] = (rt, str(rt.SOPInstanceUID))
             if res.make_sr:
                 sr = build_sr(seg, volume, labels, segments, algorithm, res,
-                              9003 + series_offset)
+                              9003 + series_offset, predecessors or ())
                 out["SR"] = (sr, str(sr.SOPInstanceUID))
         except EncodeError as exc:
             raise JobFailed(f"results cannot be encoded: {exc}") from None
@@ -536,3 +619,9 @@ class Node:
                 return True
             time.sleep(0.2)
         return False
+
+
+def _discard(paths: list[Path]) -> None:
+    """Delete result files that will never be queued."""
+    for path in paths:
+        path.unlink(missing_ok=True)

@@ -120,6 +120,7 @@ def build_sr(
     algorithm: AlgorithmInfo,
     settings: ResultSettings,
     series_number: int = 9003,
+    predecessors: Sequence[Dataset] = (),
 ) -> Dataset:
     """Build a Comprehensive 3D SR Measurement Report of each segment's volume.
 
@@ -130,6 +131,11 @@ def build_sr(
     label that does not occur is 0 mL in a group without region (see the module). The
     observer is the node as a device; single-frame source images form the Image Library
     and, with the SEG, the evidence.
+
+    ``predecessors`` are results of an earlier run of the same series that a destination
+    already holds and that this report supersedes (SEG, RTSTRUCT and SR; each needs its
+    SOP Class, SOP Instance, Study and Series Instance UIDs): they are listed in the
+    Predecessor Documents Sequence (0040,A360).
 
     Raises :class:`~dicom_node.encode.labels.EncodeError` when the inputs do not fit.
     """
@@ -207,6 +213,7 @@ def build_sr(
         sop_instance_uid=generate_uid(),
         instance_number=1,
         is_complete=True,
+        previous_versions=list(predecessors) or None,
         series_description=settings.sr_series_description,
         **common_attributes(source, settings),
     )
