@@ -2,6 +2,11 @@
 
 Text or JSON lines, to stderr and to a size-rotated file in ``data_dir/logs``. pynetdicom's
 own loggers are kept at WARNING: at INFO they print every PDU, and with it patient names.
+
+Log lines carry values peers chose (AE titles, UIDs, reasons quoting attribute values). A
+newline or another control character in one of them would let a peer write a line of its
+own into the log, so every message is escaped (:func:`escape_controls`) as it is formatted,
+whoever logged it; tracebacks keep their lines.
 """
 
 from __future__ import annotations
@@ -9,7 +14,36 @@ from __future__ import annotations
 import json
 import logging
 import logging.handlers
+import re
 from pathlib import Path
+
+#: C0 and C1 control characters, DEL, and the Unicode line and paragraph separators.
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with each control character written as ``\\xNN`` (or ``\\uNNNN``)."""
+    return _CONTROLS.sub(
+        lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
+        else f"\\u{ord(m.group()):04x}",
+        text,
+    )
+
+
+def _escaped_message(record: logging.LogRecord) -> str:
+    return escape_controls(record.getMessage())
+
+
+class TextFormatter(logging.Formatter):
+    """The node's text lines: one line per record, whatever its values hold."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        msg, args = record.msg, record.args
+        record.msg, record.args = _escaped_message(record), None
+        try:
+            return super().format(record)
+        finally:
+            record.msg, record.args = msg, args
 
 
 class JsonFormatter(logging.Formatter):
@@ -20,7 +54,7 @@ class JsonFormatter(logging.Formatter):
             "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S"),
             "level": record.levelname,
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": _escaped_message(record),
         }
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
@@ -31,7 +65,7 @@ def setup_logging(data_dir: Path | None, json_lines: bool = False, level: int = 
     """Configure the root logger once for a node process."""
     fmt: logging.Formatter = (
         JsonFormatter() if json_lines else
-        logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
     root = logging.getLogger()
     root.handlers.clear()
