@@ -78,6 +78,7 @@ from dicom_node.config import ConfigError, Settings
 from dicom_node.jobs import InstanceConflict, JobStore
 from dicom_node.spool import InvalidUID, Spool, check_uid, dataset_digest
 from dicom_node.tls import peer_certificate_subject, server_ssl_context
+from dicom_node.validation import InvalidValue, check_image_values
 from dicom_node.volume import CT_SOP_CLASSES, MULTIFRAME_CT_SOP_CLASSES
 
 log = logging.getLogger("dicom_node.scp")
@@ -890,6 +891,12 @@ class StorageSCP:
             )
         if ds.SOPClassUID in MULTIFRAME_CT_SOP_CLASSES:
             _check_frames(ds)
+        try:  # values no CT image can have: refused here, not found empty after inference
+            check_image_values(ds)
+        except InvalidValue as exc:
+            raise StoreRefused(DOES_NOT_MATCH_SOP_CLASS, str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - an unparsable value is the peer's data
+            raise StoreRefused(CANNOT_UNDERSTAND, f"dataset cannot be decoded: {exc}") from None
         if ds.file_meta.TransferSyntaxUID.is_compressed:
             _check_encapsulated(ds)
         else:

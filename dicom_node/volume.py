@@ -28,6 +28,8 @@ from pydicom.uid import (
     LegacyConvertedEnhancedCTImageStorage,
 )
 
+from dicom_node.validation import InvalidValue, check_image_values
+
 #: SOP classes whose instances can be assembled into a CT volume.
 CT_SOP_CLASSES = (CTImageStorage, EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage)
 MULTIFRAME_CT_SOP_CLASSES = (EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage)
@@ -127,6 +129,20 @@ def _check_common(datasets: Sequence[Dataset], min_slices: int) -> None:
     for ds in datasets:
         if ds.get("SOPClassUID") not in CT_SOP_CLASSES:
             raise VolumeError(f"SOP class {ds.get('SOPClassUID')} is not a CT image")
+    # Pixel and geometry sanity before anything is decoded or inferred: also for files
+    # spooled before the C-STORE handler checked the same (dicom_node.validation).
+    for ds in datasets:
+        try:
+            check_image_values(ds)
+        except InvalidValue as exc:
+            raise VolumeError(f"instance {ds.get('SOPInstanceUID')}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - an unparsable value is a reason, not a crash
+            raise VolumeError(f"instance {ds.get('SOPInstanceUID')}: unreadable value: {exc}") from None
+    frames = {str(ds.get("FrameOfReferenceUID") or "") for ds in datasets}
+    if "" in frames:
+        raise VolumeError("an instance has no FrameOfReferenceUID")
+    if len(frames) > 1:
+        raise VolumeError(f"slices have {len(frames)} different FrameOfReferenceUID values")
 
 
 def _single_frame_checks(datasets: Sequence[Dataset], min_slices: int) -> None:

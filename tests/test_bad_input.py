@@ -61,7 +61,8 @@ LIMITS = {
 UNKNOWN_SYNTAX = "1.2.826.0.1.3680043.9.7433.99.1"  # a private transfer syntax nobody decodes
 PRIVATE_SOP_CLASS = "1.2.826.0.1.3680043.9.7433.99.2"
 pytestmark = pytest.mark.filterwarnings(
-    "ignore:Invalid value for VR UI", "ignore:The value length", "ignore:Expected explicit VR"
+    "ignore:Invalid value for VR UI", "ignore:The value length", "ignore:Expected explicit VR",
+    "ignore:Invalid value for VR DS",
 )
 ALL_SYNTAXES = [ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, JPEGLosslessSV1]
 
@@ -323,6 +324,28 @@ DATASET_CASES = [
      "1000 frames declared, but Pixel Data holds only 1 fragment"),
     ("compressed syntax, native Pixel Data", _compressed(1, None, encapsulated=False),
      "0xC000", "Pixel Data is not encapsulated"),
+    # meaningless pixel and geometry values: refused, the attribute named
+    ("RescaleSlope 1e308", _modified(RescaleSlope="1e308"), "0xA900",
+     "RescaleSlope 1e+308, RescaleIntercept -1024: 12-bit pixels"),
+    ("RescaleSlope 0", _modified(RescaleSlope="0"), "0xA900",
+     "RescaleSlope 0 maps every pixel to one value"),
+    ("RescaleSlope NaN", _modified(RescaleSlope="NaN"), "0xA900",
+     "RescaleSlope NaN is not a finite number"),
+    ("RescaleIntercept inf", _modified(RescaleIntercept="inf"), "0xA900",
+     "RescaleIntercept inf is not a finite number"),
+    ("BitsAllocated 1", _modified(BitsAllocated=1), "0xA900",
+     "BitsAllocated 1 is not 16, as a CT image requires"),
+    ("BitsAllocated 8", _modified(BitsAllocated=8), "0xA900", "BitsAllocated 8 is not 16"),
+    ("BitsAllocated 64", _modified(BitsAllocated=64), "0xA900", "BitsAllocated 64 is not 16"),
+    ("BitsStored 17", _modified(BitsStored=17), "0xA900", "BitsStored 17 is outside"),
+    ("PixelSpacing 0", _modified(PixelSpacing=["0", "0"]), "0xA900",
+     "PixelSpacing (0, 0) is not positive"),
+    ("PixelSpacing NaN", _modified(PixelSpacing=["NaN", "0.7"]), "0xA900",
+     "PixelSpacing NaN is not a finite number"),
+    ("ImageOrientationPatient all zero", _modified(ImageOrientationPatient=[0] * 6),
+     "0xA900", "ImageOrientationPatient is not two orthogonal unit vectors"),
+    ("ImagePositionPatient inf", _modified(ImagePositionPatient=["0", "inf", "0"]),
+     "0xA900", "ImagePositionPatient inf is not a finite number"),
     ("Enhanced CT: 4 frames, 3 per-frame items", lambda: _enhanced_ct(4, 3, 4, [0, 5, 10]),
      "0xA900", "4 frames declared, 3 Per-Frame Functional Groups"),
     ("Enhanced CT: 4 frames, pixels for 2", lambda: _enhanced_ct(4, 4, 2, [0, 5, 10, 15]),
@@ -424,6 +447,31 @@ def test_affected_uid_differs_from_the_data_set(node, ledger, served, tmp_path):
     ledger.check("Affected SOP Instance UID differs from the data set's",
                  "0xA900 SOP Instance UID in the data set differs",
                  f"{_status(rsp, ledger, ds.SOPInstanceUID)} {_comment(rsp)}")
+
+
+_FORGED = "2026-01-01 00:00:00,000 INFO x: FORGED"  # within a UID's 64 characters
+
+
+@pytest.mark.parametrize("where", ["Affected SOP Instance UID", "data set SOP Instance UID"])
+def test_control_characters_do_not_forge_log_lines(node, ledger, served, tmp_path, where):
+    ds = _ct()
+    evil = f"1.2.3\r\n{_FORGED}"
+    if where == "Affected SOP Instance UID":
+        rsp = _send_raw(node.port, ledger, tmp_path, _bytes(ds), evil,
+                        data_uid=ds.SOPInstanceUID)
+    else:
+        ds.SOPInstanceUID = evil
+        rsp = _send_raw(node.port, ledger, tmp_path, _bytes(ds), evil)
+    status = _status(rsp, ledger, ds.SOPInstanceUID)
+    deadline = time.monotonic() + 5  # the refusal's log line names the value, escaped
+    logs = [node.log, node.data_dir / "logs" / "node.log"]
+    while time.monotonic() < deadline and not all(
+            "FORGED" in p.read_text(errors="replace") for p in logs):
+        time.sleep(0.1)
+    forged = [line for p in logs for line in p.read_text(errors="replace").splitlines()
+              if line.startswith(_FORGED[:20]) or line.startswith("2026-01-01")]
+    ledger.check(f"{where} with CR LF and a forged log line", "0xA900, no forged line",
+                 f"{status}, {'no forged line' if not forged else forged}")
 
 
 # -- negotiation --------------------------------------------------------------------------
@@ -589,7 +637,15 @@ def _undecodable_jpeg() -> list[Dataset]:
     return s
 
 
+def _two_frames_of_reference() -> list[Dataset]:
+    s = _series(3)
+    s[2].FrameOfReferenceUID = generate_uid()
+    return s
+
+
 JOB_CASES = [
+    ("two frames of reference", _two_frames_of_reference,
+     "not a volume: slices have 2 different FrameOfReferenceUID values"),
     ("single slice", lambda: _series(1), "not a volume: only 1 slice(s); at least 3 are needed"),
     ("mixed sizes", _mixed_sizes, "not a volume: slices have mixed sizes: 16x16, 20x20"),
     ("mixed orientations", _mixed_orientations,
