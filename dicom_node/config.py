@@ -63,9 +63,20 @@ class LimitSettings:
     """Bounds that keep one misbehaving peer from taking the node down."""
 
     max_associations: int = 16
+    #: Connections one source address may hold at once (negotiating or associated); more
+    #: are rejected at once (transient, local limit exceeded). 0: no limit but the above.
+    max_associations_per_address: int = 8
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
+    #: From accept to association established (TLS handshake and A-ASSOCIATE-RQ), in all:
+    #: a peer trickling bytes cannot hold a slot longer than this.
+    association_deadline_seconds: float = 30.0
+    #: Each PDU, and each message's fragments together (a command set, a data set), must
+    #: arrive within this many seconds of the first byte, however the bytes trickle.
+    message_deadline_seconds: float = 600.0
+    #: Also enforced as P-DATA arrives: a data set growing past it aborts the association
+    #: before more of it is read into memory.
     max_instance_bytes: int = 512 * 1024 * 1024
     max_instances_per_series: int = 5000
     min_free_disk_mb: int = 1024
@@ -328,6 +339,11 @@ def _validate(s: Settings) -> None:
         raise ConfigError("results.rtstruct_min_contour_area_mm2: must not be negative")
     if s.limits.reserved_disk_mb < 0:
         raise ConfigError("limits.reserved_disk_mb: must not be negative")
+    if s.limits.max_associations_per_address < 0:
+        raise ConfigError("limits.max_associations_per_address: must not be negative (0: no limit)")
+    for key in ("association_deadline_seconds", "message_deadline_seconds"):
+        if getattr(s.limits, key) <= 0:
+            raise ConfigError(f"limits.{key}: must be positive")
     if s.limits.min_slices < 1:
         raise ConfigError("limits.min_slices: must be at least 1")
     names = set()
