@@ -142,6 +142,7 @@ class Node:
                 backend.close()
             self._backends = None
         self.jobs.close()
+        self.exporter.journal.close()
 
     def reconcile(self) -> int:
         """Register spooled files the database does not know.

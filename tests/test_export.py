@@ -127,3 +127,131 @@ def test_a_pacs_that_rejects_the_association_is_retried(tmp_path):
         assert {m: len(v) for m, v in pacs.instances_by_modality().items()} == {"SEG": 1}
     finally:
         pacs.stop()
+
+
+def test_a_pacs_that_refuses_the_seg_class_is_recorded_as_such(tmp_path):
+    """A Storage SCP that takes CT only: the SEG's presentation context is refused, and
+    the outbox says so (not "cannot be reached")."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage
+
+    _, files = _results(tmp_path)
+    scp = AE(ae_title="CT_ONLY")
+    scp.add_supported_context(CTImageStorage)
+    port = free_port()
+    server = scp.start_server(("127.0.0.1", port), block=False)
+    try:
+        jobs = JobStore(tmp_path / "jobs.sqlite")
+        path, uid = files["SEG"]
+        jobs.enqueue_result(series_uid="1.4", kind="SEG", destination="ct", path=path,
+                            sop_uid=uid)
+        dest = Destination(name="ct", ae_title="CT_ONLY", host="127.0.0.1", port=port,
+                           attempts=5, retry_backoff_seconds=0.0)
+        assert Exporter(Settings(destinations=[dest]), jobs).run_once() == 0
+        (item,) = jobs.outbox("1.4")
+        assert item.state == "pending"
+        assert "refused the presentation context for Segmentation Storage" in item.last_error
+        assert "cannot be reached" not in item.last_error
+    finally:
+        server.shutdown()
+
+
+def test_a_failure_status_is_recorded_with_its_meaning(tmp_path):
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import SegmentationStorage
+
+    _, files = _results(tmp_path)
+    scp = AE(ae_title="FULL")
+    scp.add_supported_context(SegmentationStorage)
+    port = free_port()
+    server = scp.start_server(("127.0.0.1", port), block=False,
+                              evt_handlers=[(evt.EVT_C_STORE, lambda event: 0xA700)])
+    try:
+        jobs = JobStore(tmp_path / "jobs.sqlite")
+        path, uid = files["SEG"]
+        jobs.enqueue_result(series_uid="1.5", kind="SEG", destination="full", path=path,
+                            sop_uid=uid)
+        dest = Destination(name="full", ae_title="FULL", host="127.0.0.1", port=port,
+                           attempts=5, retry_backoff_seconds=0.0)
+        assert Exporter(Settings(destinations=[dest]), jobs).run_once() == 0
+        (item,) = jobs.outbox("1.5")
+        assert "status 0xA700 (Refused: Out of Resources)" in item.last_error
+    finally:
+        server.shutdown()
+
+
+def _tmpfs(path, size: str):
+    import subprocess
+
+    import pytest
+
+    path.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                       capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        pytest.skip(f"a small tmpfs cannot be mounted here ({r.stderr.strip()}): the "
+                    "full-disk test needs root or CAP_SYS_ADMIN")
+    return path
+
+
+def _fill(folder) -> None:
+    """Fill the file system of ``folder`` to the last byte."""
+    import os
+
+    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        for size in (1 << 20, 4096, 1):
+            while True:
+                try:
+                    os.write(fd, b"\0" * size)
+                except OSError:
+                    break
+    finally:
+        os.close(fd)
+
+
+def test_acknowledged_once_even_when_the_database_cannot_record_it(tmp_path):
+    """The PACS acknowledges, then the disk holding the database is full: the commit fails,
+    the item is never sent again, and it is recorded once there is space, or at the next
+    start from the journal."""
+    import subprocess
+
+    _, files = _results(tmp_path)
+    data = _tmpfs(tmp_path / "data", "4m")
+    pacs = Orthanc(tmp_path / "orthanc").start()
+    try:
+        jobs = JobStore(data / "jobs.sqlite")
+        for kind, (path, uid) in files.items():
+            jobs.enqueue_result(series_uid="1.6", kind=kind, destination="pacs", path=path,
+                                sop_uid=uid)
+        dest = Destination(name="pacs", ae_title=pacs.aet, host="127.0.0.1",
+                           port=pacs.dicom_port, attempts=5, retry_backoff_seconds=0.0)
+        settings = Settings(destinations=[dest])
+        exporter = Exporter(settings, jobs)  # the journal is allocated now
+        _fill(data)
+        assert exporter.run_once() == 3  # acknowledged...
+        assert [i.state for i in jobs.outbox("1.6")] == ["pending"] * 3  # ...not committed
+        for _ in range(5):  # the export loop goes on: nothing is sent again
+            exporter.run_once()
+        counts = {m: len(v) for m, v in pacs.instances_by_modality().items()}
+        assert counts == {"SEG": 1, "RTSTRUCT": 1, "SR": 1}
+        # a restart while the disk is still full: the journal holds the acknowledgements
+        jobs.close()
+        jobs = JobStore(data / "jobs.sqlite")
+        restarted = Exporter(settings, jobs)
+        assert restarted.run_once() == 0
+        (data / "filler").unlink()  # space again: a pass after the backoff records them
+        deadline = time.time() + 10
+        while time.time() < deadline and restarted.journal.used:
+            restarted.run_once()
+            time.sleep(0.1)
+        assert [i.state for i in jobs.outbox("1.6")] == ["sent"] * 3
+        assert restarted.journal.used == 0
+        counts = {m: len(v) for m, v in pacs.instances_by_modality().items()}
+        assert counts == {"SEG": 1, "RTSTRUCT": 1, "SR": 1}
+        jobs.close()
+        restarted.journal.close()
+        exporter.journal.close()
+    finally:
+        pacs.stop()
+        subprocess.run(["umount", "-l", str(data)], check=False)
