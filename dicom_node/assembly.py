@@ -83,6 +83,55 @@ class _Budget:
             self.used -= nbytes
 
 
+#: Transfer syntaxes whose Pixel Data is the plain little-endian sample array.
+_NATIVE_LITTLE_ENDIAN = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
+
+
+def decode_into(ds: Dataset, out: np.ndarray) -> None:
+    """Write the slice's Hounsfield units into ``out``: ``out[...] = decode_slice(ds)``.
+
+    Hand-written for the common CT slice (native little-endian 16-bit samples, rescale slope
+    1, an integer intercept, an int16 volume), because this runs while the series is still
+    arriving: pydicom's ``pixel_array`` and its float64 modality LUT hold the interpreter
+    for ~0.6 ms a slice and slowed ingest by a quarter; three whole-array numpy operations
+    release it. The same bits as pydicom's: samples masked (unsigned) or sign-extended
+    (signed) to Bits Stored, then the intercept added. Anything else goes through
+    :func:`~dicom_node.volume.decode_slice`.
+    """
+    meta = getattr(ds, "file_meta", None)
+    fast = (
+        out.dtype == np.int16
+        and meta is not None
+        and meta.get("TransferSyntaxUID") in _NATIVE_LITTLE_ENDIAN
+        and ds.get("BitsAllocated") == 16
+        and ds.get("SamplesPerPixel", 1) == 1
+        and "ModalityLUTSequence" not in ds
+        and float(ds.get("RescaleSlope", 1) or 1) == 1.0
+        and float(ds.get("RescaleIntercept", 0) or 0).is_integer()
+        and 1 <= int(ds.get("BitsStored", 16)) <= 16
+        and isinstance(ds.get("PixelData"), bytes)
+        and len(ds.PixelData) >= out.size * 2
+    )
+    if not fast:
+        out[...] = decode_slice(ds)
+        return
+    bits = int(ds.BitsStored)
+    signed = int(ds.get("PixelRepresentation", 0)) == 1
+    stored = np.frombuffer(ds.PixelData, "<i2" if signed else "<u2", out.size)
+    stored = stored.reshape(out.shape).astype(np.int32)
+    if bits < 16:
+        if signed:  # sign-extend from Bits Stored
+            stored = np.left_shift(stored, 32 - bits)
+            np.right_shift(stored, 32 - bits, out=stored)
+        else:
+            np.bitwise_and(stored, (1 << bits) - 1, out=stored)
+    stored += int(float(ds.get("RescaleIntercept", 0) or 0))
+    if stored.min() < -32768 or stored.max() > 32767:
+        out[...] = decode_slice(ds)  # beyond int16: let numpy's cast decide, as elsewhere
+        return
+    out[...] = stored
+
+
 def _anonymous(shape: tuple[int, int, int], dtype: np.dtype) -> np.ndarray:
     """An array in its own anonymous memory map, unmapped when the last view goes.
 
@@ -159,11 +208,12 @@ class StagedSeries:
             self._chunks.append(_anonymous(shape, self._dtype))
         target = self._chunks[chunk]
         assert target is not None
-        target[row] = decode_slice(ds)
-        header = ds[:_PIXEL_TAGS_START]
-        # the spool file's meta group, as a header read from the spool has it
-        header.file_meta = read_file_meta_info(path)
-        self._slices[path] = (index, header)
+        decode_into(ds, target[row])
+        # The data set becomes its own header: the pixel elements go (their bytes with
+        # them) in place, cheaper than a sliced copy while the series is still arriving.
+        for tag in [t for t in ds.keys() if t >= _PIXEL_TAGS_START]:
+            del ds[tag]
+        self._slices[path] = (index, ds)
 
     def _give_up(self, problem: str) -> None:
         if self.problem is None:
@@ -204,6 +254,10 @@ class StagedSeries:
                          "reading the spool", self.series_uid, len(self._slices), len(keys))
                 return None
             datasets = [self._slices[k][1] for k in keys]
+            for path, header in zip(keys, datasets, strict=True):
+                # the spool file's meta group, as a header read from the spool has it (read
+                # now, off the C-STORE's way)
+                header.file_meta = read_file_meta_info(path)
             plan = plan_single_frame(datasets, min_slices)
             if np.dtype(plan.dtype) != self._dtype:
                 return None  # float32 staged, but the whole series fits int16: re-read
