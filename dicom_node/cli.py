@@ -137,6 +137,28 @@ def cmd_model_install(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_model_export_triton(args: argparse.Namespace) -> int:
+    """Write the Triton models of a configured model, for a server the node does not run."""
+    from dicom_node.inference.repository import write_models
+    from dicom_node.pipeline import BundleError
+
+    settings = load_settings(Path(args.config) if args.config else None)
+    model = next((m for m in settings.models if m.name == args.name), None)
+    if model is None:
+        names = ", ".join(m.name for m in settings.models)
+        raise UserError(f"no [[models]] entry is named {args.name!r} (configured: {names})")
+    try:
+        written = write_models(
+            model.name, model.bundle, Path(args.dir), max_batch=args.max_batch,
+            instances=args.instances,
+        )
+    except BundleError as exc:
+        raise UserError(str(exc)) from None
+    print(f"wrote Triton models {', '.join(written)} into {args.dir}; they load the bundle from "
+          f"{model.bundle}, which must be at that path on the Triton host")
+    return 0
+
+
 def _parse_peer(text: str) -> tuple[str, str, int]:
     try:
         ae, rest = text.split("@", 1)
@@ -199,6 +221,16 @@ def build_parser() -> argparse.ArgumentParser:
     pi.add_argument("source", help="a bundle folder, or a MONAI model-zoo name (needs network)")
     pi.add_argument("--dest", default="bundles", help="folder that receives the bundle")
     pi.set_defaults(func=cmd_model_install)
+    pe = msub.add_parser(
+        "export-triton",
+        help="write the Triton models that serve a configured model, to copy to a server",
+    )
+    pe.add_argument("name", help="the model's name in [[models]]")
+    pe.add_argument("dir", help="the model repository to write into")
+    pe.add_argument("--config", help="the node's configuration (default: config/node.toml)")
+    pe.add_argument("--max-batch", type=int, default=8, help="patches per network batch")
+    pe.add_argument("--instances", type=int, default=1, help="model instances per device")
+    pe.set_defaults(func=cmd_model_export_triton)
 
     p = sub.add_parser("push", help="send DICOM files or folders with C-STORE")
     p.add_argument("paths", nargs="+")

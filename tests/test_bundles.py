@@ -31,3 +31,36 @@ def test_a_bundle_without_its_network_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "is not a usable bundle" in err and "Traceback" not in err
     assert not (tmp_path / "bundles" / "broken_bundle").exists()
+
+
+def test_export_triton_writes_models_a_server_loads(tmp_path, capsys):
+    # A model configured by name and bundle only, exported for a Triton server elsewhere.
+    from dicom_node.inference.server import TritonServer
+    from dicom_node.inference.triton import TritonBackend
+    from dicom_node.phantom import make_phantom
+
+    config = tmp_path / "node.toml"
+    config.write_text(
+        f'[[models]]\nname = "spleen"\nbundle = "{PROJECT_ROOT / "bundles" / "spleen_ct_demo"}"\n'
+    )
+    repo = tmp_path / "repository"
+    assert main(["model", "export-triton", "spleen", str(repo), "--config", str(config)]) == 0
+    assert "spleen, spleen_network" in capsys.readouterr().out
+    assert sorted(p.name for p in repo.iterdir()) == ["spleen", "spleen_network"]
+    assert 'string_value: "spleen_network"' in (repo / "spleen" / "config.pbtxt").read_text()
+    server = TritonServer(repo, tmp_path / "server", grpc_port=0, http_port=0, metrics_port=0,
+                          env={"CUDA_VISIBLE_DEVICES": ""})
+    with server:
+        client = TritonBackend([server.grpc_url], "spleen", transport="grpc")
+        phantom = make_phantom((24, 64, 64), (5.0, 4.0, 4.0), seed=11)
+        result = client.segment(phantom.hu, phantom.affine)
+        client.close()
+    assert result.labels.shape == phantom.hu.shape and result.labels.any()
+
+
+def test_export_triton_names_an_unknown_model(tmp_path, capsys):
+    config = tmp_path / "node.toml"
+    config.write_text(f'[[models]]\nname = "spleen"\nbundle = "{tmp_path}"\n')
+    assert main(["model", "export-triton", "liver", str(tmp_path / "r"), "--config",
+                 str(config)]) == 2
+    assert "no [[models]] entry is named 'liver' (configured: spleen)" in capsys.readouterr().err
