@@ -73,6 +73,7 @@ from pynetdicom.dimse_primitives import DimseServiceType
 from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
+from dicom_node import connections
 from dicom_node.completion import slice_geometry
 from dicom_node.config import ConfigError, Settings
 from dicom_node.jobs import InstanceConflict, JobStore
@@ -126,6 +127,9 @@ REASON_NO_REASON = 0x01
 REASON_CALLING_AE = 0x03
 REASON_CALLED_AE = 0x07
 REASON_LOCAL_LIMIT_EXCEEDED = 0x02  # with SOURCE_SERVICE_PROVIDER_PRESENTATION
+
+#: Connections the kernel queues for the node to accept.
+LISTEN_BACKLOG = 128
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -527,6 +531,9 @@ class StorageSCP:
         # Parsed (and TLS files loaded) here, so a bad [node]/[tls] value stops the node at
         # start-up with one sentence instead of at the first peer.
         self._networks = allowed_networks(settings.node.allowed_hosts)
+        self._per_address = connections.AddressLimiter(
+            settings.limits.max_associations_per_address
+        )
         self._ssl_context = server_ssl_context(settings.tls) if settings.tls.enabled else None
         self.ae = self._make_ae()
         _quiet_transport_log()
@@ -557,6 +564,7 @@ class StorageSCP:
     def handlers(self) -> list[tuple]:
         return [
             (evt.EVT_CONN_OPEN, self.handle_connection),
+            (evt.EVT_CONN_CLOSE, self._connection_closed),
             (evt.EVT_C_ECHO, self.handle_echo),
             (evt.EVT_C_STORE, self.handle_store),
             (evt.EVT_REQUESTED, self.handle_requested),
@@ -595,6 +603,10 @@ class StorageSCP:
             evt_handlers=self.handlers(),
             ssl_context=self._ssl_context,
         )
+        # socketserver listens with a backlog of 5: in a burst of connections the 6th and
+        # later wait for the peer's SYN retry (1 s, then 3 s), however fast they would be
+        # refused or served. Listening again only raises the backlog (Linux, BSD).
+        self._server.socket.listen(LISTEN_BACKLOG)
         log.info(
             "listening as %s on %s:%d%s",
             node.ae_title,
@@ -635,37 +647,49 @@ class StorageSCP:
         )
 
     def handle_connection(self, event: evt.Event) -> None:
-        """Bound a new connection's I/O by ``network_timeout``; complete its TLS handshake.
+        """Bound a new connection: per address, in time and in size; complete its TLS
+        handshake.
 
-        pynetdicom leaves accepted sockets blocking without a timeout: a peer that stops
-        in the middle of a PDU would hold the association's thread, and its slot in
-        ``max_associations``, forever. With a timeout the read fails and the slot is freed.
-        The association is also tuned to answer without polling delays
-        (:func:`_tune_association`).
+        A source address holding ``max_associations_per_address`` connections already is
+        answered with an A-ASSOCIATE-RJ (transient, local limit exceeded) before anything
+        it sent is read. Otherwise the connection's reads get the deadlines and the P-DATA
+        size limit of :mod:`dicom_node.connections`, each read also bounded by
+        ``network_timeout`` (pynetdicom leaves accepted sockets blocking without one), and
+        the association is tuned to answer without polling delays (:func:`_tune_association`).
 
         On a TLS port the handshake is done here, in the connection's own thread (see
-        :mod:`dicom_node.tls`), so that a peer without a valid certificate, or one speaking
-        plain DICOM to the TLS port, is refused with one log line before any DICOM is read.
+        :mod:`dicom_node.tls`), within ``association_deadline_seconds``, so that a peer
+        without a valid certificate, or one speaking plain DICOM to the TLS port, is refused
+        with one log line before any DICOM is read.
         """
         assoc_socket = event.assoc.dul.socket
         sock = assoc_socket.socket if assoc_socket is not None else None
         if sock is None:
             return
-        sock.settimeout(self.settings.limits.network_timeout)
+        limits = self.settings.limits
+        address = str(event.address[0])
+        if not self._per_address.admit(event.assoc, address):
+            connections.reject_unread(assoc_socket, sock)
+            return
+        sock.settimeout(limits.network_timeout)
         _tune_association(event.assoc)
+        connections.install(event.assoc, limits, address)
         if not isinstance(sock, ssl.SSLSocket):
             return
         try:
-            sock.do_handshake()
+            connections.handshake_within(sock, limits.association_deadline_seconds)
         except (ssl.SSLError, OSError) as exc:
             if isinstance(exc, ssl.SSLEOFError):  # a port probe: connected, said nothing
-                log.info("connection from %s closed before TLS began", event.address[0])
+                log.info("connection from %s closed before TLS began", address)
             else:
                 reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
-                log.warning("TLS connection from %s refused: %s", event.address[0], reason)
+                log.warning("TLS connection from %s refused: %s", address, reason)
             # Closing queues "transport closed" for the DUL: the association ends before
             # it starts, without pynetdicom reading from the broken socket.
             assoc_socket.close()
+
+    def _connection_closed(self, event: evt.Event) -> None:
+        self._per_address.forget(event.assoc)
 
     def handle_requested(self, event: evt.Event) -> None:
         """Access control on the source address, before negotiation.

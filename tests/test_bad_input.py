@@ -318,8 +318,6 @@ DATASET_CASES = [
     ("Rows missing", _modified(Rows=None), "0xA900", "Rows or Columns missing"),
     ("no Pixel Data", _modified(PixelData=None), "0xA900", "a CT image without Pixel Data"),
     ("modality MR in a CT image", _modified(Modality="MR"), "0xA900", "modality MR in a CT"),
-    ("instance above max_instance_bytes", lambda: _ct(rows=1024, cols=1024), "0xA702",
-     "instance of 2098"),
     ("compressed: 1000 frames declared, 1 fragment", _compressed(1000, None), "0xC000",
      "1000 frames declared, but Pixel Data holds only 1 fragment"),
     ("compressed syntax, native Pixel Data", _compressed(1, None, encapsulated=False),
@@ -366,6 +364,42 @@ def test_crafted_instance_is_refused(node, ledger, served, tmp_path, case, build
                     sop_class=ds.file_meta.MediaStorageSOPClassUID)
     ledger.check(case, f"{status} {comment}", f"{_status(rsp, ledger, affected)} "
                  f"{_comment(rsp)}")
+
+
+@pytest.mark.parametrize("pdu", [0, 16384], ids=["one PDU", "16 KiB PDUs"])
+def test_instance_above_max_instance_bytes_is_aborted_as_it_arrives(node, ledger, served,
+                                                                     tmp_path, pdu):
+    """The association ends while the data set arrives, not after it was buffered whole:
+    in one PDU (its header is enough) or in many (the running total is)."""
+    ds = _ct(rows=1024, cols=1024)  # 2 MB, the node's limit is 1.5 MB
+    before = _log_lines(node, "(limits.max_instance_bytes 1500000)")
+    ae = _ae((CTImageStorage, [ExplicitVRLittleEndian]))
+    ae.maximum_pdu_size = pdu
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOM_NODE", max_pdu=pdu)
+    assert assoc.is_established
+    started = time.monotonic()
+    rsp = assoc.send_c_store(ds)
+    elapsed = time.monotonic() - started
+    until = time.monotonic() + 5  # the peer's DUL notices the abort or the reset
+    while assoc.is_established and time.monotonic() < until:
+        time.sleep(0.05)
+    ended = not assoc.is_established
+    if assoc.is_established:
+        assoc.release()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and _log_lines(
+            node, "(limits.max_instance_bytes 1500000)") == before:
+        time.sleep(0.1)
+    logged = _log_lines(node, "(limits.max_instance_bytes 1500000)") - before
+    answered = rsp is not None and "Status" in rsp
+    if answered:
+        _status(rsp, ledger, ds.SOPInstanceUID)
+    ledger.check(f"instance above max_instance_bytes, {'one PDU' if not pdu else 'PDUs'}",
+                 "aborted, no response, 1 log line",
+                 f"{'aborted' if ended else 'open'}, "
+                 f"{'a response' if answered else 'no response'}, {logged} log line(s)")
+    assert elapsed < 5, elapsed
+    assert str(ds.SOPInstanceUID) not in _spooled_uids(node)
 
 
 # -- corrupt and truncated streams --------------------------------------------------------

@@ -1,0 +1,299 @@
+"""Connection-level guards below pynetdicom: deadlines, P-DATA size, connections per address.
+
+pynetdicom bounds each socket read by ``network_timeout``, and the association phases by
+``acse_timeout`` and ``dimse_timeout``, but only between reads: a peer sending one byte a
+second never lets a read time out, and its DUL thread, blocked inside
+``AssociationSocket.recv``, never looks at the ARTIM timer. Seventeen such peers held every
+association slot for as long as they trickled. pynetdicom also reads each PDU whole, of
+whatever length its header declares, and the DIMSE layer joins the fragments of a data set
+in memory before the C-STORE handler can look at its size.
+
+pynetdicom has no setting for any of this, so the guard replaces the ``recv`` of each
+connection's ``AssociationSocket`` (the one method the DUL reads with, checked against
+pynetdicom 3.0.4) with :class:`GuardedReader`, which
+
+* reads with a *total* deadline: ``association_deadline_seconds`` from accept until the
+  association is established, then ``message_deadline_seconds`` from the first byte of
+  each PDU and of each message (all fragments of a command set or data set);
+* reads each PDU header first and refuses, before reading the body, a P-DATA PDU that
+  would take the data set past ``max_instance_bytes``; the node then sends an A-ABORT and
+  the association ends, with one log line saying why.
+
+A failed read is an ``OSError`` to pynetdicom, which closes the connection as it does for a
+peer that hung up. :class:`AddressLimiter` counts connections per source address from the
+moment they are accepted, so that one address cannot take every slot
+(``max_associations_per_address``); one over the limit gets an A-ASSOCIATE-RJ (transient,
+local limit exceeded) without anything it sent being read.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import select
+import socket
+import ssl
+import struct
+import threading
+import time
+from collections.abc import Callable
+
+from pynetdicom.association import Association
+from pynetdicom.transport import AssociationSocket
+
+from dicom_node.config import LimitSettings
+
+log = logging.getLogger("dicom_node.scp")
+
+#: A-ABORT, service-provider initiated, reason not specified (PS3.8 9.3.8).
+A_ABORT_PROVIDER = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0x02, 0x00])
+#: A-ASSOCIATE-RJ, rejected-transient, service-provider (presentation), local limit exceeded.
+A_ASSOCIATE_RJ_LIMIT = bytes([0x03, 0, 0, 0, 0, 4, 0, 0x02, 0x03, 0x02])
+_P_DATA = 0x04
+#: PDV headers and a command set on top of the data set's own bytes.
+_SLACK = 64 * 1024
+#: Largest single read: pynetdicom reads 4 KiB at a time.
+_CHUNK = 1024 * 1024
+
+
+class ConnectionRefused(OSError):
+    """A read the guard refused (deadline passed, data set too large); pynetdicom treats it
+    as a broken connection."""
+
+
+class GuardedReader:
+    """``AssociationSocket.recv`` with deadlines and a P-DATA size limit (see module)."""
+
+    def __init__(
+        self,
+        assoc: Association,
+        assoc_socket: AssociationSocket,
+        sock: socket.socket,
+        limits: LimitSettings,
+        address: str,
+        opened: float,
+    ) -> None:
+        self.assoc = assoc
+        self.assoc_socket = assoc_socket
+        self.sock = sock
+        self.address = address
+        self.network_timeout = limits.network_timeout
+        self.association_deadline = opened + limits.association_deadline_seconds
+        self.association_seconds = limits.association_deadline_seconds
+        self.message_seconds = limits.message_deadline_seconds
+        self.max_bytes = limits.max_instance_bytes
+        self._body: int | None = None  # the length of the PDU body read next
+        self._pdu_type = 0
+        self._message_bytes = 0  # P-DATA fragment bytes of the message under way
+        self._message_started: float | None = None
+
+    # -- what pynetdicom calls -------------------------------------------------------------
+    def __call__(self, nr_bytes: int) -> bytearray:
+        if self._body is not None and nr_bytes == self._body:
+            self._body = None
+            data = self._read(nr_bytes, self._deadline())
+            if self._pdu_type == _P_DATA and len(data) == nr_bytes:
+                self._count_fragments(data)
+            elif len(data) == nr_bytes:
+                self._message_started = None  # a PDU of its own is a message of its own
+            return data
+        self._body = None
+        if self.assoc.is_established and self._message_started is None:
+            self._message_started = time.monotonic()
+        data = self._read(nr_bytes, self._deadline())
+        if nr_bytes == 6 and len(data) == 6:
+            self._pdu_type, _, length = struct.unpack(">BBL", data)
+            self._body = length
+            if self._pdu_type == _P_DATA and self._message_bytes + length > self.max_bytes + _SLACK:
+                self._refuse_size(self._message_bytes + length)
+        return data
+
+    # -- the checks ------------------------------------------------------------------------
+    def _deadline(self) -> float:
+        if not self.assoc.is_established:
+            return self.association_deadline
+        started = self._message_started or time.monotonic()
+        return started + self.message_seconds
+
+    def _count_fragments(self, body: bytes | bytearray) -> None:
+        """Add the PDVs of a P-DATA-TF body to the message under way (PS3.8 9.3.5)."""
+        offset = 0
+        while offset + 6 <= len(body):
+            length = int.from_bytes(body[offset : offset + 4], "big")
+            header = body[offset + 5]
+            self._message_bytes += max(length - 2, 0)
+            if self._message_bytes > self.max_bytes + _SLACK:
+                self._refuse_size(self._message_bytes)
+            if header & 0x02:  # the last fragment of a command set or data set
+                self._message_bytes = 0
+                self._message_started = None
+            offset += 4 + length
+
+    def _refuse_size(self, total: int) -> None:
+        log.warning(
+            "association from %s aborted: a message of more than %d bytes "
+            "(limits.max_instance_bytes %d) was arriving; read no further",
+            self.address,
+            total,
+            self.max_bytes,
+        )
+        self._abort()
+        raise ConnectionRefused(f"message exceeds limits.max_instance_bytes ({self.max_bytes})")
+
+    def _deadline_passed(self) -> ConnectionRefused:
+        if self.assoc.is_established:
+            what = f"a message not complete within message_deadline_seconds ({self.message_seconds:g} s)"
+            self._abort()
+        else:
+            what = (
+                "association not established within association_deadline_seconds "
+                f"({self.association_seconds:g} s)"
+            )
+        log.warning("connection from %s closed: %s", self.address, what)
+        return ConnectionRefused(what)
+
+    def _abort(self) -> None:
+        try:
+            self.sock.settimeout(1.0)
+            self.sock.sendall(A_ABORT_PROVIDER)
+        except OSError:
+            pass
+        finally:
+            self.sock.settimeout(self.network_timeout)
+
+    # -- reading ---------------------------------------------------------------------------
+    def _read(self, nr_bytes: int, deadline: float) -> bytearray:
+        buf = bytearray(nr_bytes)
+        got = 0
+        with memoryview(buf) as view:
+            while got < nr_bytes:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise self._deadline_passed()
+                self.sock.settimeout(min(self.network_timeout, left))
+                try:
+                    n = self.sock.recv_into(view[got:], min(nr_bytes - got, _CHUNK))
+                except TimeoutError:
+                    if deadline - time.monotonic() <= 0:
+                        raise self._deadline_passed() from None
+                    raise  # network_timeout: silence, as pynetdicom handles it
+                finally:
+                    self.sock.settimeout(self.network_timeout)
+                if not n:
+                    break
+                got += n
+        del buf[got:]
+        return buf
+
+
+def handshake_within(sock: ssl.SSLSocket, seconds: float) -> None:
+    """The TLS handshake, done within ``seconds`` in all (a per-read timeout lets a peer
+    trickling its ClientHello hold the connection indefinitely)."""
+    deadline = time.monotonic() + seconds
+    timeout = sock.gettimeout()
+    sock.setblocking(False)
+    try:
+        while True:
+            try:
+                sock.do_handshake()
+                return
+            except ssl.SSLWantReadError:
+                wait = ([sock], [])
+            except ssl.SSLWantWriteError:
+                wait = ([], [sock])
+            left = deadline - time.monotonic()
+            if left <= 0 or not any(select.select(*wait, [], left)):
+                raise TimeoutError(f"TLS handshake not complete within {seconds:g} s")
+    finally:
+        sock.settimeout(timeout)
+
+
+def _address_key(address: str) -> str:
+    """One key per peer address; an IPv4 peer on a dual-stack socket counts as IPv4."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return str(ip)
+
+
+class AddressLimiter:
+    """Counts each source address's connections from accept until their thread ends."""
+
+    def __init__(self, limit: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit = limit
+        self._open: dict[str, set[Association]] = {}
+        self._lock = threading.Lock()
+        self._clock = clock
+        self._refused: dict[str, tuple[float, int]] = {}  # last log line, refusals since
+
+    def admit(self, assoc: Association, address: str) -> bool:
+        """Count ``assoc`` for ``address``, or return ``False`` when it holds its limit."""
+        key = _address_key(address)
+        with self._lock:
+            held = self._open.setdefault(key, set())
+            for other in [a for a in held if a.ident is not None and not a.is_alive()]:
+                held.discard(other)
+            if self.limit and len(held) >= self.limit:
+                self._log_refusal(key, len(held))
+                return False
+            held.add(assoc)
+            return True
+
+    def forget(self, assoc: Association) -> None:
+        """Stop counting ``assoc`` (its connection closed)."""
+        with self._lock:
+            for held in self._open.values():
+                held.discard(assoc)
+
+    def _log_refusal(self, key: str, held: int) -> None:
+        """One line per address and second, however fast it floods."""
+        now = self._clock()
+        last, since = self._refused.get(key, (float("-inf"), 0))
+        if now - last < 1.0:
+            self._refused[key] = (last, since + 1)
+            return
+        more = f" ({since} more refused since the last line)" if since else ""
+        log.warning(
+            "association rejected (transient, local limit exceeded): %s already holds %d "
+            "connection(s), limits.max_associations_per_address%s",
+            key,
+            held,
+            more,
+        )
+        self._refused[key] = (now, 0)
+
+
+def reject_unread(assoc_socket: AssociationSocket, sock: socket.socket) -> None:
+    """Answer a connection over its address's limit with an A-ASSOCIATE-RJ, unread.
+
+    The A-ASSOCIATE-RJ goes out before the peer's request is read; the write side is then
+    shut so that the peer reads it before the connection ends, what it sent is drained for
+    up to a second (closing with unread data would reset the connection, and the peer could
+    lose the rejection), and the socket is closed: the association ends before it starts.
+    """
+    try:
+        sock.settimeout(1.0)
+        sock.sendall(A_ASSOCIATE_RJ_LIMIT)
+        sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + 1.0
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            if not sock.recv(65536):
+                break
+    except OSError:
+        pass
+    assoc_socket.close()
+
+
+def install(assoc: Association, limits: LimitSettings, address: str) -> None:
+    """Guard the reads of a new association's connection (before its threads start)."""
+    assoc_socket = assoc.dul.socket
+    sock = assoc_socket.socket if assoc_socket is not None else None
+    if assoc_socket is None or sock is None:
+        return
+    assoc_socket.recv = GuardedReader(  # type: ignore[method-assign]
+        assoc, assoc_socket, sock, limits, address, time.monotonic()
+    )
