@@ -10,8 +10,13 @@ node, whose completion rule (:mod:`dicom_node.completion`) decides what is compl
 Who may talk to the node is decided before any data set is read: DICOM TLS with optional
 client certificates (:mod:`dicom_node.tls`), the source address, the calling and called AE
 titles, and the number of concurrent associations, each refused with the A-ASSOCIATE-RJ
-reason of PS3.8 9.3.4. Every connection's reads are bounded by ``network_timeout``, so a
-peer that stops talking frees its slot. Patient names and IDs reach the log only with
+reason of PS3.8 9.3.4, and the connections one source address may hold. Every connection
+is bounded in time and size as its bytes arrive (:mod:`dicom_node.connections`): a silent
+peer frees its slot after ``network_timeout``, a trickling one after
+``association_deadline_seconds`` or ``message_deadline_seconds``, and a data set growing
+past ``max_instance_bytes`` aborts its association before the rest is read. Values no CT
+image can have are refused before anything is written (:mod:`dicom_node.validation`).
+Patient names and IDs reach the log only with
 ``[node] log_patient_identifiers``.
 """
 
@@ -26,6 +31,7 @@ import ssl
 import struct
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -270,6 +276,28 @@ def part10_header(sop_class: str, sop_instance: str, transfer_syntax: str) -> by
     ))
     group_length = struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(meta))
     return b"\x00" * 128 + b"DICM" + group_length + meta
+
+
+def _check_inflated_size(data: bytes, limit: int) -> None:
+    """Refuse a deflated data set that inflates past ``limit`` bytes (0xA702).
+
+    A few kilobytes of deflate can stand for gigabytes, and pydicom inflates a data set
+    whole before parsing it. Inflating here a megabyte at a time, counting, costs one more
+    pass over a (rare) deflated instance and never holds more than a megabyte of it. A
+    stream that is not deflate is left to the parse, which refuses it.
+    """
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    pending, total = data, 0
+    try:
+        while pending and not inflater.eof:
+            total += len(inflater.decompress(pending, 1024 * 1024))
+            if total > limit:
+                raise StoreRefused(
+                    TOO_LARGE, f"deflated data set inflates past {limit} bytes"
+                )
+            pending = inflater.unconsumed_tail
+    except zlib.error:
+        return
 
 
 def _check_well_formed(ds: Dataset, size: int | None) -> None:
@@ -783,6 +811,8 @@ class StorageSCP:
                 OUT_OF_RESOURCES,
                 f"free disk space is below the {limits.min_free_disk_mb} MB watermark",
             )
+        if event.context.transfer_syntax == DeflatedExplicitVRLittleEndian:
+            _check_inflated_size(data, limits.max_instance_bytes)
         ds = self._decode(event, len(data))
         sop_uid, series_uid, study_uid = self._check_identity(event, ds)
         self._check_image(ds)
