@@ -50,10 +50,15 @@ A_ABORT_PROVIDER = bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 0x02, 0x00])
 #: A-ASSOCIATE-RJ, rejected-transient, service-provider (presentation), local limit exceeded.
 A_ASSOCIATE_RJ_LIMIT = bytes([0x03, 0, 0, 0, 0, 4, 0, 0x02, 0x03, 0x02])
 _P_DATA = 0x04
+#: The other PDU types (PS3.8 9.3.1); pynetdicom refuses any other type itself.
+_CONTROL_PDUS = (0x01, 0x02, 0x03, 0x05, 0x06, 0x07)
 #: PDV headers and a command set on top of the data set's own bytes.
 _SLACK = 64 * 1024
 #: Largest single read: pynetdicom reads 4 KiB at a time.
 _CHUNK = 1024 * 1024
+#: Largest PDU other than P-DATA (an A-ASSOCIATE-RQ with every storage class and transfer
+#: syntax and a user identity token is some tens of kilobytes).
+MAX_CONTROL_PDU = 1024 * 1024
 
 
 class ConnectionRefused(OSError):
@@ -106,6 +111,8 @@ class GuardedReader:
             self._body = length
             if self._pdu_type == _P_DATA and self._message_bytes + length > self.max_bytes + _SLACK:
                 self._refuse_size(self._message_bytes + length)
+            if self._pdu_type in _CONTROL_PDUS and length > MAX_CONTROL_PDU:
+                self._refuse_size(length, "limits: an association control PDU", MAX_CONTROL_PDU)
         return data
 
     # -- the checks ------------------------------------------------------------------------
@@ -129,16 +136,20 @@ class GuardedReader:
                 self._message_started = None
             offset += 4 + length
 
-    def _refuse_size(self, total: int) -> None:
+    def _refuse_size(
+        self, total: int, what: str = "limits.max_instance_bytes", limit: int | None = None
+    ) -> None:
+        limit = self.max_bytes if limit is None else limit
         log.warning(
-            "association from %s aborted: a message of more than %d bytes "
-            "(limits.max_instance_bytes %d) was arriving; read no further",
+            "connection from %s aborted: a message of more than %d bytes (%s %d) was "
+            "arriving; read no further",
             self.address,
             total,
-            self.max_bytes,
+            what,
+            limit,
         )
         self._abort()
-        raise ConnectionRefused(f"message exceeds limits.max_instance_bytes ({self.max_bytes})")
+        raise ConnectionRefused(f"message exceeds {what} ({limit})")
 
     def _deadline_passed(self) -> ConnectionRefused:
         if self.assoc.is_established:
@@ -163,26 +174,28 @@ class GuardedReader:
 
     # -- reading ---------------------------------------------------------------------------
     def _read(self, nr_bytes: int, deadline: float) -> bytearray:
-        buf = bytearray(nr_bytes)
-        got = 0
-        with memoryview(buf) as view:
-            while got < nr_bytes:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise self._deadline_passed()
-                self.sock.settimeout(min(self.network_timeout, left))
-                try:
-                    n = self.sock.recv_into(view[got:], min(nr_bytes - got, _CHUNK))
-                except TimeoutError:
-                    if deadline - time.monotonic() <= 0:
-                        raise self._deadline_passed() from None
-                    raise  # network_timeout: silence, as pynetdicom handles it
-                finally:
-                    self.sock.settimeout(self.network_timeout)
-                if not n:
-                    break
-                got += n
-        del buf[got:]
+        """Up to ``nr_bytes`` (fewer if the peer closes), by ``deadline``.
+
+        The buffer grows as bytes arrive: a header may declare a length the peer never
+        sends, and memory is not reserved for it.
+        """
+        buf = bytearray()
+        while len(buf) < nr_bytes:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise self._deadline_passed()
+            self.sock.settimeout(min(self.network_timeout, left))
+            try:
+                chunk = self.sock.recv(min(nr_bytes - len(buf), _CHUNK))
+            except TimeoutError:
+                if deadline - time.monotonic() <= 0:
+                    raise self._deadline_passed() from None
+                raise  # network_timeout: silence, as pynetdicom handles it
+            finally:
+                self.sock.settimeout(self.network_timeout)
+            if not chunk:
+                break
+            buf += chunk
         return buf
 
 
