@@ -65,7 +65,7 @@ class LimitSettings:
     max_associations: int = 16
     #: Connections one source address may hold at once (negotiating or associated); more
     #: are rejected at once (transient, local limit exceeded). 0: no limit but the above.
-    max_associations_per_address: int = 8
+    max_associations_per_address: int = 12
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0

@@ -41,9 +41,10 @@ from dicom_node.pipeline.transforms import ras_affine
 from dicom_node.synthetic import SeriesAttributes, write_ct_series
 from dicom_node.volume import assemble_series
 from tests import checks
-from tests.peers import NodeProcess, Orthanc, storescu, testdata
+from tests.peers import NodeProcess, Orthanc, storescu
+from tests.peers import testdata as shared_data
 
-ZOO = testdata().parent / "zoo"
+ZOO = shared_data().parent / "zoo"
 BUNDLES = ["spleen_ct_segmentation", "swin_unetr_btcv_segmentation", "wholeBody_ct_segmentation"]
 
 pytestmark = pytest.mark.skipif(not ZOO.is_dir(), reason=f"no model-zoo configs at {ZOO}")

@@ -57,8 +57,11 @@ def to_metatensor(
         )
     if isinstance(array, np.ndarray):
         array = np.ascontiguousarray(array)  # torch refuses negative strides (flipped views)
-    data = torch.as_tensor(array).to(device=device, dtype=dtype)
-    data = data.permute(*_SRC_TO_XYZ).unsqueeze(0)
+    # One copy: to the device in the stored layout, then converted into (x, y, z) order.
+    # MONAI's resampling makes its input contiguous anyway; a permuted view would cost it a
+    # second, transposed copy of the float volume.
+    data = torch.as_tensor(array).to(device=device).permute(*_SRC_TO_XYZ)
+    data = data.to(dtype=dtype, memory_format=torch.contiguous_format).unsqueeze(0)
     ras = torch.as_tensor(ras_affine(affine), dtype=torch.float64)
     meta = {
         "space": "RAS",
