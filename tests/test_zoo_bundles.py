@@ -182,7 +182,9 @@ def references(bundles, series, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [*BUNDLES, "spleen_variant"])
+# The BTCV and wholeBody networks take most of a minute on two cores: they are compared
+# through Triton below, where the same pipeline runs.
+@pytest.mark.parametrize("name", ["spleen_ct_segmentation", "spleen_variant"])
 def test_in_process_labels_are_monai_s_own(name, bundles, references, series):
     _, volume, _ = series
     bundle = load_bundle(bundles[name])
