@@ -315,6 +315,50 @@ def test_client_ssl_context_talks_to_the_tls_node(tls_node, pki):
     assert not assoc.is_established
 
 
+def test_tls_handshake_deadline_and_address_limit(started, pki):
+    """A ClientHello trickled a byte at a time is cut at association_deadline_seconds; while
+    it holds its address's one connection, that address is refused and another served."""
+    node = started("tls-pressure", tls={
+        "enabled": True,
+        "certificate": str(pki["node"][1]),
+        "private_key": str(pki["node"][0]),
+        "ca_certificates": str(pki["ca"][1]),
+        "require_client_certificate": True,
+    }, limits={"network_timeout": 5.0, "acse_timeout": 5.0, "association_deadline_seconds": 2.0,
+               "max_associations_per_address": 1})
+    settings = TLSSettings(enabled=True, certificate=pki["client"][1],
+                           private_key=pki["client"][0], ca_certificates=pki["ca"][1])
+    args = client_tls_args(settings, Destination(name="n", ae_title="DICOM_NODE",
+                                                 host="127.0.0.1", port=node.port, tls=True))
+
+    def tls_assoc(source: str):
+        ae = AE(ae_title="PYNETDICOM")
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+        ae.add_requested_context(Verification)
+        return ae.associate("127.0.0.1", node.port, ae_title="DICOM_NODE", tls_args=args,
+                            bind_address=(source, 0))
+
+    with socket.create_connection(("127.0.0.1", node.port), timeout=10) as slow:
+        started_at = time.monotonic()
+        slow.sendall(b"\x16\x03\x01\x02\x00")  # a TLS record of 512 bytes announced...
+        assert _until(lambda: "already holds 1 connection" in _log_text(node)
+                      or not tls_assoc("127.0.0.1").is_established, 5)
+        other = tls_assoc("127.0.0.2")
+        assert other.is_established and other.send_c_echo().Status == 0
+        other.release()
+        closed = None
+        while time.monotonic() - started_at < 8:  # ...and trickled
+            try:
+                slow.sendall(b"\x00")
+            except OSError:
+                closed = time.monotonic() - started_at
+                break
+            time.sleep(0.25)
+    assert closed is not None and closed < 4, closed
+    assert "TLS handshake not complete within 2 s" in _log_text(node)
+    assert _until(lambda: (a := tls_assoc("127.0.0.1")).is_established and a.release() is None, 5)
+
+
 def test_tls_settings_errors_are_one_sentence(pki, tmp_path):
     missing = tmp_path / "nope.pem"
     with pytest.raises(TLSConfigError, match=r"tls.certificate: .*nope.pem does not exist"):
