@@ -91,6 +91,7 @@ class GuardedReader:
         self._pdu_type = 0
         self._message_bytes = 0  # P-DATA fragment bytes of the message under way
         self._message_started: float | None = None
+        self._was_established = False  # after a release the association is not, either
 
     # -- what pynetdicom calls -------------------------------------------------------------
     def __call__(self, nr_bytes: int) -> bytearray:
@@ -103,7 +104,8 @@ class GuardedReader:
                 self._message_started = None  # a PDU of its own is a message of its own
             return data
         self._body = None
-        if self.assoc.is_established and self._message_started is None:
+        self._was_established = self._was_established or self.assoc.is_established
+        if self._was_established and self._message_started is None:
             self._message_started = time.monotonic()
         data = self._read(nr_bytes, self._deadline())
         if nr_bytes == 6 and len(data) == 6:
@@ -117,7 +119,7 @@ class GuardedReader:
 
     # -- the checks ------------------------------------------------------------------------
     def _deadline(self) -> float:
-        if not self.assoc.is_established:
+        if not self._was_established:
             return self.association_deadline
         started = self._message_started or time.monotonic()
         return started + self.message_seconds
@@ -152,7 +154,7 @@ class GuardedReader:
         raise ConnectionRefused(f"message exceeds {what} ({limit})")
 
     def _deadline_passed(self) -> ConnectionRefused:
-        if self.assoc.is_established:
+        if self._was_established:
             what = f"a message not complete within message_deadline_seconds ({self.message_seconds:g} s)"
             self._abort()
         else:

@@ -253,6 +253,31 @@ def test_idle_associations_are_released_and_the_address_limit_holds(node):
     assert "limits.max_associations_per_address" in node.log.read_text(errors="replace")
 
 
+def test_an_association_outlives_the_association_deadline(node):
+    """The deadline ends at establishment: a long association stores and releases."""
+    assoc = _associate(node, "127.0.0.5")
+    assert assoc.is_established
+    until = time.monotonic() + LIMITS["association_deadline_seconds"] + 1
+    while time.monotonic() < until:  # busy, never idle for network_timeout
+        assert assoc.send_c_echo().Status == 0
+        time.sleep(0.5)
+    ds = ct_slice(
+        np.zeros((16, 16), np.int16),
+        (0.0, 0.0, 0.0),
+        (1, 0, 0, 0, 1, 0),
+        (0.7, 0.7),
+        2.0,
+        1,
+        SeriesAttributes(),
+    )
+    assert assoc.send_c_store(ds).Status == 0
+    ACKED.add(str(ds.SOPInstanceUID))
+    assoc.release()
+    assert assoc.is_released
+    assert _until(lambda: "association released: PRESSURE" in node.log.read_text(), 5)
+    assert "from 127.0.0.5 closed" not in node.log.read_text(errors="replace")
+
+
 def test_a_message_trickled_past_its_deadline_is_aborted(node):
     """Fragments every 0.5 s keep the connection from ever being idle; the message
     deadline still ends it."""
