@@ -63,7 +63,15 @@ MAX_CONTROL_PDU = 1024 * 1024
 
 class ConnectionRefused(OSError):
     """A read the guard refused (deadline passed, data set too large); pynetdicom treats it
-    as a broken connection."""
+    as a broken connection.
+
+    The guard has logged why; the connection's thread is marked so that pynetdicom's own
+    lines about the same broken read are left out (see ``dicom_node.scp``).
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        threading.current_thread()._dicom_node_refused = True  # type: ignore[attr-defined]
 
 
 class GuardedReader:

@@ -390,9 +390,15 @@ class _TransportLogFilter(logging.Filter):
     sending garbage writes a log line per 6 bytes it sends, and it attaches a traceback to
     every dropped connection. This keeps the first unknown-PDU line of each connection
     (each has its own DUL thread) and the message of each exception without its traceback.
+    A read refused by :mod:`dicom_node.connections`, which logged why, adds no line.
     """
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(threading.current_thread(), "_dicom_node_refused", False) and (
+            (record.exc_info and isinstance(record.exc_info[1], connections.ConnectionRefused))
+            or str(record.msg).startswith("Connection closed before the entire PDU")
+        ):
+            return False
         if record.exc_info:
             if not record.getMessage():  # LOGGER.exception(exc) of an exception without text
                 record.msg, record.args = type(record.exc_info[1]).__name__, ()
