@@ -881,4 +881,6 @@ def test_catalogue_summary(node, ledger):
     assert ledger.as_expected == len(ledger.rows)
     assert not lost, lost
     assert not strays and not outside, (strays, outside)
+    # every job here fails before inference: nothing was made to send to a PACS
+    assert not list((node.data_dir / "results").rglob("*.dcm"))
     assert _echo(node.port)
