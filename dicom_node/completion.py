@@ -5,9 +5,10 @@ releases it normally has, in practice, sent all it had; if its slices then stack
 volume without a gap (and match the count the modality wrote, where it wrote one), waiting
 any longer only delays the result. So at each normal release (pynetdicom's
 ``EVT_RELEASED``; never an abort) the node asks :func:`gap_free` of every series the
-association carried, and completes those that pass. Everything else (a gap, a sender that
-aborted, a series still carried by another open association) is left to the settle timer:
-complete ``settle_seconds`` after its last instance, as before.
+association carried whole (every instance the series holds came over it), and completes
+those that pass. Everything else (a gap, a sender that aborted, a series spread over several
+associations) is left to the settle timer: complete ``settle_seconds`` after its last
+instance, as before.
 
 The check reads no file: each instance's few geometry attributes are taken from the
 dataset the C-STORE handler parsed anyway (:func:`slice_geometry`) and kept beside the

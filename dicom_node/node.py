@@ -192,18 +192,20 @@ class Node:
         if outcome.new and outcome.dataset is not None:
             self.assembler.feed(outcome.series_uid, outcome.path, outcome.dataset)
 
-    def _on_released(self, series_uids: set[str]) -> None:
+    def _on_released(self, carried: dict[str, set[str]]) -> None:
         """An association was released normally: complete what it carried, if whole."""
         if not self.settings.node.complete_on_release:
             return
-        for uid in sorted(series_uids):
-            self._complete_if_whole(uid)
+        for uid in sorted(carried):
+            self._complete_if_whole(uid, len(carried[uid]))
 
-    def _complete_if_whole(self, series_uid: str) -> bool:
-        """Complete a receiving series now if its headers show a whole volume.
+    def _complete_if_whole(self, series_uid: str, carried: int) -> bool:
+        """Complete a receiving series now if this association carried all of it and its
+        headers show a whole volume.
 
-        Not while another open association has stored instances of it (its own release
-        decides then), and only for the very instances looked at: one stored meanwhile
+        A series some of whose instances came over another association is left to the
+        settle timer: the release of one association is no evidence that the sender of
+        the others is done. Only the very instances looked at count: one stored meanwhile
         leaves the series receiving.
         """
         if series_uid in self.scp.open_series():
@@ -212,6 +214,11 @@ class Node:
         if found is None:  # not receiving: processing (see process), done, or gone
             return False
         count, stored = found
+        if carried != count:
+            log.info("series %s: association released with %d of its %d instance(s), the "
+                     "rest from other associations; waiting %.0f s for more", series_uid,
+                     carried, count, self.settings.node.settle_seconds)
+            return False
         if not gap_free([SliceGeometry.from_json(g) for g in stored]):
             log.info("series %s: association released, but its %d instance(s) do not form "
                      "a volume without a gap; waiting %.0f s for more",
@@ -334,9 +341,9 @@ class Node:
         """End a job in ``state`` if the series still holds the ``count`` instances it
         processed; otherwise it is receiving again and will be processed once more, whole.
 
-        A late instance's association may have been released while the job ran, when the
-        series was not receiving and the release rule passed it by: so the rule is asked
-        again here (once; the next job ends normally unless still more instances come).
+        The late instances came over another association than the job's (or the same one,
+        still open, whose release then decides): the series has become one spread over
+        several associations, which the settle timer completes.
         """
         if self.jobs.set_state(series_uid, state, reason, expect=PROCESSING, model=model,
                                instance_count=count):
@@ -348,8 +355,6 @@ class Node:
         self.jobs.set_state(series_uid, RECEIVING, expect=PROCESSING)
         log.info("series %s: %d new instance(s) arrived while processing; receiving again",
                  series_uid, self.jobs.series_count(series_uid) - count)
-        if self.settings.node.complete_on_release:
-            self._complete_if_whole(series_uid)
 
     def _route(self, series_uid: str, paths: list[Path]) -> list[ModelSettings]:
         """The models this series goes to, from its first instance's header."""

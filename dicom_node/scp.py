@@ -533,8 +533,8 @@ class StorageSCP:
     on_stored:
         Called after each C-STORE with its :class:`StoreOutcome` (metrics, wake-ups).
     on_released:
-        Called when an association is released normally (not aborted), with the Series
-        Instance UIDs of the instances it stored: the node's completion rule
+        Called when an association is released normally (not aborted), with the SOP
+        Instance UIDs it stored by Series Instance UID: the node's completion rule
         (:mod:`dicom_node.completion`) takes it from there.
     """
 
@@ -544,16 +544,16 @@ class StorageSCP:
         spool: Spool,
         jobs: JobStore,
         on_stored: Callable[[StoreOutcome], None] | None = None,
-        on_released: Callable[[set[str]], None] | None = None,
+        on_released: Callable[[dict[str, set[str]]], None] | None = None,
     ) -> None:
         self.settings = settings
         self.spool = spool
         self.jobs = jobs
         self.on_stored = on_stored
         self.on_released = on_released
-        # Series each open association has stored instances of (duplicates included: a
+        # The instances each open association has stored, by series (duplicates included: a
         # sender re-sending a whole series after a crash completes it by its release).
-        self._carried: dict[Association, set[str]] = {}
+        self._carried: dict[Association, dict[str, set[str]]] = {}
         self._carried_lock = threading.Lock()
         self._locks = [threading.Lock() for _ in range(64)]
         # The SHA-256 of a new instance is computed here while its file is written and
@@ -621,7 +621,7 @@ class StorageSCP:
         with self._carried_lock:
             for assoc in [a for a in self._carried if not a.is_alive()]:
                 del self._carried[assoc]
-            return set().union(*self._carried.values())
+            return {series for carried in self._carried.values() for series in carried}
 
     @property
     def tls(self) -> bool:
@@ -762,10 +762,10 @@ class StorageSCP:
         if series and self.on_released is not None:
             self.on_released(series)
 
-    def _forget_association(self, event: evt.Event) -> set[str]:
+    def _forget_association(self, event: evt.Event) -> dict[str, set[str]]:
         """Drop the bookkeeping of an association that ended (aborts: nothing more)."""
         with self._carried_lock:
-            return self._carried.pop(event.assoc, set())
+            return self._carried.pop(event.assoc, {})
 
     def handle_echo(self, event: evt.Event) -> int:
         return SUCCESS
@@ -787,7 +787,8 @@ class StorageSCP:
             log.error("C-STORE refused (0xA700): cannot write the instance: %s", exc)
         if outcome.status == SUCCESS and outcome.series_uid:
             with self._carried_lock:
-                self._carried.setdefault(event.assoc, set()).add(outcome.series_uid)
+                carried = self._carried.setdefault(event.assoc, {})
+                carried.setdefault(outcome.series_uid, set()).add(outcome.sop_uid)
         if self.on_stored is not None:
             self.on_stored(outcome)
         outcome.dataset = None  # observers are done with it: its pixel data may go

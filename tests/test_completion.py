@@ -165,20 +165,41 @@ def test_gap_at_first_release_and_an_abort_complete_by_the_timer(tmp_path, phant
 
 
 @pytest.mark.timeout(120)
-def test_gap_filled_by_a_second_association_completes_at_its_release(tmp_path, phantom_hu,
-                                                                      dcmtk_tools):
+def test_a_series_split_across_two_associations_completes_by_the_timer(tmp_path, phantom_hu,
+                                                                       dcmtk_tools):
+    # Both releases are normal and the second leaves no gap, but neither association
+    # carried the whole series: one release is no evidence that the other sender is done.
     paths, attrs = _write(tmp_path / "ct", phantom_hu, "COMPLETE-3")
-    node = _node(tmp_path, settle=3600)
+    node = _node(tmp_path, settle=4)
     try:
         assert _send(node, paths[:10] + paths[20:]).returncode == 0
-        assert _series(node, attrs.series_instance_uid)["state"] == "receiving"
         assert _send(node, paths[10:20]).returncode == 0
-        job = _poll(node, attrs.series_instance_uid, lambda j: j["completed_by"] != "", 10,
+        assert _series(node, attrs.series_instance_uid)["state"] == "receiving"
+        job = _poll(node, attrs.series_instance_uid, lambda j: j["completed_by"] != "", 30,
                     "completion")
-        assert job["completed_by"] == RELEASED
+        assert job["completed_by"] == SETTLE_TIMER
         job = _poll(node, attrs.series_instance_uid, _finished, 90, "job end")
         assert job["state"] == "done", job["reason"]
         assert job["instance_count"] == SLICES and job["attempts"] == 1
+        assert "association released with 10 of its 40 instance(s)" in node.tail(200)
+    finally:
+        node.stop()
+
+
+@pytest.mark.timeout(120)
+def test_a_whole_series_sent_again_completes_at_its_release(tmp_path, phantom_hu,
+                                                            dcmtk_tools):
+    # A sender that lost track re-sends the whole series over one association: the
+    # instances are known already, yet that association carried all of them.
+    paths, attrs = _write(tmp_path / "ct", phantom_hu, "COMPLETE-7")
+    node = _node(tmp_path, settle=3600)
+    try:
+        assert _send(node, paths[:10] + paths[20:30]).returncode == 0  # a gap: receiving
+        assert _series(node, attrs.series_instance_uid)["state"] == "receiving"
+        assert _send(node, paths).returncode == 0
+        job = _poll(node, attrs.series_instance_uid, lambda j: j["completed_by"] != "", 10,
+                    "completion")
+        assert job["completed_by"] == RELEASED and job["instance_count"] == SLICES
     finally:
         node.stop()
 
@@ -202,7 +223,7 @@ def test_a_series_with_a_gap_completes_by_the_timer_and_fails(tmp_path, phantom_
 def test_an_instance_arriving_during_the_job_reprocesses_once(tmp_path, phantom_hu,
                                                               dcmtk_tools):
     paths, attrs = _write(tmp_path / "ct", phantom_hu, "COMPLETE-5")
-    node = _node(tmp_path, settle=3600)
+    node = _node(tmp_path, settle=3)
     try:
         assert _send(node, paths[:-1]).returncode == 0
         # the node's first job also loads torch and the bundle: seconds in "processing"
@@ -213,7 +234,8 @@ def test_an_instance_arriving_during_the_job_reprocesses_once(tmp_path, phantom_
                     lambda j: _finished(j) and j["instance_count"] == SLICES, 120, "job end")
         assert job["state"] == "done", job["reason"]
         assert job["attempts"] == 2  # one more run, for all 40 slices
-        assert job["completed_by"] == RELEASED
+        # the first run completed at the release; the series then spanned two associations
+        assert job["completed_by"] == SETTLE_TIMER
         assert "1 new instance(s) arrived while processing" in node.tail(200)
     finally:
         node.stop()
