@@ -231,15 +231,22 @@ def handshake_within(sock: ssl.SSLSocket, seconds: float) -> None:
         sock.settimeout(timeout)
 
 
-def _address_key(address: str) -> str:
-    """One key per peer address; an IPv4 peer on a dual-stack socket counts as IPv4."""
+def peer_ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A peer's address as an IP address (``None`` when it is none): an IPv4 peer seen on a
+    dual-stack socket (``::ffff:10.0.0.1``) is its IPv4 address; a zone index is dropped."""
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
-        return address
+        return None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return str(ip)
+        return ip.ipv4_mapped
+    return ip
+
+
+def _address_key(address: str) -> str:
+    """One key per peer address; an IPv4 peer on a dual-stack socket counts as IPv4."""
+    ip = peer_ip(address)
+    return address if ip is None else str(ip)
 
 
 class AddressLimiter:

@@ -163,12 +163,9 @@ def address_allowed(address: str, networks: list[IPNetwork]) -> bool:
     """
     if not networks:
         return True
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
+    ip = connections.peer_ip(address)
+    if ip is None:
         return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
     return any(ip in net for net in networks if net.version == ip.version)
 
 
