@@ -32,8 +32,14 @@ def main(argv: list[str]) -> int:
             got = module.run()
         except Exception:  # noqa: BLE001 - one broken benchmark must not hide the others
             traceback.print_exc()
-            got = [{"figure": f"{name}: FAILED (see above)", "this_project": None,
-                    "peer": None, "ratio": None}]
+            got = [
+                {
+                    "figure": f"{name}: FAILED (see above)",
+                    "this_project": None,
+                    "peer": None,
+                    "ratio": None,
+                }
+            ]
         for row in got:
             row.setdefault("benchmark", name)
         rows.extend(got)
@@ -41,15 +47,23 @@ def main(argv: list[str]) -> int:
     width = max((len(r["figure"]) for r in rows), default=10)
     print(f"{'figure':<{width}}  {'this project':>12}  {'peer':>10}  {'ratio':>7}")
     for r in rows:
+
         def fmt(v: object) -> str:
             return "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
-        print(f"{r['figure']:<{width}}  {fmt(r['this_project']):>12}  {fmt(r['peer']):>10}  "
-              f"{fmt(r['ratio']):>7}")
+
+        print(
+            f"{r['figure']:<{width}}  {fmt(r['this_project']):>12}  {fmt(r['peer']):>10}  "
+            f"{fmt(r['ratio']):>7}"
+        )
     out = Path(__file__).resolve().parent / "results"
     out.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%dT%H%M%S")
-    doc = {"machine": platform.platform(), "processor": platform.processor(),
-           "cpus": __import__("os").cpu_count(), "rows": rows}
+    doc = {
+        "machine": platform.platform(),
+        "processor": platform.processor(),
+        "cpus": __import__("os").cpu_count(),
+        "rows": rows,
+    }
     (out / f"bench-{stamp}.json").write_text(json.dumps(doc, indent=2))
     (out / "latest.json").write_text(json.dumps(doc, indent=2))
     return 0

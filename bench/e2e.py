@@ -87,8 +87,9 @@ def plain(folder: Path) -> float:
     t0 = time.perf_counter()
     datasets = [pydicom.dcmread(p) for p in sorted(folder.iterdir())]
     datasets.sort(key=lambda d: float(d.ImagePositionPatient[2]))
-    hu = np.stack([d.pixel_array * float(d.RescaleSlope) + float(d.RescaleIntercept)
-                   for d in datasets]).astype(np.float32)
+    hu = np.stack(
+        [d.pixel_array * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in datasets]
+    ).astype(np.float32)
     first = datasets[0]
     dz = float(datasets[1].ImagePositionPatient[2]) - float(first.ImagePositionPatient[2])
     affine = np.eye(4)
@@ -97,65 +98,107 @@ def plain(folder: Path) -> float:
     affine[:3, 2] = (float(first.PixelSpacing[1]), 0, 0)
     affine[:3, 3] = [float(v) for v in first.ImagePositionPatient]
     image = MetaTensor(torch.as_tensor(hu), affine=torch.as_tensor(ras_affine(affine)))
-    transforms = Compose([
-        EnsureChannelFirstd("image", channel_dim="no_channel"),
-        Orientationd("image", axcodes=pre.axcodes),
-        Spacingd("image", pixdim=pre.pixdim, mode="bilinear"),
-        ScaleIntensityRanged("image", a_min=pre.a_min, a_max=pre.a_max, b_min=pre.b_min,
-                             b_max=pre.b_max, clip=True),
-    ])
+    transforms = Compose(
+        [
+            EnsureChannelFirstd("image", channel_dim="no_channel"),
+            Orientationd("image", axcodes=pre.axcodes),
+            Spacingd("image", pixdim=pre.pixdim, mode="bilinear"),
+            ScaleIntensityRanged(
+                "image",
+                a_min=pre.a_min,
+                a_max=pre.a_max,
+                b_min=pre.b_min,
+                b_max=pre.b_max,
+                clip=True,
+            ),
+        ]
+    )
     data = transforms({"image": image})
     with torch.no_grad():
-        data["pred"] = sliding_window_inference(data["image"][None], bundle.roi_size,
-                                                bundle.sw_batch_size, net,
-                                                overlap=bundle.overlap)[0]
-    data = Compose([
-        AsDiscreted("pred", argmax=True),
-        KeepLargestConnectedComponentd("pred", applied_labels=[1]),
-        Invertd("pred", transform=transforms, orig_keys="image", nearest_interp=True),
-        CopyItemsd("pred", names="contour"),
-        LabelToContourd("contour"),
-    ])(data)
+        data["pred"] = sliding_window_inference(
+            data["image"][None], bundle.roi_size, bundle.sw_batch_size, net, overlap=bundle.overlap
+        )[0]
+    data = Compose(
+        [
+            AsDiscreted("pred", argmax=True),
+            KeepLargestConnectedComponentd("pred", applied_labels=[1]),
+            Invertd("pred", transform=transforms, orig_keys="image", nearest_interp=True),
+            CopyItemsd("pred", names="contour"),
+            LabelToContourd("contour"),
+        ]
+    )(data)
     # Invertd restores the input's own axes: (slice, row, column) of the sorted files
     mask = np.asarray(data["pred"][0]).astype(bool)
     info = segment_info_for(1, "spleen")
     seg = hd.seg.Segmentation(
-        source_images=datasets, pixel_array=mask,
+        source_images=datasets,
+        pixel_array=mask,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[hd.seg.SegmentDescription(
-            segment_number=1, segment_label="spleen", segmented_property_category=info.category,
-            segmented_property_type=info.code,
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=hd.AlgorithmIdentificationSequence(
-                name="plain", version="1", family=AlgorithmInfo("p", "1").family))],
-        series_instance_uid=hd.UID(), series_number=99, sop_instance_uid=hd.UID(),
-        instance_number=1, manufacturer="bench", manufacturer_model_name="plain",
-        software_versions="1", device_serial_number="1", omit_empty_frames=True)
+        segment_descriptions=[
+            hd.seg.SegmentDescription(
+                segment_number=1,
+                segment_label="spleen",
+                segmented_property_category=info.category,
+                segmented_property_type=info.code,
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=hd.AlgorithmIdentificationSequence(
+                    name="plain", version="1", family=AlgorithmInfo("p", "1").family
+                ),
+            )
+        ],
+        series_instance_uid=hd.UID(),
+        series_number=99,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="bench",
+        manufacturer_model_name="plain",
+        software_versions="1",
+        device_serial_number="1",
+        omit_empty_frames=True,
+    )
     seg.save_as(folder.parent / f"{folder.name}-plain-seg.dcm")
     return time.perf_counter() - t0
 
 
 def _node(root: Path, pacs: Orthanc, repository: Path | None = None) -> NodeProcess:
-    inference = {"backend": "triton", "grpc_port": free_port(), "http_port": free_port(),
-                 "metrics_port": free_port(), "max_concurrent_jobs": 4}
+    inference = {
+        "backend": "triton",
+        "grpc_port": free_port(),
+        "http_port": free_port(),
+        "metrics_port": free_port(),
+        "max_concurrent_jobs": 4,
+    }
     if repository is not None:
         inference["model_repository"] = str(repository)
-    return NodeProcess(root, node={"settle_seconds": SETTLE}, inference=inference,
-                       destinations=[{"name": "pacs", "ae_title": pacs.aet, "host": "127.0.0.1",
-                                      "port": pacs.dicom_port}]).start(timeout=120)
+    return NodeProcess(
+        root,
+        node={"settle_seconds": SETTLE},
+        inference=inference,
+        destinations=[
+            {"name": "pacs", "ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port}
+        ],
+    ).start(timeout=120)
 
 
 def _push(node: NodeProcess, folder: Path) -> subprocess.Popen:
-    return subprocess.Popen(["storescu", "-aec", "DICOM_NODE", "+sd", "+r", "127.0.0.1",
-                             str(node.port), str(folder)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        ["storescu", "-aec", "DICOM_NODE", "+sd", "+r", "127.0.0.1", str(node.port), str(folder)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def _wait_sent(node: NodeProcess, uids: set[str], timeout: float = 900) -> dict[str, dict]:
     def done(jobs: list[dict]) -> bool:
-        finished = {j["series_uid"] for j in jobs if j["state"] == "done" and j["outbox"]
-                    and all(o["state"] == "sent" for o in j["outbox"])}
+        finished = {
+            j["series_uid"]
+            for j in jobs
+            if j["state"] == "done"
+            and j["outbox"]
+            and all(o["state"] == "sent" for o in j["outbox"])
+        }
         return uids <= finished
+
     jobs = node.wait_for(done, timeout, "results in the PACS", failures_allowed=False)
     return {j["series_uid"]: j for j in jobs if j["series_uid"] in uids}
 
@@ -178,8 +221,9 @@ def _latency(node: NodeProcess, folder: Path, attrs: SeriesAttributes) -> tuple[
     sent_at = _sent_at(node, attrs.series_instance_uid)
     latency = sent_at - job["last_received"]
     # "updated" is when the job became done: its results were on disk and queued
-    return latency, dict(job["timings"], export=sent_at - job["updated"],
-                         completed_by=job["completed_by"])
+    return latency, dict(
+        job["timings"], export=sent_at - job["updated"], completed_by=job["completed_by"]
+    )
 
 
 def _peak_rss_mb(pid: int) -> float:
@@ -191,16 +235,16 @@ def _peak_rss_mb(pid: int) -> float:
 
 def _unbatched_repository(root: Path) -> Path:
     repo = root / "repository-no-batching"
-    shutil.copytree(PROJECT_ROOT / "model_repository", repo,
-                    ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(
+        PROJECT_ROOT / "model_repository", repo, ignore=shutil.ignore_patterns("__pycache__")
+    )
     for config in repo.glob("*_unet/config.pbtxt"):
         text = config.read_text()
         text = re.sub(r"dynamic_batching \{[^}]*\}\n", "", text)
         config.write_text(text)
     # the models find their bundles relative to the repository: point them at the project's
     for config in repo.glob("*/config.pbtxt"):
-        config.write_text(config.read_text().replace(
-            '"../bundles/', f'"{PROJECT_ROOT}/bundles/'))
+        config.write_text(config.read_text().replace('"../bundles/', f'"{PROJECT_ROOT}/bundles/'))
     return repo
 
 
@@ -226,25 +270,52 @@ def run() -> list[dict]:
                         shutil.rmtree(folder)
                     m, p = statistics.median(mine), statistics.median(peer)
                     latencies[slices] = m
-                    rows.append({"figure": f"e2e 512x512x{slices}: last C-STORE response to "
-                                           "PACS ack of SEG + RTSTRUCT + SR, s (peer: plain "
-                                           "MONAI way to a SEG)",
-                                 "this_project": round(m, 2), "peer": round(p, 2),
-                                 "ratio": round(m / p, 2)})
-                    split = {k: round(statistics.median(s.get(k, 0.0) for s in stages), 3)
-                             for k in ("completion", "assemble", "transfer", "pre",
-                                       "inference", "post", "encode", "write", "export")}
+                    rows.append(
+                        {
+                            "figure": f"e2e 512x512x{slices}: last C-STORE response to "
+                            "PACS ack of SEG + RTSTRUCT + SR, s (peer: plain "
+                            "MONAI way to a SEG)",
+                            "this_project": round(m, 2),
+                            "peer": round(p, 2),
+                            "ratio": round(m / p, 2),
+                        }
+                    )
+                    split = {
+                        k: round(statistics.median(s.get(k, 0.0) for s in stages), 3)
+                        for k in (
+                            "completion",
+                            "assemble",
+                            "transfer",
+                            "pre",
+                            "inference",
+                            "post",
+                            "encode",
+                            "write",
+                            "export",
+                        )
+                    }
                     rules = sorted({s["completed_by"] for s in stages})
-                    rows.append({"figure": f"e2e 512x512x{slices} stages (s): " + ", ".join(
-                        f"{k} {v}" for k, v in split.items()) + f"; completed by: "
-                        f"{', '.join(rules)}", "this_project": None, "peer": None,
-                        "ratio": None})
+                    rows.append(
+                        {
+                            "figure": f"e2e 512x512x{slices} stages (s): "
+                            + ", ".join(f"{k} {v}" for k, v in split.items())
+                            + f"; completed by: "
+                            f"{', '.join(rules)}",
+                            "this_project": None,
+                            "peer": None,
+                            "ratio": None,
+                        }
+                    )
                 if len(latencies) > 1:
                     lo, hi = min(latencies), max(latencies)
-                    rows.append({"figure": f"e2e growth {lo}->{hi} slices (linear = "
-                                           f"{hi / lo:.1f})", "this_project":
-                                 round(latencies[hi] / latencies[lo], 2), "peer": hi / lo,
-                                 "ratio": None})
+                    rows.append(
+                        {
+                            "figure": f"e2e growth {lo}->{hi} slices (linear = {hi / lo:.1f})",
+                            "this_project": round(latencies[hi] / latencies[lo], 2),
+                            "peer": hi / lo,
+                            "ratio": None,
+                        }
+                    )
                 rows += _throughput(node, root, "on")
             finally:
                 node.stop()
@@ -255,10 +326,15 @@ def run() -> list[dict]:
                 _latency(node, folder, attrs)
                 rss = _peak_rss_mb(node.proc.pid)
                 volume_mb = MEMORY_SLICES * 512 * 512 * 2 / 2**20
-                rows.append({"figure": f"peak RSS of the node, 512x512x{MEMORY_SLICES} end to "
-                                       "end, MB (peer: the volume's INT16 size; target <= 3x)",
-                             "this_project": round(rss, 0), "peer": round(volume_mb, 0),
-                             "ratio": round(rss / volume_mb, 2)})
+                rows.append(
+                    {
+                        "figure": f"peak RSS of the node, 512x512x{MEMORY_SLICES} end to "
+                        "end, MB (peer: the volume's INT16 size; target <= 3x)",
+                        "this_project": round(rss, 0),
+                        "peer": round(volume_mb, 0),
+                        "ratio": round(rss / volume_mb, 2),
+                    }
+                )
             finally:
                 node.stop()
             node = _node(root / "node-nb", pacs, _unbatched_repository(root))
@@ -283,9 +359,15 @@ def _throughput(node: NodeProcess, root: Path, batching: str) -> list[dict]:
             p.wait(600)
         _wait_sent(node, {a.series_instance_uid for _, a in series})
         minutes = (time.time() - t0) / 60
-        rows.append({"figure": f"throughput, {n} x 512x512x100 pushed at once, dynamic batching "
-                               f"{batching}: series/min", "this_project": round(n / minutes, 2),
-                     "peer": None, "ratio": None})
+        rows.append(
+            {
+                "figure": f"throughput, {n} x 512x512x100 pushed at once, dynamic batching "
+                f"{batching}: series/min",
+                "this_project": round(n / minutes, 2),
+                "peer": None,
+                "ratio": None,
+            }
+        )
         for folder, _ in series:
             shutil.rmtree(folder)
     return rows

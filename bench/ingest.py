@@ -42,8 +42,11 @@ def _series(root: Path, run: int) -> Path:
 def _push(port: int, aet: str, folder: Path) -> float:
     os.sync()  # untimed: start from a clean page cache
     t0 = time.perf_counter()
-    r = subprocess.run(["storescu", "-aec", aet, "+sd", "+r", "127.0.0.1", str(port), str(folder)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        ["storescu", "-aec", aet, "+sd", "+r", "127.0.0.1", str(port), str(folder)],
+        capture_output=True,
+        text=True,
+    )
     dt = time.perf_counter() - t0
     if r.returncode != 0:
         raise RuntimeError(f"storescu to {aet} failed: {r.stderr[-500:]}")
@@ -54,9 +57,12 @@ def _storescp(root: Path, stack: ExitStack) -> int:
     port = free_port()
     out = root / "storescp"
     out.mkdir()
-    scp = subprocess.Popen(["storescp", "-od", str(out), "-aet", "STORESCP", str(port)],
-                           env=dict(os.environ, TCP_NODELAY="1"),
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    scp = subprocess.Popen(
+        ["storescp", "-od", str(out), "-aet", "STORESCP", str(port)],
+        env=dict(os.environ, TCP_NODELAY="1"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
     def stop() -> None:
         scp.terminate()
@@ -73,16 +79,19 @@ def run() -> list[dict]:
         root = Path(tmp)
         series = [_series(root, i) for i in range(RUNS)]  # fresh UIDs per run: no de-duplication
 
-        node = NodeProcess(root / "node", node={"settle_seconds": 3600.0,
-                                                "complete_on_release": False}).start()
+        node = NodeProcess(
+            root / "node", node={"settle_seconds": 3600.0, "complete_on_release": False}
+        ).start()
         stack.callback(node.stop)
         scp_port = _storescp(root, stack)
         pacs = Orthanc(root / "orthanc").start()
         stack.callback(pacs.stop)
 
-        receivers = [("node", node.port, "DICOM_NODE"),
-                     ("DCMTK storescp", scp_port, "STORESCP"),
-                     ("Orthanc 1.10", pacs.dicom_port, pacs.aet)]
+        receivers = [
+            ("node", node.port, "DICOM_NODE"),
+            ("DCMTK storescp", scp_port, "STORESCP"),
+            ("Orthanc 1.10", pacs.dicom_port, pacs.aet),
+        ]
         for i, folder in enumerate(series):
             turn = i % len(receivers)
             for name, port, aet in receivers[turn:] + receivers[:turn]:
@@ -92,19 +101,22 @@ def run() -> list[dict]:
     rows = []
     for peer in ("DCMTK storescp", "Orthanc 1.10"):
         peer_ips = statistics.median(rates[peer])
-        rows.append({
-            "figure": f"ingest {SLICES}x512x512, instances/s (node fsyncs) vs {peer}",
-            "this_project": round(node_ips, 1),
-            "peer": round(peer_ips, 1),
-            "ratio": round(node_ips / peer_ips, 3),
-        })
+        rows.append(
+            {
+                "figure": f"ingest {SLICES}x512x512, instances/s (node fsyncs) vs {peer}",
+                "this_project": round(node_ips, 1),
+                "peer": round(peer_ips, 1),
+                "ratio": round(node_ips / peer_ips, 3),
+            }
+        )
     return rows
 
 
 def main() -> None:
     for row in run():
-        print(f"{row['figure']}: node {row['this_project']}, peer {row['peer']}, "
-              f"ratio {row['ratio']}")
+        print(
+            f"{row['figure']}: node {row['this_project']}, peer {row['peer']}, ratio {row['ratio']}"
+        )
 
 
 if __name__ == "__main__":

@@ -37,10 +37,14 @@ def model_grid_image():
     Only the geometry matters to post-processing, but Spacing derives it from the full input
     shape, so a blank uint8 series of that shape is resampled once, outside the timings.
     """
-    affine = np.array([[0.0, 0.0, SPACING[2], -200.0],
-                       [0.0, SPACING[1], 0.0, -200.0],
-                       [SPACING[0], 0.0, 0.0, -500.0],
-                       [0.0, 0.0, 0.0, 1.0]])
+    affine = np.array(
+        [
+            [0.0, 0.0, SPACING[2], -200.0],
+            [0.0, SPACING[1], 0.0, -200.0],
+            [SPACING[0], 0.0, 0.0, -500.0],
+            [0.0, 0.0, 0.0, 1.0],
+        ]
+    )
     image = to_metatensor(np.zeros(SHAPE, dtype=np.uint8), affine)
     return Spacing(pixdim=PIXDIM, mode="nearest", dtype=torch.float32)(image)
 
@@ -77,18 +81,24 @@ def run() -> list[dict]:
     m, p = statistics.median(ours), statistics.median(peer)
     grid = "x".join(map(str, image.shape[1:]))
     series = "x".join(map(str, SHAPE[::-1]))
-    return [{
-        "figure": f"post-processing, CPU, {torch.get_num_threads()} threads: s for logits on "
-                  f"{grid} back to a {series} series (MONAI transforms / ours); "
-                  f"identical arrays: {bool(same)}",
-        "this_project": round(m, 3), "peer": round(p, 3), "ratio": round(p / m, 1) if m else None,
-    }]
+    return [
+        {
+            "figure": f"post-processing, CPU, {torch.get_num_threads()} threads: s for logits on "
+            f"{grid} back to a {series} series (MONAI transforms / ours); "
+            f"identical arrays: {bool(same)}",
+            "this_project": round(m, 3),
+            "peer": round(p, 3),
+            "ratio": round(p / m, 1) if m else None,
+        }
+    ]
 
 
 def main() -> None:
     for row in run():
-        print(f"{row['figure']}: ours {row['this_project']}, peer {row['peer']}, "
-              f"ratio (peer/ours) {row['ratio']}")
+        print(
+            f"{row['figure']}: ours {row['this_project']}, peer {row['peer']}, "
+            f"ratio (peer/ours) {row['ratio']}"
+        )
 
 
 if __name__ == "__main__":

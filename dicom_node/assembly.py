@@ -140,9 +140,7 @@ def _anonymous(shape: tuple[int, int, int], dtype: np.dtype) -> np.ndarray:
     while the volume is being filled would then not give its pages back.
     """
     nbytes = int(np.prod(shape)) * dtype.itemsize
-    return np.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype, int(np.prod(shape))).reshape(
-        shape
-    )
+    return np.frombuffer(mmap.mmap(-1, max(nbytes, 1)), dtype, int(np.prod(shape))).reshape(shape)
 
 
 class StagedSeries:
@@ -218,8 +216,7 @@ class StagedSeries:
     def _give_up(self, problem: str) -> None:
         if self.problem is None:
             self.problem = problem
-            log.info("series %s: slices will be read from the spool: %s",
-                     self.series_uid, problem)
+            log.info("series %s: slices will be read from the spool: %s", self.series_uid, problem)
         self.release()
 
     def release(self) -> None:
@@ -250,8 +247,13 @@ class StagedSeries:
                 return None
             keys = [str(p) for p in paths]
             if len(keys) != len(self._slices) or any(k not in self._slices for k in keys):
-                log.info("series %s: %d slice(s) staged, %d in the job database (restart?): "
-                         "reading the spool", self.series_uid, len(self._slices), len(keys))
+                log.info(
+                    "series %s: %d slice(s) staged, %d in the job database (restart?): "
+                    "reading the spool",
+                    self.series_uid,
+                    len(self._slices),
+                    len(keys),
+                )
                 return None
             datasets = [self._slices[k][1] for k in keys]
             for path, header in zip(keys, datasets, strict=True):
@@ -295,8 +297,7 @@ class StreamingAssembler:
         self._queue: queue.SimpleQueue[tuple[StagedSeries, str, Dataset] | None] = (
             queue.SimpleQueue()
         )
-        self._thread = threading.Thread(target=self._run, name="dicom-node-assembly",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._run, name="dicom-node-assembly", daemon=True)
         self._thread.start()
 
     def feed(self, series_uid: str, path: str, dataset: Dataset) -> None:

@@ -90,8 +90,13 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         for rec in store.list_series():
             d = rec.to_dict()
             d["outbox"] = [
-                {"kind": o.kind, "destination": o.destination, "state": o.state,
-                 "attempts": o.attempts, "last_error": o.last_error}
+                {
+                    "kind": o.kind,
+                    "destination": o.destination,
+                    "state": o.state,
+                    "attempts": o.attempts,
+                    "last_error": o.last_error,
+                }
                 for o in store.outbox(rec.series_uid)
             ]
             rows.append(d)
@@ -102,8 +107,10 @@ def cmd_jobs(args: argparse.Namespace) -> int:
         return 0
     print(f"{'series':<64} {'state':<11} {'inst':>5}  {'completed by':<20}  reason")
     for r in rows:
-        print(f"{r['series_uid']:<64} {r['state']:<11} {r['instance_count']:>5}  "
-              f"{r['completed_by'] or '-':<20}  {r['reason']}")
+        print(
+            f"{r['series_uid']:<64} {r['state']:<11} {r['instance_count']:>5}  "
+            f"{r['completed_by'] or '-':<20}  {r['reason']}"
+        )
     return 0
 
 
@@ -133,7 +140,7 @@ def cmd_model_install(args: argparse.Namespace) -> int:
         path = install_bundle(args.source, Path(args.dest))
     except BundleInstallError as exc:
         raise UserError(str(exc)) from None
-    print(f"installed {path}; set [inference] bundle = \"{path}\" to use it")
+    print(f'installed {path}; set [inference] bundle = "{path}" to use it')
     return 0
 
 
@@ -149,13 +156,18 @@ def cmd_model_export_triton(args: argparse.Namespace) -> int:
         raise UserError(f"no [[models]] entry is named {args.name!r} (configured: {names})")
     try:
         written = write_models(
-            model.name, model.bundle, Path(args.dir), max_batch=args.max_batch,
+            model.name,
+            model.bundle,
+            Path(args.dir),
+            max_batch=args.max_batch,
             instances=args.instances,
         )
     except BundleError as exc:
         raise UserError(str(exc)) from None
-    print(f"wrote Triton models {', '.join(written)} into {args.dir}; they load the bundle from "
-          f"{model.bundle}, which must be at that path on the Triton host")
+    print(
+        f"wrote Triton models {', '.join(written)} into {args.dir}; they load the bundle from "
+        f"{model.bundle}, which must be at that path on the Triton host"
+    )
     return 0
 
 
@@ -178,13 +190,16 @@ def cmd_push(args: argparse.Namespace) -> int:
             raise UserError(f"{p} does not exist")
     t0 = time.perf_counter()
     try:
-        report = push_paths(paths, ae, host, port, calling_ae=args.calling_ae,
-                            progress=not args.quiet)
+        report = push_paths(
+            paths, ae, host, port, calling_ae=args.calling_ae, progress=not args.quiet
+        )
     except ConnectionError as exc:
         raise UserError(str(exc)) from None
     dt = time.perf_counter() - t0
-    print(f"sent {report.sent}, failed {report.failed}, skipped {report.skipped} "
-          f"in {dt:.1f} s ({report.sent / dt if dt else 0:.0f} instances/s)")
+    print(
+        f"sent {report.sent}, failed {report.failed}, skipped {report.skipped} "
+        f"in {dt:.1f} s ({report.sent / dt if dt else 0:.0f} instances/s)"
+    )
     return 0 if report.failed == 0 else 1
 
 
@@ -193,8 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("--config", type=Path, default=None,
-                       help="TOML configuration (default: config/node.toml)")
+        p.add_argument(
+            "--config",
+            type=Path,
+            default=None,
+            help="TOML configuration (default: config/node.toml)",
+        )
         p.add_argument("--data-dir", type=Path, default=None, help="override [node] data_dir")
         return p
 

@@ -253,7 +253,9 @@ class Settings:
 
 def _check_ae(value: str, key: str) -> None:
     if not _AE_TITLE.match(value) or not value.strip():
-        raise ConfigError(f"{key}: {value!r} is not a valid AE title (1-16 characters, no backslash)")
+        raise ConfigError(
+            f"{key}: {value!r} is not a valid AE title (1-16 characters, no backslash)"
+        )
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
@@ -299,13 +301,20 @@ def _build(cls: type, table: Any, key: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(table) - names)
     if unknown:
-        raise ConfigError(f"[{key}]: unknown key {unknown[0]!r} (known: {', '.join(sorted(names))})")
+        raise ConfigError(
+            f"[{key}]: unknown key {unknown[0]!r} (known: {', '.join(sorted(names))})"
+        )
     kwargs = {name: _coerce(v, hints[name], f"{key}.{name}") for name, v in table.items()}
     try:
         return cls(**kwargs)
     except TypeError as exc:  # a required key is missing
-        missing = [f.name for f in dataclasses.fields(cls) if f.name not in kwargs and
-                   f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.name not in kwargs
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ]
         raise ConfigError(f"[{key}]: missing required key {missing[0]!r}") from exc
 
 
@@ -368,7 +377,9 @@ def _validate(s: Settings) -> None:
         try:
             re.compile(r.series_description)
         except re.error as exc:
-            raise ConfigError(f"{key}.series_description: not a regular expression: {exc}") from None
+            raise ConfigError(
+                f"{key}.series_description: not a regular expression: {exc}"
+            ) from None
         for rng in ("slice_thickness", "slice_count"):
             value = getattr(r, rng)
             if value and (len(value) != 2 or value[0] > value[1]):
@@ -388,8 +399,18 @@ def _array(raw: dict[str, Any], name: str) -> list[Any]:
 
 def settings_from_dict(raw: dict[str, Any], base_dir: Path = Path(".")) -> Settings:
     """Build and validate :class:`Settings` from a parsed TOML document."""
-    known = {"node", "limits", "tls", "inference", "results", "status", "destinations",
-             "models", "routes", "retention"}
+    known = {
+        "node",
+        "limits",
+        "tls",
+        "inference",
+        "results",
+        "status",
+        "destinations",
+        "models",
+        "routes",
+        "retention",
+    }
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ConfigError(f"unknown section [{unknown[0]}] (known: {', '.join(sorted(known))})")
@@ -402,8 +423,9 @@ def settings_from_dict(raw: dict[str, Any], base_dir: Path = Path(".")) -> Setti
         results=_build(ResultSettings, raw.get("results", {}), "results"),
         status=_build(StatusSettings, raw.get("status", {}), "status"),
         destinations=[_build(Destination, d, f"destinations[{i}]") for i, d in enumerate(dests)],
-        models=[_build(ModelSettings, m, f"models[{i}]") for i, m in enumerate(
-            _array(raw, "models"))],
+        models=[
+            _build(ModelSettings, m, f"models[{i}]") for i, m in enumerate(_array(raw, "models"))
+        ],
         routes=[_build(Route, r, f"routes[{i}]") for i, r in enumerate(_array(raw, "routes"))],
         retention=_build(RetentionSettings, raw.get("retention", {}), "retention"),
         base_dir=base_dir,
@@ -415,16 +437,18 @@ def settings_from_dict(raw: dict[str, Any], base_dir: Path = Path(".")) -> Setti
         raise ConfigError("tls: enabled needs certificate and private_key")
     tls = dataclasses.replace(
         tls,
-        **{k: _resolve(getattr(tls, k), base_dir).resolve()
-           for k in ("certificate", "private_key", "ca_certificates") if getattr(tls, k)},
+        **{
+            k: _resolve(getattr(tls, k), base_dir).resolve()
+            for k in ("certificate", "private_key", "ca_certificates")
+            if getattr(tls, k)
+        },
     )
-    models = s.models or [
-        ModelSettings(name=inf.model, triton_model=inf.model, bundle=inf.bundle)
-    ]
+    models = s.models or [ModelSettings(name=inf.model, triton_model=inf.model, bundle=inf.bundle)]
     return s.replace(
         tls=tls,
-        models=[dataclasses.replace(m, bundle=_resolve(m.bundle, base_dir).resolve())
-                for m in models],
+        models=[
+            dataclasses.replace(m, bundle=_resolve(m.bundle, base_dir).resolve()) for m in models
+        ],
         node=dataclasses.replace(s.node, data_dir=_resolve(s.node.data_dir, base_dir).resolve()),
         inference=dataclasses.replace(
             inf,

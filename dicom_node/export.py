@@ -56,10 +56,12 @@ def status_meaning(status: int) -> str:
     known = STORAGE_SERVICE_CLASS_STATUS.get(status)
     if known is not None:
         return known[1]
-    for mask, prefix, meaning in ((0xFF00, 0xA700, "Refused: Out of Resources"),
-                                  (0xFF00, 0xA900, "Error: Data Set Does Not Match SOP Class"),
-                                  (0xF000, 0xC000, "Error: Cannot Understand"),
-                                  (0xF000, 0xB000, "Warning")):
+    for mask, prefix, meaning in (
+        (0xFF00, 0xA700, "Refused: Out of Resources"),
+        (0xFF00, 0xA900, "Error: Data Set Does Not Match SOP Class"),
+        (0xF000, 0xC000, "Error: Cannot Understand"),
+        (0xF000, 0xB000, "Warning"),
+    ):
         if status & mask == prefix:
             return meaning
     return "Failure" if status & 0xF000 in (0xA000, 0xC000) else "unknown status"
@@ -115,8 +117,7 @@ def send_files(
     if not assoc.is_established:
         if assoc.is_rejected:
             rj = next((a for a in answers if getattr(a, "result", None) in (1, 2)), None)
-            why = (f" ({rj.result_str}, {rj.source_str}: {rj.reason_str})"
-                   if rj is not None else "")
+            why = f" ({rj.result_str}, {rj.source_str}: {rj.reason_str})" if rj is not None else ""
             raise ExportError(f"{destination.name} rejected the association{why}")
         if refused and not accepted:  # pynetdicom aborts when no context was accepted
             raise ExportError(
@@ -125,8 +126,9 @@ def send_files(
                 + " (the SOP class is not accepted there)"
             )
         if assoc.is_aborted and answers:
-            raise ExportError(f"{destination.name} aborted the association while it was "
-                              "being negotiated")
+            raise ExportError(
+                f"{destination.name} aborted the association while it was being negotiated"
+            )
         raise ExportError(
             f"{destination.name} ({destination.host}:{destination.port}) cannot be reached"
         )
@@ -134,17 +136,21 @@ def send_files(
     try:
         for path, ds in datasets.items():
             if str(ds.SOPClassUID) not in accepted:
-                results[path] = (f"{destination.name} refused the presentation context for "
-                                 f"{sop_class_name(str(ds.SOPClassUID))} (the SOP class is "
-                                 "not accepted there)")
+                results[path] = (
+                    f"{destination.name} refused the presentation context for "
+                    f"{sop_class_name(str(ds.SOPClassUID))} (the SOP class is "
+                    "not accepted there)"
+                )
                 continue
             try:
                 status = assoc.send_c_store(ds)
             except (ValueError, RuntimeError) as exc:
                 results[path] = f"not sent: {exc}"
                 continue
-            results[path] = int(status.Status) if status and "Status" in status else (
-                "no response (association lost)"
+            results[path] = (
+                int(status.Status)
+                if status and "Status" in status
+                else ("no response (association lost)")
             )
             if on_ack is not None and results[path] in _OK:
                 on_ack(path, results[path])  # type: ignore[arg-type]
@@ -179,7 +185,8 @@ class AckJournal:
             fsync_dir(self.path.parent)
         self._next = 0
         while self._next < slots and os.pread(self._fd, 1, self._next * self.SLOT) not in (
-            b"", b"\0"
+            b"",
+            b"\0",
         ):
             self._next += 1
 
@@ -250,8 +257,7 @@ class Exporter:
         for record in self.journal.records():  # a crash or a refused commit last time
             self._unrecorded[int(record["id"])] = (float(record["at"]), 0.0, 0.0)
         if self._unrecorded:
-            log.info("%d acknowledgement(s) from the journal to record",
-                     len(self._unrecorded))
+            log.info("%d acknowledgement(s) from the journal to record", len(self._unrecorded))
         self._record_pending()
 
     def _record_pending(self) -> None:
@@ -266,8 +272,13 @@ class Exporter:
                 lo, hi = self.RECORD_BACKOFF
                 wait = min(hi, max(lo, wait * 2))
                 self._unrecorded[item_id] = (sent_at, now + wait, wait)
-                log.error("outbox item %d was acknowledged but cannot be recorded yet (%s); "
-                          "it is not sent again, next try in %.1f s", item_id, exc, wait)
+                log.error(
+                    "outbox item %d was acknowledged but cannot be recorded yet (%s); "
+                    "it is not sent again, next try in %.1f s",
+                    item_id,
+                    exc,
+                    wait,
+                )
                 continue
             del self._unrecorded[item_id]
         if not self._unrecorded and self.journal.used:
@@ -280,8 +291,9 @@ class Exporter:
         """Record an acknowledgement: journal first, then the database; if both fail, in
         memory (the item is never picked again by this process)."""
         try:
-            self.journal.append({"id": item.id, "sop": item.sop_uid,
-                                 "dest": item.destination, "at": sent_at})
+            self.journal.append(
+                {"id": item.id, "sop": item.sop_uid, "dest": item.destination, "at": sent_at}
+            )
         except OSError as exc:
             log.error("acknowledgement of outbox item %d not journalled: %s", item.id, exc)
         self._unrecorded[item.id] = (sent_at, 0.0, 0.0)
@@ -290,8 +302,11 @@ class Exporter:
         """Send what is due now; return how many items were acknowledged."""
         self._record_pending()
         now = time.time()
-        due = [i for i in self.jobs.due_results() if i.id not in self._unrecorded
-               and self._not_before.get(i.id, 0.0) <= now]
+        due = [
+            i
+            for i in self.jobs.due_results()
+            if i.id not in self._unrecorded and self._not_before.get(i.id, 0.0) <= now
+        ]
         by_dest: dict[str, list[OutboxItem]] = defaultdict(list)
         for item in due:
             by_dest[item.destination].append(item)
@@ -333,8 +348,11 @@ class Exporter:
                     self.on_attempt(dest.name, True, item.attempts + 1, seconds, False)
                 log.info("%s of series %s sent to %s", item.kind, item.series_uid, dest.name)
                 continue
-            error = (f"{dest.name} answered status 0x{outcome:04X} ({status_meaning(outcome)})"
-                     if isinstance(outcome, int) else outcome)
+            error = (
+                f"{dest.name} answered status 0x{outcome:04X} ({status_meaning(outcome)})"
+                if isinstance(outcome, int)
+                else outcome
+            )
             attempt = item.attempts + 1
             give_up = attempt >= dest.attempts
             wait = backoff(attempt, dest.retry_backoff_seconds, dest.max_backoff_seconds)

@@ -255,8 +255,11 @@ class JobStore:
                 # results of the instances it held until now are not results of the series
                 # any more: what was not sent yet never will be (the next run supersedes)
                 _cancel_unsent(db, series_uid, "cancelled: new instances arrived")
-            new_state = RECEIVING if previous in (None, RECEIVING, COMPLETE, DONE, FAILED,
-                                                  NO_MODEL) else previous
+            new_state = (
+                RECEIVING
+                if previous in (None, RECEIVING, COMPLETE, DONE, FAILED, NO_MODEL)
+                else previous
+            )
             db.execute(
                 "UPDATE series SET instance_count = instance_count + 1, last_received = ?,"
                 " updated = ?, state = ?, reason = CASE WHEN ? = state THEN reason ELSE '' END,"
@@ -340,11 +343,14 @@ class JobStore:
         """Mark a receiving series complete by ``rule``, only if it still holds exactly
         ``instance_count`` instances (the ones the rule looked at). Returns success."""
         with self._tx() as db:
-            return db.execute(
-                "UPDATE series SET state = ?, updated = ?, completed_by = ?"
-                " WHERE series_uid = ? AND state = ? AND instance_count = ?",
-                (COMPLETE, time.time(), rule, series_uid, RECEIVING, instance_count),
-            ).rowcount == 1
+            return (
+                db.execute(
+                    "UPDATE series SET state = ?, updated = ?, completed_by = ?"
+                    " WHERE series_uid = ? AND state = ? AND instance_count = ?",
+                    (COMPLETE, time.time(), rule, series_uid, RECEIVING, instance_count),
+                ).rowcount
+                == 1
+            )
 
     def claim(self, series_uid: str) -> tuple[bool, int]:
         """Move a complete series to processing; return (claimed, instance count)."""
@@ -417,7 +423,13 @@ class JobStore:
 
     # -- outbox ---------------------------------------------------------------------
     def enqueue_result(
-        self, *, series_uid: str, kind: str, destination: str, path: Path, sop_uid: str,
+        self,
+        *,
+        series_uid: str,
+        kind: str,
+        destination: str,
+        path: Path,
+        sop_uid: str,
         model: str = "",
     ) -> None:
         with self._tx() as db:
@@ -460,14 +472,21 @@ class JobStore:
             row = db.execute(
                 "SELECT state, instance_count FROM series WHERE series_uid = ?", (series_uid,)
             ).fetchone()
-            if row is None or row["state"] != PROCESSING or (
-                int(row["instance_count"]) != instance_count
+            if (
+                row is None
+                or row["state"] != PROCESSING
+                or (int(row["instance_count"]) != instance_count)
             ):
                 return OVERTAKEN
             for model, expected in predecessors.items():
-                sent = {r["sop_uid"] for r in db.execute(
-                    "SELECT sop_uid FROM outbox WHERE series_uid = ? AND state = ?"
-                    " AND model = ?", (series_uid, SENT, model))}
+                sent = {
+                    r["sop_uid"]
+                    for r in db.execute(
+                        "SELECT sop_uid FROM outbox WHERE series_uid = ? AND state = ?"
+                        " AND model = ?",
+                        (series_uid, SENT, model),
+                    )
+                }
                 if sent != set(expected):
                     return STALE_PREDECESSORS
             _cancel_unsent(db, series_uid, "cancelled: superseded by a later run")
@@ -476,8 +495,7 @@ class JobStore:
             db.execute(
                 "UPDATE series SET state = ?, reason = '', updated = ?, model = ?, results = ?"
                 " WHERE series_uid = ?",
-                (DONE, time.time(), str(results.get("model", "")), json.dumps(results),
-                 series_uid),
+                (DONE, time.time(), str(results.get("model", "")), json.dumps(results), series_uid),
             )
         return DONE
 
@@ -553,12 +571,17 @@ class JobStore:
         Refuses (returns nothing) if the series changed state meanwhile (a late instance).
         """
         with self._tx() as db:
-            row = db.execute("SELECT state FROM series WHERE series_uid = ?",
-                             (series_uid,)).fetchone()
+            row = db.execute(
+                "SELECT state FROM series WHERE series_uid = ?", (series_uid,)
+            ).fetchone()
             if row is None or row["state"] not in (DONE, FAILED, NO_MODEL):
                 return []
-            paths = [Path(r["path"]) for r in db.execute(
-                "SELECT path FROM instances WHERE series_uid = ?", (series_uid,))]
+            paths = [
+                Path(r["path"])
+                for r in db.execute(
+                    "SELECT path FROM instances WHERE series_uid = ?", (series_uid,)
+                )
+            ]
             db.execute("DELETE FROM instances WHERE series_uid = ?", (series_uid,))
             db.execute("DELETE FROM outbox WHERE series_uid = ?", (series_uid,))
             db.execute("DELETE FROM series WHERE series_uid = ?", (series_uid,))
@@ -585,8 +608,15 @@ def _cancel_unsent(db: sqlite3.Connection, series_uid: str, why: str) -> None:
     )
 
 
-def _enqueue(db: sqlite3.Connection, series_uid: str, kind: str, destination: str,
-             path: Path | str, sop_uid: str, model: str = "") -> None:
+def _enqueue(
+    db: sqlite3.Connection,
+    series_uid: str,
+    kind: str,
+    destination: str,
+    path: Path | str,
+    sop_uid: str,
+    model: str = "",
+) -> None:
     db.execute(
         "INSERT OR IGNORE INTO outbox (series_uid, kind, destination, path, sop_uid, state,"
         " model) VALUES (?, ?, ?, ?, ?, ?, ?)",

@@ -24,8 +24,9 @@ _CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 def escape_controls(text: str) -> str:
     """``text`` with each control character written as ``\\xNN`` (or ``\\uNNNN``)."""
     return _CONTROLS.sub(
-        lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100
-        else f"\\u{ord(m.group()):04x}",
+        lambda m: (
+            f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}"
+        ),
         text,
     )
 
@@ -61,11 +62,14 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out)
 
 
-def setup_logging(data_dir: Path | None, json_lines: bool = False, level: int = logging.INFO) -> None:
+def setup_logging(
+    data_dir: Path | None, json_lines: bool = False, level: int = logging.INFO
+) -> None:
     """Configure the root logger once for a node process."""
     fmt: logging.Formatter = (
-        JsonFormatter() if json_lines else
-        TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        JsonFormatter()
+        if json_lines
+        else TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
     root = logging.getLogger()
     root.handlers.clear()

@@ -44,8 +44,7 @@ STAGES = ("assemble", "pre", "inference", "post", "encode", "write", "export")
 
 # From a fraction of a second (a CT assembles in tens of ms) up to the ten minutes a large
 # volume may take on a CPU-only node.
-_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
-            600.0)
+_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 # The keys of a job's timings (see ``Node.process``) that are stages. "inference_total" is
 # left out: on the first job it includes starting the backend.
@@ -64,25 +63,31 @@ class _JobLevels:
         # Describing without reading the database lets the registry check names at
         # registration time even before the job store holds anything.
         return [
-            GaugeMetricFamily("dicom_node_series", "Series known to the node, by state.",
-                              labels=["state"]),
-            GaugeMetricFamily("dicom_node_queue_depth",
-                              "Work waiting: complete series not yet taken by a worker "
-                              "(processing) and result files not yet sent (export).",
-                              labels=["queue"]),
+            GaugeMetricFamily(
+                "dicom_node_series", "Series known to the node, by state.", labels=["state"]
+            ),
+            GaugeMetricFamily(
+                "dicom_node_queue_depth",
+                "Work waiting: complete series not yet taken by a worker "
+                "(processing) and result files not yet sent (export).",
+                labels=["queue"],
+            ),
         ]
 
     def collect(self) -> Iterator[Metric]:
         depth = self.jobs.queue_depth()
-        series = GaugeMetricFamily("dicom_node_series", "Series known to the node, by state.",
-                                   labels=["state"])
+        series = GaugeMetricFamily(
+            "dicom_node_series", "Series known to the node, by state.", labels=["state"]
+        )
         for state in SERIES_STATES:
             series.add_metric([state], depth.get(state, 0))
         yield series
-        queue = GaugeMetricFamily("dicom_node_queue_depth",
-                                  "Work waiting: complete series not yet taken by a worker "
-                                  "(processing) and result files not yet sent (export).",
-                                  labels=["queue"])
+        queue = GaugeMetricFamily(
+            "dicom_node_queue_depth",
+            "Work waiting: complete series not yet taken by a worker "
+            "(processing) and result files not yet sent (export).",
+            labels=["queue"],
+        )
         queue.add_metric(["processing"], depth.get(COMPLETE, 0))
         queue.add_metric(["export"], depth.get("outbox_pending", 0))
         yield queue
@@ -181,7 +186,11 @@ class NodeMetrics:
         self.triton_seconds.observe(seconds)
 
     def observe_export(
-        self, destination: str, ok: bool, attempt: int, seconds: float | None = None,
+        self,
+        destination: str,
+        ok: bool,
+        attempt: int,
+        seconds: float | None = None,
         gave_up: bool = False,
     ) -> None:
         """Record attempt number ``attempt`` (1 for the first) to send one result file.

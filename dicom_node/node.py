@@ -72,8 +72,13 @@ class Node:
         self.spool = Spool(data_dir / "spool")
         self.results_dir = data_dir / "results"
         self.results_dir.mkdir(exist_ok=True, mode=0o700)
-        self.scp = StorageSCP(settings, self.spool, self.jobs, on_stored=self._on_stored,
-                              on_released=self._on_released)
+        self.scp = StorageSCP(
+            settings,
+            self.spool,
+            self.jobs,
+            on_stored=self._on_stored,
+            on_released=self._on_released,
+        )
         self.metrics = NodeMetrics(self.jobs)
         self.exporter = Exporter(settings, self.jobs, on_attempt=self.metrics.observe_export)
         self.status: Any = None
@@ -118,8 +123,11 @@ class Node:
                 self.status.start()
             self.scp.start()
         workers = max(1, self.settings.inference.max_concurrent_jobs)
-        targets = [("settle", self._settle_loop), ("export", self._export_loop),
-                   ("retention", self._retention_loop)]
+        targets = [
+            ("settle", self._settle_loop),
+            ("export", self._export_loop),
+            ("retention", self._retention_loop),
+        ]
         targets += [(f"worker-{i}", self._worker_loop) for i in range(workers)]
         for name, target in targets:
             t = threading.Thread(target=target, name=f"dicom-node-{name}", daemon=True)
@@ -162,8 +170,11 @@ class Node:
                 sop = check_uid(ds.SOPInstanceUID, "SOP Instance UID")
             except Exception as exc:  # noqa: BLE001 - an unreadable spool file is set aside
                 moved = self.spool.quarantine(path, f"incomplete or unreadable: {exc}")
-                log.warning("spool file %s is incomplete (never acknowledged); moved to %s",
-                            path.name, moved)
+                log.warning(
+                    "spool file %s is incomplete (never acknowledged); moved to %s",
+                    path.name,
+                    moved,
+                )
                 continue
             self.jobs.add_instance(
                 sop_uid=sop,
@@ -215,14 +226,23 @@ class Node:
             return False
         count, stored = found
         if carried != count:
-            log.info("series %s: association released with %d of its %d instance(s), the "
-                     "rest from other associations; waiting %.0f s for more", series_uid,
-                     carried, count, self.settings.node.settle_seconds)
+            log.info(
+                "series %s: association released with %d of its %d instance(s), the "
+                "rest from other associations; waiting %.0f s for more",
+                series_uid,
+                carried,
+                count,
+                self.settings.node.settle_seconds,
+            )
             return False
         if not gap_free([SliceGeometry.from_json(g) for g in stored]):
-            log.info("series %s: association released, but its %d instance(s) do not form "
-                     "a volume without a gap; waiting %.0f s for more",
-                     series_uid, count, self.settings.node.settle_seconds)
+            log.info(
+                "series %s: association released, but its %d instance(s) do not form "
+                "a volume without a gap; waiting %.0f s for more",
+                series_uid,
+                count,
+                self.settings.node.settle_seconds,
+            )
             return False
         if not self.jobs.complete(series_uid, RELEASED, count):
             return False
@@ -235,8 +255,12 @@ class Node:
         tick = min(1.0, max(0.05, settle / 4))
         while not self._stop.wait(tick):
             for uid in self.jobs.settle(time.time() - settle, SETTLE_TIMER):
-                log.info("series %s: complete (%d instances, %s)", uid,
-                         self.jobs.series_count(uid), SETTLE_TIMER)
+                log.info(
+                    "series %s: complete (%d instances, %s)",
+                    uid,
+                    self.jobs.series_count(uid),
+                    SETTLE_TIMER,
+                )
                 self._enqueue(uid)
 
     def _enqueue(self, series_uid: str) -> None:
@@ -258,8 +282,9 @@ class Node:
                 self.process(uid)
             except Exception:  # noqa: BLE001 - a bug must not kill the worker
                 log.exception("series %s: unexpected error", uid)
-                self.jobs.set_state(uid, FAILED, "internal error (see the node's log)",
-                                    expect=PROCESSING)
+                self.jobs.set_state(
+                    uid, FAILED, "internal error (see the node's log)", expect=PROCESSING
+                )
 
     def backends(self) -> dict[str, Any]:
         """Inference backends by model name, created on first use (Triton takes a while)."""
@@ -336,8 +361,9 @@ class Node:
         self._export_wake.set()
         return DONE
 
-    def _finish(self, series_uid: str, count: int, state: str, reason: str = "",
-                model: str | None = None) -> str:
+    def _finish(
+        self, series_uid: str, count: int, state: str, reason: str = "", model: str | None = None
+    ) -> str:
         """End a job in ``state`` if the series still holds the ``count`` instances it
         processed; otherwise it is receiving again and will be processed once more, whole.
 
@@ -345,16 +371,20 @@ class Node:
         still open, whose release then decides): the series has become one spread over
         several associations, which the settle timer completes.
         """
-        if self.jobs.set_state(series_uid, state, reason, expect=PROCESSING, model=model,
-                               instance_count=count):
+        if self.jobs.set_state(
+            series_uid, state, reason, expect=PROCESSING, model=model, instance_count=count
+        ):
             return state
         self._receiving_again(series_uid, count)
         return RECEIVING
 
     def _receiving_again(self, series_uid: str, count: int) -> None:
         self.jobs.set_state(series_uid, RECEIVING, expect=PROCESSING)
-        log.info("series %s: %d new instance(s) arrived while processing; receiving again",
-                 series_uid, self.jobs.series_count(series_uid) - count)
+        log.info(
+            "series %s: %d new instance(s) arrived while processing; receiving again",
+            series_uid,
+            self.jobs.series_count(series_uid) - count,
+        )
 
     def _route(self, series_uid: str, paths: list[Path]) -> list[ModelSettings]:
         """The models this series goes to, from its first instance's header."""
@@ -369,8 +399,9 @@ class Node:
             raise NoModel(f"no routing rule matched ({describe(header, count, calling_ae)})")
         return models
 
-    def _run_chain(self, series_uid: str, timings: dict[str, float],
-                   count: int) -> dict[str, Any] | None:
+    def _run_chain(
+        self, series_uid: str, timings: dict[str, float], count: int
+    ) -> dict[str, Any] | None:
         """Assemble, segment, encode and write; queue the results in the transaction that
         ends the job, if the series still holds the ``count`` instances processed.
         Returns the results, or ``None`` when new instances overtook the run (its files
@@ -407,8 +438,13 @@ class Node:
             try:
                 for index, (model, result) in enumerate(zip(models, results, strict=True)):
                     t0 = time.perf_counter()
-                    files = self._encode(model, volume, result.labels, 10 * index,
-                                         self._predecessors(earlier[model.name]))
+                    files = self._encode(
+                        model,
+                        volume,
+                        result.labels,
+                        10 * index,
+                        self._predecessors(earlier[model.name]),
+                    )
                     timings["encode"] = timings.get("encode", 0.0) + time.perf_counter() - t0
                     t0 = time.perf_counter()
                     by_model[model.name] = {
@@ -416,8 +452,14 @@ class Node:
                         "volumes_ml": self._label_volumes(model, volume, result.labels),
                     }
                     items += [
-                        {"series_uid": series_uid, "kind": kind, "destination": dest.name,
-                         "path": f["path"], "sop_uid": f["sop_uid"], "model": model.name}
+                        {
+                            "series_uid": series_uid,
+                            "kind": kind,
+                            "destination": dest.name,
+                            "path": f["path"],
+                            "sop_uid": f["sop_uid"],
+                            "model": model.name,
+                        }
                         for kind, f in by_model[model.name]["files"].items()
                         for dest in self.settings.destinations
                     ]
@@ -426,26 +468,41 @@ class Node:
                 _discard(written)
                 raise
             first = by_model[models[0].name]
-            out = {"model": ", ".join(m.name for m in models), "files": first["files"],
-                   "volumes_ml": first["volumes_ml"], "models": by_model}
+            out = {
+                "model": ", ".join(m.name for m in models),
+                "files": first["files"],
+                "volumes_ml": first["volumes_ml"],
+                "models": by_model,
+            }
             if any(earlier.values()):
                 out["supersedes"] = sorted(i.sop_uid for v in earlier.values() for i in v)
             outcome = self.jobs.finish_run(
-                series_uid, count, out, items,
+                series_uid,
+                count,
+                out,
+                items,
                 {name: {i.sop_uid for i in sent} for name, sent in earlier.items()},
             )
             if outcome == DONE:
                 if out.get("supersedes"):
-                    log.info("series %s: the new results supersede %d acknowledged earlier "
-                             "result(s)", series_uid, len(out["supersedes"]))
+                    log.info(
+                        "series %s: the new results supersede %d acknowledged earlier result(s)",
+                        series_uid,
+                        len(out["supersedes"]),
+                    )
                 return out
             _discard(written)
             if outcome == OVERTAKEN:
-                log.info("series %s: new instances arrived while processing: this run's "
-                         "results are discarded, none was queued", series_uid)
+                log.info(
+                    "series %s: new instances arrived while processing: this run's "
+                    "results are discarded, none was queued",
+                    series_uid,
+                )
                 return None
-        raise JobFailed("earlier results kept being acknowledged while the new ones were "
-                        "encoded; retry the series")
+        raise JobFailed(
+            "earlier results kept being acknowledged while the new ones were "
+            "encoded; retry the series"
+        )
 
     def _predecessors(self, earlier: list[OutboxItem]) -> list[Any]:
         """Headers of the acknowledged earlier results a new SR supersedes (their files are
@@ -453,15 +510,27 @@ class Node:
         out = []
         for item in earlier:
             try:
-                out.append(pydicom.dcmread(item.path, stop_before_pixels=True, specific_tags=[
-                    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"]))
+                out.append(
+                    pydicom.dcmread(
+                        item.path,
+                        stop_before_pixels=True,
+                        specific_tags=[
+                            "SOPClassUID",
+                            "SOPInstanceUID",
+                            "StudyInstanceUID",
+                            "SeriesInstanceUID",
+                        ],
+                    )
+                )
             except (OSError, ValueError) as exc:
-                log.warning("earlier result %s cannot be read (%s): not named as superseded",
-                            item.sop_uid, exc)
+                log.warning(
+                    "earlier result %s cannot be read (%s): not named as superseded",
+                    item.sop_uid,
+                    exc,
+                )
         return out
 
-    def _assemble(self, series_uid: str, paths: list[Path], staged: Any,
-                  allocate: Any) -> Any:
+    def _assemble(self, series_uid: str, paths: list[Path], staged: Any, allocate: Any) -> Any:
         """The series' volume from the slices decoded as they arrived, or, when those are
         not exactly the instances listed (a restart, a slice that would not decode...),
         from the spool; the same volume either way."""
@@ -486,8 +555,9 @@ class Node:
         allocators = {backends[m.name].volume_allocator() for m in models}
         return allocators.pop() if len(allocators) == 1 else np.empty
 
-    def _write_results(self, out_dir: Path, files: dict[str, tuple[Any, str]],
-                       written: list[Path]) -> dict[str, dict[str, str]]:
+    def _write_results(
+        self, out_dir: Path, files: dict[str, tuple[Any, str]], written: list[Path]
+    ) -> dict[str, dict[str, str]]:
         """Write each result durably (appending its path to ``written``); the caller
         queues them. Below the disk reserve, or when the disk says no, the job fails with
         the reason and nothing half-written is left (``dicom-node retry`` once there is
@@ -511,8 +581,9 @@ class Node:
             try:
                 write_durably(path, data)
             except OSError as exc:
-                raise JobFailed(f"results not written: {exc}; retry the series once the "
-                                "disk is writable") from None
+                raise JobFailed(
+                    f"results not written: {exc}; retry the series once the disk is writable"
+                ) from None
             written.append(path)
             out[kind] = {"path": str(path), "sop_uid": sop_uid}
         return out
@@ -528,8 +599,9 @@ class Node:
                 backend = self.backends()[model.name]
             except Exception as exc:  # noqa: BLE001 - e.g. Triton did not start; retried
                 last = exc
-                log.warning("inference backend unavailable (attempt %d/%d): %s",
-                            attempt, inf.attempts, exc)
+                log.warning(
+                    "inference backend unavailable (attempt %d/%d): %s", attempt, inf.attempts, exc
+                )
                 if attempt < inf.attempts and not self._stop.wait(
                     inf.retry_backoff_seconds * 2 ** (attempt - 1)
                 ):
@@ -545,8 +617,9 @@ class Node:
                 ):
                     continue
                 break
-            timings["inference_total"] = (timings.get("inference_total", 0.0)
-                                          + time.perf_counter() - t0)
+            timings["inference_total"] = (
+                timings.get("inference_total", 0.0) + time.perf_counter() - t0
+            )
             for k, v in getattr(result, "timings", {}).items():
                 timings[k] = timings.get(k, 0.0) + float(v)
             return result
@@ -563,9 +636,14 @@ class Node:
         b = self.bundle(model)
         return AlgorithmInfo(name=b.name, version=b.version, source=str(b.path.name))
 
-    def _encode(self, model: ModelSettings, volume: Any, labels: Any,
-                series_offset: int = 0,
-                predecessors: list[Any] | None = None) -> dict[str, tuple[Any, str]]:
+    def _encode(
+        self,
+        model: ModelSettings,
+        volume: Any,
+        labels: Any,
+        series_offset: int = 0,
+        predecessors: list[Any] | None = None,
+    ) -> dict[str, tuple[Any, str]]:
         from dicom_node.encode import EncodeError, build_rtstruct, build_seg, build_sr
 
         res = self.settings.results
@@ -576,12 +654,19 @@ class Node:
             if res.make_seg:
                 out["SEG"] = (seg, str(seg.SOPInstanceUID))
             if res.make_rtstruct:
-                rt = build_rtstruct(volume, labels, segments, algorithm, res,
-                                    9002 + series_offset)
+                rt = build_rtstruct(volume, labels, segments, algorithm, res, 9002 + series_offset)
                 out["RTSTRUCT"] = (rt, str(rt.SOPInstanceUID))
             if res.make_sr:
-                sr = build_sr(seg, volume, labels, segments, algorithm, res,
-                              9003 + series_offset, predecessors or ())
+                sr = build_sr(
+                    seg,
+                    volume,
+                    labels,
+                    segments,
+                    algorithm,
+                    res,
+                    9003 + series_offset,
+                    predecessors or (),
+                )
                 out["SR"] = (sr, str(sr.SOPInstanceUID))
         except EncodeError as exc:
             raise JobFailed(f"results cannot be encoded: {exc}") from None
@@ -620,8 +705,9 @@ class Node:
         deadline = time.time() + timeout
         while time.time() < deadline:
             depth = self.jobs.queue_depth()
-            if not (depth[RECEIVING] or depth[COMPLETE] or depth[PROCESSING]
-                    or depth["outbox_pending"]):
+            if not (
+                depth[RECEIVING] or depth[COMPLETE] or depth[PROCESSING] or depth["outbox_pending"]
+            ):
                 return True
             time.sleep(0.2)
         return False

@@ -30,7 +30,10 @@ def _size(paths: list[Path]) -> int:
 
 
 def apply_retention(
-    policy: RetentionSettings, jobs: JobStore, spool_root: Path, results_root: Path,
+    policy: RetentionSettings,
+    jobs: JobStore,
+    spool_root: Path,
+    results_root: Path,
     now: float | None = None,
 ) -> list[str]:
     """Delete what the policy allows; return the Series Instance UIDs deleted."""
@@ -60,6 +63,10 @@ def apply_retention(
         shutil.rmtree(results, ignore_errors=True)
         total -= freed
         deleted.append(record.series_uid)
-        log.info("retention: series %s deleted (%s, %d bytes)", record.series_uid,
-                 "age" if too_old else "size", freed)
+        log.info(
+            "retention: series %s deleted (%s, %d bytes)",
+            record.series_uid,
+            "age" if too_old else "size",
+            freed,
+        )
     return deleted

@@ -37,9 +37,13 @@ def matches(route: Route, header: Dataset, slice_count: int, calling_ae: str) ->
     return (
         _in(str(header.get("Modality", "")), route.modality)
         and _in(str(header.get("BodyPartExamined", "")), route.body_part)
-        and (not route.series_description or re.search(
-            route.series_description, str(header.get("SeriesDescription", "")), re.IGNORECASE)
-            is not None)
+        and (
+            not route.series_description
+            or re.search(
+                route.series_description, str(header.get("SeriesDescription", "")), re.IGNORECASE
+            )
+            is not None
+        )
         and _in(calling_ae, route.calling_ae)
         and _within(_thickness(header), route.slice_thickness)
         and _within(slice_count, route.slice_count)

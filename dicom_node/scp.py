@@ -212,9 +212,17 @@ def _expected_pixel_bytes(ds: Dataset) -> int | None:
 
 #: Attributes that must agree for two encodings of one SOP Instance UID to be "the same".
 _IDENTITY_KEYWORDS = (
-    "SOPClassUID", "StudyInstanceUID", "SeriesInstanceUID", "ImagePositionPatient",
-    "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns", "RescaleSlope",
-    "RescaleIntercept", "InstanceNumber",
+    "SOPClassUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "PixelSpacing",
+    "Rows",
+    "Columns",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "InstanceNumber",
 )
 
 
@@ -249,9 +257,9 @@ def _meta_element(element: int, vr: bytes, value: str | bytes, pad: bytes = b"\x
 
 #: The elements of the File Meta Information that are the same in every spool file.
 _META_VERSION = _meta_element(0x0001, b"OB", b"\x00\x01")
-_META_IMPLEMENTATION = _meta_element(
-    0x0012, b"UI", PYNETDICOM_IMPLEMENTATION_UID
-) + _meta_element(0x0013, b"SH", PYNETDICOM_IMPLEMENTATION_VERSION, pad=b" ")
+_META_IMPLEMENTATION = _meta_element(0x0012, b"UI", PYNETDICOM_IMPLEMENTATION_UID) + _meta_element(
+    0x0013, b"SH", PYNETDICOM_IMPLEMENTATION_VERSION, pad=b" "
+)
 
 
 def part10_header(sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes:
@@ -264,13 +272,15 @@ def part10_header(sop_class: str, sop_instance: str, transfer_syntax: str) -> by
     C-STORE. ``encoded_dataset`` also joins header and data set into a copy of the whole
     instance; the spool writes the two buffers as they are.
     """
-    meta = b"".join((
-        _META_VERSION,
-        _meta_element(0x0002, b"UI", sop_class),
-        _meta_element(0x0003, b"UI", sop_instance),
-        _meta_element(0x0010, b"UI", transfer_syntax),
-        _META_IMPLEMENTATION,
-    ))
+    meta = b"".join(
+        (
+            _META_VERSION,
+            _meta_element(0x0002, b"UI", sop_class),
+            _meta_element(0x0003, b"UI", sop_instance),
+            _meta_element(0x0010, b"UI", transfer_syntax),
+            _META_IMPLEMENTATION,
+        )
+    )
     group_length = struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(meta))
     return b"\x00" * 128 + b"DICM" + group_length + meta
 
@@ -289,9 +299,7 @@ def _check_inflated_size(data: bytes, limit: int) -> None:
         while pending and not inflater.eof:
             total += len(inflater.decompress(pending, 1024 * 1024))
             if total > limit:
-                raise StoreRefused(
-                    TOO_LARGE, f"deflated data set inflates past {limit} bytes"
-                )
+                raise StoreRefused(TOO_LARGE, f"deflated data set inflates past {limit} bytes")
             pending = inflater.unconsumed_tail
     except zlib.error:
         return
@@ -350,7 +358,7 @@ def _check_encapsulated(ds: Dataset) -> None:
     if count < 2:  # the Basic Offset Table item comes first
         raise StoreRefused(CANNOT_UNDERSTAND, "encapsulated Pixel Data holds no fragment")
     last = offsets[-1]
-    length = int.from_bytes(data[last + 4:last + 8], "little")
+    length = int.from_bytes(data[last + 4 : last + 8], "little")
     if last + 8 + length > len(data):
         raise StoreRefused(CANNOT_UNDERSTAND, "encapsulated Pixel Data ends inside a fragment")
     try:
@@ -562,9 +570,7 @@ class StorageSCP:
         # Parsed (and TLS files loaded) here, so a bad [node]/[tls] value stops the node at
         # start-up with one sentence instead of at the first peer.
         self._networks = allowed_networks(settings.node.allowed_hosts)
-        self._per_address = connections.AddressLimiter(
-            settings.limits.max_associations_per_address
-        )
+        self._per_address = connections.AddressLimiter(settings.limits.max_associations_per_address)
         self._ssl_context = server_ssl_context(settings.tls) if settings.tls.enabled else None
         self.ae = self._make_ae()
         _quiet_transport_log()
@@ -661,9 +667,7 @@ class StorageSCP:
     # -- handlers ---------------------------------------------------------------------
     def _log_assoc(self, event: evt.Event, what: str) -> None:
         req = event.assoc.requestor
-        log.info(
-            "association %s: %s from %s:%s", what, req.ae_title, req.address, req.port
-        )
+        log.info("association %s: %s from %s:%s", what, req.ae_title, req.address, req.port)
 
     def _log_rejected(self, event: evt.Event) -> None:
         req, rj = event.assoc.requestor, event.assoc.acceptor.primitive
@@ -862,11 +866,12 @@ class StorageSCP:
             log.info("series %s: receiving (first instance)%s", series_uid, self._patient(ds))
         elif previous not in ("receiving", "processing"):
             log.info("series %s: receiving again (was %s)", series_uid, previous)
-        return StoreOutcome(SUCCESS, series_uid, sop_uid, new=new, path=str(path),
-                            dataset=ds if new else None)
+        return StoreOutcome(
+            SUCCESS, series_uid, sop_uid, new=new, path=str(path), dataset=ds if new else None
+        )
 
     def _patient(self, ds: Dataset) -> str:
-        """", patient NAME (ID)" for a log line, only with ``log_patient_identifiers``.
+        """ ", patient NAME (ID)" for a log line, only with ``log_patient_identifiers``.
 
         Logs are shipped, rotated and read by people who may see no patient data; by
         default the node names series by UID only.

@@ -223,11 +223,13 @@ def create_app(
 class StatusServer:
     """The status service on ``host:port`` (port 0: any free port), served from a thread."""
 
-    def __init__(self, app: Flask, host: str = "127.0.0.1", port: int = 8080,
-                 threads: int = 4) -> None:
+    def __init__(
+        self, app: Flask, host: str = "127.0.0.1", port: int = 8080, threads: int = 4
+    ) -> None:
         try:
-            self._server = create_server(app, host=host, port=port, threads=threads,
-                                         ident="dicom-node")
+            self._server = create_server(
+                app, host=host, port=port, threads=threads, ident="dicom-node"
+            )
         except OSError as exc:
             raise StatusError(
                 f"the status service cannot listen on {host}:{port}: {exc.strerror or exc}"

@@ -42,8 +42,13 @@ class _DeferredHandshakeContext(ssl.SSLContext):
     """
 
     def wrap_socket(  # type: ignore[override]
-        self, sock, server_side=False, do_handshake_on_connect=True,
-        suppress_ragged_eofs=True, server_hostname=None, session=None,
+        self,
+        sock,
+        server_side=False,
+        do_handshake_on_connect=True,
+        suppress_ragged_eofs=True,
+        server_hostname=None,
+        session=None,
     ):
         return super().wrap_socket(
             sock,

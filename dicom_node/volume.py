@@ -137,7 +137,9 @@ def _check_common(datasets: Sequence[Dataset], min_slices: int) -> None:
         except InvalidValue as exc:
             raise VolumeError(f"instance {ds.get('SOPInstanceUID')}: {exc}") from None
         except Exception as exc:  # noqa: BLE001 - an unparsable value is a reason, not a crash
-            raise VolumeError(f"instance {ds.get('SOPInstanceUID')}: unreadable value: {exc}") from None
+            raise VolumeError(
+                f"instance {ds.get('SOPInstanceUID')}: unreadable value: {exc}"
+            ) from None
     frames = {str(ds.get("FrameOfReferenceUID") or "") for ds in datasets}
     if "" in frames:
         raise VolumeError("an instance has no FrameOfReferenceUID")
@@ -157,7 +159,9 @@ def _single_frame_checks(datasets: Sequence[Dataset], min_slices: int) -> None:
         for kw in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing"):
             if kw not in ds or ds[kw].value in (None, ""):
                 raise VolumeError(f"instance {ds.SOPInstanceUID} has no {kw}")
-    orientations = {tuple(round(float(v), 4) for v in ds.ImageOrientationPatient) for ds in datasets}
+    orientations = {
+        tuple(round(float(v), 4) for v in ds.ImageOrientationPatient) for ds in datasets
+    }
     if len(orientations) > 1:
         raise VolumeError(f"slices have {len(orientations)} different orientations")
     spacings = {tuple(round(float(v), 4) for v in ds.PixelSpacing) for ds in datasets}
@@ -259,8 +263,12 @@ def plan_single_frame(datasets: Sequence[Dataset], min_slices: int = 3) -> Slice
     order = [positions.index(i) for i in range(len(datasets))]
     ordered = [datasets[k] for k in order]
     first = ordered[0]
-    return SlicePlan(order=order, spacing=float(spacing), dtype=pixel_dtype(ordered),
-                     shape=(len(ordered), int(first.Rows), int(first.Columns)))
+    return SlicePlan(
+        order=order,
+        spacing=float(spacing),
+        dtype=pixel_dtype(ordered),
+        shape=(len(ordered), int(first.Rows), int(first.Columns)),
+    )
 
 
 def volume_from_plan(
@@ -284,9 +292,7 @@ def volume_from_plan(
     }
     device_pixels = None
     if isinstance(array, np.ndarray):
-        volume: hd.Volume | hd.VolumeGeometry = hd.Volume.from_attributes(
-            array=array, **attributes
-        )
+        volume: hd.Volume | hd.VolumeGeometry = hd.Volume.from_attributes(array=array, **attributes)
     else:
         slices, rows, columns = plan.shape
         volume = hd.VolumeGeometry.from_attributes(
@@ -356,9 +362,12 @@ def assemble_multiframe(ds: Dataset, min_slices: int = 3) -> SeriesVolume:
     # highdicom sorts frames into the volume; recover which frame each slice came from
     # by matching each frame's position to the volume's slice positions.
     pffg = ds.PerFrameFunctionalGroupsSequence
-    positions = np.array([[float(v) for v in f.PlanePositionSequence[0].ImagePositionPatient]
-                          for f in pffg])
-    slice_pos = np.array([volume.affine @ np.array([k, 0, 0, 1.0]) for k in range(volume.shape[0])])[:, :3]
+    positions = np.array(
+        [[float(v) for v in f.PlanePositionSequence[0].ImagePositionPatient] for f in pffg]
+    )
+    slice_pos = np.array(
+        [volume.affine @ np.array([k, 0, 0, 1.0]) for k in range(volume.shape[0])]
+    )[:, :3]
     frame_numbers = []
     for p in slice_pos:
         d = np.linalg.norm(positions - p, axis=1)
@@ -382,8 +391,14 @@ def read_whole(data: bytes) -> Dataset:
     if "PixelData" in ds:
         pixels = ds.PixelData
         if not ds.file_meta.TransferSyntaxUID.is_compressed:
-            expected = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1))
-                        * int(ds.get("NumberOfFrames", 1) or 1) * int(ds.BitsAllocated) // 8)
+            expected = (
+                int(ds.Rows)
+                * int(ds.Columns)
+                * int(ds.get("SamplesPerPixel", 1))
+                * int(ds.get("NumberOfFrames", 1) or 1)
+                * int(ds.BitsAllocated)
+                // 8
+            )
             if len(pixels) < expected:
                 raise ValueError(f"Pixel Data holds {len(pixels)} of {expected} bytes")
     return ds

@@ -17,8 +17,12 @@ from dicom_node.volume import SeriesVolume
 
 def dciodvfy_errors(path: Path) -> list[str]:
     """Error lines of ``dciodvfy`` for one object (warnings are printed, not failed on)."""
-    run = subprocess.run([shutil.which("dciodvfy") or "dciodvfy", str(path)],
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [shutil.which("dciodvfy") or "dciodvfy", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     lines = (run.stdout + run.stderr).splitlines()
     for line in lines:
         if line.startswith("Warning"):
@@ -28,8 +32,12 @@ def dciodvfy_errors(path: Path) -> list[str]:
 
 def dcentvfy(paths: list[Path]) -> subprocess.CompletedProcess:
     """``dcentvfy`` across files: patient/study/series consistency (exit 1 on any Error)."""
-    return subprocess.run([shutil.which("dcentvfy") or "dcentvfy", *map(str, paths)],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [shutil.which("dcentvfy") or "dcentvfy", *map(str, paths)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -38,8 +46,9 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 1.0 if total == 0 else 2.0 * float(np.count_nonzero(a & b)) / float(total)
 
 
-def resample_nearest(mask: np.ndarray, src_affine: np.ndarray, dst_affine: np.ndarray,
-                     dst_shape: tuple[int, ...]) -> np.ndarray:
+def resample_nearest(
+    mask: np.ndarray, src_affine: np.ndarray, dst_affine: np.ndarray, dst_shape: tuple[int, ...]
+) -> np.ndarray:
     """``mask`` (on ``src_affine``'s grid) on the grid of ``dst_affine``, nearest neighbour."""
     m = np.linalg.inv(src_affine) @ dst_affine
     return scipy.ndimage.affine_transform(
@@ -57,8 +66,10 @@ def seg_mask(seg_path: Path, source: SeriesVolume, segment_number: int = 1) -> n
         for der in frame.DerivationImageSequence
         for ref in der.SourceImageSequence
     }
-    keys = [(uid, (source.frame_numbers or [0] * len(source.source_uids))[k])
-            for k, uid in enumerate(source.source_uids)]
+    keys = [
+        (uid, (source.frame_numbers or [0] * len(source.source_uids))[k])
+        for k, uid in enumerate(source.source_uids)
+    ]
     present = [k for k, key in enumerate(keys) if key in referenced]
     if not present:
         return out

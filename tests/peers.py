@@ -59,8 +59,13 @@ def echoscu(port: int, aet: str = "DICOM_NODE", calling: str = "ECHOSCU") -> boo
     return r.returncode == 0
 
 
-def storescu(port: int, paths: list[Path] | Path, aet: str = "DICOM_NODE",
-             calling: str = "STORESCU", *extra: str) -> subprocess.CompletedProcess:
+def storescu(
+    port: int,
+    paths: list[Path] | Path,
+    aet: str = "DICOM_NODE",
+    calling: str = "STORESCU",
+    *extra: str,
+) -> subprocess.CompletedProcess:
     paths = [paths] if isinstance(paths, Path) else paths
     args = ["-aet", calling, "-aec", aet, "-to", "30", *extra, "127.0.0.1", str(port)]
     if any(p.is_dir() for p in paths):
@@ -82,9 +87,14 @@ class NodeProcess:
         self.write_config(**overrides)
 
     def write_config(self, **sections: Any) -> None:
-        node = {"ae_title": "DICOM_NODE", "host": "127.0.0.1", "port": self.port,
-                "data_dir": str(self.data_dir), "settle_seconds": 1.0,
-                "min_free_disk_mb": 1}
+        node = {
+            "ae_title": "DICOM_NODE",
+            "host": "127.0.0.1",
+            "port": self.port,
+            "data_dir": str(self.data_dir),
+            "settle_seconds": 1.0,
+            "min_free_disk_mb": 1,
+        }
         node.update(sections.pop("node", {}))
         inference = {"backend": "local"}
         inference.update(sections.pop("inference", {}))
@@ -99,7 +109,10 @@ class NodeProcess:
         self._out = open(self.log, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dicom_node", "serve", "--config", str(self.config)],
-            stdout=self._out, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=ROOT,
             start_new_session=True,
         )
         wait_port(self.port, timeout, self.proc)
@@ -128,12 +141,20 @@ class NodeProcess:
     def jobs(self) -> list[dict]:
         r = subprocess.run(
             [sys.executable, "-m", "dicom_node", "jobs", "--config", str(self.config), "--json"],
-            capture_output=True, text=True, check=True, cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=ROOT,
         )
         return json.loads(r.stdout)
 
-    def wait_for(self, predicate, timeout: float = 120.0, what: str = "condition",
-                 failures_allowed: bool = True) -> list[dict]:
+    def wait_for(
+        self,
+        predicate,
+        timeout: float = 120.0,
+        what: str = "condition",
+        failures_allowed: bool = True,
+    ) -> list[dict]:
         """Poll ``dicom-node jobs`` until ``predicate(jobs)``; a failed job ends the wait
         at once (with its reason) when ``failures_allowed`` is false."""
         deadline = time.time() + timeout
@@ -159,6 +180,7 @@ class NodeProcess:
 
 def _toml(doc: dict) -> str:
     """Just enough TOML for test configs (tables, arrays of tables, scalars, lists)."""
+
     def val(v: Any) -> str:
         if isinstance(v, bool):
             return "true" if v else "false"
@@ -215,7 +237,10 @@ class Orthanc:
         self._out = open(self.workdir / "orthanc.log", "ab")
         self.proc = subprocess.Popen(
             [shutil.which("Orthanc") or "/usr/sbin/Orthanc", str(self.workdir / "orthanc.json")],
-            stdout=self._out, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
         )
         wait_port(self.http_port, 60, self.proc)
         wait_port(self.dicom_port, 60, self.proc)
@@ -233,9 +258,14 @@ class Orthanc:
             self._out.close()
 
     def rest(self, path: str, data: Any = None, method: str | None = None) -> Any:
-        body = None if data is None else (data if isinstance(data, bytes) else json.dumps(data).encode())
-        req = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=body,
-                                     method=method)
+        body = (
+            None
+            if data is None
+            else (data if isinstance(data, bytes) else json.dumps(data).encode())
+        )
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.http_port}{path}", data=body, method=method
+        )
         with urllib.request.urlopen(req, timeout=120) as resp:
             raw = resp.read()
         try:

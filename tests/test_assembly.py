@@ -16,8 +16,14 @@ from dicom_node.assembly import decode_into
 from dicom_node.volume import decode_slice
 
 
-def ct_slice(stored: np.ndarray, bits: int, signed: bool, intercept: float, slope: float = 1.0,
-             syntax: str = ExplicitVRLittleEndian) -> Dataset:
+def ct_slice(
+    stored: np.ndarray,
+    bits: int,
+    signed: bool,
+    intercept: float,
+    slope: float = 1.0,
+    syntax: str = ExplicitVRLittleEndian,
+) -> Dataset:
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = syntax

@@ -64,7 +64,9 @@ LIMITS = {
 UNKNOWN_SYNTAX = "1.2.826.0.1.3680043.9.7433.99.1"  # a private transfer syntax nobody decodes
 PRIVATE_SOP_CLASS = "1.2.826.0.1.3680043.9.7433.99.2"
 pytestmark = pytest.mark.filterwarnings(
-    "ignore:Invalid value for VR UI", "ignore:The value length", "ignore:Expected explicit VR",
+    "ignore:Invalid value for VR UI",
+    "ignore:The value length",
+    "ignore:Expected explicit VR",
     "ignore:Invalid value for VR DS",
 )
 ALL_SYNTAXES = [ExplicitVRLittleEndian, DeflatedExplicitVRLittleEndian, JPEGLosslessSV1]
@@ -113,8 +115,11 @@ def fail_node(tmp_path_factory, dcmtk_tools) -> Iterator[NodeProcess]:
     """A node that negotiates every storage class and fails non-CT instances (0x0122)."""
     n = NodeProcess(
         tmp_path_factory.mktemp("bad-input-fail") / "node",
-        node={"settle_seconds": 3600, "complete_on_release": False,
-              "unsupported_sop_class": "fail"},
+        node={
+            "settle_seconds": 3600,
+            "complete_on_release": False,
+            "unsupported_sop_class": "fail",
+        },
     ).start()
     yield n
     n.stop()
@@ -184,8 +189,13 @@ def _as_stored_bytes() -> Iterator[None]:
         _config.STORE_SEND_CHUNKED_DATASET = before
 
 
-def _raw_file(tmp: Path, body: bytes, sop_uid: str, sop_class: str = CTImageStorage,
-              syntax: str = ExplicitVRLittleEndian) -> Path:
+def _raw_file(
+    tmp: Path,
+    body: bytes,
+    sop_uid: str,
+    sop_class: str = CTImageStorage,
+    syntax: str = ExplicitVRLittleEndian,
+) -> Path:
     """A Part 10 file: valid File Meta Information, then ``body`` as its data set bytes.
 
     pynetdicom takes the C-STORE request's Affected SOP Class/Instance UID from the meta.
@@ -202,9 +212,16 @@ def _raw_file(tmp: Path, body: bytes, sop_uid: str, sop_class: str = CTImageStor
     return path
 
 
-def _send_raw(port: int, ledger: Ledger, tmp: Path, body: bytes, sop_uid: str,
-              syntax: str = ExplicitVRLittleEndian, data_uid: str | None = None,
-              sop_class: str = CTImageStorage) -> Dataset:
+def _send_raw(
+    port: int,
+    ledger: Ledger,
+    tmp: Path,
+    body: bytes,
+    sop_uid: str,
+    syntax: str = ExplicitVRLittleEndian,
+    data_uid: str | None = None,
+    sop_class: str = CTImageStorage,
+) -> Dataset:
     path = _raw_file(tmp, body, sop_uid, sop_class, syntax)
     with _as_stored_bytes(), _association(port, sop_class, [syntax]) as assoc:
         rsp = assoc.send_c_store(path)
@@ -213,11 +230,26 @@ def _send_raw(port: int, ledger: Ledger, tmp: Path, body: bytes, sop_uid: str,
 
 
 # -- data ---------------------------------------------------------------------------------
-def _ct(z: float = 0.0, rows: int = 16, cols: int = 16, attrs: SeriesAttributes | None = None,
-        orientation=(1, 0, 0, 0, 1, 0), number: int = 1, uid: str | None = None) -> Dataset:
+def _ct(
+    z: float = 0.0,
+    rows: int = 16,
+    cols: int = 16,
+    attrs: SeriesAttributes | None = None,
+    orientation=(1, 0, 0, 0, 1, 0),
+    number: int = 1,
+    uid: str | None = None,
+) -> Dataset:
     hu = np.random.default_rng(int(z * 10) + rows).integers(-1000, 1000, (rows, cols))
-    return ct_slice(hu, (0.0, 0.0, z), orientation, (0.7, 0.7), 2.0, number,
-                    attrs or SeriesAttributes(), sop_instance_uid=uid)
+    return ct_slice(
+        hu,
+        (0.0, 0.0, z),
+        orientation,
+        (0.7, 0.7),
+        2.0,
+        number,
+        attrs or SeriesAttributes(),
+        sop_instance_uid=uid,
+    )
 
 
 def _bytes(ds: Dataset, implicit: bool = False) -> bytes:
@@ -259,6 +291,7 @@ def _uid_case(keyword: str, value: str | None) -> Callable[[], Dataset]:
         else:
             setattr(ds, keyword, value)
         return ds
+
     return build
 
 
@@ -271,6 +304,7 @@ def _modified(**changes) -> Callable[[], Dataset]:
             else:
                 setattr(ds, k, v)
         return ds
+
     return build
 
 
@@ -290,87 +324,187 @@ def _compressed(frames: int, fragments: list[bytes] | None, encapsulated: bool =
             ds["PixelData"].is_undefined_length = True
         ds["PixelData"].VR = "OB"
         return ds
+
     return build
 
 
 #: (case, build the data set, status, start of the node's error comment)
 DATASET_CASES = [
     ("pixel data shorter than declared", _short_pixels, "0xC000", "Pixel Data holds 512 bytes"),
-    ("SOP Instance UID missing", _uid_case("SOPInstanceUID", None), "0xA900",
-     "SOP Instance UID is missing"),
-    ("SOP Instance UID empty", _uid_case("SOPInstanceUID", ""), "0xA900",
-     "SOP Instance UID is missing or empty"),
-    ("Series Instance UID missing", _uid_case("SeriesInstanceUID", None), "0xA900",
-     "Series Instance UID is missing"),
-    ("Study Instance UID empty", _uid_case("StudyInstanceUID", ""), "0xA900",
-     "Study Instance UID is missing"),
-    ("SOP Instance UID '../../../../pwned-sop'", _uid_case("SOPInstanceUID",
-     "../../../../pwned-sop"), "0xA900", "SOP Instance UID '../../../../pwned-sop' is not"),
-    ("Series Instance UID '../../pwned-series'", _uid_case("SeriesInstanceUID",
-     "../../pwned-series"), "0xA900", "Series Instance UID '../../pwned-series' is not"),
-    ("Study Instance UID '/tmp/pwned-study'", _uid_case("StudyInstanceUID",
-     "/tmp/pwned-study"), "0xA900", "Study Instance UID '/tmp/pwned-study' is not"),
-    ("Series Instance UID of 70 digits", _uid_case("SeriesInstanceUID", "1" * 70), "0xA900",
-     "Series Instance UID is longer than 64 characters"),
-    ("SOP Class UID of MR in a CT context", _modified(SOPClassUID=MRImageStorage), "0xA900",
-     f"SOP Class UID {MRImageStorage} does not match"),
-    ("huge declared Rows x Columns", _modified(Rows=65535, Columns=65535), "0xA900",
-     "image size 65535x65535 is outside 1..4096"),
+    (
+        "SOP Instance UID missing",
+        _uid_case("SOPInstanceUID", None),
+        "0xA900",
+        "SOP Instance UID is missing",
+    ),
+    (
+        "SOP Instance UID empty",
+        _uid_case("SOPInstanceUID", ""),
+        "0xA900",
+        "SOP Instance UID is missing or empty",
+    ),
+    (
+        "Series Instance UID missing",
+        _uid_case("SeriesInstanceUID", None),
+        "0xA900",
+        "Series Instance UID is missing",
+    ),
+    (
+        "Study Instance UID empty",
+        _uid_case("StudyInstanceUID", ""),
+        "0xA900",
+        "Study Instance UID is missing",
+    ),
+    (
+        "SOP Instance UID '../../../../pwned-sop'",
+        _uid_case("SOPInstanceUID", "../../../../pwned-sop"),
+        "0xA900",
+        "SOP Instance UID '../../../../pwned-sop' is not",
+    ),
+    (
+        "Series Instance UID '../../pwned-series'",
+        _uid_case("SeriesInstanceUID", "../../pwned-series"),
+        "0xA900",
+        "Series Instance UID '../../pwned-series' is not",
+    ),
+    (
+        "Study Instance UID '/tmp/pwned-study'",
+        _uid_case("StudyInstanceUID", "/tmp/pwned-study"),
+        "0xA900",
+        "Study Instance UID '/tmp/pwned-study' is not",
+    ),
+    (
+        "Series Instance UID of 70 digits",
+        _uid_case("SeriesInstanceUID", "1" * 70),
+        "0xA900",
+        "Series Instance UID is longer than 64 characters",
+    ),
+    (
+        "SOP Class UID of MR in a CT context",
+        _modified(SOPClassUID=MRImageStorage),
+        "0xA900",
+        f"SOP Class UID {MRImageStorage} does not match",
+    ),
+    (
+        "huge declared Rows x Columns",
+        _modified(Rows=65535, Columns=65535),
+        "0xA900",
+        "image size 65535x65535 is outside 1..4096",
+    ),
     ("zero Rows", _modified(Rows=0), "0xA900", "image size 0x16 is outside"),
     ("Rows missing", _modified(Rows=None), "0xA900", "Rows or Columns missing"),
     ("no Pixel Data", _modified(PixelData=None), "0xA900", "a CT image without Pixel Data"),
     ("modality MR in a CT image", _modified(Modality="MR"), "0xA900", "modality MR in a CT"),
-    ("compressed: 1000 frames declared, 1 fragment", _compressed(1000, None), "0xC000",
-     "1000 frames declared, but Pixel Data holds only 1 fragment"),
-    ("compressed syntax, native Pixel Data", _compressed(1, None, encapsulated=False),
-     "0xC000", "Pixel Data is not encapsulated"),
+    (
+        "compressed: 1000 frames declared, 1 fragment",
+        _compressed(1000, None),
+        "0xC000",
+        "1000 frames declared, but Pixel Data holds only 1 fragment",
+    ),
+    (
+        "compressed syntax, native Pixel Data",
+        _compressed(1, None, encapsulated=False),
+        "0xC000",
+        "Pixel Data is not encapsulated",
+    ),
     # meaningless pixel and geometry values: refused, the attribute named
-    ("RescaleSlope 1e308", _modified(RescaleSlope="1e308"), "0xA900",
-     "RescaleSlope 1e+308, RescaleIntercept -1024: 12-bit pixels"),
-    ("RescaleSlope 0", _modified(RescaleSlope="0"), "0xA900",
-     "RescaleSlope 0 maps every pixel to one value"),
-    ("RescaleSlope NaN", _modified(RescaleSlope="NaN"), "0xA900",
-     "RescaleSlope NaN is not a finite number"),
-    ("RescaleIntercept inf", _modified(RescaleIntercept="inf"), "0xA900",
-     "RescaleIntercept inf is not a finite number"),
-    ("BitsAllocated 1", _modified(BitsAllocated=1), "0xA900",
-     "BitsAllocated 1 is not 16, as a CT image requires"),
+    (
+        "RescaleSlope 1e308",
+        _modified(RescaleSlope="1e308"),
+        "0xA900",
+        "RescaleSlope 1e+308, RescaleIntercept -1024: 12-bit pixels",
+    ),
+    (
+        "RescaleSlope 0",
+        _modified(RescaleSlope="0"),
+        "0xA900",
+        "RescaleSlope 0 maps every pixel to one value",
+    ),
+    (
+        "RescaleSlope NaN",
+        _modified(RescaleSlope="NaN"),
+        "0xA900",
+        "RescaleSlope NaN is not a finite number",
+    ),
+    (
+        "RescaleIntercept inf",
+        _modified(RescaleIntercept="inf"),
+        "0xA900",
+        "RescaleIntercept inf is not a finite number",
+    ),
+    (
+        "BitsAllocated 1",
+        _modified(BitsAllocated=1),
+        "0xA900",
+        "BitsAllocated 1 is not 16, as a CT image requires",
+    ),
     ("BitsAllocated 8", _modified(BitsAllocated=8), "0xA900", "BitsAllocated 8 is not 16"),
     ("BitsAllocated 64", _modified(BitsAllocated=64), "0xA900", "BitsAllocated 64 is not 16"),
     ("BitsStored 17", _modified(BitsStored=17), "0xA900", "BitsStored 17 is outside"),
-    ("PixelSpacing 0", _modified(PixelSpacing=["0", "0"]), "0xA900",
-     "PixelSpacing (0, 0) is not positive"),
-    ("PixelSpacing NaN", _modified(PixelSpacing=["NaN", "0.7"]), "0xA900",
-     "PixelSpacing NaN is not a finite number"),
-    ("ImageOrientationPatient all zero", _modified(ImageOrientationPatient=[0] * 6),
-     "0xA900", "ImageOrientationPatient is not two orthogonal unit vectors"),
-    ("ImagePositionPatient inf", _modified(ImagePositionPatient=["0", "inf", "0"]),
-     "0xA900", "ImagePositionPatient inf is not a finite number"),
-    ("Enhanced CT: 4 frames, 3 per-frame items", lambda: _enhanced_ct(4, 3, 4, [0, 5, 10]),
-     "0xA900", "4 frames declared, 3 Per-Frame Functional Groups"),
-    ("Enhanced CT: 4 frames, pixels for 2", lambda: _enhanced_ct(4, 4, 2, [0, 5, 10, 15]),
-     "0xC000", "Pixel Data holds 1024 bytes, the image attributes declare 2048"),
+    (
+        "PixelSpacing 0",
+        _modified(PixelSpacing=["0", "0"]),
+        "0xA900",
+        "PixelSpacing (0, 0) is not positive",
+    ),
+    (
+        "PixelSpacing NaN",
+        _modified(PixelSpacing=["NaN", "0.7"]),
+        "0xA900",
+        "PixelSpacing NaN is not a finite number",
+    ),
+    (
+        "ImageOrientationPatient all zero",
+        _modified(ImageOrientationPatient=[0] * 6),
+        "0xA900",
+        "ImageOrientationPatient is not two orthogonal unit vectors",
+    ),
+    (
+        "ImagePositionPatient inf",
+        _modified(ImagePositionPatient=["0", "inf", "0"]),
+        "0xA900",
+        "ImagePositionPatient inf is not a finite number",
+    ),
+    (
+        "Enhanced CT: 4 frames, 3 per-frame items",
+        lambda: _enhanced_ct(4, 3, 4, [0, 5, 10]),
+        "0xA900",
+        "4 frames declared, 3 Per-Frame Functional Groups",
+    ),
+    (
+        "Enhanced CT: 4 frames, pixels for 2",
+        lambda: _enhanced_ct(4, 4, 2, [0, 5, 10, 15]),
+        "0xC000",
+        "Pixel Data holds 1024 bytes, the image attributes declare 2048",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("case", "build", "status", "comment"), DATASET_CASES,
-                         ids=[c[0] for c in DATASET_CASES])
-def test_crafted_instance_is_refused(node, ledger, served, tmp_path, case, build, status,
-                                     comment):
+@pytest.mark.parametrize(
+    ("case", "build", "status", "comment"), DATASET_CASES, ids=[c[0] for c in DATASET_CASES]
+)
+def test_crafted_instance_is_refused(node, ledger, served, tmp_path, case, build, status, comment):
     ds = build()
     syntax = ds.file_meta.TransferSyntaxUID
     affected = ds.file_meta.MediaStorageSOPInstanceUID
     # Sent as bytes with the meta's UIDs, so that data sets pynetdicom would refuse to
     # send (no SOP Instance UID, a class other than the context's) reach the node as made.
-    rsp = _send_raw(node.port, ledger, tmp_path, _bytes(ds), affected, syntax=syntax,
-                    sop_class=ds.file_meta.MediaStorageSOPClassUID)
-    ledger.check(case, f"{status} {comment}", f"{_status(rsp, ledger, affected)} "
-                 f"{_comment(rsp)}")
+    rsp = _send_raw(
+        node.port,
+        ledger,
+        tmp_path,
+        _bytes(ds),
+        affected,
+        syntax=syntax,
+        sop_class=ds.file_meta.MediaStorageSOPClassUID,
+    )
+    ledger.check(case, f"{status} {comment}", f"{_status(rsp, ledger, affected)} {_comment(rsp)}")
 
 
 @pytest.mark.parametrize("pdu", [0, 16384], ids=["one PDU", "16 KiB PDUs"])
-def test_instance_above_max_instance_bytes_is_aborted_as_it_arrives(node, ledger, served,
-                                                                     tmp_path, pdu):
+def test_instance_above_max_instance_bytes_is_aborted_as_it_arrives(
+    node, ledger, served, tmp_path, pdu
+):
     """The association ends while the data set arrives, not after it was buffered whole:
     in one PDU (its header is enough) or in many (the running total is)."""
     ds = _ct(rows=1024, cols=1024)  # 2 MB, the node's limit is 1.5 MB
@@ -389,17 +523,21 @@ def test_instance_above_max_instance_bytes_is_aborted_as_it_arrives(node, ledger
     if assoc.is_established:
         assoc.release()
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and _log_lines(
-            node, "(limits.max_instance_bytes 1500000)") == before:
+    while (
+        time.monotonic() < deadline
+        and _log_lines(node, "(limits.max_instance_bytes 1500000)") == before
+    ):
         time.sleep(0.1)
     logged = _log_lines(node, "(limits.max_instance_bytes 1500000)") - before
     answered = rsp is not None and "Status" in rsp
     if answered:
         _status(rsp, ledger, ds.SOPInstanceUID)
-    ledger.check(f"instance above max_instance_bytes, {'one PDU' if not pdu else 'PDUs'}",
-                 "aborted, no response, 1 log line",
-                 f"{'aborted' if ended else 'open'}, "
-                 f"{'a response' if answered else 'no response'}, {logged} log line(s)")
+    ledger.check(
+        f"instance above max_instance_bytes, {'one PDU' if not pdu else 'PDUs'}",
+        "aborted, no response, 1 log line",
+        f"{'aborted' if ended else 'open'}, "
+        f"{'a response' if answered else 'no response'}, {logged} log line(s)",
+    )
     assert elapsed < 5, elapsed
     assert str(ds.SOPInstanceUID) not in _spooled_uids(node)
 
@@ -452,48 +590,100 @@ def _deflate_bomb(uid: str) -> bytes:
 
 
 STREAM_CASES = [
-    ("deflated data set inflating past max_instance_bytes", _deflate_bomb,
-     DeflatedExplicitVRLittleEndian, "0xA702", "deflated data set inflates past 1500000"),
-    ("corrupt: random bytes as the data set", lambda _: np.random.default_rng(5).bytes(5000),
-     ExplicitVRLittleEndian, "0xC000", "data set ends inside element"),
-    ("corrupt: 500 bytes of garbage mid-header", _corrupt_middle, ExplicitVRLittleEndian,
-     "0xC000", "data set ends inside element"),
-    ("corrupt: a data set of 0xFF bytes", lambda _: b"\xff" * 256, ExplicitVRLittleEndian,
-     "0xC000", "the data set holds no readable element"),
-    ("truncated inside Pixel Data", _truncated_pixels, ExplicitVRLittleEndian, "0xC000",
-     "data set ends inside element (7FE0,0010)"),
-    ("truncated inside an element header", _cut_in_header, ExplicitVRLittleEndian, "0xC000",
-     "3 byte(s) after element (0008,0016) cannot be parsed"),
-    ("truncated inside a compressed fragment", _truncated_fragment, JPEGLosslessSV1,
-     "0xC000", "the data set holds no readable element"),
-    ("fragment longer than the Pixel Data holding it", _overlong_fragment, JPEGLosslessSV1,
-     "0xC000", "encapsulated Pixel Data: Unexpected tag"),
-    ("implicit VR data set in an explicit VR context",
-     lambda uid: _bytes(_ct(uid=uid), implicit=True),
-     ExplicitVRLittleEndian, "0xC000", "data set is in implicit VR, not in the negotiated"),
-    ("deflated syntax, stream not deflate", lambda _: np.random.default_rng(9).bytes(3000),
-     DeflatedExplicitVRLittleEndian,
-     "0xC000", "dataset cannot be decoded: Error -3 while decompressing data"),
+    (
+        "deflated data set inflating past max_instance_bytes",
+        _deflate_bomb,
+        DeflatedExplicitVRLittleEndian,
+        "0xA702",
+        "deflated data set inflates past 1500000",
+    ),
+    (
+        "corrupt: random bytes as the data set",
+        lambda _: np.random.default_rng(5).bytes(5000),
+        ExplicitVRLittleEndian,
+        "0xC000",
+        "data set ends inside element",
+    ),
+    (
+        "corrupt: 500 bytes of garbage mid-header",
+        _corrupt_middle,
+        ExplicitVRLittleEndian,
+        "0xC000",
+        "data set ends inside element",
+    ),
+    (
+        "corrupt: a data set of 0xFF bytes",
+        lambda _: b"\xff" * 256,
+        ExplicitVRLittleEndian,
+        "0xC000",
+        "the data set holds no readable element",
+    ),
+    (
+        "truncated inside Pixel Data",
+        _truncated_pixels,
+        ExplicitVRLittleEndian,
+        "0xC000",
+        "data set ends inside element (7FE0,0010)",
+    ),
+    (
+        "truncated inside an element header",
+        _cut_in_header,
+        ExplicitVRLittleEndian,
+        "0xC000",
+        "3 byte(s) after element (0008,0016) cannot be parsed",
+    ),
+    (
+        "truncated inside a compressed fragment",
+        _truncated_fragment,
+        JPEGLosslessSV1,
+        "0xC000",
+        "the data set holds no readable element",
+    ),
+    (
+        "fragment longer than the Pixel Data holding it",
+        _overlong_fragment,
+        JPEGLosslessSV1,
+        "0xC000",
+        "encapsulated Pixel Data: Unexpected tag",
+    ),
+    (
+        "implicit VR data set in an explicit VR context",
+        lambda uid: _bytes(_ct(uid=uid), implicit=True),
+        ExplicitVRLittleEndian,
+        "0xC000",
+        "data set is in implicit VR, not in the negotiated",
+    ),
+    (
+        "deflated syntax, stream not deflate",
+        lambda _: np.random.default_rng(9).bytes(3000),
+        DeflatedExplicitVRLittleEndian,
+        "0xC000",
+        "dataset cannot be decoded: Error -3 while decompressing data",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("case", "body", "syntax", "status", "comment"), STREAM_CASES,
-                         ids=[c[0] for c in STREAM_CASES])
-def test_corrupt_stream_is_refused(node, ledger, served, tmp_path, case, body, syntax, status,
-                                   comment):
+@pytest.mark.parametrize(
+    ("case", "body", "syntax", "status", "comment"), STREAM_CASES, ids=[c[0] for c in STREAM_CASES]
+)
+def test_corrupt_stream_is_refused(
+    node, ledger, served, tmp_path, case, body, syntax, status, comment
+):
     uid = generate_uid()
     rsp = _send_raw(node.port, ledger, tmp_path, body(uid), uid, syntax=syntax)
-    ledger.check(case, f"{status} {comment}",
-                 f"{_status(rsp, ledger, uid)} {_comment(rsp)}")
+    ledger.check(case, f"{status} {comment}", f"{_status(rsp, ledger, uid)} {_comment(rsp)}")
 
 
 def test_affected_uid_differs_from_the_data_set(node, ledger, served, tmp_path):
     ds = _ct()
-    rsp = _send_raw(node.port, ledger, tmp_path, _bytes(ds), generate_uid(),
-                    data_uid=ds.SOPInstanceUID)
-    ledger.check("Affected SOP Instance UID differs from the data set's",
-                 "0xA900 SOP Instance UID in the data set differs",
-                 f"{_status(rsp, ledger, ds.SOPInstanceUID)} {_comment(rsp)}")
+    rsp = _send_raw(
+        node.port, ledger, tmp_path, _bytes(ds), generate_uid(), data_uid=ds.SOPInstanceUID
+    )
+    ledger.check(
+        "Affected SOP Instance UID differs from the data set's",
+        "0xA900 SOP Instance UID in the data set differs",
+        f"{_status(rsp, ledger, ds.SOPInstanceUID)} {_comment(rsp)}",
+    )
 
 
 _FORGED = "2026-01-01 00:00:00,000 INFO x: FORGED"  # within a UID's 64 characters
@@ -504,8 +694,7 @@ def test_control_characters_do_not_forge_log_lines(node, ledger, served, tmp_pat
     ds = _ct()
     evil = f"1.2.3\r\n{_FORGED}"
     if where == "Affected SOP Instance UID":
-        rsp = _send_raw(node.port, ledger, tmp_path, _bytes(ds), evil,
-                        data_uid=ds.SOPInstanceUID)
+        rsp = _send_raw(node.port, ledger, tmp_path, _bytes(ds), evil, data_uid=ds.SOPInstanceUID)
     else:
         ds.SOPInstanceUID = evil
         rsp = _send_raw(node.port, ledger, tmp_path, _bytes(ds), evil)
@@ -513,12 +702,20 @@ def test_control_characters_do_not_forge_log_lines(node, ledger, served, tmp_pat
     deadline = time.monotonic() + 5  # the refusal's log line names the value, escaped
     logs = [node.log, node.data_dir / "logs" / "node.log"]
     while time.monotonic() < deadline and not all(
-            "FORGED" in p.read_text(errors="replace") for p in logs):
+        "FORGED" in p.read_text(errors="replace") for p in logs
+    ):
         time.sleep(0.1)
-    forged = [line for p in logs for line in p.read_text(errors="replace").splitlines()
-              if line.startswith(_FORGED[:20]) or line.startswith("2026-01-01")]
-    ledger.check(f"{where} with CR LF and a forged log line", "0xA900, no forged line",
-                 f"{status}, {'no forged line' if not forged else forged}")
+    forged = [
+        line
+        for p in logs
+        for line in p.read_text(errors="replace").splitlines()
+        if line.startswith(_FORGED[:20]) or line.startswith("2026-01-01")
+    ]
+    ledger.check(
+        f"{where} with CR LF and a forged log line",
+        "0xA900, no forged line",
+        f"{status}, {'no forged line' if not forged else forged}",
+    )
 
 
 # -- negotiation --------------------------------------------------------------------------
@@ -532,23 +729,30 @@ NEGOTIATION_CASES = [
 _CONTEXT_RESULT = {0x03: "abstract syntax not supported", 0x04: "transfer syntax not supported"}
 
 
-@pytest.mark.parametrize(("case", "abstract", "syntax", "result"), NEGOTIATION_CASES,
-                         ids=[c[0] for c in NEGOTIATION_CASES])
+@pytest.mark.parametrize(
+    ("case", "abstract", "syntax", "result"),
+    NEGOTIATION_CASES,
+    ids=[c[0] for c in NEGOTIATION_CASES],
+)
 def test_refused_in_negotiation(node, ledger, served, case, abstract, syntax, result):
     assoc = _ae((abstract, [syntax])).associate("127.0.0.1", node.port, ae_title="DICOM_NODE")
     assert assoc.is_established  # Verification is accepted; the storage context is not
     observed = {cx.abstract_syntax: cx.result for cx in assoc.rejected_contexts}
     assoc.release()
-    ledger.check(f"{case}: refused in negotiation",
-                 _CONTEXT_RESULT[result], _CONTEXT_RESULT.get(observed.get(abstract), "accepted"))
+    ledger.check(
+        f"{case}: refused in negotiation",
+        _CONTEXT_RESULT[result],
+        _CONTEXT_RESULT.get(observed.get(abstract), "accepted"),
+    )
 
 
 def test_real_seg_from_dcmtk_is_refused_in_negotiation(node, ledger, served):
     seg = shared_data() / "seg" / "dcmqi" / "liver.dcm"
     r = storescu(node.port, seg, "DICOM_NODE", "STORESCU", "-R")  # propose the file's class
     observed = r.stderr.strip() if r.returncode else "sent"
-    ledger.check("real SEG file from DCMTK storescu", "F: No Acceptable Presentation Contexts",
-                 observed)
+    ledger.check(
+        "real SEG file from DCMTK storescu", "F: No Acceptable Presentation Contexts", observed
+    )
     assert str(pydicom.dcmread(seg).SOPInstanceUID) not in _spooled_uids(node)
 
 
@@ -575,19 +779,29 @@ def test_non_ct_fails_with_0122_when_negotiated(fail_node, ledger, case, build):
     ds = build()
     with _association(fail_node.port, ds.SOPClassUID) as assoc:
         rsp = assoc.send_c_store(ds)
-    ledger.check(f"{case} with unsupported_sop_class='fail'",
-                 f"0x0122 SOP class {ds.SOPClassUID} is not a CT image",
-                 f"{_status(rsp, ledger, ds.SOPInstanceUID)} {_comment(rsp)}")
+    ledger.check(
+        f"{case} with unsupported_sop_class='fail'",
+        f"0x0122 SOP class {ds.SOPClassUID} is not a CT image",
+        f"{_status(rsp, ledger, ds.SOPInstanceUID)} {_comment(rsp)}",
+    )
     assert _echo(fail_node.port)
 
 
 def test_real_seg_from_dcmtk_fails_with_0122(fail_node, ledger):
-    r = storescu(fail_node.port, shared_data() / "seg" / "dcmqi" / "liver.dcm", "DICOM_NODE",
-                 "STORESCU", "-R", "-v")
+    r = storescu(
+        fail_node.port,
+        shared_data() / "seg" / "dcmqi" / "liver.dcm",
+        "DICOM_NODE",
+        "STORESCU",
+        "-R",
+        "-v",
+    )
     response = [line for line in r.stderr.splitlines() if "Received Store Response" in line]
-    ledger.check("real SEG file from DCMTK with unsupported_sop_class='fail'",
-                 "I: Received Store Response (Refused: SOPClassNotSupported)",
-                 response[0] if response else r.stderr[-300:])
+    ledger.check(
+        "real SEG file from DCMTK with unsupported_sop_class='fail'",
+        "I: Received Store Response (Refused: SOPClassNotSupported)",
+        response[0] if response else r.stderr[-300:],
+    )
     assert fail_node.jobs() == []
     assert _echo(fail_node.port)
 
@@ -608,8 +822,11 @@ def test_same_uid_other_content_keeps_the_first(node, ledger, served):
         a = _status(assoc.send_c_store(first), ledger, first.SOPInstanceUID)
         rsp = assoc.send_c_store(second)
     b = f"{_status(rsp, ledger, second.SOPInstanceUID)} {_comment(rsp)}"
-    ledger.check("same SOP Instance UID, other pixels", "0x0000 then 0xC001 "
-                 "other content is already stored under", f"{a} then {b}")
+    ledger.check(
+        "same SOP Instance UID, other pixels",
+        "0x0000 then 0xC001 other content is already stored under",
+        f"{a} then {b}",
+    )
     kept = pydicom.dcmread(_spooled_uids(node)[str(first.SOPInstanceUID)])
     assert kept.PixelData == first.PixelData
 
@@ -617,11 +834,13 @@ def test_same_uid_other_content_keeps_the_first(node, ledger, served):
 def test_same_uid_same_content_is_a_duplicate(node, ledger, served):
     ds = _ct(z=0.0)
     with _association(node.port) as assoc:
-        statuses = [_status(assoc.send_c_store(ds), ledger, ds.SOPInstanceUID)
-                    for _ in range(2)]
+        statuses = [_status(assoc.send_c_store(ds), ledger, ds.SOPInstanceUID) for _ in range(2)]
     count = _job(node, ds.SeriesInstanceUID)["instance_count"]
-    ledger.check("same instance sent twice", "0x0000 0x0000, stored once",
-                 f"{' '.join(statuses)}, stored {'once' if count == 1 else count}")
+    ledger.check(
+        "same instance sent twice",
+        "0x0000 0x0000, stored once",
+        f"{' '.join(statuses)}, stored {'once' if count == 1 else count}",
+    )
 
 
 # -- series the node stores, whose jobs fail with a reason ---------------------------------
@@ -631,7 +850,8 @@ def _job(node: NodeProcess, series_uid: str, state: str | None = None) -> dict:
 
     jobs = node.wait_for(
         lambda js: (j := find(js)) is not None and (state is None or j["state"] == state),
-        timeout=60, what=f"series {series_uid} {state or 'known'}",
+        timeout=60,
+        what=f"series {series_uid} {state or 'known'}",
     )
     return find(jobs)  # type: ignore[return-value]
 
@@ -691,18 +911,30 @@ def _two_frames_of_reference() -> list[Dataset]:
 
 
 JOB_CASES = [
-    ("two frames of reference", _two_frames_of_reference,
-     "not a volume: slices have 2 different FrameOfReferenceUID values"),
+    (
+        "two frames of reference",
+        _two_frames_of_reference,
+        "not a volume: slices have 2 different FrameOfReferenceUID values",
+    ),
     ("single slice", lambda: _series(1), "not a volume: only 1 slice(s); at least 3 are needed"),
     ("mixed sizes", _mixed_sizes, "not a volume: slices have mixed sizes: 16x16, 20x20"),
-    ("mixed orientations", _mixed_orientations,
-     "not a volume: slices have 2 different orientations"),
+    (
+        "mixed orientations",
+        _mixed_orientations,
+        "not a volume: slices have 2 different orientations",
+    ),
     ("gantry tilt", _gantry_tilt, "not a volume: gantry tilt of 20.0 degrees"),
     ("a gap of one slice", _gap, "not a volume: 1 slice(s) missing: gap of 4.00 mm"),
-    ("Enhanced CT, frames at repeated positions", _enhanced_inconsistent,
-     "not a volume: frames do not form a volume"),
-    ("JPEG Lossless that does not decode", _undecodable_jpeg,
-     "not a volume: pixel data cannot be decoded"),
+    (
+        "Enhanced CT, frames at repeated positions",
+        _enhanced_inconsistent,
+        "not a volume: frames do not form a volume",
+    ),
+    (
+        "JPEG Lossless that does not decode",
+        _undecodable_jpeg,
+        "not a volume: pixel data cannot be decoded",
+    ),
 ]
 
 
@@ -712,8 +944,7 @@ def test_series_job_fails_with_reason(node, ledger, served, case, build, reason)
     statuses = _push(node, ledger, datasets)
     assert statuses == ["0x0000"] * len(datasets)
     job = _job(node, datasets[0].SeriesInstanceUID, "failed")
-    ledger.check(f"job: {case}", f"failed: {reason}",
-                 f"{job['state']}: {job['reason']}")
+    ledger.check(f"job: {case}", f"failed: {reason}", f"{job['state']}: {job['reason']}")
     assert job["instance_count"] == len(datasets)
 
 
@@ -727,24 +958,33 @@ def test_gap_series_from_dcmtk_fails_with_reason(node, ledger, served, tmp_path)
     ledger.acked.update(str(pydicom.dcmread(p).SOPInstanceUID) for p in paths)
     job = _job(node, str(pydicom.dcmread(paths[0]).SeriesInstanceUID), "failed")
     reason = "not a volume: 1 slice(s) missing"
-    ledger.check("job: a gap, pushed by DCMTK storescu", f"failed: {reason}",
-                 f"{job['state']}: {job['reason']}")
+    ledger.check(
+        "job: a gap, pushed by DCMTK storescu",
+        f"failed: {reason}",
+        f"{job['state']}: {job['reason']}",
+    )
 
 
 def test_series_over_the_instance_limit(node, ledger, served):
     attrs = SeriesAttributes()
     datasets = [_ct(z=0.0, attrs=attrs, number=k + 1) for k in range(7)]  # one position
     with _association(node.port) as assoc:
-        statuses = [_status(assoc.send_c_store(ds), ledger, ds.SOPInstanceUID)
-                    for ds in datasets[:6]]
+        statuses = [
+            _status(assoc.send_c_store(ds), ledger, ds.SOPInstanceUID) for ds in datasets[:6]
+        ]
         rsp = assoc.send_c_store(datasets[6])
-    ledger.check("7th instance of a series limited to 6", "0xA701 series already holds 6",
-                 f"{_status(rsp, ledger, datasets[6].SOPInstanceUID)} {_comment(rsp)}")
+    ledger.check(
+        "7th instance of a series limited to 6",
+        "0xA701 series already holds 6",
+        f"{_status(rsp, ledger, datasets[6].SOPInstanceUID)} {_comment(rsp)}",
+    )
     assert statuses == ["0x0000"] * 6
     job = _job(node, attrs.series_instance_uid, "failed")
-    ledger.check("job: six slices at one position",
-                 "failed: not a volume: two or more slices share the same position",
-                 f"{job['state']}: {job['reason']}")
+    ledger.check(
+        "job: six slices at one position",
+        "failed: not a volume: two or more slices share the same position",
+        f"{job['state']}: {job['reason']}",
+    )
 
 
 # -- the transport: bytes that are not DICOM, peers that stop talking ---------------------
@@ -781,8 +1021,11 @@ def test_garbage_bytes_on_the_port(node, ledger, served):
         answer = _drain(s)
     time.sleep(0.2)  # let the node's log line land
     lines = _log_lines(node, "Unknown PDU type") - before
-    ledger.check("garbage bytes on the port", "A-ABORT, 1 log line",
-                 f"{_pdu_kind(answer)}, {lines} log line{'s' if lines != 1 else ''}")
+    ledger.check(
+        "garbage bytes on the port",
+        "A-ABORT, 1 log line",
+        f"{_pdu_kind(answer)}, {lines} log line{'s' if lines != 1 else ''}",
+    )
 
 
 def test_http_request_on_the_port(node, ledger, served):
@@ -793,21 +1036,29 @@ def test_http_request_on_the_port(node, ledger, served):
 
 
 def test_malformed_associate_request(node, ledger, served):
-    body = (b"\x00\x01\x00\x00" + b"DICOM_NODE".ljust(16) + b"BAD_INPUT".ljust(16)
-            + bytes(32) + b"\x10\x00\x00\x40" + b"1.2.840.10008.3.1.1.1")
+    body = (
+        b"\x00\x01\x00\x00"
+        + b"DICOM_NODE".ljust(16)
+        + b"BAD_INPUT".ljust(16)
+        + bytes(32)
+        + b"\x10\x00\x00\x40"
+        + b"1.2.840.10008.3.1.1.1"
+    )
     with _connect(node) as s:
         s.sendall(b"\x01\x00" + struct.pack(">L", len(body)) + body)
         answer = _drain(s)
-    ledger.check("A-ASSOCIATE-RQ with an item longer than the PDU", "A-ABORT",
-                 _pdu_kind(answer))
+    ledger.check("A-ASSOCIATE-RQ with an item longer than the PDU", "A-ABORT", _pdu_kind(answer))
 
 
 def test_pdu_declaring_4_gib_then_silence(node, ledger, served):
     with _connect(node) as s:
         s.sendall(b"\x01\x00\xff\xff\xff\xf0" + bytes(64))
         answer = _drain(s)  # the node's read times out after network_timeout
-    ledger.check("PDU header declaring 4 GiB, then silence", "dropped",
-                 "dropped" if _pdu_kind(answer) in ("close", "A-ABORT") else answer[:16].hex())
+    ledger.check(
+        "PDU header declaring 4 GiB, then silence",
+        "dropped",
+        "dropped" if _pdu_kind(answer) in ("close", "A-ABORT") else answer[:16].hex(),
+    )
 
 
 def test_abandoned_connection(node, ledger, served):
@@ -821,8 +1072,11 @@ def test_silent_association_is_aborted(node, ledger, served):
         deadline = time.monotonic() + 30
         while assoc.is_established and time.monotonic() < deadline:
             time.sleep(0.2)
-        ledger.check("association that goes quiet", "aborted by the node",
-                     "aborted by the node" if assoc.is_aborted else "still open")
+        ledger.check(
+            "association that goes quiet",
+            "aborted by the node",
+            "aborted by the node" if assoc.is_aborted else "still open",
+        )
 
 
 def _partial_store(node: NodeProcess, finish: Callable) -> str:
@@ -852,18 +1106,24 @@ def _tcp_drop(assoc) -> None:
     assoc.kill()
 
 
-@pytest.mark.parametrize(("case", "finish"), [
-    ("A-ABORT mid-transfer", lambda assoc: assoc.abort()),
-    ("TCP connection dropped mid-transfer", _tcp_drop),
-])
+@pytest.mark.parametrize(
+    ("case", "finish"),
+    [
+        ("A-ABORT mid-transfer", lambda assoc: assoc.abort()),
+        ("TCP connection dropped mid-transfer", _tcp_drop),
+    ],
+)
 def test_interrupted_transfer_leaves_nothing(node, ledger, served, case, finish):
     uid = _partial_store(node, finish)
     time.sleep(0.5)
     incoming = list((node.data_dir / "spool" / ".incoming").iterdir())
     stored = uid in _spooled_uids(node)
-    ledger.check(case, "nothing stored, .incoming empty",
-                 f"{'stored' if stored else 'nothing stored'}, "
-                 f".incoming {'empty' if not incoming else incoming}")
+    ledger.check(
+        case,
+        "nothing stored, .incoming empty",
+        f"{'stored' if stored else 'nothing stored'}, "
+        f".incoming {'empty' if not incoming else incoming}",
+    )
 
 
 # -- the summary --------------------------------------------------------------------------
@@ -875,8 +1135,10 @@ def test_catalogue_summary(node, ledger):
     strays = [p for p in node.workdir.parent.rglob("*pwned*")]
     spool = node.data_dir / "spool"
     outside = [p for p in node.data_dir.rglob("*.dcm") if spool not in p.parents]
-    line = (f"bad-input catalogue: {len(ledger.rows)} cases, {ledger.as_expected} as expected, "
-            f"instances lost = {len(lost)}")
+    line = (
+        f"bad-input catalogue: {len(ledger.rows)} cases, {ledger.as_expected} as expected, "
+        f"instances lost = {len(lost)}"
+    )
     print("\n" + line)
     assert ledger.as_expected == len(ledger.rows)
     assert not lost, lost

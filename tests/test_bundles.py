@@ -16,7 +16,9 @@ def test_install_a_bundle_folder(tmp_path, capsys):
     installed = tmp_path / "bundles" / "spleen_ct_demo"
     bundle = load_bundle(installed)
     assert bundle.labels == load_bundle(DEMO).labels
-    assert (installed / "models" / "model.ts").read_bytes() == (DEMO / "models" / "model.ts").read_bytes()
+    assert (installed / "models" / "model.ts").read_bytes() == (
+        DEMO / "models" / "model.ts"
+    ).read_bytes()
     assert f'bundle = "{installed}"' in capsys.readouterr().out
     # a second install does not overwrite
     assert main(["model", "install", str(DEMO), "--dest", str(tmp_path / "bundles")]) == 2
@@ -48,8 +50,14 @@ def test_export_triton_writes_models_a_server_loads(tmp_path, capsys):
     assert "spleen, spleen_network" in capsys.readouterr().out
     assert sorted(p.name for p in repo.iterdir()) == ["spleen", "spleen_network"]
     assert 'string_value: "spleen_network"' in (repo / "spleen" / "config.pbtxt").read_text()
-    server = TritonServer(repo, tmp_path / "server", grpc_port=0, http_port=0, metrics_port=0,
-                          env={"CUDA_VISIBLE_DEVICES": ""})
+    server = TritonServer(
+        repo,
+        tmp_path / "server",
+        grpc_port=0,
+        http_port=0,
+        metrics_port=0,
+        env={"CUDA_VISIBLE_DEVICES": ""},
+    )
     with server:
         client = TritonBackend([server.grpc_url], "spleen", transport="grpc")
         phantom = make_phantom((24, 64, 64), (5.0, 4.0, 4.0), seed=11)
@@ -61,6 +69,7 @@ def test_export_triton_writes_models_a_server_loads(tmp_path, capsys):
 def test_export_triton_names_an_unknown_model(tmp_path, capsys):
     config = tmp_path / "node.toml"
     config.write_text(f'[[models]]\nname = "spleen"\nbundle = "{tmp_path}"\n')
-    assert main(["model", "export-triton", "liver", str(tmp_path / "r"), "--config",
-                 str(config)]) == 2
+    assert (
+        main(["model", "export-triton", "liver", str(tmp_path / "r"), "--config", str(config)]) == 2
+    )
     assert "no [[models]] entry is named 'liver' (configured: spleen)" in capsys.readouterr().err

@@ -46,8 +46,11 @@ def _write(folder: Path, phantom_hu, patient: str) -> tuple[list[Path], SeriesAt
 
 def _node(tmp_path: Path, settle: float, **node) -> NodeProcess:
     # the demo bundle in-process: a job takes a few seconds, the first one longer (torch)
-    return NodeProcess(tmp_path / "node", node={"settle_seconds": settle, **node},
-                       inference={"backend": "local", "attempts": 1}).start()
+    return NodeProcess(
+        tmp_path / "node",
+        node={"settle_seconds": settle, **node},
+        inference={"backend": "local", "attempts": 1},
+    ).start()
 
 
 def _series(node: NodeProcess, series_uid: str) -> dict | None:
@@ -65,8 +68,9 @@ def _series(node: NodeProcess, series_uid: str) -> dict | None:
     return dict(row) if row else None
 
 
-def _poll(node: NodeProcess, series_uid: str, condition: Callable[[dict], bool],
-          timeout: float, what: str) -> dict:
+def _poll(
+    node: NodeProcess, series_uid: str, condition: Callable[[dict], bool], timeout: float, what: str
+) -> dict:
     deadline = time.monotonic() + timeout
     job = None
     while time.monotonic() < deadline:
@@ -89,8 +93,17 @@ def _send(node: NodeProcess, paths: list[Path], *extra: str) -> subprocess.Compl
 
 # -- the rule on headers alone ------------------------------------------------------------
 def _slices(zs, expected=None, **kw) -> list[SliceGeometry]:
-    return [SliceGeometry(position=(0.0, 0.0, float(z)), orientation=(1, 0, 0, 0, 1, 0),
-                          rows=64, columns=64, expected=expected, **kw) for z in zs]
+    return [
+        SliceGeometry(
+            position=(0.0, 0.0, float(z)),
+            orientation=(1, 0, 0, 0, 1, 0),
+            rows=64,
+            columns=64,
+            expected=expected,
+            **kw,
+        )
+        for z in zs
+    ]
 
 
 def test_gap_free_on_headers():
@@ -104,8 +117,9 @@ def test_gap_free_on_headers():
     assert not gap_free([*_slices([0, 2]), None])  # an instance without recorded geometry
     assert not gap_free([*_slices([0, 2]), SliceGeometry(orientation=(1, 0, 0, 0, 1, 0))])
     tilted = _slices([0, 2, 4])
-    tilted[1] = SliceGeometry(position=(0.0, 0.0, 2.0), orientation=(1, 0, 0, 0, 0.9, 0.1),
-                              rows=64, columns=64)
+    tilted[1] = SliceGeometry(
+        position=(0.0, 0.0, 2.0), orientation=(1, 0, 0, 0, 0.9, 0.1), rows=64, columns=64
+    )
     assert not gap_free(tilted)
     assert gap_free([SliceGeometry(frames=40)])  # one Enhanced CT holds the whole series
     assert not gap_free([SliceGeometry(frames=40), SliceGeometry(frames=40)])
@@ -119,8 +133,9 @@ def test_one_association_completes_at_release(tmp_path, phantom_hu, dcmtk_tools)
     try:
         assert _send(node, paths).returncode == 0
         released = time.monotonic()
-        job = _poll(node, attrs.series_instance_uid, lambda j: j["completed_by"] != "", 10,
-                    "completion")
+        job = _poll(
+            node, attrs.series_instance_uid, lambda j: j["completed_by"] != "", 10, "completion"
+        )
         assert job["completed_by"] == RELEASED
         assert time.monotonic() - released < 10  # not 3600 s
         job = _poll(node, attrs.series_instance_uid, _finished, 90, "job end")
@@ -130,7 +145,11 @@ def test_one_association_completes_at_release(tmp_path, phantom_hu, dcmtk_tools)
         [listed] = node.jobs()
         assert listed["completed_by"] == RELEASED
         text = subprocess.run(
-            [*_cli(node), "jobs", "--config", str(node.config)], capture_output=True, text=True, check=True).stdout
+            [*_cli(node), "jobs", "--config", str(node.config)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         assert RELEASED in text
         # the slices were decoded while they arrived: nothing read from the spool at the end
         assert "assembled from slices decoded as they arrived" in node.tail(200)
@@ -143,8 +162,7 @@ def _cli(node: NodeProcess) -> list[str]:
 
 
 @pytest.mark.timeout(120)
-def test_gap_at_first_release_and_an_abort_complete_by_the_timer(tmp_path, phantom_hu,
-                                                                   dcmtk_tools):
+def test_gap_at_first_release_and_an_abort_complete_by_the_timer(tmp_path, phantom_hu, dcmtk_tools):
     paths, attrs = _write(tmp_path / "ct", phantom_hu, "COMPLETE-2")
     node = _node(tmp_path, settle=4)
     try:
@@ -153,8 +171,9 @@ def test_gap_at_first_release_and_an_abort_complete_by_the_timer(tmp_path, phant
         # the rest comes over an association the sender aborts: no evidence of the end
         r = _send(node, paths[10:20], "--abort")
         assert r.returncode == 0, r.stderr
-        job = _poll(node, attrs.series_instance_uid, lambda j: j["completed_by"] != "", 30,
-                    "completion")
+        job = _poll(
+            node, attrs.series_instance_uid, lambda j: j["completed_by"] != "", 30, "completion"
+        )
         assert job["completed_by"] == SETTLE_TIMER
         assert job["instance_count"] == SLICES
         job = _poll(node, attrs.series_instance_uid, _finished, 90, "job end")
@@ -165,8 +184,9 @@ def test_gap_at_first_release_and_an_abort_complete_by_the_timer(tmp_path, phant
 
 
 @pytest.mark.timeout(120)
-def test_a_series_split_across_two_associations_completes_by_the_timer(tmp_path, phantom_hu,
-                                                                       dcmtk_tools):
+def test_a_series_split_across_two_associations_completes_by_the_timer(
+    tmp_path, phantom_hu, dcmtk_tools
+):
     # Both releases are normal and the second leaves no gap, but neither association
     # carried the whole series: one release is no evidence that the other sender is done.
     paths, attrs = _write(tmp_path / "ct", phantom_hu, "COMPLETE-3")
@@ -175,8 +195,9 @@ def test_a_series_split_across_two_associations_completes_by_the_timer(tmp_path,
         assert _send(node, paths[:10] + paths[20:]).returncode == 0
         assert _send(node, paths[10:20]).returncode == 0
         assert _series(node, attrs.series_instance_uid)["state"] == "receiving"
-        job = _poll(node, attrs.series_instance_uid, lambda j: j["completed_by"] != "", 30,
-                    "completion")
+        job = _poll(
+            node, attrs.series_instance_uid, lambda j: j["completed_by"] != "", 30, "completion"
+        )
         assert job["completed_by"] == SETTLE_TIMER
         job = _poll(node, attrs.series_instance_uid, _finished, 90, "job end")
         assert job["state"] == "done", job["reason"]
@@ -187,8 +208,7 @@ def test_a_series_split_across_two_associations_completes_by_the_timer(tmp_path,
 
 
 @pytest.mark.timeout(120)
-def test_a_whole_series_sent_again_completes_at_its_release(tmp_path, phantom_hu,
-                                                            dcmtk_tools):
+def test_a_whole_series_sent_again_completes_at_its_release(tmp_path, phantom_hu, dcmtk_tools):
     # A sender that lost track re-sends the whole series over one association: the
     # instances are known already, yet that association carried all of them.
     paths, attrs = _write(tmp_path / "ct", phantom_hu, "COMPLETE-7")
@@ -197,16 +217,16 @@ def test_a_whole_series_sent_again_completes_at_its_release(tmp_path, phantom_hu
         assert _send(node, paths[:10] + paths[20:30]).returncode == 0  # a gap: receiving
         assert _series(node, attrs.series_instance_uid)["state"] == "receiving"
         assert _send(node, paths).returncode == 0
-        job = _poll(node, attrs.series_instance_uid, lambda j: j["completed_by"] != "", 10,
-                    "completion")
+        job = _poll(
+            node, attrs.series_instance_uid, lambda j: j["completed_by"] != "", 10, "completion"
+        )
         assert job["completed_by"] == RELEASED and job["instance_count"] == SLICES
     finally:
         node.stop()
 
 
 @pytest.mark.timeout(120)
-def test_a_series_with_a_gap_completes_by_the_timer_and_fails(tmp_path, phantom_hu,
-                                                              dcmtk_tools):
+def test_a_series_with_a_gap_completes_by_the_timer_and_fails(tmp_path, phantom_hu, dcmtk_tools):
     paths, attrs = _write(tmp_path / "ct", phantom_hu, "COMPLETE-4")
     node = _node(tmp_path, settle=1)
     try:
@@ -220,18 +240,23 @@ def test_a_series_with_a_gap_completes_by_the_timer_and_fails(tmp_path, phantom_
 
 
 @pytest.mark.timeout(180)
-def test_an_instance_arriving_during_the_job_reprocesses_once(tmp_path, phantom_hu,
-                                                              dcmtk_tools):
+def test_an_instance_arriving_during_the_job_reprocesses_once(tmp_path, phantom_hu, dcmtk_tools):
     paths, attrs = _write(tmp_path / "ct", phantom_hu, "COMPLETE-5")
     node = _node(tmp_path, settle=3)
     try:
         assert _send(node, paths[:-1]).returncode == 0
         # the node's first job also loads torch and the bundle: seconds in "processing"
-        _poll(node, attrs.series_instance_uid, lambda j: j["state"] == "processing", 20,
-              "processing")
+        _poll(
+            node, attrs.series_instance_uid, lambda j: j["state"] == "processing", 20, "processing"
+        )
         assert _send(node, paths[-1:]).returncode == 0
-        job = _poll(node, attrs.series_instance_uid,
-                    lambda j: _finished(j) and j["instance_count"] == SLICES, 120, "job end")
+        job = _poll(
+            node,
+            attrs.series_instance_uid,
+            lambda j: _finished(j) and j["instance_count"] == SLICES,
+            120,
+            "job end",
+        )
         assert job["state"] == "done", job["reason"]
         assert job["attempts"] == 2  # one more run, for all 40 slices
         # the first run completed at the release; the series then spanned two associations
@@ -242,8 +267,9 @@ def test_an_instance_arriving_during_the_job_reprocesses_once(tmp_path, phantom_
 
 
 @pytest.mark.timeout(180)
-def test_node_killed_mid_stream_completes_the_series_after_restart(tmp_path, phantom_hu,
-                                                                   dcmtk_tools):
+def test_node_killed_mid_stream_completes_the_series_after_restart(
+    tmp_path, phantom_hu, dcmtk_tools
+):
     paths, attrs = _write(tmp_path / "ct", phantom_hu, "COMPLETE-6")
     node = _node(tmp_path, settle=3600)
     try:
@@ -313,8 +339,7 @@ def _same_volume(a, b) -> None:
 
 def _synthetic(folder: Path, slope: float = 1.0) -> list[Path]:
     hu = np.random.default_rng(3).integers(-1024, 2000, (23, 48, 40)).astype(np.int16)
-    paths = write_ct_series(hu, folder, spacing=(2.5, 0.8, 0.8),
-                            orientation=(0, 1, 0, 0, 0, -1))
+    paths = write_ct_series(hu, folder, spacing=(2.5, 0.8, 0.8), orientation=(0, 1, 0, 0, 0, -1))
     if slope != 1.0:
         for p in paths:
             ds = pydicom.dcmread(p)
@@ -323,11 +348,13 @@ def _synthetic(folder: Path, slope: float = 1.0) -> list[Path]:
     return paths
 
 
-@pytest.mark.parametrize("source", ["synthetic", "float", "lidc-chest/LIDC-IDRI-0001",
-                                    "dcmqi-abdomen-3slice"])
+@pytest.mark.parametrize(
+    "source", ["synthetic", "float", "lidc-chest/LIDC-IDRI-0001", "dcmqi-abdomen-3slice"]
+)
 @pytest.mark.parametrize("allocator", ["numpy", "shm"])
-def test_streamed_volume_is_bit_identical_to_the_spool_assembly(tmp_path, data_dir, source,
-                                                                allocator):
+def test_streamed_volume_is_bit_identical_to_the_spool_assembly(
+    tmp_path, data_dir, source, allocator
+):
     from dicom_node.inference.shm import allocate as shm_allocate
 
     if source == "synthetic":

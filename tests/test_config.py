@@ -18,11 +18,25 @@ def test_default_config_is_valid_and_documented():
     for line in DEFAULT_CONFIG_PATH.read_text().splitlines():
         if "=" in line and not line.lstrip().startswith("#"):
             assert "#" in line or line.split("=")[0].strip() in {
-                "name", "ae_title", "host", "port", "attempts", "retry_backoff_seconds",
-                "max_backoff_seconds", "seg_series_description", "rtstruct_series_description",
-                "sr_series_description", "make_seg", "make_rtstruct", "make_sr",
-                "manufacturer", "institution_name", "http_port", "metrics_port",
-                "model_repository", "tls",
+                "name",
+                "ae_title",
+                "host",
+                "port",
+                "attempts",
+                "retry_backoff_seconds",
+                "max_backoff_seconds",
+                "seg_series_description",
+                "rtstruct_series_description",
+                "sr_series_description",
+                "make_seg",
+                "make_rtstruct",
+                "make_sr",
+                "manufacturer",
+                "institution_name",
+                "http_port",
+                "metrics_port",
+                "model_repository",
+                "tls",
             }, line
 
 

@@ -33,11 +33,23 @@ def node(tmp_path_factory, pacs):
     n = NodeProcess(
         tmp_path_factory.mktemp("node"),
         node={"settle_seconds": 1.0},
-        inference={"backend": "triton", "grpc_port": free_port(), "http_port": free_port(),
-                   "metrics_port": free_port(), "retry_backoff_seconds": 1.0},
-        destinations=[{"name": "pacs", "ae_title": pacs.aet, "host": "127.0.0.1",
-                       "port": pacs.dicom_port, "retry_backoff_seconds": 0.5,
-                       "max_backoff_seconds": 2.0}],
+        inference={
+            "backend": "triton",
+            "grpc_port": free_port(),
+            "http_port": free_port(),
+            "metrics_port": free_port(),
+            "retry_backoff_seconds": 1.0,
+        },
+        destinations=[
+            {
+                "name": "pacs",
+                "ae_title": pacs.aet,
+                "host": "127.0.0.1",
+                "port": pacs.dicom_port,
+                "retry_backoff_seconds": 0.5,
+                "max_backoff_seconds": 2.0,
+            }
+        ],
     ).start()
     yield n
     n.stop()
@@ -51,12 +63,15 @@ def _finished(series_uid: str):
                 raise AssertionError(f"job failed: {job['reason']}")
             return False
         return job["state"] == "done" and all(o["state"] == "sent" for o in job["outbox"])
+
     return done
 
 
 def _study_results(pacs: Orthanc, study_uid: str, out_dir: Path) -> dict[str, list[Path]]:
-    found = pacs.rest("/tools/find", {"Level": "Instance", "Query": {"StudyInstanceUID": study_uid},
-                                      "Expand": True})
+    found = pacs.rest(
+        "/tools/find",
+        {"Level": "Instance", "Query": {"StudyInstanceUID": study_uid}, "Expand": True},
+    )
     out: dict[str, list[Path]] = {}
     out_dir.mkdir(parents=True, exist_ok=True)
     for inst in found:
@@ -79,18 +94,24 @@ def _check_results(results: dict[str, list[Path]], ct_paths: list[Path]) -> None
 def test_phantom_from_scanner_to_pacs(node, pacs, tmp_path):
     phantom = make_phantom(shape=(40, 96, 96), spacing=(5.0, 3.5, 3.5), seed=4242)
     attrs = SeriesAttributes(patient_name="E2E^Phantom", patient_id="E2E-1")
-    ct_paths = write_ct_series(phantom.hu, tmp_path / "ct", spacing=phantom.spacing,
-                               origin=phantom.origin, attrs=attrs)
+    ct_paths = write_ct_series(
+        phantom.hu, tmp_path / "ct", spacing=phantom.spacing, origin=phantom.origin, attrs=attrs
+    )
     assert storescu(node.port, tmp_path / "ct").returncode == 0
-    node.wait_for(_finished(attrs.series_instance_uid), timeout=600, what="results in the PACS",
-                    failures_allowed=False)
+    node.wait_for(
+        _finished(attrs.series_instance_uid),
+        timeout=600,
+        what="results in the PACS",
+        failures_allowed=False,
+    )
 
     results = _study_results(pacs, attrs.study_instance_uid, tmp_path / "from-pacs")
     _check_results(results, ct_paths)
 
     source = assemble_series(ct_paths)
-    expected = checks.resample_nearest(phantom.spleen, phantom.affine, source.affine,
-                                       source.array.shape).astype(bool)
+    expected = checks.resample_nearest(
+        phantom.spleen, phantom.affine, source.affine, source.array.shape
+    ).astype(bool)
     seg_path = results["SEG"][0]
     seg = checks.seg_mask(seg_path, source)
     d = checks.dice(seg, expected)
@@ -122,12 +143,16 @@ def test_results_wait_for_a_pacs_that_is_down_then_arrive_once(node, pacs, tmp_p
 
         def waiting(jobs):
             job = next((j for j in jobs if j["series_uid"] == attrs.series_instance_uid), None)
-            return bool(job and job["state"] == "done" and job["outbox"]
-                        and all(o["attempts"] >= 1 and o["state"] == "pending"
-                                for o in job["outbox"]))
+            return bool(
+                job
+                and job["state"] == "done"
+                and job["outbox"]
+                and all(o["attempts"] >= 1 and o["state"] == "pending" for o in job["outbox"])
+            )
 
-        jobs = node.wait_for(waiting, timeout=600, what="failed export attempts",
-                               failures_allowed=False)
+        jobs = node.wait_for(
+            waiting, timeout=600, what="failed export attempts", failures_allowed=False
+        )
         job = next(j for j in jobs if j["series_uid"] == attrs.series_instance_uid)
         assert all("cannot be reached" in o["last_error"] for o in job["outbox"])
     finally:
@@ -135,8 +160,9 @@ def test_results_wait_for_a_pacs_that_is_down_then_arrive_once(node, pacs, tmp_p
     node.wait_for(_finished(attrs.series_instance_uid), timeout=120, what="results after restart")
     time.sleep(3)  # a duplicate send would land now
     results = _study_results(pacs, attrs.study_instance_uid, tmp_path / "from-pacs")
-    assert {m: len(results.get(m, [])) for m in RESULT_MODALITIES} == {m: 1 for m in
-                                                                       RESULT_MODALITIES}
+    assert {m: len(results.get(m, [])) for m in RESULT_MODALITIES} == {
+        m: 1 for m in RESULT_MODALITIES
+    }
 
 
 @pytest.mark.parametrize("name", ["lidc-chest/LIDC-IDRI-0003", "dcmqi-abdomen-3slice"])
@@ -150,7 +176,11 @@ def test_real_series_run_through_the_chain(node, pacs, data_dir, tmp_path, name)
     source = assemble_series(ct_paths)
     assert checks.seg_referenced_uids(results["SEG"][0]) <= set(source.source_uids)
     rt = pydicom.dcmread(results["RTSTRUCT"][0])
-    listed = {str(i.ReferencedSOPInstanceUID)
-              for i in rt.ReferencedFrameOfReferenceSequence[0].RTReferencedStudySequence[0]
-              .RTReferencedSeriesSequence[0].ContourImageSequence}
+    listed = {
+        str(i.ReferencedSOPInstanceUID)
+        for i in rt.ReferencedFrameOfReferenceSequence[0]
+        .RTReferencedStudySequence[0]
+        .RTReferencedSeriesSequence[0]
+        .ContourImageSequence
+    }
     assert listed == set(source.source_uids)

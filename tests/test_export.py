@@ -27,8 +27,11 @@ def _results(tmp_path):
     alg = AlgorithmInfo(name="test", version="1")
     res = ResultSettings()
     seg = build_seg(vol, labels, segs, alg, res)
-    files = {"SEG": seg, "RTSTRUCT": build_rtstruct(vol, labels, segs, alg, res),
-             "SR": build_sr(seg, vol, labels, segs, alg, res)}
+    files = {
+        "SEG": seg,
+        "RTSTRUCT": build_rtstruct(vol, labels, segs, alg, res),
+        "SR": build_sr(seg, vol, labels, segs, alg, res),
+    }
     out = {}
     for kind, ds in files.items():
         buf = io.BytesIO()
@@ -46,14 +49,22 @@ def test_backoff_grows_and_is_capped():
 def test_outbox_retries_until_the_pacs_is_back_then_sends_once(tmp_path):
     vol, files = _results(tmp_path)
     pacs = Orthanc(tmp_path / "orthanc")
-    dest = Destination(name="pacs", ae_title="ORTHANC", host="127.0.0.1", port=pacs.dicom_port,
-                       attempts=5, retry_backoff_seconds=0.2, max_backoff_seconds=0.5)
+    dest = Destination(
+        name="pacs",
+        ae_title="ORTHANC",
+        host="127.0.0.1",
+        port=pacs.dicom_port,
+        attempts=5,
+        retry_backoff_seconds=0.2,
+        max_backoff_seconds=0.5,
+    )
     settings = Settings(node=NodeSettings(data_dir=tmp_path), destinations=[dest])
     jobs = JobStore(tmp_path / "jobs.sqlite")
     series_uid = "1.2.3"
     for kind, (path, uid) in files.items():
-        jobs.enqueue_result(series_uid=series_uid, kind=kind, destination="pacs", path=path,
-                            sop_uid=uid)
+        jobs.enqueue_result(
+            series_uid=series_uid, kind=kind, destination="pacs", path=path, sop_uid=uid
+        )
     exporter = Exporter(settings, jobs)
 
     # the PACS is down: nothing is acknowledged, every item waits with its reason
@@ -89,8 +100,15 @@ def test_outbox_retries_until_the_pacs_is_back_then_sends_once(tmp_path):
 
 def test_gives_up_after_the_configured_attempts(tmp_path):
     _, files = _results(tmp_path)
-    dest = Destination(name="gone", ae_title="NOBODY", host="127.0.0.1", port=free_port(),
-                       attempts=2, retry_backoff_seconds=0.0, max_backoff_seconds=0.0)
+    dest = Destination(
+        name="gone",
+        ae_title="NOBODY",
+        host="127.0.0.1",
+        port=free_port(),
+        attempts=2,
+        retry_backoff_seconds=0.0,
+        max_backoff_seconds=0.0,
+    )
     jobs = JobStore(tmp_path / "jobs.sqlite")
     path, uid = files["SEG"]
     jobs.enqueue_result(series_uid="1.2", kind="SEG", destination="gone", path=path, sop_uid=uid)
@@ -112,16 +130,29 @@ def test_a_pacs_that_rejects_the_association_is_retried(tmp_path):
     try:
         jobs = JobStore(tmp_path / "jobs.sqlite")
         path, uid = files["SEG"]
-        jobs.enqueue_result(series_uid="1.3", kind="SEG", destination="pacs", path=path,
-                            sop_uid=uid)
-        wrong = Destination(name="pacs", ae_title="NOT_ORTHANC", host="127.0.0.1",
-                            port=pacs.dicom_port, attempts=5, retry_backoff_seconds=0.0)
+        jobs.enqueue_result(
+            series_uid="1.3", kind="SEG", destination="pacs", path=path, sop_uid=uid
+        )
+        wrong = Destination(
+            name="pacs",
+            ae_title="NOT_ORTHANC",
+            host="127.0.0.1",
+            port=pacs.dicom_port,
+            attempts=5,
+            retry_backoff_seconds=0.0,
+        )
         assert Exporter(Settings(destinations=[wrong]), jobs).run_once() == 0
         (item,) = jobs.outbox("1.3")
         assert (item.state, item.attempts) == ("pending", 1)
         assert "rejected the association" in item.last_error
-        right = Destination(name="pacs", ae_title=pacs.aet, host="127.0.0.1",
-                            port=pacs.dicom_port, attempts=5, retry_backoff_seconds=0.0)
+        right = Destination(
+            name="pacs",
+            ae_title=pacs.aet,
+            host="127.0.0.1",
+            port=pacs.dicom_port,
+            attempts=5,
+            retry_backoff_seconds=0.0,
+        )
         assert Exporter(Settings(destinations=[right]), jobs).run_once() == 1
         assert jobs.outbox("1.3")[0].state == "sent"
         assert {m: len(v) for m, v in pacs.instances_by_modality().items()} == {"SEG": 1}
@@ -143,10 +174,15 @@ def test_a_pacs_that_refuses_the_seg_class_is_recorded_as_such(tmp_path):
     try:
         jobs = JobStore(tmp_path / "jobs.sqlite")
         path, uid = files["SEG"]
-        jobs.enqueue_result(series_uid="1.4", kind="SEG", destination="ct", path=path,
-                            sop_uid=uid)
-        dest = Destination(name="ct", ae_title="CT_ONLY", host="127.0.0.1", port=port,
-                           attempts=5, retry_backoff_seconds=0.0)
+        jobs.enqueue_result(series_uid="1.4", kind="SEG", destination="ct", path=path, sop_uid=uid)
+        dest = Destination(
+            name="ct",
+            ae_title="CT_ONLY",
+            host="127.0.0.1",
+            port=port,
+            attempts=5,
+            retry_backoff_seconds=0.0,
+        )
         assert Exporter(Settings(destinations=[dest]), jobs).run_once() == 0
         (item,) = jobs.outbox("1.4")
         assert item.state == "pending"
@@ -164,15 +200,23 @@ def test_a_failure_status_is_recorded_with_its_meaning(tmp_path):
     scp = AE(ae_title="FULL")
     scp.add_supported_context(SegmentationStorage)
     port = free_port()
-    server = scp.start_server(("127.0.0.1", port), block=False,
-                              evt_handlers=[(evt.EVT_C_STORE, lambda event: 0xA700)])
+    server = scp.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda event: 0xA700)]
+    )
     try:
         jobs = JobStore(tmp_path / "jobs.sqlite")
         path, uid = files["SEG"]
-        jobs.enqueue_result(series_uid="1.5", kind="SEG", destination="full", path=path,
-                            sop_uid=uid)
-        dest = Destination(name="full", ae_title="FULL", host="127.0.0.1", port=port,
-                           attempts=5, retry_backoff_seconds=0.0)
+        jobs.enqueue_result(
+            series_uid="1.5", kind="SEG", destination="full", path=path, sop_uid=uid
+        )
+        dest = Destination(
+            name="full",
+            ae_title="FULL",
+            host="127.0.0.1",
+            port=port,
+            attempts=5,
+            retry_backoff_seconds=0.0,
+        )
         assert Exporter(Settings(destinations=[dest]), jobs).run_once() == 0
         (item,) = jobs.outbox("1.5")
         assert "status 0xA700 (Refused: Out of Resources)" in item.last_error
@@ -186,11 +230,17 @@ def _tmpfs(path, size: str):
     import pytest
 
     path.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                       capture_output=True, text=True, check=False)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if r.returncode != 0:
-        pytest.skip(f"a small tmpfs cannot be mounted here ({r.stderr.strip()}): the "
-                    "full-disk test needs root or CAP_SYS_ADMIN")
+        pytest.skip(
+            f"a small tmpfs cannot be mounted here ({r.stderr.strip()}): the "
+            "full-disk test needs root or CAP_SYS_ADMIN"
+        )
     return path
 
 
@@ -222,10 +272,17 @@ def test_acknowledged_once_even_when_the_database_cannot_record_it(tmp_path):
     try:
         jobs = JobStore(data / "jobs.sqlite")
         for kind, (path, uid) in files.items():
-            jobs.enqueue_result(series_uid="1.6", kind=kind, destination="pacs", path=path,
-                                sop_uid=uid)
-        dest = Destination(name="pacs", ae_title=pacs.aet, host="127.0.0.1",
-                           port=pacs.dicom_port, attempts=5, retry_backoff_seconds=0.0)
+            jobs.enqueue_result(
+                series_uid="1.6", kind=kind, destination="pacs", path=path, sop_uid=uid
+            )
+        dest = Destination(
+            name="pacs",
+            ae_title=pacs.aet,
+            host="127.0.0.1",
+            port=pacs.dicom_port,
+            attempts=5,
+            retry_backoff_seconds=0.0,
+        )
         settings = Settings(destinations=[dest])
         exporter = Exporter(settings, jobs)  # the journal is allocated now
         _fill(data)

@@ -29,16 +29,24 @@ SLICES = 120
 def _series(tmp_path: Path, name: str, seed: int) -> tuple[list[Path], SeriesAttributes]:
     phantom = make_phantom(shape=(SLICES, 64, 64), spacing=(2.5, 5.0, 5.0), seed=seed)
     attrs = SeriesAttributes(patient_id=f"INTEGRITY-{seed}")
-    return write_ct_series(phantom.hu, tmp_path / name, spacing=phantom.spacing,
-                           attrs=attrs), attrs
+    return write_ct_series(phantom.hu, tmp_path / name, spacing=phantom.spacing, attrs=attrs), attrs
 
 
 def _node(tmp_path: Path, pacs: Orthanc) -> NodeProcess:
-    dest = {"name": "pacs", "ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port,
-            "retry_backoff_seconds": 0.5, "max_backoff_seconds": 1.0}
-    return NodeProcess(tmp_path / "node", node={"settle_seconds": 30.0,
-                                                "complete_on_release": True},
-                       inference={"backend": "local", "attempts": 1}, destinations=[dest])
+    dest = {
+        "name": "pacs",
+        "ae_title": pacs.aet,
+        "host": "127.0.0.1",
+        "port": pacs.dicom_port,
+        "retry_backoff_seconds": 0.5,
+        "max_backoff_seconds": 1.0,
+    }
+    return NodeProcess(
+        tmp_path / "node",
+        node={"settle_seconds": 30.0, "complete_on_release": True},
+        inference={"backend": "local", "attempts": 1},
+        destinations=[dest],
+    )
 
 
 def _db(node: NodeProcess, sql: str, *args) -> list[dict]:
@@ -78,13 +86,18 @@ def _settled(node: NodeProcess, uid: str, count: int) -> bool:
         raise AssertionError(f"job failed: {job['reason']}")
     pending = _db(node, "SELECT id FROM outbox WHERE series_uid = ? AND state = 'pending'", uid)
     sent = _db(node, "SELECT id FROM outbox WHERE series_uid = ? AND state = 'sent'", uid)
-    return (job.get("state") == "done" and job.get("instance_count") == count
-            and not pending and len(sent) >= 3)
+    return (
+        job.get("state") == "done"
+        and job.get("instance_count") == count
+        and not pending
+        and len(sent) >= 3
+    )
 
 
 def _in_pacs(pacs: Orthanc, study_uid: str) -> dict[str, list[pydicom.Dataset]]:
-    found = pacs.rest("/tools/find", {"Level": "Instance",
-                                      "Query": {"StudyInstanceUID": study_uid}})
+    found = pacs.rest(
+        "/tools/find", {"Level": "Instance", "Query": {"StudyInstanceUID": study_uid}}
+    )
     out: dict[str, list[pydicom.Dataset]] = {}
     for iid in found:
         ds = pydicom.dcmread(io.BytesIO(pacs.file(iid)), stop_before_pixels=True)
@@ -93,8 +106,11 @@ def _in_pacs(pacs: Orthanc, study_uid: str) -> dict[str, list[pydicom.Dataset]]:
 
 
 def _seg_references(seg: pydicom.Dataset) -> set[str]:
-    return {str(i.ReferencedSOPInstanceUID) for s in seg.ReferencedSeriesSequence
-            for i in s.ReferencedInstanceSequence}
+    return {
+        str(i.ReferencedSOPInstanceUID)
+        for s in seg.ReferencedSeriesSequence
+        for i in s.ReferencedInstanceSequence
+    }
 
 
 @pytest.mark.timeout(240)
@@ -103,11 +119,12 @@ def test_a_run_overtaken_by_new_instances_sends_nothing(tmp_path, orthanc, dcmtk
     uid = attrs.series_instance_uid
     node = _node(tmp_path, orthanc).start()
     try:
-        assert storescu(node.port, paths[:SLICES // 2]).returncode == 0
+        assert storescu(node.port, paths[: SLICES // 2]).returncode == 0
         # the first half stacks without a gap: complete at release, and processed
-        _poll(node, lambda: _state(node, uid).get("state") == "processing", 30,
-              "first run processing")
-        assert storescu(node.port, paths[SLICES // 2:]).returncode == 0
+        _poll(
+            node, lambda: _state(node, uid).get("state") == "processing", 30, "first run processing"
+        )
+        assert storescu(node.port, paths[SLICES // 2 :]).returncode == 0
         _poll(node, lambda: _settled(node, uid, SLICES), 180, "whole series done and sent")
         log = node.tail(400)
         assert "this run's results are discarded, none was queued" in log, log
@@ -117,40 +134,52 @@ def test_a_run_overtaken_by_new_instances_sends_nothing(tmp_path, orthanc, dcmtk
         assert [o["state"] for o in outbox] == ["sent"] * 3  # the first run queued nothing
         in_pacs = _in_pacs(orthanc, attrs.study_instance_uid)
         assert {m: len(v) for m, v in in_pacs.items()} == {"SEG": 1, "RTSTRUCT": 1, "SR": 1}
-        ct_uids = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
-                   for p in paths}
+        ct_uids = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths}
         assert _seg_references(in_pacs["SEG"][0]) == ct_uids
         # nothing of the discarded run is left on disk either
         results = list((node.data_dir / "results" / uid).glob("*.dcm"))
         assert len(results) == 3
-        print(f"integrity overtaken run: {SLICES // 2} + {SLICES // 2} instances, "
-              "1 SEG + 1 RTSTRUCT + 1 SR in the PACS, SEG references all")
+        print(
+            f"integrity overtaken run: {SLICES // 2} + {SLICES // 2} instances, "
+            "1 SEG + 1 RTSTRUCT + 1 SR in the PACS, SEG references all"
+        )
     finally:
         node.stop()
 
 
 @pytest.mark.timeout(240)
-def test_new_instances_after_results_were_sent_supersede_them(tmp_path, orthanc,
-                                                               dcmtk_tools):
+def test_new_instances_after_results_were_sent_supersede_them(tmp_path, orthanc, dcmtk_tools):
     paths, attrs = _series(tmp_path, "ct", seed=32)
     uid = attrs.series_instance_uid
     node = _node(tmp_path, orthanc).start()
     try:
-        assert storescu(node.port, paths[:SLICES // 2]).returncode == 0
+        assert storescu(node.port, paths[: SLICES // 2]).returncode == 0
         _poll(node, lambda: _settled(node, uid, SLICES // 2), 120, "first half sent")
-        first = {r["sop_uid"] for r in _db(node, "SELECT sop_uid FROM outbox"
-                                                 " WHERE series_uid = ?", uid)}
-        assert storescu(node.port, paths[SLICES // 2:]).returncode == 0
-        _poll(node, lambda: _settled(node, uid, SLICES)
-              and len(_db(node, "SELECT id FROM outbox WHERE series_uid = ? AND state = 'sent'",
-                          uid)) == 6, 120, "second run sent")
+        first = {
+            r["sop_uid"] for r in _db(node, "SELECT sop_uid FROM outbox WHERE series_uid = ?", uid)
+        }
+        assert storescu(node.port, paths[SLICES // 2 :]).returncode == 0
+        _poll(
+            node,
+            lambda: (
+                _settled(node, uid, SLICES)
+                and len(
+                    _db(node, "SELECT id FROM outbox WHERE series_uid = ? AND state = 'sent'", uid)
+                )
+                == 6
+            ),
+            120,
+            "second run sent",
+        )
         in_pacs = _in_pacs(orthanc, attrs.study_instance_uid)
         assert {m: len(v) for m, v in in_pacs.items()} == {"SEG": 2, "RTSTRUCT": 2, "SR": 2}
         new_sr = next(sr for sr in in_pacs["SR"] if str(sr.SOPInstanceUID) not in first)
-        named = {str(i.ReferencedSOPInstanceUID)
-                 for study in new_sr.PredecessorDocumentsSequence
-                 for series in study.ReferencedSeriesSequence
-                 for i in series.ReferencedSOPSequence}
+        named = {
+            str(i.ReferencedSOPInstanceUID)
+            for study in new_sr.PredecessorDocumentsSequence
+            for series in study.ReferencedSeriesSequence
+            for i in series.ReferencedSOPSequence
+        }
         assert named == first
         new_seg = next(s for s in in_pacs["SEG"] if str(s.SOPInstanceUID) not in first)
         assert len(_seg_references(new_seg)) == SLICES
@@ -160,8 +189,7 @@ def test_new_instances_after_results_were_sent_supersede_them(tmp_path, orthanc,
 
 
 @pytest.mark.timeout(180)
-def test_below_the_watermark_intake_stops_and_nothing_is_sent_twice(tmp_path, orthanc,
-                                                                     dcmtk_tools):
+def test_below_the_watermark_intake_stops_and_nothing_is_sent_twice(tmp_path, orthanc, dcmtk_tools):
     """data_dir on a small tmpfs: a series is received, processed and sent once; the disk
     is then filled below the intake watermark: C-STORE is refused with 0xA700, and what was
     acknowledged before (instances and results) stays as it was."""
@@ -171,24 +199,34 @@ def test_below_the_watermark_intake_stops_and_nothing_is_sent_twice(tmp_path, or
 
     data = tmp_path / "data"
     data.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(data)],
-                       capture_output=True, text=True, check=False)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(data)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if r.returncode != 0:
         pytest.skip(f"a small tmpfs cannot be mounted here ({r.stderr.strip()})")
     node = None
     try:
         phantom = make_phantom(shape=(40, 64, 64), spacing=(5.0, 5.0, 5.0), seed=33)
         attrs = SeriesAttributes(patient_id="INTEGRITY-33")
-        paths = write_ct_series(phantom.hu, tmp_path / "a", spacing=phantom.spacing,
-                                attrs=attrs)
+        paths = write_ct_series(phantom.hu, tmp_path / "a", spacing=phantom.spacing, attrs=attrs)
         uid = attrs.series_instance_uid
         node = _node(tmp_path, orthanc)
-        dest = {"name": "pacs", "ae_title": orthanc.aet, "host": "127.0.0.1",
-                "port": orthanc.dicom_port, "retry_backoff_seconds": 0.5}
-        node.write_config(node={"data_dir": str(data), "settle_seconds": 30.0,
-                                "min_free_disk_mb": 32},
-                          limits={"reserved_disk_mb": 4},
-                          inference={"backend": "local", "attempts": 1}, destinations=[dest])
+        dest = {
+            "name": "pacs",
+            "ae_title": orthanc.aet,
+            "host": "127.0.0.1",
+            "port": orthanc.dicom_port,
+            "retry_backoff_seconds": 0.5,
+        }
+        node.write_config(
+            node={"data_dir": str(data), "settle_seconds": 30.0, "min_free_disk_mb": 32},
+            limits={"reserved_disk_mb": 4},
+            inference={"backend": "local", "attempts": 1},
+            destinations=[dest],
+        )
         node.data_dir = data
         node.start()
         assert storescu(node.port, paths).returncode == 0
@@ -199,8 +237,12 @@ def test_below_the_watermark_intake_stops_and_nothing_is_sent_twice(tmp_path, or
         with open(data / "filler", "wb") as f:
             f.write(b"\0" * (free - 20 * 2**20))
             os.fsync(f.fileno())
-        other = write_ct_series(phantom.hu[:5], tmp_path / "b", spacing=phantom.spacing,
-                                attrs=SeriesAttributes(patient_id="INTEGRITY-34"))
+        other = write_ct_series(
+            phantom.hu[:5],
+            tmp_path / "b",
+            spacing=phantom.spacing,
+            attrs=SeriesAttributes(patient_id="INTEGRITY-34"),
+        )
         assert storescu(node.port, other).returncode != 0
         from pynetdicom import AE
         from pynetdicom.sop_class import CTImageStorage
@@ -221,8 +263,10 @@ def test_below_the_watermark_intake_stops_and_nothing_is_sent_twice(tmp_path, or
         assert [o["state"] for o in outbox] == ["sent"] * 3
         in_pacs = _in_pacs(orthanc, attrs.study_instance_uid)
         assert {m: len(v) for m, v in in_pacs.items()} == {"SEG": 1, "RTSTRUCT": 1, "SR": 1}
-        print("integrity watermark: intake refused with 0xA700 at 20 MB free, "
-              "results sent once, instances lost = 0")
+        print(
+            "integrity watermark: intake refused with 0xA700 at 20 MB free, "
+            "results sent once, instances lost = 0"
+        )
     finally:
         if node is not None:
             node.stop()

@@ -31,11 +31,24 @@ def test_nine_series_at_once(tmp_path, orthanc):
         folders.append(tmp_path / f"s{i}")
         attrs.append(a)
     node = NodeProcess(
-        tmp_path / "node", node={"settle_seconds": 2.0},
-        inference={"backend": "triton", "grpc_port": free_port(), "http_port": free_port(),
-                   "metrics_port": free_port(), "max_concurrent_jobs": 2},
-        destinations=[{"name": "pacs", "ae_title": orthanc.aet, "host": "127.0.0.1",
-                       "port": orthanc.dicom_port, "retry_backoff_seconds": 0.5}],
+        tmp_path / "node",
+        node={"settle_seconds": 2.0},
+        inference={
+            "backend": "triton",
+            "grpc_port": free_port(),
+            "http_port": free_port(),
+            "metrics_port": free_port(),
+            "max_concurrent_jobs": 2,
+        },
+        destinations=[
+            {
+                "name": "pacs",
+                "ae_title": orthanc.aet,
+                "host": "127.0.0.1",
+                "port": orthanc.dicom_port,
+                "retry_backoff_seconds": 0.5,
+            }
+        ],
     ).start()
     try:
         streamed: list[str] = []
@@ -54,10 +67,25 @@ def test_nine_series_at_once(tmp_path, orthanc):
         t0 = time.perf_counter()
         slow = threading.Thread(target=stream)
         slow.start()
-        pushes = [subprocess.Popen(["storescu", "-aet", f"SCANNER{i}", "-aec", "DICOM_NODE",
-                                    "+sd", "+r", "127.0.0.1", str(node.port), str(f)],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-                  for i, f in enumerate(folders[:-1])]
+        pushes = [
+            subprocess.Popen(
+                [
+                    "storescu",
+                    "-aet",
+                    f"SCANNER{i}",
+                    "-aec",
+                    "DICOM_NODE",
+                    "+sd",
+                    "+r",
+                    "127.0.0.1",
+                    str(node.port),
+                    str(f),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            for i, f in enumerate(folders[:-1])
+        ]
         assert [p.wait(300) for p in pushes] == [0] * SERIES
         slow.join(300)
         received = time.perf_counter() - t0
@@ -65,10 +93,20 @@ def test_nine_series_at_once(tmp_path, orthanc):
 
         uids = {a.series_instance_uid for a in attrs}
         jobs = node.wait_for(
-            lambda js: {j["series_uid"] for j in js if j["state"] == "done"
-                        and j["outbox"] and all(o["state"] == "sent" for o in j["outbox"])}
-            >= uids, timeout=900, what="all nine series through the chain",
-            failures_allowed=False)
+            lambda js: (
+                {
+                    j["series_uid"]
+                    for j in js
+                    if j["state"] == "done"
+                    and j["outbox"]
+                    and all(o["state"] == "sent" for o in j["outbox"])
+                }
+                >= uids
+            ),
+            timeout=900,
+            what="all nine series through the chain",
+            failures_allowed=False,
+        )
         total = time.perf_counter() - t0
         by_uid = {j["series_uid"]: j for j in jobs}
         assert all(by_uid[u]["instance_count"] == SLICES for u in uids)
@@ -81,9 +119,11 @@ def test_nine_series_at_once(tmp_path, orthanc):
             per_study[tags["StudyInstanceUID"]] = per_study.get(tags["StudyInstanceUID"], 0) + 1
         assert per_study == {a.study_instance_uid: 3 for a in attrs}
         slowest = max((by_uid[u] for u in uids), key=lambda j: j["updated"] - j["last_received"])
-        print(f"load: {(SERIES + 1) * SLICES} instances received in {received:.1f} s "
-              f"({(SERIES + 1) * SLICES / received:.0f} instances/s); 9 series done and sent in "
-              f"{total:.0f} s; slowest job {slowest['updated'] - slowest['last_received']:.0f} s "
-              "after its last slice; instances lost = 0, results duplicated = 0")
+        print(
+            f"load: {(SERIES + 1) * SLICES} instances received in {received:.1f} s "
+            f"({(SERIES + 1) * SLICES / received:.0f} instances/s); 9 series done and sent in "
+            f"{total:.0f} s; slowest job {slowest['updated'] - slowest['last_received']:.0f} s "
+            "after its last slice; instances lost = 0, results duplicated = 0"
+        )
     finally:
         node.stop()

@@ -203,10 +203,14 @@ def test_other_inferers_run_as_the_bundle_says(tmp_path):
 @pytest.mark.parametrize(
     ("transform", "reason"),
     [
-        ({"_target_": "ConcatItemsd", "keys": ["image", "pet"], "name": "image"},
-         r"combines several images \(ConcatItemsd\): a CT series is one image"),
-        ({"_target_": "LoadImaged", "keys": ["image", "pet"]},
-         r"loads 2 images \(image, pet\) per case"),
+        (
+            {"_target_": "ConcatItemsd", "keys": ["image", "pet"], "name": "image"},
+            r"combines several images \(ConcatItemsd\): a CT series is one image",
+        ),
+        (
+            {"_target_": "LoadImaged", "keys": ["image", "pet"]},
+            r"loads 2 images \(image, pet\) per case",
+        ),
     ],
 )
 def test_a_bundle_that_needs_several_images_is_refused(tmp_path, transform, reason):

@@ -27,8 +27,16 @@ from dicom_node.pipeline.transforms import image_transforms, to_metatensor
 
 DEMO_BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "spleen_ct_demo"
 #: The public spleen_ct_segmentation bundle's spatial preprocessing.
-PRE = Preprocessing(axcodes="RAS", pixdim=(1.5, 1.5, 2.0), spacing_mode="bilinear",
-                    a_min=-57.0, a_max=164.0, b_min=0.0, b_max=1.0, clip=True)
+PRE = Preprocessing(
+    axcodes="RAS",
+    pixdim=(1.5, 1.5, 2.0),
+    spacing_mode="bilinear",
+    a_min=-57.0,
+    a_max=164.0,
+    b_min=0.0,
+    b_max=1.0,
+    clip=True,
+)
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -70,8 +78,10 @@ def random_blobs(grid_shape, seed, count=5, label=1):
     """``count`` blobs of decreasing size at random places (some may touch the border)."""
     rng = np.random.default_rng(seed)
     size = np.array(grid_shape, dtype=float)
-    return [(label, rng.uniform(0.1, 0.9, 3) * size, rng.uniform(0.08, 0.2, 3) * size / (k + 1))
-            for k in range(count)]
+    return [
+        (label, rng.uniform(0.1, 0.9, 3) * size, rng.uniform(0.08, 0.2, 3) * size / (k + 1))
+        for k in range(count)
+    ]
 
 
 def in_plane_boundary(labels: np.ndarray, value: int) -> np.ndarray:
@@ -84,7 +94,9 @@ def check_same(logits, image, values, expect_foreground=True):
     """Assert that both ways agree; returns the fast result."""
     fast = postprocess_fast(logits, image, values)
     ref = postprocess_monai(logits, image, values)
-    assert fast.labels.shape == ref.labels.shape == tuple(image.meta["dicom_node_input_shape"])[::-1]
+    assert (
+        fast.labels.shape == ref.labels.shape == tuple(image.meta["dicom_node_input_shape"])[::-1]
+    )
     assert fast.contours.shape == ref.contours.shape == fast.labels.shape
     assert fast.labels.dtype == ref.labels.dtype == np.uint8
     assert fast.contours.dtype == ref.contours.dtype == np.uint8
@@ -96,8 +108,9 @@ def check_same(logits, image, values, expect_foreground=True):
         _, count = ndimage.label(ours, structure=np.ones((3, 3, 3)))
         assert count == int(expect_foreground)
         if expect_foreground:
-            np.testing.assert_allclose(ndimage.center_of_mass(ours),
-                                       ndimage.center_of_mass(theirs), atol=0.5)
+            np.testing.assert_allclose(
+                ndimage.center_of_mass(ours), ndimage.center_of_mass(theirs), atol=0.5
+            )
         assert np.array_equal(fast.contours == value, in_plane_boundary(fast.labels, value))
         assert dice(fast.contours == value, ref.contours == value) >= 0.99
     assert set(np.unique(fast.labels)) <= {0, *values}
@@ -142,8 +155,14 @@ def test_label_touching_the_border():
     # An ellipsoid wider than the grid: it crosses every face but leaves the corners out.
     fast, _ = check_same(blob_logits(grid, [(1, (grid - 1) / 2, 0.7 * grid)]), image, [1])
     labels, contours = fast.labels, fast.contours
-    for face in (labels[0], labels[-1], labels[:, 0], labels[:, -1], labels[:, :, 0],
-                 labels[:, :, -1]):
+    for face in (
+        labels[0],
+        labels[-1],
+        labels[:, 0],
+        labels[:, -1],
+        labels[:, :, 0],
+        labels[:, :, -1],
+    ):
         assert face.any()
     # In-plane, voxels on the image edge are contour (outside counts as background).
     assert np.array_equal(contours[:, 0] > 0, labels[:, 0] > 0)
@@ -165,8 +184,9 @@ def test_equal_components_keep_the_one_monai_keeps():
 def test_two_labels_each_keep_their_largest_component():
     image = model_grid((31, 70, 66), series_affine((2.5, 0.8, 0.8)))
     grid = image.shape[1:]
-    blobs = random_blobs(grid, seed=3, count=3, label=1) + random_blobs(grid, seed=4, count=3,
-                                                                          label=2)
+    blobs = random_blobs(grid, seed=3, count=3, label=1) + random_blobs(
+        grid, seed=4, count=3, label=2
+    )
     logits = blob_logits(grid, blobs, classes=3)
     fast, ref = check_same(logits, image, [1, 2])
     assert {1, 2} <= set(np.unique(fast.labels))
@@ -177,18 +197,24 @@ def test_oblique_mapping_falls_back_to_monai_resample():
     angle = np.deg2rad(20.0)
     rotation = np.eye(4)
     rotation[:2, :2] = [[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]]
-    tilted = MetaTensor(image.as_tensor(), affine=image.affine @ torch.as_tensor(rotation),
-                        meta={k: v for k, v in image.meta.items() if k != "affine"})
+    tilted = MetaTensor(
+        image.as_tensor(),
+        affine=image.affine @ torch.as_tensor(rotation),
+        meta={k: v for k, v in image.meta.items() if k != "affine"},
+    )
     assert _axis_mapping(tilted.shape[1:], tilted) is None
     logits = blob_logits(tilted.shape[1:], random_blobs(tilted.shape[1:], seed=5))
     fast, ref = check_same(logits, tilted, [1])
     assert np.array_equal(fast.labels, ref.labels)
 
 
-@pytest.mark.parametrize("seed, shape, spacing, descending", [
-    (11, (37, 83, 79), (4.0, 2.8, 3.1), False),
-    (12, (44, 71, 90), (3.3, 3.0, 2.6), True),
-])
+@pytest.mark.parametrize(
+    "seed, shape, spacing, descending",
+    [
+        (11, (37, 83, 79), (4.0, 2.8, 3.1), False),
+        (12, (44, 71, 90), (3.3, 3.0, 2.6), True),
+    ],
+)
 def test_demo_network_on_phantoms_gives_the_same_result_either_way(
     seed, shape, spacing, descending
 ):

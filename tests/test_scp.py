@@ -43,8 +43,9 @@ CT_CLASSES = {
 @pytest.fixture
 def node(tmp_path, dcmtk_tools):
     # these tests look at storage only: no job runs (no release rule, a long settle time)
-    n = NodeProcess(tmp_path / "node", node={"settle_seconds": 3600,
-                                             "complete_on_release": False}).start()
+    n = NodeProcess(
+        tmp_path / "node", node={"settle_seconds": 3600, "complete_on_release": False}
+    ).start()
     yield n
     n.stop()
 
@@ -113,11 +114,15 @@ def test_every_transfer_syntax(node, data_dir):
 
 
 def test_orthanc_pushes_a_series_to_the_node(tmp_path, orthanc, data_dir, dcmtk_tools):
-    node = NodeProcess(tmp_path / "n", node={"settle_seconds": 3600,
-                                             "complete_on_release": False}).start()
+    node = NodeProcess(
+        tmp_path / "n", node={"settle_seconds": 3600, "complete_on_release": False}
+    ).start()
     try:
-        orthanc.rest("/modalities/node", {"AET": "DICOM_NODE", "Host": "127.0.0.1",
-                                          "Port": node.port}, method="PUT")
+        orthanc.rest(
+            "/modalities/node",
+            {"AET": "DICOM_NODE", "Host": "127.0.0.1", "Port": node.port},
+            method="PUT",
+        )
         series = data_dir / "ct" / "lidc-chest" / "LIDC-IDRI-0002"
         ids = [orthanc.rest("/instances", f.read_bytes())["ID"] for f in series.rglob("*.dcm")]
         result = orthanc.rest("/modalities/node/store", {"Resources": ids, "Synchronous": True})
@@ -132,8 +137,11 @@ def test_orthanc_pushes_a_series_to_the_node(tmp_path, orthanc, data_dir, dcmtk_
 def test_sigkill_mid_push_loses_no_acknowledged_instance(tmp_path, dcmtk_tools):
     hu = np.random.default_rng(1).integers(-1000, 1000, (60, 64, 64)).astype(np.int16)
     paths = write_ct_series(hu, tmp_path / "series", spacing=(2.0, 1.0, 1.0))
-    node = NodeProcess(tmp_path / "n", node={"settle_seconds": 1.0},
-                       inference={"backend": "local", "bundle": str(tmp_path / "missing")})
+    node = NodeProcess(
+        tmp_path / "n",
+        node={"settle_seconds": 1.0},
+        inference={"backend": "local", "bundle": str(tmp_path / "missing")},
+    )
     node.start()
     try:
         acked: list[str] = []
@@ -171,9 +179,11 @@ def test_sigkill_mid_push_loses_no_acknowledged_instance(tmp_path, dcmtk_tools):
         assert jobs[0]["instance_count"] >= len(acked)
         # the sender retries everything; the node completes the series with each slice once
         assert storescu(node.port, tmp_path / "series").returncode == 0
-        jobs = node.wait_for(lambda js: js and js[0]["state"] not in ("receiving", "complete",
-                                                                      "processing"),
-                             timeout=60, what="series settled")
+        jobs = node.wait_for(
+            lambda js: js and js[0]["state"] not in ("receiving", "complete", "processing"),
+            timeout=60,
+            what="series settled",
+        )
         assert jobs[0]["instance_count"] == 60
         assert len(_spooled(node)) == 60
         # no bundle is installed in this test: the job fails with that reason, not a traceback
@@ -199,28 +209,55 @@ def test_push_command_sends_a_folder(node, data_dir):
     import sys
 
     series = data_dir / "ct" / "lidc-chest" / "LIDC-IDRI-0003"
-    r = subprocess.run([sys.executable, "-m", "dicom_node", "push", str(series), "--to",
-                        f"DICOM_NODE@127.0.0.1:{node.port}"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dicom_node",
+            "push",
+            str(series),
+            "--to",
+            f"DICOM_NODE@127.0.0.1:{node.port}",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0, r.stderr
     n = len(list(series.rglob("*.dcm")))
     assert f"sent {n}, failed 0" in r.stdout
     assert node.jobs()[0]["instance_count"] == n
     # an unreachable peer is one sentence, not a traceback
-    r = subprocess.run([sys.executable, "-m", "dicom_node", "push", str(series), "--to",
-                        "NOBODY@127.0.0.1:1", "--quiet"], capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dicom_node",
+            "push",
+            str(series),
+            "--to",
+            "NOBODY@127.0.0.1:1",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "refused or cannot be reached" in r.stderr
 
 
-@pytest.mark.parametrize("sop_class, sop_instance, syntax", [
-    ("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", "1.2.840.10008.1.2.1"),  # even lengths
-    ("1.2.840.10008.5.1.4.1.1.2.1", "1.2.3", "1.2.840.10008.1.2"),  # odd: padded
-    ("1.2.840.10008.5.1.4.1.1.2", "9" * 64, "1.2.840.10008.1.2.4.70"),
-])
+@pytest.mark.parametrize(
+    "sop_class, sop_instance, syntax",
+    [
+        ("1.2.840.10008.5.1.4.1.1.2", "1.2.3.4", "1.2.840.10008.1.2.1"),  # even lengths
+        ("1.2.840.10008.5.1.4.1.1.2.1", "1.2.3", "1.2.840.10008.1.2"),  # odd: padded
+        ("1.2.840.10008.5.1.4.1.1.2", "9" * 64, "1.2.840.10008.1.2.4.70"),
+    ],
+)
 def test_part10_header_is_what_pynetdicom_writes(sop_class, sop_instance, syntax):
     """The spool file's header is pynetdicom's ``encoded_dataset`` header, byte for byte."""
-    meta = create_file_meta(sop_class_uid=sop_class, sop_instance_uid=sop_instance,
-                            transfer_syntax=syntax)
+    meta = create_file_meta(
+        sop_class_uid=sop_class, sop_instance_uid=sop_instance, transfer_syntax=syntax
+    )
     expected = b"\x00" * 128 + b"DICM" + encode_file_meta(meta)
     assert scp.part10_header(sop_class, sop_instance, syntax) == expected
 
@@ -238,11 +275,17 @@ def test_associations_answer_promptly_and_idle_at_pynetdicom_pace(tmp_path, monk
     """While requests arrive the DUL loops fast; an idle association is back at 1 ms."""
     monkeypatch.setattr(scp, "_BUSY_PERIOD", 0.2)
     port = free_port()
-    settings = settings_from_dict({
-        "node": {"ae_title": "DICOM_NODE", "host": "127.0.0.1", "port": port,
-                 "data_dir": str(tmp_path)},
-        "limits": {"min_free_disk_mb": 1},
-    })
+    settings = settings_from_dict(
+        {
+            "node": {
+                "ae_title": "DICOM_NODE",
+                "host": "127.0.0.1",
+                "port": port,
+                "data_dir": str(tmp_path),
+            },
+            "limits": {"min_free_disk_mb": 1},
+        }
+    )
     node = scp.StorageSCP(settings, Spool(tmp_path / "spool"), JobStore(tmp_path / "j.sqlite"))
     node.start()
     try:

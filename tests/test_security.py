@@ -44,8 +44,7 @@ def _series(out: Path, n: int = 3, **attrs: str) -> list[Path]:
     return write_ct_series(hu, out, spacing=(2.0, 1.0, 1.0), attrs=SeriesAttributes(**attrs))
 
 
-def _associate(port: int, calling: str = "PYNETDICOM", called: str = "DICOM_NODE",
-               tls_args=None):
+def _associate(port: int, calling: str = "PYNETDICOM", called: str = "DICOM_NODE", tls_args=None):
     ae = AE(ae_title=calling)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
     ae.add_requested_context(Verification)
@@ -59,8 +58,9 @@ def _rejection(assoc) -> tuple[int, int, int]:
 
 
 def _echo(port: int, *extra: str, calling: str = "ECHOSCU", called: str = "DICOM_NODE"):
-    return dcmtk("echoscu", "-aet", calling, "-aec", called, "-to", "10", *extra,
-                 "127.0.0.1", str(port))
+    return dcmtk(
+        "echoscu", "-aet", calling, "-aec", called, "-to", "10", *extra, "127.0.0.1", str(port)
+    )
 
 
 def _spool_files(node: NodeProcess) -> list[Path]:
@@ -149,7 +149,10 @@ def test_allowed_hosts_matching_and_config_errors(tmp_path):
     node = NodeProcess(tmp_path / "bad", node={"allowed_hosts": ["pacs.example.org"]})
     r = subprocess.run(
         [sys.executable, "-m", "dicom_node", "serve", "--config", str(node.config)],
-        capture_output=True, text=True, timeout=60, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
     )
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1] == (
@@ -185,8 +188,10 @@ def test_association_limit_rejects_transient(started):
         r = _echo(node.port)
         assert r.returncode != 0
         assert "Association Rejected" in r.stderr
-        assert ("Result: Rejected Transient, Source: Service Provider (Presentation Related)"
-                in r.stderr)
+        assert (
+            "Result: Rejected Transient, Source: Service Provider (Presentation Related)"
+            in r.stderr
+        )
         assert "Reason: Local Limit Exceeded" in r.stderr
         other = _associate(node.port)
         assert other.is_rejected and _rejection(other) == (2, 3, 2)
@@ -210,18 +215,56 @@ def _openssl(*args: str) -> None:
 
 def _make_ca(d: Path, name: str) -> tuple[Path, Path]:
     key, cert = d / f"{name}.key", d / f"{name}.pem"
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
-             str(cert), "-days", "2", "-subj", f"/CN={name}")
+    _openssl(
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        str(key),
+        "-out",
+        str(cert),
+        "-days",
+        "2",
+        "-subj",
+        f"/CN={name}",
+    )
     return key, cert
 
 
 def _issue(d: Path, ca: tuple[Path, Path], name: str) -> tuple[Path, Path]:
     key, csr, cert, ext = (d / f"{name}.{s}" for s in ("key", "csr", "pem", "ext"))
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
-             "-subj", f"/CN={name}")
+    _openssl(
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        str(key),
+        "-out",
+        str(csr),
+        "-subj",
+        f"/CN={name}",
+    )
     ext.write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca[1]), "-CAkey", str(ca[0]),
-             "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext))
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        str(csr),
+        "-CA",
+        str(ca[1]),
+        "-CAkey",
+        str(ca[0]),
+        "-CAcreateserial",
+        "-out",
+        str(cert),
+        "-days",
+        "2",
+        "-extfile",
+        str(ext),
+    )
     return key, cert
 
 
@@ -243,13 +286,17 @@ def pki(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
 
 @pytest.fixture
 def tls_node(started, pki):
-    return started("tls", tls={
-        "enabled": True,
-        "certificate": str(pki["node"][1]),
-        "private_key": str(pki["node"][0]),
-        "ca_certificates": str(pki["ca"][1]),
-        "require_client_certificate": True,
-    }, limits={"network_timeout": 5.0, "acse_timeout": 5.0})
+    return started(
+        "tls",
+        tls={
+            "enabled": True,
+            "certificate": str(pki["node"][1]),
+            "private_key": str(pki["node"][0]),
+            "ca_certificates": str(pki["ca"][1]),
+            "require_client_certificate": True,
+        },
+        limits={"network_timeout": 5.0, "acse_timeout": 5.0},
+    )
 
 
 def _dcmtk_tls(pki, who: str = "client") -> list[str]:
@@ -275,8 +322,18 @@ def test_tls_echo_and_store_with_dcmtk(tls_node, pki, tmp_path):
 def test_tls_refuses_peers_without_a_trusted_certificate(tls_node, pki, tmp_path):
     paths = _series(tmp_path / "s")
     # no client certificate
-    r = dcmtk("echoscu", "-aec", "DICOM_NODE", "-to", "10", "+tla", "+cf", str(pki["ca"][1]),
-              "127.0.0.1", str(tls_node.port))
+    r = dcmtk(
+        "echoscu",
+        "-aec",
+        "DICOM_NODE",
+        "-to",
+        "10",
+        "+tla",
+        "+cf",
+        str(pki["ca"][1]),
+        "127.0.0.1",
+        str(tls_node.port),
+    )
     assert r.returncode != 0
     # a certificate from another CA
     r = storescu(tls_node.port, paths, "DICOM_NODE", "STORESCU", *_dcmtk_tls(pki, "rogue"))
@@ -297,10 +354,15 @@ def test_tls_refuses_peers_without_a_trusted_certificate(tls_node, pki, tmp_path
 
 def test_client_ssl_context_talks_to_the_tls_node(tls_node, pki):
     """The context exports use: verifies the node's certificate, presents the node's own."""
-    settings = TLSSettings(enabled=True, certificate=pki["client"][1],
-                           private_key=pki["client"][0], ca_certificates=pki["ca"][1])
-    dest = Destination(name="pacs", ae_title="DICOM_NODE", host="127.0.0.1",
-                       port=tls_node.port, tls=True)
+    settings = TLSSettings(
+        enabled=True,
+        certificate=pki["client"][1],
+        private_key=pki["client"][0],
+        ca_certificates=pki["ca"][1],
+    )
+    dest = Destination(
+        name="pacs", ae_title="DICOM_NODE", host="127.0.0.1", port=tls_node.port, tls=True
+    )
     args = client_tls_args(settings, dest)
     assert args is not None and args[1] == "127.0.0.1"
     assoc = _associate(tls_node.port, tls_args=args)
@@ -318,31 +380,51 @@ def test_client_ssl_context_talks_to_the_tls_node(tls_node, pki):
 def test_tls_handshake_deadline_and_address_limit(started, pki):
     """A ClientHello trickled a byte at a time is cut at association_deadline_seconds; while
     it holds its address's one connection, that address is refused and another served."""
-    node = started("tls-pressure", tls={
-        "enabled": True,
-        "certificate": str(pki["node"][1]),
-        "private_key": str(pki["node"][0]),
-        "ca_certificates": str(pki["ca"][1]),
-        "require_client_certificate": True,
-    }, limits={"network_timeout": 5.0, "acse_timeout": 5.0, "association_deadline_seconds": 2.0,
-               "max_associations_per_address": 1})
-    settings = TLSSettings(enabled=True, certificate=pki["client"][1],
-                           private_key=pki["client"][0], ca_certificates=pki["ca"][1])
-    args = client_tls_args(settings, Destination(name="n", ae_title="DICOM_NODE",
-                                                 host="127.0.0.1", port=node.port, tls=True))
+    node = started(
+        "tls-pressure",
+        tls={
+            "enabled": True,
+            "certificate": str(pki["node"][1]),
+            "private_key": str(pki["node"][0]),
+            "ca_certificates": str(pki["ca"][1]),
+            "require_client_certificate": True,
+        },
+        limits={
+            "network_timeout": 5.0,
+            "acse_timeout": 5.0,
+            "association_deadline_seconds": 2.0,
+            "max_associations_per_address": 1,
+        },
+    )
+    settings = TLSSettings(
+        enabled=True,
+        certificate=pki["client"][1],
+        private_key=pki["client"][0],
+        ca_certificates=pki["ca"][1],
+    )
+    args = client_tls_args(
+        settings,
+        Destination(name="n", ae_title="DICOM_NODE", host="127.0.0.1", port=node.port, tls=True),
+    )
 
     def tls_assoc(source: str):
         ae = AE(ae_title="PYNETDICOM")
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
         ae.add_requested_context(Verification)
-        return ae.associate("127.0.0.1", node.port, ae_title="DICOM_NODE", tls_args=args,
-                            bind_address=(source, 0))
+        return ae.associate(
+            "127.0.0.1", node.port, ae_title="DICOM_NODE", tls_args=args, bind_address=(source, 0)
+        )
 
     with socket.create_connection(("127.0.0.1", node.port), timeout=10) as slow:
         started_at = time.monotonic()
         slow.sendall(b"\x16\x03\x01\x02\x00")  # a TLS record of 512 bytes announced...
-        assert _until(lambda: "already holds 1 connection" in _log_text(node)
-                      or not tls_assoc("127.0.0.1").is_established, 5)
+        assert _until(
+            lambda: (
+                "already holds 1 connection" in _log_text(node)
+                or not tls_assoc("127.0.0.1").is_established
+            ),
+            5,
+        )
         other = tls_assoc("127.0.0.2")
         assert other.is_established and other.send_c_echo().Status == 0
         other.release()
@@ -362,18 +444,30 @@ def test_tls_handshake_deadline_and_address_limit(started, pki):
 def test_tls_settings_errors_are_one_sentence(pki, tmp_path):
     missing = tmp_path / "nope.pem"
     with pytest.raises(TLSConfigError, match=r"tls.certificate: .*nope.pem does not exist"):
-        server_ssl_context(TLSSettings(enabled=True, certificate=missing,
-                                       private_key=pki["node"][0]))
+        server_ssl_context(
+            TLSSettings(enabled=True, certificate=missing, private_key=pki["node"][0])
+        )
     with pytest.raises(TLSConfigError, match="cannot be loaded together"):
-        server_ssl_context(TLSSettings(enabled=True, certificate=pki["node"][1],
-                                       private_key=pki["client"][0]))
+        server_ssl_context(
+            TLSSettings(enabled=True, certificate=pki["node"][1], private_key=pki["client"][0])
+        )
     with pytest.raises(TLSConfigError, match="require_client_certificate needs"):
-        server_ssl_context(TLSSettings(enabled=True, certificate=pki["node"][1],
-                                       private_key=pki["node"][0],
-                                       require_client_certificate=True))
-    ctx = server_ssl_context(TLSSettings(enabled=True, certificate=pki["node"][1],
-                                         private_key=pki["node"][0],
-                                         ca_certificates=pki["ca"][1]))
+        server_ssl_context(
+            TLSSettings(
+                enabled=True,
+                certificate=pki["node"][1],
+                private_key=pki["node"][0],
+                require_client_certificate=True,
+            )
+        )
+    ctx = server_ssl_context(
+        TLSSettings(
+            enabled=True,
+            certificate=pki["node"][1],
+            private_key=pki["node"][0],
+            ca_certificates=pki["ca"][1],
+        )
+    )
     import ssl
 
     assert ctx.verify_mode == ssl.CERT_OPTIONAL

@@ -45,8 +45,12 @@ def test_without_shared_memory_the_volume_goes_to_ordinary_memory(monkeypatch, t
 
 
 def test_regions_of_dead_processes_are_removed():
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     stale = shm.SHM_DIR / f"{shm.PREFIX}_{int(dead.stdout)}_0123456789ab"
     stale.write_bytes(b"left by a killed node")
     mine = shm.shared_empty((4,), np.uint8)

@@ -84,11 +84,25 @@ def chromium(*args: str, profile: Path) -> subprocess.CompletedProcess:
     if exe is None:
         pytest.fail("chromium is not installed: `make install` installs it")
     return subprocess.run(
-        [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-         "--no-first-run", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", "--hide-scrollbars", "--force-device-scale-factor=1",
-         f"--user-data-dir={profile}", *args],
-        capture_output=True, text=True, timeout=120, check=False,
+        [
+            exe,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--hide-scrollbars",
+            "--force-device-scale-factor=1",
+            f"--user-data-dir={profile}",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
 
 
@@ -124,14 +138,27 @@ def node(tmp_path_factory):
     work = tmp_path_factory.mktemp("status-node")
     settings = settings_from_dict(
         {
-            "node": {"ae_title": "DICOM_NODE", "host": "127.0.0.1", "port": free_port(),
-                     "data_dir": str(work / "var"), "settle_seconds": 0.5},
+            "node": {
+                "ae_title": "DICOM_NODE",
+                "host": "127.0.0.1",
+                "port": free_port(),
+                "data_dir": str(work / "var"),
+                "settle_seconds": 0.5,
+            },
             "limits": {"min_free_disk_mb": 1},
             "inference": {"backend": "local", "device": "cpu", "max_concurrent_jobs": 1},
             "status": {"enabled": True, "host": "127.0.0.1", "port": 0},
-            "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1",
-                              "port": free_port(), "attempts": 2,
-                              "retry_backoff_seconds": 0.2, "max_backoff_seconds": 0.5}],
+            "destinations": [
+                {
+                    "name": "pacs",
+                    "ae_title": "PACS",
+                    "host": "127.0.0.1",
+                    "port": free_port(),
+                    "attempts": 2,
+                    "retry_backoff_seconds": 0.2,
+                    "max_backoff_seconds": 0.5,
+                }
+            ],
         },
         base_dir=ROOT,
     )
@@ -149,28 +176,43 @@ def processed(node, tmp_path_factory, dcmtk_tools):
     phantom = make_phantom(shape=(40, 96, 96), spacing=(5.0, 3.5, 3.5), seed=31)
     attrs = SeriesAttributes(patient_id="STATUS-1")
     ct_dir = tmp_path_factory.mktemp("status-ct")
-    ct_paths = write_ct_series(phantom.hu, ct_dir, spacing=phantom.spacing,
-                               origin=phantom.origin, attrs=attrs)
+    ct_paths = write_ct_series(
+        phantom.hu, ct_dir, spacing=phantom.spacing, origin=phantom.origin, attrs=attrs
+    )
     uid = attrs.series_instance_uid
     assert storescu(node.settings.node.port, ct_dir).returncode == 0
     record = wait_for(
-        lambda: (r := node.jobs.get_series(uid)) is not None and r.state in (DONE, FAILED)
-        and r, 300, "the series processed")
+        lambda: (r := node.jobs.get_series(uid)) is not None and r.state in (DONE, FAILED) and r,
+        300,
+        "the series processed",
+    )
     assert record.state == DONE, record.reason
-    wait_for(lambda: [o.state for o in node.jobs.outbox(uid)] == [FAILED] * 3, 60,
-             "the exporter giving up on the unreachable destination")
-    return {"uid": uid, "before": before, "after": scrape(base), "ct_paths": ct_paths,
-            "record": node.jobs.get_series(uid)}
+    wait_for(
+        lambda: [o.state for o in node.jobs.outbox(uid)] == [FAILED] * 3,
+        60,
+        "the exporter giving up on the unreachable destination",
+    )
+    return {
+        "uid": uid,
+        "before": before,
+        "after": scrape(base),
+        "ct_paths": ct_paths,
+        "record": node.jobs.get_series(uid),
+    }
 
 
 # -- tests -----------------------------------------------------------------------------
 def test_metrics_follow_a_series_through_the_chain(processed):
     before, after = processed["before"], processed["after"]
     received = "dicom_node_instances_received_total"
-    assert (metric(after, received, status="0x0000", outcome="stored")
-            - metric(before, received, status="0x0000", outcome="stored")) == 40
-    assert (metric(after, "dicom_node_series", state="done")
-            - metric(before, "dicom_node_series", state="done")) == 1
+    assert (
+        metric(after, received, status="0x0000", outcome="stored")
+        - metric(before, received, status="0x0000", outcome="stored")
+    ) == 40
+    assert (
+        metric(after, "dicom_node_series", state="done")
+        - metric(before, "dicom_node_series", state="done")
+    ) == 1
     for stage in STAGES:
         count = "dicom_node_stage_duration_seconds_count"
         assert metric(after, count, stage=stage) - metric(before, count, stage=stage) >= 1, stage
@@ -190,7 +232,7 @@ def test_jobs_page_lists_the_series(node, processed):
     status, body, ctype = get(node.status.url + "/")
     assert status == 200 and ctype.startswith("text/html")
     page = body.decode()
-    row = page[page.index(f'data-series-uid="{processed["uid"]}"'):]
+    row = page[page.index(f'data-series-uid="{processed["uid"]}"') :]
     row = row[: row.index("</tr>")]
     assert 'data-state="done"' in row
     assert '<td class="num">40</td>' in row
@@ -230,8 +272,9 @@ def test_job_page_in_chromium_shows_the_spleen_outlined(node, processed, tmp_pat
 
     # The browser draws them: the screenshot holds the outline colour.
     shot = tmp_path / "job.png"
-    run = chromium(f"--screenshot={shot}", "--window-size=1400,1800", url,
-                   profile=tmp_path / "profile2")
+    run = chromium(
+        f"--screenshot={shot}", "--window-size=1400,1800", url, profile=tmp_path / "profile2"
+    )
     assert run.returncode == 0 and shot.is_file(), run.stderr[-2000:]
     pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     close = np.all(np.abs(pixels - np.array(SPLEEN_RGB)) <= 3, axis=-1)

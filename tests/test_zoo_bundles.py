@@ -79,16 +79,26 @@ def unseen_variant(dest: Path) -> Path:
     config = json.loads((ZOO / "spleen_ct_segmentation/configs/inference.json").read_text())
     del config["checkpointloader"]
     config["initialize"] = ["$monai.utils.set_determinism(seed=123)"]
-    config["handlers"].insert(0, {
-        "_target_": "CheckpointLoader",
-        "load_path": "$@bundle_root + '/models/weights_v2.pt'",
-        "load_dict": {"model": "@network"},
-    })
+    config["handlers"].insert(
+        0,
+        {
+            "_target_": "CheckpointLoader",
+            "load_path": "$@bundle_root + '/models/weights_v2.pt'",
+            "load_dict": {"model": "@network"},
+        },
+    )
     config["label_names"] = ["background", "spleen"]
     transforms = config["preprocessing"]["transforms"]
     at = next(i for i, t in enumerate(transforms) if t["_target_"] == "ScaleIntensityRanged")
-    transforms.insert(at + 1, {"_target_": "CropForegroundd", "keys": "@image_key",
-                               "source_key": "@image_key", "allow_smaller": True})
+    transforms.insert(
+        at + 1,
+        {
+            "_target_": "CropForegroundd",
+            "keys": "@image_key",
+            "source_key": "@image_key",
+            "allow_smaller": True,
+        },
+    )
     (root / "configs" / "inference.yaml").write_text(yaml.safe_dump(config))
     meta = json.loads((ZOO / "spleen_ct_segmentation/configs/metadata.json").read_text())
     meta["name"] = "Spleen variant"
@@ -142,8 +152,11 @@ def label_dice(labels: np.ndarray, reference: np.ndarray) -> dict[int, float]:
     """Dice of each label with at least 500 voxels in the reference (smaller ones move by
     more than their size allows from noise alone)."""
     values, counts = np.unique(reference, return_counts=True)
-    return {int(v): checks.dice(labels == v, reference == v)
-            for v, n in zip(values, counts, strict=True) if v != 0 and n >= 500}
+    return {
+        int(v): checks.dice(labels == v, reference == v)
+        for v, n in zip(values, counts, strict=True)
+        if v != 0 and n >= 500
+    }
 
 
 def assert_same_labels(labels: np.ndarray, reference: np.ndarray, what: str) -> None:
@@ -160,8 +173,9 @@ def series(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("zoo-ct")
     phantom = make_phantom((20, 48, 48), (5.0, 4.2, 4.2), seed=3, origin=(-100.8, -100.8, -560.0))
     attrs = SeriesAttributes(patient_name="Zoo^Phantom", patient_id="ZOO-1")
-    paths = write_ct_series(phantom.hu, tmp / "ct", spacing=phantom.spacing,
-                            origin=phantom.origin, attrs=attrs)
+    paths = write_ct_series(
+        phantom.hu, tmp / "ct", spacing=phantom.spacing, origin=phantom.origin, attrs=attrs
+    )
     return paths, assemble_series(paths), attrs
 
 
@@ -177,8 +191,10 @@ def bundles(tmp_path_factory):
 def references(bundles, series, tmp_path_factory):
     _, volume, _ = series
     tmp = tmp_path_factory.mktemp("zoo-reference")
-    return {name: monai_reference(root, volume.array, volume.affine, tmp)
-            for name, root in bundles.items()}
+    return {
+        name: monai_reference(root, volume.array, volume.affine, tmp)
+        for name, root in bundles.items()
+    }
 
 
 @pytest.mark.slow
@@ -218,8 +234,12 @@ def test_the_published_btcv_config_is_refused_with_the_reason(tmp_path):
 
 def test_labels_of_the_three_bundles_are_read_from_their_metadata(bundles):
     counts = {name: len(read_bundle_info(root).labels) for name, root in bundles.items()}
-    assert counts == {"spleen_ct_segmentation": 1, "swin_unetr_btcv_segmentation": 13,
-                      "wholeBody_ct_segmentation": 104, "spleen_variant": 1}
+    assert counts == {
+        "spleen_ct_segmentation": 1,
+        "swin_unetr_btcv_segmentation": 13,
+        "wholeBody_ct_segmentation": 104,
+        "spleen_variant": 1,
+    }
 
 
 @pytest.mark.slow
@@ -233,13 +253,26 @@ def test_the_three_bundles_through_triton_to_the_pacs(bundles, references, serie
     node = NodeProcess(
         tmp_path / "node",
         node={"settle_seconds": 1.0},
-        inference={"backend": "triton", "grpc_port": 0, "http_port": 0, "metrics_port": 0,
-                   "retry_backoff_seconds": 1.0, "startup_timeout_seconds": 300},
+        inference={
+            "backend": "triton",
+            "grpc_port": 0,
+            "http_port": 0,
+            "metrics_port": 0,
+            "retry_backoff_seconds": 1.0,
+            "startup_timeout_seconds": 300,
+        },
         models=[{"name": names[n], "bundle": str(bundles[n])} for n in served],
         routes=[{"models": list(names.values())}],
-        destinations=[{"name": "pacs", "ae_title": pacs.aet, "host": "127.0.0.1",
-                       "port": pacs.dicom_port, "retry_backoff_seconds": 0.5,
-                       "max_backoff_seconds": 2.0}],
+        destinations=[
+            {
+                "name": "pacs",
+                "ae_title": pacs.aet,
+                "host": "127.0.0.1",
+                "port": pacs.dicom_port,
+                "retry_backoff_seconds": 0.5,
+                "max_backoff_seconds": 2.0,
+            }
+        ],
     )
     try:
         node.start()
@@ -247,13 +280,24 @@ def test_the_three_bundles_through_triton_to_the_pacs(bundles, references, serie
 
         def finished(jobs: list[dict]) -> bool:
             job = next((j for j in jobs if j["series_uid"] == attrs.series_instance_uid), None)
-            return bool(job and job["state"] == "done" and job["outbox"]
-                        and all(o["state"] == "sent" for o in job["outbox"]))
+            return bool(
+                job
+                and job["state"] == "done"
+                and job["outbox"]
+                and all(o["state"] == "sent" for o in job["outbox"])
+            )
 
-        node.wait_for(finished, timeout=900, what="four result sets in the PACS",
-                      failures_allowed=False)
-        found = pacs.rest("/tools/find", {"Level": "Instance", "Expand": True,
-                                          "Query": {"StudyInstanceUID": attrs.study_instance_uid}})
+        node.wait_for(
+            finished, timeout=900, what="four result sets in the PACS", failures_allowed=False
+        )
+        found = pacs.rest(
+            "/tools/find",
+            {
+                "Level": "Instance",
+                "Expand": True,
+                "Query": {"StudyInstanceUID": attrs.study_instance_uid},
+            },
+        )
         segs, modalities = {}, []
         for inst in found:
             path = tmp_path / f"{inst['ID']}.dcm"
@@ -277,8 +321,11 @@ def test_the_three_bundles_through_triton_to_the_pacs(bundles, references, serie
                 labels[mask] = by_name[str(item.SegmentLabel)]
             assert_same_labels(labels, references[name], f"{name} through Triton")
             if name == "wholeBody_ct_segmentation":
-                generic = [str(item.SegmentLabel) for item in seg.SegmentSequence
-                           if item.SegmentedPropertyTypeCodeSequence[0].CodeValue == "123037004"]
+                generic = [
+                    str(item.SegmentLabel)
+                    for item in seg.SegmentSequence
+                    if item.SegmentedPropertyTypeCodeSequence[0].CodeValue == "123037004"
+                ]
                 assert generic == [], f"segments coded only as Body structure: {generic}"
     finally:
         node.stop()
