@@ -70,6 +70,8 @@ _UNREACHABLE = ("StatusCode.UNAVAILABLE", "StatusCode.CANCELLED")
 _NOT_FOUND = "StatusCode.NOT_FOUND"
 
 _T = TypeVar("_T")
+# How long a region may stay "in use" after its response arrived before it is given up.
+_UNREGISTER_GRACE = 5.0
 
 #: What :class:`TritonBackend` takes as ``transport``.
 TRANSPORTS = ("auto", "grpc", "shm", "cuda_shm")
@@ -140,10 +142,23 @@ class Registration:
                 if self.cuda
                 else self.client.unregister_system_shared_memory
             )
-            try:
-                unregister(self.name, client_timeout=10.0)
-            except InferenceServerException as exc:  # the server is gone: nothing to undo
-                log.debug("could not unregister %s: %s", self.name, exc)
+            # The server lets go of a region only once it has sent the response that read
+            # it, a moment after the client holds that response: until then it answers
+            # "currently in use". Retried briefly, or the registration would outlive us.
+            deadline = time.monotonic() + _UNREGISTER_GRACE
+            pause = 0.005
+            while True:
+                try:
+                    unregister(self.name, client_timeout=10.0)
+                    return
+                except InferenceServerException as exc:
+                    if "in use" in str(exc) and time.monotonic() < deadline:
+                        time.sleep(pause)
+                        pause = min(pause * 2, 0.2)
+                        continue
+                    # the server is gone (nothing to undo), or it never let go
+                    log.debug("could not unregister %s: %s", self.name, exc)
+                    return
 
 
 class TritonBackend:
