@@ -17,6 +17,7 @@ import tritonclient.grpc as grpcclient
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
+from dicom_node.inference import bundle_env_name, models_to_load
 from dicom_node.inference.server import TritonServer, bundle_path_from_config
 from dicom_node.inference.triton import TritonBackend
 from dicom_node.phantom import make_phantom
@@ -219,3 +220,18 @@ def test_repository_pairs_each_segmentation_model_with_its_network(monkeypatch, 
     bundle = ROOT / "bundles" / f"{organ}_ct_demo"
     assert bundle_path_from_config(seg, REPOSITORY / seg["name"]) == bundle
     assert bundle_path_from_config(unet, REPOSITORY / unet["name"]) == bundle
+
+
+def test_a_segmentation_model_brings_its_network_model(tmp_path):
+    """A managed server loads what the configured models call, read from their config.pbtxt
+    as Triton reads it (parameters in any order and layout)."""
+    repo = tmp_path / "models"
+    (repo / "a_seg").mkdir(parents=True)
+    (repo / "a_seg" / "config.pbtxt").write_text(
+        'name: "a_seg"\nbackend: "python"\n'
+        "parameters [\n"
+        '  { key: "bundle" value: { string_value: "../b" } },\n'
+        '  {\n    key: "network_model"\n    value: { string_value: "a_unet" }\n  }\n]\n'
+    )
+    assert models_to_load(repo, ["a_seg", "echo"]) == ["a_seg", "a_unet", "echo"]
+    assert bundle_env_name("liver-seg.v2") == "DICOM_NODE_BUNDLE_LIVER_SEG_V2"

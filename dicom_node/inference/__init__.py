@@ -91,23 +91,30 @@ class ManagedTritonBackend:
 
 
 def bundle_env_name(triton_model: str) -> str:
-    """The variable that tells a Triton model which bundle to load (``model.py`` reads it)."""
-    return "DICOM_NODE_BUNDLE_" + "".join(c if c.isalnum() else "_" for c in triton_model).upper()
+    """The variable that tells a Triton model which bundle to load (``model.py`` reads it):
+    ``DICOM_NODE_BUNDLE_`` and the model's name in upper case, any character other than an
+    ASCII letter, digit or underscore as ``_``."""
+    return "DICOM_NODE_BUNDLE_" + re.sub(r"[^A-Z0-9_]", "_", triton_model.upper())
 
 
 def models_to_load(repository: Path, triton_models: list[str]) -> list[str]:
     """The segmentation models and the network models they call through BLS.
 
     A managed server loads only what the node's configuration uses: each model costs start-up
-    time and memory (its network, a backend stub process).
+    time and memory (its network, a backend stub process). The configurations are read with
+    Triton's own protobuf schema, as the server reads them.
     """
-    pattern = re.compile(r'key:\s*"network_model",\s*value:\s*\{\s*string_value:\s*"([^"]+)"')
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
     names: list[str] = []
     for model in triton_models:
         names.append(model)
-        config = Path(repository) / model / "config.pbtxt"
-        if config.exists():
-            names += pattern.findall(config.read_text())
+        path = Path(repository) / model / "config.pbtxt"
+        if path.exists():
+            config = text_format.Parse(path.read_text(), model_config_pb2.ModelConfig())
+            if "network_model" in config.parameters:
+                names.append(config.parameters["network_model"].string_value)
     return list(dict.fromkeys(names))
 
 

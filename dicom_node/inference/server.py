@@ -22,7 +22,6 @@ import atexit
 import importlib.util
 import logging
 import os
-import re
 import shutil
 import signal
 import socket
@@ -36,7 +35,7 @@ import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from dicom_node.inference import InferenceError
+from dicom_node.inference import InferenceError, bundle_env_name
 
 log = logging.getLogger(__name__)
 
@@ -463,10 +462,6 @@ def _bind_host(host: str) -> str:
 _LEGACY_BUNDLE_MODELS = frozenset({"spleen_seg", "spleen_unet"})
 
 
-def _bundle_variable(model: str) -> str:
-    return "DICOM_NODE_BUNDLE_" + re.sub(r"[^A-Z0-9_]", "_", model.upper())
-
-
 def bundle_path_from_config(model_config: Mapping, model_dir: str | Path) -> Path:
     """The MONAI bundle a Triton model serves.
 
@@ -486,7 +481,7 @@ def bundle_path_from_config(model_config: Mapping, model_dir: str | Path) -> Pat
     parameters = model_config.get("parameters", {})
     name = str(model_config.get("name") or Path(model_dir).name)
     caller = parameters.get("segmentation_model", {}).get("string_value")
-    variables = [_bundle_variable(m) for m in (name, caller) if m]
+    variables = [bundle_env_name(m) for m in (name, caller) if m]
     if name in _LEGACY_BUNDLE_MODELS:
         variables.append("DICOM_NODE_BUNDLE")
     for variable in variables:

@@ -29,8 +29,8 @@ from monai.inferers import sliding_window_inference
 
 from dicom_node.pipeline.bundle import Bundle
 from dicom_node.pipeline.postprocess import in_plane_contours, postprocess_fast, postprocess_monai
+from dicom_node.pipeline.preprocess import Preprocess
 from dicom_node.pipeline.result import SegmentationResult
-from dicom_node.pipeline.transforms import image_transforms, to_metatensor
 from dicom_node.pipeline.workflow import BundleWorkflow
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
@@ -72,7 +72,7 @@ class SegmentationPipeline:
         if self.path == "fast":
             if bundle.preprocessing is None or bundle.roi_size is None:
                 raise ValueError(f"bundle {bundle.path} has no chain the fast path reproduces")
-            self._preprocess = image_transforms(bundle.preprocessing)
+            self._preprocess = Preprocess(bundle.preprocessing)
             fast = bundle.fast_postprocessing
             self._keep_largest = True if fast is None else fast.keep_largest
         else:
@@ -90,7 +90,7 @@ class SegmentationPipeline:
         """The bundle's preprocessing of a (slices, rows, columns) HU array with an LPS affine
         (fast path)."""
         with torch.inference_mode():
-            return self._preprocess(to_metatensor(hu, affine, self.device))
+            return self._preprocess(hu, affine, self.device)
 
     def infer(self, image: torch.Tensor, predictor: Predictor | None = None) -> torch.Tensor:
         """Logits (num_classes, x, y, z) of a preprocessed image (1, x, y, z)."""

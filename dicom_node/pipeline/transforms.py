@@ -90,22 +90,27 @@ def spatial_transforms(pre: Preprocessing, mode: str | None = None) -> list:
     return steps
 
 
+def intensity_transform(pre: Preprocessing) -> ScaleIntensityRange | None:
+    """The bundle's ScaleIntensityRange, or ``None`` when it has none."""
+    if "intensity" not in pre.order:
+        return None
+    return ScaleIntensityRange(
+        a_min=pre.a_min,
+        a_max=pre.a_max,
+        b_min=pre.b_min,
+        b_max=pre.b_max,
+        clip=pre.clip,
+        dtype=torch.float32,
+    )
+
+
 def image_transforms(pre: Preprocessing) -> Compose:
     """The bundle's preprocessing of an image, as MONAI array transforms in the bundle's order."""
     spatial = iter(spatial_transforms(pre))
     steps = []
     for step in pre.order:
         if step == "intensity":
-            steps.append(
-                ScaleIntensityRange(
-                    a_min=pre.a_min,
-                    a_max=pre.a_max,
-                    b_min=pre.b_min,
-                    b_max=pre.b_max,
-                    clip=pre.clip,
-                    dtype=torch.float32,
-                )
-            )
+            steps.append(intensity_transform(pre))
         elif (step == "orientation" and pre.axcodes) or (step == "spacing" and pre.pixdim):
             steps.append(next(spatial))
     return Compose(steps)
