@@ -16,8 +16,9 @@ pynetdicom 3.0.4) with :class:`GuardedReader`, which
   association is established, then ``message_deadline_seconds`` from the first byte of
   each PDU and of each message (all fragments of a command set or data set);
 * reads each PDU header first and refuses, before reading the body, a P-DATA PDU that
-  would take the data set past ``max_instance_bytes``; the node then sends an A-ABORT and
-  the association ends, with one log line saying why.
+  would take the data set past ``max_instance_bytes`` or that is longer than the node
+  announced it would receive (:data:`MAX_PDU`); the node then sends an A-ABORT and the
+  association ends, with one log line saying why.
 
 A failed read is an ``OSError`` to pynetdicom, which closes the connection as it does for a
 peer that hung up. :class:`AddressLimiter` counts connections per source address from the
@@ -56,6 +57,9 @@ _CONTROL_PDUS = (0x01, 0x02, 0x03, 0x05, 0x06, 0x07)
 _SLACK = 64 * 1024
 #: Largest single read: pynetdicom reads 4 KiB at a time.
 _CHUNK = 1024 * 1024
+#: The largest P-DATA PDU the node accepts, announced as its Maximum Length Received
+#: (PS3.8 D.1): pynetdicom reads each PDU whole before handing on its fragments.
+MAX_PDU = 4 * 1024 * 1024
 #: Largest PDU other than P-DATA (an A-ASSOCIATE-RQ with every storage class and transfer
 #: syntax and a user identity token is some tens of kilobytes).
 MAX_CONTROL_PDU = 1024 * 1024
@@ -121,6 +125,8 @@ class GuardedReader:
             self._body = length
             if self._pdu_type == _P_DATA and self._message_bytes + length > self.max_bytes + _SLACK:
                 self._refuse_size(self._message_bytes + length)
+            if self._pdu_type == _P_DATA and length > MAX_PDU + _SLACK:
+                self._refuse_size(length, "the Maximum Length Received announced", MAX_PDU)
             if self._pdu_type in _CONTROL_PDUS and length > MAX_CONTROL_PDU:
                 self._refuse_size(length, "limits: an association control PDU", MAX_CONTROL_PDU)
         return data

@@ -22,19 +22,24 @@ Patient names and IDs reach the log only with
 
 from __future__ import annotations
 
+import hashlib
 import io
 import ipaddress
 import logging
+import os
 import queue
 import socket
+import sqlite3
 import ssl
 import struct
+import tempfile
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -65,6 +70,8 @@ from pynetdicom import (
     AE,
     PYNETDICOM_IMPLEMENTATION_UID,
     PYNETDICOM_IMPLEMENTATION_VERSION,
+    _config,
+    dimse_messages,
     evt,
 )
 from pynetdicom._handlers import (
@@ -76,6 +83,7 @@ from pynetdicom._handlers import (
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import DimseServiceType
+from pynetdicom.dsutils import decode
 from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
@@ -285,7 +293,112 @@ def part10_header(sop_class: str, sop_instance: str, transfer_syntax: str) -> by
     return b"\x00" * 128 + b"DICM" + group_length + meta
 
 
-def _check_inflated_size(data: bytes, limit: int) -> None:
+#: Data sets larger than this are checked where they lie, in the file pynetdicom wrote as
+#: they arrived, never read into memory whole (their Pixel Data is parsed deferred).
+READ_WHOLE_BELOW = 64 * 1024 * 1024
+#: Values larger than this stay in the file while a large data set is parsed.
+_DEFER_SIZE = 1024 * 1024
+_incoming_dir: Path | None = None
+
+
+def _incoming_file(*args: object, **kwargs: object) -> tempfile._TemporaryFileWrapper:  # type: ignore[type-arg]
+    """pynetdicom's temporary file for a C-STORE data set, placed under the spool.
+
+    With ``STORE_RECV_CHUNKED_DATASET`` pynetdicom writes each data set to a
+    ``NamedTemporaryFile`` as its fragments arrive, in the system's temporary directory and
+    with no setting for another. Made here instead (same call, a directory and a suffix of
+    our own): in ``spool/.incoming``, on the spool's file system, so that an accepted
+    instance is renamed into the spool rather than copied, and ending in ``.part``, so that
+    what a crash leaves there is removed at start (:meth:`Spool.clean_incoming`).
+    """
+    if _incoming_dir is not None:
+        kwargs["dir"] = str(_incoming_dir)
+        kwargs["suffix"] = ".part"
+    return tempfile.NamedTemporaryFile(*args, **kwargs)  # type: ignore[call-overload]
+
+
+def receive_to_files(incoming: Path) -> None:
+    """Have pynetdicom write received C-STORE data sets to files in ``incoming``.
+
+    A process-wide pynetdicom setting (it receives C-STORE as an SCP only here; sending is
+    unaffected). Memory then no longer grows with the size of an instance: pynetdicom
+    would otherwise join its fragments in memory, and the node copy them once more.
+    """
+    global _incoming_dir
+    _incoming_dir = incoming
+    dimse_messages.NamedTemporaryFile = _incoming_file  # type: ignore[attr-defined]
+    _config.STORE_RECV_CHUNKED_DATASET = True
+
+
+def discard_partial(assoc: Association) -> None:
+    """Remove the file of a data set whose association ended before it was complete.
+
+    pynetdicom leaves it behind (it deletes the file only after the C-STORE handler ran).
+    """
+    message = getattr(getattr(assoc, "dimse", None), "message", None)
+    partial = getattr(message, "_data_set_file", None)
+    if partial is None:
+        return
+    try:
+        partial.close()
+        os.unlink(partial.name)
+    except OSError:
+        pass
+
+
+@dataclass
+class Received:
+    """A C-STORE's data set as pynetdicom handed it over.
+
+    Either ``data`` (the data set's bytes, in memory) or ``file``: the file pynetdicom
+    wrote as the data set arrived, whose data set starts at ``offset`` after the File Meta
+    Information ``meta`` (preamble included) that pynetdicom wrote in front of it. A data set
+    of up to :data:`READ_WHOLE_BELOW` bytes is read into ``data`` as well.
+    """
+
+    size: int
+    data: bytes | None = None
+    file: Path | None = None
+    offset: int = 0
+    meta: bytes = b""
+
+    @classmethod
+    def from_event(cls, event: evt.Event) -> Received:
+        path = getattr(event.request, "_dataset_path", None)
+        if not isinstance(path, Path) or not path.exists():
+            data = event.request.DataSet.getvalue() if event.request.DataSet else b""
+            return cls(size=len(data), data=data)
+        with open(path, "rb") as f:
+            head = f.read(144)  # preamble, "DICM", (0002,0000) UL
+            offset = 144 + int.from_bytes(head[140:144], "little")
+            f.seek(0)
+            meta = f.read(offset)
+            size = os.fstat(f.fileno()).st_size - offset
+            data = f.read() if size <= READ_WHOLE_BELOW else None
+        return cls(size=size, data=data, file=path, offset=offset, meta=meta)
+
+    def chunks(self, size: int = 1024 * 1024) -> Iterator[bytes]:
+        """The data set's bytes, a piece at a time."""
+        if self.data is not None:
+            yield self.data
+            return
+        assert self.file is not None
+        with open(self.file, "rb") as f:
+            f.seek(self.offset)
+            while chunk := f.read(size):
+                yield chunk
+
+    def digest(self) -> str:
+        """SHA-256 of the data set (as :func:`~dicom_node.spool.dataset_digest`)."""
+        if self.data is not None:
+            return dataset_digest(self.data, has_meta=False)
+        sha = hashlib.sha256()
+        for chunk in self.chunks():
+            sha.update(chunk)
+        return sha.hexdigest()
+
+
+def _check_inflated_size(data: bytes | Iterator[bytes], limit: int) -> None:
     """Refuse a deflated data set that inflates past ``limit`` bytes (0xA702).
 
     A few kilobytes of deflate can stand for gigabytes, and pydicom inflates a data set
@@ -294,13 +407,17 @@ def _check_inflated_size(data: bytes, limit: int) -> None:
     stream that is not deflate is left to the parse, which refuses it.
     """
     inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    pending, total = data, 0
+    total = 0
     try:
-        while pending and not inflater.eof:
-            total += len(inflater.decompress(pending, 1024 * 1024))
-            if total > limit:
-                raise StoreRefused(TOO_LARGE, f"deflated data set inflates past {limit} bytes")
-            pending = inflater.unconsumed_tail
+        for piece in [data] if isinstance(data, bytes) else data:
+            pending = piece
+            while pending and not inflater.eof:
+                total += len(inflater.decompress(pending, 1024 * 1024))
+                if total > limit:
+                    raise StoreRefused(TOO_LARGE, f"deflated data set inflates past {limit} bytes")
+                pending = inflater.unconsumed_tail
+            if inflater.eof:
+                return
     except zlib.error:
         return
 
@@ -319,16 +436,19 @@ def _check_well_formed(ds: Dataset, size: int | None) -> None:
             CANNOT_UNDERSTAND, "the data set holds no readable element (truncated, or not DICOM)"
         )
     for tag in tags:
-        elem = ds.get_item(tag)
+        elem = ds.get_item(tag, keep_deferred=True)
         if not isinstance(elem, RawDataElement) or elem.length == _UNDEFINED_LENGTH:
             continue
-        got = len(elem.value or b"")
+        if elem.value is None and elem.length and size is not None:  # deferred: in the file
+            got = min(elem.length, max(size - elem.value_tell, 0))
+        else:
+            got = len(elem.value or b"")
         if got != elem.length:
             raise StoreRefused(
                 CANNOT_UNDERSTAND,
                 f"data set ends inside element {tag} ({got} of {elem.length} bytes)",
             )
-    last = ds.get_item(tags[-1])
+    last = ds.get_item(tags[-1], keep_deferred=True)
     if size is not None and isinstance(last, RawDataElement) and last.length != _UNDEFINED_LENGTH:
         end = last.value_tell + last.length
         if end != size:
@@ -588,7 +708,10 @@ class StorageSCP:
         ae.acse_timeout = limits.acse_timeout
         ae.dimse_timeout = limits.dimse_timeout
         ae.network_timeout = limits.network_timeout
-        ae.maximum_pdu_size = 0  # no limit: fewer, larger P-DATA PDUs from the peer
+        # Large enough for a 1024x1024 slice in one PDU, small enough that a peer never
+        # makes the node read hundreds of megabytes at once (it reads a PDU whole); a
+        # peer sending larger ones is aborted (:mod:`dicom_node.connections`).
+        ae.maximum_pdu_size = connections.MAX_PDU
         ae.add_supported_context(Verification)
         for uid in CT_SOP_CLASSES:
             ae.add_supported_context(uid, TRANSFER_SYNTAXES)
@@ -634,6 +757,7 @@ class StorageSCP:
     def start(self) -> None:
         """Start serving on the configured address, in background threads."""
         node = self.settings.node
+        receive_to_files(self.spool.incoming)
         self._server = self.ae.start_server(
             (node.host, node.port),
             block=False,
@@ -725,6 +849,7 @@ class StorageSCP:
 
     def _connection_closed(self, event: evt.Event) -> None:
         self._per_address.forget(event.assoc)
+        discard_partial(event.assoc)
 
     def handle_requested(self, event: evt.Event) -> None:
         """Access control on the source address, before negotiation.
@@ -765,6 +890,7 @@ class StorageSCP:
 
     def _forget_association(self, event: evt.Event) -> dict[str, set[str]]:
         """Drop the bookkeeping of an association that ended (aborts: nothing more)."""
+        discard_partial(event.assoc)  # an abort mid-transfer leaves a partial data set
         with self._carried_lock:
             return self._carried.pop(event.assoc, {})
 
@@ -786,6 +912,9 @@ class StorageSCP:
         except OSError as exc:  # the disk said no: nothing was acknowledged
             outcome = StoreOutcome(status=OUT_OF_RESOURCES, reason=f"cannot write: {exc}")
             log.error("C-STORE refused (0xA700): cannot write the instance: %s", exc)
+        except sqlite3.Error as exc:  # the database said no (locked, full, read-only)
+            outcome = StoreOutcome(status=OUT_OF_RESOURCES, reason=f"cannot record: {exc}")
+            log.error("C-STORE refused (0xA700): cannot record the instance: %s", exc)
         if outcome.status == SUCCESS and outcome.series_uid:
             with self._carried_lock:
                 carried = self._carried.setdefault(event.assoc, {})
@@ -807,21 +936,22 @@ class StorageSCP:
             raise StoreRefused(
                 SOP_CLASS_NOT_SUPPORTED, f"SOP class {context_class} is not a CT image"
             )
-        data = event.request.DataSet.getvalue() if event.request.DataSet else b""
-        if len(data) > limits.max_instance_bytes:
+        received = Received.from_event(event)
+        if received.size > limits.max_instance_bytes:
             raise StoreRefused(
-                TOO_LARGE, f"instance of {len(data)} bytes exceeds {limits.max_instance_bytes}"
+                TOO_LARGE,
+                f"instance of {received.size} bytes exceeds {limits.max_instance_bytes}",
             )
         # The instance must fit above the watermark, so a burst of large instances cannot
         # take the disk below it between two checks.
-        if self.spool.free_bytes() - len(data) < limits.min_free_disk_mb * 1024 * 1024:
+        if self.spool.free_bytes() - received.size < limits.min_free_disk_mb * 1024 * 1024:
             raise StoreRefused(
                 OUT_OF_RESOURCES,
                 f"free disk space is below the {limits.min_free_disk_mb} MB watermark",
             )
         if event.context.transfer_syntax == DeflatedExplicitVRLittleEndian:
-            _check_inflated_size(data, limits.max_instance_bytes)
-        ds = self._decode(event, len(data))
+            _check_inflated_size(received.chunks(), limits.max_instance_bytes)
+        ds = self._decode(event, received)
         sop_uid, series_uid, study_uid = self._check_identity(event, ds)
         self._check_image(ds)
         modality = str(ds.get("Modality", ""))
@@ -831,7 +961,7 @@ class StorageSCP:
         with self._locks[hash(sop_uid) % len(self._locks)]:
             existing = self.jobs.find_instance(sop_uid)
             if existing is not None:
-                digest = dataset_digest(data, has_meta=False)  # the received data set bytes
+                digest = received.digest()  # of the received data set bytes
                 if existing["digest"] != digest and not _same_image(existing["path"], ds):
                     raise StoreRefused(
                         UID_CONFLICT,
@@ -843,8 +973,8 @@ class StorageSCP:
                     TOO_MANY_INSTANCES,
                     f"series already holds {limits.max_instances_per_series} instances",
                 )
-            hashing = self._digests.submit(dataset_digest, data, has_meta=False)
-            size = self.spool.write(path, header, data)
+            hashing = self._digests.submit(received.digest)
+            size = self._write(path, header, received)
             geometry = slice_geometry(ds).to_json()  # while the digest is computed
             digest = hashing.result()
             try:
@@ -862,13 +992,34 @@ class StorageSCP:
                 )
             except InstanceConflict:  # pragma: no cover - guarded by the lock above
                 raise StoreRefused(UID_CONFLICT, f"SOP Instance UID {sop_uid} conflict") from None
+            except sqlite3.Error:
+                # Not recorded, so not acknowledged: the file goes too, or a restart's
+                # re-indexing of the spool would adopt an instance the peer saw refused.
+                path.unlink(missing_ok=True)
+                raise
         if previous is None:
             log.info("series %s: receiving (first instance)%s", series_uid, self._patient(ds))
         elif previous not in ("receiving", "processing"):
             log.info("series %s: receiving again (was %s)", series_uid, previous)
+        # A data set parsed from its file (values deferred) is not handed on: the file has
+        # moved, and decoding it whole is what its size forbids; its job reads the spool.
+        keep = new and received.data is not None
         return StoreOutcome(
-            SUCCESS, series_uid, sop_uid, new=new, path=str(path), dataset=ds if new else None
+            SUCCESS, series_uid, sop_uid, new=new, path=str(path), dataset=ds if keep else None
         )
+
+    def _write(self, path: Path, header: bytes, received: Received) -> int:
+        """Put the received data set in the spool durably, behind ``header``; its size.
+
+        A file pynetdicom wrote with exactly this header is renamed into place; otherwise
+        (the request named other UIDs than the data set) the data set is written anew.
+        """
+        if received.file is not None and received.meta == header:
+            return self.spool.adopt(received.file, path)
+        if received.data is not None:
+            return self.spool.write(path, header, received.data)
+        assert received.file is not None
+        return self.spool.copy_in(path, header, received.file, received.offset)
 
     def _patient(self, ds: Dataset) -> str:
         """ ", patient NAME (ID)" for a log line, only with ``log_patient_identifiers``.
@@ -880,9 +1031,23 @@ class StorageSCP:
             return ""
         return f", patient {ds.get('PatientName', '')} ({ds.get('PatientID', '')})"
 
-    def _decode(self, event: evt.Event, size: int) -> Dataset:
+    def _decode(self, event: evt.Event, received: Received) -> Dataset:
+        syntax = event.context.transfer_syntax
         try:
-            ds = event.dataset
+            if received.data is not None:
+                ds = decode(
+                    io.BytesIO(received.data),
+                    syntax.is_implicit_VR,
+                    syntax.is_little_endian,
+                    syntax.is_deflated,
+                )
+                ds.set_original_encoding(syntax.is_implicit_VR, syntax.is_little_endian)
+                end = received.size
+            else:  # too large to hold: values over a megabyte stay in the file
+                ds = pydicom.dcmread(
+                    received.file, defer_size=None if syntax.is_deflated else _DEFER_SIZE
+                )
+                end = received.offset + received.size  # value offsets count from the file's start
             # Only the transfer syntax is read from it (pixel decoding, the checks); the
             # spool file's full meta group is written by part10_header.
             ds.file_meta = FileMetaDataset()
@@ -892,7 +1057,7 @@ class StorageSCP:
         # The stream of a deflated syntax is parsed after inflating: its offsets are not
         # offsets into the received bytes, so only the values are checked.
         syntax = ds.file_meta.TransferSyntaxUID
-        _check_well_formed(ds, None if syntax.is_deflated else size)
+        _check_well_formed(ds, None if syntax.is_deflated else end)
         # pydicom silently switches to the VR encoding it finds (its raw elements then have
         # no VR when read as implicit); the spool file would claim a transfer syntax its
         # data set is not in.
@@ -908,7 +1073,7 @@ class StorageSCP:
             # status, rather than later in a worker.
             for kw in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID"):
                 ds.get(kw)
-            if "PixelData" in ds:
+            if "PixelData" in ds and not _deferred(ds, "PixelData"):
                 ds["PixelData"].value  # noqa: B018 - forces the conversion of the last element
         except Exception as exc:  # noqa: BLE001 - any parse error is the peer's data
             raise StoreRefused(CANNOT_UNDERSTAND, f"dataset cannot be decoded: {exc}") from None
@@ -964,12 +1129,25 @@ class StorageSCP:
             _check_encapsulated(ds)
         else:
             expected = _expected_pixel_bytes(ds)
-            actual = len(ds.PixelData)
+            actual = _value_length(ds, "PixelData")
             if expected is not None and actual < expected:
                 raise StoreRefused(
                     CANNOT_UNDERSTAND,
                     f"Pixel Data holds {actual} bytes, the image attributes declare {expected}",
                 )
+
+
+def _deferred(ds: Dataset, keyword: str) -> bool:
+    """Whether an element's value was left in the file (read only when accessed)."""
+    elem = ds.get_item(keyword, keep_deferred=True)
+    return isinstance(elem, RawDataElement) and elem.value is None and bool(elem.length)
+
+
+def _value_length(ds: Dataset, keyword: str) -> int:
+    """An element's value length, without reading a deferred value into memory."""
+    if _deferred(ds, keyword):
+        return int(ds.get_item(keyword, keep_deferred=True).length)
+    return len(ds[keyword].value or b"")
 
 
 def read_header(data: bytes) -> Dataset:

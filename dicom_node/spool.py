@@ -123,14 +123,7 @@ class Spool:
         The chunks go to the kernel in one ``writev``, so a header and the received data set
         need not be joined into a copy of the instance first.
         """
-        directory = path.parent
-        if directory not in self._known_dirs:
-            # one level at a time: mkdir(parents=True) ignores the mode for the parents
-            directory.parent.mkdir(exist_ok=True, mode=0o700)
-            directory.mkdir(exist_ok=True, mode=0o700)
-            fsync_dir(directory.parent)
-            fsync_dir(directory.parent.parent)
-            self._known_dirs.add(directory)
+        self._ensure_dir(path.parent)
         pending = [memoryview(c) for c in chunks if len(c)]
         size = sum(v.nbytes for v in pending)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -145,6 +138,64 @@ class Spool:
         finally:
             os.close(fd)
         return size
+
+    def adopt(self, received: Path, path: Path) -> int:
+        """Move a file received under the spool into ``path`` durably; return its size.
+
+        For data sets written to a file as they arrived (:attr:`incoming`): the bytes are
+        not copied, only renamed, and then synced as :meth:`write` syncs a new file (one
+        ``fdatasync``, whose journal commit also holds the rename on ext4 and XFS; the
+        directory is fsynced too, as a rename is worth it against a crash). Until the
+        rename the file lies in ``.incoming``, which a start-up clears.
+        """
+        self._ensure_dir(path.parent)
+        fd = os.open(received, os.O_RDONLY)
+        try:
+            os.replace(received, path)
+            os.fdatasync(fd)
+            size = os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+        fsync_dir(path.parent)
+        return size
+
+    def copy_in(self, path: Path, header: bytes, source: Path, offset: int) -> int:
+        """Write ``header`` then the bytes of ``source`` from ``offset`` to ``path`` durably,
+        a megabyte at a time: a received file too large to hold in memory whose own header
+        is not the one the spool writes. Returns the size."""
+        self._ensure_dir(path.parent)
+        size = len(header)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with open(source, "rb") as src:
+                src.seek(offset)
+                chunk = header
+                while chunk:
+                    view = memoryview(chunk)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    chunk = src.read(1024 * 1024)
+                    size += len(chunk)
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        return size
+
+    def _ensure_dir(self, directory: Path) -> None:
+        """Create a series directory (and its study's) durably, once per process."""
+        if directory in self._known_dirs:
+            return
+        # one level at a time: mkdir(parents=True) ignores the mode for the parents
+        directory.parent.mkdir(exist_ok=True, mode=0o700)
+        directory.mkdir(exist_ok=True, mode=0o700)
+        fsync_dir(directory.parent)
+        fsync_dir(directory.parent.parent)
+        self._known_dirs.add(directory)
+
+    @property
+    def incoming(self) -> Path:
+        """Where files are written while they arrive (the spool's file system)."""
+        return self._tmp
 
     def quarantine(self, path: Path, reason: str) -> Path:
         """Move a spool file that cannot be used aside (never delete received data)."""

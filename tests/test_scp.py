@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 import threading
 import time
 
@@ -302,5 +303,147 @@ def test_associations_answer_promptly_and_idle_at_pynetdicom_pace(tmp_path, monk
         assert assoc.send_c_echo().Status == 0
         assoc.release()
         assert assoc.is_released
+    finally:
+        node.stop()
+
+
+# -- the database refuses: 0xA700, nothing left behind, the node serves on ---------------
+def _store_one(port: int, ds: pydicom.Dataset, timeout: float = 30) -> int:
+    ae = AE(ae_title="DBLOCK")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", port, ae_title="DICOM_NODE")
+    assert assoc.is_established
+    try:
+        rsp = assoc.send_c_store(ds)
+    finally:
+        assoc.release()
+    assert rsp is not None and "Status" in rsp
+    return int(rsp.Status)
+
+
+def test_a_locked_database_refuses_with_0xa700_and_keeps_no_file(node, tmp_path):
+    """Another process holds the job database's write lock during a C-STORE: the node
+    answers 0xA700 (Out of Resources) once its busy timeout passes, deletes the spool file
+    it wrote, and stores the same instance once the lock is gone."""
+    import sqlite3
+
+    hu = np.random.default_rng(4).integers(-1000, 1000, (2, 32, 32)).astype(np.int16)
+    first, second = write_ct_series(hu, tmp_path / "s", spacing=(2.0, 1.0, 1.0))
+    assert _store_one(node.port, pydicom.dcmread(first)) == 0  # the database exists now
+    ds = pydicom.dcmread(second)
+    lock = sqlite3.connect(node.data_dir / "jobs.sqlite", timeout=10, isolation_level=None)
+    try:
+        lock.execute("BEGIN EXCLUSIVE")
+        status = _store_one(node.port, ds)
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    assert status == 0xA700
+    assert "C-STORE refused (0xA700): cannot record the instance: database is locked" in (
+        node.tail(20)
+    )
+    assert str(ds.SOPInstanceUID) not in _spooled(node)
+    assert list((node.data_dir / "spool" / ".incoming").iterdir()) == []
+    assert echoscu(node.port)
+    assert _store_one(node.port, ds) == 0
+    assert set(_spooled(node)) == {str(pydicom.dcmread(first).SOPInstanceUID), ds.SOPInstanceUID}
+    assert node.jobs()[0]["instance_count"] == 2
+
+
+# -- a large instance streams to the spool ------------------------------------------------
+def _vm(pid: int, key: str) -> int:
+    for line in open(f"/proc/{pid}/status").read().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def _large_enhanced_ct(path, frames: int, side: int = 512) -> tuple[str, int]:
+    """An Enhanced CT file of ``frames`` frames of ``side``^2 zero pixels, written a frame
+    at a time (the test never holds it whole either); returns its SOP Instance UID and the
+    size of its data set."""
+    import copy
+
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    from tests.peers import testdata
+
+    ds = pydicom.dcmread(testdata() / "enhanced-ct" / "eCT_Supplemental.dcm")
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.SeriesInstanceUID = generate_uid()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.Rows = ds.Columns = side
+    ds.NumberOfFrames = frames
+    first = ds.PerFrameFunctionalGroupsSequence[0]
+    items = []
+    for k in range(frames):
+        item = copy.deepcopy(first)
+        item.PlanePositionSequence[0].ImagePositionPatient = [0.0, 0.0, float(k)]
+        items.append(item)
+    ds.PerFrameFunctionalGroupsSequence = items
+    del ds.PixelData
+    ds.save_as(path, enforce_file_format=True)
+    frame = bytes(side * side * 2)
+    with open(path, "ab") as f:
+        f.write(struct.pack("<HH2s2xI", 0x7FE0, 0x0010, b"OW", frames * len(frame)))
+        for _ in range(frames):
+            f.write(frame)
+    meta_end = 144 + int.from_bytes(open(path, "rb").read(144)[140:144], "little")
+    return str(ds.SOPInstanceUID), path.stat().st_size - meta_end
+
+
+@pytest.mark.timeout(240)
+def test_a_large_instance_streams_to_the_spool(tmp_path, dcmtk_tools):
+    """A 400 MB Enhanced CT is written to the spool as it arrives and renamed into place:
+    the node's peak memory grows by a fraction of it, and the spool holds it byte for byte."""
+    import hashlib
+
+    from pynetdicom import _config
+
+    source = tmp_path / "large.dcm"
+    sop_uid, size = _large_enhanced_ct(source, frames=800)
+    node = NodeProcess(
+        tmp_path / "n",
+        node={"settle_seconds": 3600, "complete_on_release": False},
+        limits={"max_instance_bytes": 1024 * 1024 * 1024},
+    ).start()
+    try:
+        assert echoscu(node.port)
+        pid = node.proc.pid
+        hwm_before = _vm(pid, "VmHWM")
+        ae = AE(ae_title="LARGE")
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 120
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.1.2.1")
+        before = _config.STORE_SEND_CHUNKED_DATASET
+        _config.STORE_SEND_CHUNKED_DATASET = True  # the sender streams its file too
+        try:
+            assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOM_NODE")
+            assert assoc.is_established
+            rsp = assoc.send_c_store(source)
+            assoc.release()
+        finally:
+            _config.STORE_SEND_CHUNKED_DATASET = before
+        assert rsp.Status == 0, rsp
+        growth = _vm(pid, "VmHWM") - hwm_before
+        print(
+            f"\nlarge instance: {size / 2**20:.0f} MiB data set stored; node peak RSS "
+            f"{hwm_before / 2**20:.0f} -> {(hwm_before + growth) / 2**20:.0f} MiB "
+            f"(+{growth / 2**20:.0f} MiB)"
+        )
+        assert growth < size / 4, growth
+        [stored] = (node.data_dir / "spool").glob(f"*/*/{sop_uid}.dcm")
+
+        def data_set_digest(path) -> str:
+            with open(path, "rb") as f:
+                f.seek(144 + int.from_bytes(f.read(144)[140:144], "little"))
+                sha = hashlib.sha256()
+                while chunk := f.read(1 << 20):
+                    sha.update(chunk)
+            return sha.hexdigest()
+
+        assert data_set_digest(stored) == data_set_digest(source)
+        assert list((node.data_dir / "spool" / ".incoming").iterdir()) == []
+        assert node.jobs()[0]["instance_count"] == 1
     finally:
         node.stop()
