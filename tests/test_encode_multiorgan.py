@@ -269,3 +269,21 @@ def test_minimum_area_drops_only_small_parts(source, tmp_path) -> None:
     expected = labels == 1
     expected[2, 40, 40] = False
     np.testing.assert_array_equal(mask, expected)
+
+
+def test_contour_data_is_the_same_in_memory_and_in_the_file(source, labels, tmp_path) -> None:
+    # Contour Data is handed to pydicom as its encoded text (written without decoding):
+    # read in memory, from the written file, and as the coordinates it stands for, it is
+    # one list of numbers, each contour on its slice.
+    rt = build_rtstruct(source, labels, SEGMENTS, ALGORITHM, ResultSettings())
+    path = _save(rt, tmp_path / "rt.dcm")
+    back = pydicom.dcmread(path)
+    for mem, disk in zip(rt.ROIContourSequence, back.ROIContourSequence, strict=True):
+        for a, b in zip(mem.ContourSequence, disk.ContourSequence, strict=True):
+            assert [float(v) for v in a.ContourData] == [float(v) for v in b.ContourData]
+            assert len(b.ContourData) == 3 * int(b.NumberOfContourPoints) > 0
+            z = {round(float(v), 3) for v in b.ContourData[2::3]}
+            assert len(z) == 1  # axial source: every vertex in the plane of its slice
+    masks = rtstruct_masks(path, source)
+    for number, value in enumerate(FOUND, start=1):
+        assert np.array_equal(masks[number], labels == value), value
