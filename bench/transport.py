@@ -25,9 +25,9 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
+from dicom_node.inference.placement import Registration
 from dicom_node.inference.server import TritonServer
 from dicom_node.inference.shm import region_of, shared_empty, unlink
-from dicom_node.inference.triton import Registration
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MODEL = "echo"

@@ -22,9 +22,10 @@ from tritonclient.utils import InferenceServerException
 from dicom_node.config import InferenceSettings
 from dicom_node.inference import Backend, InferenceError, ManagedTritonBackend, make_backend
 from dicom_node.inference.cuda_shm import unavailable_reason
+from dicom_node.inference.placement import Registration
 from dicom_node.inference.server import TritonServer, TritonStartError
 from dicom_node.inference.shm import named_regions, region_of, shared_empty, unlink
-from dicom_node.inference.triton import Registration, TritonBackend, is_loopback
+from dicom_node.inference.triton import TritonBackend, is_loopback
 
 pytestmark = pytest.mark.slow
 

@@ -1,11 +1,9 @@
 """Segment volumes on one or more Triton servers (the ``spleen_seg`` model of ``model_repository``).
 
-Transport. A CT volume is tens to hundreds of megabytes. When the server runs on this host
-the volume and the label maps travel through POSIX shared-memory regions registered with
-the server (:mod:`dicom_node.inference.shm`): the gRPC messages then carry only the regions'
-names, a volume the node assembled into shared memory is not copied at all, and the label
-map is read where the server wrote it. Otherwise the tensors travel inside the gRPC
-messages, whose size limits are raised to Triton's own maximum (2 GiB).
+Transport. When the server runs on this host the volume and the label maps travel through
+shared-memory regions registered with it (:mod:`dicom_node.inference.placement`);
+otherwise the tensors travel inside the gRPC messages, whose size limits are raised to
+Triton's own maximum (2 GiB).
 
 CUDA shared memory takes the volume from this process straight to the server's GPU
 (:mod:`dicom_node.inference.cuda_shm`): a volume assembled into a
@@ -36,11 +34,8 @@ import ipaddress
 import json
 import logging
 import socket
-import threading
 import time
-import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
@@ -49,12 +44,13 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from dicom_node.inference import InferenceError
 from dicom_node.inference.cuda_shm import (
-    CudaUnavailable,
     CudaVolume,
     cuda_allocate,
     unavailable_reason,
 )
-from dicom_node.inference.shm import Region, allocate, region_of, shared_empty, unlink
+from dicom_node.inference.placement import on_host, place_input, place_outputs
+from dicom_node.inference.rotation import Rotation
+from dicom_node.inference.shm import allocate
 
 if TYPE_CHECKING:
     from dicom_node.pipeline.result import SegmentationResult
@@ -70,8 +66,6 @@ _UNREACHABLE = ("StatusCode.UNAVAILABLE", "StatusCode.CANCELLED")
 _NOT_FOUND = "StatusCode.NOT_FOUND"
 
 _T = TypeVar("_T")
-# How long a region may stay "in use" after its response arrived before it is given up.
-_UNREGISTER_GRACE = 5.0
 
 #: What :class:`TritonBackend` takes as ``transport``.
 TRANSPORTS = ("auto", "grpc", "shm", "cuda_shm")
@@ -93,72 +87,6 @@ def is_loopback(url: str) -> bool:
 
 class _Unreachable(Exception):
     """The server could not be reached or is not ready: the next one may serve the request."""
-
-
-@dataclass
-class _Health:
-    """What the balancer remembers of one server: failures in a row, and until when it rests."""
-
-    failures: int = 0
-    down_until: float = 0.0  # time.monotonic(); 0: in the rotation
-
-
-class Registration:
-    """A shared-memory region registered with one server, under a name of its own.
-
-    Each request registers its regions under fresh names, so that requests running at
-    once (threads, models) never unregister each other's. :meth:`release` is safe to call
-    in any state, so that the server keeps no registration when a request fails half-way.
-    """
-
-    def __init__(
-        self,
-        client: grpcclient.InferenceServerClient,
-        region: Region | CudaVolume,
-        timeout: float,
-    ) -> None:
-        self.client = client
-        self.cuda = isinstance(region, CudaVolume)
-        self.name = f"{region.name}_{uuid.uuid4().hex[:8]}"
-        if isinstance(region, CudaVolume):
-            client.register_cuda_shared_memory(
-                self.name,
-                region.raw_handle(),
-                region.device_id,
-                region.nbytes,
-                client_timeout=timeout,
-            )
-        else:
-            client.register_system_shared_memory(
-                self.name, region.key, region.nbytes, client_timeout=timeout
-            )
-        self.registered = True
-
-    def release(self) -> None:
-        if self.registered:
-            self.registered = False
-            unregister = (
-                self.client.unregister_cuda_shared_memory
-                if self.cuda
-                else self.client.unregister_system_shared_memory
-            )
-            # The server lets go of a region only once it has sent the response that read
-            # it, a moment after the client holds that response: until then it answers
-            # "currently in use". Retried briefly, or the registration would outlive us.
-            deadline = time.monotonic() + _UNREGISTER_GRACE
-            pause = 0.005
-            while True:
-                try:
-                    unregister(self.name, client_timeout=10.0)
-                    return
-                except InferenceServerException as exc:
-                    if "in use" in str(exc) and time.monotonic() < deadline:
-                        time.sleep(pause)
-                        pause = min(pause * 2, 0.2)
-                        continue
-                    # the server is gone (nothing to undo), or it never let go
-                    log.debug("could not unregister %s: %s", self.name, exc)
-                    return
 
 
 class TritonBackend:
@@ -194,21 +122,15 @@ class TritonBackend:
             raise ValueError("TritonBackend needs at least one server URL")
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, not {transport!r}")
-        if not 0 < down_seconds <= max_down_seconds:
-            raise ValueError("need 0 < down_seconds <= max_down_seconds")
         # dict.fromkeys: a URL listed twice would get twice the share of requests.
         self.urls = list(dict.fromkeys(u.removeprefix("grpc://") for u in urls))
         self.model = model
         self.transport = transport
         self.timeout = timeout
         self.health_timeout = health_timeout
-        self.down_seconds = down_seconds
-        self.max_down_seconds = max_down_seconds
         self.gpu_server = gpu_server
+        self._rotation = Rotation(self.urls, down_seconds, max_down_seconds)
         self._clients = {url: _connect(url) for url in self.urls}
-        self._health = {url: _Health() for url in self.urls}
-        self._next = 0
-        self._lock = threading.Lock()
 
     def reconnect(self, url: str | None = None) -> None:
         """Open fresh connections to ``url`` (every server when ``None``) and trust it again.
@@ -221,8 +143,7 @@ class TritonBackend:
         """
         for u in [url] if url is not None else self.urls:
             self._clients[u] = _connect(u)
-            with self._lock:
-                self._health[u] = _Health()
+            self._rotation.trust(u)
 
     def uses_shm(self, url: str) -> bool:
         """Whether requests to ``url`` travel through shared memory (system or CUDA)."""
@@ -245,9 +166,7 @@ class TritonBackend:
 
     def healthy_urls(self) -> list[str]:
         """The servers in the rotation now: those not set aside after a failure."""
-        now = time.monotonic()
-        with self._lock:
-            return [u for u in self.urls if self._health[u].down_until <= now]
+        return self._rotation.healthy()
 
     def ready(self) -> bool:
         """Whether some server answers that the model is ready (for a readiness probe).
@@ -336,7 +255,7 @@ class TritonBackend:
     def _balanced(self, model: str, request: Callable[[str], _T]) -> _T:
         """Send ``request`` to the servers in turn until one serves it."""
         reasons = []
-        for url in self._order():
+        for url in self._rotation.order():
             try:
                 result = request(url)
             except _Unreachable as exc:
@@ -347,31 +266,9 @@ class TritonBackend:
             return result
         raise InferenceError(f"no Triton server could run model {model!r} ({'; '.join(reasons)})")
 
-    def _order(self) -> list[str]:
-        """This request's servers: round-robin over the trusted ones, then the set-aside ones.
-
-        Set-aside servers come last, the one whose pause ends first before the others, so a
-        request fails only when every server failed it.
-        """
-        now = time.monotonic()
-        with self._lock:
-            start = self._next
-            self._next = (self._next + 1) % len(self.urls)
-            turn = [self.urls[(start + k) % len(self.urls)] for k in range(len(self.urls))]
-            trusted = [u for u in turn if self._health[u].down_until <= now]
-            aside = sorted(
-                (u for u in turn if self._health[u].down_until > now),
-                key=lambda u: self._health[u].down_until,
-            )
-        return trusted + aside
-
     def _set_aside(self, url: str, model: str, reason: str) -> None:
-        with self._lock:
-            health = self._health[url]
-            health.failures += 1
-            pause = min(self.max_down_seconds, self.down_seconds * 2 ** (health.failures - 1))
-            health.down_until = time.monotonic() + pause
-            first = health.failures == 1
+        pause, failures = self._rotation.set_aside(url)
+        first = failures == 1
         # Warn when a server leaves the rotation; its further failures are expected.
         log.log(
             logging.WARNING if first else logging.DEBUG,
@@ -385,12 +282,9 @@ class TritonBackend:
         self._clients[url] = _connect(url)
 
     def _trust(self, url: str) -> None:
-        with self._lock:
-            health = self._health[url]
-            if health.failures == 0:
-                return
-            self._health[url] = _Health()
-        log.info("Triton at %s serves again after %d failure(s)", url, health.failures)
+        failures = self._rotation.trust(url)
+        if failures:
+            log.info("Triton at %s serves again after %d failure(s)", url, failures)
 
     # ----------------------------------------------------------------- internals
     def _segment_on(
@@ -414,12 +308,16 @@ class TritonBackend:
             try:
                 input_name = results = None
                 if self.uses_shm(url):
-                    input_name = self._place_input(client, hu, cleanup)
-                    results = self._place_outputs(client, hu.shape, len(maps), cleanup)
+                    input_name = place_input(
+                        client, hu, self.transport == "cuda_shm", self.health_timeout, cleanup
+                    )
+                    results = place_outputs(
+                        client, hu.shape, len(maps), self.health_timeout, cleanup
+                    )
                 if input_name is not None:
                     inputs[0].set_shared_memory(input_name, hu.nbytes)
                 else:
-                    inputs[0].set_data_from_numpy(_on_host(hu))
+                    inputs[0].set_data_from_numpy(on_host(hu))
                 if results is not None:
                     results_array, output_name = results
                     for i, output in enumerate(outputs[: len(maps)]):
@@ -444,77 +342,6 @@ class TritonBackend:
             labels=arrays[0], contours=arrays[1] if contours else None, timings=timings
         )
 
-    def _place_input(
-        self,
-        client: grpcclient.InferenceServerClient,
-        hu: np.ndarray | CudaVolume,
-        cleanup: contextlib.ExitStack,
-    ) -> str | None:
-        """Register the volume where the server reads it; return the name it is under.
-
-        A :class:`CudaVolume`, or any volume with ``transport="cuda_shm"``, goes as a CUDA
-        region (an ordinary one copied to the GPU first); otherwise a system region, a
-        volume in ordinary memory first copied into one. ``None`` when no region can be
-        made (no GPU, ``/dev/shm`` full): the volume then travels in the gRPC message.
-        """
-        if isinstance(hu, CudaVolume) or self.transport == "cuda_shm":
-            try:
-                volume = hu
-                if not isinstance(volume, CudaVolume):
-                    volume = CudaVolume(hu.shape, hu.dtype)
-                    cleanup.callback(volume.release)
-                    volume.write(hu)
-                return self._register(client, volume, cleanup)
-            except CudaUnavailable as exc:
-                log.warning("volume sent through host memory: %s", exc)
-        try:
-            host = _on_host(hu)
-            source = region_of(host)
-            if source is None:
-                copy = shared_empty(host.shape, host.dtype)
-                copy[...] = host
-                source = region_of(copy)
-                cleanup.callback(unlink, source)
-        except OSError as exc:
-            log.warning(
-                "volume of %d bytes sent in gRPC messages: no room in shared memory (%s)",
-                hu.nbytes,
-                exc,
-            )
-            return None
-        return self._register(client, source, cleanup)
-
-    def _place_outputs(
-        self,
-        client: grpcclient.InferenceServerClient,
-        shape: tuple[int, ...],
-        maps: int,
-        cleanup: contextlib.ExitStack,
-    ) -> tuple[np.ndarray, str] | None:
-        """A registered system region for ``maps`` uint8 outputs of ``shape``.
-
-        Returns the (maps, slices, rows, columns) array and its registered name, or
-        ``None`` when ``/dev/shm`` has no room (the outputs then come in the response).
-        """
-        try:
-            results = shared_empty((maps, *shape), np.uint8)
-        except OSError as exc:
-            log.warning("label maps sent in gRPC messages: no room in shared memory (%s)", exc)
-            return None
-        target = region_of(results)
-        cleanup.callback(unlink, target)
-        return results, self._register(client, target, cleanup)
-
-    def _register(
-        self,
-        client: grpcclient.InferenceServerClient,
-        region: Region | CudaVolume,
-        cleanup: contextlib.ExitStack,
-    ) -> str:
-        registration = Registration(client, region, self.health_timeout)
-        cleanup.callback(registration.release)
-        return registration.name
-
     def _check_ready(self, client: grpcclient.InferenceServerClient, model: str) -> None:
         try:
             ready = client.is_model_ready(model, client_timeout=self.health_timeout)
@@ -537,11 +364,6 @@ def _connect(url: str) -> grpcclient.InferenceServerClient:
             ("grpc.use_local_subchannel_pool", 1),
         ],
     )
-
-
-def _on_host(hu: np.ndarray | CudaVolume) -> np.ndarray:
-    """The volume in host memory (a CUDA volume is copied back for a remote server)."""
-    return hu.to_numpy() if isinstance(hu, CudaVolume) else hu
 
 
 def _as_model_input(hu: np.ndarray) -> np.ndarray:
