@@ -277,7 +277,7 @@ class StagedSeries:
                 self._chunks[c] = None
                 self._budget.give(chunk.nbytes)
                 del chunk
-            return volume_from_plan(datasets, plan, array)
+            return volume_from_plan(datasets, plan, array, headers_only=True)
         finally:
             self.release()
 

@@ -272,9 +272,17 @@ def plan_single_frame(datasets: Sequence[Dataset], min_slices: int = 3) -> Slice
 
 
 def volume_from_plan(
-    datasets: Sequence[Dataset], plan: SlicePlan, array: np.ndarray | Any
+    datasets: Sequence[Dataset],
+    plan: SlicePlan,
+    array: np.ndarray | Any,
+    *,
+    headers_only: bool = False,
 ) -> SeriesVolume:
     """The :class:`SeriesVolume` of ``array`` (filled in ``plan`` order) and its headers.
+
+    ``headers_only`` says that ``datasets`` hold no pixel data any more and may be kept as
+    the headers themselves: copying 200 headers element by element costs ~0.1 s, on the
+    way from the last instance to the results.
 
     ``array`` is a numpy array, or a volume in device memory (an allocator's
     :class:`~dicom_node.inference.cuda_shm.CudaVolume`): highdicom's ``Volume`` holds numpy
@@ -303,7 +311,7 @@ def volume_from_plan(
         volume=volume,
         source_uids=[str(ds.SOPInstanceUID) for ds in ordered],
         frame_numbers=None,
-        headers=[_header(ds) for ds in ordered],
+        headers=list(ordered) if headers_only else [_header(ds) for ds in ordered],
         device_pixels=device_pixels,
     )
 
