@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import Compose, Spacing, SpatialResample
+from monai.transforms import Spacing, SpatialResample
 
 from dicom_node.pipeline.bundle import Preprocessing
 from dicom_node.pipeline.transforms import (
@@ -102,13 +102,20 @@ class Preprocess:
         self, xyz_affine: np.ndarray, xyz_shape: tuple[int, ...]
     ) -> tuple[torch.Tensor, tuple[int, ...]]:
         """The grid Orientation and Spacing would give, computed by MONAI lazily: an expanded
-        zero (no memory) stands for the voxels."""
+        zero (no memory) stands for the voxels.
+
+        Each transform is made lazy on its own: a ``Compose(..., lazy=True)`` applies the
+        pending operations when it ends, which resampled the whole (expanded, so first
+        materialised) volume in float, 4.4 times its INT16 size at 512x512x600, for a
+        grid that needs none of its voxels.
+        """
         shell = MetaTensor(
             torch.zeros(1).expand(1, *xyz_shape),
             affine=torch.as_tensor(xyz_affine, dtype=torch.float64),
             meta={"space": "RAS"},
         )
-        lazy = Compose(spatial_transforms(self.pre), lazy=True)
-        shell = lazy(shell)
+        for transform in spatial_transforms(self.pre):  # new objects: lazy is theirs alone
+            transform.lazy = True
+            shell = transform(shell)
         affine = torch.as_tensor(shell.peek_pending_affine(), dtype=torch.float64)
         return affine, tuple(int(n) for n in shell.peek_pending_shape())
