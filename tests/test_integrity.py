@@ -271,3 +271,60 @@ def test_below_the_watermark_intake_stops_and_nothing_is_sent_twice(tmp_path, or
         if node is not None:
             node.stop()
         subprocess.run(["umount", "-l", str(data)], check=False)
+
+
+@pytest.mark.timeout(300)
+def test_killed_mid_processing_and_restarted_sends_one_result_of_the_whole(
+    tmp_path, orthanc, dcmtk_tools
+):
+    """60 of 120 slices, their job processing, the other 60, then SIGKILL and a restart:
+    the PACS ends with exactly one SEG, RTSTRUCT and SR for the series, made from all 120
+    instances, and no instance the node acknowledged is lost."""
+    paths, attrs = _series(tmp_path, "ct", seed=35)
+    uid = attrs.series_instance_uid
+    node = _node(tmp_path, orthanc)
+    node.write_config(
+        node={"settle_seconds": 2.0, "complete_on_release": True},
+        inference={"backend": "local", "attempts": 1},
+        destinations=[
+            {
+                "name": "pacs",
+                "ae_title": orthanc.aet,
+                "host": "127.0.0.1",
+                "port": orthanc.dicom_port,
+                "retry_backoff_seconds": 0.5,
+                "max_backoff_seconds": 1.0,
+            }
+        ],
+    )
+    node.start()
+    try:
+        assert storescu(node.port, paths[: SLICES // 2]).returncode == 0
+        _poll(
+            node, lambda: _state(node, uid).get("state") == "processing", 30, "first run processing"
+        )
+        assert storescu(node.port, paths[SLICES // 2 :]).returncode == 0
+        state_at_kill = _state(node, uid)
+        node.kill()
+        queued = _db(node, "SELECT state FROM outbox WHERE series_uid = ?", uid)
+        in_pacs = _in_pacs(orthanc, attrs.study_instance_uid)
+        assert "SEG" not in in_pacs, "a result of the partial series reached the PACS"
+        node.start()
+        _poll(node, lambda: _settled(node, uid, SLICES), 180, "whole series done and sent")
+        # let any stray send land before counting: the outbox says nothing is pending
+        in_pacs = _in_pacs(orthanc, attrs.study_instance_uid)
+        assert {m: len(v) for m, v in in_pacs.items()} == {"SEG": 1, "RTSTRUCT": 1, "SR": 1}
+        ct_uids = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths}
+        assert _seg_references(in_pacs["SEG"][0]) == ct_uids
+        outbox = _db(node, "SELECT state FROM outbox WHERE series_uid = ?", uid)
+        assert sorted(o["state"] for o in outbox if o["state"] == "sent") == ["sent"] * 3
+        spooled = {p.stem for p in (node.data_dir / "spool").glob("*/*/*.dcm")}
+        assert spooled == ct_uids
+        assert _state(node, uid)["instance_count"] == SLICES
+        print(
+            f"integrity SIGKILL: killed with the job {state_at_kill.get('state')} "
+            f"({len(queued)} result(s) queued), restarted: 1 SEG + 1 RTSTRUCT + 1 SR over "
+            f"{SLICES} instances, instances lost = 0"
+        )
+    finally:
+        node.stop()
