@@ -11,6 +11,7 @@ naming the key, so that a typo in a hospital's config never becomes a crash at 3
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 import sys
 import types
@@ -163,6 +164,13 @@ class StatusSettings:
     host: str = "127.0.0.1"
     #: 0: any free port (tests).
     port: int = 8080
+    #: "none", "basic" or "bearer": HTTP authentication of every page but /healthz and
+    #: /readyz. Required when ``host`` is not a loopback address.
+    auth: str = "none"
+    #: Where the secret is (never in this file): ``user:password`` for basic, the token
+    #: for bearer (:mod:`dicom_node.credentials`).
+    credentials_file: Path | None = None
+    credentials_env: str = ""
 
 
 @dataclass(frozen=True)
@@ -211,17 +219,35 @@ class Route:
 
 @dataclass(frozen=True)
 class Destination:
-    """A peer that receives results with C-STORE."""
+    """A peer that receives results: with C-STORE (``type = "dicom"``: ae_title, host,
+    port) or with STOW-RS (``type = "dicomweb"``: url and its credentials)."""
 
     name: str
-    ae_title: str
-    host: str
-    port: int
+    ae_title: str = ""
+    host: str = ""
+    port: int = 0
     attempts: int = 20
     retry_backoff_seconds: float = 5.0
     max_backoff_seconds: float = 300.0
     #: Send over DICOM TLS, with the certificates of the [tls] section.
     tls: bool = False
+    #: "dicom" (C-STORE) or "dicomweb" (STOW-RS to ``url``).
+    type: str = "dicom"
+    #: DICOMweb base URL (the STOW-RS service is ``url/studies``).
+    url: str = ""
+    #: DICOMweb: "none", "basic" or "bearer"; the secret is read from ``credentials_file``
+    #: or the variable ``credentials_env``, never written here.
+    auth: str = "none"
+    credentials_file: Path | None = None
+    credentials_env: str = ""
+    #: DICOMweb over https: verify the server's certificate (against ``ca_certificates``
+    #: when given, else the system's CAs).
+    verify_tls: bool = True
+    ca_certificates: Path | None = None
+    #: Which SEG this destination gets when [results] seg_type = "labelmap": "auto" (the
+    #: label map, or a binary SEG where the destination refuses the label map class),
+    #: "labelmap" (never a fallback) or "binary" (always the binary SEG).
+    seg_type: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -318,6 +344,57 @@ def _build(cls: type, table: Any, key: str) -> Any:
         raise ConfigError(f"[{key}]: missing required key {missing[0]!r}") from exc
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or "localhost") is reachable from this machine only."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a host name: it may resolve to anything
+        return False
+
+
+def _check_auth(auth: str, file: Path | None, env: str, key: str) -> None:
+    if auth not in ("none", "basic", "bearer"):
+        raise ConfigError(f"{key}.auth: must be 'none', 'basic' or 'bearer'")
+    if auth != "none" and bool(file) == bool(env):
+        raise ConfigError(
+            f"{key}: auth = {auth!r} needs one of credentials_file or credentials_env "
+            "(the secret is never written in the configuration)"
+        )
+
+
+def _check_destination(d: Destination, key: str, seg_type: str) -> None:
+    if d.type not in ("dicom", "dicomweb"):
+        raise ConfigError(f"{key}.type: must be 'dicom' (C-STORE) or 'dicomweb' (STOW-RS)")
+    if d.seg_type not in ("auto", "labelmap", "binary"):
+        raise ConfigError(f"{key}.seg_type: must be 'auto', 'labelmap' or 'binary'")
+    if d.seg_type == "labelmap" and seg_type != "labelmap":
+        raise ConfigError(
+            f"{key}.seg_type: 'labelmap' needs [results] seg_type = 'labelmap' (the node "
+            "makes a binary SEG only)"
+        )
+    if d.type == "dicomweb":
+        if not re.match(r"^https?://[^/\s]+", d.url):
+            raise ConfigError(f"{key}.url: {d.url!r} is not an http:// or https:// URL")
+        _check_auth(d.auth, d.credentials_file, d.credentials_env, key)
+        if (
+            d.auth != "none"
+            and d.url.startswith("http://")
+            and not is_loopback(re.sub(r"^http://([^/:]+|\[[^]]+\]).*$", r"\1", d.url))
+        ):
+            raise ConfigError(
+                f"{key}.url: credentials would cross the network in clear text; use https://"
+            )
+        return
+    for field_name in ("ae_title", "host"):
+        if not getattr(d, field_name):
+            raise ConfigError(f"{key}: missing required key {field_name!r}")
+    _check_ae(d.ae_title, f"{key}.ae_title")
+    if not 0 < d.port < 65536:
+        raise ConfigError(f"{key}.port: {d.port} is not a TCP port")
+
+
 def _validate(s: Settings) -> None:
     _check_ae(s.node.ae_title, "node.ae_title")
     for i, ae in enumerate(s.node.allowed_calling_aes):
@@ -355,14 +432,19 @@ def _validate(s: Settings) -> None:
             raise ConfigError(f"limits.{key}: must be positive")
     if s.limits.min_slices < 1:
         raise ConfigError("limits.min_slices: must be at least 1")
+    _check_auth(s.status.auth, s.status.credentials_file, s.status.credentials_env, "status")
+    if s.status.enabled and s.status.auth == "none" and not is_loopback(s.status.host):
+        raise ConfigError(
+            f"status.host: {s.status.host} is reachable beyond this machine, and the pages "
+            'show clinical images: set status.auth ("basic" or "bearer") with '
+            "credentials_file or credentials_env, or bind to 127.0.0.1"
+        )
     names = set()
     for i, d in enumerate(s.destinations):
-        _check_ae(d.ae_title, f"destinations[{i}].ae_title")
         if d.name in names:
             raise ConfigError(f"destinations[{i}].name: {d.name!r} is used twice")
         names.add(d.name)
-        if not 0 < d.port < 65536:
-            raise ConfigError(f"destinations[{i}].port: {d.port} is not a TCP port")
+        _check_destination(d, f"destinations[{i}]", s.results.seg_type)
     model_names = [m.name for m in s.models]
     for i, m in enumerate(s.models):
         if model_names.count(m.name) > 1:
@@ -435,6 +517,22 @@ def settings_from_dict(raw: dict[str, Any], base_dir: Path = Path(".")) -> Setti
     tls = s.tls
     if tls.enabled and not (tls.certificate and tls.private_key):
         raise ConfigError("tls: enabled needs certificate and private_key")
+    destinations = [
+        dataclasses.replace(
+            d,
+            **{
+                k: _resolve(getattr(d, k), base_dir).resolve()
+                for k in ("credentials_file", "ca_certificates")
+                if getattr(d, k)
+            },
+        )
+        for d in s.destinations
+    ]
+    status = s.status
+    if status.credentials_file:
+        status = dataclasses.replace(
+            status, credentials_file=_resolve(status.credentials_file, base_dir).resolve()
+        )
     tls = dataclasses.replace(
         tls,
         **{
@@ -446,6 +544,8 @@ def settings_from_dict(raw: dict[str, Any], base_dir: Path = Path(".")) -> Setti
     models = s.models or [ModelSettings(name=inf.model, triton_model=inf.model, bundle=inf.bundle)]
     return s.replace(
         tls=tls,
+        destinations=destinations,
+        status=status,
         models=[
             dataclasses.replace(m, bundle=_resolve(m.bundle, base_dir).resolve()) for m in models
         ],

@@ -1,10 +1,16 @@
-"""Send results to destinations with C-STORE, through the durable outbox.
+"""Send results to destinations through the durable outbox: C-STORE here, STOW-RS in
+:mod:`dicom_node.dicomweb`, under the same rules.
 
 A result file is written to disk and recorded in the outbox before anything is sent
-(see :mod:`dicom_node.jobs`). This module takes due outbox items, sends each over one
-association per destination, and records the outcome: acknowledged items are never sent
-again; failures wait with exponential backoff and are retried until the destination's
-attempt limit, after which they stay visible as failed for ``dicom-node retry``.
+(see :mod:`dicom_node.jobs`). This module takes due outbox items, sends them per
+destination (one association, or one HTTP session), and records the outcome:
+acknowledged items are never sent again; failures wait with exponential backoff and are
+retried until the destination's attempt limit, after which they stay visible as failed
+for ``dicom-node retry``.
+
+A SEG may have two forms (:mod:`dicom_node.delivery`): the Label Map SEG is offered
+first and, where a destination refuses that SOP class, the binary SEG (and the SR that
+names it) goes instead; the outbox records which form each destination took.
 
 "Never again" holds whatever fails after the destination's answer. Each acknowledgement
 is first appended to a small journal file that was allocated whole when the node started
@@ -15,7 +21,7 @@ backoff. On start the journal is reconciled into the database before anything is
 
 A failure is recorded as the peer stated it: the association rejection with its source and
 reason, a presentation context refused for the SOP class, or the DIMSE status and its
-meaning (PS3.4 B.2.3).
+meaning (PS3.4 B.2.3); over DICOMweb, the HTTP status and the STOW-RS Failure Reason.
 """
 
 from __future__ import annotations
@@ -32,44 +38,43 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from pydicom.uid import UID
 from pynetdicom import AE, evt
-from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
 from dicom_node.config import Destination, Settings, TLSSettings
+from dicom_node.delivery import (
+    LABEL_MAP_SEG,
+    OK_STATUSES,
+    Outcome,
+    Outgoing,
+    SegChoice,
+    refuses_sop_class,
+    sop_class_name,
+    status_meaning,
+)
+from dicom_node.dicomweb import check_destination, stow_batch
 from dicom_node.jobs import JobStore, OutboxItem
 from dicom_node.spool import fsync_dir
 from dicom_node.tls import client_ssl_context, client_tls_args
 
 log = logging.getLogger("dicom_node.export")
 
-#: Statuses a Storage SCP uses for success or success-with-warning (PS3.4 B.2.3).
-_OK = {0x0000, 0xB000, 0xB006, 0xB007}
+__all__ = [
+    "AckJournal",
+    "ExportError",
+    "Exporter",
+    "backoff",
+    "cstore_batch",
+    "plan_outbox_items",
+    "send_files",
+    "status_meaning",
+]
+
+#: Kept for callers of the first release; :data:`dicom_node.delivery.OK_STATUSES`.
+_OK = OK_STATUSES
 
 
 class ExportError(RuntimeError):
     """A destination could not be reached or refused; the message says which and how."""
-
-
-def status_meaning(status: int) -> str:
-    """A Storage SCP's DIMSE status in words (PS3.4 B.2.3, PS3.7 C)."""
-    known = STORAGE_SERVICE_CLASS_STATUS.get(status)
-    if known is not None:
-        return known[1]
-    for mask, prefix, meaning in (
-        (0xFF00, 0xA700, "Refused: Out of Resources"),
-        (0xFF00, 0xA900, "Error: Data Set Does Not Match SOP Class"),
-        (0xF000, 0xC000, "Error: Cannot Understand"),
-        (0xF000, 0xB000, "Warning"),
-    ):
-        if status & mask == prefix:
-            return meaning
-    return "Failure" if status & 0xF000 in (0xA000, 0xC000) else "unknown status"
-
-
-def sop_class_name(uid: str) -> str:
-    name = UID(uid).name
-    return f"{name} ({uid})" if name and name != uid else uid
 
 
 def backoff(attempt: int, base: float, cap: float) -> float:
@@ -77,33 +82,44 @@ def backoff(attempt: int, base: float, cap: float) -> float:
     return min(cap, base * (2 ** max(0, attempt - 1)))
 
 
-def send_files(
+def _header(path: Path) -> tuple[str, str]:
+    """(SOP Class UID, Transfer Syntax UID) of a Part 10 file, read without its pixels."""
+    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+    return str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)
+
+
+def cstore_batch(
     destination: Destination,
-    paths: list[Path],
+    items: list[Outgoing],
     calling_ae: str,
     timeout: float = 30.0,
     tls: TLSSettings | None = None,
-    on_ack: Callable[[Path, int], None] | None = None,
-) -> dict[Path, int | str]:
-    """C-STORE ``paths`` to ``destination`` in one association.
+    choice: SegChoice | None = None,
+    on_ack: Callable[[Outgoing, Outcome], None] | None = None,
+) -> dict[int, Outcome]:
+    """C-STORE ``items`` to ``destination`` in one association; one :class:`Outcome` per
+    item key.
 
-    Returns, per path, the DIMSE status (int) or an error sentence (str); ``on_ack`` is
-    called with each path and status the moment a success (or warning) arrives, before the
-    next is sent. Raises :class:`ExportError` saying what the peer said when no
-    association could be established.
+    Both forms of a SEG (and of the SR naming it) are proposed: where the association
+    refuses the Label Map Segmentation context, or a store of the label map fails with a
+    status refusing its SOP class, the binary form goes instead, in the same association
+    (``choice`` records it). ``on_ack`` is called the moment a success (or warning)
+    arrives, before the next item is sent. Raises :class:`ExportError` saying what the
+    peer said when no association could be established.
     """
-    datasets = {p: pydicom.dcmread(p) for p in paths}
+    choice = choice or SegChoice()
+    headers: dict[Path, tuple[str, str]] = {}
+    for item in items:
+        for path in (item.path, item.alt_path):
+            if path is not None and path not in headers:
+                headers[path] = _header(path)
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = timeout
     ae.dimse_timeout = timeout
     ae.network_timeout = timeout
     ae.connection_timeout = timeout
-    seen = set()
-    for ds in datasets.values():
-        key = (ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
-        if key not in seen:
-            seen.add(key)
-            ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    for sop_class, syntax in dict.fromkeys(headers.values()):
+        ae.add_requested_context(sop_class, syntax)
     answers: list[Any] = []
     assoc = ae.associate(
         destination.host,
@@ -113,7 +129,9 @@ def send_files(
         evt_handlers=[(evt.EVT_ACSE_RECV, lambda event: answers.append(event.primitive))],
     )
     refused = {str(cx.abstract_syntax) for cx in assoc.rejected_contexts}
-    accepted = {str(cx.abstract_syntax) for cx in assoc.accepted_contexts}
+    accepted = {
+        (str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts
+    }
     if not assoc.is_established:
         if assoc.is_rejected:
             rj = next((a for a in answers if getattr(a, "result", None) in (1, 2)), None)
@@ -132,34 +150,154 @@ def send_files(
         raise ExportError(
             f"{destination.name} ({destination.host}:{destination.port}) cannot be reached"
         )
-    results: dict[Path, int | str] = {}
-    try:
-        for path, ds in datasets.items():
-            if str(ds.SOPClassUID) not in accepted:
-                results[path] = (
-                    f"{destination.name} refused the presentation context for "
-                    f"{sop_class_name(str(ds.SOPClassUID))} (the SOP class is "
-                    "not accepted there)"
-                )
-                continue
-            try:
-                status = assoc.send_c_store(ds)
-            except (ValueError, RuntimeError) as exc:
-                results[path] = f"not sent: {exc}"
-                continue
-            results[path] = (
-                int(status.Status)
-                if status and "Status" in status
-                else ("no response (association lost)")
+    if any(
+        item.alt_path is not None
+        and item.choice == "auto"
+        and headers[item.path] not in accepted
+        and headers[item.alt_path] in accepted
+        for item in items
+    ):
+        choice.refused(by_status=False)  # negotiation said so: learned again next time
+
+    def store(path: Path) -> Outcome:
+        sop_class = headers[path][0]
+        if headers[path] not in accepted:
+            return Outcome(
+                False,
+                error=f"{destination.name} refused the presentation context for "
+                f"{sop_class_name(sop_class)} (the SOP class is not accepted there)",
             )
-            if on_ack is not None and results[path] in _OK:
-                on_ack(path, results[path])  # type: ignore[arg-type]
+        try:
+            # a path is sent as the bytes on disk: no decoding, no re-encoding
+            answer = assoc.send_c_store(path)
+        except (ValueError, RuntimeError, OSError) as exc:
+            return Outcome(False, error=f"not sent: {exc}")
+        if not answer or "Status" not in answer:
+            return Outcome(False, error="no response (association lost)")
+        status = int(answer.Status)
+        if status in OK_STATUSES:
+            return Outcome(True, status)
+        return Outcome(
+            False,
+            status,
+            f"{destination.name} answered status 0x{status:04X} ({status_meaning(status)})",
+        )
+
+    results: dict[int, Outcome] = {}
+    try:
+        for item in items:
+            alternative = choice.use_alternative(item)
+            outcome = store(item.alt_path if alternative and item.alt_path else item.path)
+            if (
+                not outcome.ok
+                and not alternative
+                and item.alt_path is not None
+                and item.choice == "auto"
+                and outcome.status is not None
+                and refuses_sop_class(outcome.status)
+                and headers[item.path][0] == LABEL_MAP_SEG
+                and assoc.is_established
+            ):
+                log.info(
+                    "%s refused the Label Map SEG (%s): sending the binary SEG",
+                    destination.name,
+                    outcome.error,
+                )
+                choice.refused(by_status=True)
+                alternative = True
+                outcome = store(item.alt_path)
+            outcome = Outcome(outcome.ok, outcome.status, outcome.error, alternative)
+            results[item.key] = outcome
+            if outcome.ok and on_ack is not None:
+                on_ack(item, outcome)
             if not assoc.is_established:
                 break
     finally:
         if assoc.is_established:
             assoc.release()
     return results
+
+
+def send_files(
+    destination: Destination,
+    paths: list[Path],
+    calling_ae: str,
+    timeout: float = 30.0,
+    tls: TLSSettings | None = None,
+    on_ack: Callable[[Path, int], None] | None = None,
+) -> dict[Path, int | str]:
+    """C-STORE ``paths`` to ``destination`` in one association (no alternative forms).
+
+    Returns, per path, the DIMSE status (int) or an error sentence (str); ``on_ack`` is
+    called with each path and status the moment a success (or warning) arrives. Raises
+    :class:`ExportError` when no association could be established.
+    """
+    items = [Outgoing(key=k, path=Path(p)) for k, p in enumerate(paths)]
+    outcomes = cstore_batch(
+        destination,
+        items,
+        calling_ae,
+        timeout,
+        tls,
+        on_ack=None
+        if on_ack is None
+        else (lambda item, outcome: on_ack(item.path, outcome.status)),  # type: ignore[arg-type]
+    )
+    out: dict[Path, int | str] = {}
+    for item in items:
+        outcome = outcomes.get(item.key)
+        if outcome is None:
+            continue
+        out[item.path] = outcome.status if outcome.status is not None else outcome.error
+    return out
+
+
+def plan_outbox_items(
+    settings: Settings,
+    series_uid: str,
+    model: str,
+    files: dict[str, dict[str, str]],
+) -> list[dict[str, Any]]:
+    """The outbox items of one model's written results, for every destination.
+
+    ``files`` maps each kind (SEG, RTSTRUCT, SR; "SEG_BINARY" and "SR_BINARY" where
+    :func:`binary_alternatives_wanted`) to its ``path`` and ``sop_uid``. A destination with
+    ``seg_type = "binary"`` gets the binary SEG and its SR only; "labelmap" the label map
+    only; "auto" the label map first, the binary form as its alternative.
+    """
+    out = []
+    for dest in settings.destinations:
+        for kind, f in files.items():
+            if kind.endswith("_BINARY"):
+                continue
+            item: dict[str, Any] = {
+                "series_uid": series_uid,
+                "kind": kind,
+                "destination": dest.name,
+                "path": f["path"],
+                "sop_uid": f["sop_uid"],
+                "model": model,
+            }
+            binary = files.get(f"{kind}_BINARY")
+            if binary is not None:
+                if dest.seg_type == "binary":
+                    item.update(path=binary["path"], sop_uid=binary["sop_uid"], form="binary")
+                else:
+                    item["form"] = "labelmap"
+                    if dest.seg_type == "auto":
+                        item.update(alt_path=binary["path"], alt_sop_uid=binary["sop_uid"])
+            elif kind == "SEG":
+                item["form"] = settings.results.seg_type
+            out.append(item)
+    return out
+
+
+def binary_alternatives_wanted(settings: Settings) -> bool:
+    """Whether results need a binary SEG (and its SR) beside the label map: some
+    destination may take, or always takes, the binary form."""
+    return settings.results.seg_type == "labelmap" and any(
+        d.seg_type in ("auto", "binary") for d in settings.destinations
+    )
 
 
 class AckJournal:
@@ -245,17 +383,29 @@ class Exporter:
         self.settings = settings
         self.jobs = jobs
         self.destinations = {d.name: d for d in settings.destinations}
-        if any(d.tls for d in settings.destinations):
+        if any(d.tls for d in settings.destinations if d.type == "dicom"):
             client_ssl_context(settings.tls)  # a bad certificate path fails at start, clearly
+        for dest in settings.destinations:
+            if dest.type == "dicomweb":
+                check_destination(dest)  # unreadable credentials or CA: refuse to start
+        #: Destinations that refused the Label Map SEG with a store status (a refusal in
+        #: negotiation costs nothing and is learned at each association).
+        self._refuses_label_map: set[str] = set()
         #: Called per item sent or not: (destination, ok, attempt, seconds, gave_up).
         self.on_attempt = on_attempt
-        #: Acknowledged items whose commit failed: id -> (sent at, next try, backoff).
-        self._unrecorded: dict[int, tuple[float, float, float]] = {}
+        #: Acknowledged items whose commit failed: id -> (sent at, next try, backoff,
+        #: whether the binary alternative was the form sent).
+        self._unrecorded: dict[int, tuple[float, float, float, bool]] = {}
         #: Items whose failed attempt could not be recorded: id -> not before.
         self._not_before: dict[int, float] = {}
         self.journal = AckJournal(journal or Path(jobs.path).parent / "outbox-acks.journal")
         for record in self.journal.records():  # a crash or a refused commit last time
-            self._unrecorded[int(record["id"])] = (float(record["at"]), 0.0, 0.0)
+            self._unrecorded[int(record["id"])] = (
+                float(record["at"]),
+                0.0,
+                0.0,
+                bool(record.get("alt", False)),
+            )
         if self._unrecorded:
             log.info("%d acknowledgement(s) from the journal to record", len(self._unrecorded))
         self._record_pending()
@@ -263,15 +413,15 @@ class Exporter:
     def _record_pending(self) -> None:
         """Commit acknowledgements the database refused before, those due now."""
         now = time.time()
-        for item_id, (sent_at, next_try, wait) in list(self._unrecorded.items()):
+        for item_id, (sent_at, next_try, wait, alt) in list(self._unrecorded.items()):
             if next_try > now:
                 continue
             try:
-                self.jobs.mark_sent(item_id, sent_at)
+                self.jobs.mark_sent(item_id, sent_at, alternative=alt)
             except sqlite3.Error as exc:
                 lo, hi = self.RECORD_BACKOFF
                 wait = min(hi, max(lo, wait * 2))
-                self._unrecorded[item_id] = (sent_at, now + wait, wait)
+                self._unrecorded[item_id] = (sent_at, now + wait, wait, alt)
                 log.error(
                     "outbox item %d was acknowledged but cannot be recorded yet (%s); "
                     "it is not sent again, next try in %.1f s",
@@ -287,16 +437,22 @@ class Exporter:
             except OSError as exc:
                 log.error("acknowledgement journal not cleared: %s", exc)
 
-    def _acknowledged(self, item: OutboxItem, sent_at: float) -> None:
+    def _acknowledged(self, item: OutboxItem, sent_at: float, alternative: bool = False) -> None:
         """Record an acknowledgement: journal first, then the database; if both fail, in
         memory (the item is never picked again by this process)."""
+        record: dict[str, Any] = {
+            "id": item.id,
+            "sop": item.alt_sop_uid if alternative else item.sop_uid,
+            "dest": item.destination,
+            "at": sent_at,
+        }
+        if alternative:
+            record["alt"] = True
         try:
-            self.journal.append(
-                {"id": item.id, "sop": item.sop_uid, "dest": item.destination, "at": sent_at}
-            )
+            self.journal.append(record)
         except OSError as exc:
             log.error("acknowledgement of outbox item %d not journalled: %s", item.id, exc)
-        self._unrecorded[item.id] = (sent_at, 0.0, 0.0)
+        self._unrecorded[item.id] = (sent_at, 0.0, 0.0, alternative)
 
     def run_once(self) -> int:
         """Send what is due now; return how many items were acknowledged."""
@@ -322,37 +478,69 @@ class Exporter:
             sent += self._send(dest, items)
         return sent
 
+    def _outgoing(self, dest: Destination, item: OutboxItem) -> Outgoing:
+        """The item as a transport sends it: an SR follows the form its destination
+        already took of the SEG it names, when it took one."""
+        if not item.alt_path:
+            return Outgoing(item.id, Path(item.path))
+        choice = "auto" if item.kind == "SEG" else "follow"
+        if choice == "follow":
+            taken = self.jobs.sent_form(item.series_uid, item.model, dest.name, "SEG")
+            if taken:
+                choice = "alt" if taken == "binary" else "primary"
+        return Outgoing(item.id, Path(item.path), Path(item.alt_path), choice)
+
     def _send(self, dest: Destination, items: list[OutboxItem]) -> int:
-        paths = [Path(i.path) for i in items]
-        by_path = {Path(i.path): i for i in items}
+        by_id = {i.id: i for i in items}
+        outgoing = [self._outgoing(dest, i) for i in items]
+        choice = SegChoice(refuses=dest.name in self._refuses_label_map)
+
+        def on_ack(item: Outgoing, outcome: Outcome) -> None:
+            self._acknowledged(by_id[item.key], time.time(), outcome.alternative)
+
         t0 = time.perf_counter()
         try:
-            results: dict[Path, int | str] = send_files(
-                dest,
-                paths,
-                self.settings.node.ae_title,
-                self.settings.limits.network_timeout,
-                self.settings.tls,
-                on_ack=lambda path, _status: self._acknowledged(by_path[path], time.time()),
-            )
+            if dest.type == "dicomweb":
+                results = stow_batch(
+                    dest, outgoing, self.settings.limits.network_timeout, choice, on_ack
+                )
+            else:
+                results = cstore_batch(
+                    dest,
+                    outgoing,
+                    self.settings.node.ae_title,
+                    self.settings.limits.network_timeout,
+                    self.settings.tls,
+                    choice,
+                    on_ack,
+                )
         except (ExportError, OSError) as exc:
-            results = {p: str(exc) for p in paths}
+            results = {o.key: Outcome(False, error=str(exc)) for o in outgoing}
+        if choice.by_status and dest.name not in self._refuses_label_map:
+            self._refuses_label_map.add(dest.name)
+            log.warning(
+                "%s does not take the Label Map SEG: it gets the binary SEG from now on", dest.name
+            )
         seconds = time.perf_counter() - t0
         self._record_pending()
         sent = 0
         for item in items:
-            outcome = results.get(Path(item.path), "not attempted (association ended early)")
-            if isinstance(outcome, int) and outcome in _OK:
+            outcome = results.get(
+                item.id, Outcome(False, error="not attempted (association ended early)")
+            )
+            if outcome.ok:
                 sent += 1
                 if self.on_attempt is not None:
                     self.on_attempt(dest.name, True, item.attempts + 1, seconds, False)
-                log.info("%s of series %s sent to %s", item.kind, item.series_uid, dest.name)
+                log.info(
+                    "%s of series %s sent to %s%s",
+                    item.kind,
+                    item.series_uid,
+                    dest.name,
+                    " (binary SEG form)" if outcome.alternative else "",
+                )
                 continue
-            error = (
-                f"{dest.name} answered status 0x{outcome:04X} ({status_meaning(outcome)})"
-                if isinstance(outcome, int)
-                else outcome
-            )
+            error = outcome.error
             attempt = item.attempts + 1
             give_up = attempt >= dest.attempts
             wait = backoff(attempt, dest.retry_backoff_seconds, dest.max_backoff_seconds)

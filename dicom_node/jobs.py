@@ -59,6 +59,10 @@ _ADDED_COLUMNS = (
     ("series", "completed_by", "TEXT NOT NULL DEFAULT ''"),
     ("instances", "geometry", "TEXT NOT NULL DEFAULT ''"),
     ("outbox", "model", "TEXT NOT NULL DEFAULT ''"),
+    ("outbox", "form", "TEXT NOT NULL DEFAULT ''"),
+    ("outbox", "alt_path", "TEXT NOT NULL DEFAULT ''"),
+    ("outbox", "alt_sop_uid", "TEXT NOT NULL DEFAULT ''"),
+    ("outbox", "sent_as", "TEXT NOT NULL DEFAULT ''"),
 )
 
 _SCHEMA = """
@@ -103,6 +107,10 @@ CREATE TABLE IF NOT EXISTS outbox (
     last_error    TEXT NOT NULL DEFAULT '',
     sent_at       REAL,
     model         TEXT NOT NULL DEFAULT '',
+    form          TEXT NOT NULL DEFAULT '',
+    alt_path      TEXT NOT NULL DEFAULT '',
+    alt_sop_uid   TEXT NOT NULL DEFAULT '',
+    sent_as       TEXT NOT NULL DEFAULT '',
     UNIQUE (sop_uid, destination)
 );
 CREATE INDEX IF NOT EXISTS outbox_by_series ON outbox(series_uid);
@@ -137,7 +145,14 @@ class SeriesRecord:
 
 @dataclass
 class OutboxItem:
-    """A result file owed to one destination."""
+    """A result file owed to one destination.
+
+    A SEG (and the SR that names it) may come in two forms: ``path`` is the one offered
+    first (``form``: "labelmap" or "binary"; empty where there is no choice) and
+    ``alt_path`` the binary form sent where the destination refuses a Label Map SEG. Once
+    acknowledged, ``path`` and ``sop_uid`` are those of the object the destination took
+    and ``sent_as`` says which form it was.
+    """
 
     id: int
     series_uid: str
@@ -151,6 +166,10 @@ class OutboxItem:
     last_error: str
     sent_at: float | None
     model: str = ""
+    form: str = ""
+    alt_path: str = ""
+    alt_sop_uid: str = ""
+    sent_as: str = ""
 
 
 class InstanceConflict(Exception):
@@ -431,9 +450,14 @@ class JobStore:
         path: Path,
         sop_uid: str,
         model: str = "",
+        form: str = "",
+        alt_path: Path | str = "",
+        alt_sop_uid: str = "",
     ) -> None:
         with self._tx() as db:
-            _enqueue(db, series_uid, kind, destination, path, sop_uid, model)
+            _enqueue(
+                db, series_uid, kind, destination, path, sop_uid, model, form, alt_path, alt_sop_uid
+            )
 
     def sent_results(self, series_uid: str, model: str | None = None) -> list[OutboxItem]:
         """Results of the series acknowledged by some destination (one item per SOP
@@ -518,15 +542,41 @@ class JobStore:
                 ).fetchall()
         return [OutboxItem(**dict(r)) for r in rows]
 
-    def mark_sent(self, item_id: int, sent_at: float | None = None) -> None:
+    def mark_sent(
+        self, item_id: int, sent_at: float | None = None, alternative: bool = False
+    ) -> None:
         """Record an acknowledgement (whatever the item's state: a cancelled item whose
-        send was already under way was still received by the destination)."""
+        send was already under way was still received by the destination).
+
+        ``alternative``: the destination took the binary form (``alt_path``): it becomes
+        the item's ``path`` and ``sop_uid`` (what a later run supersedes, what retention
+        keeps), the form offered first becomes the alternative, and ``sent_as`` is
+        "binary". SQLite evaluates every right-hand side on the old row, so the columns
+        swap.
+        """
+        swap = (
+            ", path = alt_path, sop_uid = alt_sop_uid, alt_path = path,"
+            " alt_sop_uid = sop_uid, sent_as = 'binary'"
+            if alternative
+            else ", sent_as = form"
+        )
         with self._tx() as db:
             db.execute(
                 "UPDATE outbox SET state = ?, sent_at = ?, attempts = attempts + 1,"
-                " last_error = '' WHERE id = ? AND state != ?",
+                f" last_error = ''{swap} WHERE id = ? AND state != ?",
                 (SENT, sent_at or time.time(), item_id, SENT),
             )
+
+    def sent_form(self, series_uid: str, model: str, destination: str, kind: str) -> str | None:
+        """Which form (``sent_as``) a destination took of a result of this series and
+        model, or ``None`` when it took none yet: an SR follows the form of its SEG."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT sent_as FROM outbox WHERE series_uid = ? AND model = ? AND"
+                " destination = ? AND kind = ? AND state = ? ORDER BY id DESC LIMIT 1",
+                (series_uid, model, destination, kind, SENT),
+            ).fetchone()
+        return None if row is None else str(row["sent_as"])
 
     def mark_attempt_failed(
         self, item_id: int, error: str, next_attempt: float, give_up: bool
@@ -616,11 +666,25 @@ def _enqueue(
     path: Path | str,
     sop_uid: str,
     model: str = "",
+    form: str = "",
+    alt_path: Path | str = "",
+    alt_sop_uid: str = "",
 ) -> None:
     db.execute(
         "INSERT OR IGNORE INTO outbox (series_uid, kind, destination, path, sop_uid, state,"
-        " model) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (series_uid, kind, destination, str(path), sop_uid, PENDING, model),
+        " model, form, alt_path, alt_sop_uid) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            series_uid,
+            kind,
+            destination,
+            str(path),
+            sop_uid,
+            PENDING,
+            model,
+            form,
+            str(alt_path),
+            alt_sop_uid,
+        ),
     )
 
 

@@ -17,6 +17,7 @@ Every step that changes a series' state logs one line and records it, so a resta
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import logging
 import queue
@@ -31,7 +32,7 @@ import pydicom
 from dicom_node.assembly import StreamingAssembler
 from dicom_node.completion import RELEASED, SETTLE_TIMER, SliceGeometry, gap_free, slice_geometry
 from dicom_node.config import ModelSettings, Settings
-from dicom_node.export import Exporter
+from dicom_node.export import Exporter, binary_alternatives_wanted, plan_outbox_items
 from dicom_node.jobs import (
     COMPLETE,
     DONE,
@@ -451,18 +452,9 @@ class Node:
                         "files": self._write_results(out_dir, files, written),
                         "volumes_ml": self._label_volumes(model, volume, result.labels),
                     }
-                    items += [
-                        {
-                            "series_uid": series_uid,
-                            "kind": kind,
-                            "destination": dest.name,
-                            "path": f["path"],
-                            "sop_uid": f["sop_uid"],
-                            "model": model.name,
-                        }
-                        for kind, f in by_model[model.name]["files"].items()
-                        for dest in self.settings.destinations
-                    ]
+                    items += plan_outbox_items(
+                        self.settings, series_uid, model.name, by_model[model.name]["files"]
+                    )
                     timings["write"] = timings.get("write", 0.0) + time.perf_counter() - t0
             except BaseException:
                 _discard(written)
@@ -643,10 +635,11 @@ class Node:
         labels: Any,
         series_offset: int = 0,
         predecessors: list[Any] | None = None,
+        results: Any = None,
     ) -> dict[str, tuple[Any, str]]:
         from dicom_node.encode import EncodeError, build_rtstruct, build_seg, build_sr
 
-        res = self.settings.results
+        res = results or self.settings.results
         segments, algorithm = self._segments(model), self._algorithm(model)
         out: dict[str, tuple[Any, str]] = {}
         try:
@@ -670,6 +663,18 @@ class Node:
                 out["SR"] = (sr, str(sr.SOPInstanceUID))
         except EncodeError as exc:
             raise JobFailed(f"results cannot be encoded: {exc}") from None
+        if (
+            res.seg_type == "labelmap"
+            and res.make_seg
+            and binary_alternatives_wanted(self.settings)
+        ):
+            # a destination may refuse the Label Map SEG: the binary SEG, and an SR that
+            # names it, are made now while the labels are in memory (dicom_node.delivery)
+            binary = dataclasses.replace(res, seg_type="binary", make_rtstruct=False)
+            alternatives = self._encode(
+                model, volume, labels, series_offset, predecessors, results=binary
+            )
+            out.update({f"{kind}_BINARY": v for kind, v in alternatives.items()})
         return out
 
     def _label_volumes(self, model: ModelSettings, volume: Any, labels: Any) -> dict[str, float]:

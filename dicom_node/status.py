@@ -16,6 +16,12 @@ them from a few threads, which fits a node whose other work runs on threads too.
 service binds to loopback by default: the pages show clinical images, so exposing them is
 a deliberate decision (a reverse proxy with authentication in front).
 
+Beyond loopback the pages need credentials: ``[status] auth = "basic"`` or ``"bearer"``
+with the secret in ``credentials_file`` or ``credentials_env`` (:mod:`dicom_node.credentials`).
+Every page then asks for it, except ``/healthz`` and ``/readyz``, which say nothing about
+patients and which an orchestrator's probes must reach without a secret. A service bound
+beyond loopback without credentials refuses to start.
+
 Every series UID in a URL is checked with :func:`~dicom_node.spool.check_uid` and every file
 served must lie inside the data directory, so no URL reaches a file outside it.
 """
@@ -31,10 +37,11 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
-from flask import Flask, Response, abort, jsonify, render_template, send_file
+from flask import Flask, Response, abort, jsonify, render_template, request, send_file
 from waitress.server import create_server
 
-from dicom_node.config import Settings
+from dicom_node.config import ConfigError, Settings, is_loopback
+from dicom_node.credentials import read_credentials
 from dicom_node.jobs import DONE, JobStore, SeriesRecord
 from dicom_node.metrics import CONTENT_TYPE, NodeMetrics
 from dicom_node.preview import PREVIEW_NAME, Preview, PreviewError, load_previews, make_previews
@@ -99,6 +106,7 @@ def create_app(
 ) -> Flask:
     """The Flask application of the status service for one node."""
     app = Flask(__name__)
+    _require_credentials(app, settings)
     data_dir = settings.node.data_dir.resolve()
     results_dir = data_dir / "results"
     preview_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
@@ -218,6 +226,52 @@ def create_app(
         return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
 
     return app
+
+
+#: Paths served without credentials: liveness and readiness, for probes.
+OPEN_PATHS = ("/healthz", "/readyz")
+
+
+def _require_credentials(app: Flask, settings: Settings) -> None:
+    """Ask every request but :data:`OPEN_PATHS` for the configured credentials.
+
+    Raises :class:`StatusError` when the service would be reachable beyond loopback
+    without credentials, or they cannot be read.
+    """
+    status = settings.status
+    try:
+        credentials = read_credentials(
+            status.auth, status.credentials_file, status.credentials_env, "status"
+        )
+    except ConfigError as exc:
+        raise StatusError(str(exc)) from None
+    if credentials is None:
+        if not is_loopback(status.host):
+            raise StatusError(
+                f"the status service would be reachable beyond this machine on "
+                f"{status.host} without credentials: set [status] auth with "
+                "credentials_file or credentials_env, or bind it to 127.0.0.1"
+            )
+        return
+    challenge = (
+        'Basic realm="dicom-node", charset="UTF-8"'
+        if credentials.kind == "basic"
+        else ('Bearer realm="dicom-node"')
+    )
+
+    @app.before_request
+    def authenticate() -> Response | None:
+        if request.path in OPEN_PATHS:
+            return None
+        if credentials.accepts(request.headers.get("Authorization")):
+            return None
+        log.info("status service: request for %s without valid credentials", request.path)
+        return Response(
+            "credentials required\n",
+            status=401,
+            mimetype="text/plain",
+            headers={"WWW-Authenticate": challenge},
+        )
 
 
 class StatusServer:

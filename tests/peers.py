@@ -7,6 +7,7 @@ Debian's DCMTK stalls ~45 ms per instance unless the receiving process has
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -205,7 +206,27 @@ def _toml(doc: dict) -> str:
 class Orthanc:
     """Debian's Orthanc as a PACS on loopback, from a JSON config in a temp folder."""
 
-    def __init__(self, workdir: Path, modalities: dict[str, list] | None = None) -> None:
+    #: Debian's orthanc-dicomweb plugin (STOW-RS, QIDO-RS, WADO-RS under /dicom-web/).
+    DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+
+    def __init__(
+        self,
+        workdir: Path,
+        modalities: dict[str, list] | None = None,
+        *,
+        dicomweb: bool = False,
+        config: dict[str, Any] | None = None,
+        rest_auth: tuple[str, str] | None = None,
+        count_deliveries: bool = False,
+    ) -> None:
+        """``dicomweb``: load the DICOMweb plugin; ``config``: keys that replace the
+        defaults below; ``rest_auth``: the user and password :meth:`rest` sends (for a
+        ``config`` with ``AuthenticationEnabled``); ``count_deliveries``: log every
+        instance received, duplicates included (:meth:`deliveries`)."""
+        self.count_deliveries = count_deliveries
+        self.dicomweb = dicomweb
+        self.extra_config = dict(config or {})
+        self.rest_auth = rest_auth
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.dicom_port = free_port()
@@ -232,6 +253,21 @@ class Orthanc:
             "StableAge": 1,
             "SaveJobs": False,
         }
+        if self.dicomweb:
+            cfg["Plugins"] = [self.DICOMWEB_PLUGIN]
+            cfg["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
+        if self.count_deliveries:
+            # Orthanc calls this for every instance it receives, by any protocol, before it
+            # checks whether it already has it: a second delivery is a second line
+            script = self.workdir / "count.lua"
+            script.write_text(
+                "function ReceivedInstanceFilter(dicom, origin, info)\n"
+                "  print('DELIVERED ' .. dicom.SOPInstanceUID)\n"
+                "  return true\n"
+                "end\n"
+            )
+            cfg["LuaScripts"] = [str(script)]
+        cfg.update(self.extra_config)
         (self.workdir / "orthanc.json").write_text(json.dumps(cfg))
         env = dict(os.environ, TCP_NODELAY="1")
         self._out = open(self.workdir / "orthanc.log", "ab")
@@ -266,6 +302,9 @@ class Orthanc:
         req = urllib.request.Request(
             f"http://127.0.0.1:{self.http_port}{path}", data=body, method=method
         )
+        if self.rest_auth is not None:
+            token = base64.b64encode(":".join(self.rest_auth).encode()).decode()
+            req.add_header("Authorization", f"Basic {token}")
         with urllib.request.urlopen(req, timeout=120) as resp:
             raw = resp.read()
         try:
@@ -282,3 +321,19 @@ class Orthanc:
 
     def file(self, instance_id: str) -> bytes:
         return self.rest(f"/instances/{instance_id}/file")
+
+    @property
+    def dicomweb_url(self) -> str:
+        """The DICOMweb root of the plugin (STOW-RS at ``/studies``)."""
+        return f"http://127.0.0.1:{self.http_port}/dicom-web"
+
+    def deliveries(self) -> dict[str, int]:
+        """SOP Instance UID -> times Orthanc received it (``count_deliveries``)."""
+        counts: dict[str, int] = {}
+        log = self.workdir / "orthanc.log"
+        text = log.read_text(errors="replace") if log.exists() else ""
+        for line in text.splitlines():
+            if "Lua says: DELIVERED " in line:
+                uid = line.rsplit(" ", 1)[-1]
+                counts[uid] = counts.get(uid, 0) + 1
+        return counts

@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 import pydicom
+import pytest
 
 from dicom_node.config import Destination, NodeSettings, ResultSettings, Settings
+from dicom_node.delivery import LABEL_MAP_SEG
 from dicom_node.encode import AlgorithmInfo, build_rtstruct, build_seg, build_sr, segment_info_for
-from dicom_node.export import Exporter, backoff
+from dicom_node.export import Exporter, backoff, plan_outbox_items
 from dicom_node.jobs import JobStore
 from dicom_node.spool import write_durably
 from dicom_node.synthetic import write_ct_series
 from dicom_node.volume import assemble_series
-from tests.peers import Orthanc, free_port
+from tests.peers import Orthanc, free_port, wait_port
+
+SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 
 
 def _results(tmp_path):
@@ -40,6 +47,62 @@ def _results(tmp_path):
         write_durably(path, buf.getvalue())
         out[kind] = (path, str(ds.SOPInstanceUID))
     return vol, out
+
+
+def labelmap_results(tmp_path: Path) -> tuple[object, dict[str, dict[str, str]]]:
+    """What the node writes with [results] seg_type = "labelmap" and a destination that may
+    refuse it: the Label Map SEG and its SR, the binary SEG and its SR, the RTSTRUCT."""
+    hu = np.full((6, 48, 48), -50, np.int16)
+    vol = assemble_series(write_ct_series(hu, tmp_path / "ct", spacing=(3.0, 1.0, 1.0)))
+    labels = np.zeros(vol.array.shape, np.uint8)
+    labels[1:5, 10:30, 12:28] = 1
+    segs = [segment_info_for(1, "spleen")]
+    alg = AlgorithmInfo(name="test", version="1")
+    res = ResultSettings(seg_type="labelmap")
+    seg = build_seg(vol, labels, segs, alg, res)
+    binary = build_seg(vol, labels, segs, alg, dataclasses.replace(res, seg_type="binary"))
+    built = {
+        "SEG": seg,
+        "RTSTRUCT": build_rtstruct(vol, labels, segs, alg, res),
+        "SR": build_sr(seg, vol, labels, segs, alg, res),
+        "SEG_BINARY": binary,
+        "SR_BINARY": build_sr(binary, vol, labels, segs, alg, res),
+    }
+    out = {}
+    for kind, ds in built.items():
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        path = tmp_path / f"{kind}.dcm"
+        write_durably(path, buf.getvalue())
+        out[kind] = {"path": str(path), "sop_uid": str(ds.SOPInstanceUID)}
+    return vol, out
+
+
+def queue_labelmap_results(
+    jobs: JobStore, settings: Settings, files: dict[str, dict[str, str]], series_uid: str
+) -> None:
+    for item in plan_outbox_items(settings, series_uid, "spleen", files):
+        jobs.enqueue_result(**item)
+
+
+def _referenced_seg(sr: pydicom.Dataset) -> str:
+    """The SOP Instance UID of the SEG an SR's volume measurements name."""
+    found = []
+
+    def walk(items):
+        for item in items:
+            for ref in item.get("ReferencedSOPSequence", []):
+                if "ReferencedSegmentNumber" in ref or ref.get("ReferencedSOPClassUID") in (
+                    SEGMENTATION_STORAGE,
+                    LABEL_MAP_SEG,
+                ):
+                    found.append(str(ref.ReferencedSOPInstanceUID))
+            walk(item.get("ContentSequence", []))
+
+    walk(sr.ContentSequence)
+    assert found, "the SR names no SEG"
+    assert len(set(found)) == 1
+    return found[0]
 
 
 def test_backoff_grows_and_is_capped():
@@ -227,8 +290,6 @@ def test_a_failure_status_is_recorded_with_its_meaning(tmp_path):
 def _tmpfs(path, size: str):
     import subprocess
 
-    import pytest
-
     path.mkdir()
     r = subprocess.run(
         ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
@@ -312,3 +373,216 @@ def test_acknowledged_once_even_when_the_database_cannot_record_it(tmp_path):
     finally:
         pacs.stop()
         subprocess.run(["umount", "-l", str(data)], check=False)
+
+
+# -- Label Map SEG where the destination takes it, binary SEG where it does not ----------
+
+
+def test_each_destination_gets_the_seg_form_it_is_set_for(tmp_path):
+    _, files = labelmap_results(tmp_path)
+    settings = Settings(
+        results=ResultSettings(seg_type="labelmap"),
+        destinations=[
+            Destination(name="auto", ae_title="A", host="h", port=1),
+            Destination(name="lm", ae_title="B", host="h", port=1, seg_type="labelmap"),
+            Destination(name="bin", ae_title="C", host="h", port=1, seg_type="binary"),
+        ],
+    )
+    items = {
+        (i["destination"], i["kind"]): i for i in plan_outbox_items(settings, "1.9", "m", files)
+    }
+    assert len(items) == 9  # SEG, RTSTRUCT, SR for each; the binary forms are no items
+    assert items["auto", "SEG"]["path"] == files["SEG"]["path"]
+    assert items["auto", "SEG"]["alt_path"] == files["SEG_BINARY"]["path"]
+    assert items["auto", "SR"]["alt_sop_uid"] == files["SR_BINARY"]["sop_uid"]
+    assert "alt_path" not in items["lm", "SEG"] and "alt_path" not in items["lm", "SR"]
+    assert items["bin", "SEG"]["sop_uid"] == files["SEG_BINARY"]["sop_uid"]
+    assert items["bin", "SR"]["sop_uid"] == files["SR_BINARY"]["sop_uid"]
+    assert "alt_path" not in items["auto", "RTSTRUCT"]
+
+
+def _storescp_accepting_label_map(tmp_path: Path) -> tuple[subprocess.Popen, int, Path]:
+    """DCMTK 3.6.7's storescp does not know the Label Map class: a -xf profile names it,
+    with the RLE Lossless syntax the node writes it in, beside the usual storage classes."""
+    cfg = tmp_path / "storescp.cfg"
+    cfg.write_text(
+        """[[TransferSyntaxes]]
+[Uncompressed]
+TransferSyntax1 = LocalEndianExplicit
+TransferSyntax2 = OppositeEndianExplicit
+TransferSyntax3 = LittleEndianImplicit
+[RLE]
+TransferSyntax1 = RLELossless
+[[PresentationContexts]]
+[Results]
+PresentationContext1 = 1.2.840.10008.5.1.4.1.1.66.7\\RLE
+PresentationContext2 = 1.2.840.10008.5.1.4.1.1.66.4\\Uncompressed
+PresentationContext3 = RTStructureSetStorage\\Uncompressed
+PresentationContext4 = Comprehensive3DSRStorage\\Uncompressed
+[[Profiles]]
+[Results]
+PresentationContexts = Results
+"""
+    )
+    out = tmp_path / "received"
+    out.mkdir()
+    port = free_port()
+    proc = subprocess.Popen(
+        ["storescp", "-aet", "LM_SCP", "-xf", str(cfg), "Results", "-od", str(out), str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    wait_port(port, 30, proc)
+    return proc, port, out
+
+
+def test_orthanc_gets_the_binary_seg_a_label_map_peer_the_label_map(tmp_path, dcmtk_tools):
+    """One run, two real peers: Orthanc 1.10 refuses the Label Map class in negotiation and
+    receives the binary SEG, with the SR that names it; storescp, set to accept it,
+    receives the label map. The outbox records which form each took."""
+    _, files = labelmap_results(tmp_path)
+    pacs = Orthanc(tmp_path / "orthanc").start()
+    scp, scp_port, received = _storescp_accepting_label_map(tmp_path)
+    try:
+        settings = Settings(
+            node=NodeSettings(data_dir=tmp_path),
+            results=ResultSettings(seg_type="labelmap"),
+            destinations=[
+                Destination(name="orthanc", ae_title=pacs.aet, host="127.0.0.1",
+                            port=pacs.dicom_port, retry_backoff_seconds=0.0),
+                Destination(name="lm", ae_title="LM_SCP", host="127.0.0.1", port=scp_port,
+                            retry_backoff_seconds=0.0),
+            ],
+        )  # fmt: skip
+        jobs = JobStore(tmp_path / "jobs.sqlite")
+        queue_labelmap_results(jobs, settings, files, "1.10")
+        exporter = Exporter(settings, jobs)
+        assert exporter.run_once() == 6
+        assert exporter.run_once() == 0
+        outbox = {(i.destination, i.kind): i for i in jobs.outbox("1.10")}
+        assert {k: (i.state, i.sent_as) for k, i in outbox.items()} == {
+            ("orthanc", "SEG"): ("sent", "binary"),
+            ("orthanc", "RTSTRUCT"): ("sent", ""),
+            ("orthanc", "SR"): ("sent", "binary"),
+            ("lm", "SEG"): ("sent", "labelmap"),
+            ("lm", "RTSTRUCT"): ("sent", ""),
+            ("lm", "SR"): ("sent", "labelmap"),
+        }
+        # the row names what the destination has: a later run supersedes that object
+        assert outbox["orthanc", "SEG"].sop_uid == files["SEG_BINARY"]["sop_uid"]
+        assert outbox["orthanc", "SEG"].alt_sop_uid == files["SEG"]["sop_uid"]
+        assert outbox["lm", "SEG"].sop_uid == files["SEG"]["sop_uid"]
+
+        stored = {}
+        for iid in pacs.rest("/instances"):
+            ds = pydicom.dcmread(io.BytesIO(pacs.file(iid)))
+            stored[str(ds.Modality)] = ds
+        assert sorted(stored) == ["RTSTRUCT", "SEG", "SR"]
+        assert stored["SEG"].SOPClassUID == SEGMENTATION_STORAGE
+        assert stored["SEG"].SegmentationType == "BINARY"
+        assert str(stored["SEG"].SOPInstanceUID) == files["SEG_BINARY"]["sop_uid"]
+        assert _referenced_seg(stored["SR"]) == files["SEG_BINARY"]["sop_uid"]
+
+        got = {}
+        for f in received.iterdir():
+            ds = pydicom.dcmread(f)
+            got[str(ds.Modality)] = ds
+        assert sorted(got) == ["RTSTRUCT", "SEG", "SR"]
+        assert got["SEG"].SOPClassUID == LABEL_MAP_SEG
+        assert str(got["SEG"].SOPInstanceUID) == files["SEG"]["sop_uid"]
+        assert _referenced_seg(got["SR"]) == files["SEG"]["sop_uid"]
+    finally:
+        pacs.stop()
+        scp.terminate()
+        scp.wait(10)
+
+
+def test_a_store_status_refusing_the_label_map_class_falls_back_and_is_remembered(tmp_path):
+    """A peer that negotiates the Label Map class but answers 0x0122 (SOP Class Not
+    Supported) when it arrives: the binary SEG goes in the same association, and later
+    series go binary at once."""
+    from pydicom.uid import ExplicitVRLittleEndian, RLELossless
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import (
+        Comprehensive3DSRStorage,
+        RTStructureSetStorage,
+        SegmentationStorage,
+    )
+
+    _, files = labelmap_results(tmp_path)
+    offered: list[str] = []
+
+    def on_store(event):
+        offered.append(str(event.request.AffectedSOPClassUID))
+        return 0x0122 if event.request.AffectedSOPClassUID == LABEL_MAP_SEG else 0x0000
+
+    scp = AE(ae_title="PICKY")
+    scp.add_supported_context(LABEL_MAP_SEG, [RLELossless, ExplicitVRLittleEndian])
+    for cls in (SegmentationStorage, RTStructureSetStorage, Comprehensive3DSRStorage):
+        scp.add_supported_context(cls, ExplicitVRLittleEndian)
+    port = free_port()
+    server = scp.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)]
+    )
+    try:
+        settings = Settings(
+            results=ResultSettings(seg_type="labelmap"),
+            destinations=[Destination(name="picky", ae_title="PICKY", host="127.0.0.1",
+                                      port=port, retry_backoff_seconds=0.0)],
+        )  # fmt: skip
+        jobs = JobStore(tmp_path / "jobs.sqlite")
+        queue_labelmap_results(jobs, settings, files, "1.11")
+        exporter = Exporter(settings, jobs)
+        assert exporter.run_once() == 3
+        assert offered.count(LABEL_MAP_SEG) == 1
+        assert offered.count(SEGMENTATION_STORAGE) == 1
+        sent = {i.kind: i.sent_as for i in jobs.outbox("1.11")}
+        assert sent == {"SEG": "binary", "RTSTRUCT": "", "SR": "binary"}
+        # the next series: no label map offered again to this destination
+        _, more = labelmap_results(tmp_path / "second")
+        queue_labelmap_results(jobs, settings, more, "1.12")
+        assert exporter.run_once() == 3
+        assert offered.count(LABEL_MAP_SEG) == 1
+        assert {i.kind: i.sent_as for i in jobs.outbox("1.12")}["SEG"] == "binary"
+    finally:
+        server.shutdown()
+
+
+def test_an_sr_follows_the_form_its_seg_already_took(tmp_path):
+    """The SEG went as binary in an earlier attempt, the SR failed then: when the SR is
+    retried it is the SR naming the binary SEG, whatever the peer now negotiates."""
+    from pydicom.uid import ExplicitVRLittleEndian
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import Comprehensive3DSRStorage
+
+    _, files = labelmap_results(tmp_path)
+    scp = AE(ae_title="SR_ONLY")
+    scp.add_supported_context(Comprehensive3DSRStorage, ExplicitVRLittleEndian)
+    port = free_port()
+    server = scp.start_server(
+        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda e: 0)]
+    )
+    try:
+        settings = Settings(
+            results=ResultSettings(seg_type="labelmap"),
+            destinations=[Destination(name="p", ae_title="SR_ONLY", host="127.0.0.1",
+                                      port=port, retry_backoff_seconds=0.0)],
+        )  # fmt: skip
+        jobs = JobStore(tmp_path / "jobs.sqlite")
+        for item in plan_outbox_items(settings, "1.13", "spleen", files):
+            if item["kind"] == "SR":
+                jobs.enqueue_result(**item)
+            elif item["kind"] == "SEG":  # sent as binary before
+                jobs.enqueue_result(**item)
+                (seg,) = jobs.outbox("1.13")
+                jobs.mark_sent(seg.id, alternative=True)
+        assert Exporter(settings, jobs).run_once() == 1
+        sr = next(i for i in jobs.outbox("1.13") if i.kind == "SR")
+        assert (sr.state, sr.sent_as, sr.sop_uid) == (
+            "sent",
+            "binary",
+            files["SR_BINARY"]["sop_uid"],
+        )
+    finally:
+        server.shutdown()

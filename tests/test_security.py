@@ -541,3 +541,68 @@ def test_no_patient_identifiers_in_logs(started, tmp_path):
         assert "failed: not a volume" in log
         for secret in (tag, name, pid):
             assert (secret in log) == flag, (flag, secret)
+
+
+# -- status pages beyond loopback ---------------------------------------------------------
+def test_status_pages_beyond_loopback_without_credentials_refuse_to_start(tmp_path):
+    """``dicom-node serve`` (and validate-config) with the status service on 0.0.0.0 and no
+    credentials: exit status 2, one sentence, nothing listening; with a token file the node
+    starts and its pages ask for the token."""
+    import urllib.error
+    import urllib.request
+
+    from tests.peers import free_port
+
+    status_port = free_port()
+    node = NodeProcess(
+        tmp_path / "exposed", status={"enabled": True, "host": "0.0.0.0", "port": status_port}
+    )
+    for command in ("serve", "validate-config"):
+        args = ["--config", str(node.config)] if command == "serve" else [str(node.config)]
+        r = subprocess.run(
+            [sys.executable, "-m", "dicom_node", command, *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=ROOT,
+        )
+        assert r.returncode == 2, (command, r.stderr)
+        assert "status.host: 0.0.0.0 is reachable beyond this machine" in r.stderr
+        assert "set status.auth" in r.stderr
+        assert "Traceback" not in r.stderr
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", node.port)) != 0  # the SCP never started
+
+    token = tmp_path / "status.token"
+    token.write_text("b7c1e0d2\n")
+    token.chmod(0o600)
+    node.write_config(
+        status={
+            "enabled": True,
+            "host": "0.0.0.0",
+            "port": status_port,
+            "auth": "bearer",
+            "credentials_file": str(token),
+        }
+    )
+    node.start()
+    try:
+        url = f"http://127.0.0.1:{status_port}/"
+        deadline = time.time() + 30
+        code = None
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(url, timeout=10)
+                code = 200
+            except urllib.error.HTTPError as exc:
+                code = exc.code
+            except OSError:
+                time.sleep(0.2)
+                continue
+            break
+        assert code == 401
+        req = urllib.request.Request(url, headers={"Authorization": "Bearer b7c1e0d2"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert r.status == 200
+    finally:
+        node.stop()

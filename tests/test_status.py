@@ -9,6 +9,7 @@ are compared, pixel by pixel, with the outline of the SEG read back by highdicom
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import http.client
 import io
@@ -30,7 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dicom_node.config import settings_from_dict
 from dicom_node.encode import segment_info_for
-from dicom_node.jobs import DONE, FAILED
+from dicom_node.jobs import DONE, FAILED, JobStore
 from dicom_node.node import Node
 from dicom_node.phantom import make_phantom
 from dicom_node.status import StatusServer, create_app
@@ -345,3 +346,89 @@ def test_urls_never_reach_files_outside_the_data_dir(node, processed, tmp_path_f
         assert status in (400, 404), (path, status)
         assert b"TOP-SECRET" not in body and b"root:" not in body
         assert b"SQLite format" not in body and b"DICM" not in body, path
+
+
+# -- credentials -------------------------------------------------------------------------
+def _get_with(url: str, authorization: str | None = None) -> tuple[int, str]:
+    """Status and WWW-Authenticate header of a GET sending ``authorization``."""
+    req = urllib.request.Request(url)
+    if authorization is not None:
+        req.add_header("Authorization", authorization)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, r.headers.get("WWW-Authenticate", "")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers.get("WWW-Authenticate", "")
+
+
+def _served(tmp_path: Path, status: dict) -> tuple[StatusServer, JobStore]:
+    from dicom_node.metrics import NodeMetrics
+
+    settings = settings_from_dict(
+        {
+            "node": {"data_dir": str(tmp_path / "var")},
+            "status": {"enabled": True, "port": 0, **status},
+        },
+        base_dir=ROOT,
+    )
+    (tmp_path / "var" / "spool").mkdir(parents=True)
+    jobs = JobStore(tmp_path / "var" / "jobs.sqlite")
+    app = create_app(settings, jobs, NodeMetrics(jobs))
+    server = StatusServer(app, settings.status.host, 0)
+    server.start()
+    return server, jobs
+
+
+def test_basic_credentials_from_a_file_guard_every_page_but_the_probes(tmp_path):
+    secret = tmp_path / "status.secret"
+    secret.write_text("radiology:correct horse\n")
+    server, jobs = _served(tmp_path, {"auth": "basic", "credentials_file": str(secret)})
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        good = "Basic " + base64.b64encode(b"radiology:correct horse").decode()
+        bad = "Basic " + base64.b64encode(b"radiology:wrong").decode()
+        for path in ("/", "/metrics", "/jobs/1.2.3"):
+            code, challenge = _get_with(base + path)
+            assert (code, challenge) == (401, 'Basic realm="dicom-node", charset="UTF-8"'), path
+            assert _get_with(base + path, bad)[0] == 401, path
+            assert _get_with(base + path, "Bearer correct horse")[0] == 401, path
+        assert _get_with(base + "/", good)[0] == 200
+        assert _get_with(base + "/metrics", good)[0] == 200
+        assert _get_with(base + "/jobs/1.2.3", good)[0] == 404  # past the check: no such job
+        assert _get_with(base + "/healthz")[0] == 200  # probes need no secret
+        assert _get_with(base + "/readyz")[0] in (200, 503)
+    finally:
+        server.stop()
+        jobs.close()
+
+
+def test_a_bearer_token_from_the_environment_lets_the_pages_leave_loopback(tmp_path, monkeypatch):
+    monkeypatch.setenv("STATUS_TOKEN", "tok-3f9a")
+    server, jobs = _served(
+        tmp_path, {"host": "0.0.0.0", "auth": "bearer", "credentials_env": "STATUS_TOKEN"}
+    )
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        assert _get_with(base + "/") == (401, 'Bearer realm="dicom-node"')
+        assert _get_with(base + "/", "Bearer tok-3f9a")[0] == 200
+        assert _get_with(base + "/", "Bearer tok-3f9")[0] == 401
+    finally:
+        server.stop()
+        jobs.close()
+
+
+def test_the_status_service_refuses_to_leave_loopback_without_credentials(tmp_path):
+    from dicom_node.config import Settings, StatusSettings
+    from dicom_node.metrics import NodeMetrics
+    from dicom_node.status import StatusError
+
+    jobs = JobStore(tmp_path / "jobs.sqlite")
+    exposed = Settings(status=StatusSettings(enabled=True, host="0.0.0.0"))
+    with pytest.raises(StatusError, match="reachable beyond this machine on 0.0.0.0"):
+        create_app(exposed, jobs, NodeMetrics(jobs))
+    unreadable = Settings(
+        status=StatusSettings(auth="basic", credentials_file=tmp_path / "missing")
+    )
+    with pytest.raises(StatusError, match="status.credentials_file: .*missing cannot be read"):
+        create_app(unreadable, jobs, NodeMetrics(jobs))
+    jobs.close()
