@@ -96,6 +96,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
                     "state": o.state,
                     "attempts": o.attempts,
                     "last_error": o.last_error,
+                    "sent_as": o.sent_as,
                 }
                 for o in store.outbox(rec.series_uid)
             ]
