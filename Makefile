@@ -4,14 +4,18 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 CONFIG  ?= config/node.toml
-APT_PKGS := dcmtk orthanc dicom3tools chromium
+APT_PKGS := dcmtk orthanc orthanc-dicomweb dicom3tools chromium chromium-driver
+# The OHIF viewer the node serves in front of its embedded Orthanc: the prebuilt dist/ of the
+# pinned npm package, unpacked into an ignored folder (npm checks the tarball's integrity).
+OHIF_VERSION := 3.13.2
+OHIF_DIR := .ohif/app-$(OHIF_VERSION)
 STAMP   := $(VENV)/.installed
 
 .PHONY: install run test bench lint format demo-bundle clean
 
-install: $(STAMP)
+install: $(STAMP) $(OHIF_DIR)/index.html
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	@missing=""; for p in $(APT_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
@@ -24,6 +28,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q "torch==2.13.0"
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
+
+$(OHIF_DIR)/index.html:
+	rm -rf $(OHIF_DIR).tmp && mkdir -p $(OHIF_DIR).tmp
+	cd $(OHIF_DIR).tmp && npm pack --silent "@ohif/app@$(OHIF_VERSION)" >/dev/null
+	tar -xzf $(OHIF_DIR).tmp/ohif-app-$(OHIF_VERSION).tgz -C $(OHIF_DIR).tmp
+	rm -rf $(OHIF_DIR) && mv $(OHIF_DIR).tmp/package/dist $(OHIF_DIR) && rm -rf $(OHIF_DIR).tmp
 
 run: install
 	$(BIN)/dicom-node serve --config $(CONFIG)
@@ -44,4 +54,4 @@ demo-bundle: install
 	$(BIN)/python tools/train_demo_bundle.py
 
 clean:
-	rm -rf $(VENV) var .pytest_cache
+	rm -rf $(VENV) var .pytest_cache .ohif

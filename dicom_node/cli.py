@@ -48,11 +48,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    from dicom_node.embedded import EmbeddedError
     from dicom_node.status import StatusError
 
     try:
         node.start()
-    except StatusError as exc:
+    except (StatusError, EmbeddedError) as exc:
         node.stop()
         raise UserError(str(exc)) from None
     except OSError as exc:
@@ -60,6 +61,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UserError(
             f"cannot listen on {settings.node.host}:{settings.node.port}: {exc.strerror}"
         ) from None
+    if node.embedded is not None:
+        print(f"viewer: {node.embedded.viewer_url}", flush=True)
     if settings.inference.backend == "triton" and not settings.inference.triton_url:
         # Start Triton now rather than on the first series, so the first study is fast.
         threading.Thread(target=_warm_backend, args=(node,), daemon=True).start()

@@ -231,6 +231,9 @@ class Destination:
     max_backoff_seconds: float = 300.0
     #: Send over DICOM TLS, with the certificates of the [tls] section.
     tls: bool = False
+    #: The node starts this destination itself: an Orthanc on loopback at ``port`` with
+    #: ``ae_title``, and the OHIF viewer in front of it ([embedded], ``dicom_node.embedded``).
+    embedded: bool = False
     #: "dicom" (C-STORE) or "dicomweb" (STOW-RS to ``url``).
     type: str = "dicom"
     #: DICOMweb base URL (the STOW-RS service is ``url/studies``).
@@ -251,6 +254,27 @@ class Destination:
 
 
 @dataclass(frozen=True)
+class EmbeddedSettings:
+    """The PACS and viewer the node starts for a destination with ``embedded = true``.
+
+    Only used then: a configuration that sends elsewhere starts neither. Everything listens
+    on loopback, because neither Orthanc nor the viewer asks for credentials here.
+    """
+
+    #: Where the viewer (OHIF, with ``/dicom-web`` on the same origin) is served.
+    viewer_host: str = "127.0.0.1"
+    viewer_port: int = 3000
+    #: Orthanc's own HTTP port (REST and DICOMweb), reached by the viewer through the node.
+    orthanc_http_port: int = 8042
+    #: The OHIF ``dist/`` folder ``make install`` unpacks from the pinned npm package.
+    viewer_dir: Path = Path(".ohif/app-3.13.2")
+    orthanc_executable: str = "Orthanc"
+    dicomweb_plugin: Path = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+    #: Orthanc must answer on its ports within this many seconds of its start.
+    startup_timeout_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything the node needs, typed."""
 
@@ -266,6 +290,7 @@ class Settings:
     models: list[ModelSettings] = field(default_factory=list)
     routes: list[Route] = field(default_factory=list)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
+    embedded: EmbeddedSettings = field(default_factory=EmbeddedSettings)
     #: Directory the relative paths of the config are resolved against.
     base_dir: Path = Path(".")
 
@@ -445,6 +470,7 @@ def _validate(s: Settings) -> None:
             raise ConfigError(f"destinations[{i}].name: {d.name!r} is used twice")
         names.add(d.name)
         _check_destination(d, f"destinations[{i}]", s.results.seg_type)
+    _validate_embedded(s)
     model_names = [m.name for m in s.models]
     for i, m in enumerate(s.models):
         if model_names.count(m.name) > 1:
@@ -466,6 +492,36 @@ def _validate(s: Settings) -> None:
             value = getattr(r, rng)
             if value and (len(value) != 2 or value[0] > value[1]):
                 raise ConfigError(f"{key}.{rng}: must be [min, max]")
+
+
+def _validate_embedded(s: Settings) -> None:
+    """One embedded destination at most, and it and its viewer on loopback only."""
+    embedded = [i for i, d in enumerate(s.destinations) if d.embedded]
+    if len(embedded) > 1:
+        raise ConfigError(f"destinations[{embedded[1]}].embedded: only one destination can be")
+    for i in embedded:
+        d = s.destinations[i]
+        if d.host not in _LOOPBACK:
+            raise ConfigError(
+                f"destinations[{i}].host: an embedded destination listens on loopback "
+                f"(127.0.0.1), not {d.host!r}"
+            )
+        if d.tls:
+            raise ConfigError(f"destinations[{i}].tls: the embedded Orthanc speaks no TLS")
+    e = s.embedded
+    if e.viewer_host not in _LOOPBACK:
+        raise ConfigError(
+            f"embedded.viewer_host: the viewer shows images without credentials, so it "
+            f"listens on loopback only, not {e.viewer_host!r}"
+        )
+    if not 0 <= e.viewer_port < 65536:  # 0: any free port
+        raise ConfigError(f"embedded.viewer_port: {e.viewer_port} is not a TCP port")
+    if not 0 < e.orthanc_http_port < 65536:
+        raise ConfigError(f"embedded.orthanc_http_port: {e.orthanc_http_port} is not a TCP port")
+
+
+#: Host names that mean this machine only.
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 def _resolve(path: Path, base: Path) -> Path:
@@ -492,6 +548,7 @@ def settings_from_dict(raw: dict[str, Any], base_dir: Path = Path(".")) -> Setti
         "models",
         "routes",
         "retention",
+        "embedded",
     }
     unknown = sorted(set(raw) - known)
     if unknown:
@@ -510,6 +567,7 @@ def settings_from_dict(raw: dict[str, Any], base_dir: Path = Path(".")) -> Setti
         ],
         routes=[_build(Route, r, f"routes[{i}]") for i, r in enumerate(_array(raw, "routes"))],
         retention=_build(RetentionSettings, raw.get("retention", {}), "retention"),
+        embedded=_build(EmbeddedSettings, raw.get("embedded", {}), "embedded"),
         base_dir=base_dir,
     )
     _validate(s)
@@ -550,6 +608,9 @@ def settings_from_dict(raw: dict[str, Any], base_dir: Path = Path(".")) -> Setti
             dataclasses.replace(m, bundle=_resolve(m.bundle, base_dir).resolve()) for m in models
         ],
         node=dataclasses.replace(s.node, data_dir=_resolve(s.node.data_dir, base_dir).resolve()),
+        embedded=dataclasses.replace(
+            s.embedded, viewer_dir=_resolve(s.embedded.viewer_dir, base_dir).resolve()
+        ),
         inference=dataclasses.replace(
             inf,
             model_repository=_resolve(inf.model_repository, base_dir).resolve(),

@@ -83,6 +83,8 @@ class Node:
         self.metrics = NodeMetrics(self.jobs)
         self.exporter = Exporter(settings, self.jobs, on_attempt=self.metrics.observe_export)
         self.status: Any = None
+        #: The PACS and viewer the node runs for an ``embedded`` destination, once started.
+        self.embedded: Any = None
         self._queue: queue.Queue[str] = queue.Queue()
         self._queued: set[str] = set()
         self._queued_lock = threading.Lock()
@@ -114,10 +116,17 @@ class Node:
         for record in self.jobs.list_series(COMPLETE):
             self._enqueue(record.series_uid)
         if serve:
+            self._start_embedded()  # the default destination listens before anything is sent
             if self.settings.status.enabled:  # first: a taken port stops before any C-STORE
                 from dicom_node.status import StatusServer, create_app
 
-                app = create_app(self.settings, self.jobs, self.metrics, self.backend_ready)
+                app = create_app(
+                    self.settings,
+                    self.jobs,
+                    self.metrics,
+                    self.backend_ready,
+                    viewer_url=self.embedded.viewer_url if self.embedded else None,
+                )
                 self.status = StatusServer(
                     app, self.settings.status.host, self.settings.status.port
                 )
@@ -134,6 +143,16 @@ class Node:
             t = threading.Thread(target=target, name=f"dicom-node-{name}", daemon=True)
             t.start()
             self._threads.append(t)
+
+    def _start_embedded(self) -> None:
+        """Start the PACS and viewer of an ``embedded`` destination, if one is configured."""
+        from dicom_node.embedded import Embedded, embedded_destination
+
+        destination = embedded_destination(self.settings)
+        if destination is not None:
+            embedded = Embedded(self.settings, destination)
+            embedded.start()
+            self.embedded = embedded
 
     def stop(self) -> None:
         self._stop.set()
@@ -152,6 +171,8 @@ class Node:
             self._backends = None
         self.jobs.close()
         self.exporter.journal.close()
+        if self.embedded is not None:
+            self.embedded.stop()
 
     def reconcile(self) -> int:
         """Register spooled files the database does not know.
@@ -331,6 +352,8 @@ class Node:
             return self.jobs.get_series(series_uid).state  # type: ignore[union-attr]
         record = self.jobs.get_series(series_uid)
         log.info("series %s: processing (%d instances)", series_uid, count)
+        if self.embedded is not None:  # the viewer shows the results over this CT
+            self.embedded.archive(self.jobs.instance_paths(series_uid))
         # from the last instance to this job's start: the completion rule and the queue
         timings: dict[str, float] = {
             "completion": max(0.0, time.time() - record.last_received) if record else 0.0

@@ -37,7 +37,9 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
+import pydicom
 from flask import Flask, Response, abort, jsonify, render_template, request, send_file
+from pydicom.errors import InvalidDicomError
 from waitress.server import create_server
 
 from dicom_node.config import ConfigError, Settings, is_loopback
@@ -103,8 +105,13 @@ def create_app(
     jobs: JobStore,
     metrics: NodeMetrics,
     backend_ready: BackendReady | None = None,
+    viewer_url: str | None = None,
 ) -> Flask:
-    """The Flask application of the status service for one node."""
+    """The Flask application of the status service for one node.
+
+    With ``viewer_url`` (the embedded viewer's), each finished series links to the viewer
+    with its SEG loaded.
+    """
     app = Flask(__name__)
     _require_credentials(app, settings)
     data_dir = settings.node.data_dir.resolve()
@@ -197,6 +204,7 @@ def create_app(
             outbox=jobs.outbox(record.series_uid),
             stages=TIMING_COLUMNS,
             node=settings.node,
+            viewer=_viewer_link(viewer_url, record, files),
         )
 
     @app.get("/jobs/<series_uid>/files/<kind>")
@@ -226,6 +234,26 @@ def create_app(
         return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(seconds))
 
     return app
+
+
+def _viewer_link(viewer_url: str | None, record: SeriesRecord, files: dict) -> str:
+    """The viewer's URL of a finished series with its SEG loaded, or "" without one.
+
+    The SEG's Series Instance UID is read from its header: the job records files by SOP
+    Instance UID only.
+    """
+    seg = files.get("SEG")
+    if not viewer_url or record.state != DONE or not seg:
+        return ""
+    from dicom_node.embedded import viewer_link
+
+    try:
+        header = pydicom.dcmread(
+            seg["path"], stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]
+        )
+    except (OSError, InvalidDicomError):
+        return ""
+    return viewer_link(viewer_url, record.study_uid, str(header.SeriesInstanceUID))
 
 
 #: Paths served without credentials: liveness and readiness, for probes.
@@ -278,7 +306,12 @@ class StatusServer:
     """The status service on ``host:port`` (port 0: any free port), served from a thread."""
 
     def __init__(
-        self, app: Flask, host: str = "127.0.0.1", port: int = 8080, threads: int = 4
+        self,
+        app: Flask,
+        host: str = "127.0.0.1",
+        port: int = 8080,
+        threads: int = 4,
+        name: str = "status service",
     ) -> None:
         try:
             self._server = create_server(
@@ -286,8 +319,9 @@ class StatusServer:
             )
         except OSError as exc:
             raise StatusError(
-                f"the status service cannot listen on {host}:{port}: {exc.strerror or exc}"
+                f"the {name} cannot listen on {host}:{port}: {exc.strerror or exc}"
             ) from None
+        self.name = name
         self.host = host
         self.port = int(self._server.effective_port)
         self._thread: threading.Thread | None = None
@@ -299,10 +333,10 @@ class StatusServer:
 
     def start(self) -> None:
         self._thread = threading.Thread(
-            target=self._server.run, name="dicom-node-status", daemon=True
+            target=self._server.run, name=f"dicom-node-{self.name.split()[0]}", daemon=True
         )
         self._thread.start()
-        log.info("status service on %s", self.url)
+        log.info("%s on %s", self.name, self.url)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Close the listening socket and open connections, and wait for the thread."""

@@ -558,7 +558,8 @@ def test_a_segment_the_model_did_not_find_is_left_out_but_reported(tmp_path: Pat
     (site,) = others[1].finding_sites
     assert site.laterality.value == "7771000"  # left
     names = [str(i.ContentSequence[0].TextValue) for i in sr.ContentSequence[-1].ContentSequence]
-    assert names == ["spleen", "liver", "kidney_left"]
+    # the liver: its volume (TID 1411), then its outline for viewers (TID 1410), one finding
+    assert names == ["spleen", "liver", "liver", "kidney_left"]
     for kind, ds in (("seg", seg), ("rt", rt), ("sr", sr)):
         ds.save_as(tmp_path / f"{kind}.dcm", enforce_file_format=True)
         assert dciodvfy_errors(tmp_path / f"{kind}.dcm") == [], kind

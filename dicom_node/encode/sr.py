@@ -9,6 +9,15 @@ Every label the model was asked for is reported, in the model's label order: one
 not find has no segment to point at (the SEG leaves it out), so its 0 mL is a Measurement
 Group (TID 1501) with the same finding type, finding site and algorithm, and no region.
 A lateral structure's laterality is its Finding Site's laterality.
+
+A viewer draws a measurement only where it has image coordinates: OHIF lists an SR whose
+measurements carry none as "Measurements (0)". TID 1411 lets a volume's region be the SEG
+segment or image regions, not both, and the segment is what defines the volume. So each
+organ found also gets a Planar ROI group (TID 1410) for the same finding (the same
+Tracking Identifier and Tracking Unique Identifier): its outline, a closed SCOORD
+POLYLINE, on the CT image where its cross-section is largest. A viewer that merges a
+finding's groups by tracking UID, as OHIF does, lists "spleen" with its volume in mL and
+jumps to that image.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
+from skimage.measure import find_contours
 
 from dicom_node.config import ResultSettings
 from dicom_node.encode.codes import LATERALITY_CODES
@@ -112,6 +122,48 @@ def _referenced_segment(
     )
 
 
+def largest_outline(plane: np.ndarray) -> np.ndarray:
+    """The outer outline of the largest region of a 2D mask, as SCOORD image coordinates.
+
+    Returns (column, row) points of a closed polyline (the last point is the first),
+    in the pixel coordinates of PS3.3 C.18.6.1.1: (0, 0) is the top left corner of the
+    top left pixel, so a pixel's centre is at its indices plus one half. The outline runs
+    through the half-way points between pixels inside and outside (marching squares),
+    the boundary a viewer draws around the mask.
+    """
+    # padded so that a region touching the image edge still gets a closed outline
+    contours = find_contours(np.pad(plane, 1).astype(np.uint8), 0.5)
+    if not contours:
+        raise EncodeError("no outline: the slice holds none of the segment")
+
+    def area(c: np.ndarray) -> float:  # shoelace; holes are smaller than their border
+        return abs(float(np.dot(c[:-1, 0], c[1:, 1]) - np.dot(c[1:, 0], c[:-1, 1]))) / 2
+
+    rows_cols = max(contours, key=area) - 1.0  # undo the padding
+    return np.ascontiguousarray(rows_cols[:, ::-1] + 0.5, dtype=np.float32)
+
+
+def _region_on_largest_slice(
+    source: SeriesVolume, labels: np.ndarray, value: int, slices: np.ndarray, counts: list[int]
+) -> hd.sr.ImageRegion:
+    """The segment's outline on the slice where it covers the most pixels, on that CT
+    image (and frame, for a multi-frame source)."""
+    k = int(slices[int(np.argmax(counts))])
+    if source.frame_numbers is not None:
+        image = hd.sr.SourceImageForRegion(
+            source.first.SOPClassUID, source.first.SOPInstanceUID, [source.frame_numbers[k]]
+        )
+    else:
+        image = hd.sr.SourceImageForRegion(
+            source.headers[k].SOPClassUID, source.headers[k].SOPInstanceUID
+        )
+    return hd.sr.ImageRegion(
+        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+        graphic_data=largest_outline(labels[k] == value),
+        source_image=image,
+    )
+
+
 def build_sr(
     seg: Dataset,
     source: SeriesVolume,
@@ -131,6 +183,9 @@ def build_sr(
     label that does not occur is 0 mL in a group without region (see the module). The
     observer is the node as a device; single-frame source images form the Image Library
     and, with the SEG, the evidence.
+
+    Each segment found also gets a Planar ROI group with its outline on its largest slice
+    (see the module), right after its volume.
 
     ``predecessors`` are results of an earlier run of the same series that a destination
     already holds and that this report supersedes (SEG, RTSTRUCT and SR; each needs its
@@ -153,10 +208,10 @@ def build_sr(
     for info in segments:
         number = numbers.get(int(info.value))
         slices = slices_with(labels, info.value) if number else np.zeros(0, dtype=int)
-        count = sum(int(np.count_nonzero(labels[k] == info.value)) for k in slices)
+        counts = [int(np.count_nonzero(labels[k] == info.value)) for k in slices]
         volume = hd.sr.Measurement(
             name=codes.SCT.Volume,
-            value=count * voxel_ml,
+            value=sum(counts) * voxel_ml,
             unit=MILLILITER,
             algorithm_id=algorithm_id,
         )
@@ -182,6 +237,19 @@ def build_sr(
                 finding_sites=_finding_sites(info),
                 algorithm_id=algorithm_id,
                 measurements=[volume],
+            )
+        )
+        # The same finding (same tracking identifier and UID), where a viewer shows it.
+        groups.append(
+            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=tracking,
+                referenced_region=_region_on_largest_slice(
+                    source, labels, info.value, slices, counts
+                ),
+                finding_type=info.code,
+                finding_category=info.category,
+                finding_sites=_finding_sites(info),
+                algorithm_id=algorithm_id,
             )
         )
 
