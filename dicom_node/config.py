@@ -231,9 +231,6 @@ class Destination:
     max_backoff_seconds: float = 300.0
     #: Send over DICOM TLS, with the certificates of the [tls] section.
     tls: bool = False
-    #: The node starts this destination itself: an Orthanc on loopback at ``port`` with
-    #: ``ae_title``, and the OHIF viewer in front of it ([embedded], ``dicom_node.embedded``).
-    embedded: bool = False
     #: "dicom" (C-STORE) or "dicomweb" (STOW-RS to ``url``).
     type: str = "dicom"
     #: DICOMweb base URL (the STOW-RS service is ``url/studies``).
@@ -251,6 +248,9 @@ class Destination:
     #: label map, or a binary SEG where the destination refuses the label map class),
     #: "labelmap" (never a fallback) or "binary" (always the binary SEG).
     seg_type: str = "auto"
+    #: The node starts this destination itself: an Orthanc on loopback at ``port`` with
+    #: ``ae_title``, and the OHIF viewer in front of it ([embedded], ``dicom_node.embedded``).
+    embedded: bool = False
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from typing import Any
 import pydicom
 
 from dicom_node.assembly import StreamingAssembler
+from dicom_node.backoff import backoff
 from dicom_node.completion import RELEASED, SETTLE_TIMER, SliceGeometry, gap_free, slice_geometry
 from dicom_node.config import ModelSettings, Settings
 from dicom_node.export import Exporter, binary_alternatives_wanted, plan_outbox_items
@@ -607,6 +608,10 @@ class Node:
         from dicom_node.inference import InferenceError
 
         inf = self.settings.inference
+
+        def pause(attempt: int) -> float:  # uncapped: attempts are few
+            return backoff(attempt, inf.retry_backoff_seconds, float("inf"))
+
         last: Exception | None = None
         for attempt in range(1, inf.attempts + 1):
             t0 = time.perf_counter()
@@ -617,9 +622,7 @@ class Node:
                 log.warning(
                     "inference backend unavailable (attempt %d/%d): %s", attempt, inf.attempts, exc
                 )
-                if attempt < inf.attempts and not self._stop.wait(
-                    inf.retry_backoff_seconds * 2 ** (attempt - 1)
-                ):
+                if attempt < inf.attempts and not self._stop.wait(pause(attempt)):
                     continue
                 break
             try:
@@ -627,9 +630,7 @@ class Node:
             except InferenceError as exc:
                 last = exc
                 log.warning("inference attempt %d/%d failed: %s", attempt, inf.attempts, exc)
-                if attempt < inf.attempts and not self._stop.wait(
-                    inf.retry_backoff_seconds * 2 ** (attempt - 1)
-                ):
+                if attempt < inf.attempts and not self._stop.wait(pause(attempt)):
                     continue
                 break
             timings["inference_total"] = (
