@@ -15,7 +15,16 @@ import time
 import traceback
 from pathlib import Path
 
-BENCHMARKS = ["ingest", "transport", "pipeline", "postprocess", "encode", "gpu", "e2e"]
+BENCHMARKS = [
+    "ingest",
+    "transport",
+    "pipeline",
+    "postprocess",
+    "encode",
+    "multiorgan",
+    "gpu",
+    "e2e",
+]
 
 
 def main(argv: list[str]) -> int:
