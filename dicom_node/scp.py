@@ -84,6 +84,7 @@ from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import DimseServiceType
 from pynetdicom.dsutils import decode
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
@@ -594,6 +595,16 @@ class _PromptDIMSE(DIMSEServiceProvider):
         super().__init__(assoc)
         self._last_message = 0.0
 
+    def receive_primitive(self, primitive: P_DATA) -> None:
+        """pynetdicom's, and on a message it cannot decode (a presentation context never
+        negotiated...), the data set file it had begun is removed: pynetdicom then shuts the
+        association down without an event the node would see."""
+        try:
+            super().receive_primitive(primitive)
+        except Exception:
+            discard_partial(self.assoc)
+            raise
+
     def get_msg(self, block: bool = False) -> tuple[None, None] | tuple[int, DimseServiceType]:
         if block:  # the requestor's wait for a response: pynetdicom's own
             return super().get_msg(block=True)
@@ -863,6 +874,18 @@ class StorageSCP:
         subject = peer_certificate_subject(assoc.dul.socket.socket if assoc.dul.socket else None)
         if subject is not None:
             log.info("TLS peer %s presents certificate %r", address, subject)
+        if not assoc.requestor.requested_contexts:
+            # PS3.8 9.3.2: a request holds one or more presentation contexts; one without
+            # any could only hold a slot until the network timeout.
+            log.warning(
+                "association rejected: no presentation context requested (%r calling %r from %s)",
+                assoc.requestor.primitive.calling_ae_title,
+                assoc.requestor.primitive.called_ae_title,
+                address,
+            )
+            assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, REASON_NO_REASON)
+            assoc.kill()
+            return
         if not address_allowed(address, self._networks):
             log.warning(
                 "association rejected: source address %s is not in node.allowed_hosts "
