@@ -36,6 +36,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dicom_node.results import SeriesResults
+
 RECEIVING = "receiving"
 COMPLETE = "complete"
 PROCESSING = "processing"
@@ -134,13 +136,15 @@ class SeriesRecord:
     attempts: int
     model: str
     timings: dict[str, float] = field(default_factory=dict)
-    results: dict[str, Any] = field(default_factory=dict)
+    results: SeriesResults = field(default_factory=SeriesResults)
     #: The rule that last marked the series complete ("association released" or "settle
     #: timer", :mod:`dicom_node.completion`); empty while it is receiving.
     completed_by: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        d["results"] = self.results.to_json()
+        return d
 
 
 @dataclass
@@ -424,13 +428,6 @@ class JobStore:
                 (json.dumps(timings), series_uid),
             )
 
-    def record_results(self, series_uid: str, results: dict[str, Any]) -> None:
-        with self._tx() as db:
-            db.execute(
-                "UPDATE series SET results = ? WHERE series_uid = ?",
-                (json.dumps(results), series_uid),
-            )
-
     def resume(self) -> dict[str, int]:
         """After a restart: series interrupted while processing are processed again."""
         with self._tx() as db:
@@ -478,7 +475,7 @@ class JobStore:
         self,
         series_uid: str,
         instance_count: int,
-        results: dict[str, Any],
+        results: SeriesResults,
         items: list[dict[str, Any]],
         predecessors: dict[str, set[str]],
     ) -> str:
@@ -519,7 +516,13 @@ class JobStore:
             db.execute(
                 "UPDATE series SET state = ?, reason = '', updated = ?, model = ?, results = ?"
                 " WHERE series_uid = ?",
-                (DONE, time.time(), str(results.get("model", "")), json.dumps(results), series_uid),
+                (
+                    DONE,
+                    time.time(),
+                    results.model_names,
+                    json.dumps(results.to_json()),
+                    series_uid,
+                ),
             )
         return DONE
 
@@ -691,5 +694,5 @@ def _enqueue(
 def _series(row: sqlite3.Row) -> SeriesRecord:
     d = dict(row)
     d["timings"] = json.loads(d["timings"] or "{}")
-    d["results"] = json.loads(d["results"] or "{}")
+    d["results"] = SeriesResults.from_json(json.loads(d["results"] or "{}"))
     return SeriesRecord(**d)

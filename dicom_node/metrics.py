@@ -27,28 +27,28 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from dicom_node.jobs import COMPLETE, SERIES_STATES
+from dicom_node.results import SeriesResults
 
 if TYPE_CHECKING:
     from dicom_node.jobs import JobStore
     from dicom_node.scp import StoreOutcome
 
-__all__ = ["CONTENT_TYPE", "STAGES", "NodeMetrics"]
+__all__ = ["CONTENT_TYPE", "JOB_STAGES", "STAGES", "NodeMetrics"]
 
 #: Content type of :meth:`NodeMetrics.exposition` (Prometheus text format 0.0.4).
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
-#: Stages of a job, in order. "pre", "inference" and "post" are the pipeline's own steps (on
-#: Triton, as measured in the server); "write" is making the results durable; "export" is one
-#: C-STORE association to a destination.
-STAGES = ("assemble", "pre", "inference", "post", "encode", "write", "export")
+#: The stages a job times itself, in order (the keys of its timings that are stages; the
+#: status pages show them). "pre", "inference" and "post" are the pipeline's own steps (on
+#: Triton, as measured in the server); "write" is making the results durable.
+JOB_STAGES = ("assemble", "pre", "inference", "post", "encode", "write")
+#: Every stage: a job's, then "export", one association to a destination.
+STAGES = (*JOB_STAGES, "export")
 
 # From a fraction of a second (a CT assembles in tens of ms) up to the ten minutes a large
 # volume may take on a CPU-only node.
 _BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
-# The keys of a job's timings (see ``Node.process``) that are stages. "inference_total" is
-# left out: on the first job it includes starting the backend.
-_TIMING_STAGES = frozenset({"assemble", "pre", "inference", "post", "encode", "write"})
 
 _SUCCESS = 0x0000
 
@@ -143,6 +143,12 @@ class NodeMetrics:
             ["destination"],
             registry=r,
         )
+        self.results = Counter(
+            "dicom_node_results",
+            "Result objects made and queued for sending, by model and kind (SEG, RTSTRUCT, SR).",
+            ["model", "kind"],
+            registry=r,
+        )
         # Present from the start with count 0, so a dashboard's rate() has a series to read.
         for stage in STAGES:
             self.stage_seconds.labels(stage)
@@ -176,10 +182,16 @@ class NodeMetrics:
         Other keys are ignored.
         """
         for key, seconds in timings.items():
-            if key in _TIMING_STAGES:
+            if key in JOB_STAGES:  # not "inference_total": it may include a start-up
                 self.stage_seconds.labels(key).observe(seconds)
         if "server" in timings:
             self.observe_triton(timings["server"] + timings.get("transfer", 0.0))
+
+    def observe_results(self, results: SeriesResults) -> None:
+        """Count the result objects of one finished run, per model and kind."""
+        for model in results:
+            for kind in model.kinds():
+                self.results.labels(model.model, kind).inc()
 
     def observe_triton(self, seconds: float) -> None:
         """Record one Triton request's round trip."""

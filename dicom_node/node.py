@@ -46,6 +46,7 @@ from dicom_node.jobs import (
     OutboxItem,
 )
 from dicom_node.metrics import NodeMetrics
+from dicom_node.results import ModelResults, ResultFile, SeriesResults
 from dicom_node.retention import apply_retention
 from dicom_node.routing import describe, select_models
 from dicom_node.scp import StorageSCP, StoreOutcome
@@ -426,7 +427,7 @@ class Node:
 
     def _run_chain(
         self, series_uid: str, timings: dict[str, float], count: int
-    ) -> dict[str, Any] | None:
+    ) -> SeriesResults | None:
         """Assemble, segment, encode and write; queue the results in the transaction that
         ends the job, if the series still holds the ``count`` instances processed.
         Returns the results, or ``None`` when new instances overtook the run (its files
@@ -457,7 +458,7 @@ class Node:
         # again (a send takes well under a second; three tries are plenty).
         for _ in range(3):
             earlier = {m.name: self.jobs.sent_results(series_uid, m.name) for m in models}
-            by_model: dict[str, Any] = {}
+            out = SeriesResults()
             items: list[dict[str, Any]] = []
             written: list[Path] = []
             try:
@@ -472,26 +473,22 @@ class Node:
                     )
                     timings["encode"] = timings.get("encode", 0.0) + time.perf_counter() - t0
                     t0 = time.perf_counter()
-                    by_model[model.name] = {
-                        "files": self._write_results(out_dir, files, written),
-                        "volumes_ml": self._label_volumes(model, volume, result.labels),
-                    }
-                    items += plan_outbox_items(
-                        self.settings, series_uid, model.name, by_model[model.name]["files"]
+                    stored = self._write_results(out_dir, files, written)
+                    out.models.append(
+                        ModelResults(
+                            model=model.name,
+                            files={
+                                k: ResultFile(f["path"], f["sop_uid"]) for k, f in stored.items()
+                            },
+                            volumes_ml=self._label_volumes(model, volume, result.labels),
+                        )
                     )
+                    items += plan_outbox_items(self.settings, series_uid, model.name, stored)
                     timings["write"] = timings.get("write", 0.0) + time.perf_counter() - t0
             except BaseException:
                 _discard(written)
                 raise
-            first = by_model[models[0].name]
-            out = {
-                "model": ", ".join(m.name for m in models),
-                "files": first["files"],
-                "volumes_ml": first["volumes_ml"],
-                "models": by_model,
-            }
-            if any(earlier.values()):
-                out["supersedes"] = sorted(i.sop_uid for v in earlier.values() for i in v)
+            out.supersedes = sorted(i.sop_uid for v in earlier.values() for i in v)
             outcome = self.jobs.finish_run(
                 series_uid,
                 count,
@@ -500,12 +497,13 @@ class Node:
                 {name: {i.sop_uid for i in sent} for name, sent in earlier.items()},
             )
             if outcome == DONE:
-                if out.get("supersedes"):
+                if out.supersedes:
                     log.info(
                         "series %s: the new results supersede %d acknowledged earlier result(s)",
                         series_uid,
-                        len(out["supersedes"]),
+                        len(out.supersedes),
                     )
+                self.metrics.observe_results(out)
                 return out
             _discard(written)
             if outcome == OVERTAKEN:

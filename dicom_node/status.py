@@ -29,6 +29,7 @@ served must lie inside the data directory, so no URL reaches a file outside it.
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import tempfile
 import threading
@@ -45,22 +46,23 @@ from waitress.server import create_server
 from dicom_node.config import ConfigError, Settings, is_loopback
 from dicom_node.credentials import read_credentials
 from dicom_node.jobs import DONE, JobStore, SeriesRecord
-from dicom_node.metrics import CONTENT_TYPE, NodeMetrics
+from dicom_node.metrics import CONTENT_TYPE, JOB_STAGES, NodeMetrics
 from dicom_node.preview import PREVIEW_NAME, Preview, PreviewError, load_previews, make_previews
+from dicom_node.results import RESULT_KINDS, ModelResults
 from dicom_node.spool import InvalidUID, check_uid
 
 log = logging.getLogger("dicom_node.status")
 
 __all__ = ["RESULT_KINDS", "StatusError", "StatusServer", "create_app", "readiness"]
 
-#: Result files a job page links to, in the order shown.
-RESULT_KINDS = ("SEG", "RTSTRUCT", "SR")
+#: What of a model's name may name its preview folder.
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]")
 
 #: Series listed on the jobs page, newest first; older ones stay reachable at /jobs/<uid>.
 JOBS_SHOWN = 500
 
 #: Timing columns of the jobs page, in the order of the chain.
-TIMING_COLUMNS = ("assemble", "pre", "inference", "post", "encode", "write")
+TIMING_COLUMNS = JOB_STAGES
 
 #: Ready when it returns True; it may raise to say why not (the message becomes the reason).
 BackendReady = Callable[[], bool]
@@ -137,22 +139,37 @@ def create_app(
             abort(404)
         return resolved
 
-    def previews_for(record: SeriesRecord) -> tuple[list[Preview], str]:
-        """Cached previews of a done series, drawn on first request; or why there are none."""
-        seg = record.results.get("files", {}).get("SEG")
-        if record.state != DONE or not seg:
+    def model_or_404(record: SeriesRecord, name: str | None) -> ModelResults:
+        """One model's results of a done series (the first model's without a name)."""
+        if record.state != DONE or not record.results:
+            abort(404)
+        found = record.results.models[0] if name is None else record.results.model(name)
+        if found is None:
+            abort(404)
+        return found
+
+    def preview_dir(record: SeriesRecord, model: ModelResults) -> Path:
+        # One folder a model: a series routed to several models has previews of each SEG.
+        folder = _SAFE_NAME.sub("_", model.model) or "_"
+        return results_dir / record.series_uid / "previews" / folder
+
+    def previews_for(record: SeriesRecord, model: ModelResults) -> tuple[list[Preview], str]:
+        """Cached previews of one model's SEG, drawn on first request; or why there are none."""
+        seg = model.files.get("SEG")
+        if record.state != DONE or seg is None:
             return [], ""
-        out_dir = results_dir / record.series_uid / "previews"
+        out_dir = preview_dir(record, model)
         with locks_lock:
             lock = preview_locks[record.series_uid]
         with lock:  # two browsers opening one job draw its previews once
-            cached = load_previews(out_dir, seg["sop_uid"])
+            cached = load_previews(out_dir, seg.sop_uid)
             if cached is not None:
                 return cached, ""
             try:
+                out_dir.mkdir(parents=True, exist_ok=True)
                 previews = make_previews(
                     jobs.instance_paths(record.series_uid),
-                    inside_data_dir(Path(seg["path"])),
+                    inside_data_dir(Path(seg.path)),
                     out_dir,
                 )
             except PreviewError as exc:
@@ -193,29 +210,39 @@ def create_app(
     @app.get("/jobs/<series_uid>")
     def job(series_uid: str) -> str:
         record = series_or_404(series_uid)
-        previews, preview_problem = previews_for(record)
-        files = record.results.get("files", {})
+        models = []
+        for model in record.results if record.state == DONE else []:
+            previews, problem = previews_for(record, model)
+            models.append(
+                {
+                    "name": model.model,
+                    "volumes_ml": model.volumes_ml,
+                    "files": model.kinds(),
+                    "previews": previews,
+                    "preview_problem": problem,
+                    "viewer": _viewer_link(viewer_url, record, model),
+                }
+            )
         return render_template(
             "job.html",
             record=record,
-            previews=previews,
-            preview_problem=preview_problem,
-            files=[k for k in RESULT_KINDS if k in files],
+            models=models,
             outbox=jobs.outbox(record.series_uid),
             stages=TIMING_COLUMNS,
             node=settings.node,
-            viewer=_viewer_link(viewer_url, record, files),
         )
 
     @app.get("/jobs/<series_uid>/files/<kind>")
     def result_file(series_uid: str, kind: str) -> Response:
+        """A result file; ``?model=`` names the model (default: the first)."""
         record = series_or_404(series_uid)
+        model = model_or_404(record, request.args.get("model"))
         kind = kind.upper()
-        info = record.results.get("files", {}).get(kind)
-        if kind not in RESULT_KINDS or not info:
+        info = model.files.get(kind)
+        if kind not in RESULT_KINDS or info is None:
             abort(404)
         return send_file(
-            inside_data_dir(Path(info["path"])),
+            inside_data_dir(Path(info.path)),
             mimetype="application/dicom",
             as_attachment=True,
             download_name=f"{kind.lower()}-{record.series_uid}.dcm",
@@ -223,10 +250,12 @@ def create_app(
 
     @app.get("/jobs/<series_uid>/previews/<name>")
     def preview_image(series_uid: str, name: str) -> Response:
+        """A preview PNG; ``?model=`` names the model (default: the first)."""
         record = series_or_404(series_uid)
+        model = model_or_404(record, request.args.get("model"))
         if not PREVIEW_NAME.match(name):
             abort(404)
-        path = inside_data_dir(results_dir / record.series_uid / "previews" / name)
+        path = inside_data_dir(preview_dir(record, model) / name)
         return send_file(path, mimetype="image/png", max_age=0)
 
     @app.template_filter("when")
@@ -236,20 +265,20 @@ def create_app(
     return app
 
 
-def _viewer_link(viewer_url: str | None, record: SeriesRecord, files: dict) -> str:
-    """The viewer's URL of a finished series with its SEG loaded, or "" without one.
+def _viewer_link(viewer_url: str | None, record: SeriesRecord, model: ModelResults) -> str:
+    """The viewer's URL of a finished series with ``model``'s SEG loaded, or "" without one.
 
     The SEG's Series Instance UID is read from its header: the job records files by SOP
     Instance UID only.
     """
-    seg = files.get("SEG")
-    if not viewer_url or record.state != DONE or not seg:
+    seg = model.files.get("SEG")
+    if not viewer_url or record.state != DONE or seg is None:
         return ""
     from dicom_node.embedded import viewer_link
 
     try:
         header = pydicom.dcmread(
-            seg["path"], stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]
+            seg.path, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]
         )
     except (OSError, InvalidDicomError):
         return ""

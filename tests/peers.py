@@ -21,6 +21,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -337,3 +339,32 @@ class Orthanc:
                 uid = line.rsplit(" ", 1)[-1]
                 counts[uid] = counts.get(uid, 0) + 1
         return counts
+
+
+def chromium(*args: str, profile: Path) -> subprocess.CompletedProcess:
+    """Debian's headless Chromium on ``args`` (``--dump-dom URL``, ``--screenshot``), with a
+    fresh profile and nothing that reaches beyond this machine."""
+    exe = shutil.which("chromium")
+    if exe is None:
+        pytest.fail("chromium is not installed: `make install` installs it")
+    return subprocess.run(
+        [
+            exe,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            "--hide-scrollbars",
+            "--force-device-scale-factor=1",
+            f"--user-data-dir={profile}",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )

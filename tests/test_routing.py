@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import io
+import urllib.request
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import parse_qs, urljoin, urlsplit
 
 import highdicom as hd
 import pydicom
@@ -13,7 +17,7 @@ from dicom_node.config import PROJECT_ROOT, ConfigError, settings_from_dict
 from dicom_node.phantom import make_phantom
 from dicom_node.routing import select_models
 from dicom_node.synthetic import SeriesAttributes, write_ct_series
-from tests.peers import NodeProcess, storescu
+from tests.peers import NodeProcess, chromium, free_port, storescu
 
 SPLEEN = str(PROJECT_ROOT / "bundles" / "spleen_ct_demo")
 LIVER = str(PROJECT_ROOT / "bundles" / "liver_ct_demo")
@@ -133,9 +137,11 @@ def test_a_series_no_rule_matches_is_kept_as_no_model(tmp_path, dcmtk_tools):
 
 
 def test_one_series_to_two_models_gives_two_result_sets(tmp_path, orthanc, dcmtk_tools):
+    status_port = free_port()
     node = NodeProcess(
         tmp_path / "node",
         node={"settle_seconds": 0.5},
+        status={"enabled": True, "host": "127.0.0.1", "port": status_port},
         models=[
             {"name": "spleen", "triton_model": "spleen_seg", "bundle": SPLEEN},
             {"name": "liver", "triton_model": "liver_seg", "bundle": LIVER},
@@ -189,5 +195,71 @@ def test_one_series_to_two_models_gives_two_result_sets(tmp_path, orthanc, dcmtk
         volumes = job["results"]["models"]
         assert volumes["spleen"]["volumes_ml"]["spleen"] > 0
         assert volumes["liver"]["volumes_ml"]["liver"] > volumes["spleen"]["volumes_ml"]["spleen"]
+        _job_page_shows_both_models(
+            f"http://127.0.0.1:{status_port}/jobs/{job['series_uid']}", volumes, tmp_path
+        )
     finally:
         node.stop()
+
+
+class _Sections(HTMLParser):
+    """Per model section of a job page: its volume rows, preview images and file links."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.models: dict[str, dict[str, list]] = {}
+        self._model: str | None = None
+        self._row: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = {k: v or "" for k, v in attrs}
+        if tag == "section" and "model" in a.get("class", "").split():
+            self._model = a["data-model"]
+            self.models[self._model] = {"volumes": [], "previews": [], "files": []}
+        elif self._model is None:
+            return
+        elif tag == "img" and "preview" in a.get("class", "").split():
+            self.models[self._model]["previews"].append(a["src"])
+        elif tag == "a" and "download" in a:
+            self.models[self._model]["files"].append(a["href"])
+        elif tag == "tr":
+            self._row = []
+
+    def handle_data(self, data: str) -> None:
+        if self._row is not None and data.strip():
+            self._row.append(data.strip())
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "section":
+            self._model = None
+        elif tag == "tr" and self._row is not None and self._model is not None:
+            self.models[self._model]["volumes"].append(tuple(self._row))
+            self._row = None
+
+
+def _job_page_shows_both_models(url: str, volumes: dict, tmp_path: Path) -> None:
+    """The job page, as Chromium renders it, holds every model's results: volumes,
+    key slices drawn from its own SEG, and its own files."""
+    run = chromium("--dump-dom", url, profile=tmp_path / "profile")
+    assert run.returncode == 0, run.stderr[-2000:]
+    page = _Sections()
+    page.feed(run.stdout)
+    assert list(page.models) == ["spleen", "liver"], run.stdout[-3000:]
+    for model, shown in page.models.items():
+        ((label, ml),) = shown["volumes"]
+        assert label == model
+        assert ml == f"{volumes[model]['volumes_ml'][model]:.1f} ml"
+        assert shown["previews"], model
+        for src in shown["previews"]:
+            assert parse_qs(urlsplit(src).query)["model"] == [model]
+            with urllib.request.urlopen(urljoin(url, src), timeout=30) as r:
+                assert (
+                    r.headers["Content-Type"] == "image/png" and r.read(8) == b"\x89PNG\r\n\x1a\n"
+                )
+        kinds = []
+        for href in shown["files"]:
+            kinds.append(urlsplit(href).path.rsplit("/", 1)[1])
+            with urllib.request.urlopen(urljoin(url, href), timeout=30) as r:
+                written = Path(volumes[model]["files"][kinds[-1]]["path"])
+                assert r.read() == written.read_bytes()
+        assert kinds == ["SEG", "RTSTRUCT", "SR"]

@@ -14,13 +14,12 @@ import dataclasses
 import http.client
 import io
 import shutil
-import subprocess
 import time
 import urllib.error
 import urllib.request
 from html.parser import HTMLParser
 from pathlib import Path
-from urllib.parse import urljoin
+from urllib.parse import parse_qs, urljoin, urlsplit
 
 import numpy as np
 import pydicom
@@ -38,7 +37,7 @@ from dicom_node.status import StatusServer, create_app
 from dicom_node.synthetic import SeriesAttributes, write_ct_series
 from dicom_node.volume import assemble_series
 from tests import checks
-from tests.peers import ROOT, free_port, storescu
+from tests.peers import ROOT, chromium, free_port, storescu
 
 SPLEEN_RGB = segment_info_for(1, "spleen").color_rgb
 STAGES = ("assemble", "pre", "inference", "post", "encode", "write")
@@ -78,33 +77,6 @@ def scrape(base: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 def metric(samples: dict, name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
-
-
-def chromium(*args: str, profile: Path) -> subprocess.CompletedProcess:
-    exe = shutil.which("chromium")
-    if exe is None:
-        pytest.fail("chromium is not installed: `make install` installs it")
-    return subprocess.run(
-        [
-            exe,
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-quic",
-            "--no-first-run",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--hide-scrollbars",
-            "--force-device-scale-factor=1",
-            f"--user-data-dir={profile}",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 class _Images(HTMLParser):
@@ -252,7 +224,8 @@ def test_job_page_in_chromium_shows_the_spleen_outlined(node, processed, tmp_pat
     assert len(parsed.previews) == 3, run.stdout[-3000:]
 
     source = assemble_series(processed["ct_paths"])
-    seg_path = Path(processed["record"].results["files"]["SEG"]["path"])
+    (spleen_results,) = processed["record"].results
+    seg_path = Path(spleen_results.files["SEG"].path)
     spleen = checks.seg_mask(seg_path, source)
     areas = spleen.sum(axis=(1, 2))
     shown = [int(img["data-slice"]) for img in parsed.previews]
@@ -282,12 +255,13 @@ def test_job_page_in_chromium_shows_the_spleen_outlined(node, processed, tmp_pat
     assert close.sum() >= 100, int(close.sum())
 
     # The download links give the files the node wrote.
-    assert [link.rsplit("/", 1)[1] for link in parsed.links] == ["SEG", "RTSTRUCT", "SR"]
-    for link in parsed.links:
-        kind = link.rsplit("/", 1)[1]
+    kinds = [urlsplit(link).path.rsplit("/", 1)[1] for link in parsed.links]
+    assert kinds == ["SEG", "RTSTRUCT", "SR"]
+    for link, kind in zip(parsed.links, kinds, strict=True):
+        assert parse_qs(urlsplit(link).query)["model"] == [spleen_results.model]
         status, data, ctype = get(urljoin(url, link))
         assert status == 200 and ctype == "application/dicom"
-        written = Path(processed["record"].results["files"][kind]["path"])
+        written = Path(spleen_results.files[kind].path)
         assert data == written.read_bytes()
         assert pydicom.dcmread(io.BytesIO(data)).Modality == kind
 
