@@ -46,7 +46,7 @@ from dicom_node.jobs import (
     OutboxItem,
 )
 from dicom_node.metrics import NodeMetrics
-from dicom_node.results import ModelResults, ResultFile, SeriesResults
+from dicom_node.results import ModelResults, ResultFile, SeriesResults, series_number
 from dicom_node.retention import apply_retention
 from dicom_node.routing import describe, select_models
 from dicom_node.scp import StorageSCP, StoreOutcome
@@ -468,7 +468,7 @@ class Node:
                         model,
                         volume,
                         result.labels,
-                        10 * index,
+                        index,
                         self._predecessors(earlier[model.name]),
                     )
                     timings["encode"] = timings.get("encode", 0.0) + time.perf_counter() - t0
@@ -655,7 +655,7 @@ class Node:
         model: ModelSettings,
         volume: Any,
         labels: Any,
-        series_offset: int = 0,
+        model_index: int = 0,
         predecessors: list[Any] | None = None,
         results: Any = None,
     ) -> dict[str, tuple[Any, str]]:
@@ -665,11 +665,15 @@ class Node:
         segments, algorithm = self._segments(model), self._algorithm(model)
         out: dict[str, tuple[Any, str]] = {}
         try:
-            seg = build_seg(volume, labels, segments, algorithm, res, 9001 + series_offset)
+            seg = build_seg(
+                volume, labels, segments, algorithm, res, series_number("SEG", model_index)
+            )
             if res.make_seg:
                 out["SEG"] = (seg, str(seg.SOPInstanceUID))
             if res.make_rtstruct:
-                rt = build_rtstruct(volume, labels, segments, algorithm, res, 9002 + series_offset)
+                rt = build_rtstruct(
+                    volume, labels, segments, algorithm, res, series_number("RTSTRUCT", model_index)
+                )
                 out["RTSTRUCT"] = (rt, str(rt.SOPInstanceUID))
             if res.make_sr:
                 sr = build_sr(
@@ -679,7 +683,7 @@ class Node:
                     segments,
                     algorithm,
                     res,
-                    9003 + series_offset,
+                    series_number("SR", model_index),
                     predecessors or (),
                 )
                 out["SR"] = (sr, str(sr.SOPInstanceUID))
@@ -694,7 +698,7 @@ class Node:
             # names it, are made now while the labels are in memory (dicom_node.delivery)
             binary = dataclasses.replace(res, seg_type="binary", make_rtstruct=False)
             alternatives = self._encode(
-                model, volume, labels, series_offset, predecessors, results=binary
+                model, volume, labels, model_index, predecessors, results=binary
             )
             out.update({f"{kind}_BINARY": v for kind, v in alternatives.items()})
         return out
@@ -725,19 +729,6 @@ class Node:
                 log.exception("exporter error")
             self._export_wake.wait(1.0)
             self._export_wake.clear()
-
-    def wait_idle(self, timeout: float) -> bool:
-        """Block until no series is receiving/complete/processing and nothing is due
-        in the outbox (tests and the ``push`` command use this)."""
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            depth = self.jobs.queue_depth()
-            if not (
-                depth[RECEIVING] or depth[COMPLETE] or depth[PROCESSING] or depth["outbox_pending"]
-            ):
-                return True
-            time.sleep(0.2)
-        return False
 
 
 def _discard(paths: list[Path]) -> None:

@@ -13,10 +13,21 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["RESULT_KINDS", "ModelResults", "ResultFile", "SeriesResults"]
+__all__ = ["RESULT_KINDS", "ModelResults", "ResultFile", "SeriesResults", "series_number"]
 
 #: The kinds of result object, in the order they are made and shown.
 RESULT_KINDS = ("SEG", "RTSTRUCT", "SR")
+
+#: Series Numbers of the first model's results: high, so that a viewer lists them after the
+#: scanner's series; each further model's are :data:`SERIES_NUMBER_STEP` higher, so that
+#: every model's results sit together.
+_FIRST_SERIES_NUMBERS = {"SEG": 9001, "RTSTRUCT": 9002, "SR": 9003}
+SERIES_NUMBER_STEP = 10
+
+
+def series_number(kind: str, model_index: int = 0) -> int:
+    """The Series Number of result ``kind`` of the ``model_index``-th model (from 0)."""
+    return _FIRST_SERIES_NUMBERS[kind] + SERIES_NUMBER_STEP * model_index
 
 
 @dataclass(frozen=True)
