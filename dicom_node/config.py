@@ -36,15 +36,61 @@ class ConfigError(ValueError):
     """A configuration value a user wrote is wrong; the message says which and why."""
 
 
+# -- declared constraints ----------------------------------------------------------------
+# A field's constraint is declared with it (its dataclass field's metadata) and checked by
+# one generic validator (:func:`_check_field`) with one wording per kind of constraint;
+# _validate keeps only what relates several fields.
+
+
+def _one_of(*choices: str, default: str = "", notes: dict[str, str] | None = None) -> Any:
+    """A string field that takes one of ``choices`` (``default``: the first); ``notes``
+    explain some of them in the error message."""
+    return field(default=default or choices[0], metadata={"one_of": choices, "notes": notes or {}})
+
+
+def _at_least(default: float, lowest: float, note: str = "") -> Any:
+    """A number field of at least ``lowest``."""
+    return field(default=default, metadata={"at_least": lowest, "note": note})
+
+
+def _positive(default: float) -> Any:
+    """A number field greater than zero."""
+    return field(default=default, metadata={"positive": True})
+
+
+def _port(default: int, any_free: bool = False) -> Any:
+    """A TCP port; with ``any_free``, 0 asks for any free port."""
+    return field(default=default, metadata={"port": 0 if any_free else 1})
+
+
+def _quoted(options: tuple[str, ...], notes: dict[str, str]) -> str:
+    words = [f"{o!r} ({notes[o]})" if o in notes else repr(o) for o in options]
+    return ", ".join(words[:-1]) + " or " + words[-1]
+
+
+def _check_field(value: Any, meta: Any, key: str) -> None:
+    """The one validator of declared constraints, with the node's wording for each."""
+    if "one_of" in meta and value not in meta["one_of"]:
+        raise ConfigError(f"{key}: must be {_quoted(meta['one_of'], meta['notes'])}")
+    if "at_least" in meta and value < meta["at_least"]:
+        lowest, note = meta["at_least"], meta["note"]
+        wording = "must not be negative" if lowest == 0 else f"must be at least {lowest:g}"
+        raise ConfigError(f"{key}: {wording}{f' ({note})' if note else ''}")
+    if meta.get("positive") and value <= 0:
+        raise ConfigError(f"{key}: must be positive")
+    if "port" in meta and not meta["port"] <= value < 65536:
+        raise ConfigError(f"{key}: {value} is not a TCP port")
+
+
 @dataclass(frozen=True)
 class NodeSettings:
     """Identity and storage of the node's own application entity."""
 
     ae_title: str = "DICOM_NODE"
     host: str = "0.0.0.0"
-    port: int = 11112
+    port: int = _port(11112)
     data_dir: Path = Path("var")
-    settle_seconds: float = 10.0
+    settle_seconds: float = _at_least(10.0, 0)
     #: Complete a series as soon as the association that carried it is released, when its
     #: slices form a volume without a gap (:mod:`dicom_node.completion`); the settle timer
     #: remains the rule for everything else.
@@ -54,7 +100,7 @@ class NodeSettings:
     require_called_ae: bool = True
     #: "refuse": other storage SOP classes are rejected in negotiation;
     #: "fail": they are negotiated and each C-STORE is answered with a failure status.
-    unsupported_sop_class: str = "refuse"
+    unsupported_sop_class: str = _one_of("refuse", "fail")
     log_patient_identifiers: bool = False
     log_json: bool = False
 
@@ -66,16 +112,16 @@ class LimitSettings:
     max_associations: int = 16
     #: Connections one source address may hold at once (negotiating or associated); more
     #: are rejected at once (transient, local limit exceeded). 0: no limit but the above.
-    max_associations_per_address: int = 12
+    max_associations_per_address: int = _at_least(12, 0, "0: no limit")
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
     #: From accept to association established (TLS handshake and A-ASSOCIATE-RQ), in all:
     #: a peer trickling bytes cannot hold a slot longer than this.
-    association_deadline_seconds: float = 30.0
+    association_deadline_seconds: float = _positive(30.0)
     #: Each PDU, and each message's fragments together (a command set, a data set), must
     #: arrive within this many seconds of the first byte, however the bytes trickle.
-    message_deadline_seconds: float = 600.0
+    message_deadline_seconds: float = _positive(600.0)
     #: Also enforced as P-DATA arrives: a data set growing past it aborts the association
     #: before more of it is read into memory.
     max_instance_bytes: int = 512 * 1024 * 1024
@@ -83,8 +129,8 @@ class LimitSettings:
     min_free_disk_mb: int = 1024
     #: Free space kept for recording (job database, acknowledgement journal, logs): results
     #: are not written below it. Keep it under ``min_free_disk_mb``, where intake stops.
-    reserved_disk_mb: int = 64
-    min_slices: int = 3
+    reserved_disk_mb: int = _at_least(64, 0)
+    min_slices: int = _at_least(3, 1)
     max_rows_columns: int = 4096
 
 
@@ -107,7 +153,7 @@ class InferenceSettings:
 
     #: "triton" (the default: a Triton server, started by the node or at triton_url) or
     #: "local" (the same pipeline in-process, for development).
-    backend: str = "triton"
+    backend: str = _one_of("triton", "local")
     #: Empty: the node starts the Triton server shipped with nvidia-pytriton. Otherwise one or
     #: more gRPC URLs (host:port) of running servers; requests are spread across them.
     triton_url: list[str] = field(default_factory=list)
@@ -115,11 +161,11 @@ class InferenceSettings:
     model_repository: Path = Path("model_repository")
     bundle: Path = Path("bundles/spleen_ct_demo")
     #: "auto" (shared memory when the server is on this host), "grpc" or "shm".
-    transport: str = "auto"
-    device: str = "auto"
+    transport: str = _one_of("auto", "grpc", "shm", "cuda_shm")
+    device: str = _one_of("auto", "cpu", "cuda")
     timeout_seconds: float = 600.0
     startup_timeout_seconds: float = 180.0
-    attempts: int = 3
+    attempts: int = _at_least(3, 1)
     retry_backoff_seconds: float = 5.0
     #: Series processed at once; Triton batches and schedules their requests on the GPU.
     max_concurrent_jobs: int = 2
@@ -136,15 +182,15 @@ class ResultSettings:
     rtstruct_series_description: str = "AI contours"
     sr_series_description: str = "AI measurements"
     #: "binary" (Segmentation Storage) or "labelmap" (Label Map Segmentation Storage).
-    seg_type: str = "binary"
+    seg_type: str = _one_of("binary", "labelmap")
     #: Transfer syntax of a Label Map SEG: "none" (Explicit VR Little Endian), "rle" (RLE
     #: Lossless) or "jpegls" (JPEG-LS Lossless). A binary SEG is always uncompressed.
-    seg_compression: str = "rle"
+    seg_compression: str = _one_of("none", "rle", "jpegls", default="rle")
     #: RTSTRUCT: at most this many contours per ROI on one slice, the largest kept (0: no
     #: limit). Bounds the object a fragmented (noisy) label map gives.
-    rtstruct_max_contours_per_slice: int = 100
+    rtstruct_max_contours_per_slice: int = _at_least(100, 0)
     #: RTSTRUCT: contours enclosing less than this many mm² are left out (0: none are).
-    rtstruct_min_contour_area_mm2: float = 0.0
+    rtstruct_min_contour_area_mm2: float = _at_least(0.0, 0)
     make_seg: bool = True
     make_rtstruct: bool = True
     make_sr: bool = True
@@ -163,10 +209,10 @@ class StatusSettings:
     enabled: bool = False
     host: str = "127.0.0.1"
     #: 0: any free port (tests).
-    port: int = 8080
+    port: int = _port(8080, any_free=True)
     #: "none", "basic" or "bearer": HTTP authentication of every page but /healthz and
     #: /readyz. Required when ``host`` is not a loopback address.
-    auth: str = "none"
+    auth: str = _one_of("none", "basic", "bearer")
     #: Where the secret is (never in this file): ``user:password`` for basic, the token
     #: for bearer (:mod:`dicom_node.credentials`).
     credentials_file: Path | None = None
@@ -232,12 +278,12 @@ class Destination:
     #: Send over DICOM TLS, with the certificates of the [tls] section.
     tls: bool = False
     #: "dicom" (C-STORE) or "dicomweb" (STOW-RS to ``url``).
-    type: str = "dicom"
+    type: str = _one_of("dicom", "dicomweb", notes={"dicom": "C-STORE", "dicomweb": "STOW-RS"})
     #: DICOMweb base URL (the STOW-RS service is ``url/studies``).
     url: str = ""
     #: DICOMweb: "none", "basic" or "bearer"; the secret is read from ``credentials_file``
     #: or the variable ``credentials_env``, never written here.
-    auth: str = "none"
+    auth: str = _one_of("none", "basic", "bearer")
     credentials_file: Path | None = None
     credentials_env: str = ""
     #: DICOMweb over https: verify the server's certificate (against ``ca_certificates``
@@ -247,7 +293,7 @@ class Destination:
     #: Which SEG this destination gets when [results] seg_type = "labelmap": "auto" (the
     #: label map, or a binary SEG where the destination refuses the label map class),
     #: "labelmap" (never a fallback) or "binary" (always the binary SEG).
-    seg_type: str = "auto"
+    seg_type: str = _one_of("auto", "labelmap", "binary")
     #: The node starts this destination itself: an Orthanc on loopback at ``port`` with
     #: ``ae_title``, and the OHIF viewer in front of it ([embedded], ``dicom_node.embedded``).
     embedded: bool = False
@@ -263,9 +309,9 @@ class EmbeddedSettings:
 
     #: Where the viewer (OHIF, with ``/dicom-web`` on the same origin) is served.
     viewer_host: str = "127.0.0.1"
-    viewer_port: int = 3000
+    viewer_port: int = _port(3000, any_free=True)
     #: Orthanc's own HTTP port (REST and DICOMweb), reached by the viewer through the node.
-    orthanc_http_port: int = 8042
+    orthanc_http_port: int = _port(8042)
     #: The OHIF ``dist/`` folder ``make install`` unpacks from the pinned npm package.
     viewer_dir: Path = Path(".ohif/app-3.13.2")
     orthanc_executable: str = "Orthanc"
@@ -356,6 +402,9 @@ def _build(cls: type, table: Any, key: str) -> Any:
             f"[{key}]: unknown key {unknown[0]!r} (known: {', '.join(sorted(names))})"
         )
     kwargs = {name: _coerce(v, hints[name], f"{key}.{name}") for name, v in table.items()}
+    for f in dataclasses.fields(cls):
+        if f.name in kwargs:
+            _check_field(kwargs[f.name], f.metadata, f"{key}.{f.name}")
     try:
         return cls(**kwargs)
     except TypeError as exc:  # a required key is missing
@@ -380,8 +429,6 @@ def is_loopback(host: str) -> bool:
 
 
 def _check_auth(auth: str, file: Path | None, env: str, key: str) -> None:
-    if auth not in ("none", "basic", "bearer"):
-        raise ConfigError(f"{key}.auth: must be 'none', 'basic' or 'bearer'")
     if auth != "none" and bool(file) == bool(env):
         raise ConfigError(
             f"{key}: auth = {auth!r} needs one of credentials_file or credentials_env "
@@ -390,10 +437,6 @@ def _check_auth(auth: str, file: Path | None, env: str, key: str) -> None:
 
 
 def _check_destination(d: Destination, key: str, seg_type: str) -> None:
-    if d.type not in ("dicom", "dicomweb"):
-        raise ConfigError(f"{key}.type: must be 'dicom' (C-STORE) or 'dicomweb' (STOW-RS)")
-    if d.seg_type not in ("auto", "labelmap", "binary"):
-        raise ConfigError(f"{key}.seg_type: must be 'auto', 'labelmap' or 'binary'")
     if d.seg_type == "labelmap" and seg_type != "labelmap":
         raise ConfigError(
             f"{key}.seg_type: 'labelmap' needs [results] seg_type = 'labelmap' (the node "
@@ -424,39 +467,6 @@ def _validate(s: Settings) -> None:
     _check_ae(s.node.ae_title, "node.ae_title")
     for i, ae in enumerate(s.node.allowed_calling_aes):
         _check_ae(ae, f"node.allowed_calling_aes[{i}]")
-    if not 0 < s.node.port < 65536:
-        raise ConfigError(f"node.port: {s.node.port} is not a TCP port")
-    if not 0 <= s.status.port < 65536:
-        raise ConfigError(f"status.port: {s.status.port} is not a TCP port")
-    if s.node.settle_seconds < 0:
-        raise ConfigError("node.settle_seconds: must not be negative")
-    if s.node.unsupported_sop_class not in ("refuse", "fail"):
-        raise ConfigError("node.unsupported_sop_class: must be 'refuse' or 'fail'")
-    if s.inference.backend not in ("triton", "local"):
-        raise ConfigError("inference.backend: must be 'triton' or 'local'")
-    if s.inference.transport not in ("auto", "grpc", "shm", "cuda_shm"):
-        raise ConfigError("inference.transport: must be 'auto', 'grpc', 'shm' or 'cuda_shm'")
-    if s.inference.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError("inference.device: must be 'auto', 'cpu' or 'cuda'")
-    if s.inference.attempts < 1:
-        raise ConfigError("inference.attempts: must be at least 1")
-    if s.results.seg_type not in ("binary", "labelmap"):
-        raise ConfigError("results.seg_type: must be 'binary' or 'labelmap'")
-    if s.results.seg_compression not in ("none", "rle", "jpegls"):
-        raise ConfigError("results.seg_compression: must be 'none', 'rle' or 'jpegls'")
-    if s.results.rtstruct_max_contours_per_slice < 0:
-        raise ConfigError("results.rtstruct_max_contours_per_slice: must not be negative")
-    if s.results.rtstruct_min_contour_area_mm2 < 0:
-        raise ConfigError("results.rtstruct_min_contour_area_mm2: must not be negative")
-    if s.limits.reserved_disk_mb < 0:
-        raise ConfigError("limits.reserved_disk_mb: must not be negative")
-    if s.limits.max_associations_per_address < 0:
-        raise ConfigError("limits.max_associations_per_address: must not be negative (0: no limit)")
-    for key in ("association_deadline_seconds", "message_deadline_seconds"):
-        if getattr(s.limits, key) <= 0:
-            raise ConfigError(f"limits.{key}: must be positive")
-    if s.limits.min_slices < 1:
-        raise ConfigError("limits.min_slices: must be at least 1")
     _check_auth(s.status.auth, s.status.credentials_file, s.status.credentials_env, "status")
     if s.status.enabled and s.status.auth == "none" and not is_loopback(s.status.host):
         raise ConfigError(
@@ -514,10 +524,6 @@ def _validate_embedded(s: Settings) -> None:
             f"embedded.viewer_host: the viewer shows images without credentials, so it "
             f"listens on loopback only, not {e.viewer_host!r}"
         )
-    if not 0 <= e.viewer_port < 65536:  # 0: any free port
-        raise ConfigError(f"embedded.viewer_port: {e.viewer_port} is not a TCP port")
-    if not 0 < e.orthanc_http_port < 65536:
-        raise ConfigError(f"embedded.orthanc_http_port: {e.orthanc_http_port} is not a TCP port")
 
 
 #: Host names that mean this machine only.

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from dicom_node.cli import main
-from dicom_node.config import DEFAULT_CONFIG_PATH, ConfigError, load_settings
+from dicom_node.config import DEFAULT_CONFIG_PATH, ConfigError, load_settings, settings_from_dict
 
 
 def test_default_config_is_valid_and_documented():
@@ -74,3 +74,32 @@ def test_validate_config_cli(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "node.port: 99999 is not a TCP port" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"status": {"port": -1}}, "status.port: -1 is not a TCP port"),
+        ({"node": {"settle_seconds": -1}}, "node.settle_seconds: must not be negative"),
+        ({"node": {"unsupported_sop_class": "x"}}, "must be 'refuse' or 'fail'"),
+        ({"inference": {"transport": "tcp"}}, "must be 'auto', 'grpc', 'shm' or 'cuda_shm'"),
+        ({"inference": {"attempts": 0}}, "inference.attempts: must be at least 1"),
+        ({"results": {"seg_compression": "zip"}}, "must be 'none', 'rle' or 'jpegls'"),
+        (
+            {"limits": {"max_associations_per_address": -1}},
+            "limits.max_associations_per_address: must not be negative (0: no limit)",
+        ),
+        ({"limits": {"message_deadline_seconds": 0}}, "message_deadline_seconds: must be positive"),
+        (
+            {"destinations": [{"name": "a", "type": "ftp"}]},
+            "destinations[0].type: must be 'dicom' (C-STORE) or 'dicomweb' (STOW-RS)",
+        ),
+        ({"embedded": {"viewer_port": 70000}}, "embedded.viewer_port: 70000 is not a TCP port"),
+        ({"status": {"auth": "digest"}}, "status.auth: must be 'none', 'basic' or 'bearer'"),
+    ],
+)
+def test_declared_constraints_name_the_key_and_the_rule(raw, message):
+    """Each field declares its constraint; one validator words every kind the same way."""
+    with pytest.raises(ConfigError) as err:
+        settings_from_dict(raw)
+    assert message in str(err.value)
