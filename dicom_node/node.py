@@ -636,6 +636,9 @@ class Node:
             )
             for k, v in getattr(result, "timings", {}).items():
                 timings[k] = timings.get(k, 0.0) + float(v)
+            # The result is what the model said: read-only from here on, which also lets
+            # the encoders share one count of its labels (encode.labels.label_counts).
+            result.labels.flags.writeable = False
             return result
         raise JobFailed(f"inference failed after {inf.attempts} attempt(s): {last}")
 

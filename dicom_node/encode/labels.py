@@ -11,6 +11,7 @@ result describe each label identically.
 from __future__ import annotations
 
 import socket
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -280,11 +281,25 @@ def label_counts(labels: np.ndarray) -> np.ndarray:
     Counted slice by slice: ``np.bincount`` casts its input to int64 (8x a uint8 map) and
     ``np.unique`` sorts a copy, either of which would briefly need several times the
     memory of the map itself.
+
+    A read-only map (the node makes each result read-only once inferred) is counted once:
+    the SEG, RTSTRUCT and SR encoders and the node's volumes all ask for the same map's
+    counts, ~0.05 s a time at 512x512x200, on the way to the PACS.
     """
+    cached = None if labels.flags.writeable else _COUNTED.get(id(labels))
+    if cached is not None and cached[0]() is labels:
+        return cached[1].copy()
     counts = np.zeros(256, dtype=np.int64)
     for plane in labels.reshape(-1, *labels.shape[-2:]):
         counts += np.bincount(plane.ravel(), minlength=256)
+    if not labels.flags.writeable:
+        key = id(labels)
+        _COUNTED[key] = (weakref.ref(labels, lambda _, k=key: _COUNTED.pop(k, None)), counts.copy())
     return counts
+
+
+#: Counts of read-only label maps by ``id``, each dropped with its map.
+_COUNTED: dict[int, tuple[weakref.ref, np.ndarray]] = {}
 
 
 def slices_with(labels: np.ndarray, value: int) -> np.ndarray:
