@@ -24,6 +24,7 @@ BENCHMARKS = [
     "multiorgan",
     "gpu",
     "e2e",
+    "memory",
 ]
 
 
