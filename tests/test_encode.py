@@ -33,7 +33,7 @@ from dicom_node.encode import (
     segment_info_for,
 )
 from dicom_node.encode.labels import segment_numbers
-from dicom_node.encode.sr import voxel_volume_ml
+from dicom_node.encode.sr import VIEWER_CONTOUR_TRACKING, voxel_volume_ml
 from dicom_node.synthetic import SeriesAttributes, write_ct_series
 from dicom_node.volume import SeriesVolume, assemble_series
 from tests.checks import dciodvfy_errors
@@ -552,14 +552,18 @@ def test_a_segment_the_model_did_not_find_is_left_out_but_reported(tmp_path: Pat
     (liver,) = report.get_volumetric_roi_measurement_groups()
     assert liver.referenced_segment.referenced_segment_numbers == [1]
     assert liver.get_measurements(name=codes.SCT.Volume)[0].value > 0
-    others = report.get_image_measurement_groups()
+    others = [
+        g
+        for g in report.get_image_measurement_groups()
+        if g.get_measurements(name=codes.SCT.Volume)
+    ]
     assert [g.finding_type.value for g in others] == ["78961009", "64033007"]
     assert [g.get_measurements(name=codes.SCT.Volume)[0].value for g in others] == [0, 0]
     (site,) = others[1].finding_sites
     assert site.laterality.value == "7771000"  # left
     names = [str(i.ContentSequence[0].TextValue) for i in sr.ContentSequence[-1].ContentSequence]
-    # the liver: its volume (TID 1411), then its outline for viewers (TID 1410), one finding
-    assert names == ["spleen", "liver", "liver", "kidney_left"]
+    # the liver: its outline's area for viewers (TID 1501), then its volume (TID 1411)
+    assert names == ["spleen", f"{VIEWER_CONTOUR_TRACKING}:liver", "liver", "kidney_left"]
     for kind, ds in (("seg", seg), ("rt", rt), ("sr", sr)):
         ds.save_as(tmp_path / f"{kind}.dcm", enforce_file_format=True)
         assert dciodvfy_errors(tmp_path / f"{kind}.dcm") == [], kind

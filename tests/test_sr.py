@@ -1,5 +1,6 @@
-"""The SR a viewer shows: each organ's volume (TID 1411) and, for the same finding, its
-outline on the CT image where it is largest (TID 1410, SCOORD POLYLINE)."""
+"""The SR a viewer lists: each organ's volume (TID 1411) and, first, for the same finding,
+the area of its outline on the CT image where it is largest (TID 1501, the area INFERRED
+FROM a SCOORD POLYLINE) with a Comment naming the organ and its volume."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from skimage.draw import polygon as fill_polygon
 
 from dicom_node.config import ResultSettings
 from dicom_node.encode import AlgorithmInfo, build_seg, build_sr, segment_info_for
-from dicom_node.encode.sr import largest_outline
+from dicom_node.encode.sr import VIEWER_CONTOUR_TRACKING, largest_outline
 from dicom_node.phantom import make_phantom
 from dicom_node.synthetic import SeriesAttributes, write_ct_series
 from dicom_node.volume import assemble_series
@@ -69,25 +70,46 @@ def test_each_organ_found_has_its_outline_on_its_largest_slice(report) -> None:
     source, labels, sr, _ = report
     content = hd.sr.Comprehensive3DSR.from_dataset(sr).content
     volumes = content.get_volumetric_roi_measurement_groups()
-    planar = content.get_planar_roi_measurement_groups()
     assert [str(g.tracking_identifier) for g in volumes] == ["spleen", "liver"]
-    assert [str(g.tracking_identifier) for g in planar] == ["spleen", "liver"]
-    for value, volume, outline in zip((1, 2), volumes, planar, strict=True):
+    groups = content.get_image_measurement_groups()
+    outlines = [g for g in groups if g.get_measurements(name=codes.SCT.Area)]
+    assert [str(g.tracking_identifier) for g in outlines] == [
+        f"{VIEWER_CONTOUR_TRACKING}:spleen",
+        f"{VIEWER_CONTOUR_TRACKING}:liver",
+    ]
+    # each outline comes right before its volume (OHIF takes the tool from the first group)
+    order = [str(i.ContentSequence[0].TextValue) for i in sr.ContentSequence[-1].ContentSequence]
+    assert order == [str(outlines[0].tracking_identifier), "spleen"] + [
+        str(outlines[1].tracking_identifier),
+        "liver",
+        "kidney_left",
+    ]
+    pixel_mm2 = 5.0 * 5.0
+    for value, volume, outline in zip((1, 2), volumes, outlines, strict=True):
         # one finding: the same tracking UID, type and site in both groups
         assert outline.tracking_uid == volume.tracking_uid
         assert outline.finding_type == volume.finding_type
-        assert volume.get_measurements(name=codes.SCT.Volume)[0].value > 0
-        region = outline.roi
-        assert region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+        (ml,) = volume.get_measurements(name=codes.SCT.Volume)
+        assert ml.value == pytest.approx((labels == value).sum() * 5.0**3 / 1000)
+        (comment,) = (i for i in outline[0].ContentSequence if i.name == codes.DCM.Comment)
+        assert comment.value == f"{volume.tracking_identifier}: {ml.value:.2f} mL"
+        # the area, inferred from the outline on the CT image where the organ is largest
+        (area,) = outline.get_measurements(name=codes.SCT.Area)
+        assert area.unit.value == "mm2"
+        (scoord,) = (i for i in area[0].ContentSequence if i.ValueType == "SCOORD")
+        assert scoord.RelationshipType == "INFERRED FROM"
+        assert scoord.GraphicType == "POLYLINE"
         areas = [int((labels[k] == value).sum()) for k in range(labels.shape[0])]
         k = int(np.argmax(areas))
-        ref = region.ContentSequence[0].ReferencedSOPSequence[0]
+        ref = scoord.ContentSequence[0].ReferencedSOPSequence[0]
         assert ref.ReferencedSOPInstanceUID == source.headers[k].SOPInstanceUID
-        points = region.value
+        points = np.asarray(scoord.GraphicData, np.float32).reshape(-1, 2)
         assert np.array_equal(points[0], points[-1])
         assert np.array_equal(_filled(points, labels.shape[1:]), labels[k] == value)
+        # both are rectangles there: marching squares cuts each of their 4 corners by 1/8 pixel
+        assert area.value == pytest.approx((areas[k] - 4 / 8) * pixel_mm2)
     # the organ not found keeps its 0 mL, without a region
-    (missing,) = content.get_image_measurement_groups()
+    (missing,) = (g for g in groups if g.get_measurements(name=codes.SCT.Volume))
     assert missing.get_measurements(name=codes.SCT.Volume)[0].value == 0
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import time
 import urllib.request
@@ -25,6 +26,8 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
+from pydicom.dataset import Dataset
+from pydicom.sr.codedict import codes
 from skimage.color import lab2rgb
 
 from dicom_node.encode.sr import largest_outline
@@ -390,7 +393,6 @@ def test_seg_overlay_is_drawn_in_its_colour_on_the_organ(study, browser) -> None
         (far < [view["left"] + view["width"] - 1, view["top"] + view["height"] - 1]).all(axis=1)
     ]
     assert not _near(_coloured(shot, rgb), far, 0).any(), "segment colour drawn off the organ"
-    shutil.copy(ARTEFACTS / "seg.png", ARTEFACTS / "viewer.png")
 
 
 def _dilate(mask: np.ndarray, n: int) -> np.ndarray:
@@ -421,19 +423,41 @@ def test_rtstruct_contour_is_drawn_in_its_colour_with_its_name(study, browser) -
     _wait_for_colour(browser, "rtstruct", rgb, _to_screen(view, ct, points))
 
 
-def test_sr_volume_is_listed_and_shown_on_its_image(study, browser) -> None:
+def _listed_outline(sr: hd.sr.Comprehensive3DSR, tracking_uid: str) -> tuple[float, Dataset]:
+    """The area and its SCOORD from the group that gives the finding ``tracking_uid`` its
+    image coordinates (the one a viewer lists)."""
+    for group in sr.content.get_image_measurement_groups():
+        if group.tracking_uid == tracking_uid:
+            (area,) = group.get_measurements(name=codes.SCT.Area)
+            (scoord,) = (i for i in area[0].ContentSequence if i.ValueType == "SCOORD")
+            return float(area.value), scoord
+    raise AssertionError(f"no group of finding {tracking_uid} has image coordinates")
+
+
+def test_sr_measurement_is_listed_with_its_volume_and_drawn_on_its_image(study, browser) -> None:
     sr = hd.sr.Comprehensive3DSR.from_dataset(study["SR"])
     (volume_group,) = sr.content.get_volumetric_roi_measurement_groups()
-    (planar,) = sr.content.get_planar_roi_measurement_groups()
-    (volume,) = volume_group.get_measurements(name=pydicom.sr.codedict.codes.SCT.Volume)
-    region = planar.roi
-    sop_uid = region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+    (volume,) = volume_group.get_measurements(name=codes.SCT.Volume)
+    area, scoord = _listed_outline(sr, volume_group.tracking_uid)
+    sop_uid = scoord.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
     _open(browser, study, study["SR"].SeriesInstanceUID)
-    # the SR viewport labels the outline with the organ's volume
-    _wait_text(browser, [f"Volume: {volume.value:.2f} mL"])
-    # OHIF jumped to the image the outline is drawn on, and drew it there
+    # OHIF reads the SR into its measurements (no prompt: disableConfirmationPrompts) and
+    # jumps to the image the outline is drawn on
     deadline = time.time() + 30
     while sop_uid not in _viewport(browser)["imageId"]:
         assert time.time() < deadline, "the viewer did not show the SR's image"
         time.sleep(0.25)
-    _screenshot(browser, "sr")
+    # the measurements panel lists the organ by its name with its TID 1411 volume
+    _open_panel(browser, "trackedMeasurements")
+    listing = f"{volume_group.tracking_identifier}: {volume.value:.2f} mL"
+    panel = _wait_text(browser, ["Measurements (1)", listing])
+    # ...and the area of the outline it drew, as the SR has it (OHIF rounds it)
+    shown = [float(v) for v in re.findall(r"^([0-9.]+) mm²$", panel, re.MULTILINE)]
+    assert len(shown) == 1 and abs(shown[0] - area) <= 0.005 * area, (shown, area)
+    # the outline is drawn (yellow, OHIF's annotation colour) where the SCOORD puts it
+    ct = study["ct"][sop_uid]
+    view = _viewport(browser)
+    _check_geometry(browser, ct, view)
+    points = np.asarray(scoord.GraphicData, float).reshape(-1, 2)
+    _wait_for_colour(browser, "sr", (255, 255, 0), _to_screen(view, ct, points))
+    shutil.copy(ARTEFACTS / "sr.png", ARTEFACTS / "viewer.png")

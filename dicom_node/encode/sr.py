@@ -13,11 +13,18 @@ A lateral structure's laterality is its Finding Site's laterality.
 A viewer draws a measurement only where it has image coordinates: OHIF lists an SR whose
 measurements carry none as "Measurements (0)". TID 1411 lets a volume's region be the SEG
 segment or image regions, not both, and the segment is what defines the volume. So each
-organ found also gets a Planar ROI group (TID 1410) for the same finding (the same
-Tracking Identifier and Tracking Unique Identifier): its outline, a closed SCOORD
-POLYLINE, on the CT image where its cross-section is largest. A viewer that merges a
-finding's groups by tracking UID, as OHIF does, lists "spleen" with its volume in mL and
-jumps to that image.
+organ found also gets, first, a Measurement Group (TID 1501) for the same finding (the same
+Tracking Unique Identifier, finding type, sites and algorithm): the area (TID 300) of its
+outline on the CT image where its cross-section is largest, INFERRED FROM that outline, a
+closed SCOORD POLYLINE, and a Comment "spleen: N mL" naming the organ with its volume.
+
+That group is shaped as OHIF 3 (``@cornerstonejs/adapters``) reads a measurement into its
+panel, which it does only for groups it can give to one of its tools: its Tracking Identifier
+names the tool, ``Cornerstone3DTools@^0.1.0:PlanarFreehandROI`` (followed by the organ's
+name), the adapter takes the first NUM of the group as the area and the SCOORD inside it as
+the contour, and the panel's label is the group's Comment. OHIF merges a finding's groups by
+tracking UID and takes the tool from the first one, hence the outline before the volume; it
+then lists "spleen: N mL" with the area and jumps to that image.
 """
 
 from __future__ import annotations
@@ -50,6 +57,13 @@ from dicom_node.volume import SeriesVolume
 
 #: UCUM millilitre.
 MILLILITER = Code("mL", "UCUM", "milliliter")
+
+#: UCUM square millimetre.
+SQUARE_MILLIMETER = Code("mm2", "UCUM", "square millimeter")
+
+#: The Tracking Identifier prefix under which OHIF 3's SR reader (``@cornerstonejs/adapters``
+#: MeasurementReport) hands a group to its freehand contour tool; any suffix is allowed.
+VIEWER_CONTOUR_TRACKING = "Cornerstone3DTools@^0.1.0:PlanarFreehandROI"
 
 #: Procedure Reported (TID 1500 row 4): the source is a CT of some body region.
 CT_PROCEDURE: Code = codes.LN.CTUnspecifiedBodyRegion
@@ -143,11 +157,32 @@ def largest_outline(plane: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(rows_cols[:, ::-1] + 0.5, dtype=np.float32)
 
 
-def _region_on_largest_slice(
-    source: SeriesVolume, labels: np.ndarray, value: int, slices: np.ndarray, counts: list[int]
-) -> hd.sr.ImageRegion:
-    """The segment's outline on the slice where it covers the most pixels, on that CT
-    image (and frame, for a multi-frame source)."""
+def outline_area_mm2(outline: np.ndarray, source: SeriesVolume) -> float:
+    """Area enclosed by a closed outline in image coordinates, in mm².
+
+    The shoelace area in pixels times the area of one pixel, taken from the affine's
+    in-plane axes (row and column steps) so that it holds for any orientation.
+    """
+    x, y = outline[:, 0].astype(float), outline[:, 1].astype(float)
+    pixels = abs(float(np.dot(x[:-1], y[1:]) - np.dot(x[1:], y[:-1]))) / 2
+    return pixels * float(np.linalg.norm(np.cross(source.affine[:3, 1], source.affine[:3, 2])))
+
+
+def _outline_group(
+    source: SeriesVolume,
+    labels: np.ndarray,
+    info: SegmentInfo,
+    slices: np.ndarray,
+    counts: list[int],
+    tracking_uid: str,
+    volume_ml: float,
+    algorithm_id: hd.sr.AlgorithmIdentification,
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """The finding as a viewer lists it (see the module): the area of the segment's outline
+    on the slice where it covers the most pixels, on that CT image (and frame, for a
+    multi-frame source), with a Comment naming the organ and its volume: OHIF labels the
+    measurement with the Comment, else with the finding's code meaning, which for a name
+    not in the table is only "Body structure"."""
     k = int(slices[int(np.argmax(counts))])
     if source.frame_numbers is not None:
         image = hd.sr.SourceImageForRegion(
@@ -157,11 +192,34 @@ def _region_on_largest_slice(
         image = hd.sr.SourceImageForRegion(
             source.headers[k].SOPClassUID, source.headers[k].SOPInstanceUID
         )
-    return hd.sr.ImageRegion(
-        graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-        graphic_data=largest_outline(labels[k] == value),
-        source_image=image,
+    outline = largest_outline(labels[k] == info.value)
+    area = hd.sr.Measurement(
+        name=codes.SCT.Area,
+        value=outline_area_mm2(outline, source),
+        unit=SQUARE_MILLIMETER,
+        referenced_coordinates=[
+            hd.sr.CoordinatesForMeasurement(hd.sr.GraphicTypeValues.POLYLINE, outline, image)
+        ],
+        algorithm_id=algorithm_id,
     )
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            identifier=f"{VIEWER_CONTOUR_TRACKING}:{info.name}", uid=tracking_uid
+        ),
+        finding_type=info.code,
+        finding_category=info.category,
+        finding_sites=_finding_sites(info),
+        algorithm_id=algorithm_id,
+        measurements=[area],
+    )
+    group[0].ContentSequence.append(
+        hd.sr.TextContentItem(
+            name=codes.DCM.Comment,
+            value=f"{info.name}: {volume_ml:.2f} mL",
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+    )
+    return group
 
 
 def build_sr(
@@ -184,8 +242,8 @@ def build_sr(
     observer is the node as a device; single-frame source images form the Image Library
     and, with the SEG, the evidence.
 
-    Each segment found also gets a Planar ROI group with its outline on its largest slice
-    (see the module), right after its volume.
+    Each segment found also gets, right before its volume, a Measurement Group with the
+    area of its outline on its largest slice and a Comment with its volume (see the module).
 
     ``predecessors`` are results of an earlier run of the same series that a destination
     already holds and that this report supersedes (SEG, RTSTRUCT and SR; each needs its
@@ -209,13 +267,15 @@ def build_sr(
         number = numbers.get(int(info.value))
         slices = slices_with(labels, info.value) if number else np.zeros(0, dtype=int)
         counts = [int(np.count_nonzero(labels[k] == info.value)) for k in slices]
+        volume_ml = sum(counts) * voxel_ml
         volume = hd.sr.Measurement(
             name=codes.SCT.Volume,
-            value=sum(counts) * voxel_ml,
+            value=volume_ml,
             unit=MILLILITER,
             algorithm_id=algorithm_id,
         )
-        tracking = hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=info.name)
+        tracking_uid = generate_uid()
+        tracking = hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=info.name)
         if number is None:
             groups.append(
                 hd.sr.MeasurementsAndQualitativeEvaluations(
@@ -228,6 +288,12 @@ def build_sr(
                 )
             )
             continue
+        # The same finding (same tracking UID) where a viewer lists it, first (see the module).
+        groups.append(
+            _outline_group(
+                source, labels, info, slices, counts, tracking_uid, volume_ml, algorithm_id
+            )
+        )
         groups.append(
             hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=tracking,
@@ -237,19 +303,6 @@ def build_sr(
                 finding_sites=_finding_sites(info),
                 algorithm_id=algorithm_id,
                 measurements=[volume],
-            )
-        )
-        # The same finding (same tracking identifier and UID), where a viewer shows it.
-        groups.append(
-            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=tracking,
-                referenced_region=_region_on_largest_slice(
-                    source, labels, info.value, slices, counts
-                ),
-                finding_type=info.code,
-                finding_category=info.category,
-                finding_sites=_finding_sites(info),
-                algorithm_id=algorithm_id,
             )
         )
 
