@@ -35,11 +35,13 @@ import struct
 import tempfile
 import threading
 import time
+import uuid
 import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -48,6 +50,7 @@ from pydicom.charset import default_encoding
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import parse_fragments
+from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
     HTJ2K,
     JPEG2000,
@@ -83,7 +86,7 @@ from pynetdicom._handlers import (
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import DimseServiceType
-from pynetdicom.dsutils import decode
+from pynetdicom.dsutils import create_file_meta, decode
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.sop_class import Verification
@@ -302,20 +305,100 @@ _DEFER_SIZE = 1024 * 1024
 _incoming_dir: Path | None = None
 
 
-def _incoming_file(*args: object, **kwargs: object) -> tempfile._TemporaryFileWrapper:  # type: ignore[type-arg]
-    """pynetdicom's temporary file for a C-STORE data set, placed under the spool.
+#: A data set is received in memory up to this size, then in a file.
+SPILL_ABOVE = 16 * 1024 * 1024
 
-    With ``STORE_RECV_CHUNKED_DATASET`` pynetdicom writes each data set to a
-    ``NamedTemporaryFile`` as its fragments arrive, in the system's temporary directory and
-    with no setting for another. Made here instead (same call, a directory and a suffix of
-    our own): in ``spool/.incoming``, on the spool's file system, so that an accepted
-    instance is renamed into the spool rather than copied, and ending in ``.part``, so that
-    what a crash leaves there is removed at start (:meth:`Spool.clean_incoming`).
+
+class IncomingDataSet:
+    """Where pynetdicom writes a C-STORE data set as it arrives: memory, then a file.
+
+    With ``STORE_RECV_CHUNKED_DATASET`` pynetdicom writes each data set (its File Meta
+    Information first) to a ``NamedTemporaryFile`` made in the system's temporary directory,
+    with no setting for another. This stands in for that file (the calls pynetdicom makes:
+    ``name``, ``write``, ``file.flush``, ``close``). The common instance, under
+    :data:`SPILL_ABOVE`, stays in memory: creating, writing and reading back a file for
+    each cost ingest about a sixth. A larger one goes on, as it arrives, into a file named
+    ``name`` in ``spool/.incoming``, on the spool's file system, so that an accepted
+    instance is renamed into the spool rather than copied; what a crash leaves there ends
+    in ``.part`` and is removed at start (:meth:`Spool.clean_incoming`).
     """
-    if _incoming_dir is not None:
-        kwargs["dir"] = str(_incoming_dir)
-        kwargs["suffix"] = ".part"
-    return tempfile.NamedTemporaryFile(*args, **kwargs)  # type: ignore[call-overload]
+
+    def __init__(self, directory: Path) -> None:
+        self.name = str(directory / f"{uuid.uuid4().hex}.part")
+        self.buffer: bytearray | None = bytearray()
+        self._file: io.BufferedWriter | None = None
+
+    @property
+    def spilled(self) -> bool:
+        """Whether the data set is in the file ``name`` (else in :attr:`buffer`)."""
+        return self._file is not None
+
+    @property
+    def file(self) -> IncomingDataSet:
+        return self  # pynetdicom flushes ``file`` after each fragment
+
+    def write(self, data: bytes) -> int:
+        if self._file is not None:
+            return self._file.write(data)
+        assert self.buffer is not None
+        self.buffer += data
+        if len(self.buffer) > SPILL_ABOVE:
+            self._file = open(self.name, "xb")  # noqa: SIM115 - closed in close()
+            os.chmod(self.name, 0o600)
+            self._file.write(self.buffer)
+            self.buffer = None
+        return len(data)
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def _incoming_file(*args: object, **kwargs: object) -> IncomingDataSet | Any:
+    """pynetdicom's ``NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm")`` for a
+    received data set: an :class:`IncomingDataSet` under the spool."""
+    if _incoming_dir is None:
+        return tempfile.NamedTemporaryFile(*args, **kwargs)  # type: ignore[call-overload]
+    return IncomingDataSet(_incoming_dir)
+
+
+class _PlainMeta(tuple):
+    """The File Meta Information pynetdicom asks for: (SOP class, SOP instance, syntax)."""
+
+
+def _create_file_meta(
+    *, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, **other: Any
+) -> Any:
+    """pynetdicom's ``create_file_meta`` for a received data set, left unbuilt: building
+    and writing the group through pydicom took some 0.3 ms of each C-STORE (see
+    :func:`part10_header`), a tenth of the time ingest takes here."""
+    if other:
+        return create_file_meta(
+            sop_class_uid=sop_class_uid,
+            sop_instance_uid=sop_instance_uid,
+            transfer_syntax=transfer_syntax,
+            **other,
+        )
+    return _PlainMeta((sop_class_uid, sop_instance_uid, transfer_syntax))
+
+
+def _write_file_meta_info(fp: Any, file_meta: Any, *args: Any, **kwargs: Any) -> None:
+    """pydicom's ``write_file_meta_info``, or the same bytes from :func:`part10_header`."""
+    if isinstance(file_meta, _PlainMeta):
+        try:
+            fp.write(part10_header(*(str(v or "") for v in file_meta))[132:])
+            return
+        except UnicodeEncodeError:  # not a UID at all: let pydicom write what it can
+            file_meta = create_file_meta(
+                sop_class_uid=file_meta[0],
+                sop_instance_uid=file_meta[1],
+                transfer_syntax=file_meta[2],
+            )
+    write_file_meta_info(fp, file_meta, *args, **kwargs)
 
 
 def receive_to_files(incoming: Path) -> None:
@@ -328,6 +411,9 @@ def receive_to_files(incoming: Path) -> None:
     global _incoming_dir
     _incoming_dir = incoming
     dimse_messages.NamedTemporaryFile = _incoming_file  # type: ignore[attr-defined]
+    if _TUNE_INTERNALS:  # module names checked against pynetdicom 3.0.4
+        dimse_messages.create_file_meta = _create_file_meta  # type: ignore[attr-defined]
+        dimse_messages.write_file_meta_info = _write_file_meta_info  # type: ignore[attr-defined]
     _config.STORE_RECV_CHUNKED_DATASET = True
 
 
@@ -365,6 +451,16 @@ class Received:
 
     @classmethod
     def from_event(cls, event: evt.Event) -> Received:
+        incoming = getattr(event.request, "_dataset_file", None)
+        if isinstance(incoming, IncomingDataSet) and not incoming.spilled:
+            assert incoming.buffer is not None
+            raw = memoryview(incoming.buffer)
+            offset = 144 + int.from_bytes(raw[140:144], "little")  # after the meta group
+            data = bytes(raw[offset:])
+            raw.release()
+            return cls(
+                size=len(data), data=data, offset=offset, meta=bytes(incoming.buffer[:offset])
+            )
         path = getattr(event.request, "_dataset_path", None)
         if not isinstance(path, Path) or not path.exists():
             data = event.request.DataSet.getvalue() if event.request.DataSet else b""
@@ -1034,13 +1130,15 @@ class StorageSCP:
     def _write(self, path: Path, header: bytes, received: Received) -> int:
         """Put the received data set in the spool durably, behind ``header``; its size.
 
-        A file pynetdicom wrote with exactly this header is renamed into place; otherwise
-        (the request named other UIDs than the data set) the data set is written anew.
+        A data set held in memory is written as before (one ``writev``, one
+        ``fdatasync``: renaming pynetdicom's file and syncing the directory cost ingest
+        about a quarter); pynetdicom then deletes its file. A large one is renamed into
+        place if pynetdicom's file has exactly this header, else copied a piece at a time.
         """
-        if received.file is not None and received.meta == header:
-            return self.spool.adopt(received.file, path)
         if received.data is not None:
             return self.spool.write(path, header, received.data)
+        if received.file is not None and received.meta == header:
+            return self.spool.adopt(received.file, path)
         assert received.file is not None
         return self.spool.copy_in(path, header, received.file, received.offset)
 
