@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from dicom_node.pipeline import preprocess
 from dicom_node.pipeline.bundle import Preprocessing
 from dicom_node.pipeline.preprocess import Preprocess
 from dicom_node.pipeline.transforms import (
@@ -59,7 +60,10 @@ def _affine(kind: str) -> np.ndarray:
         ("orientation", "intensity", "spacing"),
     ],
 )
-def test_same_grid_and_values_as_monai_chained(kind, order):
+@pytest.mark.parametrize("slab_slices", [None, 5])
+def test_same_grid_and_values_as_monai_chained(kind, order, slab_slices, monkeypatch):
+    if slab_slices is not None:  # a few source slices a slab: many slabs, as at 512x512x600
+        monkeypatch.setattr(preprocess, "_SLAB_BYTES", slab_slices * 4 * SHAPE[1] * SHAPE[2])
     rng = np.random.default_rng(7)
     hu = rng.normal(40, 120, SHAPE).astype(np.int16)
     pre = _pre(order)

@@ -33,6 +33,11 @@ from dicom_node.pipeline.transforms import (
     to_metatensor,
 )
 
+#: Spacing modes resampled slab by slab (grid_sample's own); spline orders go to MONAI.
+_SLAB_MODES = ("bilinear", "bicubic")
+#: Bytes of float source slices one slab may hold (CPU): ~0.25 GB at most with its grid.
+_SLAB_BYTES = 64 * 1024 * 1024
+
 
 class Preprocess:
     """A bundle's preprocessing of a (slices, rows, columns) HU volume with an LPS affine.
@@ -68,25 +73,26 @@ class Preprocess:
             )
         if isinstance(hu, np.ndarray):
             hu = np.ascontiguousarray(hu)  # torch refuses negative strides (flipped views)
-        data = torch.as_tensor(hu).to(device=device, dtype=torch.float32)[None]
+        volume = torch.as_tensor(hu).to(device=device)
         xyz = ras_affine(affine)
-        xyz_shape = tuple(int(n) for n in reversed(data.shape[1:]))
+        xyz_shape = tuple(int(n) for n in reversed(volume.shape))
         dst_affine, dst_shape = self._output_grid(xyz, xyz_shape)
-        stored = MetaTensor(
-            data, affine=torch.as_tensor(LPS_TO_RAS @ np.asarray(affine, np.float64))
-        )
-        if self._intensity_first:
-            stored = self._intensity(stored)
+        stored_affine = LPS_TO_RAS @ np.asarray(affine, np.float64)
         spacing = self._spacing.sp_resample
-        resample = SpatialResample(
-            mode=spacing.mode,
-            padding_mode=spacing.padding_mode,
-            align_corners=spacing.align_corners,
-            dtype=torch.float32,
-        )
-        out = resample(stored, dst_affine=dst_affine, spatial_size=dst_shape)
-        del stored, data
-        out = torch.as_tensor(out)
+        if str(spacing.mode) in _SLAB_MODES:
+            out = self._resample_in_slabs(volume, stored_affine, dst_affine, dst_shape)
+        else:  # a spline order: MONAI's own resampling (it compiles for those)
+            stored = MetaTensor(volume.to(torch.float32)[None], affine=stored_affine)
+            if self._intensity_first:
+                stored = self._intensity(stored)
+            resample = SpatialResample(
+                mode=spacing.mode,
+                padding_mode=spacing.padding_mode,
+                align_corners=spacing.align_corners,
+                dtype=torch.float32,
+            )
+            out = torch.as_tensor(resample(stored, dst_affine=dst_affine, spatial_size=dst_shape))
+            del stored
         if not self._intensity_first and self._intensity is not None:
             out = self._intensity(out)
         ras = torch.as_tensor(xyz, dtype=torch.float64)
@@ -97,6 +103,72 @@ class Preprocess:
             INPUT_SHAPE: xyz_shape,
         }
         return MetaTensor(torch.as_tensor(out), affine=dst_affine, meta=meta)
+
+    def _resample_in_slabs(
+        self,
+        volume: torch.Tensor,
+        stored_affine: np.ndarray,
+        dst_affine: torch.Tensor,
+        dst_shape: tuple[int, ...],
+    ) -> torch.Tensor:
+        """The output grid sampled from ``volume`` (slices, rows, columns), a few output
+        planes at a time, each from a float copy of only the source slices it needs.
+
+        ``SpatialResample`` would want the whole volume in float32 at once: twice the
+        INT16 volume again, the largest allocation of a local segmentation (600 MiB at
+        512x512x600). Here the float copy is a slab of the slices that one chunk of output
+        planes falls between; the sample points and ``grid_sample`` are those of MONAI's
+        resampling (the same mode, padding and corner convention), computed in float64.
+        """
+        spacing = self._spacing.sp_resample
+        align = bool(spacing.align_corners)
+        slices, rows, columns = (int(n) for n in volume.shape)
+        # output (x, y, z) index -> source (slice, row, column) index
+        xform = np.linalg.solve(stored_affine, dst_affine.numpy())
+        axis = int(np.argmax(np.abs(xform[0, :3])))  # the output axis that walks the slices
+        # output planes a slab: as many as the source slices a budget holds, each plane
+        # walking |d slice / d plane| slices (plus the interpolation's neighbours)
+        budget = _SLAB_BYTES if volume.device.type == "cpu" else float("inf")
+        per_plane = max(abs(float(xform[0, axis])), 1e-6)
+        fits = (budget / (4 * rows * columns) - 4) / per_plane
+        step = int(max(1, min(dst_shape[axis], fits)))
+        out = torch.empty((1, *dst_shape), dtype=torch.float32, device=volume.device)
+        ranges = [torch.arange(n, dtype=torch.float64, device=volume.device) for n in dst_shape]
+        m = torch.as_tensor(xform[:3], device=volume.device)
+        for start in range(0, dst_shape[axis], step):
+            stop = min(dst_shape[axis], start + step)
+            box = list(ranges)
+            box[axis] = ranges[axis][start:stop]
+            grid = torch.stack(torch.meshgrid(*box, indexing="ij"), dim=-1)
+            src = grid @ m[:, :3].T + m[:, 3]  # (..., 3): slice, row, column
+            del grid
+            s = src[..., 0]
+            lo = int(np.clip(np.floor(float(s.min())) - 1, 0, slices - 1))
+            hi = int(np.clip(np.floor(float(s.max())) + 2, 0, slices - 1))
+            slab = volume[lo : hi + 1].to(torch.float32)[None, None]
+            if self._intensity_first:
+                slab = self._intensity(slab)
+            src[..., 0] -= lo
+            sizes = torch.tensor([hi - lo + 1, rows, columns], dtype=torch.float64)
+            sizes = sizes.to(volume.device)
+            if align:
+                norm = 2 * src / (sizes - 1).clamp(min=1) - 1
+            else:
+                norm = (2 * src + 1) / sizes - 1
+            # grid_sample takes (x, y, z) = (column, row, slice)
+            grid = norm.flip(-1).to(torch.float32)[None]
+            del src, norm
+            index = [slice(None)] * 3
+            index[axis] = slice(start, stop)
+            out[(slice(None), *index)] = torch.nn.functional.grid_sample(
+                slab,
+                grid,
+                mode=str(spacing.mode),
+                padding_mode=str(spacing.padding_mode),
+                align_corners=align,
+            )[0]
+            del slab, grid
+        return out
 
     def _output_grid(
         self, xyz_affine: np.ndarray, xyz_shape: tuple[int, ...]
