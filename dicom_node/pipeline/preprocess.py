@@ -134,30 +134,42 @@ class Preprocess:
         step = int(max(1, min(dst_shape[axis], fits)))
         out = torch.empty((1, *dst_shape), dtype=torch.float32, device=volume.device)
         ranges = [torch.arange(n, dtype=torch.float64, device=volume.device) for n in dst_shape]
-        m = torch.as_tensor(xform[:3], device=volume.device)
         for start in range(0, dst_shape[axis], step):
             stop = min(dst_shape[axis], start + step)
             box = list(ranges)
             box[axis] = ranges[axis][start:stop]
-            grid = torch.stack(torch.meshgrid(*box, indexing="ij"), dim=-1)
-            src = grid @ m[:, :3].T + m[:, 3]  # (..., 3): slice, row, column
-            del grid
-            s = src[..., 0]
-            lo = int(np.clip(np.floor(float(s.min())) - 1, 0, slices - 1))
-            hi = int(np.clip(np.floor(float(s.max())) + 2, 0, slices - 1))
+            # The source index of every output point is affine in the output index: a sum
+            # of one vector along each output axis, broadcast (no grid of indices, no
+            # matrix product over it).
+            terms = [
+                [
+                    (float(xform[d, a]) * box[a]).reshape([-1 if k == a else 1 for k in range(3)])
+                    for a in range(3)
+                ]
+                for d in range(3)
+            ]
+            ends = [
+                float(xform[0, 3]) + sum(float(t.min()) for t in terms[0]),
+                float(xform[0, 3]) + sum(float(t.max()) for t in terms[0]),
+            ]
+            lo = int(np.clip(np.floor(ends[0]) - 1, 0, slices - 1))
+            hi = int(np.clip(np.floor(ends[1]) + 2, 0, slices - 1))
             slab = volume[lo : hi + 1].to(torch.float32)[None, None]
             if self._intensity_first:
                 slab = self._intensity(slab)
-            src[..., 0] -= lo
-            sizes = torch.tensor([hi - lo + 1, rows, columns], dtype=torch.float64)
-            sizes = sizes.to(volume.device)
-            if align:
-                norm = 2 * src / (sizes - 1).clamp(min=1) - 1
-            else:
-                norm = (2 * src + 1) / sizes - 1
-            # grid_sample takes (x, y, z) = (column, row, slice)
-            grid = norm.flip(-1).to(torch.float32)[None]
-            del src, norm
+            # grid_sample takes (x, y, z) = (column, row, slice), normalised to [-1, 1]
+            grid = torch.empty(
+                (1, *(len(r) for r in box), 3), dtype=torch.float32, device=volume.device
+            )
+            for g, (d, offset, size) in enumerate(
+                ((2, 0, columns), (1, 0, rows), (0, lo, hi - lo + 1))
+            ):
+                at = terms[d][0] + terms[d][1] + terms[d][2] + (float(xform[d, 3]) - offset)
+                if align:
+                    grid[0, ..., g] = at * (2 / max(size - 1, 1)) - 1
+                else:
+                    grid[0, ..., g] = (2 * at + 1) / size - 1
+                del at
             index = [slice(None)] * 3
             index[axis] = slice(start, stop)
             out[(slice(None), *index)] = torch.nn.functional.grid_sample(
