@@ -17,6 +17,7 @@ Every step that changes a series' state logs one line and records it, so a resta
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import io
 import logging
@@ -667,31 +668,45 @@ class Node:
         res = results or self.settings.results
         segments, algorithm = self._segments(model), self._algorithm(model)
         out: dict[str, tuple[Any, str]] = {}
-        try:
-            seg = build_seg(
-                volume, labels, segments, algorithm, res, series_number("SEG", model_index)
-            )
-            if res.make_seg:
-                out["SEG"] = (seg, str(seg.SOPInstanceUID))
-            if res.make_rtstruct:
-                rt = build_rtstruct(
-                    volume, labels, segments, algorithm, res, series_number("RTSTRUCT", model_index)
-                )
-                out["RTSTRUCT"] = (rt, str(rt.SOPInstanceUID))
-            if res.make_sr:
-                sr = build_sr(
-                    seg,
+        # The RTSTRUCT needs neither the SEG nor the SR: traced in a thread of its own while
+        # they are built, its numpy and scikit-image work overlaps their Python work.
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rtstruct") as pool:
+            traced = (
+                pool.submit(
+                    build_rtstruct,
                     volume,
                     labels,
                     segments,
                     algorithm,
                     res,
-                    series_number("SR", model_index),
-                    predecessors or (),
+                    series_number("RTSTRUCT", model_index),
                 )
-                out["SR"] = (sr, str(sr.SOPInstanceUID))
-        except EncodeError as exc:
-            raise JobFailed(f"results cannot be encoded: {exc}") from None
+                if res.make_rtstruct
+                else None
+            )
+            try:
+                seg = build_seg(
+                    volume, labels, segments, algorithm, res, series_number("SEG", model_index)
+                )
+                sr = None
+                if res.make_sr:
+                    sr = build_sr(
+                        seg,
+                        volume,
+                        labels,
+                        segments,
+                        algorithm,
+                        res,
+                        series_number("SR", model_index),
+                        predecessors or (),
+                    )
+                rt = traced.result() if traced is not None else None
+            except EncodeError as exc:
+                raise JobFailed(f"results cannot be encoded: {exc}") from None
+        # in the order they are sent: SEG, RTSTRUCT, SR
+        for kind, ds in (("SEG", seg if res.make_seg else None), ("RTSTRUCT", rt), ("SR", sr)):
+            if ds is not None:
+                out[kind] = (ds, str(ds.SOPInstanceUID))
         if (
             res.seg_type == "labelmap"
             and res.make_seg
