@@ -22,7 +22,7 @@ from tritonclient.utils import InferenceServerException
 from dicom_node.config import InferenceSettings
 from dicom_node.inference import Backend, InferenceError, ManagedTritonBackend, make_backend
 from dicom_node.inference.cuda_shm import unavailable_reason
-from dicom_node.inference.placement import Registration
+from dicom_node.inference.placement import Registration, wait_for_releases
 from dicom_node.inference.server import TritonServer, TritonStartError
 from dicom_node.inference.shm import named_regions, region_of, shared_empty, unlink
 from dicom_node.inference.triton import TritonBackend, is_loopback
@@ -245,7 +245,9 @@ def test_volume_in_shared_memory_is_read_in_place(server, grpc_result, phantom):
     # the labels are where the server wrote them: a region whose name is already gone
     out = region_of(result.labels)
     assert out is not None and not out.path.exists()
-    # The server holds no registration; only the volume's own region is still named.
+    # The server holds no registration (once the background releases are done); only the
+    # volume's own region is still named.
+    assert wait_for_releases(timeout=10.0)
     status = grpcclient.InferenceServerClient(server.grpc_url)
     assert status.get_system_shared_memory_status(as_json=True).get("regions", {}) == {}
     assert _named_regions() == [region_of(hu).name]

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import queue
+import threading
 import time
 import uuid
 
@@ -25,7 +27,7 @@ from tritonclient.utils import InferenceServerException
 from dicom_node.inference.cuda_shm import CudaUnavailable, CudaVolume
 from dicom_node.inference.shm import Region, region_of, shared_empty, unlink
 
-__all__ = ["Registration", "place_input", "place_outputs"]
+__all__ = ["Registration", "place_input", "place_outputs", "wait_for_releases"]
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +96,49 @@ class Registration:
                     # the server is gone (nothing to undo), or it never let go
                     log.debug("could not unregister %s: %s", self.name, exc)
                     return
+
+    def release_later(self) -> None:
+        """:meth:`release` in the background: the caller has its response and goes on.
+
+        The server lets go of a region a moment after sending the response that read it;
+        waiting for that in the request would add its retries to every series' latency.
+        """
+        global _queued, _releaser
+        if not self.registered:
+            return
+        with _released:
+            _queued += 1
+            if _releaser is None or not _releaser.is_alive():
+                _releaser = threading.Thread(
+                    target=_release_queued, name="dicom-node-unregister", daemon=True
+                )
+                _releaser.start()
+        _later.put(self)
+
+
+_later: queue.SimpleQueue[Registration] = queue.SimpleQueue()
+_released = threading.Condition()
+_queued = 0  # registrations put on _later and not yet released
+_releaser: threading.Thread | None = None
+
+
+def _release_queued() -> None:
+    global _queued
+    while True:
+        registration = _later.get()
+        try:
+            registration.release()
+        finally:
+            with _released:
+                _queued -= 1
+                _released.notify_all()
+
+
+def wait_for_releases(timeout: float = 30.0) -> bool:
+    """Whether every registration released in the background is gone from its server
+    within ``timeout`` seconds (for a clean shutdown, and for tests)."""
+    with _released:
+        return _released.wait_for(lambda: _queued == 0, timeout)
 
 
 def place_input(
@@ -167,5 +212,6 @@ def _register(
     cleanup: contextlib.ExitStack,
 ) -> str:
     registration = Registration(client, region, timeout)
-    cleanup.callback(registration.release)
+    # A CUDA region is freed right after the request: its registration must go first.
+    cleanup.callback(registration.release if registration.cuda else registration.release_later)
     return registration.name

@@ -48,7 +48,12 @@ from dicom_node.inference.cuda_shm import (
     cuda_allocate,
     unavailable_reason,
 )
-from dicom_node.inference.placement import on_host, place_input, place_outputs
+from dicom_node.inference.placement import (
+    on_host,
+    place_input,
+    place_outputs,
+    wait_for_releases,
+)
 from dicom_node.inference.rotation import Rotation
 from dicom_node.inference.shm import allocate
 
@@ -248,6 +253,7 @@ class TritonBackend:
         return self._balanced(model, run)
 
     def close(self) -> None:
+        wait_for_releases(timeout=10.0)  # they use these clients
         for client in self._clients.values():
             client.close()
 
