@@ -277,6 +277,9 @@ class Destination:
     max_backoff_seconds: float = 300.0
     #: Send over DICOM TLS, with the certificates of the [tls] section.
     tls: bool = False
+    #: C-STORE: associations opened at once to send a series' results, one result each
+    #: (1: all over one association, in order).
+    max_associations: int = _at_least(3, 1)
     #: "dicom" (C-STORE) or "dicomweb" (STOW-RS to ``url``).
     type: str = _one_of("dicom", "dicomweb", notes={"dicom": "C-STORE", "dicomweb": "STOW-RS"})
     #: DICOMweb base URL (the STOW-RS service is ``url/studies``).

@@ -26,6 +26,7 @@ meaning (PS3.4 B.2.3); over DICOMweb, the HTTP status and the STOW-RS Failure Re
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import os
@@ -490,6 +491,45 @@ class Exporter:
                 choice = "alt" if taken == "binary" else "primary"
         return Outgoing(item.id, Path(item.path), Path(item.alt_path), choice)
 
+    def _cstore(
+        self,
+        dest: Destination,
+        outgoing: list[Outgoing],
+        choice: SegChoice,
+        on_ack: Callable[[Outgoing, Outcome], None],
+    ) -> dict[int, Outcome]:
+        """C-STORE ``outgoing`` to ``dest``: one item an association, up to its
+        ``max_associations`` at once, when no item has an alternative form; otherwise over
+        one association, in order, so that an SR follows the form its SEG took in it.
+
+        A series' SEG, RTSTRUCT and SR are stored by the PACS one after another over one
+        association; over three, its storage of each overlaps the others' (about half the
+        time from the first C-STORE to the last acknowledgement, to Orthanc here).
+        """
+
+        def one_association(batch: list[Outgoing]) -> dict[int, Outcome]:
+            try:
+                return cstore_batch(
+                    dest,
+                    batch,
+                    self.settings.node.ae_title,
+                    self.settings.limits.network_timeout,
+                    self.settings.tls,
+                    choice,
+                    on_ack,
+                )
+            except (ExportError, OSError) as exc:
+                return {o.key: Outcome(False, error=str(exc)) for o in batch}
+
+        if dest.max_associations == 1 or len(outgoing) == 1 or any(o.alt_path for o in outgoing):
+            return one_association(outgoing)
+        results: dict[int, Outcome] = {}
+        workers = min(len(outgoing), dest.max_associations)
+        with concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="cstore") as pool:
+            for part in pool.map(one_association, [[o] for o in outgoing]):
+                results.update(part)
+        return results
+
     def _send(self, dest: Destination, items: list[OutboxItem]) -> int:
         by_id = {i.id: i for i in items}
         outgoing = [self._outgoing(dest, i) for i in items]
@@ -505,15 +545,7 @@ class Exporter:
                     dest, outgoing, self.settings.limits.network_timeout, choice, on_ack
                 )
             else:
-                results = cstore_batch(
-                    dest,
-                    outgoing,
-                    self.settings.node.ae_title,
-                    self.settings.limits.network_timeout,
-                    self.settings.tls,
-                    choice,
-                    on_ack,
-                )
+                results = self._cstore(dest, outgoing, choice, on_ack)
         except (ExportError, OSError) as exc:
             results = {o.key: Outcome(False, error=str(exc)) for o in outgoing}
         if choice.by_status and dest.name not in self._refuses_label_map:
