@@ -35,6 +35,7 @@ from dicom_node.backoff import backoff
 from dicom_node.completion import RELEASED, SETTLE_TIMER, SliceGeometry, gap_free, slice_geometry
 from dicom_node.config import ModelSettings, Settings
 from dicom_node.export import Exporter, binary_alternatives_wanted, plan_outbox_items
+from dicom_node.heap import freeze_heap
 from dicom_node.jobs import (
     COMPLETE,
     DONE,
@@ -146,6 +147,7 @@ class Node:
             t = threading.Thread(target=target, name=f"dicom-node-{name}", daemon=True)
             t.start()
             self._threads.append(t)
+        _freeze_long_lived()
 
     def _start_embedded(self) -> None:
         """Start the PACS and viewer of an ``embedded`` destination, if one is configured."""
@@ -747,6 +749,13 @@ class Node:
                 log.exception("exporter error")
             self._export_wake.wait(1.0)
             self._export_wake.clear()
+
+
+def _freeze_long_lived() -> None:
+    """Load the encoders now, then freeze the start-up heap (:mod:`dicom_node.heap`)."""
+    import dicom_node.encode  # noqa: F401 - the encoders and highdicom's standard tables
+
+    freeze_heap()
 
 
 def _discard(paths: list[Path]) -> None:

@@ -12,6 +12,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import to_dlpack
 
+from dicom_node.heap import freeze_heap
 from dicom_node.inference.server import bundle_path_from_config, instance_device
 from dicom_node.pipeline import load_bundle
 
@@ -24,6 +25,7 @@ class TritonPythonModel:
         self.network = bundle.load_network(self.device)
         # The bundle's evaluator runs the network under autocast when its config says amp.
         self.amp = bundle.amp and self.device.type == "cuda"
+        freeze_heap()  # what this instance loaded lives as long as it
 
     def execute(self, requests):
         # The dynamic batcher hands over several requests: run them as one batch.

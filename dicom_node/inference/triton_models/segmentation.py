@@ -17,6 +17,7 @@ import torch
 import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import to_dlpack
 
+from dicom_node.heap import freeze_heap
 from dicom_node.inference.server import bundle_path_from_config, instance_device
 from dicom_node.pipeline import SegmentationPipeline, load_bundle
 
@@ -32,6 +33,7 @@ class TritonPythonModel:
             raise ValueError(f"model {config['name']} has no network_model parameter")
         self.network_model = parameters["network_model"]
         self.max_batch = int(parameters.get("network_max_batch_size", "8"))
+        freeze_heap()  # what this instance loaded lives as long as it
 
     def execute(self, requests):
         responses = []
