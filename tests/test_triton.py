@@ -229,18 +229,34 @@ def _named_regions() -> list[str]:
 
 
 @needs_bundle
-def test_volume_in_shared_memory_is_read_in_place(server, grpc_result, phantom):
+def test_volume_in_shared_memory_is_read_in_place(server, grpc_result, phantom, monkeypatch):
     """A volume assembled into shared memory goes to the server without a copy, and the
     label map comes back as a view of the region the server wrote."""
+    unregister = Registration.release
+
+    def slowly(self):  # a server slow to let go: whatever is released later is still held
+        time.sleep(0.3)
+        unregister(self)
+
+    monkeypatch.setattr(Registration, "release", slowly)
     hu = shared_empty(phantom.hu.shape, np.int16)
     hu[...] = phantom.hu
     client = TritonBackend([server.grpc_url], transport="auto")
     assert client.takes_shared_memory()
     try:
         result = client.segment(hu, phantom.affine)
+        # The volume's own key is unregistered before segment returns (Triton 2.51 would
+        # register it again with a descriptor it closed), so the same volume can go again
+        # at once, as for a second model or a retry.
+        held = grpcclient.InferenceServerClient(server.grpc_url).get_system_shared_memory_status(
+            as_json=True
+        )
+        assert region_of(hu).key not in {r["key"] for r in held.get("regions", {}).values()}
+        again = client.segment(hu, phantom.affine)
     finally:
         client.close()
     np.testing.assert_array_equal(result.labels, grpc_result.labels)
+    np.testing.assert_array_equal(again.labels, grpc_result.labels)
     assert result.contours is None  # not asked for
     # the labels are where the server wrote them: a region whose name is already gone
     out = region_of(result.labels)

@@ -202,7 +202,7 @@ def place_outputs(
         return None
     target = region_of(results)
     cleanup.callback(unlink, target)
-    return results, _register(client, target, timeout, cleanup)
+    return results, _register(client, target, timeout, cleanup, later=True)
 
 
 def _register(
@@ -210,8 +210,13 @@ def _register(
     region: Region | CudaVolume,
     timeout: float,
     cleanup: contextlib.ExitStack,
+    later: bool = False,
 ) -> str:
     registration = Registration(client, region, timeout)
-    # A CUDA region is freed right after the request: its registration must go first.
-    cleanup.callback(registration.release if registration.cuda else registration.release_later)
+    # Released in the background only where nothing can need the key again soon: a label
+    # map's region is the request's own. A volume's may be sent again at once (another
+    # model, a retry), and Triton 2.51 registers a key it still holds with the descriptor
+    # it closed after mapping it ("Invalid shared memory region"); a CUDA region is freed
+    # right after the request.
+    cleanup.callback(registration.release_later if later else registration.release)
     return registration.name
