@@ -211,6 +211,9 @@ class StagedSeries:
         # them) in place, cheaper than a sliced copy while the series is still arriving.
         for tag in [t for t in ds.keys() if t >= _PIXEL_TAGS_START]:
             del ds[tag]
+        # the spool file's meta group, as a header read from the spool has it: read here,
+        # off the C-STORE's way and before the series completes
+        ds.file_meta = read_file_meta_info(path)
         self._slices[path] = (index, ds)
 
     def _give_up(self, problem: str) -> None:
@@ -256,10 +259,6 @@ class StagedSeries:
                 )
                 return None
             datasets = [self._slices[k][1] for k in keys]
-            for path, header in zip(keys, datasets, strict=True):
-                # the spool file's meta group, as a header read from the spool has it (read
-                # now, off the C-STORE's way)
-                header.file_meta = read_file_meta_info(path)
             plan = plan_single_frame(datasets, min_slices)
             if np.dtype(plan.dtype) != self._dtype:
                 return None  # float32 staged, but the whole series fits int16: re-read
