@@ -10,7 +10,8 @@ in memory before the C-STORE handler can look at its size.
 
 pynetdicom has no setting for any of this, so the guard replaces the ``recv`` of each
 connection's ``AssociationSocket`` (the one method the DUL reads with, checked against
-pynetdicom 3.0.4) with :class:`GuardedReader`, which
+pynetdicom 3.0.4 with :mod:`dicom_node.pynetdicom_tuning`) with :class:`GuardedReader`,
+which
 
 * reads with a *total* deadline: ``association_deadline_seconds`` from accept until the
   association is established, then ``message_deadline_seconds`` from the first byte of
@@ -25,6 +26,9 @@ peer that hung up. :class:`AddressLimiter` counts connections per source address
 moment they are accepted, so that one address cannot take every slot
 (``max_associations_per_address``); one over the limit gets an A-ASSOCIATE-RJ (transient,
 local limit exceeded) without anything it sent being read.
+
+The network allow-list (``[node] allowed_hosts``, :func:`allowed_networks` and
+:func:`address_allowed`) lives here too, with the other rules on peer addresses.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from collections.abc import Callable
 from pynetdicom.association import Association
 from pynetdicom.transport import AssociationSocket
 
-from dicom_node.config import LimitSettings
+from dicom_node.config import ConfigError, LimitSettings
 
 log = logging.getLogger("dicom_node.scp")
 
@@ -70,7 +74,7 @@ class ConnectionRefused(OSError):
     as a broken connection.
 
     The guard has logged why; the connection's thread is marked so that pynetdicom's own
-    lines about the same broken read are left out (see ``dicom_node.scp``).
+    lines about the same broken read are left out (see ``dicom_node.logsetup``).
     """
 
     def __init__(self, reason: str) -> None:
@@ -247,6 +251,38 @@ def peer_ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | Non
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         return ip.ipv4_mapped
     return ip
+
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def allowed_networks(hosts: list[str]) -> list[IPNetwork]:
+    """Parse ``[node] allowed_hosts``: IP addresses or networks in CIDR notation.
+
+    Raises :class:`~dicom_node.config.ConfigError` naming the first entry that is neither.
+    """
+    networks = []
+    for i, entry in enumerate(hosts):
+        try:
+            networks.append(ipaddress.ip_network(entry.strip(), strict=False))
+        except ValueError:
+            raise ConfigError(
+                f"node.allowed_hosts[{i}]: {entry!r} is not an IP address or network"
+            ) from None
+    return networks
+
+
+def address_allowed(address: str, networks: list[IPNetwork]) -> bool:
+    """Whether a peer's ``address`` lies in one of ``networks`` (all, when there are none).
+
+    An IPv4 peer seen on a dual-stack socket (``::ffff:10.0.0.1``) matches IPv4 entries.
+    """
+    if not networks:
+        return True
+    ip = peer_ip(address)
+    if ip is None:
+        return False
+    return any(ip in net for net in networks if net.version == ip.version)
 
 
 def _address_key(address: str) -> str:

@@ -5,8 +5,9 @@ Spacing of 0 or NaN, 1 or 64 Bits Allocated. Such values used to reach inference
 "done" series with an empty segmentation, or fail later as an internal error. The checks
 here name the attribute and say what is wrong with it, and run twice:
 
-* at C-STORE (:mod:`dicom_node.scp`), on each instance, which is refused with 0xA900 (Data
-  Set does not match SOP Class: the CT Image IOD does not allow the value);
+* at C-STORE (:func:`dicom_node.store_checks.check_image`), on each instance, which is
+  refused with 0xA900 (Data Set does not match SOP Class: the CT Image IOD does not allow
+  the value);
 * at assembly (:mod:`dicom_node.volume`), on every instance of a series, so that files
   spooled before these checks existed fail their job with the same reason before inference.
 

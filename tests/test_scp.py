@@ -11,14 +11,12 @@ import pydicom
 import pytest
 from pynetdicom import AE
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
-from pynetdicom.sop_class import CTImageStorage, Verification
+from pynetdicom.sop_class import CTImageStorage
 
-from dicom_node import scp
-from dicom_node.config import settings_from_dict
-from dicom_node.jobs import JobStore
+from dicom_node.incoming import part10_header
 from dicom_node.spool import Spool
 from dicom_node.synthetic import write_ct_series
-from tests.peers import NodeProcess, echoscu, free_port, storescu
+from tests.peers import NodeProcess, echoscu, storescu
 
 #: storescu's option that proposes each transfer syntax
 PROPOSE = {
@@ -260,7 +258,7 @@ def test_part10_header_is_what_pynetdicom_writes(sop_class, sop_instance, syntax
         sop_class_uid=sop_class, sop_instance_uid=sop_instance, transfer_syntax=syntax
     )
     expected = b"\x00" * 128 + b"DICM" + encode_file_meta(meta)
-    assert scp.part10_header(sop_class, sop_instance, syntax) == expected
+    assert part10_header(sop_class, sop_instance, syntax) == expected
 
 
 def test_spool_writes_chunks_in_order(tmp_path):
@@ -269,42 +267,6 @@ def test_spool_writes_chunks_in_order(tmp_path):
     chunks = [b"head", b"", bytes(range(256)) * 4096, b"tail"]
     assert spool.write(path, *chunks) == sum(map(len, chunks))
     assert path.read_bytes() == b"".join(chunks)
-
-
-@pytest.mark.skipif(not scp._TUNE_INTERNALS, reason="tuning checked against pynetdicom 3.0")
-def test_associations_answer_promptly_and_idle_at_pynetdicom_pace(tmp_path, monkeypatch):
-    """While requests arrive the DUL loops fast; an idle association is back at 1 ms."""
-    monkeypatch.setattr(scp, "_BUSY_PERIOD", 0.2)
-    port = free_port()
-    settings = settings_from_dict(
-        {
-            "node": {
-                "ae_title": "DICOM_NODE",
-                "host": "127.0.0.1",
-                "port": port,
-                "data_dir": str(tmp_path),
-            },
-            "limits": {"min_free_disk_mb": 1},
-        }
-    )
-    node = scp.StorageSCP(settings, Spool(tmp_path / "spool"), JobStore(tmp_path / "j.sqlite"))
-    node.start()
-    try:
-        ae = AE(ae_title="ECHOSCU")
-        ae.add_requested_context(Verification)
-        assoc = ae.associate("127.0.0.1", port, ae_title="DICOM_NODE")
-        assert assoc.is_established
-        assert assoc.send_c_echo().Status == 0
-        [served] = node.ae.active_associations
-        assert isinstance(served.dimse, scp._PromptDIMSE)
-        assert served.dul._run_loop_delay == scp._BUSY_LOOP_DELAY
-        time.sleep(0.2 + 2 * scp._REACTOR_WAIT + 0.1)
-        assert served.dul._run_loop_delay == scp._IDLE_LOOP_DELAY
-        assert assoc.send_c_echo().Status == 0
-        assoc.release()
-        assert assoc.is_released
-    finally:
-        node.stop()
 
 
 # -- the database refuses: 0xA700, nothing left behind, the node serves on ---------------

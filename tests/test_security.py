@@ -25,7 +25,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from dicom_node.config import ConfigError, Destination, TLSSettings
-from dicom_node.scp import address_allowed, allowed_networks
+from dicom_node.connections import address_allowed, allowed_networks
 from dicom_node.synthetic import SeriesAttributes, write_ct_series
 from dicom_node.tls import (
     TLSConfigError,
