@@ -16,6 +16,9 @@ server on the same origin. Orthanc's ServeFolders plugin can do neither, so a sm
 application here serves the files (``index.html`` for any path that is not one),
 ``app-config.js`` written for this origin, and forwards ``/dicom-web/`` to Orthanc.
 A configuration without an embedded destination starts none of this.
+
+Why one module of this size: the embedded PACS and its viewer are one feature, started,
+supervised and stopped together (Orthanc, the viewer's proxy, the CT archived for it).
 """
 
 from __future__ import annotations

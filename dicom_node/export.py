@@ -22,6 +22,10 @@ backoff. On start the journal is reconciled into the database before anything is
 A failure is recorded as the peer stated it: the association rejection with its source and
 reason, a presentation context refused for the SOP class, or the DIMSE status and its
 meaning (PS3.4 B.2.3); over DICOMweb, the HTTP status and the STOW-RS Failure Reason.
+
+Why one module of this size: the sender, its C-STORE transport and the acknowledgement
+journal are one protocol (journal first, then the database, never a second send), and
+reviewing exactly-once means reading them together.
 """
 
 from __future__ import annotations

@@ -22,6 +22,10 @@ the series still holds the instances the job processed; a run overtaken by new i
 queues nothing. Results of an earlier run that were not sent yet are cancelled then (and as
 soon as a new instance reaches a done series); those already acknowledged are named by the
 new run's SR as its predecessors.
+
+Why one module of this size: it is the database's one schema and every transaction on
+it. A job's state and its outbox items change together, in single transactions
+(:meth:`JobStore.finish_run`), so the queries that keep them consistent stay side by side.
 """
 
 from __future__ import annotations

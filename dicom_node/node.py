@@ -13,6 +13,10 @@ Three kinds of background work share one job database:
 
 Every step that changes a series' state logs one line and records it, so a restart
 (:meth:`Node.start`) knows where each series stood and resumes it.
+
+Why one module of this size: it is the one place where the stages meet. Each stage
+lives in its own module; what is here is their order, the job's transaction that queues
+results only for a whole series, and the threads that drive them, which read best together.
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ RTSTRUCT can reference exactly the images each frame lies on.
 
 Array convention, used by every later stage: ``volume.array`` is (slices, rows, columns) and
 ``volume.affine`` maps (slice, row, column, 1) to LPS millimetres (highdicom's convention).
+
+Why one module of this size: it is the one place that says what a CT volume is, the
+highdicom geometry and every check that turns "not a volume" into a reason.
 """
 
 from __future__ import annotations

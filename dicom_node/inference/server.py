@@ -14,6 +14,10 @@ turns it into a plain server over a model repository:
 
 The server runs in its own process group: the backend stubs are its children, and stopping
 the group stops them too, even when the server itself died first.
+
+Why one module of this size: it is the managed server's whole life (environment, ports,
+start, readiness asked of this process, restart, stop) and the few helpers the model.py
+files import, which must agree with how the server was started.
 """
 
 from __future__ import annotations

@@ -15,6 +15,9 @@ component, and a nearest-neighbour inverse after it), :attr:`Bundle.preprocessin
 path; any other chain runs as MONAI's transforms. What cannot apply to a single CT series
 (several images concatenated, several input keys) is refused when the bundle is loaded,
 with the reason.
+
+Why one module of this size: it reads a bundle as MONAI reads it, the config, the
+weights, the labels and each refusal with its reason; the rules depend on one another.
 """
 
 from __future__ import annotations
