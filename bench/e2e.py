@@ -82,12 +82,9 @@ def _write_series(root: Path, slices: int, seed: int) -> tuple[Path, SeriesAttri
     return folder, attrs
 
 
-def plain(folder: Path) -> float:
-    """The plain approach, timed from reading the files to a SEG on disk."""
-    bundle = load_bundle(BUNDLE)
-    pre = bundle.preprocessing
-    net = bundle.load_network("cpu")
-    t0 = time.perf_counter()
+def read_series_plainly(folder: Path) -> tuple[list, np.ndarray, np.ndarray]:
+    """What the tutorials do: read every file with pydicom, sort by z, stack the slices in
+    Hounsfield units as float32; the (slice, row, column) -> LPS affine of an axial series."""
     datasets = [pydicom.dcmread(p) for p in sorted(folder.iterdir())]
     datasets.sort(key=lambda d: float(d.ImagePositionPatient[2]))
     hu = np.stack(
@@ -100,6 +97,16 @@ def plain(folder: Path) -> float:
     affine[:3, 1] = (0, float(first.PixelSpacing[0]), 0)
     affine[:3, 2] = (float(first.PixelSpacing[1]), 0, 0)
     affine[:3, 3] = [float(v) for v in first.ImagePositionPatient]
+    return datasets, hu, affine
+
+
+def plain(folder: Path) -> float:
+    """The plain approach, timed from reading the files to a SEG on disk."""
+    bundle = load_bundle(BUNDLE)
+    pre = bundle.preprocessing
+    net = bundle.load_network("cpu")
+    t0 = time.perf_counter()
+    datasets, hu, affine = read_series_plainly(folder)
     image = MetaTensor(torch.as_tensor(hu), affine=torch.as_tensor(ras_affine(affine)))
     transforms = Compose(
         [

@@ -44,14 +44,15 @@ from pathlib import Path
 
 import highdicom as hd
 import numpy as np
-import pydicom
 import scipy.ndimage as ndi
 import torch
 from monai.bundle import ConfigParser
 from monai.data import MetaTensor
 from monai.transforms import Compose, LoadImaged
 
+from bench.e2e import read_series_plainly
 from bench.encode import _encode, _rows, _series
+from dicom_node.bundles import write_seeded_weights
 from dicom_node.config import ResultSettings
 from dicom_node.encode import AlgorithmInfo, build_rtstruct, build_seg, build_sr, segment_info_for
 from dicom_node.pipeline.transforms import ras_affine
@@ -218,7 +219,6 @@ def encode_rows(tmp: Path, shape: tuple[int, int, int] = SHAPE) -> list[dict]:
 
 def lowres_bundle(dest: Path) -> Path:
     """The zoo's wholeBody bundle in its own low-resolution configuration, seeded weights."""
-    from dicom_node.pipeline import load_bundle
 
     root = dest / "wholeBody_ct_segmentation"
     shutil.copytree(ZOO / "configs", root / "configs")
@@ -226,12 +226,7 @@ def lowres_bundle(dest: Path) -> Path:
     doc = json.loads(config.read_text())
     doc["displayable_configs"]["highres"] = False
     config.write_text(json.dumps(doc, indent=4))
-    bundle = load_bundle(root)
-    torch.manual_seed(0)
-    network = bundle.build_network()
-    assert bundle.weights is not None
-    bundle.weights.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(network.state_dict(), bundle.weights)
+    write_seeded_weights(root)
     return root
 
 
@@ -257,18 +252,7 @@ class PlainMonai:
 
     def __call__(self, folder: Path, out: Path) -> float:
         t0 = time.perf_counter()
-        datasets = [pydicom.dcmread(p) for p in sorted(folder.iterdir())]
-        datasets.sort(key=lambda d: float(d.ImagePositionPatient[2]))
-        hu = np.stack(
-            [d.pixel_array * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in datasets]
-        ).astype(np.float32)
-        first = datasets[0]
-        dz = float(datasets[1].ImagePositionPatient[2]) - float(first.ImagePositionPatient[2])
-        affine = np.eye(4)
-        affine[:3, 0] = (0, 0, dz)
-        affine[:3, 1] = (0, float(first.PixelSpacing[0]), 0)
-        affine[:3, 2] = (float(first.PixelSpacing[1]), 0, 0)
-        affine[:3, 3] = [float(v) for v in first.ImagePositionPatient]
+        datasets, hu, affine = read_series_plainly(folder)
         image = MetaTensor(
             torch.as_tensor(hu),
             affine=torch.as_tensor(ras_affine(affine)),

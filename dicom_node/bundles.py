@@ -48,3 +48,25 @@ def install_bundle(source: str, dest_root: Path) -> Path:
             shutil.rmtree(target, ignore_errors=True)  # leave no half-usable bundle behind
         raise BundleInstallError(f"{target} is not a usable bundle: {exc}") from None
     return target
+
+
+def write_seeded_weights(root: Path, seed: int = 0) -> Path:
+    """Weights for a bundle folder that has none: its own ``network_def`` built after
+    ``torch.manual_seed(seed)``, saved where its checkpoint loader looks; returns the path.
+
+    Published weights cannot be downloaded everywhere the node is tested; a network built
+    from the bundle's own definition with a fixed seed is a deterministic stand-in, and
+    MONAI's bundle workflow with the same file is the reference the node's output matches.
+    """
+    import torch
+
+    from dicom_node.pipeline import load_bundle
+
+    bundle = load_bundle(root)
+    torch.manual_seed(seed)
+    network = bundle.build_network()
+    if bundle.weights is None:
+        raise ValueError(f"bundle {root} names no weights file")
+    bundle.weights.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(network.state_dict(), bundle.weights)
+    return bundle.weights

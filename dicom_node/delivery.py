@@ -19,6 +19,8 @@ that destination has.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
 __all__ = [
     "LABEL_MAP_SEG",
+    "deliver",
     "OK_STATUSES",
     "Outcome",
     "Outgoing",
@@ -38,6 +41,8 @@ __all__ = [
 
 #: Label Map Segmentation Storage (PS3.4 B.5, added in 2024): unknown to DCMTK 3.6.7, and
 #: so to pydicom's UID names and to Orthanc 1.10.
+log = logging.getLogger("dicom_node.export")
+
 LABEL_MAP_SEG = "1.2.840.10008.5.1.4.1.1.66.7"
 
 #: Statuses a Storage SCP uses for success or success-with-warning (PS3.4 B.2.3).
@@ -129,3 +134,36 @@ class SegChoice:
     def refused(self, by_status: bool) -> None:
         self.refuses = True
         self.by_status = self.by_status or by_status
+
+
+def deliver(
+    item: Outgoing,
+    choice: SegChoice,
+    store: Callable[[Path], Outcome],
+    sop_class: Callable[[], str],
+    destination: str,
+    can_send_again: Callable[[], bool] = lambda: True,
+) -> Outcome:
+    """Send ``item`` with ``store`` in the form ``choice`` gives it; a Label Map SEG the
+    destination refuses for its SOP class (``sop_class()`` of the item's primary file) is
+    sent again at once as its binary SEG, and ``choice`` remembers the refusal. The rule is
+    the same for C-STORE and STOW-RS; only how a file is stored differs."""
+    alternative = choice.use_alternative(item)
+    outcome = store(item.alt_path if alternative and item.alt_path else item.path)
+    if (
+        not outcome.ok
+        and not alternative
+        and item.alt_path is not None
+        and item.choice == "auto"
+        and outcome.status is not None
+        and refuses_sop_class(outcome.status)
+        and sop_class() == LABEL_MAP_SEG
+        and can_send_again()
+    ):
+        log.info(
+            "%s refused the Label Map SEG (%s): sending the binary SEG", destination, outcome.error
+        )
+        choice.refused(by_status=True)
+        alternative = True
+        outcome = store(item.alt_path)
+    return Outcome(outcome.ok, outcome.status, outcome.error, alternative)

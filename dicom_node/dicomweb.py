@@ -33,11 +33,10 @@ from pydicom.dataset import Dataset
 from dicom_node.config import ConfigError, Destination
 from dicom_node.credentials import Credentials, read_credentials
 from dicom_node.delivery import (
-    LABEL_MAP_SEG,
     Outcome,
     Outgoing,
     SegChoice,
-    refuses_sop_class,
+    deliver,
     status_meaning,
 )
 
@@ -241,27 +240,13 @@ def stow_batch(
         return {item.key: Outcome(False, error=str(exc)) for item in items}
     try:
         for item in items:
-            alternative = choice.use_alternative(item)
-            path = item.alt_path if alternative and item.alt_path else item.path
-            outcome = _store(client, destination, path, timeout)
-            if (
-                not outcome.ok
-                and not alternative
-                and item.alt_path is not None
-                and item.choice == "auto"
-                and outcome.status is not None
-                and refuses_sop_class(outcome.status)
-                and _sop_class(item.path) == LABEL_MAP_SEG
-            ):
-                log.info(
-                    "%s refused the Label Map SEG (%s): sending the binary SEG",
-                    destination.name,
-                    outcome.error,
-                )
-                choice.refused(by_status=True)
-                alternative = True
-                outcome = _store(client, destination, item.alt_path, timeout)
-            outcome = Outcome(outcome.ok, outcome.status, outcome.error, alternative)
+            outcome = deliver(
+                item,
+                choice,
+                lambda path: _store(client, destination, path, timeout),
+                lambda item=item: _sop_class(item.path),
+                destination.name,
+            )
             results[item.key] = outcome
             if outcome.ok and on_ack is not None:
                 on_ack(item, outcome)

@@ -47,12 +47,11 @@ from pynetdicom import AE, evt
 
 from dicom_node.config import Destination, Settings, TLSSettings
 from dicom_node.delivery import (
-    LABEL_MAP_SEG,
     OK_STATUSES,
     Outcome,
     Outgoing,
     SegChoice,
-    refuses_sop_class,
+    deliver,
     sop_class_name,
     status_meaning,
 )
@@ -191,27 +190,14 @@ def cstore_batch(
     results: dict[int, Outcome] = {}
     try:
         for item in items:
-            alternative = choice.use_alternative(item)
-            outcome = store(item.alt_path if alternative and item.alt_path else item.path)
-            if (
-                not outcome.ok
-                and not alternative
-                and item.alt_path is not None
-                and item.choice == "auto"
-                and outcome.status is not None
-                and refuses_sop_class(outcome.status)
-                and headers[item.path][0] == LABEL_MAP_SEG
-                and assoc.is_established
-            ):
-                log.info(
-                    "%s refused the Label Map SEG (%s): sending the binary SEG",
-                    destination.name,
-                    outcome.error,
-                )
-                choice.refused(by_status=True)
-                alternative = True
-                outcome = store(item.alt_path)
-            outcome = Outcome(outcome.ok, outcome.status, outcome.error, alternative)
+            outcome = deliver(
+                item,
+                choice,
+                store,
+                lambda item=item: headers[item.path][0],
+                destination.name,
+                lambda: assoc.is_established,
+            )
             results[item.key] = outcome
             if outcome.ok and on_ack is not None:
                 on_ack(item, outcome)

@@ -34,7 +34,7 @@ import yaml
 from monai.bundle import ConfigParser
 from monai.transforms import Compose
 
-from dicom_node.bundles import BundleInstallError, install_bundle
+from dicom_node.bundles import BundleInstallError, install_bundle, write_seeded_weights
 from dicom_node.phantom import make_phantom
 from dicom_node.pipeline import SegmentationPipeline, load_bundle, read_bundle_info
 from dicom_node.pipeline.transforms import ras_affine
@@ -61,12 +61,7 @@ def zoo_bundle(name: str, dest: Path, *, as_published: bool = False) -> Path:
         config.write_text(json.dumps(doc, indent=4))
     if as_published:
         return root
-    bundle = load_bundle(root)
-    torch.manual_seed(0)
-    network = bundle.build_network()
-    assert bundle.weights is not None
-    bundle.weights.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(network.state_dict(), bundle.weights)
+    write_seeded_weights(root)
     return root
 
 
