@@ -454,7 +454,16 @@ class Node:
             if staged is not None:
                 staged.release()
 
-        results = [self._infer(model, volume, timings) for model in models]
+        results = [
+            self._infer(
+                model,
+                volume,
+                timings,
+                last_model=i == len(models) - 1,
+                reassemble=lambda: assemble_series(paths, self.settings.limits.min_slices),
+            )
+            for i, model in enumerate(models)
+        ]
         # The encoders need the geometry and the headers, not the voxels: the volume's
         # memory is free again before the label maps are encoded.
         volume.release_pixels()
@@ -609,8 +618,24 @@ class Node:
             out[kind] = {"path": str(path), "sop_uid": sop_uid}
         return out
 
-    def _infer(self, model: ModelSettings, volume: Any, timings: dict[str, float]) -> Any:
+    def _infer(
+        self,
+        model: ModelSettings,
+        volume: Any,
+        timings: dict[str, float],
+        *,
+        last_model: bool = False,
+        reassemble: Any = None,
+    ) -> Any:
+        """The model's result on ``volume``, with the configured retries.
+
+        For the last model of a series, a backend that runs the pipeline in this process
+        (``takes_hand_over``) is handed the voxels: it lets go of them once preprocessed, and
+        the volume keeps its geometry only. A retry after that assembles the volume again
+        (``reassemble``), from the spool.
+        """
         from dicom_node.inference import InferenceError
+        from dicom_node.pipeline.result import HandOver
 
         inf = self.settings.inference
 
@@ -631,7 +656,20 @@ class Node:
                     continue
                 break
             try:
-                result = backend.segment(volume.array, volume.affine)
+                if volume.has_pixels():
+                    hand_over = (
+                        last_model
+                        and getattr(backend, "takes_hand_over", False)
+                        and volume.device_pixels is None
+                    )
+                    if hand_over:
+                        pixels = HandOver(volume.array)
+                        volume.release_pixels()
+                        result = backend.segment(pixels, volume.affine)
+                    else:
+                        result = backend.segment(volume.array, volume.affine)
+                else:  # handed over in an attempt that failed
+                    result = backend.segment(reassemble().array, volume.affine)
             except InferenceError as exc:
                 last = exc
                 log.warning("inference attempt %d/%d failed: %s", attempt, inf.attempts, exc)

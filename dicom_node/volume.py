@@ -118,6 +118,10 @@ class SeriesVolume:
         """(slices, rows, columns)."""
         return self.volume.spatial_shape
 
+    def has_pixels(self) -> bool:
+        """Whether the voxels are still here (not released after inference or handed over)."""
+        return self.device_pixels is not None or isinstance(self.volume, hd.Volume)
+
     def release_pixels(self) -> None:
         """Keep only the geometry once inference is done.
 

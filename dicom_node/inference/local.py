@@ -16,10 +16,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from dicom_node.pipeline import Bundle, SegmentationPipeline, SegmentationResult, load_bundle
+from dicom_node.pipeline import (
+    Bundle,
+    HandOver,
+    SegmentationPipeline,
+    SegmentationResult,
+    load_bundle,
+)
 
 if TYPE_CHECKING:
-    from dicom_node.config import InferenceSettings
+    pass
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -58,18 +64,17 @@ class LocalBackend:
         self.pipeline = SegmentationPipeline(self.bundle, self.device)
         _ = self.pipeline.network
 
-    @classmethod
-    def from_settings(cls, settings: InferenceSettings) -> LocalBackend:
-        """The backend for the ``[inference]`` settings (``bundle`` and ``device``)."""
-        return cls(Path(settings.bundle), settings.device)
-
     @property
     def labels(self) -> dict[int, str]:
         """Label value -> name of the bundle's foreground classes."""
         return self.bundle.labels
 
+    #: The node may hand a volume over (:class:`~dicom_node.pipeline.result.HandOver`): the
+    #: pipeline keeps it only until preprocessed.
+    takes_hand_over = True
+
     def segment(
-        self, hu: np.ndarray, affine: np.ndarray, *, contours: bool = False
+        self, hu: np.ndarray | HandOver, affine: np.ndarray, *, contours: bool = False
     ) -> SegmentationResult:
         """Segment a (slices, rows, columns) HU array whose affine maps voxels to LPS mm.
 

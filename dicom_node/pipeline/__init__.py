@@ -11,7 +11,7 @@ import importlib
 from typing import Any
 
 from dicom_node.pipeline.metadata import BundleError, BundleInfo, read_bundle_info
-from dicom_node.pipeline.result import SegmentationResult
+from dicom_node.pipeline.result import HandOver, SegmentationResult
 
 _LAZY = {
     "Bundle": "dicom_node.pipeline.bundle",
@@ -24,6 +24,7 @@ __all__ = [
     "Bundle",
     "BundleError",
     "BundleInfo",
+    "HandOver",
     "Preprocessing",
     "SegmentationPipeline",
     "SegmentationResult",

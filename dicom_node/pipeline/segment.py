@@ -30,7 +30,7 @@ from monai.inferers import sliding_window_inference
 from dicom_node.pipeline.bundle import Bundle
 from dicom_node.pipeline.postprocess import in_plane_contours, postprocess_fast, postprocess_monai
 from dicom_node.pipeline.preprocess import Preprocess
-from dicom_node.pipeline.result import SegmentationResult
+from dicom_node.pipeline.result import HandOver, SegmentationResult
 from dicom_node.pipeline.workflow import BundleWorkflow
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
@@ -126,21 +126,23 @@ class SegmentationPipeline:
 
     def run(
         self,
-        hu: np.ndarray | torch.Tensor,
+        hu: np.ndarray | torch.Tensor | HandOver,
         affine: np.ndarray,
         predictor: Predictor | None = None,
         contours: bool = True,
     ) -> SegmentationResult:
         """Segment ``hu`` (slices, rows, columns) whose ``affine`` maps voxels to LPS mm.
 
-        ``contours=False`` leaves out the contour map, which the encoders do not need.
+        ``contours=False`` leaves out the contour map, which the encoders do not need. A
+        :class:`HandOver` is held only until preprocessed: its memory can go before the
+        network's activations arrive.
         """
         if predictor is None:
             _ = self.network  # load before timing, so "inference" times the inference
         start = time.perf_counter()
         if self.path == "bundle":
             return self._run_bundle(hu, affine, predictor or self.network, contours, start)
-        image = self.preprocess(hu, affine)
+        image = self.preprocess(_volume(hu), affine)
         pre = self._lap(start)
         logits = self.infer(image, predictor)
         inference = self._lap(start + pre)
@@ -151,14 +153,14 @@ class SegmentationPipeline:
 
     def _run_bundle(
         self,
-        hu: np.ndarray | torch.Tensor,
+        hu: np.ndarray | torch.Tensor | HandOver,
         affine: np.ndarray,
         network: Predictor,
         contours: bool,
         start: float,
     ) -> SegmentationResult:
         workflow = self._workflow
-        data = workflow.preprocess(hu, affine)
+        data = workflow.preprocess(_volume(hu), affine)
         pre = self._lap(start)
         data = workflow.infer(data, network)
         inference = self._lap(start + pre)
@@ -179,3 +181,7 @@ class SegmentationPipeline:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # kernels run asynchronously
         return time.perf_counter() - since
+
+
+def _volume(hu: np.ndarray | torch.Tensor | HandOver) -> np.ndarray | torch.Tensor:
+    return hu.take() if isinstance(hu, HandOver) else hu
