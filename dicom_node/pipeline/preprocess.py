@@ -7,11 +7,13 @@ every voxel once more, three full passes over ~200 MB at 512x512x200, when Spaci
 keeps one voxel in ten or more.
 
 :class:`Preprocess` therefore resamples the volume where it lies: MONAI computes the output
-grid (Orientation and Spacing applied lazily, on the geometry alone) and MONAI's
-``SpatialResample`` samples the (slice, row, column) volume onto it directly. The sample
-points are the same; only their float32 rounding differs from the chained transforms, which
-moves an output value by at most ~1e-4 of a HU window's range (tested). The intensity step is
-elementwise, so it runs where the bundle puts it, before or after the resampling.
+grid (Orientation and Spacing applied lazily, on the geometry alone), and the (slice, row,
+column) volume is sampled onto it a slab at a time: as three linear passes when the grid's
+axes follow the volume's (the common axial case), else with ``grid_sample`` as MONAI's
+resampling calls it; spline orders go to MONAI's ``SpatialResample``. The sample points are
+the same; only their rounding differs from the chained transforms, which moves an output
+value by at most ~1e-4 of a HU window's range (tested). The intensity step is elementwise,
+so it runs where the bundle puts it, before or after the resampling.
 """
 
 from __future__ import annotations
