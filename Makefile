@@ -24,8 +24,8 @@ $(STAMP): pyproject.toml Makefile
 	fi
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# torch is pinned on its own line first so that nothing pulls a multi-GB CUDA build
-	$(BIN)/pip install -q "torch==2.13.0"
+	# torch first, at the version pyproject.toml pins, so that nothing pulls a multi-GB CUDA build
+	$(BIN)/pip install -q "$$($(PY) tools/torch_pin.py)"
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 
@@ -38,8 +38,10 @@ $(OHIF_DIR)/index.html:
 run: install
 	$(BIN)/dicom-node serve --config $(CONFIG)
 
+# Four workers on two cores: most tests wait on a peer (a node, Orthanc, Triton, DCMTK). Each
+# module runs whole in one worker (tests/conftest.py groups them), its fixtures set up once.
 test: install
-	$(BIN)/pytest -q -ra
+	$(BIN)/pytest -q -ra -n 4
 
 bench: install
 	$(BIN)/python -m bench

@@ -26,6 +26,40 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+#: The Triton models and demo bundles the tests serve (``make demo-bundle`` trains the bundles).
+MODEL_REPOSITORY = ROOT / "model_repository"
+SPLEEN_BUNDLE = Path(os.environ.get("DICOM_NODE_BUNDLE") or ROOT / "bundles" / "spleen_ct_demo")
+LIVER_BUNDLE = ROOT / "bundles" / "liver_ct_demo"
+
+
+def triton_server(
+    work_dir: Path,
+    models: list[str],
+    env: dict[str, str] | None = None,
+    *,
+    fixed_ports: bool = False,
+    startup_timeout: float = 180.0,
+):
+    """A Triton server (not started) on the project's model repository, on loopback.
+
+    Ports are picked when it starts, unless ``fixed_ports``: a server a test stops and starts
+    again then comes back where its clients look for it.
+    """
+    from dicom_node.inference.server import TritonServer
+
+    ports = [free_port() for _ in range(3)] if fixed_ports else [0, 0, 0]
+    return TritonServer(
+        MODEL_REPOSITORY,
+        work_dir,
+        grpc_port=ports[0],
+        http_port=ports[1],
+        metrics_port=ports[2],
+        models=models,
+        startup_timeout=startup_timeout,
+        env={"CUDA_VISIBLE_DEVICES": "", **(env or {})},
+    )
+
+
 def testdata() -> Path:
     """The shared real-data folder (``DICOM_NODE_TESTDATA`` or ``../shared/data``)."""
     env = os.environ.get("DICOM_NODE_TESTDATA")
@@ -173,6 +207,16 @@ class NodeProcess:
                 raise RuntimeError(f"node exited ({self.proc.returncode}): {self.tail()}")
             time.sleep(0.5)
         raise TimeoutError(f"{what} not reached in {timeout} s; jobs: {jobs}\n{self.tail()}")
+
+    def wait_for_log(self, text: str, timeout: float) -> None:
+        """Wait until the node's log says ``text`` (fails at once if the node exits)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log.read_text(errors="replace"):
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"node exited: {self.tail()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{text!r} not logged in {timeout} s\n{self.tail()}")
+            time.sleep(0.1)
 
     def tail(self, n: int = 40) -> str:
         try:

@@ -21,6 +21,7 @@ import tritonclient.grpc as grpcclient
 from dicom_node.inference import InferenceError
 from dicom_node.inference.server import TritonServer
 from dicom_node.inference.triton import TritonBackend
+from tests.peers import triton_server
 
 pytestmark = pytest.mark.slow
 
@@ -74,15 +75,7 @@ def echo(backend: TritonBackend) -> None:
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     pair = [
-        TritonServer(
-            REPOSITORY,
-            tmp_path_factory.mktemp(f"triton{i}"),
-            grpc_port=free_port(),
-            http_port=free_port(),
-            metrics_port=free_port(),
-            models=["echo"],
-            startup_timeout=120.0,
-        )
+        triton_server(tmp_path_factory.mktemp(f"triton{i}"), ["echo"], fixed_ports=True)
         for i in range(2)
     ]
     errors: list[BaseException] = []

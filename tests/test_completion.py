@@ -126,7 +126,6 @@ def test_gap_free_on_headers():
 
 
 # -- with real peers ----------------------------------------------------------------------
-@pytest.mark.timeout(120)
 def test_one_association_completes_at_release(tmp_path, phantom_hu, dcmtk_tools):
     paths, attrs = _write(tmp_path / "ct", phantom_hu, "COMPLETE-1")
     node = _node(tmp_path, settle=3600)
@@ -161,7 +160,6 @@ def _cli(node: NodeProcess) -> list[str]:
     return [sys.executable, "-m", "dicom_node"]
 
 
-@pytest.mark.timeout(120)
 def test_gap_at_first_release_and_an_abort_complete_by_the_timer(tmp_path, phantom_hu, dcmtk_tools):
     paths, attrs = _write(tmp_path / "ct", phantom_hu, "COMPLETE-2")
     node = _node(tmp_path, settle=4)
@@ -183,7 +181,6 @@ def test_gap_at_first_release_and_an_abort_complete_by_the_timer(tmp_path, phant
         node.stop()
 
 
-@pytest.mark.timeout(120)
 def test_a_series_split_across_two_associations_completes_by_the_timer(
     tmp_path, phantom_hu, dcmtk_tools
 ):
@@ -207,7 +204,6 @@ def test_a_series_split_across_two_associations_completes_by_the_timer(
         node.stop()
 
 
-@pytest.mark.timeout(120)
 def test_a_whole_series_sent_again_completes_at_its_release(tmp_path, phantom_hu, dcmtk_tools):
     # A sender that lost track re-sends the whole series over one association: the
     # instances are known already, yet that association carried all of them.
@@ -225,7 +221,6 @@ def test_a_whole_series_sent_again_completes_at_its_release(tmp_path, phantom_hu
         node.stop()
 
 
-@pytest.mark.timeout(120)
 def test_a_series_with_a_gap_completes_by_the_timer_and_fails(tmp_path, phantom_hu, dcmtk_tools):
     paths, attrs = _write(tmp_path / "ct", phantom_hu, "COMPLETE-4")
     node = _node(tmp_path, settle=1)
@@ -239,7 +234,6 @@ def test_a_series_with_a_gap_completes_by_the_timer_and_fails(tmp_path, phantom_
         node.stop()
 
 
-@pytest.mark.timeout(180)
 def test_an_instance_arriving_during_the_job_reprocesses_once(tmp_path, phantom_hu, dcmtk_tools):
     paths, attrs = _write(tmp_path / "ct", phantom_hu, "COMPLETE-5")
     node = _node(tmp_path, settle=3)
@@ -266,7 +260,6 @@ def test_an_instance_arriving_during_the_job_reprocesses_once(tmp_path, phantom_
         node.stop()
 
 
-@pytest.mark.timeout(180)
 def test_node_killed_mid_stream_completes_the_series_after_restart(
     tmp_path, phantom_hu, dcmtk_tools
 ):

@@ -6,6 +6,7 @@ or a config that names a service, port or path the deployment does not provide.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -97,11 +98,19 @@ def test_compose_reserves_a_gpu_and_shared_memory_for_triton(compose):
         assert f"--load-model={model}" in command
 
 
-def test_node_dockerfile_pins_torch():
-    text = (COMPOSE / "Dockerfile.node").read_text()
-    assert "FROM python:3.11-slim" in text
-    assert '"torch==2.13.0"' in text
-    assert '"torch==2.13.0"' in (COMPOSE / "Dockerfile.triton").read_text()
+def test_torch_is_pinned_in_pyproject_only_and_the_images_read_it_there():
+    root = COMPOSE.parent.parent
+    spec = importlib.util.spec_from_file_location("torch_pin", root / "tools" / "torch_pin.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    pin = module.torch_pin(root / "pyproject.toml")
+    assert pin.startswith("torch==") and pin in (root / "pyproject.toml").read_text()
+    node, triton = ((COMPOSE / f).read_text() for f in ("Dockerfile.node", "Dockerfile.triton"))
+    assert "FROM python:3.11-slim" in node
+    for text in (node, triton, (root / "Makefile").read_text()):
+        assert "tools/torch_pin.py" in text
+        assert pin not in text, "the pin is repeated instead of read from pyproject.toml"
+    assert "!tools/torch_pin.py" in (COMPOSE / "Dockerfile.node.dockerignore").read_text()
 
 
 def test_k8s_config_map_is_a_valid_node_config_pointing_at_the_triton_service():

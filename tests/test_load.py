@@ -22,7 +22,9 @@ pytestmark = pytest.mark.slow
 SERIES, SLICES = 8, 100
 
 
-def test_nine_series_at_once(tmp_path, orthanc):
+@pytest.fixture
+def series(tmp_path):
+    """Nine phantom series of 100 slices, each in a folder of its own."""
     folders, attrs = [], []
     for i in range(SERIES + 1):
         ph = make_phantom(shape=(SLICES, 80, 80), spacing=(2.5, 4.0, 4.0), seed=100 + i)
@@ -30,7 +32,13 @@ def test_nine_series_at_once(tmp_path, orthanc):
         write_ct_series(ph.hu, tmp_path / f"s{i}", spacing=ph.spacing, attrs=a)
         folders.append(tmp_path / f"s{i}")
         attrs.append(a)
-    node = NodeProcess(
+    return folders, attrs
+
+
+@pytest.fixture
+def node(tmp_path, orthanc):
+    """The node with its managed Triton server, ready to infer."""
+    n = NodeProcess(
         tmp_path / "node",
         node={"settle_seconds": 2.0},
         inference={
@@ -51,79 +59,85 @@ def test_nine_series_at_once(tmp_path, orthanc):
         ],
     ).start()
     try:
-        streamed: list[str] = []
-
-        def stream() -> None:  # the ninth series trickles in, one slice every 30 ms
-            ae = AE(ae_title="SLOWSCANNER")
-            ae.add_requested_context(CTImageStorage)
-            assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOM_NODE")
-            for path in sorted(folders[-1].iterdir()):
-                status = assoc.send_c_store(pydicom.dcmread(path))
-                if status and status.Status == 0:
-                    streamed.append(path.name)
-                time.sleep(0.03)
-            assoc.release()
-
-        t0 = time.perf_counter()
-        slow = threading.Thread(target=stream)
-        slow.start()
-        pushes = [
-            subprocess.Popen(
-                [
-                    "storescu",
-                    "-aet",
-                    f"SCANNER{i}",
-                    "-aec",
-                    "DICOM_NODE",
-                    "+sd",
-                    "+r",
-                    "127.0.0.1",
-                    str(node.port),
-                    str(f),
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-            )
-            for i, f in enumerate(folders[:-1])
-        ]
-        assert [p.wait(300) for p in pushes] == [0] * SERIES
-        slow.join(300)
-        received = time.perf_counter() - t0
-        assert len(streamed) == SLICES
-
-        uids = {a.series_instance_uid for a in attrs}
-        jobs = node.wait_for(
-            lambda js: (
-                {
-                    j["series_uid"]
-                    for j in js
-                    if j["state"] == "done"
-                    and j["outbox"]
-                    and all(o["state"] == "sent" for o in j["outbox"])
-                }
-                >= uids
-            ),
-            timeout=900,
-            what="all nine series through the chain",
-            failures_allowed=False,
-        )
-        total = time.perf_counter() - t0
-        by_uid = {j["series_uid"]: j for j in jobs}
-        assert all(by_uid[u]["instance_count"] == SLICES for u in uids)
-        assert len(list((node.data_dir / "spool").glob("*/*/*.dcm"))) == (SERIES + 1) * SLICES
-        # every result is recorded sent (final): a duplicate would already be in the PACS
-        found = orthanc.rest("/tools/find", {"Level": "Instance", "Query": {}, "Expand": True})
-        per_study: dict[str, int] = {}
-        for inst in found:
-            tags = orthanc.rest(f"/instances/{inst['ID']}/simplified-tags")
-            per_study[tags["StudyInstanceUID"]] = per_study.get(tags["StudyInstanceUID"], 0) + 1
-        assert per_study == {a.study_instance_uid: 3 for a in attrs}
-        slowest = max((by_uid[u] for u in uids), key=lambda j: j["updated"] - j["last_received"])
-        print(
-            f"load: {(SERIES + 1) * SLICES} instances received in {received:.1f} s "
-            f"({(SERIES + 1) * SLICES / received:.0f} instances/s); 9 series done and sent in "
-            f"{total:.0f} s; slowest job {slowest['updated'] - slowest['last_received']:.0f} s "
-            "after its last slice; instances lost = 0, results duplicated = 0"
-        )
+        n.wait_for_log("inference backend ready", timeout=240)
+        yield n
     finally:
-        node.stop()
+        n.stop()
+
+
+def test_nine_series_at_once(series, node, orthanc):
+    folders, attrs = series
+    streamed: list[str] = []
+
+    def stream() -> None:  # the ninth series trickles in, one slice every 30 ms
+        ae = AE(ae_title="SLOWSCANNER")
+        ae.add_requested_context(CTImageStorage)
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOM_NODE")
+        for path in sorted(folders[-1].iterdir()):
+            status = assoc.send_c_store(pydicom.dcmread(path))
+            if status and status.Status == 0:
+                streamed.append(path.name)
+            time.sleep(0.03)
+        assoc.release()
+
+    t0 = time.perf_counter()
+    slow = threading.Thread(target=stream)
+    slow.start()
+    pushes = [
+        subprocess.Popen(
+            [
+                "storescu",
+                "-aet",
+                f"SCANNER{i}",
+                "-aec",
+                "DICOM_NODE",
+                "+sd",
+                "+r",
+                "127.0.0.1",
+                str(node.port),
+                str(f),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for i, f in enumerate(folders[:-1])
+    ]
+    assert [p.wait(300) for p in pushes] == [0] * SERIES
+    slow.join(300)
+    received = time.perf_counter() - t0
+    assert len(streamed) == SLICES
+
+    uids = {a.series_instance_uid for a in attrs}
+    jobs = node.wait_for(
+        lambda js: (
+            {
+                j["series_uid"]
+                for j in js
+                if j["state"] == "done"
+                and j["outbox"]
+                and all(o["state"] == "sent" for o in j["outbox"])
+            }
+            >= uids
+        ),
+        timeout=900,
+        what="all nine series through the chain",
+        failures_allowed=False,
+    )
+    total = time.perf_counter() - t0
+    by_uid = {j["series_uid"]: j for j in jobs}
+    assert all(by_uid[u]["instance_count"] == SLICES for u in uids)
+    assert len(list((node.data_dir / "spool").glob("*/*/*.dcm"))) == (SERIES + 1) * SLICES
+    # every result is recorded sent (final): a duplicate would already be in the PACS
+    found = orthanc.rest("/tools/find", {"Level": "Instance", "Query": {}, "Expand": True})
+    per_study: dict[str, int] = {}
+    for inst in found:
+        tags = orthanc.rest(f"/instances/{inst['ID']}/simplified-tags")
+        per_study[tags["StudyInstanceUID"]] = per_study.get(tags["StudyInstanceUID"], 0) + 1
+    assert per_study == {a.study_instance_uid: 3 for a in attrs}
+    slowest = max((by_uid[u] for u in uids), key=lambda j: j["updated"] - j["last_received"])
+    print(
+        f"load: {(SERIES + 1) * SLICES} instances received in {received:.1f} s "
+        f"({(SERIES + 1) * SLICES / received:.0f} instances/s); 9 series done and sent in "
+        f"{total:.0f} s; slowest job {slowest['updated'] - slowest['last_received']:.0f} s "
+        "after its last slice; instances lost = 0, results duplicated = 0"
+    )

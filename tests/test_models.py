@@ -1,14 +1,13 @@
 """Several models on one Triton server: the spleen and liver demo models side by side.
 
-One server (nvidia-pytriton's tritonserver, on the CPU) loads spleen_seg, spleen_unet,
-liver_seg and liver_unet; a phantom neither model saw is segmented by both at once.
+The suite's one server (nvidia-pytriton's tritonserver, on the CPU; ``tests/conftest.py``)
+loads spleen_seg, spleen_unet, liver_seg and liver_unet; a phantom neither model saw is
+segmented by both at once.
 """
 
 from __future__ import annotations
 
-import socket
 import threading
-from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
 from dicom_node.inference import bundle_env_name, models_to_load
-from dicom_node.inference.server import TritonServer, bundle_path_from_config
+from dicom_node.inference.server import bundle_path_from_config
 from dicom_node.inference.triton import TritonBackend
 from dicom_node.phantom import make_phantom
 from dicom_node.pipeline import load_bundle
@@ -39,37 +38,8 @@ needs_bundles = pytest.mark.skipif(
 )
 
 
-def free_port() -> int:
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = TritonServer(
-        REPOSITORY,
-        tmp_path_factory.mktemp("triton"),
-        grpc_port=free_port(),
-        http_port=free_port(),
-        metrics_port=free_port(),
-        models=MODELS,
-        startup_timeout=240.0,
-        # The node's way of naming each model's bundle; the network models follow theirs.
-        env={
-            "DICOM_NODE_BUNDLE_SPLEEN_SEG": str(SPLEEN),
-            "DICOM_NODE_BUNDLE_LIVER_SEG": str(LIVER),
-            "CUDA_VISIBLE_DEVICES": "",
-        },
-    )
-    srv.start()
-    yield srv
-    srv.stop()
-    assert not srv.is_alive()
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +47,28 @@ def phantom():
     return make_phantom((40, 96, 96), (5.0, 3.5, 3.5), seed=SEED)
 
 
+def network_calls(server) -> dict[str, int]:
+    """Patches each demo network has computed since the server started (Triton's count)."""
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        return {
+            m: int(
+                client.get_inference_statistics(m, as_json=True)["model_stats"][0].get(
+                    "inference_count", 0
+                )
+            )
+            for m in ("spleen_unet", "liver_unet")
+        }
+    finally:
+        client.close()
+
+
 @pytest.fixture(scope="module")
-def results(server, phantom):
-    """Both models' results for the same phantom, requested at the same moment."""
+def both(triton, phantom):
+    """Both models' results for the same phantom, requested at the same moment, and the
+    patches each network computed for them (the server is shared with other tests)."""
+    server = triton
+    before = network_calls(server)
     clients = {m: TritonBackend([server.grpc_url], model=m) for m in ("spleen_seg", "liver_seg")}
     start = threading.Barrier(len(clients))
     outcome: dict[str, object] = {}
@@ -102,7 +91,13 @@ def results(server, phantom):
         if isinstance(value, Exception):
             raise AssertionError(f"{model} failed: {value}") from value
     assert set(outcome) == set(clients), "a request did not finish"
-    return outcome
+    after = network_calls(server)
+    return outcome, {m: after[m] - before[m] for m in after}
+
+
+@pytest.fixture
+def results(both):
+    return both[0]
 
 
 # ------------------------------------------------------------------------- the demo bundles
@@ -132,19 +127,8 @@ def test_spleen_and_liver_segmented_at_once(results, phantom):
 
 
 @needs_bundles
-def test_each_segmentation_model_calls_its_own_network(server, results):
-    client = grpcclient.InferenceServerClient(server.grpc_url)
-    try:
-        counts = {
-            m: int(
-                client.get_inference_statistics(m, as_json=True)["model_stats"][0].get(
-                    "inference_count", 0
-                )
-            )
-            for m in ("spleen_unet", "liver_unet")
-        }
-    finally:
-        client.close()
+def test_each_segmentation_model_calls_its_own_network(both):
+    _, counts = both
     # Same grid and sliding window: each network computed the patches of one volume.
     assert counts["spleen_unet"] > 0
     assert counts["liver_unet"] == counts["spleen_unet"]

@@ -232,6 +232,8 @@ def test_trickle_from_many_addresses_frees_slots_at_the_deadline(node):
 
 
 def test_idle_associations_are_released_and_the_address_limit_holds(node):
+    # the slots an earlier test's floods held are free again once the node serves
+    assert _until(lambda: _echo_seconds(node, "127.0.0.3") is not None, 10)
     held = [_associate(node, "127.0.0.3") for _ in range(4)]
     try:
         assert all(a.is_established for a in held)

@@ -355,7 +355,6 @@ def _large_enhanced_ct(path, frames: int, side: int = 512) -> tuple[str, int]:
     return str(ds.SOPInstanceUID), path.stat().st_size - meta_end
 
 
-@pytest.mark.timeout(240)
 def test_a_large_instance_streams_to_the_spool(tmp_path, dcmtk_tools):
     """A 400 MB Enhanced CT is written to the spool as it arrives and renamed into place:
     the node's peak memory grows by a fraction of it, and the spool holds it byte for byte."""

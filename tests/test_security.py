@@ -392,7 +392,7 @@ def test_tls_handshake_deadline_and_address_limit(started, pki):
         limits={
             "network_timeout": 5.0,
             "acse_timeout": 5.0,
-            "association_deadline_seconds": 2.0,
+            "association_deadline_seconds": 3.0,
             "max_associations_per_address": 1,
         },
     )
@@ -418,12 +418,13 @@ def test_tls_handshake_deadline_and_address_limit(started, pki):
     def held() -> tuple[socket.socket, float]:
         """A connection from 127.0.0.1 the node admitted. The node may still count the
         connection its start-up check made from that address for a moment, and then refuses
-        this one (closes it at once): connect again until one stays open."""
+        this one: on a TLS port the rejection waits up to a second for a handshake to carry
+        it, then the connection closes. Connect again until one stays open longer."""
         for _ in range(20):
             sock = socket.create_connection(("127.0.0.1", node.port), timeout=10)
             at = time.monotonic()
             sock.sendall(b"\x16\x03\x01\x02\x00")  # a TLS record of 512 bytes announced...
-            sock.settimeout(0.5)
+            sock.settimeout(1.5)
             try:
                 if sock.recv(1) == b"":
                     sock.close()
@@ -449,8 +450,8 @@ def test_tls_handshake_deadline_and_address_limit(started, pki):
                 closed = time.monotonic() - started_at
                 break
             time.sleep(0.25)
-    assert closed is not None and closed < 4, closed
-    assert "TLS handshake not complete within 2 s" in _log_text(node)
+    assert closed is not None and closed < 5, closed
+    assert "TLS handshake not complete within 3 s" in _log_text(node)
     assert _until(lambda: (a := tls_assoc("127.0.0.1")).is_established and a.release() is None, 5)
 
 

@@ -1,7 +1,7 @@
 """The Triton hosting against a real server: nvidia-pytriton's tritonserver, on the CPU.
 
-One server (echo, spleen_unet, spleen_seg) is started for the module on free loopback ports;
-the restart and start-failure tests start servers of their own.
+The suite's one server (echo, spleen_unet, spleen_seg; see ``tests/conftest.py``) serves most
+tests; the restart and start-failure tests start servers of their own.
 """
 
 from __future__ import annotations
@@ -26,12 +26,12 @@ from dicom_node.inference.placement import Registration, wait_for_releases
 from dicom_node.inference.server import TritonServer, TritonStartError
 from dicom_node.inference.shm import named_regions, region_of, shared_empty, unlink
 from dicom_node.inference.triton import TritonBackend, is_loopback
+from tests.peers import MODEL_REPOSITORY, SPLEEN_BUNDLE
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
-REPOSITORY = ROOT / "model_repository"
-BUNDLE = Path(os.environ.get("DICOM_NODE_BUNDLE") or ROOT / "bundles" / "spleen_ct_demo")
+REPOSITORY = MODEL_REPOSITORY
+BUNDLE = SPLEEN_BUNDLE
 PHANTOM_SHAPE = (40, 96, 96)
 PHANTOM_SPACING = (5.0, 3.5, 3.5)
 
@@ -59,28 +59,10 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return 2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum())
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    models = ["echo"]
-    if (BUNDLE / "models" / "model.ts").is_file():
-        models += ["spleen_unet", "spleen_seg"]
-    srv = TritonServer(
-        REPOSITORY,
-        tmp_path_factory.mktemp("triton"),
-        grpc_port=0,  # free ports, picked when it starts
-        http_port=0,
-        metrics_port=0,
-        models=models,
-        startup_timeout=180.0,
-        env={"DICOM_NODE_BUNDLE": str(BUNDLE)},
-    )
-    srv.start()
-    assert 0 not in (srv.grpc_port, srv.http_port, srv.metrics_port)
-    yield srv
-    pgid = srv.pid
-    srv.stop()
-    assert not srv.is_alive()
-    assert not group_alive(pgid), "backend stubs outlived the server"
+@pytest.fixture(scope="session")
+def server(triton):
+    """The suite's shared server (``echo``, ``spleen_unet``, ``spleen_seg``: conftest)."""
+    return triton
 
 
 @pytest.fixture(scope="module")
@@ -272,9 +254,9 @@ def test_volume_in_shared_memory_is_read_in_place(server, grpc_result, phantom, 
 
 
 @needs_bundle
-def test_triton_matches_the_local_backend(grpc_result, phantom):
+def test_triton_matches_the_local_backend(grpc_result, phantom, tmp_path):
     settings = InferenceSettings(backend="local", bundle=BUNDLE, device="cpu")
-    local = make_backend(settings, ROOT / "var")
+    local = make_backend(settings, tmp_path)
     assert isinstance(local, Backend)
     try:
         result = local.segment(phantom.hu, phantom.affine, contours=True)
@@ -328,8 +310,9 @@ def test_no_reachable_server_is_an_inference_error():
 # ------------------------------------------------------------------------- supervision
 
 
-@needs_bundle
-def test_killed_server_fails_the_job_and_is_restarted_for_the_retry(tmp_path, phantom):
+@pytest.fixture
+def managed(tmp_path):
+    """A node's managed Triton backend (spleen_seg, spleen_unet), its server started."""
     settings = InferenceSettings(
         backend="triton",
         model_repository=REPOSITORY,
@@ -343,40 +326,46 @@ def test_killed_server_fails_the_job_and_is_restarted_for_the_retry(tmp_path, ph
     backend = make_backend(settings, tmp_path)
     assert isinstance(backend, ManagedTritonBackend)
     try:
-        first_pid = backend.server.pid
-        stats = grpcclient.InferenceServerClient(backend.server.grpc_url)
-        outcome: dict[str, object] = {}
-
-        def job():
-            try:
-                outcome["result"] = backend.segment(phantom.hu, phantom.affine)
-            except InferenceError as exc:
-                outcome["error"] = exc
-
-        worker = threading.Thread(target=job)
-        worker.start()
-        # Kill once the job is inside spleen_seg: its first patches reached spleen_unet.
-        while worker.is_alive():
-            model_stats = stats.get_inference_statistics("spleen_unet", as_json=True)
-            if int(model_stats["model_stats"][0].get("execution_count", 0)) > 0:
-                os.kill(first_pid, signal.SIGKILL)
-                break
-        worker.join(timeout=120)
-        stats.close()
-        assert "error" in outcome, "the job finished before the server was killed"
-        # Clients see the connection drop a moment before the process can be reaped.
-        deadline = time.monotonic() + 30
-        while backend.server.is_alive() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert not backend.server.is_alive()
-
-        result = backend.segment(phantom.hu, phantom.affine)  # the job runner's retry
-        assert backend.server.pid != first_pid
-        assert not group_alive(first_pid), "stubs of the killed server still run"
-        assert dice(result.labels == 1, phantom.spleen) >= 0.9
+        yield backend
     finally:
         backend.close()
     assert not backend.server.is_alive()
+
+
+@needs_bundle
+def test_killed_server_fails_the_job_and_is_restarted_for_the_retry(managed, phantom):
+    backend = managed
+    first_pid = backend.server.pid
+    stats = grpcclient.InferenceServerClient(backend.server.grpc_url)
+    outcome: dict[str, object] = {}
+
+    def job():
+        try:
+            outcome["result"] = backend.segment(phantom.hu, phantom.affine)
+        except InferenceError as exc:
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=job)
+    worker.start()
+    # Kill once the job is inside spleen_seg: its first patches reached spleen_unet.
+    while worker.is_alive():
+        model_stats = stats.get_inference_statistics("spleen_unet", as_json=True)
+        if int(model_stats["model_stats"][0].get("execution_count", 0)) > 0:
+            os.kill(first_pid, signal.SIGKILL)
+            break
+    worker.join(timeout=120)
+    stats.close()
+    assert "error" in outcome, "the job finished before the server was killed"
+    # Clients see the connection drop a moment before the process can be reaped.
+    deadline = time.monotonic() + 30
+    while backend.server.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not backend.server.is_alive()
+
+    result = backend.segment(phantom.hu, phantom.affine)  # the job runner's retry
+    assert backend.server.pid != first_pid
+    assert not group_alive(first_pid), "stubs of the killed server still run"
+    assert dice(result.labels == 1, phantom.spleen) >= 0.9
 
 
 def _broken_repository(root: Path, body: str) -> Path:
