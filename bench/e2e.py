@@ -61,9 +61,9 @@ from tests.peers import NodeProcess, Orthanc, free_port
 RUNS = int(os.environ.get("BENCH_E2E_RUNS", "3"))  # 3 x (node + plain) per size, medians
 SETTLE = 10.0  # the default: with completion at release, never waited for here
 BUNDLE = PROJECT_ROOT / "bundles" / "spleen_ct_demo"
-SIZES = [int(v) for v in os.environ.get("BENCH_E2E_SLICES", "100,200,400").split(",")]
+SIZES = [int(v) for v in os.environ.get("BENCH_E2E_SLICES", "100,200,400").split(",") if v]
 MEMORY_SLICES = int(os.environ.get("BENCH_MEMORY_SLICES", "300"))
-CONCURRENCY = [int(v) for v in os.environ.get("BENCH_THROUGHPUT", "1,2,4").split(",")]
+CONCURRENCY = [int(v) for v in os.environ.get("BENCH_THROUGHPUT", "1,2,4").split(",") if v]
 
 
 @functools.lru_cache(maxsize=2)

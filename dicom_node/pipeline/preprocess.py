@@ -220,15 +220,20 @@ class Preprocess:
             pos = [p if n > 1 else torch.zeros_like(p) for p, n in zip(pos, sizes, strict=True)]
         s_lo, s_hi = _neighbours(pos[0], sizes[0])
         chunk = max(1, int(_SLAB_BYTES // (4 * sizes[1] * sizes[2])))
-        planes = []
+        # Each slab's planes are written where they go: a list joined at the end would hold
+        # them twice for a moment.
+        stack = torch.empty(
+            (s_hi + 1 - s_lo, len(pos[1]), len(pos[2])), dtype=torch.float32, device=volume.device
+        )
         for start in range(s_lo, s_hi + 1, chunk):
             part = volume[start : min(s_hi + 1, start + chunk)]
             part = _lerp(part, 1, pos[1], sizes[1], padding, self._convert)
-            part = _lerp(part, 2, pos[2], sizes[2], padding)
-            planes.append(part)
-        stack = torch.cat(planes, dim=0)
-        del planes
+            stack[start - s_lo : start - s_lo + len(part)] = _lerp(
+                part, 2, pos[2], sizes[2], padding
+            )
+            del part
         out = _lerp(stack, 0, pos[0] - s_lo, sizes[0], padding, offset=s_lo)
+        del stack
         # (slices, rows, columns) axes -> the output's (x, y, z)
         order = [target.index(a) for a in range(3)]
         return out.permute(*order).contiguous()[None]
@@ -306,4 +311,5 @@ def _lerp(
     second = x.index_select(axis, (i1.clamp(0, size - 1) - offset).clamp(0, x.shape[axis] - 1))
     if convert is not None:
         first, second = convert(first), convert(second)
-    return first * w0.view(shape) + second * w1.view(shape)
+    # in place: both gathers are this function's own, and the products would be two more
+    return first.mul_(w0.view(shape)).add_(second.mul_(w1.view(shape)))
