@@ -48,7 +48,7 @@ def triton(tmp_path_factory):
     their networks (those whose bundle is trained), each pointed at its bundle the node's
     way. Tests that stop, kill or break a server start servers of their own.
 
-    Tests using it share one group (see ``pytest_collection_modifyitems``), so that a
+    The modules using it run in one worker (see ``pytest_xdist_make_scheduler``), so that a
     parallel run starts it once."""
     models, env = ["echo"], {}
     for organ, bundle in (("spleen", SPLEEN_BUNDLE), ("liver", LIVER_BUNDLE)):

@@ -19,9 +19,12 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
+
+if TYPE_CHECKING:
+    from dicom_node.inference.server import TritonServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,13 +42,13 @@ def triton_server(
     *,
     fixed_ports: bool = False,
     startup_timeout: float = 180.0,
-):
+) -> TritonServer:
     """A Triton server (not started) on the project's model repository, on loopback.
 
     Ports are picked when it starts, unless ``fixed_ports``: a server a test stops and starts
     again then comes back where its clients look for it.
     """
-    from dicom_node.inference.server import TritonServer
+    from dicom_node.inference.server import TritonServer  # the node's own supervision
 
     ports = [free_port() for _ in range(3)] if fixed_ports else [0, 0, 0]
     return TritonServer(

@@ -8,11 +8,8 @@ served is read from Triton's own statistics API, not from the client.
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
-from contextlib import closing
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,18 +18,11 @@ import tritonclient.grpc as grpcclient
 from dicom_node.inference import InferenceError
 from dicom_node.inference.server import TritonServer
 from dicom_node.inference.triton import TritonBackend
-from tests.peers import triton_server
+from tests.peers import free_port, triton_server
 
 pytestmark = pytest.mark.slow
 
-REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
 VOLUME = np.arange(6 * 16 * 16, dtype=np.int16).reshape(6, 16, 16)
-
-
-def free_port() -> int:
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def served(server: TritonServer) -> int:

@@ -8,7 +8,6 @@ segmented by both at once.
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,13 +20,11 @@ from dicom_node.inference.server import bundle_path_from_config
 from dicom_node.inference.triton import TritonBackend
 from dicom_node.phantom import make_phantom
 from dicom_node.pipeline import load_bundle
+from tests.peers import LIVER_BUNDLE, MODEL_REPOSITORY, ROOT, SPLEEN_BUNDLE
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
-REPOSITORY = ROOT / "model_repository"
-SPLEEN = ROOT / "bundles" / "spleen_ct_demo"
-LIVER = ROOT / "bundles" / "liver_ct_demo"
+REPOSITORY, SPLEEN, LIVER = MODEL_REPOSITORY, SPLEEN_BUNDLE, LIVER_BUNDLE
 MODELS = ["spleen_unet", "spleen_seg", "liver_unet", "liver_seg"]
 #: Training used seeds from 1000 and evaluation 900-902: the models never saw this one.
 SEED = 11

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import threading
 import time
-from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +24,7 @@ from dicom_node.inference.placement import Registration, wait_for_releases
 from dicom_node.inference.server import TritonServer, TritonStartError
 from dicom_node.inference.shm import named_regions, region_of, shared_empty, unlink
 from dicom_node.inference.triton import TritonBackend, is_loopback
-from tests.peers import MODEL_REPOSITORY, SPLEEN_BUNDLE
+from tests.peers import MODEL_REPOSITORY, SPLEEN_BUNDLE, free_port
 
 pytestmark = pytest.mark.slow
 
@@ -39,12 +37,6 @@ needs_bundle = pytest.mark.skipif(
     not (BUNDLE / "models" / "model.ts").is_file(),
     reason="the demo bundle is not trained yet (make demo-bundle)",
 )
-
-
-def free_port() -> int:
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def group_alive(pgid: int) -> bool:
