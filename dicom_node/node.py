@@ -57,6 +57,7 @@ from dicom_node.retention import apply_retention
 from dicom_node.routing import describe, select_models
 from dicom_node.scp import StorageSCP, StoreOutcome
 from dicom_node.spool import Spool, check_uid, dataset_digest, write_durably
+from dicom_node.standard_tables import load_standard_tables
 from dicom_node.volume import VolumeError, assemble_series, read_whole
 
 log = logging.getLogger("dicom_node.node")
@@ -794,9 +795,11 @@ class Node:
 
 
 def _freeze_long_lived() -> None:
-    """Load the encoders now, then freeze the start-up heap (:mod:`dicom_node.heap`)."""
-    import dicom_node.encode  # noqa: F401 - the encoders and highdicom's standard tables
+    """Load the encoders and highdicom's tables of the standard now, then freeze the
+    start-up heap (:mod:`dicom_node.heap`)."""
+    import dicom_node.encode  # noqa: F401
 
+    load_standard_tables()
     freeze_heap()
 
 

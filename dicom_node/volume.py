@@ -14,7 +14,6 @@ highdicom geometry and every check that turns "not a volume" into a reason.
 
 from __future__ import annotations
 
-import functools
 import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -32,47 +31,19 @@ from pydicom.uid import (
     LegacyConvertedEnhancedCTImageStorage,
 )
 
+from dicom_node.heap import empty_volume
+from dicom_node.standard_tables import remember_iod_lookups
 from dicom_node.validation import InvalidValue, check_image_values
 
 #: SOP classes whose instances can be assembled into a CT volume.
 CT_SOP_CLASSES = (CTImageStorage, EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage)
 MULTIFRAME_CT_SOP_CLASSES = (EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage)
 
-#: Attributes a SEG/RTSTRUCT/SR copies from its source; kept when pixel data is dropped.
+#: Gantry tilt, or slices stepping off the normal, up to this many degrees is taken as none.
 _TILT_TOLERANCE_DEG = 0.5
 
 
-def _remember_iod_lookups() -> None:
-    """Make highdicom's "is this attribute in that IOD?" lookup remember its answers.
-
-    highdicom asks it of every source image, through ``is_multiframe_image``, when it
-    plans a volume and again when it builds a SEG: 0.3 ms a time walking the standard's
-    module tables, some 0.12 s for a 200-slice series on the way from the last instance
-    to the results, for an answer that depends only on its arguments (the attribute, the
-    SOP class and the paths left out). Wrapped here, once, rather than changed in
-    highdicom; the wrapped function is kept as ``__wrapped__``.
-    """
-    from highdicom import _standard_utils as std
-
-    lookup = std.is_attribute_in_iod
-    if hasattr(lookup, "__wrapped__"):
-        return
-
-    @functools.lru_cache(maxsize=1024)
-    def cached(attribute: str, sop_class_uid: str, exclude: tuple[str, ...] | None) -> bool:
-        return lookup(attribute, sop_class_uid, list(exclude) if exclude is not None else None)
-
-    @functools.wraps(lookup)
-    def is_attribute_in_iod(
-        attribute: str, sop_class_uid: str, exclude_path_elements: Sequence[str] | None = None
-    ) -> bool:
-        exclude = tuple(exclude_path_elements) if exclude_path_elements is not None else None
-        return cached(attribute, str(sop_class_uid), exclude)
-
-    std.is_attribute_in_iod = is_attribute_in_iod
-
-
-_remember_iod_lookups()
+remember_iod_lookups()
 
 
 class VolumeError(ValueError):
@@ -270,7 +241,7 @@ def pixel_dtype(datasets: Sequence[Dataset]) -> type:
     return np.int16
 
 
-#: Allocates a volume's array, ``(shape, dtype) -> array``: ``numpy.empty`` by default, or
+#: Allocates a volume's array, ``(shape, dtype) -> array``: :func:`~dicom_node.heap.empty_volume` by default, or
 #: memory an inference server reads in place (:class:`dicom_node.inference.shm.SharedArray`).
 Allocator = Callable[[tuple[int, int, int], type], np.ndarray]
 
@@ -370,7 +341,7 @@ def assemble_single_frame(
     datasets: Sequence[Dataset],
     min_slices: int = 3,
     paths: Sequence[Path] | None = None,
-    allocate: Allocator = np.empty,
+    allocate: Allocator = empty_volume,
 ) -> SeriesVolume:
     """Assemble single-frame CT datasets into a :class:`SeriesVolume`.
 
@@ -454,7 +425,7 @@ def read_whole(data: bytes) -> Dataset:
 
 
 def assemble_series(
-    paths: Sequence[Path], min_slices: int = 3, allocate: Allocator = np.empty
+    paths: Sequence[Path], min_slices: int = 3, allocate: Allocator = empty_volume
 ) -> SeriesVolume:
     """Read the stored files of one series and assemble them (``allocate``: see
     :func:`assemble_single_frame`; a multi-frame instance is decoded by highdicom).

@@ -198,23 +198,3 @@ def test_enhanced_ct_is_assembled_from_its_frames(data_dir):
         )
     with pytest.raises(VolumeError, match=r"only 2 frame\(s\)"):
         assemble_series([path], min_slices=3)
-
-
-def test_remembered_iod_lookups_answer_as_highdicom_does():
-    """volume.py makes highdicom's IOD lookup remember its answers; the answers are its own."""
-    from highdicom import _standard_utils as std
-
-    import dicom_node.volume  # noqa: F401 - installs the remembering lookup
-
-    original = std.is_attribute_in_iod.__wrapped__
-    ct, seg = "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.66.4"
-    for args in [
-        ("NumberOfFrames", ct, None),
-        ("NumberOfFrames", seg, None),
-        ("PixelData", ct, ["IconImageSequence"]),
-        ("SegmentSequence", ct, None),
-    ]:
-        for _ in range(2):  # the second answer comes from memory
-            assert std.is_attribute_in_iod(*args) == original(*args), args
-    assert std.is_attribute_in_iod("NumberOfFrames", seg) is True
-    assert std.is_attribute_in_iod("NumberOfFrames", ct) is False

@@ -7,15 +7,14 @@ called directly.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
+from dicom_node.heap import empty_volume, release_free_memory
 from dicom_node.pipeline import (
     Bundle,
     HandOver,
@@ -24,31 +23,12 @@ from dicom_node.pipeline import (
     load_bundle,
 )
 
-if TYPE_CHECKING:
-    pass
-
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """``"auto"`` is the first CUDA device when there is one, else the CPU."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def release_free_memory() -> None:
-    """Hand the memory the pipeline freed back to the system (glibc's ``malloc_trim``).
-
-    The network's activations and the sliding window's patches are tens of megabytes each,
-    below what glibc's allocator maps on its own once a larger block was freed, so they come
-    from the job thread's heap, which keeps them resident after they are freed: some
-    300 MB at 512x512x600, held through the encoding that follows. Elsewhere (no glibc)
-    this does nothing.
-    """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 class LocalBackend:
@@ -91,7 +71,7 @@ class LocalBackend:
 
     def volume_allocator(self) -> Callable[[Sequence[int], Any], Any]:
         """Ordinary memory: the pipeline copies the volume to its device once."""
-        return np.empty
+        return empty_volume
 
     def close(self) -> None:
         """Nothing to release: the network is freed with the backend."""

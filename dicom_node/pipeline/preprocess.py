@@ -25,6 +25,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Spacing, SpatialResample
 
+from dicom_node.heap import discard_leading
 from dicom_node.pipeline.bundle import Preprocessing
 from dicom_node.pipeline.transforms import (
     INPUT_AFFINE,
@@ -67,8 +68,20 @@ class Preprocess:
         )
 
     def __call__(
-        self, hu: np.ndarray | torch.Tensor, affine: np.ndarray, device: torch.device
+        self,
+        hu: np.ndarray | torch.Tensor,
+        affine: np.ndarray,
+        device: torch.device,
+        *,
+        consume: bool = False,
     ) -> MetaTensor:
+        """The preprocessed image (1, x, y, z) of ``hu`` (slices, rows, columns).
+
+        ``consume`` says that ``hu`` is the caller's to give up: its pages are given back
+        as soon as they are read (:func:`~dicom_node.heap.discard_leading`), whole once it
+        is copied to a GPU, else slab by slab as the resampling passes them, so that the
+        volume and the resampled image are not both held at the peak.
+        """
         if self._spacing is None:
             return self._chain(to_metatensor(hu, affine, device))
         if hu.ndim != 3:
@@ -78,13 +91,20 @@ class Preprocess:
         if isinstance(hu, np.ndarray):
             hu = np.ascontiguousarray(hu)  # torch refuses negative strides (flipped views)
         volume = torch.as_tensor(hu).to(device=device)
+        done: Callable[[int], object] | None = None
+        if consume and isinstance(hu, np.ndarray):
+            source = hu
+            if volume.device.type == "cpu":
+                done = lambda slices: discard_leading(source, slices)  # noqa: E731
+            else:
+                discard_leading(source, len(source))
         xyz = ras_affine(affine)
         xyz_shape = tuple(int(n) for n in reversed(volume.shape))
         dst_affine, dst_shape = self._output_grid(xyz, xyz_shape)
         stored_affine = LPS_TO_RAS @ np.asarray(affine, np.float64)
         spacing = self._spacing.sp_resample
         if str(spacing.mode) in _SLAB_MODES:
-            out = self._resample_in_slabs(volume, stored_affine, dst_affine, dst_shape)
+            out = self._resample_in_slabs(volume, stored_affine, dst_affine, dst_shape, done)
         else:  # a spline order: MONAI's own resampling (it compiles for those)
             stored = MetaTensor(volume.to(torch.float32)[None], affine=stored_affine)
             if self._intensity_first:
@@ -114,9 +134,13 @@ class Preprocess:
         stored_affine: np.ndarray,
         dst_affine: torch.Tensor,
         dst_shape: tuple[int, ...],
+        done: Callable[[int], object] | None = None,
     ) -> torch.Tensor:
         """The output grid sampled from ``volume`` (slices, rows, columns), a few output
         planes at a time, each from a float copy of only the source slices it needs.
+
+        ``done(n)`` is told, on the separable path, when the first ``n`` source slices will
+        not be read again.
 
         ``SpatialResample`` would want the whole volume in float32 at once: twice the
         INT16 volume again, the largest allocation of a local segmentation (600 MiB at
@@ -134,7 +158,7 @@ class Preprocess:
             and str(spacing.padding_mode) in ("border", "zeros")
             and _axis_aligned(xform)
         ):
-            return self._resample_separably(volume, xform, dst_shape)
+            return self._resample_separably(volume, xform, dst_shape, done)
         axis = int(np.argmax(np.abs(xform[0, :3])))  # the output axis that walks the slices
         # output planes a slab: as many as the source slices a budget holds, each plane
         # walking |d slice / d plane| slices (plus the interpolation's neighbours)
@@ -193,7 +217,11 @@ class Preprocess:
         return out
 
     def _resample_separably(
-        self, volume: torch.Tensor, xform: np.ndarray, dst_shape: tuple[int, ...]
+        self,
+        volume: torch.Tensor,
+        xform: np.ndarray,
+        dst_shape: tuple[int, ...],
+        done: Callable[[int], object] | None = None,
     ) -> torch.Tensor:
         """Trilinear sampling as three linear ones, for a grid whose axes follow the
         volume's (the common case: an axial series, Orientation a flip of its axes).
@@ -226,12 +254,12 @@ class Preprocess:
             (s_hi + 1 - s_lo, len(pos[1]), len(pos[2])), dtype=torch.float32, device=volume.device
         )
         for start in range(s_lo, s_hi + 1, chunk):
-            part = volume[start : min(s_hi + 1, start + chunk)]
-            part = _lerp(part, 1, pos[1], sizes[1], padding, self._convert)
-            stack[start - s_lo : start - s_lo + len(part)] = _lerp(
-                part, 2, pos[2], sizes[2], padding
-            )
+            stop = min(s_hi + 1, start + chunk)
+            part = _lerp(volume[start:stop], 1, pos[1], sizes[1], padding, self._convert)
+            stack[start - s_lo : stop - s_lo] = _lerp(part, 2, pos[2], sizes[2], padding)
             del part
+            if done is not None:  # the slabs go front to back: these are read for good
+                done(stop)
         out = _lerp(stack, 0, pos[0] - s_lo, sizes[0], padding, offset=s_lo)
         del stack
         # (slices, rows, columns) axes -> the output's (x, y, z)

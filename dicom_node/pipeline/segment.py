@@ -31,6 +31,7 @@ import torch
 from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 
+from dicom_node.heap import release_free_memory
 from dicom_node.pipeline.bundle import Bundle
 from dicom_node.pipeline.postprocess import in_plane_contours, postprocess_fast, postprocess_monai
 from dicom_node.pipeline.preprocess import Preprocess
@@ -181,11 +182,14 @@ class SegmentationPipeline:
             return self.network
         return PatchByPatch(self.network, self.patches_at_once)
 
-    def preprocess(self, hu: np.ndarray | torch.Tensor, affine: np.ndarray) -> MetaTensor:
+    def preprocess(
+        self, hu: np.ndarray | torch.Tensor | HandOver, affine: np.ndarray
+    ) -> MetaTensor:
         """The bundle's preprocessing of a (slices, rows, columns) HU array with an LPS affine
-        (fast path)."""
+        (fast path). A :class:`HandOver` is given up as it is read."""
+        consume = isinstance(hu, HandOver)
         with torch.inference_mode():
-            return self._preprocess(hu, affine, self.device)
+            return self._preprocess(_volume(hu), affine, self.device, consume=consume)
 
     def infer(self, image: torch.Tensor, predictor: Predictor | None = None) -> torch.Tensor:
         """Logits (num_classes, x, y, z) of a preprocessed image (1, x, y, z).
@@ -240,10 +244,13 @@ class SegmentationPipeline:
         if self.path == "bundle":
             network = predictor or self.in_process_predictor()
             return self._run_bundle(hu, affine, network, contours, start)
-        image = self.preprocess(_volume(hu), affine)
+        image = self.preprocess(hu, affine)
         pre = self._lap(start)
         logits = self.infer(image, predictor)
         inference = self._lap(start + pre)
+        # What the network's activations freed is kept by glibc in the heaps of the threads
+        # that ran it; the label map at the source's size comes next, on top of it.
+        release_free_memory()
         result = self.postprocess(logits, image, contours)
         post = self._lap(start + pre + inference)
         result.timings = {"pre": pre, "inference": inference, "post": post}
