@@ -19,7 +19,12 @@ which
 * reads each PDU header first and refuses, before reading the body, a P-DATA PDU that
   would take the data set past ``max_instance_bytes`` or that is longer than the node
   announced it would receive (:data:`MAX_PDU`); the node then sends an A-ABORT and the
-  association ends, with one log line saying why.
+  association ends, with one log line saying why;
+* refuses, in the same way, a P-DATA PDU of a data set large enough to be written to the
+  spool's file system as it arrives (:data:`~dicom_node.incoming.SPILL_ABOVE`) when
+  writing it would take the free space below ``min_free_disk_mb``: the C-STORE's own
+  disk check comes only once the whole data set is in, and by then the file written so
+  far could have filled the disk the job database and the results need.
 
 A failed read is an ``OSError`` to pynetdicom, which closes the connection as it does for a
 peer that hung up. :class:`AddressLimiter` counts connections per source address from the
@@ -47,6 +52,7 @@ from pynetdicom.association import Association
 from pynetdicom.transport import AssociationSocket
 
 from dicom_node.config import ConfigError, LimitSettings
+from dicom_node.incoming import SPILL_ABOVE
 
 log = logging.getLogger("dicom_node.scp")
 
@@ -93,6 +99,7 @@ class GuardedReader:
         limits: LimitSettings,
         address: str,
         opened: float,
+        free_bytes: Callable[[], int] | None = None,
     ) -> None:
         self.assoc = assoc
         self.assoc_socket = assoc_socket
@@ -103,6 +110,8 @@ class GuardedReader:
         self.association_seconds = limits.association_deadline_seconds
         self.message_seconds = limits.message_deadline_seconds
         self.max_bytes = limits.max_instance_bytes
+        self.min_free_mb = limits.min_free_disk_mb
+        self.free_bytes = free_bytes
         self._body: int | None = None  # the length of the PDU body read next
         self._pdu_type = 0
         self._message_bytes = 0  # P-DATA fragment bytes of the message under way
@@ -133,6 +142,8 @@ class GuardedReader:
                 self._refuse_size(length, "the Maximum Length Received announced", MAX_PDU)
             if self._pdu_type in _CONTROL_PDUS and length > MAX_CONTROL_PDU:
                 self._refuse_size(length, "limits: an association control PDU", MAX_CONTROL_PDU)
+            if self._pdu_type == _P_DATA and self._message_bytes + length > SPILL_ABOVE:
+                self._check_disk(length)
         return data
 
     # -- the checks ------------------------------------------------------------------------
@@ -170,6 +181,22 @@ class GuardedReader:
         )
         self._abort()
         raise ConnectionRefused(f"message exceeds {what} ({limit})")
+
+    def _check_disk(self, length: int) -> None:
+        """Refuse a PDU of a spilled data set that would leave less than the watermark."""
+        if self.free_bytes is None:
+            return
+        if self.free_bytes() - length >= self.min_free_mb * 1024 * 1024:
+            return
+        log.warning(
+            "connection from %s aborted: a data set was being written to the spool with "
+            "free disk space below the %d MB watermark (limits.min_free_disk_mb); read no "
+            "further",
+            self.address,
+            self.min_free_mb,
+        )
+        self._abort()
+        raise ConnectionRefused("free disk space below limits.min_free_disk_mb")
 
     def _deadline_passed(self) -> ConnectionRefused:
         if self._was_established:
@@ -360,12 +387,20 @@ def reject_unread(assoc_socket: AssociationSocket, sock: socket.socket) -> None:
     assoc_socket.close()
 
 
-def install(assoc: Association, limits: LimitSettings, address: str) -> None:
-    """Guard the reads of a new association's connection (before its threads start)."""
+def install(
+    assoc: Association,
+    limits: LimitSettings,
+    address: str,
+    free_bytes: Callable[[], int] | None = None,
+) -> None:
+    """Guard the reads of a new association's connection (before its threads start).
+
+    ``free_bytes`` tells the free space of the file system large data sets are written to
+    as they arrive (the spool's)."""
     assoc_socket = assoc.dul.socket
     sock = assoc_socket.socket if assoc_socket is not None else None
     if assoc_socket is None or sock is None:
         return
     assoc_socket.recv = GuardedReader(  # type: ignore[method-assign]
-        assoc, assoc_socket, sock, limits, address, time.monotonic()
+        assoc, assoc_socket, sock, limits, address, time.monotonic(), free_bytes
     )

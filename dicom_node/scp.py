@@ -286,7 +286,7 @@ class StorageSCP:
             return
         sock.settimeout(limits.network_timeout)
         tune_association(event.assoc)
-        connections.install(event.assoc, limits, address)
+        connections.install(event.assoc, limits, address, self.spool.free_bytes)
         if not isinstance(sock, ssl.SSLSocket):
             return
         try:

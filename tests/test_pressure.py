@@ -419,3 +419,79 @@ def test_nothing_acknowledged_is_lost(node, tmp_path):
     jobs = node.jobs()
     assert sum(j["instance_count"] for j in jobs) == len(ACKED) == len(recorded)
     assert list((node.data_dir / "spool" / ".incoming").iterdir()) == []
+
+
+def test_a_large_instance_is_aborted_when_spilling_it_would_pass_the_disk_watermark(tmp_path):
+    """data_dir on a 96 MiB tmpfs, the intake watermark at 64 MiB free: a data set large
+    enough to go to the spool's disk as it arrives is refused as soon as writing it would
+    take the free space below the watermark, not after the whole of it was written, when
+    the C-STORE's own check comes; the partial file goes; the node serves on."""
+    import shutil
+    import subprocess
+
+    from dicom_node.incoming import SPILL_ABOVE
+
+    data = tmp_path / "data"
+    data.mkdir()
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", str(data)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if r.returncode != 0:
+        pytest.skip(f"a small tmpfs cannot be mounted here ({r.stderr.strip()})")
+    node = NodeProcess(
+        tmp_path / "node",
+        node={"data_dir": str(data), "settle_seconds": 3600, "complete_on_release": False},
+        limits={"min_free_disk_mb": 64, "reserved_disk_mb": 4},
+        inference={"backend": "local", "bundle": str(tmp_path / "no-bundle")},
+    )
+    node.data_dir = data
+    try:
+        node.start()
+        free_before = shutil.disk_usage(data).free
+        assoc = _associate(node)
+        assert assoc.is_established
+        cx = assoc.accepted_contexts[-1].context_id
+        sop_uid = pydicom.uid.generate_uid()
+        sock = assoc.dul.socket.socket
+        chunk = memoryview(bytes(1024 * 1024))
+        size, sent = 200 * 1024 * 1024, 0
+        try:
+            sock.sendall(_command_set(cx, sop_uid))
+            while sent < size:
+                sock.sendall(_p_data(cx, chunk, last=sent + len(chunk) >= size))
+                sent += len(chunk)
+        except OSError:  # the node aborted and closed
+            pass
+        assert _until(lambda: not assoc.is_established, 10)
+        # it read past the spill threshold, and stopped before the watermark was passed
+        assert SPILL_ABOVE <= sent < 64 * 1024 * 1024, sent
+        log = node.log.read_text(errors="replace")
+        assert "below the 64 MB watermark (limits.min_free_disk_mb)" in log
+        assert shutil.disk_usage(data).free >= 64 * 1024 * 1024
+        assert sop_uid not in _recorded(node)
+        incoming = data / "spool" / ".incoming"
+        assert _until(lambda: not list(incoming.iterdir()), 5), list(incoming.iterdir())
+        assert shutil.disk_usage(data).free >= free_before - 1024 * 1024
+        # the node serves on, and a small instance is stored
+        ds = ct_slice(
+            np.zeros((16, 16), np.int16),
+            (0.0, 0.0, 0.0),
+            (1, 0, 0, 0, 1, 0),
+            (0.7, 0.7),
+            2.0,
+            1,
+            SeriesAttributes(),
+        )
+        store = _associate(node)
+        assert store.is_established
+        try:
+            assert store.send_c_store(ds).Status == 0
+        finally:
+            store.release()
+        assert str(ds.SOPInstanceUID) in _recorded(node)
+    finally:
+        node.stop()
+        subprocess.run(["umount", "-l", str(data)], check=False)
