@@ -795,10 +795,17 @@ class Node:
 
 
 def _freeze_long_lived() -> None:
-    """Load the encoders and highdicom's tables of the standard now, then freeze the
-    start-up heap (:mod:`dicom_node.heap`)."""
+    """Load the encoders now, then freeze the start-up heap (:mod:`dicom_node.heap`); read
+    highdicom's tables of the standard in the background, then freeze again."""
     import dicom_node.encode  # noqa: F401
 
+    freeze_heap()
+    threading.Thread(target=_load_tables, name="dicom-node-tables", daemon=True).start()
+
+
+def _load_tables() -> None:
+    """:func:`~dicom_node.standard_tables.load_standard_tables`, off the way of the start
+    (0.7 s), then the heap frozen again."""
     load_standard_tables()
     freeze_heap()
 
