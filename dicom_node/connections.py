@@ -34,6 +34,9 @@ local limit exceeded) without anything it sent being read.
 
 The network allow-list (``[node] allowed_hosts``, :func:`allowed_networks` and
 :func:`address_allowed`) lives here too, with the other rules on peer addresses.
+
+Why one module of this size (~400 lines): every rule about a connection below pynetdicom,
+where one reader sees each byte as it arrives.
 """
 
 from __future__ import annotations

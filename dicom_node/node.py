@@ -124,6 +124,7 @@ class Node:
         )
         for record in self.jobs.list_series(COMPLETE):
             self._enqueue(record.series_uid)
+        _freeze_long_lived()  # before the first association: no pause once serving
         if serve:
             self._start_embedded()  # the default destination listens before anything is sent
             if self.settings.status.enabled:  # first: a taken port stops before any C-STORE
@@ -152,7 +153,6 @@ class Node:
             t = threading.Thread(target=target, name=f"dicom-node-{name}", daemon=True)
             t.start()
             self._threads.append(t)
-        _freeze_long_lived()
 
     def _start_embedded(self) -> None:
         """Start the PACS and viewer of an ``embedded`` destination, if one is configured."""
@@ -795,17 +795,11 @@ class Node:
 
 
 def _freeze_long_lived() -> None:
-    """Load the encoders now, then freeze the start-up heap (:mod:`dicom_node.heap`); read
-    highdicom's tables of the standard in the background, then freeze again."""
+    """Load the encoders and highdicom's tables of the standard, then freeze the start-up
+    heap (:mod:`dicom_node.heap`): some 1.5 s of a start, which, once the node listened,
+    paused its associations (reading the tables' JSON holds the interpreter 0.4 s)."""
     import dicom_node.encode  # noqa: F401
 
-    freeze_heap()
-    threading.Thread(target=_load_tables, name="dicom-node-tables", daemon=True).start()
-
-
-def _load_tables() -> None:
-    """:func:`~dicom_node.standard_tables.load_standard_tables`, off the way of the start
-    (0.7 s), then the heap frozen again."""
     load_standard_tables()
     freeze_heap()
 

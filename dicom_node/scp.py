@@ -20,6 +20,10 @@ past ``max_instance_bytes`` aborts its association before the rest is read. Each
 association is tuned to answer without pynetdicom's polling delays
 (:mod:`dicom_node.pynetdicom_tuning`). Patient names and IDs reach the log only with
 ``[node] log_patient_identifiers``.
+
+Why one module of this size (~400 lines): it is every handler pynetdicom calls on the
+node's application entity; the work each hands on lives elsewhere (storage, validation,
+connections, tuning).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ than changed in highdicom:
   as 60 MiB of Python objects. Read on first use, that fell in the middle of the first
   series' assembly: 0.4 s on the way to its results, and the file's text and objects on
   top of a whole volume at the series' memory peak. The node calls
-  :func:`load_standard_tables` when it starts instead (0.7 s, in the background), which also
+  :func:`load_standard_tables` when it starts instead (0.7 s, before it listens), which also
   shares the table's repeated strings: each keyword, type and path element becomes one
   interned string rather than one per module that lists it, 27 MiB in all. (Shared later,
   after the first series, the table held nearly as much as before: the freed strings'

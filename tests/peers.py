@@ -8,6 +8,7 @@ Debian's DCMTK stalls ~45 ms per instance unless the receiving process has
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -67,6 +69,25 @@ def testdata() -> Path:
     """The shared real-data folder (``DICOM_NODE_TESTDATA`` or ``../shared/data``)."""
     env = os.environ.get("DICOM_NODE_TESTDATA")
     return Path(env) if env else ROOT.parent / "shared" / "data"
+
+
+@contextlib.contextmanager
+def small_tmpfs(path: Path, size_mb: int) -> Iterator[Path]:
+    """A tmpfs of ``size_mb`` mounted at ``path`` (made), for a disk that fills up; the test
+    is skipped where mounting is not allowed."""
+    path.mkdir(parents=True, exist_ok=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if r.returncode != 0:
+        pytest.skip(f"a small tmpfs cannot be mounted here ({r.stderr.strip()})")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def free_port() -> int:

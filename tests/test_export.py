@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-import pytest
 
 from dicom_node.config import Destination, NodeSettings, ResultSettings, Settings
 from dicom_node.delivery import LABEL_MAP_SEG
@@ -20,7 +19,7 @@ from dicom_node.jobs import JobStore
 from dicom_node.spool import write_durably
 from dicom_node.synthetic import write_ct_series
 from dicom_node.volume import assemble_series
-from tests.peers import Orthanc, free_port, wait_port
+from tests.peers import Orthanc, free_port, small_tmpfs, wait_port
 
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 
@@ -196,26 +195,12 @@ def test_a_pacs_that_rejects_the_association_is_retried(tmp_path):
         jobs.enqueue_result(
             series_uid="1.3", kind="SEG", destination="pacs", path=path, sop_uid=uid
         )
-        wrong = Destination(
-            name="pacs",
-            ae_title="NOT_ORTHANC",
-            host="127.0.0.1",
-            port=pacs.dicom_port,
-            attempts=5,
-            retry_backoff_seconds=0.0,
-        )
+        wrong = _loopback("pacs", "NOT_ORTHANC", pacs.dicom_port)
         assert Exporter(Settings(destinations=[wrong]), jobs).run_once() == 0
         (item,) = jobs.outbox("1.3")
         assert (item.state, item.attempts) == ("pending", 1)
         assert "rejected the association" in item.last_error
-        right = Destination(
-            name="pacs",
-            ae_title=pacs.aet,
-            host="127.0.0.1",
-            port=pacs.dicom_port,
-            attempts=5,
-            retry_backoff_seconds=0.0,
-        )
+        right = _loopback("pacs", pacs.aet, pacs.dicom_port)
         assert Exporter(Settings(destinations=[right]), jobs).run_once() == 1
         assert jobs.outbox("1.3")[0].state == "sent"
         assert {m: len(v) for m, v in pacs.instances_by_modality().items()} == {"SEG": 1}
@@ -238,14 +223,7 @@ def test_a_pacs_that_refuses_the_seg_class_is_recorded_as_such(tmp_path):
         jobs = JobStore(tmp_path / "jobs.sqlite")
         path, uid = files["SEG"]
         jobs.enqueue_result(series_uid="1.4", kind="SEG", destination="ct", path=path, sop_uid=uid)
-        dest = Destination(
-            name="ct",
-            ae_title="CT_ONLY",
-            host="127.0.0.1",
-            port=port,
-            attempts=5,
-            retry_backoff_seconds=0.0,
-        )
+        dest = _loopback("ct", "CT_ONLY", port)
         assert Exporter(Settings(destinations=[dest]), jobs).run_once() == 0
         (item,) = jobs.outbox("1.4")
         assert item.state == "pending"
@@ -272,14 +250,7 @@ def test_a_failure_status_is_recorded_with_its_meaning(tmp_path):
         jobs.enqueue_result(
             series_uid="1.5", kind="SEG", destination="full", path=path, sop_uid=uid
         )
-        dest = Destination(
-            name="full",
-            ae_title="FULL",
-            host="127.0.0.1",
-            port=port,
-            attempts=5,
-            retry_backoff_seconds=0.0,
-        )
+        dest = _loopback("full", "FULL", port)
         assert Exporter(Settings(destinations=[dest]), jobs).run_once() == 0
         (item,) = jobs.outbox("1.5")
         assert "status 0xA700 (Refused: Out of Resources)" in item.last_error
@@ -287,22 +258,16 @@ def test_a_failure_status_is_recorded_with_its_meaning(tmp_path):
         server.shutdown()
 
 
-def _tmpfs(path, size: str):
-    import subprocess
-
-    path.mkdir()
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-        capture_output=True,
-        text=True,
-        check=False,
+def _loopback(name: str, ae_title: str, port: int) -> Destination:
+    """A destination on this host, tried five times without waiting between."""
+    return Destination(
+        name=name,
+        ae_title=ae_title,
+        host="127.0.0.1",
+        port=port,
+        attempts=5,
+        retry_backoff_seconds=0.0,
     )
-    if r.returncode != 0:
-        pytest.skip(
-            f"a small tmpfs cannot be mounted here ({r.stderr.strip()}): the "
-            "full-disk test needs root or CAP_SYS_ADMIN"
-        )
-    return path
 
 
 def _fill(folder) -> None:
@@ -325,54 +290,44 @@ def test_acknowledged_once_even_when_the_database_cannot_record_it(tmp_path):
     """The PACS acknowledges, then the disk holding the database is full: the commit fails,
     the item is never sent again, and it is recorded once there is space, or at the next
     start from the journal."""
-    import subprocess
-
     _, files = _results(tmp_path)
-    data = _tmpfs(tmp_path / "data", "4m")
-    pacs = Orthanc(tmp_path / "orthanc").start()
-    try:
-        jobs = JobStore(data / "jobs.sqlite")
-        for kind, (path, uid) in files.items():
-            jobs.enqueue_result(
-                series_uid="1.6", kind=kind, destination="pacs", path=path, sop_uid=uid
-            )
-        dest = Destination(
-            name="pacs",
-            ae_title=pacs.aet,
-            host="127.0.0.1",
-            port=pacs.dicom_port,
-            attempts=5,
-            retry_backoff_seconds=0.0,
-        )
-        settings = Settings(destinations=[dest])
-        exporter = Exporter(settings, jobs)  # the journal is allocated now
-        _fill(data)
-        assert exporter.run_once() == 3  # acknowledged...
-        assert [i.state for i in jobs.outbox("1.6")] == ["pending"] * 3  # ...not committed
-        for _ in range(5):  # the export loop goes on: nothing is sent again
-            exporter.run_once()
-        counts = {m: len(v) for m, v in pacs.instances_by_modality().items()}
-        assert counts == {"SEG": 1, "RTSTRUCT": 1, "SR": 1}
-        # a restart while the disk is still full: the journal holds the acknowledgements
-        jobs.close()
-        jobs = JobStore(data / "jobs.sqlite")
-        restarted = Exporter(settings, jobs)
-        assert restarted.run_once() == 0
-        (data / "filler").unlink()  # space again: a pass after the backoff records them
-        deadline = time.time() + 10
-        while time.time() < deadline and restarted.journal.used:
-            restarted.run_once()
-            time.sleep(0.1)
-        assert [i.state for i in jobs.outbox("1.6")] == ["sent"] * 3
-        assert restarted.journal.used == 0
-        counts = {m: len(v) for m, v in pacs.instances_by_modality().items()}
-        assert counts == {"SEG": 1, "RTSTRUCT": 1, "SR": 1}
-        jobs.close()
-        restarted.journal.close()
-        exporter.journal.close()
-    finally:
-        pacs.stop()
-        subprocess.run(["umount", "-l", str(data)], check=False)
+    with small_tmpfs(tmp_path / "data", 4) as data:
+        pacs = Orthanc(tmp_path / "orthanc").start()
+        try:
+            jobs = JobStore(data / "jobs.sqlite")
+            for kind, (path, uid) in files.items():
+                jobs.enqueue_result(
+                    series_uid="1.6", kind=kind, destination="pacs", path=path, sop_uid=uid
+                )
+            dest = _loopback("pacs", pacs.aet, pacs.dicom_port)
+            settings = Settings(destinations=[dest])
+            exporter = Exporter(settings, jobs)  # the journal is allocated now
+            _fill(data)
+            assert exporter.run_once() == 3  # acknowledged...
+            assert [i.state for i in jobs.outbox("1.6")] == ["pending"] * 3  # ...not committed
+            for _ in range(5):  # the export loop goes on: nothing is sent again
+                exporter.run_once()
+            counts = {m: len(v) for m, v in pacs.instances_by_modality().items()}
+            assert counts == {"SEG": 1, "RTSTRUCT": 1, "SR": 1}
+            # a restart while the disk is still full: the journal holds the acknowledgements
+            jobs.close()
+            jobs = JobStore(data / "jobs.sqlite")
+            restarted = Exporter(settings, jobs)
+            assert restarted.run_once() == 0
+            (data / "filler").unlink()  # space again: a pass after the backoff records them
+            deadline = time.time() + 10
+            while time.time() < deadline and restarted.journal.used:
+                restarted.run_once()
+                time.sleep(0.1)
+            assert [i.state for i in jobs.outbox("1.6")] == ["sent"] * 3
+            assert restarted.journal.used == 0
+            counts = {m: len(v) for m, v in pacs.instances_by_modality().items()}
+            assert counts == {"SEG": 1, "RTSTRUCT": 1, "SR": 1}
+            jobs.close()
+            restarted.journal.close()
+            exporter.journal.close()
+        finally:
+            pacs.stop()
 
 
 # -- Label Map SEG where the destination takes it, binary SEG where it does not ----------

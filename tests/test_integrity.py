@@ -19,7 +19,7 @@ import pytest
 
 from dicom_node.phantom import make_phantom
 from dicom_node.synthetic import SeriesAttributes, write_ct_series
-from tests.peers import NodeProcess, Orthanc, storescu
+from tests.peers import NodeProcess, Orthanc, small_tmpfs, storescu
 
 pytestmark = pytest.mark.slow
 
@@ -192,82 +192,73 @@ def test_below_the_watermark_intake_stops_and_nothing_is_sent_twice(tmp_path, or
     acknowledged before (instances and results) stays as it was."""
     import os
     import shutil
-    import subprocess
 
-    data = tmp_path / "data"
-    data.mkdir()
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(data)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if r.returncode != 0:
-        pytest.skip(f"a small tmpfs cannot be mounted here ({r.stderr.strip()})")
-    node = None
-    try:
-        phantom = make_phantom(shape=(40, 64, 64), spacing=(5.0, 5.0, 5.0), seed=33)
-        attrs = SeriesAttributes(patient_id="INTEGRITY-33")
-        paths = write_ct_series(phantom.hu, tmp_path / "a", spacing=phantom.spacing, attrs=attrs)
-        uid = attrs.series_instance_uid
-        node = _node(tmp_path, orthanc)
-        dest = {
-            "name": "pacs",
-            "ae_title": orthanc.aet,
-            "host": "127.0.0.1",
-            "port": orthanc.dicom_port,
-            "retry_backoff_seconds": 0.5,
-        }
-        node.write_config(
-            node={"data_dir": str(data), "settle_seconds": 30.0, "min_free_disk_mb": 32},
-            limits={"reserved_disk_mb": 4},
-            inference={"backend": "local", "attempts": 1},
-            destinations=[dest],
-        )
-        node.data_dir = data
-        node.start()
-        assert storescu(node.port, paths).returncode == 0
-        _poll(node, lambda: _settled(node, uid, 40), 120, "series done and sent")
-
-        # fill the disk to 20 MB free: below the 32 MB intake watermark, above the reserve
-        free = shutil.disk_usage(data).free
-        with open(data / "filler", "wb") as f:
-            f.write(b"\0" * (free - 20 * 2**20))
-            os.fsync(f.fileno())
-        other = write_ct_series(
-            phantom.hu[:5],
-            tmp_path / "b",
-            spacing=phantom.spacing,
-            attrs=SeriesAttributes(patient_id="INTEGRITY-34"),
-        )
-        assert storescu(node.port, other).returncode != 0
-        from pynetdicom import AE
-        from pynetdicom.sop_class import CTImageStorage
-
-        scu = AE(ae_title="STORESCU")
-        scu.add_requested_context(CTImageStorage)
-        assoc = scu.associate("127.0.0.1", node.port, ae_title="DICOM_NODE")
-        assert assoc.is_established
+    with small_tmpfs(tmp_path / "data", 64) as data:
+        node = None
         try:
-            status = assoc.send_c_store(pydicom.dcmread(other[0]))
+            phantom = make_phantom(shape=(40, 64, 64), spacing=(5.0, 5.0, 5.0), seed=33)
+            attrs = SeriesAttributes(patient_id="INTEGRITY-33")
+            paths = write_ct_series(
+                phantom.hu, tmp_path / "a", spacing=phantom.spacing, attrs=attrs
+            )
+            uid = attrs.series_instance_uid
+            node = _node(tmp_path, orthanc)
+            dest = {
+                "name": "pacs",
+                "ae_title": orthanc.aet,
+                "host": "127.0.0.1",
+                "port": orthanc.dicom_port,
+                "retry_backoff_seconds": 0.5,
+            }
+            node.write_config(
+                node={"data_dir": str(data), "settle_seconds": 30.0, "min_free_disk_mb": 32},
+                limits={"reserved_disk_mb": 4},
+                inference={"backend": "local", "attempts": 1},
+                destinations=[dest],
+            )
+            node.data_dir = data
+            node.start()
+            assert storescu(node.port, paths).returncode == 0
+            _poll(node, lambda: _settled(node, uid, 40), 120, "series done and sent")
+
+            # fill the disk to 20 MB free: below the 32 MB intake watermark, above the reserve
+            free = shutil.disk_usage(data).free
+            with open(data / "filler", "wb") as f:
+                f.write(b"\0" * (free - 20 * 2**20))
+                os.fsync(f.fileno())
+            other = write_ct_series(
+                phantom.hu[:5],
+                tmp_path / "b",
+                spacing=phantom.spacing,
+                attrs=SeriesAttributes(patient_id="INTEGRITY-34"),
+            )
+            assert storescu(node.port, other).returncode != 0
+            from pynetdicom import AE
+            from pynetdicom.sop_class import CTImageStorage
+
+            scu = AE(ae_title="STORESCU")
+            scu.add_requested_context(CTImageStorage)
+            assoc = scu.associate("127.0.0.1", node.port, ae_title="DICOM_NODE")
+            assert assoc.is_established
+            try:
+                status = assoc.send_c_store(pydicom.dcmread(other[0]))
+            finally:
+                assoc.release()
+            assert int(status.Status) == 0xA700, status
+            assert "C-STORE refused (0xA700)" in node.tail(100)
+            # what was acknowledged before is all there, and nothing was sent again
+            assert len(list((data / "spool").glob("*/*/*.dcm"))) == 40
+            outbox = _db(node, "SELECT state FROM outbox WHERE series_uid = ?", uid)
+            assert [o["state"] for o in outbox] == ["sent"] * 3
+            in_pacs = _in_pacs(orthanc, attrs.study_instance_uid)
+            assert {m: len(v) for m, v in in_pacs.items()} == {"SEG": 1, "RTSTRUCT": 1, "SR": 1}
+            print(
+                "integrity watermark: intake refused with 0xA700 at 20 MB free, "
+                "results sent once, instances lost = 0"
+            )
         finally:
-            assoc.release()
-        assert int(status.Status) == 0xA700, status
-        assert "C-STORE refused (0xA700)" in node.tail(100)
-        # what was acknowledged before is all there, and nothing was sent again
-        assert len(list((data / "spool").glob("*/*/*.dcm"))) == 40
-        outbox = _db(node, "SELECT state FROM outbox WHERE series_uid = ?", uid)
-        assert [o["state"] for o in outbox] == ["sent"] * 3
-        in_pacs = _in_pacs(orthanc, attrs.study_instance_uid)
-        assert {m: len(v) for m, v in in_pacs.items()} == {"SEG": 1, "RTSTRUCT": 1, "SR": 1}
-        print(
-            "integrity watermark: intake refused with 0xA700 at 20 MB free, "
-            "results sent once, instances lost = 0"
-        )
-    finally:
-        if node is not None:
-            node.stop()
-        subprocess.run(["umount", "-l", str(data)], check=False)
+            if node is not None:
+                node.stop()
 
 
 def test_killed_mid_processing_and_restarted_sends_one_result_of_the_whole(

@@ -28,7 +28,7 @@ from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from dicom_node.synthetic import SeriesAttributes, ct_slice
-from tests.peers import NodeProcess, storescu
+from tests.peers import NodeProcess, small_tmpfs, storescu
 
 LIMITS = {
     "max_associations": 16,
@@ -156,6 +156,19 @@ class Trickle:
             s.close()
 
 
+def _small_slice(size: int = 16) -> pydicom.Dataset:
+    """A ``size`` x ``size`` CT slice of a series of its own."""
+    return ct_slice(
+        np.zeros((size, size), np.int16),
+        (0.0, 0.0, 0.0),
+        (1, 0, 0, 0, 1, 0),
+        (0.7, 0.7),
+        2.0,
+        1,
+        SeriesAttributes(),
+    )
+
+
 def _until(predicate, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -263,15 +276,7 @@ def test_an_association_outlives_the_association_deadline(node):
     while time.monotonic() < until:  # busy, never idle for network_timeout
         assert assoc.send_c_echo().Status == 0
         time.sleep(0.5)
-    ds = ct_slice(
-        np.zeros((16, 16), np.int16),
-        (0.0, 0.0, 0.0),
-        (1, 0, 0, 0, 1, 0),
-        (0.7, 0.7),
-        2.0,
-        1,
-        SeriesAttributes(),
-    )
+    ds = _small_slice()
     assert assoc.send_c_store(ds).Status == 0
     ACKED.add(str(ds.SOPInstanceUID))
     assoc.release()
@@ -285,15 +290,7 @@ def test_a_message_trickled_past_its_deadline_is_aborted(node):
     deadline still ends it."""
     assoc = _associate(node)
     assert assoc.is_established
-    ds = ct_slice(
-        np.zeros((64, 64), np.int16),
-        (0.0, 0.0, 0.0),
-        (1, 0, 0, 0, 1, 0),
-        (0.7, 0.7),
-        2.0,
-        1,
-        SeriesAttributes(),
-    )
+    ds = _small_slice(64)
     pdus = list(_store_message(ds, assoc.accepted_contexts[-1].context_id, 256))
     started = time.monotonic()
     for pdu in pdus:
@@ -360,17 +357,26 @@ def _command_set(context_id: int, sop_uid: str) -> bytes:
     return pdu.encode()
 
 
+def _store_by_hand(node: NodeProcess) -> tuple[object, int, str, socket.socket]:
+    """An association whose C-STORE the test writes on the socket itself: the association,
+    the CT context's ID, a new SOP Instance UID and the socket."""
+    assoc = _associate(node)
+    assert assoc.is_established
+    return (
+        assoc,
+        assoc.accepted_contexts[-1].context_id,
+        pydicom.uid.generate_uid(),
+        assoc.dul.socket.socket,
+    )
+
+
 @pytest.mark.parametrize("how", ["1 MiB PDUs", "one PDU"])
 def test_an_instance_far_over_the_limit_is_aborted_as_it_arrives(node, how):
     """A 600 MB C-STORE: the node reads no more than about the limit of it (8 MiB)."""
     size = 600 * 1024 * 1024
     pid = node.proc.pid
     rss_before, hwm_before = _vm(pid, "VmRSS"), _vm(pid, "VmHWM")
-    assoc = _associate(node)
-    assert assoc.is_established
-    cx = assoc.accepted_contexts[-1].context_id
-    sop_uid = pydicom.uid.generate_uid()
-    sock = assoc.dul.socket.socket
+    assoc, cx, sop_uid, sock = _store_by_hand(node)
     chunk = memoryview(bytes(1024 * 1024))
     sent = 0
     started = time.monotonic()
@@ -427,71 +433,48 @@ def test_a_large_instance_is_aborted_when_spilling_it_would_pass_the_disk_waterm
     take the free space below the watermark, not after the whole of it was written, when
     the C-STORE's own check comes; the partial file goes; the node serves on."""
     import shutil
-    import subprocess
 
     from dicom_node.incoming import SPILL_ABOVE
 
-    data = tmp_path / "data"
-    data.mkdir()
-    r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", str(data)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if r.returncode != 0:
-        pytest.skip(f"a small tmpfs cannot be mounted here ({r.stderr.strip()})")
-    node = NodeProcess(
-        tmp_path / "node",
-        node={"data_dir": str(data), "settle_seconds": 3600, "complete_on_release": False},
-        limits={"min_free_disk_mb": 64, "reserved_disk_mb": 4},
-        inference={"backend": "local", "bundle": str(tmp_path / "no-bundle")},
-    )
-    node.data_dir = data
-    try:
-        node.start()
-        free_before = shutil.disk_usage(data).free
-        assoc = _associate(node)
-        assert assoc.is_established
-        cx = assoc.accepted_contexts[-1].context_id
-        sop_uid = pydicom.uid.generate_uid()
-        sock = assoc.dul.socket.socket
-        chunk = memoryview(bytes(1024 * 1024))
-        size, sent = 200 * 1024 * 1024, 0
-        try:
-            sock.sendall(_command_set(cx, sop_uid))
-            while sent < size:
-                sock.sendall(_p_data(cx, chunk, last=sent + len(chunk) >= size))
-                sent += len(chunk)
-        except OSError:  # the node aborted and closed
-            pass
-        assert _until(lambda: not assoc.is_established, 10)
-        # it read past the spill threshold, and stopped before the watermark was passed
-        assert SPILL_ABOVE <= sent < 64 * 1024 * 1024, sent
-        log = node.log.read_text(errors="replace")
-        assert "below the 64 MB watermark (limits.min_free_disk_mb)" in log
-        assert shutil.disk_usage(data).free >= 64 * 1024 * 1024
-        assert sop_uid not in _recorded(node)
-        incoming = data / "spool" / ".incoming"
-        assert _until(lambda: not list(incoming.iterdir()), 5), list(incoming.iterdir())
-        assert shutil.disk_usage(data).free >= free_before - 1024 * 1024
-        # the node serves on, and a small instance is stored
-        ds = ct_slice(
-            np.zeros((16, 16), np.int16),
-            (0.0, 0.0, 0.0),
-            (1, 0, 0, 0, 1, 0),
-            (0.7, 0.7),
-            2.0,
-            1,
-            SeriesAttributes(),
+    with small_tmpfs(tmp_path / "data", 96) as data:
+        node = NodeProcess(
+            tmp_path / "node",
+            node={"data_dir": str(data), "settle_seconds": 3600, "complete_on_release": False},
+            limits={"min_free_disk_mb": 64, "reserved_disk_mb": 4},
+            inference={"backend": "local", "bundle": str(tmp_path / "no-bundle")},
         )
-        store = _associate(node)
-        assert store.is_established
+        node.data_dir = data
         try:
-            assert store.send_c_store(ds).Status == 0
+            node.start()
+            free_before = shutil.disk_usage(data).free
+            assoc, cx, sop_uid, sock = _store_by_hand(node)
+            chunk = memoryview(bytes(1024 * 1024))
+            size, sent = 200 * 1024 * 1024, 0
+            try:
+                sock.sendall(_command_set(cx, sop_uid))
+                while sent < size:
+                    sock.sendall(_p_data(cx, chunk, last=sent + len(chunk) >= size))
+                    sent += len(chunk)
+            except OSError:  # the node aborted and closed
+                pass
+            assert _until(lambda: not assoc.is_established, 10)
+            # it read past the spill threshold, and stopped before the watermark was passed
+            assert SPILL_ABOVE <= sent < 64 * 1024 * 1024, sent
+            log = node.log.read_text(errors="replace")
+            assert "below the 64 MB watermark (limits.min_free_disk_mb)" in log
+            assert shutil.disk_usage(data).free >= 64 * 1024 * 1024
+            assert sop_uid not in _recorded(node)
+            incoming = data / "spool" / ".incoming"
+            assert _until(lambda: not list(incoming.iterdir()), 5), list(incoming.iterdir())
+            assert shutil.disk_usage(data).free >= free_before - 1024 * 1024
+            # the node serves on, and a small instance is stored
+            ds = _small_slice()
+            store = _associate(node)
+            assert store.is_established
+            try:
+                assert store.send_c_store(ds).Status == 0
+            finally:
+                store.release()
+            assert str(ds.SOPInstanceUID) in _recorded(node)
         finally:
-            store.release()
-        assert str(ds.SOPInstanceUID) in _recorded(node)
-    finally:
-        node.stop()
-        subprocess.run(["umount", "-l", str(data)], check=False)
+            node.stop()

@@ -25,6 +25,10 @@ timeout. Set-aside servers are still tried, last, when no other server can take 
 and the first request after the pause checks the server again: once it answers ready it is
 back in the rotation. Only when every server failed does a request raise
 :class:`InferenceError`.
+
+Why one module of this size (~400 lines): it is one client, its transports and its choice
+of server; where the volume lies is :mod:`~dicom_node.inference.placement`'s, which server
+is next :mod:`~dicom_node.inference.rotation`'s.
 """
 
 from __future__ import annotations
