@@ -304,9 +304,11 @@ def e2e_rows(
     shape: tuple[int, int, int] = E2E_SHAPE,
     backend: str = BACKEND,
     runs: int = E2E_RUNS,
+    warm_up: bool = True,
 ) -> list[dict]:
     """Node vs the plain MONAI way, wholeBody low resolution, on a phantom of ``shape``
-    (median of ``runs``, after one series that loads the models)."""
+    (median of ``runs``, after one series that loads the models unless not ``warm_up``:
+    then the first run's time includes loading them)."""
     from bench.e2e import _latency
     from dicom_node.phantom import make_phantom
     from dicom_node.synthetic import SeriesAttributes, write_ct_series
@@ -343,8 +345,9 @@ def e2e_rows(
     mine, peer, stages, sizes = [], [], [], {}
     try:
         node.start(timeout=600)
-        folder, attrs = series(0)
-        _latency(node, folder, attrs)  # the first job loads the models
+        if warm_up:
+            folder, attrs = series(0)
+            _latency(node, folder, attrs)  # the first job loads the models
         for run_ in range(1, runs + 1):
             folder, attrs = series(run_)
             latency, timings = _latency(node, folder, attrs)
