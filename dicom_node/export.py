@@ -44,6 +44,7 @@ from typing import Any
 
 import pydicom
 from pynetdicom import AE, evt
+from pynetdicom.pdu import A_ASSOCIATE_RJ
 
 from dicom_node.config import Destination, Settings, TLSSettings
 from dicom_node.delivery import (
@@ -125,20 +126,27 @@ def cstore_batch(
     for sop_class, syntax in dict.fromkeys(headers.values()):
         ae.add_requested_context(sop_class, syntax)
     answers: list[Any] = []
+    # The rejection is taken from the PDU as it arrives: a peer that closes the connection
+    # right after its A-ASSOCIATE-RJ can have pynetdicom abort the association before the
+    # rejection reaches its ACSE (seen with Orthanc on a loaded host), which left only
+    # "cannot be reached" to say.
     assoc = ae.associate(
         destination.host,
         destination.port,
         ae_title=destination.ae_title,
         tls_args=client_tls_args(tls or TLSSettings(), destination),
-        evt_handlers=[(evt.EVT_ACSE_RECV, lambda event: answers.append(event.primitive))],
+        evt_handlers=[
+            (evt.EVT_ACSE_RECV, lambda event: answers.append(event.primitive)),
+            (evt.EVT_PDU_RECV, lambda event: answers.append(event.pdu)),
+        ],
     )
     refused = {str(cx.abstract_syntax) for cx in assoc.rejected_contexts}
     accepted = {
         (str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts
     }
     if not assoc.is_established:
-        if assoc.is_rejected:
-            rj = next((a for a in answers if getattr(a, "result", None) in (1, 2)), None)
+        rj = next((a for a in answers if isinstance(a, A_ASSOCIATE_RJ)), None)
+        if assoc.is_rejected or rj is not None:
             why = f" ({rj.result_str}, {rj.source_str}: {rj.reason_str})" if rj is not None else ""
             raise ExportError(f"{destination.name} rejected the association{why}")
         if refused and not accepted:  # pynetdicom aborts when no context was accepted

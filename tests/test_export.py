@@ -208,6 +208,43 @@ def test_a_pacs_that_rejects_the_association_is_retried(tmp_path):
         pacs.stop()
 
 
+def test_a_rejection_followed_at_once_by_a_close_is_recorded_as_the_rejection(tmp_path):
+    """A peer that sends its A-ASSOCIATE-RJ and closes the connection straight away: the
+    rejection is what the outbox records, whichever pynetdicom sees first."""
+    import socket
+    import threading
+
+    _, files = _results(tmp_path)
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    # rejected-permanent, service-user, called AE title not recognised (PS3.8 9.3.4)
+    reject = bytes([0x03, 0, 0, 0, 0, 4, 0, 0x01, 0x01, 0x07])
+
+    def serve() -> None:
+        for _ in range(3):
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            conn.recv(65536)  # the A-ASSOCIATE-RQ
+            conn.sendall(reject)
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        jobs = JobStore(tmp_path / "jobs.sqlite")
+        path, uid = files["SEG"]
+        jobs.enqueue_result(series_uid="1.9", kind="SEG", destination="rj", path=path, sop_uid=uid)
+        exporter = Exporter(Settings(destinations=[_loopback("rj", "ANY", port)]), jobs)
+        for _ in range(3):
+            assert exporter.run_once() == 0
+            (item,) = jobs.outbox("1.9")
+            assert "rj rejected the association" in item.last_error, item.last_error
+            assert "Called AE title not recognised" in item.last_error
+    finally:
+        server.close()
+
+
 def test_a_pacs_that_refuses_the_seg_class_is_recorded_as_such(tmp_path):
     """A Storage SCP that takes CT only: the SEG's presentation context is refused, and
     the outbox says so (not "cannot be reached")."""
