@@ -39,7 +39,7 @@ from dicom_node.backoff import backoff
 from dicom_node.completion import RELEASED, SETTLE_TIMER, SliceGeometry, gap_free, slice_geometry
 from dicom_node.config import ModelSettings, Settings
 from dicom_node.export import Exporter, binary_alternatives_wanted, plan_outbox_items
-from dicom_node.heap import freeze_heap
+from dicom_node.heap import empty_volume, freeze_heap
 from dicom_node.jobs import (
     COMPLETE,
     DONE,
@@ -575,16 +575,15 @@ class Node:
     def _allocator(self, models: list[ModelSettings]) -> Any:
         """Where to assemble the volume: where every model's backend reads it without a copy
         (GPU memory or a system shared-memory region for a Triton server on this host), or
-        ``numpy.empty`` when they disagree or the backends are not up.
+        ordinary memory (:func:`~dicom_node.heap.empty_volume`) when they disagree or the
+        backends are not up.
         """
-        import numpy as np
-
         try:
             backends = self.backends()
         except Exception:  # noqa: BLE001 - not started: _infer reports it and retries
-            return np.empty
+            return empty_volume
         allocators = {backends[m.name].volume_allocator() for m in models}
-        return allocators.pop() if len(allocators) == 1 else np.empty
+        return allocators.pop() if len(allocators) == 1 else empty_volume
 
     def _write_results(
         self, out_dir: Path, files: dict[str, tuple[Any, str]], written: list[Path]
