@@ -18,6 +18,7 @@ so it runs where the bundle puts it, before or after the resampling.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import numpy as np
@@ -93,11 +94,10 @@ class Preprocess:
         volume = torch.as_tensor(hu).to(device=device)
         done: Callable[[int], object] | None = None
         if consume and isinstance(hu, np.ndarray):
-            source = hu
             if volume.device.type == "cpu":
-                done = lambda slices: discard_leading(source, slices)  # noqa: E731
+                done = functools.partial(discard_leading, hu)
             else:
-                discard_leading(source, len(source))
+                discard_leading(hu, len(hu))
         xyz = ras_affine(affine)
         xyz_shape = tuple(int(n) for n in reversed(volume.shape))
         dst_affine, dst_shape = self._output_grid(xyz, xyz_shape)
