@@ -371,15 +371,17 @@ class AddressLimiter:
 def reject_unread(assoc_socket: AssociationSocket, sock: socket.socket) -> None:
     """Answer a connection over its address's limit with an A-ASSOCIATE-RJ, unread.
 
-    The A-ASSOCIATE-RJ goes out before the peer's request is read; the write side is then
-    shut so that the peer reads it before the connection ends, what it sent is drained for
-    up to a second (closing with unread data would reset the connection, and the peer could
-    lose the rejection), and the socket is closed: the association ends before it starts.
+    The A-ASSOCIATE-RJ goes out before the peer's request is read. Then, as the upper
+    layer's state machine has it (PS3.8 9.2, Sta13), the node waits for the peer to close
+    the connection, for up to a second, draining what it sent (closing with unread data
+    would reset the connection, and the peer could lose the rejection), and closes the
+    socket: the association ends before it starts. Closing its own side first made the
+    peer's end of the connection arrive with the rejection, and pynetdicom as a requestor
+    then sometimes took the association for aborted rather than rejected.
     """
     try:
         sock.settimeout(1.0)
         sock.sendall(A_ASSOCIATE_RJ_LIMIT)
-        sock.shutdown(socket.SHUT_WR)
         deadline = time.monotonic() + 1.0
         while (left := deadline - time.monotonic()) > 0:
             sock.settimeout(left)
