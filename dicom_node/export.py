@@ -93,6 +93,12 @@ def _header(path: Path) -> tuple[str, str]:
     return str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)
 
 
+def _keep_rejection(pdu: Any, answers: list[Any]) -> None:
+    """Keep an A-ASSOCIATE-RJ PDU among ``answers`` (every other PDU goes by)."""
+    if isinstance(pdu, A_ASSOCIATE_RJ):
+        answers.append(pdu)
+
+
 def cstore_batch(
     destination: Destination,
     items: list[Outgoing],
@@ -137,7 +143,7 @@ def cstore_batch(
         tls_args=client_tls_args(tls or TLSSettings(), destination),
         evt_handlers=[
             (evt.EVT_ACSE_RECV, lambda event: answers.append(event.primitive)),
-            (evt.EVT_PDU_RECV, lambda event: answers.append(event.pdu)),
+            (evt.EVT_PDU_RECV, lambda event: _keep_rejection(event.pdu, answers)),
         ],
     )
     refused = {str(cx.abstract_syntax) for cx in assoc.rejected_contexts}
