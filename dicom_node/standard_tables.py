@@ -7,9 +7,9 @@ than changed in highdicom:
 
 - The module table is a 22 MB JSON file (~100,000 attribute entries) that highdicom keeps
   as 60 MiB of Python objects. Read on first use, that fell in the middle of the first
-  series' assembly: 0.4 s on the way to its results, and the file's text and objects on
+  series' assembly: 0.2 to 0.4 s on the way to its results, and the file's text and objects on
   top of a whole volume at the series' memory peak. The node calls
-  :func:`load_standard_tables` when it starts instead (0.7 s, before it listens), which also
+  :func:`load_standard_tables` when it starts instead (0.3 s, before it listens), which also
   shares the table's repeated strings: each keyword, type and path element becomes one
   interned string rather than one per module that lists it, 27 MiB in all. (Shared later,
   after the first series, the table held nearly as much as before: the freed strings'
@@ -73,13 +73,10 @@ def load_standard_tables() -> None:
     std.get_sop_class_iod_map()
     std.get_iod_module_map()
     intern = sys.intern
-    table = None
-    while table is not (table := std.get_module_attribute_map()):
-        # (again if another thread's first use put its own copy in highdicom's cache)
-        for attributes in table.values():
-            for attribute in attributes:
-                for key, value in attribute.items():
-                    if isinstance(value, str):
-                        attribute[key] = intern(value)
-                    elif isinstance(value, list):
-                        value[:] = [intern(v) if isinstance(v, str) else v for v in value]
+    for attributes in std.get_module_attribute_map().values():
+        for attribute in attributes:
+            for key, value in attribute.items():
+                if isinstance(value, str):
+                    attribute[key] = intern(value)
+                elif isinstance(value, list):
+                    value[:] = [intern(v) if isinstance(v, str) else v for v in value]
