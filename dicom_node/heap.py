@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import gc
 import mmap
 from collections.abc import Sequence
@@ -44,11 +45,19 @@ def release_free_memory() -> None:
     on a 512x512x600 series, some 150 to 250 MiB, which the label map at the source's
     size then came on top of. Elsewhere (no glibc) this does nothing.
     """
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """The C library, looked up once (``find_library`` runs ``ldconfig``: milliseconds,
+    twice a segmentation)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
 
 
 def empty_volume(shape: Sequence[int], dtype: Any) -> np.ndarray:
