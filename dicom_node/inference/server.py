@@ -329,6 +329,10 @@ class TritonServer:
             *(f"--model-repository={p}" for p in self.extra_repositories),
             f"--backend-directory={backends}",
             "--model-control-mode=explicit",
+            # Every config is complete. Otherwise the Python backend starts one stub per model
+            # only to ask its TritonPythonModel for a config (importing torch and MONAI, ~2.5 s
+            # of CPU each), then another to serve it.
+            "--disable-auto-complete-config",
             f"--grpc-port={self.grpc_port}",
             f"--http-port={self.http_port}",
             f"--metrics-port={self.metrics_port}",
