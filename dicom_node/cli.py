@@ -85,26 +85,13 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     db = settings.node.data_dir / "jobs.sqlite"
-    if not db.exists():
-        rows: list[dict] = []
-    else:
+    rows: list[dict] = []
+    if db.exists():
         store = JobStore(db)
-        rows = []
-        for rec in store.list_series():
-            d = rec.to_dict()
-            d["outbox"] = [
-                {
-                    "kind": o.kind,
-                    "destination": o.destination,
-                    "state": o.state,
-                    "attempts": o.attempts,
-                    "last_error": o.last_error,
-                    "sent_as": o.sent_as,
-                }
-                for o in store.outbox(rec.series_uid)
-            ]
-            rows.append(d)
-        store.close()
+        try:
+            rows = store.listing()
+        finally:
+            store.close()
     if args.json:
         json.dump(rows, sys.stdout, indent=2)
         print()

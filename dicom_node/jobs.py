@@ -549,6 +549,26 @@ class JobStore:
                 ).fetchall()
         return [OutboxItem(**dict(r)) for r in rows]
 
+    def listing(self) -> list[dict[str, Any]]:
+        """Every series with what it owes each destination, as ``dicom-node jobs --json``
+        prints it."""
+        rows = []
+        for rec in self.list_series():
+            row = rec.to_dict()
+            row["outbox"] = [
+                {
+                    "kind": o.kind,
+                    "destination": o.destination,
+                    "state": o.state,
+                    "attempts": o.attempts,
+                    "last_error": o.last_error,
+                    "sent_as": o.sent_as,
+                }
+                for o in self.outbox(rec.series_uid)
+            ]
+            rows.append(row)
+        return rows
+
     def mark_sent(
         self, item_id: int, sent_at: float | None = None, alternative: bool = False
     ) -> None:

@@ -157,6 +157,7 @@ class NodeProcess:
             "min_free_disk_mb": 1,
         }
         node.update(sections.pop("node", {}))
+        self.data_dir = Path(node["data_dir"])
         inference = {"backend": "local"}
         inference.update(sections.pop("inference", {}))
         limits = {"min_free_disk_mb": node.pop("min_free_disk_mb")}
@@ -200,6 +201,21 @@ class NodeProcess:
             self._out.close()
 
     def jobs(self) -> list[dict]:
+        """What ``dicom-node jobs --json`` prints, read here rather than by starting the CLI
+        on each poll (a test of the CLI checks they agree)."""
+        from dicom_node.jobs import JobStore
+
+        db = self.data_dir / "jobs.sqlite"
+        if not db.exists():
+            return []
+        store = JobStore(db)
+        try:
+            return json.loads(json.dumps(store.listing()))
+        finally:
+            store.close()
+
+    def jobs_from_cli(self) -> list[dict]:
+        """``dicom-node jobs --json``."""
         r = subprocess.run(
             [sys.executable, "-m", "dicom_node", "jobs", "--config", str(self.config), "--json"],
             capture_output=True,

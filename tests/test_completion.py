@@ -141,8 +141,9 @@ def test_one_association_completes_at_release(tmp_path, phantom_hu, dcmtk_tools)
         assert job["state"] == "done", job["reason"]
         assert job["instance_count"] == SLICES and job["attempts"] == 1
         # the rule shows in `dicom-node jobs`, as JSON and as text
-        [listed] = node.jobs()
+        [listed] = node.jobs_from_cli()
         assert listed["completed_by"] == RELEASED
+        assert node.jobs() == [listed]
         text = subprocess.run(
             [*_cli(node), "jobs", "--config", str(node.config)],
             capture_output=True,

@@ -216,7 +216,6 @@ def test_below_the_watermark_intake_stops_and_nothing_is_sent_twice(tmp_path, or
                 inference={"backend": "local", "attempts": 1},
                 destinations=[dest],
             )
-            node.data_dir = data
             node.start()
             assert storescu(node.port, paths).returncode == 0
             _poll(node, lambda: _settled(node, uid, 40), 120, "series done and sent")
