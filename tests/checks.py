@@ -56,9 +56,13 @@ def resample_nearest(
     )
 
 
-def seg_mask(seg_path: Path, source: SeriesVolume, segment_number: int = 1) -> np.ndarray:
-    """A SEG read back with highdicom, as a boolean mask on the source volume's grid."""
-    seg = hd.seg.segread(seg_path)
+def seg_mask(
+    seg: Path | hd.seg.Segmentation, source: SeriesVolume, segment_number: int = 1
+) -> np.ndarray:
+    """A segment of a SEG read back with highdicom (a file, or one already read: reading
+    takes 0.4 s for a SEG of 100 segments), as a boolean mask on the source volume's grid."""
+    if not isinstance(seg, hd.seg.Segmentation):
+        seg = hd.seg.segread(seg)
     out = np.zeros(source.array.shape, bool)
     referenced = {
         (str(ref.ReferencedSOPInstanceUID), int(ref.get("ReferencedFrameNumber", 0) or 0))
