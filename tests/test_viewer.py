@@ -155,7 +155,7 @@ def browser(study, tmp_path_factory):
         "--disable-component-update",
         "--disable-sync",
         "--no-first-run",
-        "--window-size=1600,1000",
+        "--window-size=1200,800",
         "--force-device-scale-factor=1",
         f"--user-data-dir={tmp_path_factory.mktemp('chromium')}",
     ):
