@@ -24,6 +24,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.pdu import A_ASSOCIATE_RJ
 
 if TYPE_CHECKING:
     from dicom_node.inference.server import TritonServer
@@ -88,6 +91,27 @@ def small_tmpfs(path: Path, size_mb: int) -> Iterator[Path]:
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def associate(ae: AE, port: int, **kwargs: Any) -> tuple[Association, tuple[int, int, int] | None]:
+    """``ae.associate`` with the node at ``port`` on loopback, and the node's rejection if it
+    rejected: the (result, source, reason) of its A-ASSOCIATE-RJ.
+
+    The rejection is read from the PDU as it arrives: pynetdicom now and then takes a
+    rejection that arrives together with the connection's close for an abort (the node
+    closes a second after its rejection, pynetdicom's own rejections at once), which a
+    requestor on a loaded machine met.
+    """
+    seen: list[A_ASSOCIATE_RJ] = []
+
+    def keep(event: Any) -> None:
+        if isinstance(event.pdu, A_ASSOCIATE_RJ):
+            seen.append(event.pdu)
+
+    assoc = ae.associate("127.0.0.1", port, evt_handlers=[(evt.EVT_PDU_RECV, keep)], **kwargs)
+    if not seen:
+        return assoc, None
+    return assoc, (seen[0].result, seen[0].source, seen[0].reason_diagnostic)
 
 
 def free_port() -> int:
