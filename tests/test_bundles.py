@@ -81,7 +81,7 @@ def test_a_convolutional_network_runs_channels_last_on_a_cpu():
     import torch
     from monai.networks.nets import UNet
 
-    from dicom_node.pipeline.bundle import channels_last_on_cpu
+    from dicom_node.pipeline.weights import channels_last_on_cpu
 
     bundle = load_bundle(PROJECT_ROOT / "bundles" / "spleen_ct_demo")
     loaded = bundle.load_network("cpu")
@@ -100,3 +100,46 @@ def test_a_convolutional_network_runs_channels_last_on_a_cpu():
     assert channels_last_on_cpu(unet, torch.device("cuda")) is unet
     wide = [p for p in unet.parameters() if p.ndim == 5 and p.shape[1] > 1]
     assert wide and not any(p.is_contiguous(memory_format=torch.channels_last_3d) for p in wide)
+
+
+def test_a_served_torchscript_network_loads_without_monai(tmp_path):
+    """A Triton network model's process: TorchScript weights load with torch alone, the same
+    network as the whole bundle reading gives; state-dict weights, or an amp flag that is an
+    expression, take the whole reading (MONAI builds the network_def)."""
+    import json
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, torch\n"
+        "from dicom_node.pipeline.weights import load_served_network\n"
+        "net, amp = load_served_network(sys.argv[1], 'cpu')\n"
+        "x = torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(2))\n"
+        "with torch.inference_mode():\n"
+        "    print(float(net(x).sum()), amp, 'monai' in sys.modules)\n"
+    )
+
+    def served(bundle):
+        out = subprocess.run(
+            [sys.executable, "-c", probe, str(bundle)], capture_output=True, text=True, check=True
+        ).stdout.split()
+        return float(out[0]), out[1] == "True", out[2] == "True"
+
+    total, amp, monai_loaded = served(DEMO)
+    assert (amp, monai_loaded) == (False, False)
+    # the same network, in the same layout, as Bundle.load_network gives
+    import torch
+
+    net = load_bundle(DEMO).load_network("cpu")
+    x = torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        assert abs(float(net(x).sum()) - total) <= 1e-3 * max(1.0, abs(total))
+
+    # amp as an expression: MONAI's parser evaluates it
+    bundle = tmp_path / "amp_expression"
+    shutil.copytree(DEMO, bundle)
+    config = bundle / "configs" / "inference.json"
+    doc = json.loads(config.read_text())
+    doc.setdefault("evaluator", {"_target_": "SupervisedEvaluator"})["amp"] = "$False"
+    config.write_text(json.dumps(doc))
+    assert served(bundle)[1:] == (False, True)

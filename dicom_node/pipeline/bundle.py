@@ -39,6 +39,12 @@ from dicom_node.pipeline.metadata import (
     read_bundle_info,
     read_config,
 )
+from dicom_node.pipeline.weights import (
+    STATE_DICT,
+    TORCHSCRIPT,
+    channels_last_on_cpu,
+    load_torchscript,
+)
 
 __all__ = [
     "INFERENCE_CONFIG",
@@ -49,9 +55,6 @@ __all__ = [
     "Preprocessing",
     "load_bundle",
 ]
-
-TORCHSCRIPT = "models/model.ts"
-STATE_DICT = "models/model.pt"
 
 #: Dictionary transforms that are no-ops on an in-memory, channel-first float tensor.
 _PASS_THROUGH = {"LoadImaged", "EnsureChannelFirstd", "EnsureTyped", "AddChanneld"}
@@ -154,11 +157,11 @@ class Bundle:
         loaded into ``network_def``, as MONAI's ``CheckpointLoader`` loads them: a
         checkpoint whose ``model`` item is the state dict, or the state dict itself.
         """
-        ts = self.path / TORCHSCRIPT
         pt = self.weights or self.path / STATE_DICT
-        if ts.is_file():
-            net = torch.jit.load(str(ts), map_location=device)
-        elif pt.is_file():
+        net = load_torchscript(self.path, device)
+        if net is not None:
+            return net
+        if pt.is_file():
             net = self.build_network()
             state = torch.load(pt, map_location=device, weights_only=True)
             if isinstance(state, dict) and isinstance(state.get("model"), dict):
@@ -178,25 +181,6 @@ class Bundle:
                 f"{where} (checkpointloader#load_path) is there"
             )
         return channels_last_on_cpu(net.eval(), torch.device(device))
-
-
-def channels_last_on_cpu(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """On a CPU, a convolutional network with its weights in channels-last order (NDHWC).
-
-    PyTorch's oneDNN 3D convolutions run 1.5 to 2 times as fast on channels-last weights
-    at a batch of two patches or more (two 96^3 patches on two cores: the spleen bundle's
-    UNet 0.15 to 0.09 s, the wholeBody SegResNet 4.7 to 3.2 s), and their inputs and
-    outputs follow. The network is the same function, its sums taken in another order:
-    logits within 1e-6 for the UNet, 7e-4 for a 105-class SegResNet with random weights.
-    A network with attention (``Linear`` layers: SwinUNETR) is left as it is, being 8%
-    slower so; on a GPU every network is.
-    """
-    if device.type != "cpu":
-        return net
-    kinds = {getattr(m, "original_name", type(m).__name__) for m in net.modules()}
-    if "Conv3d" not in kinds or "Linear" in kinds:
-        return net
-    return net.to(memory_format=torch.channels_last_3d)
 
 
 def _root_cause(exc: BaseException) -> str:
