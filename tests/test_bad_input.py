@@ -1340,10 +1340,12 @@ def test_silent_association_is_aborted(node, ledger, served):
         )
 
 
-def _partial_store(node: NodeProcess, finish: Callable) -> str:
-    """Send the first fragments of a C-STORE of a 300x300 image, then ``finish(assoc)``."""
+def _partial_store(node: NodeProcess, finish: Callable) -> tuple[str, int]:
+    """Send the first fragments of a C-STORE of a 300x300 image, then ``finish(assoc)``; the
+    instance's UID and the local port the association came from."""
     ds = _ct(rows=300, cols=300)
     with _association(node.port) as assoc:
+        port = assoc.dul.socket.socket.getsockname()[1]
         req = C_STORE()
         req.MessageID = 1
         req.AffectedSOPClassUID = CTImageStorage
@@ -1359,7 +1361,7 @@ def _partial_store(node: NodeProcess, finish: Callable) -> str:
             assoc.dul.send_pdu(pdata)
         time.sleep(0.3)
         finish(assoc)
-    return str(ds.SOPInstanceUID)
+    return str(ds.SOPInstanceUID), port
 
 
 def _tcp_drop(assoc) -> None:
@@ -1375,8 +1377,13 @@ def _tcp_drop(assoc) -> None:
     ],
 )
 def test_interrupted_transfer_leaves_nothing(node, ledger, served, case, finish):
-    uid = _partial_store(node, finish)
-    time.sleep(0.5)
+    uid, port = _partial_store(node, finish)
+    # the node has seen the association end (then anything it began is gone or kept)
+    ended = f"association aborted: BAD_INPUT from 127.0.0.1:{port}"
+    deadline = time.monotonic() + 10
+    while ended not in node.log.read_text(errors="replace"):
+        assert time.monotonic() < deadline, f"the node never logged {ended!r}"
+        time.sleep(0.05)
     incoming = list((node.data_dir / "spool" / ".incoming").iterdir())
     stored = uid in _spooled_uids(node)
     ledger.check(
