@@ -104,8 +104,9 @@ def test_a_convolutional_network_runs_channels_last_on_a_cpu():
 
 def test_a_served_torchscript_network_loads_without_monai(tmp_path):
     """A Triton network model's process: TorchScript weights load with torch alone, the same
-    network as the whole bundle reading gives; state-dict weights, or an amp flag that is an
-    expression, take the whole reading (MONAI builds the network_def)."""
+    network as the whole bundle reading gives; an amp flag that is an expression takes the
+    whole reading (MONAI's parser). State-dict weights, which need MONAI to build the
+    network_def, are served in the zoo bundles' run through Triton (test_zoo_bundles)."""
     import json
     import subprocess
     import sys
