@@ -53,7 +53,7 @@ format: install
 	$(BIN)/ruff check --fix . && $(BIN)/ruff format .
 
 demo-bundle: install
-	$(BIN)/python tools/train_demo_bundle.py
+	$(BIN)/python -m tools.train_demo_bundle
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .ohif

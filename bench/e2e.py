@@ -52,10 +52,10 @@ from monai.transforms import (
 
 from dicom_node.config import PROJECT_ROOT
 from dicom_node.encode import AlgorithmInfo, segment_info_for
-from dicom_node.phantom import make_phantom
 from dicom_node.pipeline import load_bundle
 from dicom_node.pipeline.transforms import ras_affine
-from dicom_node.synthetic import SeriesAttributes, write_ct_series
+from dicom_node_testing.phantom import make_phantom
+from dicom_node_testing.synthetic import SeriesAttributes, write_ct_series
 from tests.peers import NodeProcess, Orthanc, free_port
 
 RUNS = int(os.environ.get("BENCH_E2E_RUNS", "3"))  # 3 x (node + plain) per size, medians
@@ -214,7 +214,7 @@ def _wait_sent(node: NodeProcess, uids: set[str], timeout: float = 900) -> dict[
 
 
 def _sent_at(node: NodeProcess, uid: str) -> float:
-    from dicom_node.jobs import JobStore
+    from dicom_node.state.jobs import JobStore
 
     store = JobStore(node.data_dir / "jobs.sqlite")
     try:

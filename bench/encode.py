@@ -27,8 +27,8 @@ import scipy.ndimage as ndi
 
 from dicom_node.config import ResultSettings
 from dicom_node.encode import AlgorithmInfo, build_rtstruct, build_seg, segment_info_for
-from dicom_node.synthetic import write_ct_series
-from dicom_node.volume import SeriesVolume, assemble_series
+from dicom_node.series.volume import SeriesVolume, assemble_series
+from dicom_node_testing.synthetic import write_ct_series
 
 RUNS = int(os.environ.get("BENCH_RUNS", "1"))
 SHAPE = (200, 512, 512)

@@ -283,7 +283,7 @@ def triton_reason() -> str | None:
         return reason
     if importlib.util.find_spec("pytriton") is None:
         return "nvidia-pytriton (the tritonserver binary) is not installed"
-    from dicom_node.inference.cuda_shm import unavailable_reason
+    from dicom_node.inference.triton.cuda_shm import unavailable_reason
 
     return unavailable_reason(0)
 
@@ -295,10 +295,10 @@ def triton_cuda_vs_system(bundle_dir: Path, slices: int) -> list[dict]:
     reason = triton_reason()
     if reason is not None:
         return [skipped(figure, reason)]
-    from dicom_node.inference.cuda_shm import CudaVolume
-    from dicom_node.inference.server import TritonServer
-    from dicom_node.inference.shm import shared_empty
-    from dicom_node.inference.triton import TritonBackend
+    from dicom_node.inference.triton.client import TritonBackend
+    from dicom_node.inference.triton.cuda_shm import CudaVolume
+    from dicom_node.inference.triton.server import TritonServer
+    from dicom_node.inference.triton.shm import shared_empty
 
     hu, affine = synthetic_ct(slices)
     work = Path(tempfile.mkdtemp(prefix="bench-gpu-triton-"))

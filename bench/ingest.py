@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dicom_node.synthetic import SeriesAttributes, write_ct_series
+from dicom_node_testing.synthetic import SeriesAttributes, write_ct_series
 from tests.peers import NodeProcess, Orthanc, free_port, wait_port
 
 SLICES = int(os.environ.get("BENCH_INGEST_SLICES", "200"))

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from dicom_node.phantom import make_phantom
-from dicom_node.synthetic import SeriesAttributes, write_ct_series
+from dicom_node_testing.phantom import make_phantom
+from dicom_node_testing.synthetic import SeriesAttributes, write_ct_series
 from tests.peers import NodeProcess, Orthanc, free_port
 
 SLICES = int(os.environ.get("BENCH_MEMORY_SLICES", "600"))

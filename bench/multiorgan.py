@@ -52,9 +52,9 @@ from monai.transforms import Compose, LoadImaged
 
 from bench.e2e import read_series_plainly
 from bench.encode import _encode, _rows, _series
-from dicom_node.bundles import write_seeded_weights
 from dicom_node.config import ResultSettings
 from dicom_node.encode import AlgorithmInfo, build_rtstruct, build_seg, build_sr, segment_info_for
+from dicom_node.pipeline.install import write_seeded_weights
 from dicom_node.pipeline.transforms import ras_affine
 
 
@@ -310,8 +310,8 @@ def e2e_rows(
     (median of ``runs``, after one series that loads the models unless not ``warm_up``:
     then the first run's time includes loading them)."""
     from bench.e2e import _latency
-    from dicom_node.phantom import make_phantom
-    from dicom_node.synthetic import SeriesAttributes, write_ct_series
+    from dicom_node_testing.phantom import make_phantom
+    from dicom_node_testing.synthetic import SeriesAttributes, write_ct_series
     from tests.peers import NodeProcess, Orthanc, free_port
 
     if not (ZOO / "configs" / "inference.json").is_file():

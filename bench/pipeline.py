@@ -37,9 +37,9 @@ from monai.transforms import (
 )
 
 from dicom_node.config import PROJECT_ROOT
-from dicom_node.phantom import make_phantom
 from dicom_node.pipeline import SegmentationPipeline, load_bundle
 from dicom_node.pipeline.transforms import ras_affine
+from dicom_node_testing.phantom import make_phantom
 
 RUNS = int(os.environ.get("BENCH_RUNS", "3"))
 #: (slices, rows, columns) of the benchmark phantom and its spacing in mm.

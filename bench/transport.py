@@ -25,9 +25,9 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
-from dicom_node.inference.placement import Registration
-from dicom_node.inference.server import TritonServer
-from dicom_node.inference.shm import region_of, shared_empty, unlink
+from dicom_node.inference.triton.placement import Registration
+from dicom_node.inference.triton.server import TritonServer
+from dicom_node.inference.triton.shm import region_of, shared_empty, unlink
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MODEL = "echo"
@@ -68,7 +68,7 @@ def echo_grpc(url: str) -> Callable[[np.ndarray], np.ndarray]:
 def echo_shm(url: str) -> Callable[[np.ndarray], np.ndarray]:
     """Round trip through system shared memory, as the node sends volumes.
 
-    Like :class:`~dicom_node.inference.triton.TritonBackend` with a volume in ordinary
+    Like :class:`~dicom_node.inference.triton.client.TritonBackend` with a volume in ordinary
     memory, every call copies it into a region of its own, registers that and an output
     region, and unregisters and unlinks both, so the figure includes that overhead.
     """

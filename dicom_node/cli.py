@@ -34,8 +34,8 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from dicom_node.logsetup import setup_logging
     from dicom_node.node import Node
+    from dicom_node.service.logs import setup_logging
 
     settings = _settings(args)
     setup_logging(settings.node.data_dir, settings.node.log_json)
@@ -48,8 +48,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    from dicom_node.embedded import EmbeddedError
-    from dicom_node.status import StatusError
+    from dicom_node.service.embedded import EmbeddedError
+    from dicom_node.service.status import StatusError
 
     try:
         node.start()
@@ -81,7 +81,7 @@ def _warm_backend(node: object) -> None:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from dicom_node.jobs import JobStore
+    from dicom_node.state.jobs import JobStore
 
     settings = _settings(args)
     db = settings.node.data_dir / "jobs.sqlite"
@@ -106,7 +106,7 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    from dicom_node.jobs import JobStore
+    from dicom_node.state.jobs import JobStore
 
     settings = _settings(args)
     store = JobStore(settings.node.data_dir / "jobs.sqlite")
@@ -125,7 +125,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_model_install(args: argparse.Namespace) -> int:
-    from dicom_node.bundles import BundleInstallError, install_bundle
+    from dicom_node.pipeline.install import BundleInstallError, install_bundle
 
     try:
         path = install_bundle(args.source, Path(args.dest))
@@ -137,7 +137,7 @@ def cmd_model_install(args: argparse.Namespace) -> int:
 
 def cmd_model_export_triton(args: argparse.Namespace) -> int:
     """Write the Triton models of a configured model, for a server the node does not run."""
-    from dicom_node.inference.repository import write_models
+    from dicom_node.inference.triton.repository import write_models
     from dicom_node.pipeline import BundleError
 
     settings = load_settings(Path(args.config) if args.config else None)
@@ -172,7 +172,7 @@ def _parse_peer(text: str) -> tuple[str, str, int]:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from dicom_node.push import push_paths
+    from dicom_node.export.push import push_paths
 
     ae, host, port = _parse_peer(args.to)
     paths = [Path(p) for p in args.paths]

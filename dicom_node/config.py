@@ -96,7 +96,7 @@ class NodeSettings:
     data_dir: Path = Path("var")
     settle_seconds: float = _at_least(10.0, 0)
     #: Complete a series as soon as the association that carried it is released, when its
-    #: slices form a volume without a gap (:mod:`dicom_node.completion`); the settle timer
+    #: slices form a volume without a gap (:mod:`dicom_node.series.completion`); the settle timer
     #: remains the rule for everything else.
     complete_on_release: bool = True
     allowed_calling_aes: list[str] = field(default_factory=list)
@@ -218,7 +218,7 @@ class StatusSettings:
     #: /readyz. Required when ``host`` is not a loopback address.
     auth: str = _one_of("none", "basic", "bearer")
     #: Where the secret is (never in this file): ``user:password`` for basic, the token
-    #: for bearer (:mod:`dicom_node.credentials`).
+    #: for bearer (:mod:`dicom_node.common.credentials`).
     credentials_file: Path | None = None
     credentials_env: str = ""
 
@@ -243,7 +243,7 @@ class ModelSettings:
     """One segmentation model: a MONAI bundle, and the Triton model that serves it.
 
     With no ``triton_model`` the node writes the Triton models the bundle needs into its data
-    directory and serves them (``dicom_node.inference.repository``): a bundle is a folder,
+    directory and serves them (``dicom_node.inference.triton.repository``): a bundle is a folder,
     not a hand-written model.
     """
 
@@ -302,7 +302,7 @@ class Destination:
     #: "labelmap" (never a fallback) or "binary" (always the binary SEG).
     seg_type: str = _one_of("auto", "labelmap", "binary")
     #: The node starts this destination itself: an Orthanc on loopback at ``port`` with
-    #: ``ae_title``, and the OHIF viewer in front of it ([embedded], ``dicom_node.embedded``).
+    #: ``ae_title``, and the OHIF viewer in front of it ([embedded], ``dicom_node.service.embedded``).
     embedded: bool = False
 
 

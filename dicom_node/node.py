@@ -3,10 +3,10 @@
 Three kinds of background work share one job database:
 
 * completion: a series is complete when the association that carried it is released and
-  its slices form a volume without a gap (:mod:`dicom_node.completion`), otherwise when
+  its slices form a volume without a gap (:mod:`dicom_node.series.completion`), otherwise when
   the settle loop finds it ``settle_seconds`` after its last instance;
 * the streaming assembler decodes each new instance while the rest of its series arrives
-  (:mod:`dicom_node.assembly`), so that a complete series is a volume with a few copies;
+  (:mod:`dicom_node.series.assembly`), so that a complete series is a volume with a few copies;
 * workers take complete series through assembly, inference and encoding, write the
   results durably and queue them in the outbox;
 * the exporter sends due outbox items to the destinations.
@@ -34,13 +34,26 @@ from typing import Any
 
 import pydicom
 
-from dicom_node.assembly import StreamingAssembler
-from dicom_node.backoff import backoff
-from dicom_node.completion import RELEASED, SETTLE_TIMER, SliceGeometry, gap_free, slice_geometry
+from dicom_node.common.backoff import backoff
+from dicom_node.common.heap import empty_volume, freeze_heap
+from dicom_node.common.standard_tables import load_standard_tables
 from dicom_node.config import ModelSettings, Settings
-from dicom_node.export import Exporter, binary_alternatives_wanted, plan_outbox_items
-from dicom_node.heap import empty_volume, freeze_heap
-from dicom_node.jobs import (
+from dicom_node.export.sender import Exporter, binary_alternatives_wanted, plan_outbox_items
+from dicom_node.intake.scp import StorageSCP, StoreOutcome
+from dicom_node.intake.spool import Spool, check_uid, dataset_digest, write_durably
+from dicom_node.jobs.routing import describe, select_models
+from dicom_node.series.assembly import StreamingAssembler
+from dicom_node.series.completion import (
+    RELEASED,
+    SETTLE_TIMER,
+    SliceGeometry,
+    gap_free,
+    slice_geometry,
+)
+from dicom_node.series.volume import VolumeError, assemble_series, read_whole
+from dicom_node.service.metrics import NodeMetrics
+from dicom_node.service.retention import apply_retention
+from dicom_node.state.jobs import (
     COMPLETE,
     DONE,
     FAILED,
@@ -51,14 +64,7 @@ from dicom_node.jobs import (
     JobStore,
     OutboxItem,
 )
-from dicom_node.metrics import NodeMetrics
-from dicom_node.results import ModelResults, ResultFile, SeriesResults, series_number
-from dicom_node.retention import apply_retention
-from dicom_node.routing import describe, select_models
-from dicom_node.scp import StorageSCP, StoreOutcome
-from dicom_node.spool import Spool, check_uid, dataset_digest, write_durably
-from dicom_node.standard_tables import load_standard_tables
-from dicom_node.volume import VolumeError, assemble_series, read_whole
+from dicom_node.state.results import ModelResults, ResultFile, SeriesResults, series_number
 
 log = logging.getLogger("dicom_node.node")
 
@@ -110,7 +116,7 @@ class Node:
     def start(self, serve: bool = True) -> None:
         """Recover from whatever the last run left, then start serving and working."""
         removed = self.spool.clean_incoming()
-        from dicom_node.inference.shm import remove_stale
+        from dicom_node.inference.triton.shm import remove_stale
 
         remove_stale()  # volumes a killed node left in shared memory
         registered = self.reconcile()
@@ -128,7 +134,7 @@ class Node:
         if serve:
             self._start_embedded()  # the default destination listens before anything is sent
             if self.settings.status.enabled:  # first: a taken port stops before any C-STORE
-                from dicom_node.status import StatusServer, create_app
+                from dicom_node.service.status import StatusServer, create_app
 
                 app = create_app(
                     self.settings,
@@ -156,7 +162,7 @@ class Node:
 
     def _start_embedded(self) -> None:
         """Start the PACS and viewer of an ``embedded`` destination, if one is configured."""
-        from dicom_node.embedded import Embedded, embedded_destination
+        from dicom_node.service.embedded import Embedded, embedded_destination
 
         destination = embedded_destination(self.settings)
         if destination is not None:
@@ -575,7 +581,7 @@ class Node:
     def _allocator(self, models: list[ModelSettings]) -> Any:
         """Where to assemble the volume: where every model's backend reads it without a copy
         (GPU memory or a system shared-memory region for a Triton server on this host), or
-        ordinary memory (:func:`~dicom_node.heap.empty_volume`) when they disagree or the
+        ordinary memory (:func:`~dicom_node.common.heap.empty_volume`) when they disagree or the
         backends are not up.
         """
         try:
@@ -757,7 +763,7 @@ class Node:
             and binary_alternatives_wanted(self.settings)
         ):
             # a destination may refuse the Label Map SEG: the binary SEG, and an SR that
-            # names it, are made now while the labels are in memory (dicom_node.delivery)
+            # names it, are made now while the labels are in memory (dicom_node.export.delivery)
             binary = dataclasses.replace(res, seg_type="binary", make_rtstruct=False)
             alternatives = self._encode(
                 model, volume, labels, model_index, predecessors, results=binary
@@ -795,7 +801,7 @@ class Node:
 
 def _freeze_long_lived() -> None:
     """Load the encoders and highdicom's tables of the standard, then freeze the start-up
-    heap (:mod:`dicom_node.heap`): half a second of a start, which, once the node listened,
+    heap (:mod:`dicom_node.common.heap`): half a second of a start, which, once the node listened,
     paused its associations (reading the tables' JSON holds the interpreter 0.2 s)."""
     import dicom_node.encode  # noqa: F401
 

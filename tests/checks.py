@@ -12,7 +12,7 @@ import pydicom
 import scipy.ndimage
 from skimage.draw import polygon as fill_polygon
 
-from dicom_node.volume import SeriesVolume
+from dicom_node.series.volume import SeriesVolume
 
 
 def dciodvfy_errors(path: Path) -> list[str]:

@@ -29,7 +29,7 @@ from pynetdicom.association import Association
 from pynetdicom.pdu import A_ASSOCIATE_RJ
 
 if TYPE_CHECKING:
-    from dicom_node.inference.server import TritonServer
+    from dicom_node.inference.triton.server import TritonServer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -53,7 +53,7 @@ def triton_server(
     Ports are picked when it starts, unless ``fixed_ports``: a server a test stops and starts
     again then comes back where its clients look for it.
     """
-    from dicom_node.inference.server import TritonServer  # the node's own supervision
+    from dicom_node.inference.triton.server import TritonServer  # the node's own supervision
 
     ports = [free_port() for _ in range(3)] if fixed_ports else [0, 0, 0]
     return TritonServer(
@@ -227,7 +227,7 @@ class NodeProcess:
     def jobs(self) -> list[dict]:
         """What ``dicom-node jobs --json`` prints, read here rather than by starting the CLI
         on each poll (a test of the CLI checks they agree)."""
-        from dicom_node.jobs import JobStore
+        from dicom_node.state.jobs import JobStore
 
         db = self.data_dir / "jobs.sqlite"
         if not db.exists():

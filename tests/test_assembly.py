@@ -12,8 +12,8 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from dicom_node.assembly import decode_into
-from dicom_node.volume import decode_slice
+from dicom_node.series.assembly import decode_into
+from dicom_node.series.volume import decode_slice
 
 
 def ct_slice(

@@ -2,7 +2,7 @@
 
 import pytest
 
-from dicom_node.backoff import backoff
+from dicom_node.common.backoff import backoff
 
 
 def test_doubles_from_the_base_and_stops_at_the_cap():

@@ -52,7 +52,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from dicom_node.synthetic import SeriesAttributes, ct_slice
+from dicom_node_testing.synthetic import SeriesAttributes, ct_slice
 from tests.peers import NodeProcess, associate, storescu
 from tests.peers import testdata as shared_data
 

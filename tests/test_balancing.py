@@ -16,8 +16,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from dicom_node.inference import InferenceError
-from dicom_node.inference.server import TritonServer
-from dicom_node.inference.triton import TritonBackend
+from dicom_node.inference.triton.client import TritonBackend
+from dicom_node.inference.triton.server import TritonServer
 from tests.peers import free_port, triton_server
 
 pytestmark = pytest.mark.slow
@@ -173,7 +173,7 @@ def test_failed_server_is_set_aside_not_retried_on_every_request(servers, caplog
         max_down_seconds=600.0,
     )
     try:
-        caplog.set_level(logging.DEBUG, logger="dicom_node.inference.triton")
+        caplog.set_level(logging.DEBUG, logger="dicom_node.inference.triton.client")
         before = settled(a)
         for _ in range(5):
             echo(backend)

@@ -37,9 +37,9 @@ def test_a_bundle_without_its_network_is_refused(tmp_path, capsys):
 
 def test_export_triton_writes_models_a_server_loads(tmp_path, capsys):
     # A model configured by name and bundle only, exported for a Triton server elsewhere.
-    from dicom_node.inference.server import TritonServer
-    from dicom_node.inference.triton import TritonBackend
-    from dicom_node.phantom import make_phantom
+    from dicom_node.inference.triton.client import TritonBackend
+    from dicom_node.inference.triton.server import TritonServer
+    from dicom_node_testing.phantom import make_phantom
 
     config = tmp_path / "node.toml"
     config.write_text(

@@ -22,11 +22,11 @@ from pydicom.dataset import FileMetaDataset
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
-from dicom_node.assembly import StreamingAssembler
-from dicom_node.completion import RELEASED, SETTLE_TIMER, SliceGeometry, gap_free
-from dicom_node.phantom import make_phantom
-from dicom_node.synthetic import SeriesAttributes, write_ct_series
-from dicom_node.volume import VolumeError, assemble_series
+from dicom_node.series.assembly import StreamingAssembler
+from dicom_node.series.completion import RELEASED, SETTLE_TIMER, SliceGeometry, gap_free
+from dicom_node.series.volume import VolumeError, assemble_series
+from dicom_node_testing.phantom import make_phantom
+from dicom_node_testing.synthetic import SeriesAttributes, write_ct_series
 from tests.peers import NodeProcess, storescu
 
 SLICES = 40
@@ -349,7 +349,7 @@ def _synthetic(folder: Path, slope: float = 1.0) -> list[Path]:
 def test_streamed_volume_is_bit_identical_to_the_spool_assembly(
     tmp_path, data_dir, source, allocator
 ):
-    from dicom_node.inference.shm import allocate as shm_allocate
+    from dicom_node.inference.triton.shm import allocate as shm_allocate
 
     if source == "synthetic":
         paths = _synthetic(tmp_path)

@@ -9,14 +9,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dicom_node.inference.cuda_shm import (
+from dicom_node.inference.triton.client import TRANSPORTS, TritonBackend
+from dicom_node.inference.triton.cuda_shm import (
     CudaUnavailable,
     CudaVolume,
     cuda_allocate,
     unavailable_reason,
 )
-from dicom_node.inference.shm import region_of, unlink
-from dicom_node.inference.triton import TRANSPORTS, TritonBackend
+from dicom_node.inference.triton.shm import region_of, unlink
 
 no_gpu = pytest.mark.skipif(unavailable_reason() is None, reason="a usable GPU is present")
 
@@ -51,7 +51,7 @@ def test_cuda_shm_is_a_transport_and_others_are_refused():
 
 @no_gpu
 def test_volume_allocator_follows_where_the_server_reads():
-    from dicom_node.inference.shm import allocate
+    from dicom_node.inference.triton.shm import allocate
 
     remote = TritonBackend(["127.0.0.1:8001"], transport="grpc")
     local = TritonBackend(["127.0.0.1:8001"], transport="auto", gpu_server=True)

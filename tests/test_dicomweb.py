@@ -18,9 +18,9 @@ import pydicom
 import pytest
 
 from dicom_node.config import ConfigError, Destination, ResultSettings, Settings, load_settings
-from dicom_node.delivery import LABEL_MAP_SEG
-from dicom_node.export import Exporter
-from dicom_node.jobs import JobStore
+from dicom_node.export.delivery import LABEL_MAP_SEG
+from dicom_node.export.sender import Exporter
+from dicom_node.state.jobs import JobStore
 from tests.peers import Orthanc
 from tests.test_export import labelmap_results, queue_labelmap_results
 

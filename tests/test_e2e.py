@@ -8,10 +8,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicom_node.inference.shm import named_regions
-from dicom_node.phantom import make_phantom
-from dicom_node.synthetic import SeriesAttributes, write_ct_series
-from dicom_node.volume import assemble_series
+from dicom_node.inference.triton.shm import named_regions
+from dicom_node.series.volume import assemble_series
+from dicom_node_testing.phantom import make_phantom
+from dicom_node_testing.synthetic import SeriesAttributes, write_ct_series
 from tests import checks
 from tests.peers import NodeProcess, Orthanc, free_port, storescu
 

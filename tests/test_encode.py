@@ -34,8 +34,8 @@ from dicom_node.encode import (
 )
 from dicom_node.encode.labels import segment_numbers
 from dicom_node.encode.sr import VIEWER_CONTOUR_TRACKING, voxel_volume_ml
-from dicom_node.synthetic import SeriesAttributes, write_ct_series
-from dicom_node.volume import SeriesVolume, assemble_series
+from dicom_node.series.volume import SeriesVolume, assemble_series
+from dicom_node_testing.synthetic import SeriesAttributes, write_ct_series
 from tests.checks import dciodvfy_errors
 
 REPO = Path(__file__).resolve().parent.parent

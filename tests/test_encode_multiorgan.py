@@ -24,9 +24,9 @@ from dicom_node.encode import (
     segment_info_for,
 )
 from dicom_node.encode.labels import present_segments, segment_numbers
-from dicom_node.export import ExportError, send_files
-from dicom_node.synthetic import write_ct_series
-from dicom_node.volume import SeriesVolume, assemble_series
+from dicom_node.export.sender import ExportError, send_files
+from dicom_node.series.volume import SeriesVolume, assemble_series
+from dicom_node_testing.synthetic import write_ct_series
 from tests import peers
 from tests.checks import dciodvfy_errors, rtstruct_masks
 from tests.test_encode import STALE_LABELMAP_ERRORS

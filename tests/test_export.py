@@ -12,13 +12,13 @@ import numpy as np
 import pydicom
 
 from dicom_node.config import Destination, NodeSettings, ResultSettings, Settings
-from dicom_node.delivery import LABEL_MAP_SEG
 from dicom_node.encode import AlgorithmInfo, build_rtstruct, build_seg, build_sr, segment_info_for
-from dicom_node.export import Exporter, backoff, plan_outbox_items
-from dicom_node.jobs import JobStore
-from dicom_node.spool import write_durably
-from dicom_node.synthetic import write_ct_series
-from dicom_node.volume import assemble_series
+from dicom_node.export.delivery import LABEL_MAP_SEG
+from dicom_node.export.sender import Exporter, backoff, plan_outbox_items
+from dicom_node.intake.spool import write_durably
+from dicom_node.series.volume import assemble_series
+from dicom_node.state.jobs import JobStore
+from dicom_node_testing.synthetic import write_ct_series
 from tests.peers import Orthanc, free_port, small_tmpfs, wait_port
 
 SEGMENTATION_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from dicom_node.phantom import make_phantom
-from dicom_node.synthetic import SeriesAttributes, write_ct_series
+from dicom_node_testing.phantom import make_phantom
+from dicom_node_testing.synthetic import SeriesAttributes, write_ct_series
 from tests.peers import NodeProcess, Orthanc, free_port, storescu
 
 pytestmark = pytest.mark.slow

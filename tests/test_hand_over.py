@@ -9,11 +9,11 @@ import weakref
 import numpy as np
 import pytest
 
+from dicom_node.common.heap import discard_leading, empty_volume
 from dicom_node.config import PROJECT_ROOT
-from dicom_node.heap import discard_leading, empty_volume
 from dicom_node.inference.local import LocalBackend
-from dicom_node.phantom import make_phantom
 from dicom_node.pipeline import HandOver
+from dicom_node_testing.phantom import make_phantom
 
 BUNDLE = PROJECT_ROOT / "bundles" / "spleen_ct_demo"
 

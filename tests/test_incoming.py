@@ -9,8 +9,8 @@ import stat
 from pydicom.filewriter import write_file_meta_info
 from pynetdicom.dsutils import create_file_meta
 
-from dicom_node import pynetdicom_tuning
-from dicom_node.incoming import SPILL_ABOVE, IncomingDataSet, Received, part10_header
+from dicom_node.intake import pynetdicom_tuning
+from dicom_node.intake.received import SPILL_ABOVE, IncomingDataSet, Received, part10_header
 
 
 def test_a_data_set_stays_in_memory_until_it_grows_past_the_spill_size(tmp_path):

@@ -17,8 +17,8 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from dicom_node.phantom import make_phantom
-from dicom_node.synthetic import SeriesAttributes, write_ct_series
+from dicom_node_testing.phantom import make_phantom
+from dicom_node_testing.synthetic import SeriesAttributes, write_ct_series
 from tests.peers import NodeProcess, Orthanc, small_tmpfs, storescu
 
 pytestmark = pytest.mark.slow

@@ -13,8 +13,8 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
-from dicom_node.phantom import make_phantom
-from dicom_node.synthetic import SeriesAttributes, write_ct_series
+from dicom_node_testing.phantom import make_phantom
+from dicom_node_testing.synthetic import SeriesAttributes, write_ct_series
 from tests.peers import NodeProcess, free_port
 
 pytestmark = pytest.mark.slow

@@ -8,8 +8,8 @@ import logging
 import sys
 import threading
 
-from dicom_node.connections import ConnectionRefused
-from dicom_node.logsetup import (
+from dicom_node.intake.connections import ConnectionRefused
+from dicom_node.service.logs import (
     JsonFormatter,
     TextFormatter,
     TransportLogFilter,
@@ -27,7 +27,9 @@ def _record(msg: str, *args: object, exc: bool = False) -> logging.LogRecord:
             import sys
 
             exc_info = sys.exc_info()
-    return logging.LogRecord("dicom_node.scp", logging.WARNING, __file__, 1, msg, args, exc_info)
+    return logging.LogRecord(
+        "dicom_node.intake.scp", logging.WARNING, __file__, 1, msg, args, exc_info
+    )
 
 
 def test_control_characters_are_escaped():
@@ -41,7 +43,8 @@ def test_text_lines_stay_one_line_and_keep_tracebacks():
     record = _record("C-STORE refused from %s: %s", "AE\nX", "uid 1.2\r\nFORGED", exc=True)
     lines = fmt.format(record).splitlines()
     assert (
-        lines[0] == "WARNING dicom_node.scp: C-STORE refused from AE\\x0aX: uid 1.2\\x0d\\x0aFORGED"
+        lines[0]
+        == "WARNING dicom_node.intake.scp: C-STORE refused from AE\\x0aX: uid 1.2\\x0d\\x0aFORGED"
     )
     assert lines[1].startswith("Traceback") and lines[-1] == "ValueError: boom"
     assert record.getMessage() == "C-STORE refused from AE\nX: uid 1.2\r\nFORGED"  # untouched

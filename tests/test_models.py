@@ -16,10 +16,10 @@ from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
 from dicom_node.inference import bundle_env_name, models_to_load
-from dicom_node.inference.server import bundle_path_from_config
-from dicom_node.inference.triton import TritonBackend
-from dicom_node.phantom import make_phantom
+from dicom_node.inference.triton.client import TritonBackend
+from dicom_node.inference.triton.server import bundle_path_from_config
 from dicom_node.pipeline import load_bundle
+from dicom_node_testing.phantom import make_phantom
 from tests.peers import LIVER_BUNDLE, MODEL_REPOSITORY, ROOT, SPLEEN_BUNDLE
 
 pytestmark = pytest.mark.slow

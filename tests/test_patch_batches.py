@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from dicom_node.bundles import write_seeded_weights
-from dicom_node.phantom import make_phantom
 from dicom_node.pipeline import SegmentationPipeline, load_bundle
+from dicom_node.pipeline.install import write_seeded_weights
 from dicom_node.pipeline.segment import PatchByPatch, default_patches_at_once
+from dicom_node_testing.phantom import make_phantom
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_BUNDLE = ROOT / "bundles" / "spleen_ct_demo"

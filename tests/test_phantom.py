@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dicom_node.phantom import SPLEEN_LABEL, make_phantom
+from dicom_node_testing.phantom import SPLEEN_LABEL, make_phantom
 
 SHAPE = (40, 96, 96)
 SPACING = (5.0, 3.5, 3.5)

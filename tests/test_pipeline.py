@@ -17,10 +17,10 @@ import torch
 from scipy import ndimage
 
 from dicom_node.inference.local import LocalBackend
-from dicom_node.phantom import make_phantom
 from dicom_node.pipeline import BundleError, SegmentationPipeline, load_bundle
-from dicom_node.synthetic import write_ct_series
-from dicom_node.volume import assemble_series
+from dicom_node.series.volume import assemble_series
+from dicom_node_testing.phantom import make_phantom
+from dicom_node_testing.synthetic import write_ct_series
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_BUNDLE = ROOT / "bundles" / "spleen_ct_demo"

@@ -16,7 +16,6 @@ import torch
 from monai.data import MetaTensor
 from scipy import ndimage
 
-from dicom_node.phantom import make_phantom
 from dicom_node.pipeline import Preprocessing, SegmentationPipeline, load_bundle
 from dicom_node.pipeline.postprocess import (
     _axis_mapping,
@@ -24,6 +23,7 @@ from dicom_node.pipeline.postprocess import (
     postprocess_monai,
 )
 from dicom_node.pipeline.transforms import image_transforms, to_metatensor
+from dicom_node_testing.phantom import make_phantom
 
 DEMO_BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "spleen_ct_demo"
 #: The public spleen_ct_segmentation bundle's spatial preprocessing.

@@ -29,7 +29,7 @@ from pynetdicom.dsutils import encode
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from dicom_node.synthetic import SeriesAttributes, ct_slice
+from dicom_node_testing.synthetic import SeriesAttributes, ct_slice
 from tests.peers import NodeProcess, associate, small_tmpfs, storescu
 
 LIMITS = {
@@ -446,7 +446,7 @@ def test_a_large_instance_is_aborted_when_spilling_it_would_pass_the_disk_waterm
     the C-STORE's own check comes; the partial file goes; the node serves on."""
     import shutil
 
-    from dicom_node.incoming import SPILL_ABOVE
+    from dicom_node.intake.received import SPILL_ABOVE
 
     with small_tmpfs(tmp_path / "data", 96) as data:
         node = NodeProcess(

@@ -20,11 +20,11 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationSocket
 
-from dicom_node import pynetdicom_tuning as tuning
+from dicom_node.intake import pynetdicom_tuning as tuning
 from dicom_node.config import settings_from_dict
-from dicom_node.jobs import JobStore
-from dicom_node.scp import StorageSCP
-from dicom_node.spool import Spool
+from dicom_node.intake.scp import StorageSCP
+from dicom_node.intake.spool import Spool
+from dicom_node.state.jobs import JobStore
 from tests.peers import free_port
 
 if sys.version_info >= (3, 11):
@@ -35,11 +35,11 @@ else:  # pragma: no cover - Python 3.10
 ROOT = Path(__file__).resolve().parents[1]
 
 RECHECK = (
-    "re-read, in the new pynetdicom, what dicom_node/pynetdicom_tuning.py replaces "
+    "re-read, in the new pynetdicom, what dicom_node/intake/pynetdicom_tuning.py replaces "
     "(dimse_messages.NamedTemporaryFile, create_file_meta and write_file_meta_info; "
     "DIMSEServiceProvider.get_msg, receive_primitive and msg_queue; "
     "DULServiceProvider._run_loop_delay; the request's _dataset_file and _dataset_path; "
-    "DIMSEMessage._data_set_file) and what dicom_node/connections.py replaces "
+    "DIMSEMessage._data_set_file) and what dicom_node/intake/connections.py replaces "
     "(AssociationSocket.recv), run bench/ingest.py, then update TESTED_PYNETDICOM and the "
     "pynetdicom pin in pyproject.toml"
 )

@@ -1,7 +1,7 @@
 """Typed results: every model's files and volumes survive the job database, and rows written
 before results were per model still read."""
 
-from dicom_node.results import ModelResults, ResultFile, SeriesResults
+from dicom_node.state.results import ModelResults, ResultFile, SeriesResults
 
 
 def _two_models() -> SeriesResults:

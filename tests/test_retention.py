@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 
 from dicom_node.config import RetentionSettings
-from dicom_node.jobs import DONE, JobStore
-from dicom_node.retention import apply_retention
-from dicom_node.spool import Spool
+from dicom_node.intake.spool import Spool
+from dicom_node.service.retention import apply_retention
+from dicom_node.state.jobs import DONE, JobStore
 
 
 def _series(

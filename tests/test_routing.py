@@ -14,9 +14,9 @@ import pytest
 from pydicom.dataset import Dataset
 
 from dicom_node.config import PROJECT_ROOT, ConfigError, settings_from_dict
-from dicom_node.phantom import make_phantom
-from dicom_node.routing import select_models
-from dicom_node.synthetic import SeriesAttributes, write_ct_series
+from dicom_node.jobs.routing import select_models
+from dicom_node_testing.phantom import make_phantom
+from dicom_node_testing.synthetic import SeriesAttributes, write_ct_series
 from tests.peers import NodeProcess, chromium, free_port, storescu
 
 SPLEEN = str(PROJECT_ROOT / "bundles" / "spleen_ct_demo")

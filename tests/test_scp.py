@@ -13,9 +13,9 @@ from pynetdicom import AE
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
 from pynetdicom.sop_class import CTImageStorage
 
-from dicom_node.incoming import part10_header
-from dicom_node.spool import Spool
-from dicom_node.synthetic import write_ct_series
+from dicom_node.intake.received import part10_header
+from dicom_node.intake.spool import Spool
+from dicom_node_testing.synthetic import write_ct_series
 from tests.peers import NodeProcess, echoscu, storescu
 
 #: storescu's option that proposes each transfer syntax

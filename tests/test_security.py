@@ -24,15 +24,15 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 
-from dicom_node.config import ConfigError, Destination, TLSSettings
-from dicom_node.connections import address_allowed, allowed_networks
-from dicom_node.synthetic import SeriesAttributes, write_ct_series
-from dicom_node.tls import (
+from dicom_node.common.tls import (
     TLSConfigError,
     client_ssl_context,
     client_tls_args,
     server_ssl_context,
 )
+from dicom_node.config import ConfigError, Destination, TLSSettings
+from dicom_node.intake.connections import address_allowed, allowed_networks
+from dicom_node_testing.synthetic import SeriesAttributes, write_ct_series
 from tests.peers import ROOT, NodeProcess, associate, dcmtk, storescu
 
 pytestmark = pytest.mark.usefixtures("dcmtk_tools")

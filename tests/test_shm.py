@@ -1,4 +1,4 @@
-"""Volumes in shared memory (dicom_node.inference.shm): named while a server may open them,
+"""Volumes in shared memory (dicom_node.inference.triton.shm): named while a server may open them,
 freed with the last array viewing them, and never left behind by a node that died."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dicom_node.inference import shm
+from dicom_node.inference.triton import shm
 
 
 def test_a_shared_array_is_named_until_its_last_view_goes():

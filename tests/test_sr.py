@@ -15,9 +15,9 @@ from skimage.draw import polygon as fill_polygon
 from dicom_node.config import ResultSettings
 from dicom_node.encode import AlgorithmInfo, build_seg, build_sr, segment_info_for
 from dicom_node.encode.sr import VIEWER_CONTOUR_TRACKING, largest_outline
-from dicom_node.phantom import make_phantom
-from dicom_node.synthetic import SeriesAttributes, write_ct_series
-from dicom_node.volume import assemble_series
+from dicom_node.series.volume import assemble_series
+from dicom_node_testing.phantom import make_phantom
+from dicom_node_testing.synthetic import SeriesAttributes, write_ct_series
 from tests.checks import dciodvfy_errors
 
 ALGORITHM = AlgorithmInfo("spleen_ct_segmentation", "0.5.3", source="MONAI model zoo")

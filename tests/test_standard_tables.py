@@ -8,7 +8,7 @@ import pkgutil
 
 from highdicom import _standard_utils as std
 
-from dicom_node.standard_tables import load_standard_tables, remember_iod_lookups
+from dicom_node.common.standard_tables import load_standard_tables, remember_iod_lookups
 
 
 def test_remembered_iod_lookups_answer_as_highdicom_does():

@@ -30,12 +30,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dicom_node.config import settings_from_dict
 from dicom_node.encode import segment_info_for
-from dicom_node.jobs import DONE, FAILED, JobStore
 from dicom_node.node import Node
-from dicom_node.phantom import make_phantom
-from dicom_node.status import StatusServer, create_app
-from dicom_node.synthetic import SeriesAttributes, write_ct_series
-from dicom_node.volume import assemble_series
+from dicom_node.series.volume import assemble_series
+from dicom_node.service.status import StatusServer, create_app
+from dicom_node.state.jobs import DONE, FAILED, JobStore
+from dicom_node_testing.phantom import make_phantom
+from dicom_node_testing.synthetic import SeriesAttributes, write_ct_series
 from tests import checks
 from tests.peers import ROOT, chromium, free_port, storescu
 
@@ -336,7 +336,7 @@ def _get_with(url: str, authorization: str | None = None) -> tuple[int, str]:
 
 
 def _served(tmp_path: Path, status: dict) -> tuple[StatusServer, JobStore]:
-    from dicom_node.metrics import NodeMetrics
+    from dicom_node.service.metrics import NodeMetrics
 
     settings = settings_from_dict(
         {
@@ -393,8 +393,8 @@ def test_a_bearer_token_from_the_environment_lets_the_pages_leave_loopback(tmp_p
 
 def test_the_status_service_refuses_to_leave_loopback_without_credentials(tmp_path):
     from dicom_node.config import Settings, StatusSettings
-    from dicom_node.metrics import NodeMetrics
-    from dicom_node.status import StatusError
+    from dicom_node.service.metrics import NodeMetrics
+    from dicom_node.service.status import StatusError
 
     jobs = JobStore(tmp_path / "jobs.sqlite")
     exposed = Settings(status=StatusSettings(enabled=True, host="0.0.0.0"))

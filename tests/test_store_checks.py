@@ -26,8 +26,7 @@ from pydicom.uid import (
 )
 from pynetdicom.dsutils import decode, encode
 
-from dicom_node.incoming import Received, decode_received, part10_header
-from dicom_node.store_checks import (
+from dicom_node.intake.checks import (
     CANNOT_UNDERSTAND,
     DOES_NOT_MATCH_SOP_CLASS,
     SOP_CLASS_NOT_SUPPORTED,
@@ -43,6 +42,7 @@ from dicom_node.store_checks import (
     is_deferred,
     value_length,
 )
+from dicom_node.intake.received import Received, decode_received, part10_header
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT = "1.2.840.10008.5.1.4.1.1.2.1"

@@ -19,11 +19,11 @@ from tritonclient.utils import InferenceServerException
 
 from dicom_node.config import InferenceSettings
 from dicom_node.inference import Backend, InferenceError, ManagedTritonBackend, make_backend
-from dicom_node.inference.cuda_shm import unavailable_reason
-from dicom_node.inference.placement import Registration, wait_for_releases
-from dicom_node.inference.server import TritonServer, TritonStartError
-from dicom_node.inference.shm import named_regions, region_of, shared_empty, unlink
-from dicom_node.inference.triton import TritonBackend, is_loopback
+from dicom_node.inference.triton.client import TritonBackend, is_loopback
+from dicom_node.inference.triton.cuda_shm import unavailable_reason
+from dicom_node.inference.triton.placement import Registration, wait_for_releases
+from dicom_node.inference.triton.server import TritonServer, TritonStartError
+from dicom_node.inference.triton.shm import named_regions, region_of, shared_empty, unlink
 from tests.peers import MODEL_REPOSITORY, SPLEEN_BUNDLE, free_port
 
 pytestmark = pytest.mark.slow
@@ -59,7 +59,7 @@ def server(triton):
 
 @pytest.fixture(scope="module")
 def phantom():
-    from dicom_node.phantom import make_phantom
+    from dicom_node_testing.phantom import make_phantom
 
     return make_phantom(PHANTOM_SHAPE, PHANTOM_SPACING, seed=3)
 
@@ -189,7 +189,7 @@ def test_cuda_transport_without_a_gpu_falls_back_to_system_shared_memory(
         pytest.skip("a GPU is present: the CUDA path itself is measured by bench gpu")
     client = TritonBackend([server.grpc_url], transport="cuda_shm")
     try:
-        with caplog.at_level("WARNING", logger="dicom_node.inference.triton"):
+        with caplog.at_level("WARNING", logger="dicom_node.inference.triton.client"):
             result = client.segment(phantom.hu, phantom.affine)
     finally:
         client.close()

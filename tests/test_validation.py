@@ -8,9 +8,9 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from dicom_node.synthetic import SeriesAttributes, ct_slice
-from dicom_node.validation import InvalidValue, check_image_values
-from dicom_node.volume import VolumeError, plan_single_frame
+from dicom_node.intake.plausibility import InvalidValue, check_image_values
+from dicom_node.series.volume import VolumeError, plan_single_frame
+from dicom_node_testing.synthetic import SeriesAttributes, ct_slice
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR DS")
 

@@ -31,8 +31,8 @@ from pydicom.sr.codedict import codes
 from skimage.color import lab2rgb
 
 from dicom_node.encode.sr import largest_outline
-from dicom_node.phantom import make_phantom
-from dicom_node.synthetic import SeriesAttributes, write_ct_series
+from dicom_node_testing.phantom import make_phantom
+from dicom_node_testing.synthetic import SeriesAttributes, write_ct_series
 from tests.peers import ROOT, NodeProcess, free_port, storescu
 
 pytestmark = pytest.mark.slow
@@ -170,7 +170,7 @@ def _open(browser, study: dict, series_uid: str) -> None:
     """Open the viewer on the study with ``series_uid`` loaded, past the first-visit tour."""
     from selenium.webdriver.common.by import By
 
-    from dicom_node.embedded import viewer_link
+    from dicom_node.service.embedded import viewer_link
 
     browser.get(viewer_link(study["viewer"], study["study_uid"], series_uid))
     deadline = time.time() + 60

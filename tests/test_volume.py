@@ -6,8 +6,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from dicom_node.synthetic import SeriesAttributes, write_ct_series
-from dicom_node.volume import VolumeError, assemble_series
+from dicom_node.series.volume import VolumeError, assemble_series
+from dicom_node_testing.synthetic import SeriesAttributes, write_ct_series
 
 
 def _series(tmp_path, n=8, shape=(32, 32), spacing=(2.5, 0.8, 0.8), seed=0, **kw):

@@ -34,12 +34,12 @@ import yaml
 from monai.bundle import ConfigParser
 from monai.transforms import Compose
 
-from dicom_node.bundles import BundleInstallError, install_bundle, write_seeded_weights
-from dicom_node.phantom import make_phantom
 from dicom_node.pipeline import SegmentationPipeline, load_bundle, read_bundle_info
+from dicom_node.pipeline.install import BundleInstallError, install_bundle, write_seeded_weights
 from dicom_node.pipeline.transforms import ras_affine
-from dicom_node.synthetic import SeriesAttributes, write_ct_series
-from dicom_node.volume import assemble_series
+from dicom_node.series.volume import assemble_series
+from dicom_node_testing.phantom import make_phantom
+from dicom_node_testing.synthetic import SeriesAttributes, write_ct_series
 from tests import checks
 from tests.peers import NodeProcess, Orthanc, storescu
 from tests.peers import testdata as shared_data

@@ -2,7 +2,7 @@
 
 The node needs models that run everywhere its tests run (a CPU, a few minutes), so the
 committed bundles ``bundles/spleen_ct_demo`` and ``bundles/liver_ct_demo`` each hold a small
-MONAI UNet trained on :mod:`dicom_node.phantom` phantoms. They are demonstration models, not
+MONAI UNet trained on :mod:`dicom_node_testing.phantom` phantoms. They are demonstration models, not
 clinical ones. Both bundles share the network, grid and window: only the organ learnt (label
 1 of the bundle) differs, so that Triton can serve them side by side on one CPU.
 
@@ -11,9 +11,9 @@ network comes from ``network_def`` and every phantom goes through the very trans
 inference pipeline applies (:mod:`dicom_node.pipeline.transforms`), so training and inference
 cannot disagree about orientation, spacing or intensity window.
 
-    python tools/train_demo_bundle.py                 # about 5-8 minutes on two CPU cores
-    python tools/train_demo_bundle.py --organ liver   # writes bundles/liver_ct_demo
-    python tools/train_demo_bundle.py --iterations 2000 --device cuda
+    python -m tools.train_demo_bundle                 # about 5-8 minutes on two CPU cores
+    python -m tools.train_demo_bundle --organ liver   # writes bundles/liver_ct_demo
+    python -m tools.train_demo_bundle --iterations 2000 --device cuda
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ import torch
 from monai.losses import DiceCELoss
 from monai.utils import set_determinism
 
-from dicom_node.phantom import Phantom, make_phantom
 from dicom_node.pipeline import Bundle, SegmentationPipeline, load_bundle
 from dicom_node.pipeline.transforms import image_transforms, label_transforms, to_metatensor
+from dicom_node_testing.phantom import Phantom, make_phantom
 
 ROOT = Path(__file__).resolve().parents[1]
 VERSION = "0.1.0"
@@ -210,7 +210,7 @@ def metadata(mean_dice: float | None, organ: Organ = ORGANS["spleen"]) -> dict:
         "dicom-node pipeline; not a clinical model",
         "authors": "dicom-node",
         "copyright": "Apache-2.0",
-        "data_source": "synthetic phantoms of dicom_node.phantom (tools/train_demo_bundle.py)",
+        "data_source": "synthetic phantoms of dicom_node_testing.phantom (tools/train_demo_bundle.py)",
         "data_type": "dicom",
         "image_classes": "single channel data, intensity scaled to [0, 1]",
         "label_classes": f"single channel data, 1 is {organ.name}, 0 is everything else",

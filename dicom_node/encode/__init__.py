@@ -1,6 +1,6 @@
 """Turn a label map on a CT series into DICOM results: SEG, RTSTRUCT and SR (TID 1500).
 
-Every encoder takes the assembled source (:class:`~dicom_node.volume.SeriesVolume`), the
+Every encoder takes the assembled source (:class:`~dicom_node.series.volume.SeriesVolume`), the
 label map on its grid, what each label means (:class:`SegmentInfo`, usually from
 :func:`segment_info_for`) and which algorithm made it (:class:`AlgorithmInfo`), and returns
 a dataset ready to be stored or sent: a new series in the source's study and Frame of

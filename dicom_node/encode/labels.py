@@ -25,7 +25,7 @@ from pydicom.uid import generate_uid
 import dicom_node
 from dicom_node.config import ResultSettings
 from dicom_node.encode import codes as structure_codes
-from dicom_node.volume import SeriesVolume
+from dicom_node.series.volume import SeriesVolume
 
 #: Segmented Property Category of every organ the node knows: "Anatomical Structure",
 #: SCT 91723000 (CID 7150). SCT 123037004 is "Body structure", which older tools used as

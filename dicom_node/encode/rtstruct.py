@@ -50,7 +50,7 @@ from dicom_node.encode.labels import (
     common_attributes,
     present_segments,
 )
-from dicom_node.volume import SeriesVolume
+from dicom_node.series.volume import SeriesVolume
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,7 @@ from dicom_node.encode.labels import (
     present_segments,
     segment_numbers,
 )
-from dicom_node.volume import SeriesVolume
+from dicom_node.series.volume import SeriesVolume
 
 #: ``[results] seg_compression`` values and the transfer syntax each gives a Label Map SEG.
 COMPRESSION_SYNTAXES: dict[str, UID] = {
@@ -147,7 +147,7 @@ def build_seg(
     that holds any label); ``settings.seg_compression`` the Label Map's transfer syntax.
 
     highdicom takes the source images' metadata only: the headers kept by
-    :mod:`dicom_node.volume` (no Pixel Data, Rows/Columns intact) are passed as they are.
+    :mod:`dicom_node.series.volume` (no Pixel Data, Rows/Columns intact) are passed as they are.
 
     Raises :class:`EncodeError` when the label map or segments do not fit the source.
     """

@@ -53,7 +53,7 @@ from dicom_node.encode.labels import (
     present_segments,
     slices_with,
 )
-from dicom_node.volume import SeriesVolume
+from dicom_node.series.volume import SeriesVolume
 
 #: UCUM millilitre.
 MILLILITER = Code("mL", "UCUM", "milliliter")

@@ -24,8 +24,8 @@ import numpy as np
 
 if TYPE_CHECKING:
     from dicom_node.config import InferenceSettings, ModelSettings
-    from dicom_node.inference.server import TritonServer
-    from dicom_node.inference.triton import TritonBackend
+    from dicom_node.inference.triton.client import TritonBackend
+    from dicom_node.inference.triton.server import TritonServer
     from dicom_node.pipeline import SegmentationResult
 
 __all__ = ["Backend", "InferenceError", "ManagedTritonBackend", "make_backend", "make_backends"]
@@ -44,7 +44,7 @@ class Backend(Protocol):
         ...
 
     def takes_shared_memory(self) -> bool:
-        """Whether a volume assembled into shared memory (:mod:`dicom_node.inference.shm`)
+        """Whether a volume assembled into shared memory (:mod:`dicom_node.inference.triton.shm`)
         reaches the model without a copy."""
         ...
 
@@ -52,7 +52,7 @@ class Backend(Protocol):
         """Where to assemble a volume for this backend (``allocate(shape, dtype)``).
 
         ``numpy.empty``, a system shared-memory region for a server on this host, or GPU
-        memory (:class:`~dicom_node.inference.cuda_shm.CudaVolume`) for a server on this
+        memory (:class:`~dicom_node.inference.triton.cuda_shm.CudaVolume`) for a server on this
         host whose model instances run on a GPU. The same object for every model that
         wants the same place, so that a series routed to several models can share one.
         """
@@ -132,9 +132,9 @@ def make_backends(
     if settings.backend != "triton":
         raise ValueError(f"unknown inference backend {settings.backend!r}")
 
-    from dicom_node.inference.repository import write_models
-    from dicom_node.inference.server import TritonServer
-    from dicom_node.inference.triton import TritonBackend
+    from dicom_node.inference.triton.client import TritonBackend
+    from dicom_node.inference.triton.repository import write_models
+    from dicom_node.inference.triton.server import TritonServer
 
     def client(urls: list[str], m: ModelSettings, gpu: bool = False) -> TritonBackend:
         return TritonBackend(
@@ -179,7 +179,7 @@ def make_backends(
     server.start()
     # KIND_AUTO instances run on the GPU whenever the server sees one, and it sees what this
     # process sees: volumes are then assembled in GPU memory when CUDA IPC works here.
-    from dicom_node.inference.cuda_shm import unavailable_reason
+    from dicom_node.inference.triton.cuda_shm import unavailable_reason
 
     gpu = settings.device != "cpu" and unavailable_reason() is None
     return {m.name: ManagedTritonBackend(server, client([server.grpc_url], m, gpu)) for m in models}
@@ -189,7 +189,7 @@ def make_backend(settings: InferenceSettings, data_dir: Path) -> Backend:
     """Build the backend ``settings`` ask for; a managed server is started before returning.
 
     ``data_dir`` is the node's data directory: a managed server keeps its backends and log in
-    ``data_dir/triton``. Raises :class:`~dicom_node.inference.server.TritonStartError` (an
+    ``data_dir/triton``. Raises :class:`~dicom_node.inference.triton.server.TritonStartError` (an
     :class:`InferenceError`) when a managed server does not start.
     """
     from dicom_node.config import ModelSettings

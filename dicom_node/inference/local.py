@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from dicom_node.heap import empty_volume, release_free_memory
+from dicom_node.common.heap import empty_volume, release_free_memory
 from dicom_node.pipeline import (
     Bundle,
     HandOver,

@@ -26,7 +26,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Spacing, SpatialResample
 
-from dicom_node.heap import discard_leading
+from dicom_node.common.heap import discard_leading
 from dicom_node.pipeline.bundle import Preprocessing
 from dicom_node.pipeline.transforms import (
     INPUT_AFFINE,
@@ -79,7 +79,7 @@ class Preprocess:
         """The preprocessed image (1, x, y, z) of ``hu`` (slices, rows, columns).
 
         ``consume`` says that ``hu`` is the caller's to give up: its pages are given back
-        as soon as they are read (:func:`~dicom_node.heap.discard_leading`), whole once it
+        as soon as they are read (:func:`~dicom_node.common.heap.discard_leading`), whole once it
         is copied to a GPU, else slab by slab as the resampling passes them, so that the
         volume and the resampled image are not both held at the peak.
         """

@@ -31,7 +31,7 @@ import torch
 from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 
-from dicom_node.heap import release_free_memory
+from dicom_node.common.heap import release_free_memory
 from dicom_node.pipeline.bundle import Bundle
 from dicom_node.pipeline.postprocess import in_plane_contours, postprocess_fast, postprocess_monai
 from dicom_node.pipeline.preprocess import Preprocess

@@ -1,6 +1,6 @@
 """A bundle's trained network, loaded with torch alone where nothing more is needed.
 
-A Triton network model (:mod:`dicom_node.inference.triton_models.network`) runs only the
+A Triton network model (:mod:`dicom_node.inference.triton.models.network`) runs only the
 network, in a process of its own for each instance. When the bundle has TorchScript weights,
 loading them needs no Python definition of the architecture and so no MONAI, and such a
 process starts with 1.2 s less CPU (of 2.6 s) than one that imports MONAI to read the bundle

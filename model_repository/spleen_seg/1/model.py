@@ -1,7 +1,7 @@
 """A segmentation model: dicom_node's segmentation pipeline on Triton (see config.pbtxt).
 
 Every segmentation model of the repository runs this file (liver_seg links to it), and the
-class it imports (:mod:`dicom_node.inference.triton_models.segmentation`) is the one the node
+class it imports (:mod:`dicom_node.inference.triton.models.segmentation`) is the one the node
 also uses for the models it writes itself: the bundle served and the network model the
 patches go to come from the config (``bundle``, ``network_model``).
 """
@@ -15,4 +15,4 @@ sys.path[:0] = [
     p for p in os.environ.get("DICOM_NODE_PYTHONPATH", "").split(os.pathsep) if p not in sys.path
 ]
 
-from dicom_node.inference.triton_models.segmentation import TritonPythonModel  # noqa: E402, F401
+from dicom_node.inference.triton.models.segmentation import TritonPythonModel  # noqa: E402, F401

@@ -1,7 +1,7 @@
 """A network model: the bundle's network on batches of patches (see config.pbtxt).
 
 Every network model of the repository runs this file (liver_unet links to it); the class it
-imports (:mod:`dicom_node.inference.triton_models.network`) is the one the node also uses for
+imports (:mod:`dicom_node.inference.triton.models.network`) is the one the node also uses for
 the models it writes itself. Its config names the bundle.
 """
 
@@ -14,4 +14,4 @@ sys.path[:0] = [
     p for p in os.environ.get("DICOM_NODE_PYTHONPATH", "").split(os.pathsep) if p not in sys.path
 ]
 
-from dicom_node.inference.triton_models.network import TritonPythonModel  # noqa: E402, F401
+from dicom_node.inference.triton.models.network import TritonPythonModel  # noqa: E402, F401

@@ -1,0 +1,241 @@
+"""Everything the node changes inside pynetdicom, in one place, checked against one version.
+
+pynetdicom has no setting for where a received data set is written, for how its threads
+poll, or for its per-PDU logging handlers, and each costs ingest: the node replaces what
+it must here, and nowhere else (:mod:`dicom_node.intake.connections` guards the socket reads
+the same way, against the same version).
+
+* :func:`receive_to_files`: received C-STORE data sets go into an
+  :class:`~dicom_node.intake.received.IncomingDataSet` under the spool instead of a temporary
+  file, and their File Meta Information is written from
+  :func:`~dicom_node.intake.received.part10_header` instead of through pydicom (about 0.3 ms of
+  each C-STORE).
+* :func:`tune_association`: an association answers without polling delays
+  (:class:`PromptDIMSE` replaces ``Association.dimse`` and sets
+  ``DULServiceProvider._run_loop_delay``), acknowledges promptly (``TCP_QUICKACK``) and
+  does not format log lines its logger discards.
+* :func:`discard_partial`: the file of a data set cut short is removed.
+
+The module names and private attributes used here were read in pynetdicom
+:data:`TESTED_PYNETDICOM`; ``pyproject.toml`` pins the 3.0 series, and
+``tests/test_pynetdicom_tuning.py`` fails on any other version until they are read again
+in the new one. Outside the 3.0 series the replacements of internals are left out
+(:data:`TUNES_INTERNALS`): the node then behaves the same, only slower.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pynetdicom
+from pydicom.filewriter import write_file_meta_info
+from pynetdicom import _config, dimse_messages, evt
+from pynetdicom._handlers import (
+    standard_dimse_recv_handler,
+    standard_dimse_sent_handler,
+    standard_pdu_recv_handler,
+    standard_pdu_sent_handler,
+)
+from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_primitives import DimseServiceType
+from pynetdicom.dsutils import create_file_meta
+from pynetdicom.pdu_primitives import P_DATA
+
+from dicom_node.intake.received import IncomingDataSet, part10_header
+
+#: The pynetdicom release whose internals this module (and :mod:`dicom_node.intake.connections`)
+#: was written against.
+TESTED_PYNETDICOM = "3.0.4"
+#: Whether the replacements of pynetdicom internals apply: within the tested series only.
+TUNES_INTERNALS = pynetdicom.__version__.startswith("3.0.")
+
+#: pynetdicom's default DUL loop delay, seconds.
+IDLE_LOOP_DELAY = 0.001
+#: DUL loop delay while the peer is sending messages.
+BUSY_LOOP_DELAY = 0.0003
+#: How long after its last message an association counts as busy, seconds.
+BUSY_PERIOD = 0.5
+#: Longest wait of the association reactor for a message before it checks for a release,
+#: an abort or the network timeout (pynetdicom checks every 1 ms).
+REACTOR_WAIT = 0.005
+
+#: pynetdicom's own notification handlers, bound to every association by default. They
+#: describe each PDU and DIMSE message for pynetdicom's INFO and DEBUG log lines.
+_PYNETDICOM_LOG_HANDLERS = (
+    (evt.EVT_DIMSE_RECV, standard_dimse_recv_handler),
+    (evt.EVT_DIMSE_SENT, standard_dimse_sent_handler),
+    (evt.EVT_PDU_RECV, standard_pdu_recv_handler),
+    (evt.EVT_PDU_SENT, standard_pdu_sent_handler),
+)
+
+_incoming_dir: Path | None = None
+
+
+# -- where received data sets are written -----------------------------------------------
+def _incoming_file(*args: object, **kwargs: object) -> IncomingDataSet | Any:
+    """pynetdicom's ``NamedTemporaryFile(delete=False, mode="wb", suffix=".dcm")`` for a
+    received data set: an :class:`IncomingDataSet` under the spool."""
+    if _incoming_dir is None:
+        return tempfile.NamedTemporaryFile(*args, **kwargs)  # type: ignore[call-overload]
+    return IncomingDataSet(_incoming_dir)
+
+
+class _PlainMeta(tuple):
+    """The File Meta Information pynetdicom asks for: (SOP class, SOP instance, syntax)."""
+
+
+def _create_file_meta(
+    *, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, **other: Any
+) -> Any:
+    """pynetdicom's ``create_file_meta`` for a received data set, left unbuilt: building
+    and writing the group through pydicom took some 0.3 ms of each C-STORE (see
+    :func:`part10_header`), a tenth of the time ingest takes here."""
+    if other:
+        return create_file_meta(
+            sop_class_uid=sop_class_uid,
+            sop_instance_uid=sop_instance_uid,
+            transfer_syntax=transfer_syntax,
+            **other,
+        )
+    return _PlainMeta((sop_class_uid, sop_instance_uid, transfer_syntax))
+
+
+def _write_file_meta_info(fp: Any, file_meta: Any, *args: Any, **kwargs: Any) -> None:
+    """pydicom's ``write_file_meta_info``, or the same bytes from :func:`part10_header`."""
+    if isinstance(file_meta, _PlainMeta):
+        try:
+            fp.write(part10_header(*(str(v or "") for v in file_meta))[132:])
+            return
+        except UnicodeEncodeError:  # not a UID at all: let pydicom write what it can
+            file_meta = create_file_meta(
+                sop_class_uid=file_meta[0],
+                sop_instance_uid=file_meta[1],
+                transfer_syntax=file_meta[2],
+            )
+    write_file_meta_info(fp, file_meta, *args, **kwargs)
+
+
+def receive_to_files(incoming: Path) -> None:
+    """Have pynetdicom write received C-STORE data sets to files in ``incoming``.
+
+    A process-wide pynetdicom setting (it receives C-STORE as an SCP only here; sending is
+    unaffected). Memory then no longer grows with the size of an instance: pynetdicom
+    would otherwise join its fragments in memory, and the node copy them once more.
+    """
+    global _incoming_dir
+    _incoming_dir = incoming
+    dimse_messages.NamedTemporaryFile = _incoming_file  # type: ignore[attr-defined]
+    if TUNES_INTERNALS:
+        dimse_messages.create_file_meta = _create_file_meta  # type: ignore[attr-defined]
+        dimse_messages.write_file_meta_info = _write_file_meta_info  # type: ignore[attr-defined]
+    _config.STORE_RECV_CHUNKED_DATASET = True
+
+
+def discard_partial(assoc: Association) -> None:
+    """Remove the file of a data set whose association ended before it was complete.
+
+    pynetdicom leaves it behind (it deletes the file only after the C-STORE handler ran).
+    """
+    message = getattr(getattr(assoc, "dimse", None), "message", None)
+    partial = getattr(message, "_data_set_file", None)
+    if partial is None:
+        return
+    try:
+        partial.close()
+        os.unlink(partial.name)
+    except OSError:
+        pass
+
+
+# -- how an association polls ----------------------------------------------------------
+class PromptDIMSE(DIMSEServiceProvider):
+    """A DIMSE provider with which an association answers without polling delays.
+
+    pynetdicom serves an association with two polling threads. The acceptor reactor sleeps
+    1 ms, then asks ``get_msg(block=False)`` whether a message is complete; the DUL sleeps
+    ``_run_loop_delay`` (1 ms) after each loop that found nothing to do, also before it
+    sends a queued response or reads the peer's next request. With a peer that sends the
+    next instance only once it has the response, those waits were over a millisecond of
+    each C-STORE.
+
+    Here the reactor's poll waits on the message queue, up to :data:`REACTOR_WAIT`, so a
+    message is served as soon as it is complete and an idle reactor wakes less often than
+    before. While messages arrive the DUL loops every :data:`BUSY_LOOP_DELAY`; after
+    :data:`BUSY_PERIOD` without one it is back at pynetdicom's 1 ms, so an idle open
+    association costs no more CPU than before. Releases and aborts are seen at most one
+    wait later.
+    """
+
+    def __init__(self, assoc: Association) -> None:
+        super().__init__(assoc)
+        self._last_message = 0.0
+
+    def receive_primitive(self, primitive: P_DATA) -> None:
+        """pynetdicom's, and on a message it cannot decode (a presentation context never
+        negotiated...), the data set file it had begun is removed: pynetdicom then shuts the
+        association down without an event the node would see."""
+        try:
+            super().receive_primitive(primitive)
+        except Exception:
+            discard_partial(self.assoc)
+            raise
+
+    def get_msg(self, block: bool = False) -> tuple[None, None] | tuple[int, DimseServiceType]:
+        if block:  # the requestor's wait for a response: pynetdicom's own
+            return super().get_msg(block=True)
+        try:
+            item = self.msg_queue.get(timeout=REACTOR_WAIT)
+        except queue.Empty:
+            if time.monotonic() - self._last_message > BUSY_PERIOD:
+                self.dul._run_loop_delay = IDLE_LOOP_DELAY
+            return None, None
+        self._last_message = time.monotonic()
+        self.dul._run_loop_delay = BUSY_LOOP_DELAY
+        return item
+
+
+def _quick_ack(event: evt.Event) -> None:
+    """After each PDU the node sends, acknowledge the peer's next data without delay.
+
+    Once the node answers requests, Linux takes the connection for interactive and delays
+    ACKs, hoping to send them with data, by up to 40 ms. A sender using Nagle's algorithm
+    (DCMTK's ``storescu`` does) writes the 6-byte header of its next PDU and holds the
+    rest until that header is acknowledged: once the DUL read headers promptly
+    (:class:`PromptDIMSE`), a few C-STOREs in a hundred stalled for those 40 ms.
+    ``TCP_QUICKACK`` leaves the interactive mode; sending the next PDU enters it again,
+    hence once per PDU sent.
+    """
+    assoc_socket = event.assoc.dul.socket
+    sock = assoc_socket.socket if assoc_socket is not None else None
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
+    except OSError:  # closed meanwhile: nothing left to acknowledge
+        pass
+
+
+def tune_association(assoc: Association) -> None:
+    """Make a new association answer C-STOREs without pynetdicom's polling delays.
+
+    Called from the ``EVT_CONN_OPEN`` handler, before the association's threads start.
+    Also unbinds pynetdicom's logging handlers while its logger discards what they
+    format (the node logs pynetdicom at WARNING): on the DUL thread they cost about
+    0.2 ms per C-STORE, before the request is handed to the reactor.
+    """
+    if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+        for event, handler in _PYNETDICOM_LOG_HANDLERS:
+            assoc.unbind(event, handler)
+    if hasattr(socket, "TCP_QUICKACK"):  # Linux
+        assoc.bind(evt.EVT_PDU_SENT, _quick_ack)
+    if TUNES_INTERNALS:
+        # The reactor looks its provider up on each loop; nothing has used it yet.
+        assoc.dimse = PromptDIMSE(assoc)

@@ -1,0 +1,411 @@
+"""The node's DICOM application entity: C-ECHO and C-STORE SCP.
+
+Behaviour hangs on small pynetdicom event handlers, and this module holds what pynetdicom
+calls: the application entity, who may connect, the bookkeeping of open associations, and
+the C-STORE handler, which hands the data set to :mod:`dicom_node.intake.storage` (validate,
+write durably, record) and answers with its status; every refusal is a DIMSE status from
+PS3.4 Annex B (:mod:`dicom_node.intake.checks`) with one log line saying why. This module
+does no pixel math and knows nothing of models. It remembers which series each open
+association stored and, at a normal release (``EVT_RELEASED``), hands that set to the
+node, whose completion rule (:mod:`dicom_node.series.completion`) decides what is complete.
+
+Who may talk to the node is decided before any data set is read: DICOM TLS with optional
+client certificates (:mod:`dicom_node.common.tls`), the source address, the calling and called AE
+titles, and the number of concurrent associations, each refused with the A-ASSOCIATE-RJ
+reason of PS3.8 9.3.4, and the connections one source address may hold. Every connection
+is bounded in time and size as its bytes arrive (:mod:`dicom_node.intake.connections`): a silent
+peer frees its slot after ``network_timeout``, a trickling one after
+``association_deadline_seconds`` or ``message_deadline_seconds``, and a data set growing
+past ``max_instance_bytes`` aborts its association before the rest is read. Each
+association is tuned to answer without pynetdicom's polling delays
+(:mod:`dicom_node.intake.pynetdicom_tuning`). Patient names and IDs reach the log only with
+``[node] log_patient_identifiers``.
+
+Why one module of this size (~400 lines): it is every handler pynetdicom calls on the
+node's application entity; the work each hands on lives elsewhere (storage, validation,
+connections, tuning).
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import ssl
+import threading
+from collections.abc import Callable
+
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.presentation import StoragePresentationContexts
+from pynetdicom.sop_class import Verification
+
+from dicom_node.common.tls import peer_certificate_subject, server_ssl_context
+from dicom_node.config import Settings
+from dicom_node.intake import connections
+from dicom_node.intake.checks import OUT_OF_RESOURCES, SUCCESS, StoreRefused, check_sop_class
+from dicom_node.intake.pynetdicom_tuning import discard_partial, receive_to_files, tune_association
+from dicom_node.intake.received import Received
+from dicom_node.intake.spool import Spool
+from dicom_node.intake.storage import InstanceStorage, StoreOutcome
+from dicom_node.series.volume import CT_SOP_CLASSES
+from dicom_node.service.logs import quiet_transport_log
+from dicom_node.state.jobs import JobStore
+
+__all__ = ["TRANSFER_SYNTAXES", "StorageSCP", "StoreOutcome"]
+
+log = logging.getLogger("dicom_node.intake.scp")
+
+#: Transfer syntaxes whose pixel data pydicom (with pylibjpeg, its plugins and pyjpegls)
+#: decodes here. pynetdicom accepts, per context, the first of these the peer proposed, so
+#: compressed syntaxes come first: the node then stores exactly the bytes the modality
+#: encoded, and a sender that offers its file's own syntax never has to transcode.
+TRANSFER_SYNTAXES = [
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEG2000Lossless,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    RLELossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLSNearLossless,
+    JPEG2000,
+    HTJ2K,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    DeflatedExplicitVRLittleEndian,  # after the plain ones: inflating costs CPU for nothing
+    ExplicitVRBigEndian,
+]
+
+# A-ASSOCIATE-RJ (PS3.8 9.3.4) for a source address: permanent, service user, no reason.
+REJECTED_PERMANENT = 0x01
+SOURCE_SERVICE_USER = 0x01
+REASON_NO_REASON = 0x01
+
+#: Connections the kernel queues for the node to accept.
+LISTEN_BACKLOG = 128
+
+
+class StorageSCP:
+    """The C-ECHO and C-STORE SCP: access control, association bookkeeping, answers.
+
+    Each received instance goes to :class:`~dicom_node.intake.storage.InstanceStorage`, which
+    validates, writes durably and records it; a refusal becomes the response's status.
+
+    Parameters
+    ----------
+    settings:
+        The node's typed settings (AE title, limits, access control).
+    spool, jobs:
+        Where instances are written and recorded.
+    on_stored:
+        Called after each C-STORE with its :class:`StoreOutcome` (metrics, wake-ups).
+    on_released:
+        Called when an association is released normally (not aborted), with the SOP
+        Instance UIDs it stored by Series Instance UID: the node's completion rule
+        (:mod:`dicom_node.series.completion`) takes it from there.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        spool: Spool,
+        jobs: JobStore,
+        on_stored: Callable[[StoreOutcome], None] | None = None,
+        on_released: Callable[[dict[str, set[str]]], None] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.jobs = jobs
+        self.on_stored = on_stored
+        self.on_released = on_released
+        # The instances each open association has stored, by series (duplicates included: a
+        # sender re-sending a whole series after a crash completes it by its release).
+        self._carried: dict[Association, dict[str, set[str]]] = {}
+        self._carried_lock = threading.Lock()
+        self.storage = InstanceStorage(settings, spool, jobs)
+        self._server = None
+        # Parsed (and TLS files loaded) here, so a bad [node]/[tls] value stops the node at
+        # start-up with one sentence instead of at the first peer.
+        self._networks = connections.allowed_networks(settings.node.allowed_hosts)
+        self._per_address = connections.AddressLimiter(settings.limits.max_associations_per_address)
+        self._ssl_context = server_ssl_context(settings.tls) if settings.tls.enabled else None
+        self.ae = self._make_ae()
+        quiet_transport_log()
+
+    # -- application entity -----------------------------------------------------------
+    def _make_ae(self) -> AE:
+        node, limits = self.settings.node, self.settings.limits
+        ae = AE(ae_title=node.ae_title)
+        # pynetdicom rejects beyond these itself, with the PS3.8 reasons: calling AE title
+        # not recognised (1, 1, 3), called AE title not recognised (1, 1, 7) and, past
+        # maximum_associations, transient local-limit-exceeded (2, 3, 2).
+        ae.maximum_associations = limits.max_associations
+        ae.require_calling_aet = [a.strip() for a in node.allowed_calling_aes]
+        ae.require_called_aet = node.require_called_ae
+        ae.acse_timeout = limits.acse_timeout
+        ae.dimse_timeout = limits.dimse_timeout
+        ae.network_timeout = limits.network_timeout
+        # Large enough for a 1024x1024 slice in one PDU, small enough that a peer never
+        # makes the node read hundreds of megabytes at once (it reads a PDU whole); a
+        # peer sending larger ones is aborted (:mod:`dicom_node.intake.connections`).
+        ae.maximum_pdu_size = connections.MAX_PDU
+        ae.add_supported_context(Verification)
+        for uid in CT_SOP_CLASSES:
+            ae.add_supported_context(uid, TRANSFER_SYNTAXES)
+        if node.unsupported_sop_class == "fail":
+            for cx in StoragePresentationContexts:
+                if cx.abstract_syntax not in CT_SOP_CLASSES:
+                    ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+        return ae
+
+    def handlers(self) -> list[tuple]:
+        return [
+            (evt.EVT_CONN_OPEN, self.handle_connection),
+            (evt.EVT_CONN_CLOSE, self._connection_closed),
+            (evt.EVT_C_ECHO, self.handle_echo),
+            (evt.EVT_C_STORE, self.handle_store),
+            (evt.EVT_REQUESTED, self.handle_requested),
+            (evt.EVT_ACCEPTED, self._log_assoc, ["accepted"]),
+            (evt.EVT_RELEASED, self._log_assoc, ["released"]),
+            (evt.EVT_ABORTED, self._log_assoc, ["aborted"]),
+            (evt.EVT_RELEASED, self.handle_released),
+            (evt.EVT_ABORTED, self._forget_association),
+            (evt.EVT_REJECTED, self._log_rejected),
+        ]
+
+    def open_series(self) -> set[str]:
+        """Series that an open association has stored instances of: more may follow.
+
+        An association that ended without a release or an abort (its connection dropped)
+        is forgotten here, once its thread has ended. Not on ``EVT_CONN_CLOSE``: that
+        comes from the transport's thread and may precede ``EVT_RELEASED``, which the
+        association's own thread triggers after the peer, answered, has hung up.
+        """
+        with self._carried_lock:
+            for assoc in [a for a in self._carried if not a.is_alive()]:
+                del self._carried[assoc]
+            return {series for carried in self._carried.values() for series in carried}
+
+    @property
+    def tls(self) -> bool:
+        """Whether the SCP speaks DICOM TLS (and only TLS) on its port."""
+        return self._ssl_context is not None
+
+    def start(self) -> None:
+        """Start serving on the configured address, in background threads."""
+        node = self.settings.node
+        receive_to_files(self.spool.incoming)
+        self._server = self.ae.start_server(
+            (node.host, node.port),
+            block=False,
+            evt_handlers=self.handlers(),
+            ssl_context=self._ssl_context,
+        )
+        # socketserver listens with a backlog of 5: in a burst of connections the 6th and
+        # later wait for the peer's SYN retry (1 s, then 3 s), however fast they would be
+        # refused or served. Listening again only raises the backlog (Linux, BSD).
+        self._server.socket.listen(LISTEN_BACKLOG)
+        log.info(
+            "listening as %s on %s:%d%s",
+            node.ae_title,
+            node.host,
+            self.port,
+            " (DICOM TLS)" if self.tls else "",
+        )
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return self._server.server_address[1]
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        self.ae.shutdown()
+        self.storage.close()
+
+    # -- handlers ---------------------------------------------------------------------
+    def _log_assoc(self, event: evt.Event, what: str) -> None:
+        req = event.assoc.requestor
+        log.info("association %s: %s from %s:%s", what, req.ae_title, req.address, req.port)
+
+    def _log_rejected(self, event: evt.Event) -> None:
+        req, rj = event.assoc.requestor, event.assoc.acceptor.primitive
+        log.warning(
+            "association rejected (%s, %s): %s; %r calling %r from %s",
+            rj.result_str,
+            rj.source_str,
+            rj.reason_str,
+            req.primitive.calling_ae_title,
+            req.primitive.called_ae_title,
+            req.address,
+        )
+
+    def handle_connection(self, event: evt.Event) -> None:
+        """Bound a new connection: per address, in time and in size; complete its TLS
+        handshake.
+
+        A source address holding ``max_associations_per_address`` connections already is
+        answered with an A-ASSOCIATE-RJ (transient, local limit exceeded) before anything
+        it sent is read. Otherwise the connection's reads get the deadlines and the P-DATA
+        size limit of :mod:`dicom_node.intake.connections`, each read also bounded by
+        ``network_timeout`` (pynetdicom leaves accepted sockets blocking without one), and
+        the association is tuned to answer without polling delays (:func:`~dicom_node.intake.pynetdicom_tuning.tune_association`).
+
+        On a TLS port the handshake is done here, in the connection's own thread (see
+        :mod:`dicom_node.common.tls`), within ``association_deadline_seconds``, so that a peer
+        without a valid certificate, or one speaking plain DICOM to the TLS port, is refused
+        with one log line before any DICOM is read.
+        """
+        assoc_socket = event.assoc.dul.socket
+        sock = assoc_socket.socket if assoc_socket is not None else None
+        if sock is None:
+            return
+        limits = self.settings.limits
+        address = str(event.address[0])
+        if not self._per_address.admit(event.assoc, address):
+            connections.reject_unread(assoc_socket, sock)
+            return
+        sock.settimeout(limits.network_timeout)
+        tune_association(event.assoc)
+        connections.install(event.assoc, limits, address, self.spool.free_bytes)
+        if not isinstance(sock, ssl.SSLSocket):
+            return
+        try:
+            connections.handshake_within(sock, limits.association_deadline_seconds)
+        except (ssl.SSLError, OSError) as exc:
+            if isinstance(exc, ssl.SSLEOFError):  # a port probe: connected, said nothing
+                log.info("connection from %s closed before TLS began", address)
+            else:
+                reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
+                log.warning("TLS connection from %s refused: %s", address, reason)
+            # Closing queues "transport closed" for the DUL: the association ends before
+            # it starts, without pynetdicom reading from the broken socket.
+            assoc_socket.close()
+
+    def _connection_closed(self, event: evt.Event) -> None:
+        self._per_address.forget(event.assoc)
+        discard_partial(event.assoc)
+
+    def handle_requested(self, event: evt.Event) -> None:
+        """Access control on the source address, before negotiation.
+
+        The calling and called AE titles are checked by pynetdicom during negotiation
+        (see :meth:`_make_ae`). PS3.8 has no rejection reason for a source address, so an
+        address that is not allowed gets a permanent rejection with no reason given.
+        """
+        assoc = event.assoc
+        address = assoc.requestor.address
+        subject = peer_certificate_subject(assoc.dul.socket.socket if assoc.dul.socket else None)
+        if subject is not None:
+            log.info("TLS peer %s presents certificate %r", address, subject)
+        if not assoc.requestor.requested_contexts:
+            # PS3.8 9.3.2: a request holds one or more presentation contexts; one without
+            # any could only hold a slot until the network timeout.
+            log.warning(
+                "association rejected: no presentation context requested (%r calling %r from %s)",
+                assoc.requestor.primitive.calling_ae_title,
+                assoc.requestor.primitive.called_ae_title,
+                address,
+            )
+            assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, REASON_NO_REASON)
+            assoc.kill()
+            return
+        if not connections.address_allowed(address, self._networks):
+            log.warning(
+                "association rejected: source address %s is not in node.allowed_hosts "
+                "(%r calling %r)",
+                address,
+                assoc.requestor.primitive.calling_ae_title,
+                assoc.requestor.primitive.called_ae_title,
+            )
+            # As pynetdicom does for its own rejections: send, then stop the association's
+            # threads once the A-ASSOCIATE-RJ is out.
+            assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, REASON_NO_REASON)
+            assoc.kill()
+
+    def handle_released(self, event: evt.Event) -> None:
+        """A normal release: hand the series this association stored to ``on_released``.
+
+        pynetdicom triggers ``EVT_RELEASED`` on the association's thread after its last
+        C-STORE was answered and after the A-RELEASE-RP went out, so the peer never waits
+        for what the node does with it. The association is forgotten first: a series it
+        carried is then no longer "open" when the node looks.
+        """
+        series = self._forget_association(event)
+        if series and self.on_released is not None:
+            self.on_released(series)
+
+    def _forget_association(self, event: evt.Event) -> dict[str, set[str]]:
+        """Drop the bookkeeping of an association that ended (aborts: nothing more)."""
+        discard_partial(event.assoc)  # an abort mid-transfer leaves a partial data set
+        with self._carried_lock:
+            return self._carried.pop(event.assoc, {})
+
+    def handle_echo(self, event: evt.Event) -> int:
+        return SUCCESS
+
+    def handle_store(self, event: evt.Event) -> int | tuple[int, Dataset]:
+        """Validate, write durably, record, answer."""
+        try:
+            outcome = self._store(event)
+        except StoreRefused as exc:
+            outcome = StoreOutcome(status=exc.status, reason=exc.reason)
+            log.warning(
+                "C-STORE refused (0x%04X) from %s: %s",
+                exc.status,
+                event.assoc.requestor.ae_title,
+                exc.reason,
+            )
+        except OSError as exc:  # the disk said no: nothing was acknowledged
+            outcome = StoreOutcome(status=OUT_OF_RESOURCES, reason=f"cannot write: {exc}")
+            log.error("C-STORE refused (0xA700): cannot write the instance: %s", exc)
+        except sqlite3.Error as exc:  # the database said no (locked, full, read-only)
+            outcome = StoreOutcome(status=OUT_OF_RESOURCES, reason=f"cannot record: {exc}")
+            log.error("C-STORE refused (0xA700): cannot record the instance: %s", exc)
+        if outcome.status == SUCCESS and outcome.series_uid:
+            with self._carried_lock:
+                carried = self._carried.setdefault(event.assoc, {})
+                carried.setdefault(outcome.series_uid, set()).add(outcome.sop_uid)
+        if self.on_stored is not None:
+            self.on_stored(outcome)
+        outcome.dataset = None  # observers are done with it: its pixel data may go
+        if outcome.status != SUCCESS and outcome.reason:
+            status = Dataset()
+            status.Status = outcome.status
+            status.ErrorComment = outcome.reason[:64]
+            return status  # type: ignore[return-value]
+        return outcome.status
+
+    def _store(self, event: evt.Event) -> StoreOutcome:
+        context = event.context
+        check_sop_class(context.abstract_syntax)
+        return self.storage.store(
+            Received.from_event(event),
+            context.abstract_syntax,
+            context.transfer_syntax,
+            affected_uid=str(event.request.AffectedSOPInstanceUID or ""),
+            calling_ae=event.assoc.requestor.ae_title.strip(),
+        )

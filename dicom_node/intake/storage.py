@@ -1,0 +1,237 @@
+"""What a C-STORE does with its data set, between receiving it and answering.
+
+:meth:`InstanceStorage.store` takes the received data set and the request's negotiated
+values and either returns a :class:`StoreOutcome` (the instance is in the spool, fsynced,
+and in the job database) or raises :class:`~dicom_node.intake.checks.StoreRefused`: limits
+first (size, free disk, a deflate bomb), then the parse and the checks of
+:mod:`dicom_node.intake.checks`, then, under a per-UID lock, the duplicate rule (the same
+content again is a success and stores nothing; other content under a stored SOP Instance
+UID is refused), the series limit, the durable write and the database row. An ``OSError``
+(the disk) or ``sqlite3.Error`` (the database) propagates: nothing was acknowledged and the
+SCP answers 0xA700.
+
+It knows no pynetdicom events or associations: :mod:`dicom_node.intake.scp` hands it plain
+values.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian
+
+from dicom_node.config import Settings
+from dicom_node.intake.checks import (
+    OUT_OF_RESOURCES,
+    SUCCESS,
+    TOO_LARGE,
+    TOO_MANY_INSTANCES,
+    UID_CONFLICT,
+    StoreRefused,
+    check_identity,
+    check_image,
+    check_inflated_size,
+)
+from dicom_node.intake.received import Received, decode_received, part10_header
+from dicom_node.intake.spool import Spool
+from dicom_node.series.completion import slice_geometry
+from dicom_node.state.jobs import InstanceConflict, JobStore
+
+# The SCP's logger: these lines are part of what a C-STORE logs.
+log = logging.getLogger("dicom_node.intake.scp")
+
+#: Attributes that must agree for two encodings of one SOP Instance UID to be "the same".
+_IDENTITY_KEYWORDS = (
+    "SOPClassUID",
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "PixelSpacing",
+    "Rows",
+    "Columns",
+    "RescaleSlope",
+    "RescaleIntercept",
+    "InstanceNumber",
+)
+
+
+@dataclass
+class StoreOutcome:
+    """What happened to one C-STORE; passed to observers (metrics, the streaming
+    assembler, tests).
+
+    For a new instance, ``path`` is its spool file and ``dataset`` the data set the handler
+    parsed (with its transfer syntax in ``file_meta``): an observer that decodes the pixels
+    off the acknowledgement path need not parse the file again. Observers run before the
+    response is sent, so they only hand work on.
+    """
+
+    status: int
+    series_uid: str = ""
+    sop_uid: str = ""
+    new: bool = False
+    reason: str = ""
+    path: str = ""
+    dataset: Dataset | None = field(default=None, repr=False)
+
+
+def same_image(stored_path: str, ds: Dataset) -> bool:
+    """Whether ``ds`` is the stored instance in another encoding.
+
+    Only reached when the data set bytes differ (a peer re-sent in another transfer
+    syntax): the decoded pixels and the identifying attributes decide. Lossy and lossless
+    encodings of one image are not the same content.
+    """
+    try:
+        stored = pydicom.dcmread(stored_path)
+        if any(stored.get(k) != ds.get(k) for k in _IDENTITY_KEYWORDS):
+            return False
+        return bool(np.array_equal(stored.pixel_array, ds.pixel_array))
+    except Exception:  # noqa: BLE001 - undecodable either side: not provably the same
+        return False
+
+
+class InstanceStorage:
+    """Validates, writes durably and records received instances.
+
+    Parameters
+    ----------
+    settings:
+        The node's typed settings (limits, ``log_patient_identifiers``).
+    spool, jobs:
+        Where instances are written and recorded.
+    """
+
+    def __init__(self, settings: Settings, spool: Spool, jobs: JobStore) -> None:
+        self.settings = settings
+        self.spool = spool
+        self.jobs = jobs
+        self._locks = [threading.Lock() for _ in range(64)]
+        # The SHA-256 of a new instance is computed here while its file is written and
+        # synced (all three release the GIL): only its database row needs the digest.
+        self._digests = ThreadPoolExecutor(
+            max_workers=settings.limits.max_associations, thread_name_prefix="dicom-node-digest"
+        )
+
+    def close(self) -> None:
+        self._digests.shutdown()
+
+    def store(
+        self,
+        received: Received,
+        sop_class: str,
+        syntax: UID,
+        affected_uid: str,
+        calling_ae: str,
+    ) -> StoreOutcome:
+        """Validate, write durably and record one instance.
+
+        ``sop_class`` and ``syntax`` are the presentation context's, ``affected_uid`` the
+        request's Affected SOP Instance UID ("" when it has none), ``calling_ae`` the
+        peer's AE title as recorded with the instance.
+        """
+        limits = self.settings.limits
+        if received.size > limits.max_instance_bytes:
+            raise StoreRefused(
+                TOO_LARGE,
+                f"instance of {received.size} bytes exceeds {limits.max_instance_bytes}",
+            )
+        # The instance must fit above the watermark, so a burst of large instances cannot
+        # take the disk below it between two checks.
+        if self.spool.free_bytes() - received.size < limits.min_free_disk_mb * 1024 * 1024:
+            raise StoreRefused(
+                OUT_OF_RESOURCES,
+                f"free disk space is below the {limits.min_free_disk_mb} MB watermark",
+            )
+        if syntax == DeflatedExplicitVRLittleEndian:
+            check_inflated_size(received.chunks(), limits.max_instance_bytes)
+        ds = decode_received(received, syntax)
+        sop_uid, series_uid, study_uid = check_identity(ds, sop_class, affected_uid)
+        check_image(ds, limits.max_rows_columns)
+        modality = str(ds.get("Modality", ""))
+        # the UIDs checked above: the request's Affected UIDs, or the data set's in their place
+        header = part10_header(sop_class, sop_uid, syntax)
+        path = self.spool.path_for(study_uid, series_uid, sop_uid)
+        with self._locks[hash(sop_uid) % len(self._locks)]:
+            existing = self.jobs.find_instance(sop_uid)
+            if existing is not None:
+                digest = received.digest()  # of the received data set bytes
+                if existing["digest"] != digest and not same_image(existing["path"], ds):
+                    raise StoreRefused(
+                        UID_CONFLICT,
+                        f"other content is already stored under SOP Instance UID {sop_uid}",
+                    )
+                return StoreOutcome(SUCCESS, series_uid, sop_uid, new=False)
+            if self.jobs.series_count(series_uid) >= limits.max_instances_per_series:
+                raise StoreRefused(
+                    TOO_MANY_INSTANCES,
+                    f"series already holds {limits.max_instances_per_series} instances",
+                )
+            hashing = self._digests.submit(received.digest)
+            size = self._write(path, header, received)
+            geometry = slice_geometry(ds).to_json()  # while the digest is computed
+            digest = hashing.result()
+            try:
+                new, previous = self.jobs.add_instance(
+                    sop_uid=sop_uid,
+                    sop_class=sop_class,
+                    series_uid=series_uid,
+                    study_uid=study_uid,
+                    modality=modality,
+                    calling_ae=calling_ae,
+                    path=path,
+                    size=size,
+                    digest=digest,
+                    geometry=geometry,
+                )
+            except InstanceConflict:  # pragma: no cover - guarded by the lock above
+                raise StoreRefused(UID_CONFLICT, f"SOP Instance UID {sop_uid} conflict") from None
+            except sqlite3.Error:
+                # Not recorded, so not acknowledged: the file goes too, or a restart's
+                # re-indexing of the spool would adopt an instance the peer saw refused.
+                path.unlink(missing_ok=True)
+                raise
+        if previous is None:
+            log.info("series %s: receiving (first instance)%s", series_uid, self._patient(ds))
+        elif previous not in ("receiving", "processing"):
+            log.info("series %s: receiving again (was %s)", series_uid, previous)
+        # A data set parsed from its file (values deferred) is not handed on: the file has
+        # moved, and decoding it whole is what its size forbids; its job reads the spool.
+        keep = new and received.data is not None
+        return StoreOutcome(
+            SUCCESS, series_uid, sop_uid, new=new, path=str(path), dataset=ds if keep else None
+        )
+
+    def _write(self, path: Path, header: bytes, received: Received) -> int:
+        """Put the received data set in the spool durably, behind ``header``; its size.
+
+        A data set held in memory is written as before (one ``writev``, one
+        ``fdatasync``: renaming pynetdicom's file and syncing the directory cost ingest
+        about a quarter); pynetdicom then deletes its file. A large one is renamed into
+        place if pynetdicom's file has exactly this header, else copied a piece at a time.
+        """
+        if received.data is not None:
+            return self.spool.write(path, header, received.data)
+        if received.file is not None and received.meta == header:
+            return self.spool.adopt(received.file, path)
+        assert received.file is not None
+        return self.spool.copy_in(path, header, received.file, received.offset)
+
+    def _patient(self, ds: Dataset) -> str:
+        """ ", patient NAME (ID)" for a log line, only with ``log_patient_identifiers``.
+
+        Logs are shipped, rotated and read by people who may see no patient data; by
+        default the node names series by UID only.
+        """
+        if not self.settings.node.log_patient_identifiers:
+            return ""
+        return f", patient {ds.get('PatientName', '')} ({ds.get('PatientID', '')})"
