@@ -214,11 +214,11 @@ def _wait_sent(node: NodeProcess, uids: set[str], timeout: float = 900) -> dict[
 
 
 def _sent_at(node: NodeProcess, uid: str) -> float:
-    from dicom_node.state.jobs import JobStore
+    from dicom_node.state import JobDatabase
 
-    store = JobStore(node.data_dir / "jobs.sqlite")
+    store = JobDatabase(node.data_dir / "jobs.sqlite")
     try:
-        return max(o.sent_at or 0.0 for o in store.outbox(uid))
+        return max(o.sent_at or 0.0 for o in store.outbox.items(uid))
     finally:
         store.close()
 

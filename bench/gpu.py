@@ -313,7 +313,7 @@ def triton_cuda_vs_system(bundle_dir: Path, slices: int) -> list[dict]:
         metrics_port=free_port(),
         models=["spleen_seg", "spleen_unet"],
         startup_timeout=TRITON_STARTUP,
-        env={"DICOM_NODE_BUNDLE": str(bundle_dir)},
+        env={"DICOM_NODE_BUNDLE_SPLEEN_SEG": str(bundle_dir)},
     )
     t0 = time.perf_counter()
     try:

@@ -14,8 +14,12 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from dicom_node.config import ConfigError, Settings, load_settings
+
+if TYPE_CHECKING:
+    from dicom_node.node import Node
 
 log = logging.getLogger("dicom_node")
 
@@ -50,10 +54,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, _stop)
     from dicom_node.service.embedded import EmbeddedError
     from dicom_node.service.status import StatusError
+    from dicom_node.service.web import WebServerError
 
     try:
         node.start()
-    except (StatusError, EmbeddedError) as exc:
+    except (StatusError, WebServerError, EmbeddedError) as exc:
         node.stop()
         raise UserError(str(exc)) from None
     except OSError as exc:
@@ -72,45 +77,46 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _warm_backend(node: object) -> None:
+def _warm_backend(node: Node) -> None:
     try:
-        node.backends()  # type: ignore[attr-defined]
+        node.backends.get()
         log.info("inference backend ready")
     except Exception as exc:  # noqa: BLE001 - jobs retry; the operator sees the reason
         log.error("inference backend not ready: %s", exc)
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from dicom_node.state.jobs import JobStore
+    from dicom_node.state import JobDatabase, SeriesListing
 
     settings = _settings(args)
     db = settings.node.data_dir / "jobs.sqlite"
-    rows: list[dict] = []
+    rows: list[SeriesListing] = []
     if db.exists():
-        store = JobStore(db)
+        store = JobDatabase(db)
         try:
             rows = store.listing()
         finally:
             store.close()
     if args.json:
-        json.dump(rows, sys.stdout, indent=2)
+        json.dump([r.to_json() for r in rows], sys.stdout, indent=2)
         print()
         return 0
     print(f"{'series':<64} {'state':<11} {'inst':>5}  {'completed by':<20}  reason")
-    for r in rows:
+    for row in rows:
+        r = row.record
         print(
-            f"{r['series_uid']:<64} {r['state']:<11} {r['instance_count']:>5}  "
-            f"{r['completed_by'] or '-':<20}  {r['reason']}"
+            f"{r.series_uid:<64} {r.state!s:<11} {r.instance_count:>5}  "
+            f"{r.completed_by or '-':<20}  {r.reason}"
         )
     return 0
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    from dicom_node.state.jobs import JobStore
+    from dicom_node.state import JobDatabase
 
     settings = _settings(args)
-    store = JobStore(settings.node.data_dir / "jobs.sqlite")
-    n = store.retry(args.series_uid)
+    store = JobDatabase(settings.node.data_dir / "jobs.sqlite")
+    n = store.series.retry(args.series_uid)
     store.close()
     if n == 0:
         raise UserError(f"series {args.series_uid} has nothing failed to retry")

@@ -15,7 +15,6 @@ looking for one setting would look in several files.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import re
 import sys
 import types
@@ -23,6 +22,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from dicom_node.common.network import is_loopback
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -46,23 +47,23 @@ class ConfigError(ValueError):
 # _validate keeps only what relates several fields.
 
 
-def _one_of(*choices: str, default: str = "", notes: dict[str, str] | None = None) -> Any:
+def one_of(*choices: str, default: str = "", notes: dict[str, str] | None = None) -> Any:
     """A string field that takes one of ``choices`` (``default``: the first); ``notes``
     explain some of them in the error message."""
     return field(default=default or choices[0], metadata={"one_of": choices, "notes": notes or {}})
 
 
-def _at_least(default: float, lowest: float, note: str = "") -> Any:
+def at_least(default: float, lowest: float, note: str = "") -> Any:
     """A number field of at least ``lowest``."""
     return field(default=default, metadata={"at_least": lowest, "note": note})
 
 
-def _positive(default: float) -> Any:
+def positive(default: float) -> Any:
     """A number field greater than zero."""
     return field(default=default, metadata={"positive": True})
 
 
-def _port(default: int, any_free: bool = False) -> Any:
+def tcp_port(default: int, any_free: bool = False) -> Any:
     """A TCP port; with ``any_free``, 0 asks for any free port."""
     return field(default=default, metadata={"port": 0 if any_free else 1})
 
@@ -92,9 +93,9 @@ class NodeSettings:
 
     ae_title: str = "DICOM_NODE"
     host: str = "0.0.0.0"
-    port: int = _port(11112)
+    port: int = tcp_port(11112)
     data_dir: Path = Path("var")
-    settle_seconds: float = _at_least(10.0, 0)
+    settle_seconds: float = at_least(10.0, 0)
     #: Complete a series as soon as the association that carried it is released, when its
     #: slices form a volume without a gap (:mod:`dicom_node.series.completion`); the settle timer
     #: remains the rule for everything else.
@@ -104,7 +105,7 @@ class NodeSettings:
     require_called_ae: bool = True
     #: "refuse": other storage SOP classes are rejected in negotiation;
     #: "fail": they are negotiated and each C-STORE is answered with a failure status.
-    unsupported_sop_class: str = _one_of("refuse", "fail")
+    unsupported_sop_class: str = one_of("refuse", "fail")
     log_patient_identifiers: bool = False
     log_json: bool = False
 
@@ -116,16 +117,16 @@ class LimitSettings:
     max_associations: int = 16
     #: Connections one source address may hold at once (negotiating or associated); more
     #: are rejected at once (transient, local limit exceeded). 0: no limit but the above.
-    max_associations_per_address: int = _at_least(12, 0, "0: no limit")
+    max_associations_per_address: int = at_least(12, 0, "0: no limit")
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
     #: From accept to association established (TLS handshake and A-ASSOCIATE-RQ), in all:
     #: a peer trickling bytes cannot hold a slot longer than this.
-    association_deadline_seconds: float = _positive(30.0)
+    association_deadline_seconds: float = positive(30.0)
     #: Each PDU, and each message's fragments together (a command set, a data set), must
     #: arrive within this many seconds of the first byte, however the bytes trickle.
-    message_deadline_seconds: float = _positive(600.0)
+    message_deadline_seconds: float = positive(600.0)
     #: Also enforced as P-DATA arrives: a data set growing past it aborts the association
     #: before more of it is read into memory.
     max_instance_bytes: int = 512 * 1024 * 1024
@@ -133,8 +134,8 @@ class LimitSettings:
     min_free_disk_mb: int = 1024
     #: Free space kept for recording (job database, acknowledgement journal, logs): results
     #: are not written below it. Keep it under ``min_free_disk_mb``, where intake stops.
-    reserved_disk_mb: int = _at_least(64, 0)
-    min_slices: int = _at_least(3, 1)
+    reserved_disk_mb: int = at_least(64, 0)
+    min_slices: int = at_least(3, 1)
     max_rows_columns: int = 4096
 
 
@@ -155,9 +156,10 @@ class TLSSettings:
 class InferenceSettings:
     """Where and how segmentation runs."""
 
-    #: "triton" (the default: a Triton server, started by the node or at triton_url) or
-    #: "local" (the same pipeline in-process, for development).
-    backend: str = _one_of("triton", "local")
+    #: A registered backend (:data:`dicom_node.inference.BACKENDS`): "triton" (the default:
+    #: a Triton server, started by the node or at triton_url) or "local" (the same pipeline
+    #: in-process, for development).
+    backend: str = "triton"
     #: Empty: the node starts the Triton server shipped with nvidia-pytriton. Otherwise one or
     #: more gRPC URLs (host:port) of running servers; requests are spread across them.
     triton_url: list[str] = field(default_factory=list)
@@ -165,11 +167,11 @@ class InferenceSettings:
     model_repository: Path = Path("model_repository")
     bundle: Path = Path("bundles/spleen_ct_demo")
     #: "auto" (shared memory when the server is on this host), "grpc" or "shm".
-    transport: str = _one_of("auto", "grpc", "shm", "cuda_shm")
-    device: str = _one_of("auto", "cpu", "cuda")
+    transport: str = one_of("auto", "grpc", "shm", "cuda_shm")
+    device: str = one_of("auto", "cpu", "cuda")
     timeout_seconds: float = 600.0
     startup_timeout_seconds: float = 180.0
-    attempts: int = _at_least(3, 1)
+    attempts: int = at_least(3, 1)
     retry_backoff_seconds: float = 5.0
     #: Series processed at once; Triton batches and schedules their requests on the GPU.
     max_concurrent_jobs: int = 2
@@ -186,15 +188,15 @@ class ResultSettings:
     rtstruct_series_description: str = "AI contours"
     sr_series_description: str = "AI measurements"
     #: "binary" (Segmentation Storage) or "labelmap" (Label Map Segmentation Storage).
-    seg_type: str = _one_of("binary", "labelmap")
+    seg_type: str = one_of("binary", "labelmap")
     #: Transfer syntax of a Label Map SEG: "none" (Explicit VR Little Endian), "rle" (RLE
     #: Lossless) or "jpegls" (JPEG-LS Lossless). A binary SEG is always uncompressed.
-    seg_compression: str = _one_of("none", "rle", "jpegls", default="rle")
+    seg_compression: str = one_of("none", "rle", "jpegls", default="rle")
     #: RTSTRUCT: at most this many contours per ROI on one slice, the largest kept (0: no
     #: limit). Bounds the object a fragmented (noisy) label map gives.
-    rtstruct_max_contours_per_slice: int = _at_least(100, 0)
+    rtstruct_max_contours_per_slice: int = at_least(100, 0)
     #: RTSTRUCT: contours enclosing less than this many mm² are left out (0: none are).
-    rtstruct_min_contour_area_mm2: float = _at_least(0.0, 0)
+    rtstruct_min_contour_area_mm2: float = at_least(0.0, 0)
     make_seg: bool = True
     make_rtstruct: bool = True
     make_sr: bool = True
@@ -213,10 +215,10 @@ class StatusSettings:
     enabled: bool = False
     host: str = "127.0.0.1"
     #: 0: any free port (tests).
-    port: int = _port(8080, any_free=True)
+    port: int = tcp_port(8080, any_free=True)
     #: "none", "basic" or "bearer": HTTP authentication of every page but /healthz and
     #: /readyz. Required when ``host`` is not a loopback address.
-    auth: str = _one_of("none", "basic", "bearer")
+    auth: str = one_of("none", "basic", "bearer")
     #: Where the secret is (never in this file): ``user:password`` for basic, the token
     #: for bearer (:mod:`dicom_node.common.credentials`).
     credentials_file: Path | None = None
@@ -269,41 +271,35 @@ class Route:
 
 @dataclass(frozen=True)
 class Destination:
-    """A peer that receives results: with C-STORE (``type = "dicom"``: ae_title, host,
-    port) or with STOW-RS (``type = "dicomweb"``: url and its credentials)."""
+    """A peer that receives results. ``type`` names the transport that sends them
+    (:data:`dicom_node.export.transport.TRANSPORTS`): ``"dicom"`` (C-STORE,
+    :class:`~dicom_node.export.dimse.DicomDestination`) or ``"dicomweb"`` (STOW-RS,
+    :class:`~dicom_node.export.dicomweb.DicomWebDestination`), each a subclass with the keys
+    its transport needs. The keys here are every destination's: how often and how long the
+    outbox tries, and which SEG it gets."""
 
     name: str
-    ae_title: str = ""
-    host: str = ""
-    port: int = 0
-    attempts: int = 20
-    retry_backoff_seconds: float = 5.0
-    max_backoff_seconds: float = 300.0
-    #: Send over DICOM TLS, with the certificates of the [tls] section.
-    tls: bool = False
-    #: C-STORE: associations opened at once to send a series' results, one result each
-    #: (1: all over one association, in order).
-    max_associations: int = _at_least(3, 1)
-    #: "dicom" (C-STORE) or "dicomweb" (STOW-RS to ``url``).
-    type: str = _one_of("dicom", "dicomweb", notes={"dicom": "C-STORE", "dicomweb": "STOW-RS"})
-    #: DICOMweb base URL (the STOW-RS service is ``url/studies``).
-    url: str = ""
-    #: DICOMweb: "none", "basic" or "bearer"; the secret is read from ``credentials_file``
-    #: or the variable ``credentials_env``, never written here.
-    auth: str = _one_of("none", "basic", "bearer")
-    credentials_file: Path | None = None
-    credentials_env: str = ""
-    #: DICOMweb over https: verify the server's certificate (against ``ca_certificates``
-    #: when given, else the system's CAs).
-    verify_tls: bool = True
-    ca_certificates: Path | None = None
+    type: str = "dicom"
+    attempts: int = at_least(20, 1)
+    retry_backoff_seconds: float = at_least(5.0, 0)
+    max_backoff_seconds: float = at_least(300.0, 0)
     #: Which SEG this destination gets when [results] seg_type = "labelmap": "auto" (the
     #: label map, or a binary SEG where the destination refuses the label map class),
     #: "labelmap" (never a fallback) or "binary" (always the binary SEG).
-    seg_type: str = _one_of("auto", "labelmap", "binary")
-    #: The node starts this destination itself: an Orthanc on loopback at ``port`` with
-    #: ``ae_title``, and the OHIF viewer in front of it ([embedded], ``dicom_node.service.embedded``).
-    embedded: bool = False
+    seg_type: str = one_of("auto", "labelmap", "binary")
+
+    def check(self, key: str, settings: Settings) -> None:
+        """Raise :class:`ConfigError` for keys that contradict each other or another
+        section; subclasses check their own and call this."""
+        if self.seg_type == "labelmap" and settings.results.seg_type != "labelmap":
+            raise ConfigError(
+                f"{key}.seg_type: 'labelmap' needs [results] seg_type = 'labelmap' (the node "
+                "makes a binary SEG only)"
+            )
+
+    def runs_embedded(self) -> bool:
+        """Whether the node starts this destination itself (:mod:`dicom_node.service.embedded`)."""
+        return False
 
 
 @dataclass(frozen=True)
@@ -316,9 +312,9 @@ class EmbeddedSettings:
 
     #: Where the viewer (OHIF, with ``/dicom-web`` on the same origin) is served.
     viewer_host: str = "127.0.0.1"
-    viewer_port: int = _port(3000, any_free=True)
+    viewer_port: int = tcp_port(3000, any_free=True)
     #: Orthanc's own HTTP port (REST and DICOMweb), reached by the viewer through the node.
-    orthanc_http_port: int = _port(8042)
+    orthanc_http_port: int = tcp_port(8042)
     #: The OHIF ``dist/`` folder ``make install`` unpacks from the pinned npm package.
     viewer_dir: Path = Path(".ohif/app-3.13.2")
     orthanc_executable: str = "Orthanc"
@@ -355,7 +351,8 @@ class Settings:
         return dataclasses.replace(self, **sections)
 
 
-def _check_ae(value: str, key: str) -> None:
+def check_ae_title(value: str, key: str) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is a valid AE title (PS3.5 AE VR)."""
     if not _AE_TITLE.match(value) or not value.strip():
         raise ConfigError(
             f"{key}: {value!r} is not a valid AE title (1-16 characters, no backslash)"
@@ -425,17 +422,7 @@ def _build(cls: type, table: Any, key: str) -> Any:
         raise ConfigError(f"[{key}]: missing required key {missing[0]!r}") from exc
 
 
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (an address or "localhost") is reachable from this machine only."""
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:  # a host name: it may resolve to anything
-        return False
-
-
-def _check_auth(auth: str, file: Path | None, env: str, key: str) -> None:
+def check_auth(auth: str, file: Path | None, env: str, key: str) -> None:
     if auth != "none" and bool(file) == bool(env):
         raise ConfigError(
             f"{key}: auth = {auth!r} needs one of credentials_file or credentials_env "
@@ -443,38 +430,19 @@ def _check_auth(auth: str, file: Path | None, env: str, key: str) -> None:
         )
 
 
-def _check_destination(d: Destination, key: str, seg_type: str) -> None:
-    if d.seg_type == "labelmap" and seg_type != "labelmap":
-        raise ConfigError(
-            f"{key}.seg_type: 'labelmap' needs [results] seg_type = 'labelmap' (the node "
-            "makes a binary SEG only)"
-        )
-    if d.type == "dicomweb":
-        if not re.match(r"^https?://[^/\s]+", d.url):
-            raise ConfigError(f"{key}.url: {d.url!r} is not an http:// or https:// URL")
-        _check_auth(d.auth, d.credentials_file, d.credentials_env, key)
-        if (
-            d.auth != "none"
-            and d.url.startswith("http://")
-            and not is_loopback(re.sub(r"^http://([^/:]+|\[[^]]+\]).*$", r"\1", d.url))
-        ):
-            raise ConfigError(
-                f"{key}.url: credentials would cross the network in clear text; use https://"
-            )
-        return
-    for field_name in ("ae_title", "host"):
-        if not getattr(d, field_name):
-            raise ConfigError(f"{key}: missing required key {field_name!r}")
-    _check_ae(d.ae_title, f"{key}.ae_title")
-    if not 0 < d.port < 65536:
-        raise ConfigError(f"{key}.port: {d.port} is not a TCP port")
-
-
 def _validate(s: Settings) -> None:
-    _check_ae(s.node.ae_title, "node.ae_title")
+    from dicom_node.inference import backend_names  # the backends' registry
+
+    if s.inference.backend not in backend_names():
+        raise ConfigError(
+            "inference.backend: must be "
+            + " or ".join(repr(n) for n in backend_names())
+            + f", not {s.inference.backend!r}"
+        )
+    check_ae_title(s.node.ae_title, "node.ae_title")
     for i, ae in enumerate(s.node.allowed_calling_aes):
-        _check_ae(ae, f"node.allowed_calling_aes[{i}]")
-    _check_auth(s.status.auth, s.status.credentials_file, s.status.credentials_env, "status")
+        check_ae_title(ae, f"node.allowed_calling_aes[{i}]")
+    check_auth(s.status.auth, s.status.credentials_file, s.status.credentials_env, "status")
     if s.status.enabled and s.status.auth == "none" and not is_loopback(s.status.host):
         raise ConfigError(
             f"status.host: {s.status.host} is reachable beyond this machine, and the pages "
@@ -486,7 +454,7 @@ def _validate(s: Settings) -> None:
         if d.name in names:
             raise ConfigError(f"destinations[{i}].name: {d.name!r} is used twice")
         names.add(d.name)
-        _check_destination(d, f"destinations[{i}]", s.results.seg_type)
+        d.check(f"destinations[{i}]", s)
     _validate_embedded(s)
     model_names = [m.name for m in s.models]
     for i, m in enumerate(s.models):
@@ -512,33 +480,37 @@ def _validate(s: Settings) -> None:
 
 
 def _validate_embedded(s: Settings) -> None:
-    """One embedded destination at most, and it and its viewer on loopback only."""
-    embedded = [i for i, d in enumerate(s.destinations) if d.embedded]
+    """One embedded destination at most, and its viewer on loopback only (the destination
+    itself checks where it listens)."""
+    embedded = [i for i, d in enumerate(s.destinations) if d.runs_embedded()]
     if len(embedded) > 1:
         raise ConfigError(f"destinations[{embedded[1]}].embedded: only one destination can be")
-    for i in embedded:
-        d = s.destinations[i]
-        if d.host not in _LOOPBACK:
-            raise ConfigError(
-                f"destinations[{i}].host: an embedded destination listens on loopback "
-                f"(127.0.0.1), not {d.host!r}"
-            )
-        if d.tls:
-            raise ConfigError(f"destinations[{i}].tls: the embedded Orthanc speaks no TLS")
     e = s.embedded
-    if e.viewer_host not in _LOOPBACK:
+    if not is_loopback(e.viewer_host):
         raise ConfigError(
             f"embedded.viewer_host: the viewer shows images without credentials, so it "
             f"listens on loopback only, not {e.viewer_host!r}"
         )
 
 
-#: Host names that mean this machine only.
-_LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
 def _resolve(path: Path, base: Path) -> Path:
     return path if path.is_absolute() else (base / path)
+
+
+def _destination(table: Any, key: str) -> Destination:
+    """A ``[[destinations]]`` table as the settings of its ``type``'s transport."""
+    from dicom_node.export.transport import destination_settings  # the transports' registry
+
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{key}] must be a table")
+    kind = table.get("type", "dicom")
+    cls = destination_settings(kind) if isinstance(kind, str) else None
+    if cls is None:
+        from dicom_node.export.transport import transport_names
+
+        known = [f"{k!r} ({protocol})" for k, protocol in transport_names().items()]
+        raise ConfigError(f"{key}.type: must be {', '.join(known[:-1])} or {known[-1]}")
+    return _build(cls, table, key)
 
 
 def _array(raw: dict[str, Any], name: str) -> list[Any]:
@@ -574,7 +546,7 @@ def settings_from_dict(raw: dict[str, Any], base_dir: Path = Path(".")) -> Setti
         inference=_build(InferenceSettings, raw.get("inference", {}), "inference"),
         results=_build(ResultSettings, raw.get("results", {}), "results"),
         status=_build(StatusSettings, raw.get("status", {}), "status"),
-        destinations=[_build(Destination, d, f"destinations[{i}]") for i, d in enumerate(dests)],
+        destinations=[_destination(d, f"destinations[{i}]") for i, d in enumerate(dests)],
         models=[
             _build(ModelSettings, m, f"models[{i}]") for i, m in enumerate(_array(raw, "models"))
         ],
@@ -592,9 +564,9 @@ def settings_from_dict(raw: dict[str, Any], base_dir: Path = Path(".")) -> Setti
         dataclasses.replace(
             d,
             **{
-                k: _resolve(getattr(d, k), base_dir).resolve()
-                for k in ("credentials_file", "ca_certificates")
-                if getattr(d, k)
+                f.name: _resolve(value, base_dir).resolve()
+                for f in dataclasses.fields(d)
+                if isinstance(value := getattr(d, f.name), Path)
             },
         )
         for d in s.destinations

@@ -98,6 +98,8 @@ def pytest_xdist_make_scheduler(config, log):
             """The next module only once the worker is at its module's last test (xdist
             sends it with two still to run): a module queued behind a long test waits while
             other workers run dry."""
+            if node not in self.registered_collections:
+                return  # a worker that replaces a crashed one: scheduled once it collected
             if node.shutting_down or not self.workqueue:
                 super()._reschedule(node)
             elif self._pending_of(self.assigned_work[node]) <= 1:

@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 #: The Triton models and demo bundles the tests serve (``make demo-bundle`` trains the bundles).
 MODEL_REPOSITORY = ROOT / "model_repository"
-SPLEEN_BUNDLE = Path(os.environ.get("DICOM_NODE_BUNDLE") or ROOT / "bundles" / "spleen_ct_demo")
+SPLEEN_BUNDLE = ROOT / "bundles" / "spleen_ct_demo"
 LIVER_BUNDLE = ROOT / "bundles" / "liver_ct_demo"
 
 
@@ -227,14 +227,14 @@ class NodeProcess:
     def jobs(self) -> list[dict]:
         """What ``dicom-node jobs --json`` prints, read here rather than by starting the CLI
         on each poll (a test of the CLI checks they agree)."""
-        from dicom_node.state.jobs import JobStore
+        from dicom_node.state import JobDatabase
 
         db = self.data_dir / "jobs.sqlite"
         if not db.exists():
             return []
-        store = JobStore(db)
+        store = JobDatabase(db)
         try:
-            return json.loads(json.dumps(store.listing()))
+            return json.loads(json.dumps([row.to_json() for row in store.listing()]))
         finally:
             store.close()
 

@@ -22,8 +22,9 @@ from pydicom.dataset import FileMetaDataset
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
+from dicom_node.intake.geometry import SliceGeometry
 from dicom_node.series.assembly import StreamingAssembler
-from dicom_node.series.completion import RELEASED, SETTLE_TIMER, SliceGeometry, gap_free
+from dicom_node.series.completion import RELEASED, SETTLE_TIMER, gap_free
 from dicom_node.series.volume import VolumeError, assemble_series
 from dicom_node_testing.phantom import make_phantom
 from dicom_node_testing.synthetic import SeriesAttributes, write_ct_series

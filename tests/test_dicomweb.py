@@ -17,18 +17,18 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from dicom_node.config import ConfigError, Destination, ResultSettings, Settings, load_settings
-from dicom_node.export.delivery import LABEL_MAP_SEG
+from dicom_node.config import ConfigError, ResultSettings, Settings, load_settings
+from dicom_node.export.dicomweb import DicomWebDestination
 from dicom_node.export.sender import Exporter
-from dicom_node.state.jobs import JobStore
+from dicom_node.export.transport import LABEL_MAP_SEG
+from dicom_node.state import JobDatabase, NewOutboxItem
 from tests.peers import Orthanc
 from tests.test_export import labelmap_results, queue_labelmap_results
 
 
-def _web(url: str, **kw) -> Destination:
-    return Destination(
+def _web(url: str, **kw) -> DicomWebDestination:
+    return DicomWebDestination(
         name="web",
-        type="dicomweb",
         url=url,
         attempts=10,
         retry_backoff_seconds=0.2,
@@ -37,17 +37,19 @@ def _web(url: str, **kw) -> Destination:
     )
 
 
-def _send_all(exporter: Exporter, jobs: JobStore, series: str, timeout: float = 20.0) -> int:
+def _send_all(exporter: Exporter, jobs: JobDatabase, series: str, timeout: float = 20.0) -> int:
     """Run the export loop until every item of the series is sent; return how many passes
     acknowledged something."""
     deadline = time.time() + timeout
     sent = 0
     while time.time() < deadline:
         sent += exporter.run_once()
-        if all(i.state == "sent" for i in jobs.outbox(series)):
+        if all(i.state == "sent" for i in jobs.outbox.items(series)):
             return sent
         time.sleep(0.1)
-    raise AssertionError(f"not all sent: {[(i.kind, i.last_error) for i in jobs.outbox(series)]}")
+    raise AssertionError(
+        f"not all sent: {[(i.kind, i.last_error) for i in jobs.outbox.items(series)]}"
+    )
 
 
 def test_stow_while_the_server_is_down_then_back_delivers_each_object_once(tmp_path):
@@ -56,13 +58,13 @@ def test_stow_while_the_server_is_down_then_back_delivers_each_object_once(tmp_p
     settings = Settings(
         results=ResultSettings(seg_type="labelmap"), destinations=[_web(pacs.dicomweb_url)]
     )
-    jobs = JobStore(tmp_path / "jobs.sqlite")
+    jobs = JobDatabase(tmp_path / "jobs.sqlite")
     queue_labelmap_results(jobs, settings, files, "2.1")
     exporter = Exporter(settings, jobs)
 
     # down: every item waits with what happened, nothing is lost
     assert exporter.run_once() == 0
-    items = jobs.outbox("2.1")
+    items = jobs.outbox.items("2.1")
     assert [i.state for i in items] == ["pending"] * 3
     assert all(i.attempts == 1 for i in items)
     assert all(f"web ({pacs.dicomweb_url}) cannot be reached" in i.last_error for i in items)
@@ -75,13 +77,13 @@ def test_stow_while_the_server_is_down_then_back_delivers_each_object_once(tmp_p
         # nor by a restarted node
         jobs.close()
         exporter.journal.close()
-        jobs = JobStore(tmp_path / "jobs.sqlite")
+        jobs = JobDatabase(tmp_path / "jobs.sqlite")
         restarted = Exporter(settings, jobs)
         assert restarted.run_once() == 0
         restarted.journal.close()
 
         # Orthanc's DICOMweb takes the Label Map class: the label map went, and its SR
-        sent = {i.kind: (i.sent_as, i.sop_uid) for i in jobs.outbox("2.1")}
+        sent = {i.kind: (i.sent_as, i.sop_uid) for i in jobs.outbox.items("2.1")}
         assert sent["SEG"] == ("labelmap", files["SEG"]["sop_uid"])
         assert sent["SR"] == ("labelmap", files["SR"]["sop_uid"])
         expected = {files[k]["sop_uid"] for k in ("SEG", "RTSTRUCT", "SR")}
@@ -113,18 +115,20 @@ def test_wrong_credentials_are_a_clear_error_and_nothing_is_lost(tmp_path):
         settings = Settings(
             destinations=[_web(pacs.dicomweb_url, auth="basic", credentials_file=secret)]
         )
-        jobs = JobStore(tmp_path / "jobs.sqlite")
+        jobs = JobDatabase(tmp_path / "jobs.sqlite")
         for kind in ("SEG_BINARY", "RTSTRUCT"):
-            jobs.enqueue_result(
-                series_uid="2.2",
-                kind=kind.split("_")[0],
-                destination="web",
-                path=files[kind]["path"],
-                sop_uid=files[kind]["sop_uid"],
+            jobs.outbox.enqueue(
+                NewOutboxItem(
+                    series_uid="2.2",
+                    kind=kind.split("_")[0],
+                    destination="web",
+                    path=str(files[kind]["path"]),
+                    sop_uid=files[kind]["sop_uid"],
+                )
             )
         exporter = Exporter(settings, jobs)
         assert exporter.run_once() == 0
-        items = jobs.outbox("2.2")
+        items = jobs.outbox.items("2.2")
         assert [i.state for i in items] == ["pending", "pending"]
         for item in items:
             assert "web answered HTTP 401 Unauthorized" in item.last_error
@@ -144,7 +148,7 @@ def test_wrong_credentials_are_a_clear_error_and_nothing_is_lost(tmp_path):
 
 def test_a_missing_credentials_file_refuses_start_in_one_sentence(tmp_path):
     dest = _web("https://pacs.example/dicom-web", auth="bearer", credentials_env="NO_SUCH_VAR")
-    jobs = JobStore(tmp_path / "jobs.sqlite")
+    jobs = JobDatabase(tmp_path / "jobs.sqlite")
     with pytest.raises(ConfigError, match="destination web.credentials_env: the variable "):
         Exporter(Settings(destinations=[dest]), jobs)
     config = tmp_path / "node.toml"
@@ -242,12 +246,12 @@ def test_https_certificates_are_verified(tmp_path):
     front = _TLSFront(pem, pacs.http_port)
     try:
         url = f"https://127.0.0.1:{front.port}/dicom-web"
-        jobs = JobStore(tmp_path / "jobs.sqlite")
+        jobs = JobDatabase(tmp_path / "jobs.sqlite")
         path, uid = files["RTSTRUCT"]["path"], files["RTSTRUCT"]["sop_uid"]
-        jobs.enqueue_result(series_uid="2.3", kind="RTSTRUCT", destination="web", path=path,
-                            sop_uid=uid)  # fmt: skip
+        jobs.outbox.enqueue(NewOutboxItem(series_uid="2.3", kind="RTSTRUCT", destination="web", path=str(path),
+                            sop_uid=uid))  # fmt: skip
         assert Exporter(Settings(destinations=[_web(url)]), jobs).run_once() == 0
-        (item,) = jobs.outbox("2.3")
+        (item,) = jobs.outbox.items("2.3")
         assert item.state == "pending"
         assert "TLS failed, the server's certificate was not verified" in item.last_error
         assert "CERTIFICATE_VERIFY_FAILED" in item.last_error

@@ -15,7 +15,7 @@ import pytest
 import scipy.ndimage as ndi
 from pydicom.sr.codedict import codes
 
-from dicom_node.config import Destination, ResultSettings
+from dicom_node.config import ResultSettings
 from dicom_node.encode import (
     AlgorithmInfo,
     build_rtstruct,
@@ -24,7 +24,7 @@ from dicom_node.encode import (
     segment_info_for,
 )
 from dicom_node.encode.labels import present_segments, segment_numbers
-from dicom_node.export.sender import ExportError, send_files
+from dicom_node.export.dimse import DicomDestination, ExportError, send_files
 from dicom_node.series.volume import SeriesVolume, assemble_series
 from dicom_node_testing.synthetic import write_ct_series
 from tests import peers
@@ -205,7 +205,7 @@ def test_which_seg_formats_orthanc_stores(seg_files, tmp_path, monkeypatch, acce
     stores every format. Binary SEG is always stored."""
     pacs = _orthanc(tmp_path / "orthanc", accept_unknown, monkeypatch)
     try:
-        dest = Destination(name="pacs", ae_title=pacs.aet, host="127.0.0.1",
+        dest = DicomDestination(name="pacs", ae_title=pacs.aet, host="127.0.0.1",
                            port=pacs.dicom_port)  # fmt: skip
         stored = set()
         for key, path in seg_files.items():

@@ -11,13 +11,15 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from dicom_node.config import Destination, NodeSettings, ResultSettings, Settings
+from dicom_node.common.durable import write_durably
+from dicom_node.config import NodeSettings, ResultSettings, Settings
 from dicom_node.encode import AlgorithmInfo, build_rtstruct, build_seg, build_sr, segment_info_for
-from dicom_node.export.delivery import LABEL_MAP_SEG
-from dicom_node.export.sender import Exporter, backoff, plan_outbox_items
-from dicom_node.intake.spool import write_durably
+from dicom_node.export.dimse import DicomDestination
+from dicom_node.export.sender import Exporter
+from dicom_node.export.transport import LABEL_MAP_SEG
+from dicom_node.jobs.outputs import WrittenResult, plan_outbox_items
 from dicom_node.series.volume import assemble_series
-from dicom_node.state.jobs import JobStore
+from dicom_node.state import JobDatabase, NewOutboxItem
 from dicom_node_testing.synthetic import write_ct_series
 from tests.peers import Orthanc, free_port, small_tmpfs, wait_port
 
@@ -77,11 +79,28 @@ def labelmap_results(tmp_path: Path) -> tuple[object, dict[str, dict[str, str]]]
     return vol, out
 
 
+def written(files: dict[str, dict[str, str]]) -> list[WrittenResult]:
+    """The written results of :func:`labelmap_results`, as the job runner lists them."""
+    out = []
+    for kind in ("SEG", "RTSTRUCT", "SR"):
+        binary = files.get(f"{kind}_BINARY")
+        out.append(
+            WrittenResult(
+                kind,
+                Path(files[kind]["path"]),
+                files[kind]["sop_uid"],
+                Path(binary["path"]) if binary else None,
+                binary["sop_uid"] if binary else "",
+            )
+        )
+    return out
+
+
 def queue_labelmap_results(
-    jobs: JobStore, settings: Settings, files: dict[str, dict[str, str]], series_uid: str
+    jobs: JobDatabase, settings: Settings, files: dict[str, dict[str, str]], series_uid: str
 ) -> None:
-    for item in plan_outbox_items(settings, series_uid, "spleen", files):
-        jobs.enqueue_result(**item)
+    for item in plan_outbox_items(settings, series_uid, "spleen", written(files)):
+        jobs.outbox.enqueue(item)
 
 
 def _referenced_seg(sr: pydicom.Dataset) -> str:
@@ -104,14 +123,10 @@ def _referenced_seg(sr: pydicom.Dataset) -> str:
     return found[0]
 
 
-def test_backoff_grows_and_is_capped():
-    assert [backoff(n, 2, 30) for n in range(1, 7)] == [2, 4, 8, 16, 30, 30]
-
-
 def test_outbox_retries_until_the_pacs_is_back_then_sends_once(tmp_path):
     vol, files = _results(tmp_path)
     pacs = Orthanc(tmp_path / "orthanc")
-    dest = Destination(
+    dest = DicomDestination(
         name="pacs",
         ae_title="ORTHANC",
         host="127.0.0.1",
@@ -121,22 +136,24 @@ def test_outbox_retries_until_the_pacs_is_back_then_sends_once(tmp_path):
         max_backoff_seconds=0.5,
     )
     settings = Settings(node=NodeSettings(data_dir=tmp_path), destinations=[dest])
-    jobs = JobStore(tmp_path / "jobs.sqlite")
+    jobs = JobDatabase(tmp_path / "jobs.sqlite")
     series_uid = "1.2.3"
     for kind, (path, uid) in files.items():
-        jobs.enqueue_result(
-            series_uid=series_uid, kind=kind, destination="pacs", path=path, sop_uid=uid
+        jobs.outbox.enqueue(
+            NewOutboxItem(
+                series_uid=series_uid, kind=kind, destination="pacs", path=str(path), sop_uid=uid
+            )
         )
     exporter = Exporter(settings, jobs)
 
     # the PACS is down: nothing is acknowledged, every item waits with its reason
     assert exporter.run_once() == 0
-    items = jobs.outbox(series_uid)
+    items = jobs.outbox.items(series_uid)
     assert all(i.state == "pending" and i.attempts == 1 for i in items)
     assert all("cannot be reached" in i.last_error for i in items)
     assert all(i.next_attempt > time.time() for i in items)
     assert exporter.run_once() == 0  # not due yet: no attempt made
-    assert all(i.attempts == 1 for i in jobs.outbox(series_uid))
+    assert all(i.attempts == 1 for i in jobs.outbox.items(series_uid))
 
     pacs.start()
     try:
@@ -146,7 +163,7 @@ def test_outbox_retries_until_the_pacs_is_back_then_sends_once(tmp_path):
             sent += exporter.run_once()
             time.sleep(0.2)
         assert sent == 3
-        assert all(i.state == "sent" for i in jobs.outbox(series_uid))
+        assert all(i.state == "sent" for i in jobs.outbox.items(series_uid))
         # nothing is sent twice, however often the exporter runs
         for _ in range(3):
             assert exporter.run_once() == 0
@@ -162,7 +179,7 @@ def test_outbox_retries_until_the_pacs_is_back_then_sends_once(tmp_path):
 
 def test_gives_up_after_the_configured_attempts(tmp_path):
     _, files = _results(tmp_path)
-    dest = Destination(
+    dest = DicomDestination(
         name="gone",
         ae_title="NOBODY",
         host="127.0.0.1",
@@ -171,17 +188,19 @@ def test_gives_up_after_the_configured_attempts(tmp_path):
         retry_backoff_seconds=0.0,
         max_backoff_seconds=0.0,
     )
-    jobs = JobStore(tmp_path / "jobs.sqlite")
+    jobs = JobDatabase(tmp_path / "jobs.sqlite")
     path, uid = files["SEG"]
-    jobs.enqueue_result(series_uid="1.2", kind="SEG", destination="gone", path=path, sop_uid=uid)
+    jobs.outbox.enqueue(
+        NewOutboxItem(series_uid="1.2", kind="SEG", destination="gone", path=str(path), sop_uid=uid)
+    )
     exporter = Exporter(Settings(destinations=[dest]), jobs)
     exporter.run_once()
     exporter.run_once()
-    (item,) = jobs.outbox("1.2")
+    (item,) = jobs.outbox.items("1.2")
     assert (item.state, item.attempts) == ("failed", 2)
     # an operator's retry queues it again
-    assert jobs.retry("1.2") == 1
-    assert jobs.outbox("1.2")[0].state == "pending"
+    assert jobs.series.retry("1.2") == 1
+    assert jobs.outbox.items("1.2")[0].state == "pending"
 
 
 def test_a_pacs_that_rejects_the_association_is_retried(tmp_path):
@@ -190,19 +209,21 @@ def test_a_pacs_that_rejects_the_association_is_retried(tmp_path):
     _, files = _results(tmp_path)
     pacs = Orthanc(tmp_path / "orthanc").start()
     try:
-        jobs = JobStore(tmp_path / "jobs.sqlite")
+        jobs = JobDatabase(tmp_path / "jobs.sqlite")
         path, uid = files["SEG"]
-        jobs.enqueue_result(
-            series_uid="1.3", kind="SEG", destination="pacs", path=path, sop_uid=uid
+        jobs.outbox.enqueue(
+            NewOutboxItem(
+                series_uid="1.3", kind="SEG", destination="pacs", path=str(path), sop_uid=uid
+            )
         )
         wrong = _loopback("pacs", "NOT_ORTHANC", pacs.dicom_port)
         assert Exporter(Settings(destinations=[wrong]), jobs).run_once() == 0
-        (item,) = jobs.outbox("1.3")
+        (item,) = jobs.outbox.items("1.3")
         assert (item.state, item.attempts) == ("pending", 1)
         assert "rejected the association" in item.last_error
         right = _loopback("pacs", pacs.aet, pacs.dicom_port)
         assert Exporter(Settings(destinations=[right]), jobs).run_once() == 1
-        assert jobs.outbox("1.3")[0].state == "sent"
+        assert jobs.outbox.items("1.3")[0].state == "sent"
         assert {m: len(v) for m, v in pacs.instances_by_modality().items()} == {"SEG": 1}
     finally:
         pacs.stop()
@@ -232,13 +253,17 @@ def test_a_rejection_followed_at_once_by_a_close_is_recorded_as_the_rejection(tm
 
     threading.Thread(target=serve, daemon=True).start()
     try:
-        jobs = JobStore(tmp_path / "jobs.sqlite")
+        jobs = JobDatabase(tmp_path / "jobs.sqlite")
         path, uid = files["SEG"]
-        jobs.enqueue_result(series_uid="1.9", kind="SEG", destination="rj", path=path, sop_uid=uid)
+        jobs.outbox.enqueue(
+            NewOutboxItem(
+                series_uid="1.9", kind="SEG", destination="rj", path=str(path), sop_uid=uid
+            )
+        )
         exporter = Exporter(Settings(destinations=[_loopback("rj", "ANY", port)]), jobs)
         for _ in range(3):
             assert exporter.run_once() == 0
-            (item,) = jobs.outbox("1.9")
+            (item,) = jobs.outbox.items("1.9")
             assert "rj rejected the association" in item.last_error, item.last_error
             assert "Called AE title not recognised" in item.last_error
     finally:
@@ -257,12 +282,16 @@ def test_a_pacs_that_refuses_the_seg_class_is_recorded_as_such(tmp_path):
     port = free_port()
     server = scp.start_server(("127.0.0.1", port), block=False)
     try:
-        jobs = JobStore(tmp_path / "jobs.sqlite")
+        jobs = JobDatabase(tmp_path / "jobs.sqlite")
         path, uid = files["SEG"]
-        jobs.enqueue_result(series_uid="1.4", kind="SEG", destination="ct", path=path, sop_uid=uid)
+        jobs.outbox.enqueue(
+            NewOutboxItem(
+                series_uid="1.4", kind="SEG", destination="ct", path=str(path), sop_uid=uid
+            )
+        )
         dest = _loopback("ct", "CT_ONLY", port)
         assert Exporter(Settings(destinations=[dest]), jobs).run_once() == 0
-        (item,) = jobs.outbox("1.4")
+        (item,) = jobs.outbox.items("1.4")
         assert item.state == "pending"
         assert "refused the presentation context for Segmentation Storage" in item.last_error
         assert "cannot be reached" not in item.last_error
@@ -282,22 +311,24 @@ def test_a_failure_status_is_recorded_with_its_meaning(tmp_path):
         ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, lambda event: 0xA700)]
     )
     try:
-        jobs = JobStore(tmp_path / "jobs.sqlite")
+        jobs = JobDatabase(tmp_path / "jobs.sqlite")
         path, uid = files["SEG"]
-        jobs.enqueue_result(
-            series_uid="1.5", kind="SEG", destination="full", path=path, sop_uid=uid
+        jobs.outbox.enqueue(
+            NewOutboxItem(
+                series_uid="1.5", kind="SEG", destination="full", path=str(path), sop_uid=uid
+            )
         )
         dest = _loopback("full", "FULL", port)
         assert Exporter(Settings(destinations=[dest]), jobs).run_once() == 0
-        (item,) = jobs.outbox("1.5")
+        (item,) = jobs.outbox.items("1.5")
         assert "status 0xA700 (Refused: Out of Resources)" in item.last_error
     finally:
         server.shutdown()
 
 
-def _loopback(name: str, ae_title: str, port: int) -> Destination:
+def _loopback(name: str, ae_title: str, port: int) -> DicomDestination:
     """A destination on this host, tried five times without waiting between."""
-    return Destination(
+    return DicomDestination(
         name=name,
         ae_title=ae_title,
         host="127.0.0.1",
@@ -331,24 +362,28 @@ def test_acknowledged_once_even_when_the_database_cannot_record_it(tmp_path):
     with small_tmpfs(tmp_path / "data", 4) as data:
         pacs = Orthanc(tmp_path / "orthanc").start()
         try:
-            jobs = JobStore(data / "jobs.sqlite")
+            jobs = JobDatabase(data / "jobs.sqlite")
             for kind, (path, uid) in files.items():
-                jobs.enqueue_result(
-                    series_uid="1.6", kind=kind, destination="pacs", path=path, sop_uid=uid
+                jobs.outbox.enqueue(
+                    NewOutboxItem(
+                        series_uid="1.6", kind=kind, destination="pacs", path=str(path), sop_uid=uid
+                    )
                 )
             dest = _loopback("pacs", pacs.aet, pacs.dicom_port)
             settings = Settings(destinations=[dest])
             exporter = Exporter(settings, jobs)  # the journal is allocated now
             _fill(data)
             assert exporter.run_once() == 3  # acknowledged...
-            assert [i.state for i in jobs.outbox("1.6")] == ["pending"] * 3  # ...not committed
+            assert [i.state for i in jobs.outbox.items("1.6")] == [
+                "pending"
+            ] * 3  # ...not committed
             for _ in range(5):  # the export loop goes on: nothing is sent again
                 exporter.run_once()
             counts = {m: len(v) for m, v in pacs.instances_by_modality().items()}
             assert counts == {"SEG": 1, "RTSTRUCT": 1, "SR": 1}
             # a restart while the disk is still full: the journal holds the acknowledgements
             jobs.close()
-            jobs = JobStore(data / "jobs.sqlite")
+            jobs = JobDatabase(data / "jobs.sqlite")
             restarted = Exporter(settings, jobs)
             assert restarted.run_once() == 0
             (data / "filler").unlink()  # space again: a pass after the backoff records them
@@ -356,7 +391,7 @@ def test_acknowledged_once_even_when_the_database_cannot_record_it(tmp_path):
             while time.time() < deadline and restarted.journal.used:
                 restarted.run_once()
                 time.sleep(0.1)
-            assert [i.state for i in jobs.outbox("1.6")] == ["sent"] * 3
+            assert [i.state for i in jobs.outbox.items("1.6")] == ["sent"] * 3
             assert restarted.journal.used == 0
             counts = {m: len(v) for m, v in pacs.instances_by_modality().items()}
             assert counts == {"SEG": 1, "RTSTRUCT": 1, "SR": 1}
@@ -375,22 +410,22 @@ def test_each_destination_gets_the_seg_form_it_is_set_for(tmp_path):
     settings = Settings(
         results=ResultSettings(seg_type="labelmap"),
         destinations=[
-            Destination(name="auto", ae_title="A", host="h", port=1),
-            Destination(name="lm", ae_title="B", host="h", port=1, seg_type="labelmap"),
-            Destination(name="bin", ae_title="C", host="h", port=1, seg_type="binary"),
+            DicomDestination(name="auto", ae_title="A", host="h", port=1),
+            DicomDestination(name="lm", ae_title="B", host="h", port=1, seg_type="labelmap"),
+            DicomDestination(name="bin", ae_title="C", host="h", port=1, seg_type="binary"),
         ],
     )
     items = {
-        (i["destination"], i["kind"]): i for i in plan_outbox_items(settings, "1.9", "m", files)
+        (i.destination, i.kind): i for i in plan_outbox_items(settings, "1.9", "m", written(files))
     }
     assert len(items) == 9  # SEG, RTSTRUCT, SR for each; the binary forms are no items
-    assert items["auto", "SEG"]["path"] == files["SEG"]["path"]
-    assert items["auto", "SEG"]["alt_path"] == files["SEG_BINARY"]["path"]
-    assert items["auto", "SR"]["alt_sop_uid"] == files["SR_BINARY"]["sop_uid"]
-    assert "alt_path" not in items["lm", "SEG"] and "alt_path" not in items["lm", "SR"]
-    assert items["bin", "SEG"]["sop_uid"] == files["SEG_BINARY"]["sop_uid"]
-    assert items["bin", "SR"]["sop_uid"] == files["SR_BINARY"]["sop_uid"]
-    assert "alt_path" not in items["auto", "RTSTRUCT"]
+    assert items["auto", "SEG"].path == files["SEG"]["path"]
+    assert items["auto", "SEG"].alt_path == files["SEG_BINARY"]["path"]
+    assert items["auto", "SR"].alt_sop_uid == files["SR_BINARY"]["sop_uid"]
+    assert items["lm", "SEG"].alt_path == "" and items["lm", "SR"].alt_path == ""
+    assert items["bin", "SEG"].sop_uid == files["SEG_BINARY"]["sop_uid"]
+    assert items["bin", "SR"].sop_uid == files["SR_BINARY"]["sop_uid"]
+    assert items["auto", "RTSTRUCT"].alt_path == ""
 
 
 def _storescp_accepting_label_map(tmp_path: Path) -> tuple[subprocess.Popen, int, Path]:
@@ -441,18 +476,18 @@ def test_orthanc_gets_the_binary_seg_a_label_map_peer_the_label_map(tmp_path, dc
             node=NodeSettings(data_dir=tmp_path),
             results=ResultSettings(seg_type="labelmap"),
             destinations=[
-                Destination(name="orthanc", ae_title=pacs.aet, host="127.0.0.1",
+                DicomDestination(name="orthanc", ae_title=pacs.aet, host="127.0.0.1",
                             port=pacs.dicom_port, retry_backoff_seconds=0.0),
-                Destination(name="lm", ae_title="LM_SCP", host="127.0.0.1", port=scp_port,
+                DicomDestination(name="lm", ae_title="LM_SCP", host="127.0.0.1", port=scp_port,
                             retry_backoff_seconds=0.0),
             ],
         )  # fmt: skip
-        jobs = JobStore(tmp_path / "jobs.sqlite")
+        jobs = JobDatabase(tmp_path / "jobs.sqlite")
         queue_labelmap_results(jobs, settings, files, "1.10")
         exporter = Exporter(settings, jobs)
         assert exporter.run_once() == 6
         assert exporter.run_once() == 0
-        outbox = {(i.destination, i.kind): i for i in jobs.outbox("1.10")}
+        outbox = {(i.destination, i.kind): i for i in jobs.outbox.items("1.10")}
         assert {k: (i.state, i.sent_as) for k, i in outbox.items()} == {
             ("orthanc", "SEG"): ("sent", "binary"),
             ("orthanc", "RTSTRUCT"): ("sent", ""),
@@ -520,23 +555,23 @@ def test_a_store_status_refusing_the_label_map_class_falls_back_and_is_remembere
     try:
         settings = Settings(
             results=ResultSettings(seg_type="labelmap"),
-            destinations=[Destination(name="picky", ae_title="PICKY", host="127.0.0.1",
+            destinations=[DicomDestination(name="picky", ae_title="PICKY", host="127.0.0.1",
                                       port=port, retry_backoff_seconds=0.0)],
         )  # fmt: skip
-        jobs = JobStore(tmp_path / "jobs.sqlite")
+        jobs = JobDatabase(tmp_path / "jobs.sqlite")
         queue_labelmap_results(jobs, settings, files, "1.11")
         exporter = Exporter(settings, jobs)
         assert exporter.run_once() == 3
         assert offered.count(LABEL_MAP_SEG) == 1
         assert offered.count(SEGMENTATION_STORAGE) == 1
-        sent = {i.kind: i.sent_as for i in jobs.outbox("1.11")}
+        sent = {i.kind: i.sent_as for i in jobs.outbox.items("1.11")}
         assert sent == {"SEG": "binary", "RTSTRUCT": "", "SR": "binary"}
         # the next series: no label map offered again to this destination
         _, more = labelmap_results(tmp_path / "second")
         queue_labelmap_results(jobs, settings, more, "1.12")
         assert exporter.run_once() == 3
         assert offered.count(LABEL_MAP_SEG) == 1
-        assert {i.kind: i.sent_as for i in jobs.outbox("1.12")}["SEG"] == "binary"
+        assert {i.kind: i.sent_as for i in jobs.outbox.items("1.12")}["SEG"] == "binary"
     finally:
         server.shutdown()
 
@@ -558,19 +593,19 @@ def test_an_sr_follows_the_form_its_seg_already_took(tmp_path):
     try:
         settings = Settings(
             results=ResultSettings(seg_type="labelmap"),
-            destinations=[Destination(name="p", ae_title="SR_ONLY", host="127.0.0.1",
+            destinations=[DicomDestination(name="p", ae_title="SR_ONLY", host="127.0.0.1",
                                       port=port, retry_backoff_seconds=0.0)],
         )  # fmt: skip
-        jobs = JobStore(tmp_path / "jobs.sqlite")
-        for item in plan_outbox_items(settings, "1.13", "spleen", files):
-            if item["kind"] == "SR":
-                jobs.enqueue_result(**item)
-            elif item["kind"] == "SEG":  # sent as binary before
-                jobs.enqueue_result(**item)
-                (seg,) = jobs.outbox("1.13")
-                jobs.mark_sent(seg.id, alternative=True)
+        jobs = JobDatabase(tmp_path / "jobs.sqlite")
+        for item in plan_outbox_items(settings, "1.13", "spleen", written(files)):
+            if item.kind == "SR":
+                jobs.outbox.enqueue(item)
+            elif item.kind == "SEG":  # sent as binary before
+                jobs.outbox.enqueue(item)
+                (seg,) = jobs.outbox.items("1.13")
+                jobs.outbox.mark_sent(seg.id, alternative=True)
         assert Exporter(settings, jobs).run_once() == 1
-        sr = next(i for i in jobs.outbox("1.13") if i.kind == "SR")
+        sr = next(i for i in jobs.outbox.items("1.13") if i.kind == "SR")
         assert (sr.state, sr.sent_as, sr.sop_uid) == (
             "sent",
             "binary",

@@ -9,13 +9,8 @@ import sys
 import threading
 
 from dicom_node.intake.connections import ConnectionRefused
-from dicom_node.service.logs import (
-    JsonFormatter,
-    TextFormatter,
-    TransportLogFilter,
-    escape_controls,
-    quiet_transport_log,
-)
+from dicom_node.intake.transport_log import TransportLogFilter, quiet_transport_log
+from dicom_node.service.logs import JsonFormatter, TextFormatter, escape_controls
 
 
 def _record(msg: str, *args: object, exc: bool = False) -> logging.LogRecord:

@@ -15,9 +15,9 @@ import tritonclient.grpc as grpcclient
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
-from dicom_node.inference import bundle_env_name, models_to_load
 from dicom_node.inference.triton.client import TritonBackend
-from dicom_node.inference.triton.server import bundle_path_from_config
+from dicom_node.inference.triton.managed import models_to_load
+from dicom_node.inference.triton.models import bundle_env_name, bundle_path_from_config
 from dicom_node.pipeline import load_bundle
 from dicom_node_testing.phantom import make_phantom
 from tests.peers import LIVER_BUNDLE, MODEL_REPOSITORY, ROOT, SPLEEN_BUNDLE
@@ -140,11 +140,7 @@ def _config(name: str, bundle: str, **parameters: str) -> dict:
 
 
 def test_bundle_comes_from_the_config_without_overrides(monkeypatch, tmp_path):
-    for name in (
-        "DICOM_NODE_BUNDLE",
-        "DICOM_NODE_BUNDLE_LIVER_SEG",
-        "DICOM_NODE_BUNDLE_LIVER_UNET",
-    ):
+    for name in ("DICOM_NODE_BUNDLE_LIVER_SEG", "DICOM_NODE_BUNDLE_LIVER_UNET"):
         monkeypatch.delenv(name, raising=False)
     model_dir = tmp_path / "repo" / "liver_seg"
     config = _config("liver_seg", "../bundles/liver_ct_demo")
@@ -153,7 +149,6 @@ def test_bundle_comes_from_the_config_without_overrides(monkeypatch, tmp_path):
 
 def test_per_model_override_and_network_model_follows_its_caller(monkeypatch, tmp_path):
     monkeypatch.delenv("DICOM_NODE_BUNDLE_LIVER_UNET", raising=False)
-    monkeypatch.setenv("DICOM_NODE_BUNDLE", str(tmp_path / "legacy"))
     monkeypatch.setenv("DICOM_NODE_BUNDLE_LIVER_SEG", str(tmp_path / "liver"))
     seg = _config("liver_seg", "../bundles/liver_ct_demo", network_model="liver_unet")
     unet = _config("liver_unet", "../bundles/liver_ct_demo", segmentation_model="liver_seg")
@@ -165,24 +160,6 @@ def test_per_model_override_and_network_model_follows_its_caller(monkeypatch, tm
     assert bundle_path_from_config(unet, repo / "liver_unet") == tmp_path / "unet"
 
 
-def test_legacy_variable_points_the_spleen_models_only(monkeypatch, tmp_path):
-    for name in ("SPLEEN_SEG", "SPLEEN_UNET", "LIVER_SEG", "LIVER_UNET"):
-        monkeypatch.delenv(f"DICOM_NODE_BUNDLE_{name}", raising=False)
-    monkeypatch.setenv("DICOM_NODE_BUNDLE", str(tmp_path / "legacy"))
-    repo = tmp_path / "repo"
-    spleen_seg = _config("spleen_seg", "../bundles/spleen_ct_demo")
-    spleen_unet = _config("spleen_unet", "../bundles/spleen_ct_demo")
-    liver_seg = _config("liver_seg", "../bundles/liver_ct_demo")
-    assert bundle_path_from_config(spleen_seg, repo / "spleen_seg") == tmp_path / "legacy"
-    assert bundle_path_from_config(spleen_unet, repo / "spleen_unet") == tmp_path / "legacy"
-    assert bundle_path_from_config(liver_seg, repo / "liver_seg") == (
-        tmp_path / "bundles" / "liver_ct_demo"
-    )
-    # The model's own variable wins over the legacy one.
-    monkeypatch.setenv("DICOM_NODE_BUNDLE_SPLEEN_SEG", str(tmp_path / "own"))
-    assert bundle_path_from_config(spleen_seg, repo / "spleen_seg") == tmp_path / "own"
-
-
 def _repository_config(model: str) -> dict:
     """A model's config.pbtxt as the server reads it, in the form model.py receives it."""
     text = (REPOSITORY / model / "config.pbtxt").read_text()
@@ -192,7 +169,7 @@ def _repository_config(model: str) -> dict:
 
 @pytest.mark.parametrize("organ", ["spleen", "liver"])
 def test_repository_pairs_each_segmentation_model_with_its_network(monkeypatch, organ):
-    for suffix in ("", f"_{organ.upper()}_SEG", f"_{organ.upper()}_UNET"):
+    for suffix in (f"_{organ.upper()}_SEG", f"_{organ.upper()}_UNET"):
         monkeypatch.delenv(f"DICOM_NODE_BUNDLE{suffix}", raising=False)
     seg, unet = _repository_config(f"{organ}_seg"), _repository_config(f"{organ}_unet")
     assert seg["name"] == f"{organ}_seg" and unet["name"] == f"{organ}_unet"

@@ -20,11 +20,11 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationSocket
 
-from dicom_node.intake import pynetdicom_tuning as tuning
 from dicom_node.config import settings_from_dict
+from dicom_node.intake import pynetdicom_tuning as tuning
 from dicom_node.intake.scp import StorageSCP
 from dicom_node.intake.spool import Spool
-from dicom_node.state.jobs import JobStore
+from dicom_node.state import JobDatabase
 from tests.peers import free_port
 
 if sys.version_info >= (3, 11):
@@ -91,7 +91,7 @@ def test_associations_answer_promptly_and_idle_at_pynetdicom_pace(tmp_path, monk
             "limits": {"min_free_disk_mb": 1},
         }
     )
-    node = StorageSCP(settings, Spool(tmp_path / "spool"), JobStore(tmp_path / "j.sqlite"))
+    node = StorageSCP(settings, Spool(tmp_path / "spool"), JobDatabase(tmp_path / "j.sqlite"))
     node.start()
     try:
         ae = AE(ae_title="ECHOSCU")

@@ -1,5 +1,4 @@
-"""Typed results: every model's files and volumes survive the job database, and rows written
-before results were per model still read."""
+"""Typed results: every model's files and volumes survive the job database."""
 
 from dicom_node.state.results import ModelResults, ResultFile, SeriesResults
 
@@ -29,20 +28,8 @@ def test_round_trip_keeps_every_model_in_order():
     assert back == results
     assert back.model_names == "spleen, liver"
     assert back.file("liver", "SEG") == ResultFile("/r/seg-11.dcm", "1.2.11")
-    assert back.model("spleen").kinds() == ["SEG", "SR"]  # in RESULT_KINDS order
+    assert back.model("spleen").kinds() == ["SEG", "SR"]  # in the order they were made
     assert back.file("liver", "SR") is None and back.model("kidney") is None
-
-
-def test_rows_of_one_model_at_the_top_level_still_read():
-    legacy = {
-        "model": "spleen",
-        "files": {"SEG": {"path": "/r/seg.dcm", "sop_uid": "1.9"}},
-        "volumes_ml": {"spleen": 99.0},
-    }
-    (only,) = SeriesResults.from_json(legacy)
-    assert only == ModelResults(
-        "spleen", {"SEG": ResultFile("/r/seg.dcm", "1.9")}, {"spleen": 99.0}
-    )
 
 
 def test_no_results_is_empty_and_false():

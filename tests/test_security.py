@@ -30,7 +30,7 @@ from dicom_node.common.tls import (
     client_tls_args,
     server_ssl_context,
 )
-from dicom_node.config import ConfigError, Destination, TLSSettings
+from dicom_node.config import ConfigError, TLSSettings
 from dicom_node.intake.connections import address_allowed, allowed_networks
 from dicom_node_testing.synthetic import SeriesAttributes, write_ct_series
 from tests.peers import ROOT, NodeProcess, associate, dcmtk, storescu
@@ -366,16 +366,13 @@ def test_client_ssl_context_talks_to_the_tls_node(tls_node, pki):
         private_key=pki["client"][0],
         ca_certificates=pki["ca"][1],
     )
-    dest = Destination(
-        name="pacs", ae_title="DICOM_NODE", host="127.0.0.1", port=tls_node.port, tls=True
-    )
-    args = client_tls_args(settings, dest)
+    args = client_tls_args(settings, "127.0.0.1", enabled=True)
     assert args is not None and args[1] == "127.0.0.1"
     assoc = _associate(tls_node.port, tls_args=args)
     assert assoc.is_established
     assert assoc.send_c_echo().Status == 0
     assoc.release()
-    assert client_tls_args(settings, Destination("p", "X", "127.0.0.1", 1)) is None
+    assert client_tls_args(settings, "127.0.0.1", enabled=False) is None
 
     # a node certificate that does not chain to the configured CA is not trusted
     distrust = TLSSettings(enabled=True, ca_certificates=pki["rogue"][1])
@@ -408,10 +405,7 @@ def test_tls_handshake_deadline_and_address_limit(started, pki):
         private_key=pki["client"][0],
         ca_certificates=pki["ca"][1],
     )
-    args = client_tls_args(
-        settings,
-        Destination(name="n", ae_title="DICOM_NODE", host="127.0.0.1", port=node.port, tls=True),
-    )
+    args = client_tls_args(settings, "127.0.0.1")
 
     def tls_assoc(source: str):
         ae = AE(ae_title="PYNETDICOM")

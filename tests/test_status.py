@@ -32,8 +32,9 @@ from dicom_node.config import settings_from_dict
 from dicom_node.encode import segment_info_for
 from dicom_node.node import Node
 from dicom_node.series.volume import assemble_series
-from dicom_node.service.status import StatusServer, create_app
-from dicom_node.state.jobs import DONE, FAILED, JobStore
+from dicom_node.service.status import create_app
+from dicom_node.service.web import WebServer
+from dicom_node.state import JobDatabase, OutboxState, SeriesState
 from dicom_node_testing.phantom import make_phantom
 from dicom_node_testing.synthetic import SeriesAttributes, write_ct_series
 from tests import checks
@@ -155,13 +156,17 @@ def processed(node, tmp_path_factory, dcmtk_tools):
     uid = attrs.series_instance_uid
     assert storescu(node.settings.node.port, ct_dir).returncode == 0
     record = wait_for(
-        lambda: (r := node.jobs.get_series(uid)) is not None and r.state in (DONE, FAILED) and r,
+        lambda: (
+            (r := node.jobs.series.get(uid)) is not None
+            and r.state in (SeriesState.DONE, SeriesState.FAILED)
+            and r
+        ),
         300,
         "the series processed",
     )
-    assert record.state == DONE, record.reason
+    assert record.state == SeriesState.DONE, record.reason
     wait_for(
-        lambda: [o.state for o in node.jobs.outbox(uid)] == [FAILED] * 3,
+        lambda: [o.state for o in node.jobs.outbox.items(uid)] == [OutboxState.FAILED] * 3,
         60,
         "the exporter giving up on the unreachable destination",
     )
@@ -170,7 +175,7 @@ def processed(node, tmp_path_factory, dcmtk_tools):
         "before": before,
         "after": scrape(base),
         "ct_paths": ct_paths,
-        "record": node.jobs.get_series(uid),
+        "record": node.jobs.series.get(uid),
     }
 
 
@@ -280,7 +285,7 @@ def test_health_and_readiness(node, processed):
         limits=dataclasses.replace(node.settings.limits, min_free_disk_mb=free_mb + 10_000)
     )
     app = create_app(settings, node.jobs, node.metrics, backend_ready=lambda: False)
-    server = StatusServer(app, "127.0.0.1", 0)
+    server = WebServer(app, "127.0.0.1", 0)
     server.start()
     try:
         status, body, ctype = get(server.url + "/readyz")
@@ -335,7 +340,7 @@ def _get_with(url: str, authorization: str | None = None) -> tuple[int, str]:
         return exc.code, exc.headers.get("WWW-Authenticate", "")
 
 
-def _served(tmp_path: Path, status: dict) -> tuple[StatusServer, JobStore]:
+def _served(tmp_path: Path, status: dict) -> tuple[WebServer, JobDatabase]:
     from dicom_node.service.metrics import NodeMetrics
 
     settings = settings_from_dict(
@@ -346,9 +351,9 @@ def _served(tmp_path: Path, status: dict) -> tuple[StatusServer, JobStore]:
         base_dir=ROOT,
     )
     (tmp_path / "var" / "spool").mkdir(parents=True)
-    jobs = JobStore(tmp_path / "var" / "jobs.sqlite")
+    jobs = JobDatabase(tmp_path / "var" / "jobs.sqlite")
     app = create_app(settings, jobs, NodeMetrics(jobs))
-    server = StatusServer(app, settings.status.host, 0)
+    server = WebServer(app, settings.status.host, 0)
     server.start()
     return server, jobs
 
@@ -396,7 +401,7 @@ def test_the_status_service_refuses_to_leave_loopback_without_credentials(tmp_pa
     from dicom_node.service.metrics import NodeMetrics
     from dicom_node.service.status import StatusError
 
-    jobs = JobStore(tmp_path / "jobs.sqlite")
+    jobs = JobDatabase(tmp_path / "jobs.sqlite")
     exposed = Settings(status=StatusSettings(enabled=True, host="0.0.0.0"))
     with pytest.raises(StatusError, match="reachable beyond this machine on 0.0.0.0"):
         create_app(exposed, jobs, NodeMetrics(jobs))

@@ -17,10 +17,12 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from dicom_node.config import InferenceSettings
-from dicom_node.inference import Backend, InferenceError, ManagedTritonBackend, make_backend
-from dicom_node.inference.triton.client import TritonBackend, is_loopback
+from dicom_node.common.network import is_loopback
+from dicom_node.config import InferenceSettings, ModelSettings
+from dicom_node.inference import Backend, InferenceError, create_backends
+from dicom_node.inference.triton.client import TritonBackend
 from dicom_node.inference.triton.cuda_shm import unavailable_reason
+from dicom_node.inference.triton.managed import ManagedTritonBackend
 from dicom_node.inference.triton.placement import Registration, wait_for_releases
 from dicom_node.inference.triton.server import TritonServer, TritonStartError
 from dicom_node.inference.triton.shm import named_regions, region_of, shared_empty, unlink
@@ -149,7 +151,7 @@ def test_readiness_is_asked_of_the_server_this_node_started(server, tmp_path):
 
 
 def test_loopback_detection():
-    assert is_loopback("127.0.0.1:8001")
+    assert is_loopback("127.0.0.1:8001") and is_loopback("::1") and is_loopback("127.0.0.2")
     assert is_loopback("localhost:8001")
     assert is_loopback("[::1]:8001")
     assert not is_loopback("10.1.2.3:8001")
@@ -245,10 +247,16 @@ def test_volume_in_shared_memory_is_read_in_place(server, grpc_result, phantom, 
     assert _named_regions() == []
 
 
+def _one_backend(settings: InferenceSettings, data_dir):
+    """The backend ``settings`` name for the spleen demo model alone."""
+    model = ModelSettings(name="spleen_seg", triton_model="spleen_seg", bundle=BUNDLE)
+    return create_backends(settings, [model], data_dir)["spleen_seg"]
+
+
 @needs_bundle
 def test_triton_matches_the_local_backend(grpc_result, phantom, tmp_path):
     settings = InferenceSettings(backend="local", bundle=BUNDLE, device="cpu")
-    local = make_backend(settings, tmp_path)
+    local = _one_backend(settings, tmp_path)
     assert isinstance(local, Backend)
     try:
         result = local.segment(phantom.hu, phantom.affine, contours=True)
@@ -315,7 +323,7 @@ def managed(tmp_path):
         metrics_port=free_port(),
         startup_timeout_seconds=180.0,
     )
-    backend = make_backend(settings, tmp_path)
+    backend = _one_backend(settings, tmp_path)
     assert isinstance(backend, ManagedTritonBackend)
     try:
         yield backend

@@ -170,7 +170,7 @@ def _open(browser, study: dict, series_uid: str) -> None:
     """Open the viewer on the study with ``series_uid`` loaded, past the first-visit tour."""
     from selenium.webdriver.common.by import By
 
-    from dicom_node.service.embedded import viewer_link
+    from dicom_node.service.viewer import viewer_link
 
     browser.get(viewer_link(study["viewer"], study["study_uid"], series_uid))
     deadline = time.time() + 60

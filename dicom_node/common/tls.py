@@ -16,7 +16,7 @@ import socket
 import ssl
 from pathlib import Path
 
-from dicom_node.config import ConfigError, Destination, TLSSettings
+from dicom_node.config import ConfigError, TLSSettings
 
 __all__ = [
     "TLSConfigError",
@@ -130,12 +130,12 @@ def client_ssl_context(tls: TLSSettings) -> ssl.SSLContext:
 
 
 def client_tls_args(
-    tls: TLSSettings, destination: Destination
+    tls: TLSSettings, host: str, enabled: bool = True
 ) -> tuple[ssl.SSLContext, str] | None:
-    """pynetdicom's ``tls_args`` for an association to ``destination``; ``None`` for plain."""
-    if not destination.tls:
+    """pynetdicom's ``tls_args`` for an association to ``host``; ``None`` unless ``enabled``."""
+    if not enabled:
         return None
-    return client_ssl_context(tls), destination.host
+    return client_ssl_context(tls), host
 
 
 def peer_certificate_subject(sock: socket.socket | None) -> str | None:

@@ -363,3 +363,23 @@ def common_attributes(source: SeriesVolume, settings: ResultSettings) -> dict[st
         "device_serial_number": device_serial_number(),
         "institution_name": settings.institution_name or None,
     }
+
+
+def voxel_volume_ml(source: SeriesVolume) -> float:
+    """Volume of one voxel in mL: the determinant of the affine's 3x3 part, in mm³ / 1000.
+
+    The determinant is right for any orientation and for non-orthogonal (sheared) grids.
+    """
+    return float(abs(np.linalg.det(source.affine[:3, :3]))) / 1000.0
+
+
+def label_volumes_ml(
+    source: SeriesVolume, labels: np.ndarray, segments: Sequence[SegmentInfo]
+) -> dict[str, float]:
+    """Each segment's volume in mL by its name: its voxel count times the voxel volume."""
+    counts = label_counts(labels)
+    voxel_ml = voxel_volume_ml(source)
+    return {
+        s.name: float(counts[s.value] * voxel_ml) if s.value < len(counts) else 0.0
+        for s in segments
+    }

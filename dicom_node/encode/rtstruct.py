@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import datetime
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import highdicom as hd
 import numpy as np
@@ -50,6 +50,7 @@ from dicom_node.encode.labels import (
     common_attributes,
     present_segments,
 )
+from dicom_node.encode.registry import EncodeContext, series_number
 from dicom_node.series.volume import SeriesVolume
 
 log = logging.getLogger(__name__)
@@ -369,3 +370,24 @@ def build_rtstruct(
     ds.ROIContourSequence = DicomSequence(contours)
     ds.RTROIObservationsSequence = DicomSequence(observations)
     return ds
+
+
+class RtstructEncoder:
+    """The RT Structure Set: one ROI of planar contours per label found."""
+
+    kind = "RTSTRUCT"
+    requires: tuple[str, ...] = ()
+    first_series_number = 9002
+
+    def enabled(self, settings: ResultSettings) -> bool:
+        return settings.make_rtstruct
+
+    def build(self, context: EncodeContext, built: Mapping[str, Dataset]) -> Dataset:
+        return build_rtstruct(
+            context.source,
+            context.labels,
+            context.segments,
+            context.algorithm,
+            context.settings,
+            series_number(self.kind, context.model_index),
+        )

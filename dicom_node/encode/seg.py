@@ -20,7 +20,7 @@ as JPEG 2000.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import highdicom as hd
 import numpy as np
@@ -38,6 +38,7 @@ from dicom_node.encode.labels import (
     present_segments,
     segment_numbers,
 )
+from dicom_node.encode.registry import EncodeContext, series_number
 from dicom_node.series.volume import SeriesVolume
 
 #: ``[results] seg_compression`` values and the transfer syntax each gives a Label Map SEG.
@@ -192,3 +193,24 @@ def build_seg(
         omit_empty_frames=not nothing_found,
         **common_attributes(source, settings),
     )
+
+
+class SegEncoder:
+    """The SEG: binary or label map as ``[results] seg_type`` says."""
+
+    kind = "SEG"
+    requires: tuple[str, ...] = ()
+    first_series_number = 9001
+
+    def enabled(self, settings: ResultSettings) -> bool:
+        return settings.make_seg
+
+    def build(self, context: EncodeContext, built: Mapping[str, Dataset]) -> Dataset:
+        return build_seg(
+            context.source,
+            context.labels,
+            context.segments,
+            context.algorithm,
+            context.settings,
+            series_number(self.kind, context.model_index),
+        )

@@ -29,7 +29,7 @@ then lists "spleen: N mL" with the area and jumps to that image.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import highdicom as hd
 import numpy as np
@@ -52,7 +52,9 @@ from dicom_node.encode.labels import (
     device_uid,
     present_segments,
     slices_with,
+    voxel_volume_ml,
 )
+from dicom_node.encode.registry import EncodeContext, series_number
 from dicom_node.series.volume import SeriesVolume
 
 #: UCUM millilitre.
@@ -67,14 +69,6 @@ VIEWER_CONTOUR_TRACKING = "Cornerstone3DTools@^0.1.0:PlanarFreehandROI"
 
 #: Procedure Reported (TID 1500 row 4): the source is a CT of some body region.
 CT_PROCEDURE: Code = codes.LN.CTUnspecifiedBodyRegion
-
-
-def voxel_volume_ml(source: SeriesVolume) -> float:
-    """Volume of one voxel in mL: the determinant of the affine's 3x3 part, in mm³ / 1000.
-
-    The determinant is right for any orientation and for non-orthogonal (sheared) grids.
-    """
-    return float(abs(np.linalg.det(source.affine[:3, :3]))) / 1000.0
 
 
 def _check_seg(seg: Dataset, source: SeriesVolume, segments: Sequence[SegmentInfo]) -> None:
@@ -338,3 +332,26 @@ def build_sr(
         series_description=settings.sr_series_description,
         **common_attributes(source, settings),
     )
+
+
+class SrEncoder:
+    """The TID 1500 SR: each label's volume, referencing the SEG's segments."""
+
+    kind = "SR"
+    requires: tuple[str, ...] = ("SEG",)
+    first_series_number = 9003
+
+    def enabled(self, settings: ResultSettings) -> bool:
+        return settings.make_sr
+
+    def build(self, context: EncodeContext, built: Mapping[str, Dataset]) -> Dataset:
+        return build_sr(
+            built["SEG"],
+            context.source,
+            context.labels,
+            context.segments,
+            context.algorithm,
+            context.settings,
+            series_number(self.kind, context.model_index),
+            context.predecessors,
+        )

@@ -14,14 +14,16 @@ without a restart. TLS certificates are verified (``verify_tls``), against
 A failure is recorded as the server stated it: the HTTP status with its phrase, and, where
 the STOW-RS response names the object, its Failure Reason (0008,1197) with its meaning.
 A Label Map SEG refused with a Failure Reason that refuses its SOP class is sent again in
-its binary form (:mod:`dicom_node.export.delivery`).
+its binary form (:func:`dicom_node.export.transport.deliver`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
 
@@ -31,8 +33,10 @@ from dicomweb_client import DICOMwebClient
 from pydicom.dataset import Dataset
 
 from dicom_node.common.credentials import Credentials, read_credentials
-from dicom_node.config import ConfigError, Destination
-from dicom_node.export.delivery import (
+from dicom_node.common.network import is_loopback
+from dicom_node.config import ConfigError, Destination, Settings, check_auth, one_of
+from dicom_node.export.transport import (
+    OnAck,
     Outcome,
     Outgoing,
     SegChoice,
@@ -45,14 +49,58 @@ log = logging.getLogger("dicom_node.export.dicomweb")
 # traceback even with retries off; the outbox logs each failure in one line already.
 logging.getLogger("retrying").setLevel(logging.ERROR)
 
-__all__ = ["check_destination", "stow_batch"]
+__all__ = ["DicomWebDestination", "StowTransport", "check_destination", "stow_batch"]
 
 #: HTTP statuses that concern the request, not the object: the rest of the batch would
 #: get the same answer, so it is not sent (and keeps its place in the outbox).
 _WHOLE_BATCH = {401, 403, 404, 405, 407, 408, 429}
 
 
-def check_destination(destination: Destination) -> None:
+@dataclass(frozen=True)
+class DicomWebDestination(Destination):
+    """A destination that takes results by STOW-RS: ``url`` and its credentials."""
+
+    type: str = "dicomweb"
+    #: DICOMweb base URL (the STOW-RS service is ``url/studies``).
+    url: str = ""
+    #: "none", "basic" or "bearer"; the secret is read from ``credentials_file`` or the
+    #: variable ``credentials_env``, never written here.
+    auth: str = one_of("none", "basic", "bearer")
+    credentials_file: Path | None = None
+    credentials_env: str = ""
+    #: Over https: verify the server's certificate (against ``ca_certificates`` when given,
+    #: else the system's CAs).
+    verify_tls: bool = True
+    ca_certificates: Path | None = None
+
+    def check(self, key: str, settings: Settings) -> None:
+        super().check(key, settings)
+        if not re.match(r"^https?://[^/\s]+", self.url):
+            raise ConfigError(f"{key}.url: {self.url!r} is not an http:// or https:// URL")
+        check_auth(self.auth, self.credentials_file, self.credentials_env, key)
+        host = re.sub(r"^http://([^/:]+|\[[^]]+\]).*$", r"\1", self.url)
+        if self.auth != "none" and self.url.startswith("http://") and not is_loopback(host):
+            raise ConfigError(
+                f"{key}.url: credentials would cross the network in clear text; use https://"
+            )
+
+
+class StowTransport:
+    """STOW-RS to one :class:`DicomWebDestination`, one object per request."""
+
+    settings = DicomWebDestination
+    protocol = "STOW-RS"
+
+    def __init__(self, settings: Settings, destination: DicomWebDestination) -> None:
+        check_destination(destination)  # unreadable credentials or CA: refuse to start
+        self.destination = destination
+        self.timeout = settings.limits.network_timeout
+
+    def send(self, items: list[Outgoing], choice: SegChoice, on_ack: OnAck) -> dict[int, Outcome]:
+        return stow_batch(self.destination, items, self.timeout, choice, on_ack)
+
+
+def check_destination(destination: DicomWebDestination) -> None:
     """Raise :class:`~dicom_node.config.ConfigError` when the destination's credentials
     or CA bundle cannot be read: the node refuses to start rather than fail every send."""
     _credentials(destination)
@@ -63,7 +111,7 @@ def check_destination(destination: Destination) -> None:
         )
 
 
-def _credentials(destination: Destination) -> Credentials | None:
+def _credentials(destination: DicomWebDestination) -> Credentials | None:
     return read_credentials(
         destination.auth,
         destination.credentials_file,
@@ -72,7 +120,9 @@ def _credentials(destination: Destination) -> Credentials | None:
     )
 
 
-def _client(destination: Destination, timeout: float) -> tuple[DICOMwebClient, requests.Session]:
+def _client(
+    destination: DicomWebDestination, timeout: float
+) -> tuple[DICOMwebClient, requests.Session]:
     session = requests.Session()
     # requests lets REQUESTS_CA_BUNDLE override a session's ``verify`` (a CA bundle or
     # False) at every request; the destination's own settings must win, so the
@@ -135,7 +185,9 @@ class _BatchFailed(Exception):
     """The request failed for a reason every other object of the batch would share."""
 
 
-def _store(client: DICOMwebClient, destination: Destination, path: Path, timeout: float) -> Outcome:
+def _store(
+    client: DICOMwebClient, destination: DicomWebDestination, path: Path, timeout: float
+) -> Outcome:
     """One STOW-RS request for the object at ``path``; raises :class:`_BatchFailed` when
     the server cannot be reached or refuses the request itself (credentials, URL)."""
     ds = pydicom.dcmread(path)
@@ -218,7 +270,7 @@ def _body_hint(response: requests.Response | None) -> str:
 
 
 def stow_batch(
-    destination: Destination,
+    destination: DicomWebDestination,
     items: list[Outgoing],
     timeout: float,
     choice: SegChoice | None = None,

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from dicom_node.common.heap import empty_volume, release_free_memory
+from dicom_node.config import InferenceSettings, ModelSettings
 from dicom_node.pipeline import (
     Bundle,
     HandOver,
@@ -65,9 +66,9 @@ class LocalBackend:
         finally:
             release_free_memory()
 
-    def takes_shared_memory(self) -> bool:
-        """No: the pipeline reads the volume in this process, wherever it lies."""
-        return False
+    def ready(self) -> bool:
+        """Always: the network was loaded when the backend was built."""
+        return True
 
     def volume_allocator(self) -> Callable[[Sequence[int], Any], Any]:
         """Ordinary memory: the pipeline copies the volume to its device once."""
@@ -75,3 +76,10 @@ class LocalBackend:
 
     def close(self) -> None:
         """Nothing to release: the network is freed with the backend."""
+
+
+def create_backends(
+    settings: InferenceSettings, models: Sequence[ModelSettings], data_dir: Path
+) -> dict[str, LocalBackend]:
+    """The ``"local"`` backend: each model's bundle in this process."""
+    return {m.name: LocalBackend(m.bundle, settings.device) for m in models}

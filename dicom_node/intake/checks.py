@@ -20,11 +20,19 @@ from collections.abc import Iterator
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.encaps import parse_fragments
-from pydicom.uid import UID
+from pydicom.uid import (
+    UID,
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    LegacyConvertedEnhancedCTImageStorage,
+)
 
 from dicom_node.intake.plausibility import InvalidValue, check_image_values
 from dicom_node.intake.spool import InvalidUID, check_uid
-from dicom_node.series.volume import CT_SOP_CLASSES, MULTIFRAME_CT_SOP_CLASSES
+
+#: SOP classes whose instances can be assembled into a CT volume: what the node stores.
+CT_SOP_CLASSES = (CTImageStorage, EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage)
+MULTIFRAME_CT_SOP_CLASSES = (EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage)
 
 # C-STORE statuses (PS3.4 Table B.2-1 and PS3.7 Annex C).
 SUCCESS = 0x0000

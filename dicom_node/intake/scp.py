@@ -6,8 +6,9 @@ the C-STORE handler, which hands the data set to :mod:`dicom_node.intake.storage
 write durably, record) and answers with its status; every refusal is a DIMSE status from
 PS3.4 Annex B (:mod:`dicom_node.intake.checks`) with one log line saying why. This module
 does no pixel math and knows nothing of models. It remembers which series each open
-association stored and, at a normal release (``EVT_RELEASED``), hands that set to the
-node, whose completion rule (:mod:`dicom_node.series.completion`) decides what is complete.
+association stored and, at a normal release (``EVT_RELEASED``), emits that set
+(:class:`~dicom_node.intake.events.AssociationReleased`) for completion to decide what is
+complete (:mod:`dicom_node.series.completion`); each C-STORE's outcome is emitted too.
 
 Who may talk to the node is decided before any data set is read: DICOM TLS with optional
 client certificates (:mod:`dicom_node.common.tls`), the source address, the calling and called AE
@@ -32,7 +33,6 @@ import logging
 import sqlite3
 import ssl
 import threading
-from collections.abc import Callable
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -61,14 +61,20 @@ from pynetdicom.sop_class import Verification
 from dicom_node.common.tls import peer_certificate_subject, server_ssl_context
 from dicom_node.config import Settings
 from dicom_node.intake import connections
-from dicom_node.intake.checks import OUT_OF_RESOURCES, SUCCESS, StoreRefused, check_sop_class
+from dicom_node.intake.checks import (
+    CT_SOP_CLASSES,
+    OUT_OF_RESOURCES,
+    SUCCESS,
+    StoreRefused,
+    check_sop_class,
+)
+from dicom_node.intake.events import AssociationReleased, Events
 from dicom_node.intake.pynetdicom_tuning import discard_partial, receive_to_files, tune_association
 from dicom_node.intake.received import Received
 from dicom_node.intake.spool import Spool
 from dicom_node.intake.storage import InstanceStorage, StoreOutcome
-from dicom_node.series.volume import CT_SOP_CLASSES
-from dicom_node.service.logs import quiet_transport_log
-from dicom_node.state.jobs import JobStore
+from dicom_node.intake.transport_log import quiet_transport_log
+from dicom_node.state import JobDatabase
 
 __all__ = ["TRANSFER_SYNTAXES", "StorageSCP", "StoreOutcome"]
 
@@ -118,27 +124,22 @@ class StorageSCP:
         The node's typed settings (AE title, limits, access control).
     spool, jobs:
         Where instances are written and recorded.
-    on_stored:
-        Called after each C-STORE with its :class:`StoreOutcome` (metrics, wake-ups).
-    on_released:
-        Called when an association is released normally (not aborted), with the SOP
-        Instance UIDs it stored by Series Instance UID: the node's completion rule
-        (:mod:`dicom_node.series.completion`) takes it from there.
+    events:
+        Where each C-STORE's :class:`StoreOutcome` and each normal release
+        (:class:`~dicom_node.intake.events.AssociationReleased`) are emitted.
     """
 
     def __init__(
         self,
         settings: Settings,
         spool: Spool,
-        jobs: JobStore,
-        on_stored: Callable[[StoreOutcome], None] | None = None,
-        on_released: Callable[[dict[str, set[str]]], None] | None = None,
+        jobs: JobDatabase,
+        events: Events | None = None,
     ) -> None:
         self.settings = settings
         self.spool = spool
         self.jobs = jobs
-        self.on_stored = on_stored
-        self.on_released = on_released
+        self.events = events or Events()
         # The instances each open association has stored, by series (duplicates included: a
         # sender re-sending a whole series after a crash completes it by its release).
         self._carried: dict[Association, dict[str, set[str]]] = {}
@@ -347,7 +348,7 @@ class StorageSCP:
             assoc.kill()
 
     def handle_released(self, event: evt.Event) -> None:
-        """A normal release: hand the series this association stored to ``on_released``.
+        """A normal release: emit the series this association stored.
 
         pynetdicom triggers ``EVT_RELEASED`` on the association's thread after its last
         C-STORE was answered and after the A-RELEASE-RP went out, so the peer never waits
@@ -355,8 +356,13 @@ class StorageSCP:
         carried is then no longer "open" when the node looks.
         """
         series = self._forget_association(event)
-        if series and self.on_released is not None:
-            self.on_released(series)
+        if series:
+            self.events.emit(
+                AssociationReleased(
+                    carried={uid: frozenset(sops) for uid, sops in series.items()},
+                    still_open=frozenset(self.open_series()),
+                )
+            )
 
     def _forget_association(self, event: evt.Event) -> dict[str, set[str]]:
         """Drop the bookkeeping of an association that ended (aborts: nothing more)."""
@@ -389,9 +395,8 @@ class StorageSCP:
             with self._carried_lock:
                 carried = self._carried.setdefault(event.assoc, {})
                 carried.setdefault(outcome.series_uid, set()).add(outcome.sop_uid)
-        if self.on_stored is not None:
-            self.on_stored(outcome)
-        outcome.dataset = None  # observers are done with it: its pixel data may go
+        self.events.emit(outcome)
+        outcome.dataset = None  # subscribers are done with it: its pixel data may go
         if outcome.status != SUCCESS and outcome.reason:
             status = Dataset()
             status.Status = outcome.status

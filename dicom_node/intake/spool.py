@@ -15,6 +15,8 @@ import shutil
 import uuid
 from pathlib import Path
 
+from dicom_node.common.durable import fsync_dir
+
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _LENIENT_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 
@@ -59,40 +61,6 @@ def dataset_digest(data: bytes, has_meta: bool = True) -> str:
     return hashlib.sha256(memoryview(data)[offset:]).hexdigest()
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_durably(path: Path, data: bytes, tmp_dir: Path | None = None) -> tuple[int, str]:
-    """Write ``data`` to ``path`` so that it survives a crash the moment this returns.
-
-    The bytes go to a temporary file in ``tmp_dir`` (same file system), which is fsynced
-    and renamed over ``path``; the directory is fsynced so the rename itself is durable.
-    A reader never sees a half-written file. Returns (size, sha256 hex digest).
-    """
-    tmp_dir = tmp_dir or path.parent
-    tmp = tmp_dir / f"{path.name}.{uuid.uuid4().hex}.part"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-    return len(data), hashlib.sha256(data).hexdigest()
-
-
 class Spool:
     """The ``spool/`` tree under ``data_dir``: ``<study>/<series>/<sop>.dcm``."""
 
@@ -117,8 +85,8 @@ class Spool:
         the file is written in place. On ext4 and XFS that sync commits the journal
         transaction holding the new directory entry too (the spool's directories themselves
         are fsynced when created). A crash mid-write leaves a partial file that was never
-        acknowledged; :meth:`dicom_node.node.Node.reconcile` tells such a file from a whole
-        one on start.
+        acknowledged; :func:`dicom_node.intake.recovery.reconcile` tells such a file from a
+        whole one on start.
 
         The chunks go to the kernel in one ``writev``, so a header and the received data set
         need not be joined into a copy of the instance first.

@@ -40,10 +40,10 @@ from dicom_node.intake.checks import (
     check_image,
     check_inflated_size,
 )
+from dicom_node.intake.geometry import slice_geometry
 from dicom_node.intake.received import Received, decode_received, part10_header
 from dicom_node.intake.spool import Spool
-from dicom_node.series.completion import slice_geometry
-from dicom_node.state.jobs import InstanceConflict, JobStore
+from dicom_node.state import InstanceConflict, JobDatabase, NewInstance, SeriesState
 
 # The SCP's logger: these lines are part of what a C-STORE logs.
 log = logging.getLogger("dicom_node.intake.scp")
@@ -111,7 +111,7 @@ class InstanceStorage:
         Where instances are written and recorded.
     """
 
-    def __init__(self, settings: Settings, spool: Spool, jobs: JobStore) -> None:
+    def __init__(self, settings: Settings, spool: Spool, jobs: JobDatabase) -> None:
         self.settings = settings
         self.spool = spool
         self.jobs = jobs
@@ -162,16 +162,16 @@ class InstanceStorage:
         header = part10_header(sop_class, sop_uid, syntax)
         path = self.spool.path_for(study_uid, series_uid, sop_uid)
         with self._locks[hash(sop_uid) % len(self._locks)]:
-            existing = self.jobs.find_instance(sop_uid)
+            existing = self.jobs.instances.find(sop_uid)
             if existing is not None:
                 digest = received.digest()  # of the received data set bytes
-                if existing["digest"] != digest and not same_image(existing["path"], ds):
+                if existing.digest != digest and not same_image(existing.path, ds):
                     raise StoreRefused(
                         UID_CONFLICT,
                         f"other content is already stored under SOP Instance UID {sop_uid}",
                     )
                 return StoreOutcome(SUCCESS, series_uid, sop_uid, new=False)
-            if self.jobs.series_count(series_uid) >= limits.max_instances_per_series:
+            if self.jobs.series.count(series_uid) >= limits.max_instances_per_series:
                 raise StoreRefused(
                     TOO_MANY_INSTANCES,
                     f"series already holds {limits.max_instances_per_series} instances",
@@ -181,17 +181,19 @@ class InstanceStorage:
             geometry = slice_geometry(ds).to_json()  # while the digest is computed
             digest = hashing.result()
             try:
-                new, previous = self.jobs.add_instance(
-                    sop_uid=sop_uid,
-                    sop_class=sop_class,
-                    series_uid=series_uid,
-                    study_uid=study_uid,
-                    modality=modality,
-                    calling_ae=calling_ae,
-                    path=path,
-                    size=size,
-                    digest=digest,
-                    geometry=geometry,
+                new, previous = self.jobs.instances.add(
+                    NewInstance(
+                        sop_uid=sop_uid,
+                        sop_class=sop_class,
+                        series_uid=series_uid,
+                        study_uid=study_uid,
+                        modality=modality,
+                        calling_ae=calling_ae,
+                        path=path,
+                        size=size,
+                        digest=digest,
+                        geometry=geometry,
+                    )
                 )
             except InstanceConflict:  # pragma: no cover - guarded by the lock above
                 raise StoreRefused(UID_CONFLICT, f"SOP Instance UID {sop_uid} conflict") from None
@@ -202,7 +204,7 @@ class InstanceStorage:
                 raise
         if previous is None:
             log.info("series %s: receiving (first instance)%s", series_uid, self._patient(ds))
-        elif previous not in ("receiving", "processing"):
+        elif previous not in (SeriesState.RECEIVING, SeriesState.PROCESSING):
             log.info("series %s: receiving again (was %s)", series_uid, previous)
         # A data set parsed from its file (values deferred) is not handed on: the file has
         # moved, and decoding it whole is what its size forbids; its job reads the spool.

@@ -37,8 +37,9 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
 
+from dicom_node.intake.checks import MULTIFRAME_CT_SOP_CLASSES
+from dicom_node.intake.storage import StoreOutcome
 from dicom_node.series.volume import (
-    MULTIFRAME_CT_SOP_CLASSES,
     Allocator,
     SeriesVolume,
     decode_slice,
@@ -307,6 +308,12 @@ class StreamingAssembler:
                 staged = self._series[series_uid] = StagedSeries(series_uid, self._budget)
             staged._expect()
         self._queue.put((staged, path, dataset))
+
+    def on_stored(self, outcome: StoreOutcome) -> None:
+        """Intake's C-STORE event: stage a new instance (a queue put: the C-STORE response
+        does not wait for its decoding)."""
+        if outcome.new and outcome.dataset is not None:
+            self.feed(outcome.series_uid, outcome.path, outcome.dataset)
 
     def take(self, series_uid: str) -> StagedSeries | None:
         """The series' staged slices, for a job; instances stored later start a new one."""

@@ -14,7 +14,6 @@ highdicom geometry and every check that turns "not a volume" into a reason.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,19 +24,11 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.pixels import apply_modality_lut
-from pydicom.uid import (
-    CTImageStorage,
-    EnhancedCTImageStorage,
-    LegacyConvertedEnhancedCTImageStorage,
-)
 
 from dicom_node.common.heap import empty_volume
 from dicom_node.common.standard_tables import remember_iod_lookups
+from dicom_node.intake.checks import CT_SOP_CLASSES, MULTIFRAME_CT_SOP_CLASSES
 from dicom_node.intake.plausibility import InvalidValue, check_image_values
-
-#: SOP classes whose instances can be assembled into a CT volume.
-CT_SOP_CLASSES = (CTImageStorage, EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage)
-MULTIFRAME_CT_SOP_CLASSES = (EnhancedCTImageStorage, LegacyConvertedEnhancedCTImageStorage)
 
 #: Gantry tilt, or slices stepping off the normal, up to this many degrees is taken as none.
 _TILT_TOLERANCE_DEG = 0.5
@@ -398,30 +389,6 @@ def assemble_multiframe(ds: Dataset, min_slices: int = 3) -> SeriesVolume:
         frame_numbers=frame_numbers,
         headers=[_header(ds)],
     )
-
-
-def read_whole(data: bytes) -> Dataset:
-    """Parse an encoded instance completely, or raise if it is truncated.
-
-    pydicom reads lazily and tolerates a short final element, so the pixel data length is
-    checked against what the image attributes declare (native syntaxes); an encapsulated
-    stream that ends early fails to parse.
-    """
-    ds = pydicom.dcmread(io.BytesIO(data))
-    if "PixelData" in ds:
-        pixels = ds.PixelData
-        if not ds.file_meta.TransferSyntaxUID.is_compressed:
-            expected = (
-                int(ds.Rows)
-                * int(ds.Columns)
-                * int(ds.get("SamplesPerPixel", 1))
-                * int(ds.get("NumberOfFrames", 1) or 1)
-                * int(ds.BitsAllocated)
-                // 8
-            )
-            if len(pixels) < expected:
-                raise ValueError(f"Pixel Data holds {len(pixels)} of {expected} bytes")
-    return ds
 
 
 def assemble_series(

@@ -9,98 +9,49 @@ the node dies first). Results reach it through the ordinary outbox, by C-STORE; 
 each job reads is posted to it once the series is complete, so that the viewer shows the
 results over their images.
 
-The viewer is the prebuilt OHIF ``dist/`` that ``make install`` unpacks from the pinned npm
-package. OHIF is a single-page application: any path it routes on the client (``/viewer``,
-``/segmentation``...) must return its ``index.html``, and its DICOMweb client expects the
-server on the same origin. Orthanc's ServeFolders plugin can do neither, so a small WSGI
-application here serves the files (``index.html`` for any path that is not one),
-``app-config.js`` written for this origin, and forwards ``/dicom-web/`` to Orthanc.
+The viewer (:mod:`dicom_node.service.viewer`) serves OHIF in front of it on one origin.
 A configuration without an embedded destination starts none of this.
-
-Why one module of this size: the embedded PACS and its viewer are one feature, started,
-supervised and stopped together (Orthanc, the viewer's proxy, the CT archived for it).
 """
 
 from __future__ import annotations
 
-import ctypes
 import http.client
 import json
 import logging
 import os
 import queue
 import shutil
-import signal
 import socket
-import subprocess
 import threading
 import time
-import urllib.parse
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-from flask import Flask, Response, request, send_from_directory
-
-from dicom_node.config import Destination, Settings
+from dicom_node.common.backoff import backoff
+from dicom_node.config import Settings
+from dicom_node.export.dimse import DicomDestination
+from dicom_node.service.supervisor import ChildProcess, Supervisor, SupervisorError
+from dicom_node.service.viewer import viewer_app
+from dicom_node.service.web import WebServer, WebServerError
 
 log = logging.getLogger("dicom_node.service.embedded")
 
-__all__ = [
-    "Embedded",
-    "EmbeddedError",
-    "embedded_destination",
-    "orthanc_config",
-    "viewer_app",
-    "viewer_config_js",
-    "viewer_link",
-]
-
-#: Headers that belong to one HTTP hop (RFC 9110 7.6.1): never forwarded, and WSGI forbids
-#: an application to set them.
-_HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
-
-#: Request headers passed on to Orthanc. Host is kept so that the DICOMweb plugin writes
-#: bulk data URIs that point back at the viewer's origin rather than at Orthanc's port.
-_FORWARDED_REQUEST_HEADERS = ("Accept", "Accept-Encoding", "Content-Type", "Host", "Range")
-
-#: Chunk size when streaming a DICOMweb response through.
-_CHUNK = 256 * 1024
-
-#: prctl option: the signal the kernel sends the child when the thread that forked it dies.
-_PR_SET_PDEATHSIG = 1
+__all__ = ["Embedded", "EmbeddedError", "embedded_destination", "orthanc_config"]
 
 
 class EmbeddedError(RuntimeError):
     """The embedded PACS or viewer cannot start; the message says why, in one sentence."""
 
 
-def embedded_destination(settings: Settings) -> Destination | None:
+def embedded_destination(settings: Settings) -> DicomDestination | None:
     """The destination the node runs itself, or ``None`` when results go elsewhere."""
-    return next((d for d in settings.destinations if d.embedded), None)
+    return next(
+        (d for d in settings.destinations if isinstance(d, DicomDestination) and d.embedded),
+        None,
+    )
 
 
-def viewer_link(viewer_url: str, study_uid: str, series_uid: str | None = None) -> str:
-    """The OHIF URL that opens ``study_uid`` with ``series_uid`` (a SEG, RTSTRUCT or SR)
-    shown in the viewport: OHIF 3's ``initialSeriesInstanceUID`` loads that series first
-    and, for a derived object, overlays it on the images it references."""
-    query = {"StudyInstanceUIDs": study_uid}
-    if series_uid:
-        query["initialSeriesInstanceUID"] = series_uid
-    return f"{viewer_url.rstrip('/')}/viewer?{urllib.parse.urlencode(query)}"
-
-
-def orthanc_config(settings: Settings, destination: Destination) -> dict:
+def orthanc_config(settings: Settings, destination: DicomDestination) -> dict:
     """Orthanc's JSON configuration for the embedded PACS.
 
     HTTP is refused to other hosts (``RemoteAccessAllowed``). Orthanc 1.10 cannot bind its
@@ -136,146 +87,22 @@ def orthanc_config(settings: Settings, destination: Destination) -> dict:
     }
 
 
-def viewer_config_js() -> str:
-    """OHIF's ``app-config.js``: one DICOMweb data source on the page's own origin.
-
-    ``disableConfirmationPrompts`` lets a SEG, RTSTRUCT or SR named in the URL load without
-    a question, and the investigational-use notice is not shown on every visit.
-    """
-    config = {
-        "routerBasename": "/",
-        "extensions": [],
-        "modes": [],
-        "customizationService": {},
-        "showStudyList": True,
-        "disableConfirmationPrompts": True,
-        "investigationalUseDialog": {"option": "never"},
-        "maxNumberOfWebWorkers": 3,
-        "showWarningMessageForCrossOrigin": False,
-        "showCPUFallbackMessage": True,
-        "showLoadingIndicator": True,
-        "strictZSpacingForVolumeViewport": True,
-        "defaultDataSourceName": "dicomweb",
-        "dataSources": [
-            {
-                "namespace": "@ohif/extension-default.dataSourcesModule.dicomweb",
-                "sourceName": "dicomweb",
-                "configuration": {
-                    "friendlyName": "dicom-node PACS (Orthanc)",
-                    "name": "orthanc",
-                    "wadoUriRoot": "@ORIGIN@/dicom-web",
-                    "qidoRoot": "@ORIGIN@/dicom-web",
-                    "wadoRoot": "@ORIGIN@/dicom-web",
-                    "qidoSupportsIncludeField": False,
-                    "imageRendering": "wadors",
-                    "thumbnailRendering": "wadors",
-                    "enableStudyLazyLoad": True,
-                    "supportsFuzzyMatching": False,
-                    "supportsWildcard": True,
-                    "singlepart": "bulkdata,video",
-                    "bulkDataURI": {"enabled": True, "relativeResolution": "studies"},
-                    "omitQuotationForMultipartRequest": True,
-                },
-            }
-        ],
-    }
-    text = json.dumps(config, indent=2).replace('"@ORIGIN@', 'window.location.origin + "')
-    return f"window.config = {text};\n"
-
-
-def viewer_app(viewer_dir: Path, orthanc_http_port: int) -> Flask:
-    """The viewer's WSGI application: OHIF's files, its config, and ``/dicom-web/``
-    forwarded to Orthanc.
-
-    The forwarding is written here rather than taken from a library because it is one
-    streamed request per call to a fixed loopback server, which ``http.client`` does in a
-    few lines; the WSGI server is the waitress the status pages already use.
-    """
-    root = Path(viewer_dir).resolve()
-    app = Flask(__name__, static_folder=None)
-    config_js = viewer_config_js()
-
-    @app.get("/app-config.js")
-    def app_config() -> Response:
-        return Response(config_js, mimetype="application/javascript", headers=_NO_STORE)
-
-    @app.route("/dicom-web", methods=["GET", "POST"], defaults={"rest": ""})
-    @app.route("/dicom-web/<path:rest>", methods=["GET", "POST"])
-    def dicomweb(rest: str) -> Response:
-        return _forward(orthanc_http_port)
-
-    @app.get("/", defaults={"path": ""})
-    @app.get("/<path:path>")
-    def files(path: str) -> Response:
-        if path and (root / path).is_file():
-            return send_from_directory(root, path)
-        # a route of the single-page application: OHIF reads the path itself
-        return send_from_directory(root, "index.html", max_age=0)
-
-    return app
-
-
-_NO_STORE = {"Cache-Control": "no-store"}
-
-
-def _forward(port: int) -> Response:
-    """Forward the current request to Orthanc and stream its answer back unchanged."""
-    target = urllib.parse.quote(request.path)
-    if request.query_string:
-        target += "?" + request.query_string.decode("latin-1")
-    headers = {k: request.headers[k] for k in _FORWARDED_REQUEST_HEADERS if k in request.headers}
-    body = request.get_data() if request.method == "POST" else None
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-    try:
-        conn.request(request.method, target, body=body, headers=headers)
-        upstream = conn.getresponse()
-    except OSError as exc:
-        conn.close()
-        return Response(f"the PACS does not answer: {exc}\n", status=502, mimetype="text/plain")
-
-    def stream() -> Iterator[bytes]:
-        try:
-            while chunk := upstream.read(_CHUNK):
-                yield chunk
-        finally:
-            conn.close()
-
-    out = [(k, v) for k, v in upstream.getheaders() if k.lower() not in _HOP_BY_HOP]
-    return Response(stream(), status=upstream.status, headers=out, direct_passthrough=True)
-
-
-_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here: the child only calls into it
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    """Have the kernel SIGTERM this child when the thread that started it ends, so that a
-    node killed outright leaves no Orthanc holding its ports."""
-    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    os.setpgrp()  # and a terminal's Ctrl-C reaches the node alone, which stops it in order
-
-
 def _listening(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 class _Orthanc:
-    """Orthanc as a supervised child process: started, restarted when it exits, stopped.
+    """Orthanc as a supervised child (:mod:`dicom_node.service.supervisor`): started,
+    restarted when it exits, stopped with the node, and ended by the kernel if the node
+    dies first."""
 
-    The process is started from the supervising thread, which lives as long as Orthanc
-    should: the kernel's parent-death signal is tied to that thread.
-    """
-
-    def __init__(self, settings: Settings, destination: Destination) -> None:
+    def __init__(self, settings: Settings, destination: DicomDestination) -> None:
         self.settings = settings
         self.destination = destination
         self.workdir = settings.node.data_dir / "orthanc"
         self.log_path = settings.node.data_dir / "logs" / "orthanc.log"
-        self.proc: subprocess.Popen | None = None
-        self._stopping = threading.Event()
-        self._started = threading.Event()
-        self._error: str = ""
-        self._thread: threading.Thread | None = None
+        self._supervisor: Supervisor | None = None
 
     def start(self) -> None:
         e = self.settings.embedded
@@ -292,111 +119,46 @@ class _Orthanc:
                 f"the embedded PACS needs Orthanc's DICOMweb plugin at {e.dicomweb_plugin} "
                 "(make install installs Debian's orthanc-dicomweb)"
             )
-        for port in (self.destination.port, e.orthanc_http_port):
+        ports = (self.destination.port, e.orthanc_http_port)
+        for port in ports:
             if _listening(port):
                 raise EmbeddedError(
                     f"port {port} of the embedded PACS is taken by another program; set "
                     "the embedded destination's port or [embedded] orthanc_http_port"
                 )
         (self.workdir / "storage").mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         config = self.workdir / "orthanc.json"
         config.write_text(json.dumps(orthanc_config(self.settings, self.destination), indent=2))
-        self._thread = threading.Thread(
-            target=self._supervise,
-            args=(executable, config),
-            name="dicom-node-orthanc",
-            daemon=True,
+        child = ChildProcess(
+            [executable, str(config)],
+            self.log_path,
+            # Debian's DCMTK-based receivers stall ~40 ms per message without TCP_NODELAY.
+            env=dict(os.environ, TCP_NODELAY="1"),
+            die_with_parent=True,
         )
-        self._thread.start()
-        deadline = time.monotonic() + e.startup_timeout_seconds
-        while time.monotonic() < deadline and not self._error:
-            if self._started.wait(0.1):
-                return
-        self.stop()
-        raise EmbeddedError(
-            self._error
-            or f"the embedded Orthanc did not listen within {e.startup_timeout_seconds:.0f} s "
-            f"(see {self.log_path})"
+        self._supervisor = Supervisor(
+            "the embedded Orthanc",
+            child,
+            ready=lambda: all(_listening(p) for p in ports),
+            startup_timeout=e.startup_timeout_seconds,
         )
-
-    def _spawn(self, executable: str, config: Path) -> subprocess.Popen:
-        # Debian's DCMTK-based receivers stall ~40 ms per message without TCP_NODELAY.
-        env = dict(os.environ, TCP_NODELAY="1")
-        with open(self.log_path, "ab") as out:
-            return subprocess.Popen(
-                [executable, str(config)],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=env,
-                preexec_fn=_die_with_parent,
-            )
-
-    def _supervise(self, executable: str, config: Path) -> None:
-        backoff = 1.0
-        e = self.settings.embedded
-        while not self._stopping.is_set():
-            self.proc = self._spawn(executable, config)
-            began = time.monotonic()
-            ports = (self.destination.port, e.orthanc_http_port)
-            while self.proc.poll() is None and not self._stopping.is_set():
-                if not self._started.is_set() and all(_listening(p) for p in ports):
-                    log.info(
-                        "embedded PACS: Orthanc %s on 127.0.0.1:%d (HTTP %d), data in %s",
-                        self.destination.ae_title,
-                        self.destination.port,
-                        e.orthanc_http_port,
-                        self.workdir,
-                    )
-                    self._started.set()
-                self._stopping.wait(0.1)
-            if self._stopping.is_set():
-                break
-            if not self._started.is_set():
-                self._error = (
-                    f"the embedded Orthanc exited with status {self.proc.returncode} at start: "
-                    f"{_last_line(self.log_path)}"
-                )
-                return
-            if time.monotonic() - began > 60:
-                backoff = 1.0
-            log.error(
-                "embedded PACS: Orthanc exited with status %s; restarting in %.0f s (%s)",
-                self.proc.returncode,
-                backoff,
-                _last_line(self.log_path),
-            )
-            if self._stopping.wait(backoff):
-                break
-            backoff = min(backoff * 2, 60.0)
-        self._terminate()
-
-    def _terminate(self) -> None:
-        proc = self.proc
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
         try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            self._supervisor.start()
+        except SupervisorError as exc:
+            self._supervisor = None
+            raise EmbeddedError(str(exc)) from None
+        log.info(
+            "embedded PACS: Orthanc %s on 127.0.0.1:%d (HTTP %d), data in %s",
+            self.destination.ae_title,
+            self.destination.port,
+            e.orthanc_http_port,
+            self.workdir,
+        )
 
     def stop(self) -> None:
-        self._stopping.set()
-        if self._thread is not None:
-            self._thread.join(60)
-            self._thread = None
-        self._terminate()
-
-
-def _last_line(path: Path) -> str:
-    try:
-        lines = path.read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return ""
-    return lines[-1] if lines else ""
+        if self._supervisor is not None:
+            self._supervisor.stop()
+            self._supervisor = None
 
 
 class _Archiver:
@@ -446,7 +208,7 @@ class _Archiver:
             finally:
                 conn.close()
             if attempt < 2:
-                time.sleep(1.0 + attempt)  # Orthanc restarting: retry shortly
+                time.sleep(backoff(attempt + 1, 1.0, 2.0))  # Orthanc restarting: retry shortly
         log.warning("embedded PACS: %s not stored: %s", path.name, reason)
         return False
 
@@ -462,7 +224,7 @@ class Embedded:
     """The embedded PACS and viewer of one node: :meth:`start`, :meth:`stop`, and
     :meth:`archive` for the CT of a series."""
 
-    def __init__(self, settings: Settings, destination: Destination) -> None:
+    def __init__(self, settings: Settings, destination: DicomDestination) -> None:
         self.settings = settings
         self.destination = destination
         self._orthanc = _Orthanc(settings, destination)
@@ -472,8 +234,6 @@ class Embedded:
 
     def start(self) -> None:
         """Start Orthanc, then the viewer; raise :class:`EmbeddedError` saying why not."""
-        from dicom_node.service.status import StatusError, StatusServer
-
         e = self.settings.embedded
         if not (e.viewer_dir / "index.html").is_file():
             raise EmbeddedError(
@@ -483,14 +243,14 @@ class Embedded:
         self._orthanc.start()
         self._archiver = _Archiver(e.orthanc_http_port)
         try:
-            server = StatusServer(
+            server = WebServer(
                 viewer_app(e.viewer_dir, e.orthanc_http_port),
                 e.viewer_host,
                 e.viewer_port,
                 threads=8,  # OHIF fetches metadata and frames in parallel
                 name="viewer",
             )
-        except StatusError as exc:
+        except WebServerError as exc:
             self.stop()
             raise EmbeddedError(str(exc)) from None
         server.start()

@@ -9,7 +9,7 @@ own into the log, so every message is escaped (:func:`escape_controls`) as it is
 whoever logged it; tracebacks keep their lines.
 
 pynetdicom's transport layer writes a line per unknown PDU header and a traceback per
-dropped connection: :class:`TransportLogFilter` keeps one line per bad connection.
+dropped connection: :mod:`dicom_node.intake.transport_log` keeps one line per bad connection.
 """
 
 from __future__ import annotations
@@ -18,10 +18,7 @@ import json
 import logging
 import logging.handlers
 import re
-import threading
 from pathlib import Path
-
-from dicom_node.intake.connections import ConnectionRefused
 
 #: C0 and C1 control characters, DEL, and the Unicode line and paragraph separators.
 _CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
@@ -94,39 +91,3 @@ def setup_logging(
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     # pydicom logs a whole traceback when a pixel decoder fails; the job records the reason
     logging.getLogger("pydicom").setLevel(logging.CRITICAL)
-
-
-class TransportLogFilter(logging.Filter):
-    """One line per bad connection from pynetdicom's transport layer, not one per 6 bytes.
-
-    pynetdicom logs "Unknown PDU type" for every PDU header it tries to read, so a peer
-    sending garbage writes a log line per 6 bytes it sends, and it attaches a traceback to
-    every dropped connection. This keeps the first unknown-PDU line of each connection
-    (each has its own DUL thread) and the message of each exception without its traceback.
-    A read refused by :mod:`dicom_node.intake.connections`, which logged why, adds no line.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if getattr(threading.current_thread(), "_dicom_node_refused", False) and (
-            (record.exc_info and isinstance(record.exc_info[1], ConnectionRefused))
-            or str(record.msg).startswith("Connection closed before the entire PDU")
-        ):
-            return False
-        if record.exc_info:
-            if not record.getMessage():  # LOGGER.exception(exc) of an exception without text
-                record.msg, record.args = type(record.exc_info[1]).__name__, ()
-            record.exc_info = None
-            record.exc_text = None
-        if str(record.msg).startswith("Unknown PDU type received"):
-            thread = threading.current_thread()
-            if getattr(thread, "_dicom_node_logged_garbage", False):
-                return False
-            thread._dicom_node_logged_garbage = True  # type: ignore[attr-defined]
-        return True
-
-
-def quiet_transport_log() -> None:
-    """Install :class:`TransportLogFilter` on pynetdicom's transport logger, once."""
-    dul_log = logging.getLogger("pynetdicom.dul")
-    if not any(isinstance(f, TransportLogFilter) for f in dul_log.filters):
-        dul_log.addFilter(TransportLogFilter())

@@ -26,12 +26,10 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from dicom_node.state.jobs import COMPLETE, SERIES_STATES
-from dicom_node.state.results import SeriesResults
+from dicom_node.state import JobDatabase, SeriesResults, SeriesState
 
 if TYPE_CHECKING:
-    from dicom_node.intake.scp import StoreOutcome
-    from dicom_node.state.jobs import JobStore
+    from dicom_node.intake.storage import StoreOutcome
 
 __all__ = ["CONTENT_TYPE", "JOB_STAGES", "STAGES", "NodeMetrics"]
 
@@ -56,7 +54,7 @@ _SUCCESS = 0x0000
 class _JobLevels:
     """Series per state and queue depths, read from the job database at each scrape."""
 
-    def __init__(self, jobs: JobStore) -> None:
+    def __init__(self, jobs: JobDatabase) -> None:
         self.jobs = jobs
 
     def describe(self) -> list[Metric]:
@@ -75,12 +73,12 @@ class _JobLevels:
         ]
 
     def collect(self) -> Iterator[Metric]:
-        depth = self.jobs.queue_depth()
+        counts = self.jobs.series.counts_by_state()
         series = GaugeMetricFamily(
             "dicom_node_series", "Series known to the node, by state.", labels=["state"]
         )
-        for state in SERIES_STATES:
-            series.add_metric([state], depth.get(state, 0))
+        for state, count in counts.items():
+            series.add_metric([str(state)], count)
         yield series
         queue = GaugeMetricFamily(
             "dicom_node_queue_depth",
@@ -88,8 +86,8 @@ class _JobLevels:
             "(processing) and result files not yet sent (export).",
             labels=["queue"],
         )
-        queue.add_metric(["processing"], depth.get(COMPLETE, 0))
-        queue.add_metric(["export"], depth.get("outbox_pending", 0))
+        queue.add_metric(["processing"], counts[SeriesState.COMPLETE])
+        queue.add_metric(["export"], self.jobs.outbox.pending_count())
         yield queue
 
 
@@ -102,7 +100,7 @@ class NodeMetrics:
 
     def __init__(
         self,
-        jobs: JobStore | None = None,
+        jobs: JobDatabase | None = None,
         *,
         registry: CollectorRegistry | None = None,
         process_metrics: bool = True,

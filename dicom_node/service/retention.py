@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 import time
 from pathlib import Path
 
 from dicom_node.config import RetentionSettings
-from dicom_node.state.jobs import JobStore, SeriesRecord
+from dicom_node.state import JobDatabase, SeriesRecord
 
 log = logging.getLogger("dicom_node.service.retention")
 
@@ -31,7 +32,7 @@ def _size(paths: list[Path]) -> int:
 
 def apply_retention(
     policy: RetentionSettings,
-    jobs: JobStore,
+    jobs: JobDatabase,
     spool_root: Path,
     results_root: Path,
     now: float | None = None,
@@ -40,7 +41,7 @@ def apply_retention(
     if policy.days <= 0 and policy.max_bytes <= 0:
         return []
     now = time.time() if now is None else now
-    candidates: list[SeriesRecord] = jobs.retention_candidates()
+    candidates: list[SeriesRecord] = jobs.series.retention_candidates()
     total = _size([spool_root, results_root]) if policy.max_bytes > 0 else 0
     deleted = []
     for record in candidates:
@@ -48,7 +49,7 @@ def apply_retention(
         too_big = policy.max_bytes > 0 and total > policy.max_bytes
         if not (too_old or too_big):
             continue
-        paths = jobs.purge(record.series_uid)
+        paths = jobs.series.purge(record.series_uid)
         if not paths and record.instance_count:
             continue  # changed state meanwhile
         results = results_root / record.series_uid
@@ -70,3 +71,34 @@ def apply_retention(
             freed,
         )
     return deleted
+
+
+class Retention:
+    """Applies the policy every ``interval_seconds`` in a thread of its own."""
+
+    def __init__(
+        self, policy: RetentionSettings, jobs: JobDatabase, spool_root: Path, results_root: Path
+    ) -> None:
+        self.policy = policy
+        self.jobs = jobs
+        self.spool_root = spool_root
+        self.results_root = results_root
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="dicom-node-retention", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.policy.interval_seconds):
+            try:
+                apply_retention(self.policy, self.jobs, self.spool_root, self.results_root)
+            except Exception:  # noqa: BLE001 - the policy must not stop the node
+                log.exception("retention error")
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
+            self._thread = None

@@ -41,10 +41,10 @@ from pathlib import Path
 import pydicom
 from flask import Flask, Response, abort, jsonify, render_template, request, send_file
 from pydicom.errors import InvalidDicomError
-from waitress.server import create_server
 
 from dicom_node.common.credentials import read_credentials
-from dicom_node.config import ConfigError, Settings, is_loopback
+from dicom_node.common.network import is_loopback
+from dicom_node.config import ConfigError, Settings
 from dicom_node.intake.spool import InvalidUID, check_uid
 from dicom_node.service.metrics import CONTENT_TYPE, JOB_STAGES, NodeMetrics
 from dicom_node.service.preview import (
@@ -54,12 +54,12 @@ from dicom_node.service.preview import (
     load_previews,
     make_previews,
 )
-from dicom_node.state.jobs import DONE, JobStore, SeriesRecord
-from dicom_node.state.results import RESULT_KINDS, ModelResults
+from dicom_node.service.viewer import viewer_link
+from dicom_node.state import JobDatabase, ModelResults, SeriesRecord, SeriesState
 
 log = logging.getLogger("dicom_node.service.status")
 
-__all__ = ["RESULT_KINDS", "StatusError", "StatusServer", "create_app", "readiness"]
+__all__ = ["StatusError", "create_app", "readiness"]
 
 #: What of a model's name may name its preview folder.
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]")
@@ -110,7 +110,7 @@ def readiness(settings: Settings, backend_ready: BackendReady | None) -> list[st
 
 def create_app(
     settings: Settings,
-    jobs: JobStore,
+    jobs: JobDatabase,
     metrics: NodeMetrics,
     backend_ready: BackendReady | None = None,
     viewer_url: str | None = None,
@@ -132,7 +132,7 @@ def create_app(
             uid = check_uid(series_uid, "Series Instance UID")
         except InvalidUID:
             abort(404)
-        record = jobs.get_series(uid)
+        record = jobs.series.get(uid)
         if record is None:
             abort(404)
         return record
@@ -147,7 +147,7 @@ def create_app(
 
     def model_or_404(record: SeriesRecord, name: str | None) -> ModelResults:
         """One model's results of a done series (the first model's without a name)."""
-        if record.state != DONE or not record.results:
+        if record.state != SeriesState.DONE or not record.results:
             abort(404)
         found = record.results.models[0] if name is None else record.results.model(name)
         if found is None:
@@ -162,7 +162,7 @@ def create_app(
     def previews_for(record: SeriesRecord, model: ModelResults) -> tuple[list[Preview], str]:
         """Cached previews of one model's SEG, drawn on first request; or why there are none."""
         seg = model.files.get("SEG")
-        if record.state != DONE or seg is None:
+        if record.state != SeriesState.DONE or seg is None:
             return [], ""
         out_dir = preview_dir(record, model)
         with locks_lock:
@@ -174,7 +174,7 @@ def create_app(
             try:
                 out_dir.mkdir(parents=True, exist_ok=True)
                 previews = make_previews(
-                    jobs.instance_paths(record.series_uid),
+                    jobs.instances.paths(record.series_uid),
                     inside_data_dir(Path(seg.path)),
                     out_dir,
                 )
@@ -198,17 +198,19 @@ def create_app(
 
     @app.get("/")
     def index() -> str:
-        every = jobs.list_series()
+        every = jobs.series.list()
         records = sorted(every, key=lambda r: r.first_received, reverse=True)[:JOBS_SHOWN]
         outbox: defaultdict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
-        for item in jobs.outbox():
-            outbox[item.series_uid][item.state] += 1
+        for item in jobs.outbox.items():
+            outbox[item.series_uid][str(item.state)] += 1
+        depth = {str(state): n for state, n in jobs.series.counts_by_state().items()}
+        depth["outbox_pending"] = jobs.outbox.pending_count()
         return render_template(
             "jobs.html",
             records=records,
             total=len(every),
             outbox=outbox,
-            depth=jobs.queue_depth(),
+            depth=depth,
             stages=TIMING_COLUMNS,
             node=settings.node,
         )
@@ -217,7 +219,7 @@ def create_app(
     def job(series_uid: str) -> str:
         record = series_or_404(series_uid)
         models = []
-        for model in record.results if record.state == DONE else []:
+        for model in record.results if record.state == SeriesState.DONE else []:
             previews, problem = previews_for(record, model)
             models.append(
                 {
@@ -233,7 +235,7 @@ def create_app(
             "job.html",
             record=record,
             models=models,
-            outbox=jobs.outbox(record.series_uid),
+            outbox=jobs.outbox.items(record.series_uid),
             stages=TIMING_COLUMNS,
             node=settings.node,
         )
@@ -245,7 +247,7 @@ def create_app(
         model = model_or_404(record, request.args.get("model"))
         kind = kind.upper()
         info = model.files.get(kind)
-        if kind not in RESULT_KINDS or info is None:
+        if info is None:
             abort(404)
         return send_file(
             inside_data_dir(Path(info.path)),
@@ -278,9 +280,8 @@ def _viewer_link(viewer_url: str | None, record: SeriesRecord, model: ModelResul
     Instance UID only.
     """
     seg = model.files.get("SEG")
-    if not viewer_url or record.state != DONE or seg is None:
+    if not viewer_url or record.state != SeriesState.DONE or seg is None:
         return ""
-    from dicom_node.service.embedded import viewer_link
 
     try:
         header = pydicom.dcmread(
@@ -335,58 +336,3 @@ def _require_credentials(app: Flask, settings: Settings) -> None:
             mimetype="text/plain",
             headers={"WWW-Authenticate": challenge},
         )
-
-
-class StatusServer:
-    """The status service on ``host:port`` (port 0: any free port), served from a thread."""
-
-    def __init__(
-        self,
-        app: Flask,
-        host: str = "127.0.0.1",
-        port: int = 8080,
-        threads: int = 4,
-        name: str = "status service",
-    ) -> None:
-        try:
-            self._server = create_server(
-                app, host=host, port=port, threads=threads, ident="dicom-node"
-            )
-        except OSError as exc:
-            raise StatusError(
-                f"the {name} cannot listen on {host}:{port}: {exc.strerror or exc}"
-            ) from None
-        self.name = name
-        self.host = host
-        self.port = int(self._server.effective_port)
-        self._thread: threading.Thread | None = None
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
-
-    def start(self) -> None:
-        self._thread = threading.Thread(
-            target=self._server.run, name=f"dicom-node-{self.name.split()[0]}", daemon=True
-        )
-        self._thread.start()
-        log.info("%s on %s", self.name, self.url)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Close the listening socket and open connections, and wait for the thread."""
-        server = self._server
-        if self._thread is None:  # never started: only the listening socket to close
-            server.close()
-            return
-
-        def close_all() -> None:
-            # Runs on the server's own loop thread (waitress' trigger), where closing its
-            # channels is safe; once none is left the loop returns.
-            for channel in list(server._map.values()):
-                channel.close()
-
-        server.trigger.pull_trigger(close_all)
-        self._thread.join(timeout)
-        server.task_dispatcher.shutdown()
-        self._thread = None

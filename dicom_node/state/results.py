@@ -3,8 +3,7 @@
 One series may be routed to several models; each model's SEG, RTSTRUCT and SR are its own
 objects. The job database stores a run's results as JSON (:meth:`SeriesResults.to_json`);
 the status pages, the ``jobs`` listing and the metrics all read them back through
-:meth:`SeriesResults.from_json`, so that every reader sees every model's results, and rows
-written by earlier versions of the node (one model's files at the top level) still read.
+:meth:`SeriesResults.from_json`, so that every reader sees every model's results.
 """
 
 from __future__ import annotations
@@ -13,21 +12,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["RESULT_KINDS", "ModelResults", "ResultFile", "SeriesResults", "series_number"]
-
-#: The kinds of result object, in the order they are made and shown.
-RESULT_KINDS = ("SEG", "RTSTRUCT", "SR")
-
-#: Series Numbers of the first model's results: high, so that a viewer lists them after the
-#: scanner's series; each further model's are :data:`SERIES_NUMBER_STEP` higher, so that
-#: every model's results sit together.
-_FIRST_SERIES_NUMBERS = {"SEG": 9001, "RTSTRUCT": 9002, "SR": 9003}
-SERIES_NUMBER_STEP = 10
-
-
-def series_number(kind: str, model_index: int = 0) -> int:
-    """The Series Number of result ``kind`` of the ``model_index``-th model (from 0)."""
-    return _FIRST_SERIES_NUMBERS[kind] + SERIES_NUMBER_STEP * model_index
+__all__ = ["ModelResults", "ResultFile", "SeriesResults"]
 
 
 @dataclass(frozen=True)
@@ -47,8 +32,9 @@ class ModelResults:
     volumes_ml: dict[str, float] = field(default_factory=dict)
 
     def kinds(self) -> list[str]:
-        """The kinds of result this model made, in :data:`RESULT_KINDS` order."""
-        return [k for k in RESULT_KINDS if k in self.files]
+        """The kinds of result this model made, in the order they were made (the encoders'
+        registry order, :mod:`dicom_node.encode.registry`)."""
+        return list(self.files)
 
 
 @dataclass
@@ -95,14 +81,8 @@ class SeriesResults:
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any] | None) -> SeriesResults:
-        """Read what :meth:`to_json` wrote, or the one-model form of earlier versions."""
+        """Read what :meth:`to_json` wrote."""
         data = data or {}
-        models = data.get("models")
-        if not isinstance(models, Mapping) or not models:
-            # earlier versions: {"model": name, "files": ..., "volumes_ml": ...}
-            if not data.get("files"):
-                return cls(supersedes=list(data.get("supersedes", [])))
-            models = {str(data.get("model", "")): data}
         return cls(
             models=[
                 ModelResults(
@@ -113,7 +93,7 @@ class SeriesResults:
                     },
                     volumes_ml={k: float(v) for k, v in (entry.get("volumes_ml") or {}).items()},
                 )
-                for name, entry in models.items()
+                for name, entry in (data.get("models") or {}).items()
             ],
             supersedes=list(data.get("supersedes", [])),
         )

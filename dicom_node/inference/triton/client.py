@@ -34,10 +34,8 @@ is next :mod:`~dicom_node.inference.triton.rotation`'s.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import json
 import logging
-import socket
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -46,6 +44,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
+from dicom_node.common.network import is_loopback
 from dicom_node.inference import InferenceError
 from dicom_node.inference.triton.cuda_shm import (
     CudaVolume,
@@ -80,20 +79,6 @@ _T = TypeVar("_T")
 TRANSPORTS = ("auto", "grpc", "shm", "cuda_shm")
 
 
-def is_loopback(url: str) -> bool:
-    """True when ``host:port`` names this host through a loopback address."""
-    host = url.rsplit(":", 1)[0].strip("[]") if ":" in url else url
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        try:
-            return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
-        except (OSError, ValueError):
-            return False
-
-
 class _Unreachable(Exception):
     """The server could not be reached or is not ready: the next one may serve the request."""
 
@@ -114,6 +99,9 @@ class TritonBackend:
     failure up to ``max_down_seconds`` (see the module's docstring). One object is shared by
     the node's workers: every method may be called from several threads at once.
     """
+
+    #: The volume travels to the server: the runner keeps its own copy.
+    takes_hand_over = False
 
     def __init__(
         self,
@@ -157,7 +145,7 @@ class TritonBackend:
     def uses_shm(self, url: str) -> bool:
         """Whether requests to ``url`` travel through shared memory (system or CUDA)."""
         return self.transport in ("shm", "cuda_shm") or (
-            self.transport == "auto" and is_loopback(url)
+            self.transport == "auto" and is_loopback(url, resolve=True)
         )
 
     def takes_shared_memory(self) -> bool:

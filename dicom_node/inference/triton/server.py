@@ -29,7 +29,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import sysconfig
 import threading
@@ -39,7 +38,8 @@ import weakref
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from dicom_node.inference import InferenceError, bundle_env_name
+from dicom_node.inference import InferenceError
+from dicom_node.service.supervisor import ChildProcess
 
 log = logging.getLogger(__name__)
 
@@ -95,17 +95,6 @@ def _wheel_root() -> Path:
     return Path(next(iter(spec.submodule_search_locations))).resolve() / "tritonserver"
 
 
-def pid_exists(pid: int) -> bool:
-    """Whether a process with this id runs (one of another user counts)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _python_tag() -> str:
     return f"{sys.version_info.major}.{sys.version_info.minor}"
 
@@ -118,7 +107,7 @@ class TritonServer:
     edited on disk changes nothing until the server restarts.
 
     ``env`` adds or overrides environment variables of the server and its backend stubs
-    (for example ``DICOM_NODE_BUNDLE``, or ``CUDA_VISIBLE_DEVICES=""`` to keep it on the CPU).
+    (for example a model's bundle, or ``CUDA_VISIBLE_DEVICES=""`` to keep it on the CPU).
     ``python_version`` picks the backend stub ("3.11"); it must match the interpreter whose
     site-packages the stub imports from, which is why it defaults to the running one.
     """
@@ -152,8 +141,7 @@ class TritonServer:
         self.host = host
         self.python_version = python_version or _python_tag()
         self.stop_timeout = stop_timeout
-        self._process: subprocess.Popen[bytes] | None = None
-        self._log_file = None
+        self._child: ChildProcess | None = None
         # What the server reports as its name (--id): readiness is asked of this server, not
         # of whatever answers on its ports.
         self.server_id = f"dicom_node_{os.getpid()}_{uuid.uuid4().hex[:8]}"
@@ -183,7 +171,7 @@ class TritonServer:
 
     @property
     def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
+        return self._child.pid if self._child is not None else None
 
     def start(self) -> None:
         """Start the server and wait until it and its models are ready.
@@ -197,38 +185,31 @@ class TritonServer:
     def _start(self) -> None:
         if self.is_alive():
             return
-        if self._process is not None:  # it died: its stubs may still run in its group
-            self._kill_group(signal.SIGKILL)
-            self._reap()
+        if self._child is not None:  # it died: its stubs may still run in its group
+            self._kill()
         if not self.model_repository.is_dir():
             raise TritonStartError(f"model repository {self.model_repository} does not exist")
         backends = self._prepare_backends()
         self._claim_ports()
         self.work_dir.mkdir(parents=True, exist_ok=True)
-        if self.log_path.exists():  # keep the previous run's log: it says why it died
-            self.log_path.replace(self.log_path.with_suffix(".log.1"))
         _end_orphan(self.work_dir / "tritonserver.pid")
-        self._log_file = open(self.log_path, "wb")  # noqa: SIM115 - kept open while it runs
-        cmd = self._command(backends)
         log.info("starting Triton on %s (log %s)", self.grpc_url, self.log_path)
-        self._process = subprocess.Popen(
-            cmd,
-            stdin=subprocess.DEVNULL,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
+        # The previous run's log is kept: it says why it died.
+        self._child = ChildProcess(
+            self._command(backends),
+            self.log_path,
             env=self._environment(),
             cwd=self.work_dir,
-            # Own process group: stop() signals the server and its backend stubs together.
-            start_new_session=True,
+            keep_previous_log=True,
         )
+        self._child.start()
         # A SIGKILLed node leaves its server running; the next start ends it (see
         # _end_orphan) so that it never finds its ports held.
-        (self.work_dir / "tritonserver.pid").write_text(str(self._process.pid))
+        (self.work_dir / "tritonserver.pid").write_text(str(self._child.pid))
         try:
             self._wait_ready()
         except BaseException:
-            self._kill_group(signal.SIGKILL)
-            self._reap()
+            self._kill()
             raise
 
     def _claim_ports(self) -> None:
@@ -257,18 +238,18 @@ class TritonServer:
 
     def is_alive(self) -> bool:
         """True while the server process runs (ready or not)."""
-        return self._process is not None and self._process.poll() is None
+        return self._child is not None and self._child.is_alive()
 
     def ensure_running(self) -> bool:
         """Restart the server if it died; return True when it had to be restarted."""
         with self._lock:
             if self.is_alive():
                 return False
-            if self._process is not None:
+            if self._child is not None:
                 log.warning(
                     "Triton (pid %s) exited with status %s; restarting it",
-                    self._process.pid,
-                    self._process.returncode,
+                    self._child.pid,
+                    self._child.poll(),
                 )
             self._start()
             return True
@@ -276,17 +257,11 @@ class TritonServer:
     def stop(self) -> None:
         """Stop the server: SIGINT for a graceful shutdown, SIGKILL after ``stop_timeout``."""
         with self._lock:
-            if self._process is None:
+            if self._child is None:
                 return
-            if self._process.poll() is None:
-                self._process.send_signal(signal.SIGINT)
-                try:
-                    self._process.wait(timeout=self.stop_timeout)
-                except subprocess.TimeoutExpired:
-                    log.warning("Triton did not stop within %.0f s; killing it", self.stop_timeout)
             # Whatever is left of the group (the server, stubs it could not stop) is killed.
-            self._kill_group(signal.SIGKILL)
-            self._reap()
+            self._child.stop(signal.SIGINT, self.stop_timeout)
+            self._cleaned_up()
 
     def log_tail(self, lines: int = _LOG_TAIL_LINES) -> str:
         """The last ``lines`` lines of the server log."""
@@ -384,12 +359,12 @@ class TritonServer:
         """
         import tritonclient.grpc as grpcclient
 
-        assert self._process is not None
+        assert self._child is not None
         deadline = time.monotonic() + self.startup_timeout
         client = grpcclient.InferenceServerClient(self.grpc_url)
         try:
             while True:
-                code = self._process.poll()
+                code = self._child.poll()
                 if code is not None:
                     raise TritonStartError(
                         f"Triton exited with status {code} while starting; "
@@ -429,83 +404,18 @@ class TritonServer:
         except (InferenceServerException, OSError):
             return False  # not listening yet
 
-    def _kill_group(self, sig: signal.Signals) -> None:
-        """Signal the server's process group: the server and the backend stubs it started."""
-        if self._process is None:
-            return
-        pgid = self._process.pid
-        if self._process.returncode is not None and pid_exists(pgid):
-            # The server was reaped and its number now names another process, so a group
-            # with that id is not ours any more (while ours exists, the id is not reused).
-            return
-        try:
-            os.killpg(pgid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass  # the group is already gone
+    def _kill(self) -> None:
+        """Kill the server's group (the server and its backend stubs) and clean up."""
+        if self._child is not None:
+            self._child.kill(self.stop_timeout)
+        self._cleaned_up()
 
-    def _reap(self) -> None:
-        if self._process is not None:
-            try:
-                self._process.wait(timeout=self.stop_timeout)
-            except subprocess.TimeoutExpired:
-                log.error("Triton (pid %s) did not exit after SIGKILL", self._process.pid)
-            # A server or stub that was killed leaves the Python backend's regions behind.
-            for region in Path("/dev/shm").glob(f"{self._shm_prefix}*"):
-                region.unlink(missing_ok=True)
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
-        self._process = None
+    def _cleaned_up(self) -> None:
+        """A server or stub that was killed leaves the Python backend's regions behind."""
+        self._child = None
+        for region in Path("/dev/shm").glob(f"{self._shm_prefix}*"):
+            region.unlink(missing_ok=True)
 
 
 def _bind_host(host: str) -> str:
     return "127.0.0.1" if host == "localhost" else host
-
-
-# --------------------------------------------------------------------------------------
-# Helpers for the model.py files of model_repository, which run inside the backend stub.
-
-
-#: The models ``DICOM_NODE_BUNDLE`` points at: the spleen segmentation, the node's first model.
-_LEGACY_BUNDLE_MODELS = frozenset({"spleen_seg", "spleen_unet"})
-
-
-def bundle_path_from_config(model_config: Mapping, model_dir: str | Path) -> Path:
-    """The MONAI bundle a Triton model serves.
-
-    Several models share one server, so each may be pointed at a bundle of its own; the
-    first of these that is set wins:
-
-    * ``DICOM_NODE_BUNDLE_<MODEL>``, the model's name in upper case with any character
-      other than a letter, digit or underscore as ``_`` (``DICOM_NODE_BUNDLE_LIVER_SEG``);
-    * for a network model, the variable of the segmentation model that calls it, named by
-      its ``segmentation_model`` parameter (``liver_unet`` follows ``liver_seg``): the two
-      must run the same bundle, and the node only sets the segmentation model's variable;
-    * ``DICOM_NODE_BUNDLE``, for the spleen models (``spleen_seg`` and ``spleen_unet``)
-      only, as when the node served one model;
-    * the model config's ``bundle`` parameter, relative to the repository root (the folder
-      that holds the model's folder), default ``../bundles/spleen_ct_demo``.
-    """
-    parameters = model_config.get("parameters", {})
-    name = str(model_config.get("name") or Path(model_dir).name)
-    caller = parameters.get("segmentation_model", {}).get("string_value")
-    variables = [bundle_env_name(m) for m in (name, caller) if m]
-    if name in _LEGACY_BUNDLE_MODELS:
-        variables.append("DICOM_NODE_BUNDLE")
-    for variable in variables:
-        if os.environ.get(variable):
-            return Path(os.environ[variable]).resolve()
-    value = parameters.get("bundle", {}).get("string_value") or "../bundles/spleen_ct_demo"
-    return (Path(model_dir).resolve().parent / value).resolve()
-
-
-def instance_device(args: Mapping[str, str]) -> str:
-    """The torch device of a model instance: its GPU for KIND_GPU instances, else the CPU.
-
-    ``DICOM_NODE_DEVICE=cpu`` keeps even a GPU instance on the CPU.
-    """
-    if os.environ.get("DICOM_NODE_DEVICE") == "cpu":
-        return "cpu"
-    if args.get("model_instance_kind") == "GPU":
-        return f"cuda:{args.get('model_instance_device_id', '0')}"
-    return "cpu"

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dicom_node.inference.triton.server import pid_exists
+from dicom_node.service.supervisor import pid_exists
 
 log = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ import triton_python_backend_utils as pb_utils
 from torch.utils.dlpack import to_dlpack
 
 from dicom_node.common.heap import freeze_heap
-from dicom_node.inference.triton.server import bundle_path_from_config, instance_device
+from dicom_node.inference.triton.models import bundle_path_from_config, instance_device
 from dicom_node.pipeline import SegmentationPipeline, load_bundle
 
 

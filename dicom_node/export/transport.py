@@ -1,10 +1,13 @@
-"""What one attempt to deliver outbox items looks like, whatever the transport.
+"""Transports: how outbox items reach a destination, and the one registry of them.
 
-C-STORE (:mod:`dicom_node.export.sender`) and STOW-RS (:mod:`dicom_node.export.dicomweb`) are two
-transports behind one outbox: both take :class:`Outgoing` items and give one
-:class:`Outcome` per item, and both apply the same rule for the SEG's two forms
-(:class:`SegChoice`), so that retries, exactly-once bookkeeping and the label-map fallback
-live in one place (:class:`~dicom_node.export.sender.Exporter`).
+A destination's ``type`` names its transport (:data:`TRANSPORTS`): ``"dicom"`` sends with
+C-STORE (:mod:`.dimse`), ``"dicomweb"`` with STOW-RS (:mod:`.dicomweb`). A transport module
+holds the settings its destinations take (a subclass of
+:class:`~dicom_node.config.Destination`, which the configuration reads through
+:func:`destination_settings`) and a :class:`Transport`; adding one is that module and one
+entry in :data:`TRANSPORTS`. Every transport sits behind the one outbox: it takes
+:class:`Outgoing` items and gives one :class:`Outcome` per item, and the sender
+(:mod:`.sender`) keeps the retries, the exactly-once bookkeeping and the journal.
 
 The label-map fallback. With ``[results] seg_type = "labelmap"`` the node writes, at result
 time, both a Label Map SEG and a binary SEG of the same label map (and an SR naming each):
@@ -14,21 +17,29 @@ Both forms are encoded while the label map is in memory, rather than the label m
 being converted at export, because then the export stays a transport (no pixel decoding,
 no source headers to read back from the spool), each form is written durably before its
 run is "done" (the results-are-a-unit rule), and the SR a destination gets names the SEG
-that destination has.
+that destination has. :func:`deliver` is that rule, for every transport.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 from pydicom.uid import UID
 from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 
 __all__ = [
+    "TRANSPORTS",
     "LABEL_MAP_SEG",
+    "Transport",
+    "destination_settings",
+    "transport_names",
+    "register_transport",
+    "transport_for",
     "deliver",
     "OK_STATUSES",
     "Outcome",
@@ -167,3 +178,63 @@ def deliver(
         alternative = True
         outcome = store(item.alt_path)
     return Outcome(outcome.ok, outcome.status, outcome.error, alternative)
+
+
+#: Called the moment a destination acknowledges an item, before the next is sent.
+OnAck = Callable[[Outgoing, Outcome], None]
+
+
+class Transport(Protocol):
+    """Sends outbox items to one destination of its type.
+
+    Built once per destination when the node starts, with the node's settings and the
+    destination's (``cls(settings, destination)``): what cannot work (unreadable
+    credentials, a bad certificate) raises :class:`~dicom_node.config.ConfigError` then.
+    """
+
+    def send(self, items: list[Outgoing], choice: SegChoice, on_ack: OnAck) -> dict[int, Outcome]:
+        """Send ``items`` in order; one :class:`Outcome` per item key (an item left out was
+        not attempted). Calls ``on_ack`` for each acknowledgement as it arrives. Failures
+        of the peer are outcomes, never exceptions."""
+        ...
+
+
+#: Transports by destination ``type``: a class, or where to import it ("module:Class").
+#: The class's ``settings`` attribute is the :class:`~dicom_node.config.Destination`
+#: subclass its destinations are read as, its ``protocol`` what it speaks, in a word.
+TRANSPORTS: dict[str, Any] = {
+    "dicom": "dicom_node.export.dimse:DimseTransport",
+    "dicomweb": "dicom_node.export.dicomweb:StowTransport",
+}
+
+
+def register_transport(kind: str, transport: Any) -> None:
+    """Make destinations with ``type = kind`` go through ``transport`` (a class with a
+    ``settings`` attribute, or "module:Class")."""
+    TRANSPORTS[kind] = transport
+
+
+def _transport_class(kind: str) -> Any:
+    found = TRANSPORTS.get(kind)
+    if isinstance(found, str):
+        module, _, name = found.partition(":")
+        found = getattr(importlib.import_module(module), name)
+        TRANSPORTS[kind] = found
+    return found
+
+
+def transport_names() -> dict[str, str]:
+    """Each destination type with the protocol its transport speaks ("C-STORE")."""
+    return {kind: _transport_class(kind).protocol for kind in TRANSPORTS}
+
+
+def destination_settings(kind: str) -> type | None:
+    """The settings class of destinations of type ``kind``; ``None`` for an unknown type."""
+    cls = _transport_class(kind)
+    return None if cls is None else cls.settings
+
+
+def transport_for(settings: Any, destination: Any) -> Transport:
+    """The transport that sends to ``destination`` (a :class:`~dicom_node.config.Destination`
+    read by :func:`destination_settings`, so its type is registered)."""
+    return _transport_class(destination.type)(settings, destination)  # type: ignore[no-any-return]

@@ -1,0 +1,114 @@
+"""The job database: one SQLite file in WAL mode under ``data_dir``, and its schema.
+
+The spool on disk is the source of truth for received instances (each file is fsynced
+before the C-STORE is acknowledged); this database indexes it, and a crash between the two
+leaves a spooled file that the node's start re-registers
+(:func:`dicom_node.intake.recovery.reconcile`). That split lets commits skip an fsync of
+their own (``synchronous=NORMAL``) without ever losing an acknowledged instance.
+
+pynetdicom serves each association on its own thread and SQLite connections are not
+shareable across threads by default, so one connection is guarded by a lock. Every
+statement is short, so the lock is never held across I/O on DICOM data.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+__all__ = ["Database", "DatabaseError"]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS series (
+    series_uid      TEXT PRIMARY KEY,
+    study_uid       TEXT NOT NULL,
+    modality        TEXT NOT NULL DEFAULT '',
+    calling_ae      TEXT NOT NULL DEFAULT '',
+    state           TEXT NOT NULL,
+    reason          TEXT NOT NULL DEFAULT '',
+    instance_count  INTEGER NOT NULL DEFAULT 0,
+    first_received  REAL NOT NULL,
+    last_received   REAL NOT NULL,
+    updated         REAL NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    model           TEXT NOT NULL DEFAULT '',
+    timings         TEXT NOT NULL DEFAULT '{}',
+    results         TEXT NOT NULL DEFAULT '{}',
+    completed_by    TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS instances (
+    sop_uid     TEXT PRIMARY KEY,
+    series_uid  TEXT NOT NULL REFERENCES series(series_uid),
+    sop_class   TEXT NOT NULL,
+    path        TEXT NOT NULL,
+    size        INTEGER NOT NULL,
+    digest      TEXT NOT NULL,
+    received    REAL NOT NULL,
+    geometry    TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS instances_by_series ON instances(series_uid);
+CREATE TABLE IF NOT EXISTS outbox (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    series_uid    TEXT NOT NULL,
+    kind          TEXT NOT NULL,
+    destination   TEXT NOT NULL,
+    path          TEXT NOT NULL,
+    sop_uid       TEXT NOT NULL,
+    state         TEXT NOT NULL,
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    next_attempt  REAL NOT NULL DEFAULT 0,
+    last_error    TEXT NOT NULL DEFAULT '',
+    sent_at       REAL,
+    model         TEXT NOT NULL DEFAULT '',
+    form          TEXT NOT NULL DEFAULT '',
+    alt_path      TEXT NOT NULL DEFAULT '',
+    alt_sop_uid   TEXT NOT NULL DEFAULT '',
+    sent_as       TEXT NOT NULL DEFAULT '',
+    UNIQUE (sop_uid, destination)
+);
+CREATE INDEX IF NOT EXISTS outbox_by_series ON outbox(series_uid);
+"""
+
+
+class DatabaseError(RuntimeError):
+    """The job database cannot be opened or used; the message says why and what to do."""
+
+
+class Database:
+    """One connection to the job database, shared by the repositories."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=10000")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (``BEGIN IMMEDIATE``): committed whole or rolled back."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    @contextmanager
+    def read(self) -> Iterator[sqlite3.Connection]:
+        """The connection for reads (autocommit: each statement sees committed data)."""
+        with self._lock:
+            yield self._db
