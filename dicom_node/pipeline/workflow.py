@@ -11,6 +11,12 @@ Two things differ, and only in where the data comes from and goes to:
   ``CropForegroundd``, ``Invertd``... see what they would see;
 * writers (``SaveImaged``) are left out: the node encodes DICOM.
 
+A bundle with an everything mode (VISTA-3D) has its inferer called as its evaluator calls it
+when given no prompt: with the mode's classes as ``class_vector`` and no points; the
+prediction's ``label_prompt`` is set for its postprocessing (``VistaPostTransformd``), and
+the image's applied operations are made id-free (``reset_ops_id``) as the evaluator does, so
+that ``Invertd`` may invert them with a copy of the preprocessing.
+
 The data lives on the pipeline's device from the start, so a GPU runs the transforms too;
 the evaluator's ``amp`` is honoured on a GPU as MONAI's evaluator honours it.
 """
@@ -24,9 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import Compose, LoadImaged
+from monai.transforms import Compose, LoadImaged, reset_ops_id
 
-from dicom_node.pipeline.bundle import WRITERS, Bundle
+from dicom_node.pipeline.bundle import WRITERS, Bundle, flat_transforms
 from dicom_node.pipeline.transforms import from_metatensor, to_metatensor
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
@@ -57,10 +63,10 @@ class BundleWorkflow:
         # The objects Invertd refers to (@preprocessing) are these: the same instances must
         # be applied, since each records its own identity in the data's applied operations.
         self._preprocessing = parser.get_parsed_content("preprocessing")
-        steps = [t for t in _flat(self._preprocessing) if not isinstance(t, LoadImaged)]
+        steps = [t for t in flat_transforms(self._preprocessing) if not isinstance(t, LoadImaged)]
         self._pre = Compose(steps)
         post = parser.get_parsed_content("postprocessing")
-        self._post = Compose([t for t in _flat(post) if type(t).__name__ not in WRITERS])
+        self._post = Compose([t for t in flat_transforms(post) if type(t).__name__ not in WRITERS])
         self._inferer = parser.get_parsed_content("inferer")
 
     def preprocess(self, hu: np.ndarray | torch.Tensor, affine: np.ndarray) -> dict[str, Any]:
@@ -69,12 +75,30 @@ class BundleWorkflow:
             return self._pre({self.image_key: loaded_image(hu, affine, self.device)})
 
     def infer(self, data: dict[str, Any], network: Predictor) -> dict[str, Any]:
-        """The bundle's inferer on the preprocessed image: adds the prediction to ``data``."""
+        """The bundle's inferer on the preprocessed image: adds the prediction to ``data``.
+
+        For an everything mode, ``network`` is the prompted network
+        (:class:`~dicom_node.pipeline.bundle.EverythingNetwork` or a predictor that serves
+        it): a function of the patches alone."""
         image = data[self.image_key]
         autocast = self.bundle.amp and self.device.type == "cuda"
         amp = torch.autocast("cuda") if autocast else contextlib.nullcontext()
         with torch.inference_mode(), amp:
-            pred = self._inferer(image[None], network)
+            if self.bundle.everything is None:
+                pred = self._inferer(image[None], network)
+            else:
+                prompt = torch.as_tensor(self.bundle.everything, device=image.device)[:, None]
+                pred = self._inferer(
+                    inputs=image[None],
+                    network=_patches_only(network),
+                    point_coords=None,
+                    point_labels=None,
+                    class_vector=prompt,
+                    labels=None,
+                    label_set=None,
+                )
+                data[self.image_key] = reset_ops_id(image)
+                data["label_prompt"] = prompt
         pred = pred[0]
         if autocast:
             pred = pred.float()
@@ -99,10 +123,12 @@ class BundleWorkflow:
         return from_metatensor(pred).round().to(torch.uint8).contiguous().cpu().numpy()
 
 
-def _flat(compose: Any) -> list[Any]:
-    """The transforms of a (nested) Compose, in order."""
-    if isinstance(compose, Compose):
-        return list(compose.flatten().transforms)
-    if isinstance(compose, (list, tuple)):
-        return list(compose)
-    return [compose]
+def _patches_only(network: Predictor) -> Callable[..., torch.Tensor]:
+    """``network`` as the everything mode's inferer calls it: with the window's coordinates
+    and the prompts, which the prompted network already holds (see
+    :class:`~dicom_node.pipeline.bundle.EverythingNetwork`)."""
+
+    def predict(patches: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return network(patches)
+
+    return predict
