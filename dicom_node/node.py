@@ -498,6 +498,7 @@ class Node:
                                 k: ResultFile(f["path"], f["sop_uid"]) for k, f in stored.items()
                             },
                             volumes_ml=self._label_volumes(model, volume, result.labels),
+                            algorithm=self._algorithm(model).as_dict(),
                         )
                     )
                     items += plan_outbox_items(self.settings, series_uid, model.name, stored)
@@ -695,8 +696,7 @@ class Node:
     def _algorithm(self, model: ModelSettings) -> Any:
         from dicom_node.encode import AlgorithmInfo
 
-        b = self.bundle(model)
-        return AlgorithmInfo(name=b.name, version=b.version, source=str(b.path.name))
+        return AlgorithmInfo.of_bundle(self.bundle(model))
 
     def _encode(
         self,
