@@ -235,6 +235,12 @@ class EverythingNetwork(torch.nn.Module):
 
     def __init__(self, network: torch.nn.Module, everything: tuple[int, ...]) -> None:
         super().__init__()
+        last = getattr(getattr(network, "point_head", None), "last_supported", None)
+        if last is not None and max(everything) > int(last):
+            raise BundleError(
+                f"the everything mode prompts class {max(everything)}, and the network "
+                f"supports classes up to {last}"
+            )
         self.network = network
         self.register_buffer(
             "class_vector", torch.as_tensor(everything, dtype=torch.long)[:, None], False

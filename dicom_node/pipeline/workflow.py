@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -90,7 +91,7 @@ class BundleWorkflow:
                 prompt = torch.as_tensor(self.bundle.everything, device=image.device)[:, None]
                 pred = self._inferer(
                     inputs=image[None],
-                    network=_patches_only(network),
+                    network=_PatchesOnly(network, self.bundle.everything),
                     point_coords=None,
                     point_labels=None,
                     class_vector=prompt,
@@ -123,12 +124,20 @@ class BundleWorkflow:
         return from_metatensor(pred).round().to(torch.uint8).contiguous().cpu().numpy()
 
 
-def _patches_only(network: Predictor) -> Callable[..., torch.Tensor]:
+class _PatchesOnly:
     """``network`` as the everything mode's inferer calls it: with the window's coordinates
     and the prompts, which the prompted network already holds (see
-    :class:`~dicom_node.pipeline.bundle.EverythingNetwork`)."""
+    :class:`~dicom_node.pipeline.bundle.EverythingNetwork`).
 
-    def predict(patches: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return network(patches)
+    VISTA-3D's inferer first asks the network's point head for the last class it supports
+    and drops a class prompt beyond it. The prompted network checked, when it was loaded,
+    that it supports every class of the mode, so this answers with the largest of them:
+    the inferer keeps the prompt, as it does with the network itself.
+    """
 
-    return predict
+    def __init__(self, network: Predictor, everything: tuple[int, ...]) -> None:
+        self.network = network
+        self.point_head = SimpleNamespace(last_supported=max(everything))
+
+    def __call__(self, patches: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.network(patches)
