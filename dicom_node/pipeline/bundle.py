@@ -441,6 +441,11 @@ def _check_single_image(transforms: list[Any], path: Path) -> None:
                 )
 
 
+def _keys(transform: Any) -> list[str]:
+    keys = getattr(transform, "keys", ())
+    return [str(k) for k in keys] if isinstance(keys, (list, tuple)) else []
+
+
 def flat_transforms(compose: Any) -> list[Any]:
     """The transforms of a (nested) Compose, in order."""
     if isinstance(compose, Compose):
@@ -489,8 +494,8 @@ def load_bundle(path: str | Path) -> Bundle:
             parser[f"{at}#reader"] = None
 
     network_def = config.get("network_def")
-    built_by = isinstance(network_def, dict) and "_target_" in network_def
-    if not built_by and not (isinstance(network_def, str) and network_def.startswith("$")):
+    an_item = isinstance(network_def, dict) and "_target_" in network_def
+    if not an_item and not (isinstance(network_def, str) and network_def.startswith("$")):
         raise BundleError(f"bundle {root} has no network_def in {config_path.name}")
     image_key = str(_parse(parser, "image_key", root, default="image"))
     _check_single_image(_transforms(config, "preprocessing"), root)
@@ -498,13 +503,9 @@ def load_bundle(path: str | Path) -> Bundle:
         if section not in config:
             raise BundleError(f"bundle {root} has no {section} in {config_path.name}")
         _parse(parser, section, root)  # every transform and the inferer can be built
-    _check_single_image(
-        [
-            {"_target_": type(t).__name__, "keys": list(getattr(t, "keys", ()))}
-            for t in flat_transforms(_parse(parser, "preprocessing", root))
-        ],
-        root,
-    )
+    # and as built, where the config joins lists by expressions or the bundle's code adds any
+    built = flat_transforms(_parse(parser, "preprocessing", root))
+    _check_single_image([{"_target_": type(t).__name__, "keys": _keys(t)} for t in built], root)
 
     roi_size = None
     sw_batch_size, overlap, blend_mode = 1, 0.25, "constant"
