@@ -33,7 +33,8 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Compose, LoadImaged, reset_ops_id
 
-from dicom_node.pipeline.bundle import WRITERS, Bundle, flat_transforms
+from dicom_node.pipeline.bundle import WRITERS, Bundle
+from dicom_node.pipeline.bundle import flat_transforms as _flat
 from dicom_node.pipeline.transforms import from_metatensor, to_metatensor
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
@@ -64,10 +65,10 @@ class BundleWorkflow:
         # The objects Invertd refers to (@preprocessing) are these: the same instances must
         # be applied, since each records its own identity in the data's applied operations.
         self._preprocessing = parser.get_parsed_content("preprocessing")
-        steps = [t for t in flat_transforms(self._preprocessing) if not isinstance(t, LoadImaged)]
+        steps = [t for t in _flat(self._preprocessing) if not isinstance(t, LoadImaged)]
         self._pre = Compose(steps)
         post = parser.get_parsed_content("postprocessing")
-        self._post = Compose([t for t in flat_transforms(post) if type(t).__name__ not in WRITERS])
+        self._post = Compose([t for t in _flat(post) if type(t).__name__ not in WRITERS])
         self._inferer = parser.get_parsed_content("inferer")
 
     def preprocess(self, hu: np.ndarray | torch.Tensor, affine: np.ndarray) -> dict[str, Any]:

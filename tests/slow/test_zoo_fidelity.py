@@ -1,9 +1,10 @@
 """The zoo's CT bundles whose configs import their own ``scripts/``, on the node and through
 Triton, against MONAI's own workflow (slow: run beside the suite, not in it).
 
-Run with ``DICOM_NODE_SLOW=1`` and ``DICOM_NODE_MODEL_ZOO`` naming a checkout of
-Project-MONAI/model-zoo (the folder holding ``models/``; the bundles' code is not copied into
-this repository, see ``tests/data/zoo/README.md``)::
+Run with ``DICOM_NODE_SLOW=1``, and ``DICOM_NODE_MODEL_ZOO`` naming a checkout of
+Project-MONAI/model-zoo (the folder holding ``models/``) unless ``../shared/zoo`` holds these
+bundles' ``scripts/`` (their code is not copied into this repository, see
+``tests/data/zoo/README.md``)::
 
     DICOM_NODE_SLOW=1 DICOM_NODE_MODEL_ZOO=/path/to/model-zoo \\
         .venv/bin/pytest -q -p no:cacheprovider --timeout 1200 tests/slow
@@ -39,15 +40,21 @@ from dicom_node.pipeline.metadata import read_config
 from dicom_node.pipeline.transforms import ras_affine
 from tests import checks
 from tests.peers import NodeProcess, Orthanc, storescu
+from tests.peers import testdata as shared_data
 from tests.test_zoo_bundles import _series
 
 CONFIGS = Path(__file__).resolve().parent.parent / "data" / "zoo"
-ZOO = Path(os.environ.get("DICOM_NODE_MODEL_ZOO", "/nonexistent")) / "models"
 
-pytestmark = [
-    pytest.mark.skipif(not os.environ.get("DICOM_NODE_SLOW"), reason="DICOM_NODE_SLOW unset"),
-    pytest.mark.skipif(not ZOO.is_dir(), reason="DICOM_NODE_MODEL_ZOO names no model-zoo"),
-]
+
+def _zoo() -> Path | None:
+    """Where the bundles' ``scripts/`` are: ``DICOM_NODE_MODEL_ZOO`` (a model-zoo checkout,
+    or a folder of bundles), else ``../shared/zoo`` if it holds them."""
+    for base in (os.environ.get("DICOM_NODE_MODEL_ZOO"), str(shared_data().parent / "zoo")):
+        for folder in (Path(base) / "models", Path(base)) if base else ():
+            if all((folder / name / "scripts").is_dir() for name in BUNDLES):
+                return folder
+    return None
+
 
 #: The bundles, and the model name each is served as.
 BUNDLES = {
@@ -56,14 +63,20 @@ BUNDLES = {
     "pediatric_abdominal_ct_segmentation": "pediatric",
     "renalStructures_UNEST_segmentation": "unest",
 }
+ZOO = _zoo()
+
+pytestmark = [
+    pytest.mark.skipif(not os.environ.get("DICOM_NODE_SLOW"), reason="DICOM_NODE_SLOW unset"),
+    pytest.mark.skipif(ZOO is None, reason="no model-zoo scripts (DICOM_NODE_MODEL_ZOO)"),
+]
 
 
 def zoo_bundle(name: str, dest: Path) -> Path:
     """The published configs, the bundle's own scripts and seeded weights, in ``dest``."""
     root = dest / name
     shutil.copytree(CONFIGS / name / "configs", root / "configs")
-    if (ZOO / name / "scripts").is_dir():
-        shutil.copytree(ZOO / name / "scripts", root / "scripts")
+    assert ZOO is not None
+    shutil.copytree(ZOO / name / "scripts", root / "scripts")
     write_seeded_weights(root)
     return root
 
