@@ -131,13 +131,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_model_install(args: argparse.Namespace) -> int:
-    from dicom_node.pipeline.install import BundleInstallError, install_bundle
+    from dicom_node.pipeline.install import BundleInstallError, describe_bundle, install_bundle
 
     try:
         path = install_bundle(args.source, Path(args.dest))
     except BundleInstallError as exc:
         raise UserError(str(exc)) from None
     print(f'installed {path}; set [inference] bundle = "{path}" to use it')
+    print(describe_bundle(path))
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 
 from dicom_node.cli import main
@@ -19,7 +20,15 @@ def test_install_a_bundle_folder(tmp_path, capsys):
     assert (installed / "models" / "model.ts").read_bytes() == (
         DEMO / "models" / "model.ts"
     ).read_bytes()
-    assert f'bundle = "{installed}"' in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f'bundle = "{installed}"' in out
+    digest = hashlib.sha256((DEMO / "models" / "model.ts").read_bytes()).hexdigest()
+    assert (
+        "Spleen CT segmentation (demo) 0.1.0: 1 label, read from configs/metadata.json "
+        "network_data_format.outputs.pred.channel_def"
+    ) in out
+    assert f"weights: models/model.ts, SHA-256 {digest}" in out
+    assert "runs: the node's fast path; SlidingWindowInferer on 96x96x96 patches" in out
     # a second install does not overwrite
     assert main(["model", "install", str(DEMO), "--dest", str(tmp_path / "bundles")]) == 2
     assert "already exists" in capsys.readouterr().err

@@ -54,7 +54,7 @@ def test_vendored_table_equals_the_shared_copy_row_for_row() -> None:
 
 def test_every_table_name_finds_itself_and_no_two_collide() -> None:
     table = structures()
-    assert len(table) == 170
+    assert len(table) == 170 + 1  # TotalSegmentator's, and the additions
     for name in table:
         assert canonical_structure(name) == name
     keys = [name_key(name) for name in table]
@@ -165,3 +165,12 @@ def test_unknown_names_stay_body_structure_with_their_own_label(name: str) -> No
     assert info.code.value == BODY_STRUCTURE
     assert info.name == name
     assert info.modifier is None
+
+
+def test_the_unest_bundles_kidney_cortex_is_coded_from_the_additions() -> None:
+    info = segment_info_for(1, "kidney cortex")
+    assert (info.code.value, info.code.meaning) == ("50403003", "Cortex of kidney")
+    assert info.category.value == "91723000"
+    # no source gives these a code: they stay generic, with their own text
+    for name in ("medulla", "pelvicalyceal system"):
+        assert segment_info_for(2, name).code.value == BODY_STRUCTURE

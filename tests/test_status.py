@@ -220,6 +220,22 @@ def test_jobs_page_lists_the_series(node, processed):
     assert all(f'<td class="num">{t}</td>' in row for t in timing_cells), timing_cells
 
 
+def test_the_job_page_and_the_jobs_listing_name_the_weights(node, processed):
+    import hashlib
+
+    (model,) = processed["record"].results.models
+    (bundle,) = (m.bundle for m in node.settings.models if m.name == model.model)
+    digest = hashlib.sha256((Path(bundle) / "models" / "model.ts").read_bytes()).hexdigest()
+    assert model.algorithm["weights_sha256"] == digest
+    assert model.algorithm["name"] == "Spleen CT segmentation (demo)"
+    status, body, _ = get(f"{node.status.url}/jobs/{processed['uid']}")
+    assert status == 200 and f"<code>{digest}</code>" in body.decode()
+    # what `dicom-node jobs --json` prints
+    listing = [r.to_json() for r in node.jobs.listing()]
+    (row,) = (r for r in listing if r["series_uid"] == processed["uid"])
+    assert row["results"]["models"][model.model]["algorithm"] == model.algorithm
+
+
 def test_job_page_in_chromium_shows_the_spleen_outlined(node, processed, tmp_path):
     url = f"{node.status.url}/jobs/{processed['uid']}"
     run = chromium("--dump-dom", url, profile=tmp_path / "profile")

@@ -34,6 +34,7 @@ import yaml
 from monai.bundle import ConfigParser
 from monai.transforms import Compose
 
+from dicom_node.encode import segment_info_for
 from dicom_node.pipeline import SegmentationPipeline, load_bundle, read_bundle_info
 from dicom_node.pipeline.install import BundleInstallError, install_bundle, write_seeded_weights
 from dicom_node.pipeline.transforms import ras_affine
@@ -378,3 +379,78 @@ def test_labels_of_the_three_bundles_are_read_from_their_metadata(bundles):
         "wholeBody_ct_segmentation": 104,
         "spleen_variant": 1,
     }
+
+
+#: Published configs of the zoo's other CT bundles (see tests/data/zoo/README.md).
+MORE_CONFIGS = Path(__file__).resolve().parent / "data" / "zoo"
+
+
+def published(name: str, dest: Path, *, metadata: dict | None = None) -> Path:
+    """A bundle folder with a published config (and ``metadata`` instead of its own)."""
+    root = dest / name
+    shutil.copytree(MORE_CONFIGS / name / "configs", root / "configs")
+    if metadata is not None:
+        (root / "configs" / "metadata.json").write_text(json.dumps(metadata))
+    return root
+
+
+def _metadata(name: str) -> dict:
+    return json.loads((MORE_CONFIGS / name / "configs" / "metadata.json").read_text())
+
+
+def test_labels_named_by_metadata_label_def(tmp_path):
+    info = read_bundle_info(published("pediatric_abdominal_ct_segmentation", tmp_path))
+    assert info.labels == {1: "liver", 2: "spleen", 3: "pancreas"}
+    assert info.labels_from.endswith("outputs.pred.label_def")
+
+
+def test_labels_named_in_the_config_from_names_to_values(tmp_path):
+    for name, key, labels in (
+        (
+            "pediatric_abdominal_ct_segmentation",
+            "label_def",
+            {1: "liver", 2: "spleen", 3: "pancreas"},
+        ),
+        ("spleen_deepedit_annotation", "channel_def", {1: "spleen"}),
+    ):
+        meta = _metadata(name)
+        del meta["network_data_format"]["outputs"]["pred"][key]
+        info = read_bundle_info(published(name, tmp_path, metadata=meta))
+        assert info.labels == labels, name
+        assert info.labels_from.endswith("(names to values)"), info.labels_from
+
+
+def test_vista3d_labels_are_its_everything_classes_named_by_its_metadata(tmp_path):
+    """VISTA-3D's labels: the 117 classes of its evaluator's everything_labels (an
+    expression), named by its metadata's channel_def. The config imports the bundle's
+    scripts package, which these expressions do not use: an empty one stands in for it."""
+    root = published("vista3d", tmp_path)
+    (root / "scripts").mkdir()
+    (root / "scripts" / "__init__.py").write_text("")
+    info = read_bundle_info(root)
+    assert info.everything is not None and len(info.everything) == len(info.labels) == 117
+    channel_def = _metadata("vista3d")["network_data_format"]["outputs"]["pred"]["channel_def"]
+    assert info.labels == {v: channel_def[str(v)] for v in info.everything}
+    left_out = {2, 16, 18, 20, 21, 23, 24, 25, 26, 27, 128, 129, 130, 131, 132}
+    assert set(info.labels) == set(range(1, 133)) - left_out
+    assert "everything_labels" in info.labels_from
+    generic = [n for n in info.labels.values() if segment_info_for(1, n).code.value == "123037004"]
+    assert generic == [], generic
+
+
+def test_what_cannot_apply_to_one_series_is_refused_in_one_true_sentence(tmp_path):
+    cases = {
+        "renalStructures_CECT_segmentation": (
+            "loads 4 images (artery, vein, excret, label) per case: a CT series is one image"
+        ),
+        "pancreas_ct_dints_segmentation": "models/search_code_18590.pt, which is not there",
+    }
+    for name, reason in cases.items():
+        root = published(name, tmp_path / "src")
+        (root / "models").mkdir()
+        (root / "models" / "model.pt").write_bytes(b"")
+        with pytest.raises(BundleInstallError) as info:
+            install_bundle(str(root), tmp_path / "installed")
+        message = str(info.value)
+        assert reason in message and "\n" not in message, message
+        assert not (tmp_path / "installed" / name).exists()

@@ -6,6 +6,8 @@ their labels in free text. A PACS and a viewer need codes: the Segmented Propert
 and Type, a Type Modifier for laterality, and a colour. Rather than keep a table of our
 own, the node reads TotalSegmentator's, which the DICOM community already uses for the
 same purpose (170 names, vendored unchanged in ``data/``, Apache-2.0; see its README).
+Structures a zoo bundle names that the table lacks are added in a table of the same form,
+``data/additional_structures.csv``, each row with its source in the README.
 
 Bundles spell the same structure differently ("Left Kideny", "kidney_left", "IVC",
 "Portal and Splenic Veins"), so a name is matched by its words: case, spaces, ``_`` and
@@ -27,6 +29,8 @@ from pydicom.sr.coding import Code
 
 #: The vendored TotalSegmentator table (package data).
 TABLE = "totalsegmentator_snomed_mapping.csv"
+#: Structures the zoo's bundles name that TotalSegmentator's table lacks, in its form.
+ADDITIONS = "additional_structures.csv"
 
 #: Segmented Property Category "Anatomical Structure". The TotalSegmentator table (like
 #: older tools) writes SCT 123037004 for it, which SNOMED CT now calls "Body structure";
@@ -156,16 +160,22 @@ def _row_codes(row: dict[str, str]) -> StructureCodes:
     )
 
 
-def read_table_rows() -> list[dict[str, str]]:
-    """The vendored table as CSV rows (column name -> text), in file order."""
-    text = resources.files("dicom_node.encode").joinpath("data", TABLE).read_text("utf-8")
+def read_table_rows(table: str = TABLE) -> list[dict[str, str]]:
+    """A table of ``data/`` (the vendored one by default) as CSV rows (column name ->
+    text), in file order."""
+    text = resources.files("dicom_node.encode").joinpath("data", table).read_text("utf-8")
     return list(csv.DictReader(text.splitlines()))
 
 
 @functools.cache
 def structures() -> dict[str, StructureCodes]:
-    """Every structure of the table by its TotalSegmentator name (read once)."""
-    return {entry.structure: entry for entry in map(_row_codes, read_table_rows())}
+    """Every structure of the two tables by its name (read once)."""
+    table = {entry.structure: entry for entry in map(_row_codes, read_table_rows())}
+    for entry in map(_row_codes, read_table_rows(ADDITIONS)):
+        if entry.structure in table:
+            raise ValueError(f"{ADDITIONS}: {entry.structure!r} is in {TABLE} already")
+        table[entry.structure] = entry
+    return table
 
 
 @functools.cache

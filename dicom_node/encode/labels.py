@@ -141,6 +141,13 @@ class SegmentInfo:
 class AlgorithmInfo:
     """The algorithm that produced a label map (Algorithm Identification, TID 4019).
 
+    What a clinical-safety review asks of a result: which model (the bundle's name and
+    version, from its metadata), which weights (their SHA-256: a bundle's version does not
+    change when its weights file is replaced) and which node ran it. The SEG's Segment
+    Algorithm Identification and the RTSTRUCT's ROI Derivation Algorithm Identification
+    carry them as Algorithm Name, Version and Parameters, the SR's TID 4019 as Algorithm
+    Name, Version and Algorithm Parameter items (:meth:`parameters`).
+
     Attributes
     ----------
     name, version:
@@ -149,12 +156,18 @@ class AlgorithmInfo:
         Algorithm Family Code (CID 7162); "Artificial Intelligence" (DCM 123110).
     source:
         Algorithm Source: where the algorithm comes from, e.g. the bundle or model name.
+    weights_sha256:
+        SHA-256 (64 hex digits) of the file the network's weights were loaded from.
+    node_version:
+        The version of the node that ran the model.
     """
 
     name: str
     version: str
     family: Code = codes.cid7162.ArtificialIntelligence
     source: str = ""
+    weights_sha256: str | None = None
+    node_version: str = ""
 
     def __post_init__(self) -> None:
         for label, text in (("name", self.name), ("version", self.version)):
@@ -162,18 +175,65 @@ class AlgorithmInfo:
                 raise EncodeError(
                     f"algorithm {label} {text!r} must be 1-64 characters without a backslash"
                 )
+        digest = self.weights_sha256
+        if digest is not None and (len(digest) != 64 or digest.strip("0123456789abcdef") != ""):
+            raise EncodeError(f"weights SHA-256 {digest!r} is not 64 lower-case hex digits")
+        if not self.node_version:
+            object.__setattr__(self, "node_version", software_version())
+
+    @classmethod
+    def of_bundle(cls, bundle: Any) -> AlgorithmInfo:
+        """The identification of a model bundle (a
+        :class:`~dicom_node.pipeline.metadata.BundleInfo` or
+        :class:`~dicom_node.pipeline.bundle.Bundle`): its metadata's name and version,
+        its folder as the source and the SHA-256 of its weights."""
+        digest = getattr(bundle, "weights_sha256", None)
+        return cls(
+            name=str(bundle.name)[:64],
+            version=str(bundle.version)[:64],
+            source=f"MONAI bundle {bundle.path.name}"[:64],
+            weights_sha256=digest if isinstance(digest, str) else None,
+        )
+
+    def parameters(self) -> dict[str, str]:
+        """Algorithm Parameters: the weights' SHA-256 and the node's version."""
+        out = {"dicom_node_version": self.node_version}
+        if self.weights_sha256 is not None:
+            out = {"weights_sha256": self.weights_sha256, **out}
+        return out
+
+    def description(self) -> str:
+        """Name, version and the start of the weights' SHA-256 in 64 characters (LO), for
+        the RTSTRUCT's ROI Generation Description and the SEG's Content Description."""
+        text = f"{self.name} {self.version}"
+        if self.weights_sha256 is None:
+            return text[:64]
+        tail = f" sha256:{self.weights_sha256[:16]}"
+        return text[: 64 - len(tail)] + tail
 
     def seg_identification(self) -> hd.AlgorithmIdentificationSequence:
-        """Segment Algorithm Identification for a SEG's Segment Sequence items."""
+        """Segment Algorithm Identification for a SEG's Segment Sequence items (and the
+        RTSTRUCT's ROI Derivation Algorithm Identification)."""
         return hd.AlgorithmIdentificationSequence(
-            name=self.name, family=self.family, version=self.version, source=self.source or None
+            name=self.name,
+            family=self.family,
+            version=self.version,
+            source=self.source or None,
+            parameters=self.parameters(),
         )
 
     def sr_identification(self) -> hd.sr.AlgorithmIdentification:
         """Algorithm Identification (TID 4019) for SR measurements."""
         return hd.sr.AlgorithmIdentification(
-            name=self.name, version=self.version, family=self.family
+            name=self.name,
+            version=self.version,
+            parameters=[f"{k}={v}" for k, v in self.parameters().items()],
+            family=self.family,
         )
+
+    def as_dict(self) -> dict[str, str]:
+        """What the job page and ``dicom-node jobs --json`` show of it."""
+        return {"name": self.name, "version": self.version, **self.parameters()}
 
 
 # The body outline is not a TotalSegmentator structure: it is RT's "External" ROI, and

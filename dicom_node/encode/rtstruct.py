@@ -341,7 +341,8 @@ def build_rtstruct(
         roi.ReferencedFrameOfReferenceUID = first.FrameOfReferenceUID
         roi.ROIName = seg.name
         roi.ROIGenerationAlgorithm = "AUTOMATIC"
-        roi.ROIGenerationDescription = f"{algorithm.name} {algorithm.version}"[:64]
+        roi.ROIGenerationDescription = algorithm.description()
+        roi.ROIDerivationAlgorithmIdentificationSequence = algorithm.seg_identification()
         rois.append(roi)
 
         contour = Dataset()

@@ -291,6 +291,7 @@ class JobRunner:
                             model=model.name,
                             files={r.kind: ResultFile(str(r.path), r.sop_uid) for r in stored},
                             volumes_ml=label_volumes_ml(volume, result.labels, context.segments),
+                            algorithm=context.algorithm.as_dict(),
                         )
                     )
                     items += plan_outbox_items(self.settings, series_uid, model.name, stored)
@@ -449,7 +450,7 @@ class JobRunner:
             source=volume,
             labels=result.labels,
             segments=[segment_info_for(v, n) for v, n in sorted(info.labels.items())],
-            algorithm=AlgorithmInfo(name=info.name, version=info.version, source=info.path.name),
+            algorithm=AlgorithmInfo.of_bundle(info),
             settings=self.settings.results,
             model_index=index,
             predecessors=predecessors,

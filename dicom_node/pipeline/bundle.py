@@ -16,13 +16,17 @@ path; any other chain runs as MONAI's transforms. What cannot apply to a single 
 (several images concatenated, several input keys) is refused when the bundle is loaded,
 with the reason.
 
+A bundle whose evaluator lists the classes of an everything mode (VISTA-3D's
+``hyper_kwargs#everything_labels``) runs in that mode: its network is served prompted with
+those classes (:class:`EverythingNetwork`) and its labels are those classes.
+
 Why one module of this size: it reads a bundle as MONAI reads it, the config, the
 weights, the labels and each refusal with its reason; the rules depend on one another.
 """
 
 from __future__ import annotations
 
-import sys
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,11 +34,16 @@ from typing import Any
 import monai
 import torch
 from monai.bundle import ConfigParser
+from monai.transforms import Compose
 
 from dicom_node.pipeline.metadata import (
     INFERENCE_CONFIG,
     METADATA,
     BundleError,
+    bundle_scripts_importable,
+    checkpoint_loader_id,
+    config_item,
+    file_sha256,
     find_inference_config,
     read_bundle_info,
     read_config,
@@ -51,6 +60,7 @@ __all__ = [
     "METADATA",
     "Bundle",
     "BundleError",
+    "EverythingNetwork",
     "FastPostprocessing",
     "Preprocessing",
     "load_bundle",
@@ -121,6 +131,18 @@ class Bundle:
     amp: bool = False
     #: Where ``checkpointloader#load_path`` points (``models/model.pt`` without one).
     weights: Path | None = None
+    #: The label values VISTA-3D's everything mode prompts (the evaluator's
+    #: ``hyper_kwargs#everything_labels``); ``None`` for a bundle without one.
+    everything: tuple[int, ...] | None = None
+    #: Where the labels were read, in words.
+    labels_from: str = ""
+    #: The file :meth:`load_network` loads (TorchScript, else the checkpoint), if any.
+    weights_file: Path | None = None
+
+    @property
+    def weights_sha256(self) -> str | None:
+        """The SHA-256 of :attr:`weights_file` (hex), what a result names its weights by."""
+        return None if self.weights_file is None else file_sha256(self.weights_file)
 
     @property
     def fast_path(self) -> bool:
@@ -136,6 +158,13 @@ class Bundle:
         try:
             return self.parser.get_parsed_content("network_def", instantiate=True)
         except Exception as exc:  # noqa: BLE001 - any config error is the bundle's fault
+            cause = _innermost(exc)
+            if isinstance(cause, FileNotFoundError) and cause.filename:
+                # e.g. the DiNTS bundles' architecture, a search result in a file of its own
+                raise BundleError(
+                    f"bundle {self.path} cannot build its network_def: it reads "
+                    f"{cause.filename}, which is not there"
+                ) from exc
             raise BundleError(
                 f"bundle {self.path} has a network_def that MONAI {monai.__version__} cannot "
                 f"build ({_root_cause(exc)}){self._made_for()}"
@@ -149,7 +178,10 @@ class Bundle:
         return ""
 
     def load_network(self, device: str | torch.device = "cpu") -> torch.nn.Module:
-        """The trained network on ``device``, in eval mode.
+        """The trained network on ``device``, in eval mode, as a function of a patch batch.
+
+        For a bundle with an everything mode, that is the network prompted with every class
+        of the mode (:class:`EverythingNetwork`).
 
         ``models/model.ts`` (TorchScript) is preferred: it needs no Python definition of the
         architecture and is what Triton's PyTorch backend serves. Otherwise the weights
@@ -180,13 +212,60 @@ class Bundle:
                 f"bundle {self.path} has no trained weights: neither {TORCHSCRIPT} nor "
                 f"{where} (checkpointloader#load_path) is there"
             )
-        return channels_last_on_cpu(net.eval(), torch.device(device))
+        net = channels_last_on_cpu(net.eval(), torch.device(device))
+        if self.everything is not None:
+            return EverythingNetwork(net, self.everything)
+        return net
+
+
+class EverythingNetwork(torch.nn.Module):
+    """VISTA-3D prompted with every class of its everything mode: logits of a patch batch.
+
+    Why: VISTA-3D takes prompts beside the image. Its evaluator
+    (``scripts/evaluator.py``), given no prompt, prompts the classes of
+    ``hyper_kwargs#everything_labels`` (``class_vector``, one row per class) and its
+    inferer (``scripts/inferer.py``) hands them, with ``transpose=True``, to every call of
+    the network from the sliding window. Without point prompts the network uses nothing
+    else (the patch's coordinates serve the point head only), so the network of that mode is
+    this function of the patches alone, which Triton can serve and batch like any other:
+    ``(N, 1, *roi)`` -> ``(N, classes, *roi)``, channel ``i`` the logits of
+    ``everything[i]``. The workflow calls the bundle's inferer as the evaluator does and
+    hands it this (:meth:`dicom_node.pipeline.workflow.BundleWorkflow.infer`).
+    """
+
+    def __init__(self, network: torch.nn.Module, everything: tuple[int, ...]) -> None:
+        super().__init__()
+        last = getattr(getattr(network, "point_head", None), "last_supported", None)
+        if last is not None and max(everything) > int(last):
+            raise BundleError(
+                f"the everything mode prompts class {max(everything)}, and the network "
+                f"supports classes up to {last}"
+            )
+        self.network = network
+        self.register_buffer(
+            "class_vector", torch.as_tensor(everything, dtype=torch.long)[:, None], False
+        )
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        # One patch at a time: VISTA-3D's prompted forward takes a batch of one image.
+        return torch.cat(
+            [
+                self.network(patch[None], class_vector=self.class_vector, transpose=True)
+                for patch in patches
+            ]
+        )
+
+
+def _innermost(exc: BaseException) -> BaseException:
+    """The exception that says why: ConfigParser wraps it."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    return exc
 
 
 def _root_cause(exc: BaseException) -> str:
-    """The innermost exception's message: ConfigParser wraps the error that says why."""
-    while exc.__cause__ is not None:
-        exc = exc.__cause__
+    """The innermost exception's type and first line."""
+    exc = _innermost(exc)
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
@@ -196,9 +275,34 @@ def _target_name(item: Any) -> str:
 
 
 def _transforms(config: dict[str, Any], section: str) -> list[Any]:
+    """The transforms of ``section`` as the config writes them: its list, or the lists an
+    expression joins (``"$@preprocessing_transforms + @deepedit_transforms"``)."""
     compose = config.get(section)
     transforms = compose.get("transforms") if isinstance(compose, dict) else None
-    return transforms if isinstance(transforms, list) else []
+    if isinstance(transforms, list):
+        return transforms
+    if isinstance(transforms, str) and transforms.startswith("$"):
+        joined: list[Any] = []
+        for ref in re.findall(r"@([\w#]+)", transforms):
+            value = config_item(config, ref)
+            joined += value if isinstance(value, list) else []
+        return joined
+    return []
+
+
+def _items_of(value: Any, at: str = "") -> list[tuple[str, dict[str, Any]]]:
+    """Every config item with a ``_target_`` in ``value``, with its id."""
+    found: list[tuple[str, dict[str, Any]]] = []
+    children: Any = ()
+    if isinstance(value, dict):
+        if "_target_" in value:
+            found.append((at, value))
+        children = value.items()
+    elif isinstance(value, list):
+        children = enumerate(value)
+    for key, child in children:
+        found += _items_of(child, f"{at}#{key}" if at else str(key))
+    return found
 
 
 def _parse_preprocessing(parser: ConfigParser, path: Path) -> Preprocessing | None:
@@ -319,23 +423,9 @@ def _parse_postprocessing(
     return FastPostprocessing(keep_largest=keep_largest)
 
 
-def _checkpoint_loader_id(config: dict[str, Any]) -> str | None:
-    """The config id of the bundle's CheckpointLoader: ``checkpointloader`` as the zoo's
-    inference configs name it, or the first one among the ``handlers`` (or any other list
-    of the config), as MONAI's evaluator would run it."""
-    if isinstance(config.get("checkpointloader"), dict):
-        return "checkpointloader"
-    for key, value in config.items():
-        items = value if isinstance(value, list) else []
-        for i, item in enumerate(items):
-            if _target_name(item) == "CheckpointLoader" and "load_path" in item:
-                return f"{key}#{i}"
-    return None
-
-
-def _check_single_image(config: dict[str, Any], path: Path, image_key: str) -> None:
+def _check_single_image(transforms: list[Any], path: Path) -> None:
     """Refuse a bundle whose preprocessing needs more than the one image of a series."""
-    for item in _transforms(config, "preprocessing"):
+    for item in transforms:
         name = _target_name(item)
         if name in _SEVERAL_IMAGES:
             raise BundleError(
@@ -349,6 +439,20 @@ def _check_single_image(config: dict[str, Any], path: Path, image_key: str) -> N
                     f"bundle {path} loads {len(keys)} images ({', '.join(map(str, keys))}) "
                     "per case: a CT series is one image"
                 )
+
+
+def _keys(transform: Any) -> list[str]:
+    keys = getattr(transform, "keys", ())
+    return [str(k) for k in keys] if isinstance(keys, (list, tuple)) else []
+
+
+def flat_transforms(compose: Any) -> list[Any]:
+    """The transforms of a (nested) Compose, in order."""
+    if isinstance(compose, Compose):
+        return list(compose.flatten().transforms)
+    if isinstance(compose, (list, tuple)):
+        return list(compose)
+    return [compose]
 
 
 def _parse(parser: ConfigParser, key: str, path: Path, default: Any = None) -> Any:
@@ -375,8 +479,7 @@ def load_bundle(path: str | Path) -> Bundle:
 
     # A bundle's own code lives in its scripts/ package, imported as "scripts" by
     # monai.bundle.run with the bundle folder on sys.path.
-    if (root / "scripts").is_dir() and str(root.resolve()) not in sys.path:
-        sys.path.insert(0, str(root.resolve()))
+    bundle_scripts_importable(root)
     parser = ConfigParser()
     parser.read_config(str(config_path))
     parser.read_meta(str(root / METADATA))
@@ -386,19 +489,23 @@ def load_bundle(path: str | Path) -> Bundle:
 
     # The node loads the series itself (workflow.loaded_image): a file reader a bundle names
     # (ITKReader...) needs a package the node does not use, and is never called.
-    for i, item in enumerate(_transforms(config, "preprocessing")):
+    for at, item in _items_of(config):
         if _target_name(item) == "LoadImaged" and "reader" in item:
-            parser[f"preprocessing#transforms#{i}#reader"] = None
+            parser[f"{at}#reader"] = None
 
     network_def = config.get("network_def")
-    if not isinstance(network_def, dict) or "_target_" not in network_def:
+    an_item = isinstance(network_def, dict) and "_target_" in network_def
+    if not an_item and not (isinstance(network_def, str) and network_def.startswith("$")):
         raise BundleError(f"bundle {root} has no network_def in {config_path.name}")
     image_key = str(_parse(parser, "image_key", root, default="image"))
-    _check_single_image(config, root, image_key)
+    _check_single_image(_transforms(config, "preprocessing"), root)
     for section in ("preprocessing", "inferer", "postprocessing"):
         if section not in config:
             raise BundleError(f"bundle {root} has no {section} in {config_path.name}")
         _parse(parser, section, root)  # every transform and the inferer can be built
+    # and as built, where the config joins lists by expressions or the bundle's code adds any
+    built = flat_transforms(_parse(parser, "preprocessing", root))
+    _check_single_image([{"_target_": type(t).__name__, "keys": _keys(t)} for t in built], root)
 
     roi_size = None
     sw_batch_size, overlap, blend_mode = 1, 0.25, "constant"
@@ -417,7 +524,7 @@ def load_bundle(path: str | Path) -> Bundle:
         blend_mode = str(getattr(inferer.mode, "value", inferer.mode))
 
     weights = None
-    loader = _checkpoint_loader_id(config)
+    loader = checkpoint_loader_id(config)
     if loader is not None:
         load_path = _parse(parser, f"{loader}#load_path", root)
         if load_path:
@@ -446,4 +553,7 @@ def load_bundle(path: str | Path) -> Bundle:
         image_key=image_key,
         amp=amp,
         weights=weights,
+        everything=info.everything,
+        labels_from=info.labels_from,
+        weights_file=info.weights_file,
     )

@@ -50,6 +50,43 @@ def install_bundle(source: str, dest_root: Path) -> Path:
     return target
 
 
+def describe_bundle(root: Path) -> str:
+    """What ``dicom-node model install`` says of an installed bundle: its name and version,
+    how many labels and where they were read, the weights and their SHA-256, and how it runs
+    (the patch size and what a patch's logits take, which bounds its memory)."""
+    import math
+
+    from dicom_node.pipeline import load_bundle
+
+    bundle = load_bundle(root)
+    count = len(bundle.labels)
+    lines = [
+        f"{bundle.name} {bundle.version}: {count} label{'s' if count != 1 else ''}, "
+        f"read from {bundle.labels_from}",
+    ]
+    if bundle.weights_file is not None:
+        where = bundle.weights_file
+        where = where.relative_to(root.resolve()) if where.is_relative_to(root.resolve()) else where
+        lines.append(f"weights: {where}, SHA-256 {bundle.weights_sha256}")
+    inferer = bundle.parser.get_parsed_content("inferer")
+    roi = getattr(inferer, "roi_size", None)
+    how = "the node's fast path" if bundle.fast_path else "the bundle's own transforms"
+    name = type(inferer).__name__
+    if bundle.everything is not None:
+        how += f", everything mode ({len(bundle.everything)} classes prompted)"
+    if roi is not None:
+        roi = tuple(int(v) for v in (roi if isinstance(roi, (list, tuple)) else [roi] * 3))
+        logits = bundle.num_classes * math.prod(roi) * 4
+        lines.append(
+            f"runs: {how}; {name} on {'x'.join(map(str, roi))} patches, "
+            f"{getattr(inferer, 'sw_batch_size', 1)} at a time; a patch's logits take "
+            f"{logits / 2**20:.0f} MiB (float32, {bundle.num_classes} channels)"
+        )
+    else:
+        lines.append(f"runs: {how}; {name} on the whole preprocessed image")
+    return "\n".join(lines)
+
+
 def write_seeded_weights(root: Path, seed: int = 0) -> Path:
     """Weights for a bundle folder that has none: its own ``network_def`` built after
     ``torch.manual_seed(seed)``, saved where its checkpoint loader looks; returns the path.

@@ -14,10 +14,22 @@ from pathlib import Path
 
 import torch
 
-from dicom_node.pipeline.metadata import find_inference_config, read_config
+from dicom_node.pipeline.metadata import (
+    EVERYTHING_LABELS,
+    STATE_DICT,
+    TORCHSCRIPT,
+    config_item,
+    find_inference_config,
+    read_config,
+)
 
-TORCHSCRIPT = "models/model.ts"
-STATE_DICT = "models/model.pt"
+__all__ = [
+    "STATE_DICT",
+    "TORCHSCRIPT",
+    "channels_last_on_cpu",
+    "load_served_network",
+    "load_torchscript",
+]
 
 
 def channels_last_on_cpu(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
@@ -57,13 +69,15 @@ def load_served_network(
     :meth:`~dicom_node.pipeline.bundle.Bundle.load_network` gives it.
 
     TorchScript weights and an ``amp`` that is absent or written as true or false are read
-    without MONAI; anything else (a state dict, an expression) goes through
-    :func:`~dicom_node.pipeline.bundle.load_bundle`.
+    without MONAI; anything else (a state dict, an expression, an everything mode whose
+    network is served prompted) goes through :func:`~dicom_node.pipeline.bundle.load_bundle`.
     """
     root, device = Path(root), torch.device(device)
-    evaluator = read_config(find_inference_config(root), root).get("evaluator")
+    config = read_config(find_inference_config(root), root)
+    evaluator = config.get("evaluator")
     amp = evaluator.get("amp", False) if isinstance(evaluator, dict) else False
-    net = load_torchscript(root, device)
+    prompted = config_item(config, EVERYTHING_LABELS) is not None
+    net = None if prompted else load_torchscript(root, device)
     if net is None or not isinstance(amp, bool):
         from dicom_node.pipeline.bundle import load_bundle  # imports MONAI
 

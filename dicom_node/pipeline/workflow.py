@@ -11,6 +11,12 @@ Two things differ, and only in where the data comes from and goes to:
   ``CropForegroundd``, ``Invertd``... see what they would see;
 * writers (``SaveImaged``) are left out: the node encodes DICOM.
 
+A bundle with an everything mode (VISTA-3D) has its inferer called as its evaluator calls it
+when given no prompt: with the mode's classes as ``class_vector`` and no points; the
+prediction's ``label_prompt`` is set for its postprocessing (``VistaPostTransformd``), and
+the image's applied operations are made id-free (``reset_ops_id``) as the evaluator does, so
+that ``Invertd`` may invert them with a copy of the preprocessing.
+
 The data lives on the pipeline's device from the start, so a GPU runs the transforms too;
 the evaluator's ``amp`` is honoured on a GPU as MONAI's evaluator honours it.
 """
@@ -19,14 +25,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import Compose, LoadImaged
+from monai.transforms import Compose, LoadImaged, reset_ops_id
 
 from dicom_node.pipeline.bundle import WRITERS, Bundle
+from dicom_node.pipeline.bundle import flat_transforms as _flat
 from dicom_node.pipeline.transforms import from_metatensor, to_metatensor
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
@@ -69,12 +77,30 @@ class BundleWorkflow:
             return self._pre({self.image_key: loaded_image(hu, affine, self.device)})
 
     def infer(self, data: dict[str, Any], network: Predictor) -> dict[str, Any]:
-        """The bundle's inferer on the preprocessed image: adds the prediction to ``data``."""
+        """The bundle's inferer on the preprocessed image: adds the prediction to ``data``.
+
+        For an everything mode, ``network`` is the prompted network
+        (:class:`~dicom_node.pipeline.bundle.EverythingNetwork` or a predictor that serves
+        it): a function of the patches alone."""
         image = data[self.image_key]
         autocast = self.bundle.amp and self.device.type == "cuda"
         amp = torch.autocast("cuda") if autocast else contextlib.nullcontext()
         with torch.inference_mode(), amp:
-            pred = self._inferer(image[None], network)
+            if self.bundle.everything is None:
+                pred = self._inferer(image[None], network)
+            else:
+                prompt = torch.as_tensor(self.bundle.everything, device=image.device)[:, None]
+                pred = self._inferer(
+                    inputs=image[None],
+                    network=_PatchesOnly(network, self.bundle.everything),
+                    point_coords=None,
+                    point_labels=None,
+                    class_vector=prompt,
+                    labels=None,
+                    label_set=None,
+                )
+                data[self.image_key] = reset_ops_id(image)
+                data["label_prompt"] = prompt
         pred = pred[0]
         if autocast:
             pred = pred.float()
@@ -99,10 +125,20 @@ class BundleWorkflow:
         return from_metatensor(pred).round().to(torch.uint8).contiguous().cpu().numpy()
 
 
-def _flat(compose: Any) -> list[Any]:
-    """The transforms of a (nested) Compose, in order."""
-    if isinstance(compose, Compose):
-        return list(compose.flatten().transforms)
-    if isinstance(compose, (list, tuple)):
-        return list(compose)
-    return [compose]
+class _PatchesOnly:
+    """``network`` as the everything mode's inferer calls it: with the window's coordinates
+    and the prompts, which the prompted network already holds (see
+    :class:`~dicom_node.pipeline.bundle.EverythingNetwork`).
+
+    VISTA-3D's inferer first asks the network's point head for the last class it supports
+    and drops a class prompt beyond it. The prompted network checked, when it was loaded,
+    that it supports every class of the mode, so this answers with the largest of them:
+    the inferer keeps the prompt, as it does with the network itself.
+    """
+
+    def __init__(self, network: Predictor, everything: tuple[int, ...]) -> None:
+        self.network = network
+        self.point_head = SimpleNamespace(last_supported=max(everything))
+
+    def __call__(self, patches: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.network(patches)

@@ -225,6 +225,7 @@ def create_app(
                 {
                     "name": model.model,
                     "volumes_ml": model.volumes_ml,
+                    "algorithm": model.algorithm,
                     "files": model.kinds(),
                     "previews": previews,
                     "preview_problem": problem,

@@ -25,11 +25,14 @@ class ResultFile:
 
 @dataclass
 class ModelResults:
-    """The results of one model: its files by kind and the volume of each label, in mL."""
+    """The results of one model: its files by kind, the volume of each label, in mL, and
+    the algorithm that made them as the objects name it (bundle name and version, weights'
+    SHA-256, node version; see :meth:`dicom_node.encode.AlgorithmInfo.as_dict`)."""
 
     model: str
     files: dict[str, ResultFile] = field(default_factory=dict)
     volumes_ml: dict[str, float] = field(default_factory=dict)
+    algorithm: dict[str, str] = field(default_factory=dict)
 
     def kinds(self) -> list[str]:
         """The kinds of result this model made, in the order they were made (the encoders'
@@ -71,6 +74,7 @@ class SeriesResults:
                         k: {"path": f.path, "sop_uid": f.sop_uid} for k, f in m.files.items()
                     },
                     "volumes_ml": dict(m.volumes_ml),
+                    "algorithm": dict(m.algorithm),
                 }
                 for m in self.models
             }
@@ -92,6 +96,7 @@ class SeriesResults:
                         for kind, f in (entry.get("files") or {}).items()
                     },
                     volumes_ml={k: float(v) for k, v in (entry.get("volumes_ml") or {}).items()},
+                    algorithm={k: str(v) for k, v in (entry.get("algorithm") or {}).items()},
                 )
                 for name, entry in (data.get("models") or {}).items()
             ],
