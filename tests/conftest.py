@@ -75,29 +75,42 @@ def triton(tmp_path_factory):
     raise AssertionError("backend stubs outlived the server")
 
 
-#: Test modules that share the session's Triton server: one unit of work for pytest-xdist.
-_TRITON_MODULES = {"test_triton.py", "test_models.py"}
+#: Units of work for pytest-xdist that are more than one module: the modules sharing the
+#: session's Triton server, and the bad-input catalogue's modules sharing one node.
+_SHARED_UNITS = {
+    "tests/system/test_triton.py": "triton",
+    "tests/system/test_models.py": "triton",
+}
+_PACKAGE_UNITS = ("tests/system/bad_input/",)
+
+
+def _unit(nodeid: str) -> str:
+    """The unit of work a test belongs to: its module, or the group its module shares."""
+    module = nodeid.split("::", 1)[0]
+    for package in _PACKAGE_UNITS:
+        if module.startswith(package):
+            return package
+    return _SHARED_UNITS.get(module, module)
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """Distribute whole modules (``make test`` runs four workers): a module's fixtures are set
-    up once, in one worker, and the modules on the shared Triton server share a worker."""
+    """Distribute whole units (``make test`` runs four workers): a module's fixtures are set
+    up once, in one worker, and the modules sharing a peer share a worker."""
     from xdist.scheduler import LoadScopeScheduling
 
-    # xdist would otherwise hand out the modules with the most tests first, not the order
-    # pytest_collection_modifyitems gives (the longest first).
+    # xdist would otherwise hand out the units with the most tests first, not the order
+    # pytest_collection_modifyitems gives (the costliest first).
     config.option.loadscopereorder = False
 
-    class ByModule(LoadScopeScheduling):
+    class ByUnit(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            module = nodeid.split("::", 1)[0]
-            return "triton" if Path(module).name in _TRITON_MODULES else module
+            return _unit(nodeid)
 
         def _reschedule(self, node) -> None:
-            """The next module only once the worker is at its module's last test (xdist
-            sends it with two still to run): a module queued behind a long test waits while
-            other workers run dry."""
+            """The next unit only once the worker is at its unit's last test (xdist sends
+            it with two still to run): a unit queued behind a long test waits while other
+            workers run dry."""
             if node not in self.registered_collections:
                 return  # a worker that replaces a crashed one: scheduled once it collected
             if node.shutting_down or not self.workqueue:
@@ -105,38 +118,21 @@ def pytest_xdist_make_scheduler(config, log):
             elif self._pending_of(self.assigned_work[node]) <= 1:
                 self._assign_work_unit(node)
 
-    return ByModule(config, log)
-
-
-#: Modules by the time they take, the longest first (a module of a few seconds is not
-#: listed), so that no worker is left with a long one at the end.
-_LONGEST_FIRST = [
-    "test_zoo_bundles.py",
-    "test_triton.py",
-    "test_models.py",
-    "test_scp.py",
-    "test_completion.py",
-    "test_integrity.py",
-    "test_load.py",
-    "test_faults.py",
-    "test_security.py",
-    "test_bad_input.py",
-    "test_e2e.py",
-    "test_bench_multiorgan.py",
-    "test_routing.py",
-    "test_export.py",
-    "test_viewer.py",
-    "test_patch_batches.py",
-    "test_pressure.py",
-    "test_encode_multiorgan.py",
-    "test_bundles.py",
-    "test_dicomweb.py",
-    "test_balancing.py",
-    "test_status.py",
-]
+    return ByUnit(config, log)
 
 
 def pytest_collection_modifyitems(config, items):
-    """The longest modules first; each module's tests keep their order."""
-    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+    """The costliest units first, so that no worker is left with a long one at the end;
+    each unit's tests keep their order.
+
+    A module states what it costs, in seconds on the two cores of CI beside the other
+    workers, with ``pytestmark = pytest.mark.cost(seconds)``; a unit costs what its
+    modules do together; a module that states nothing costs little.
+    """
+    modules: dict[str, dict[str, float]] = {}
+    for item in items:
+        marker = item.get_closest_marker("cost")
+        module = item.nodeid.split("::", 1)[0]
+        modules.setdefault(_unit(item.nodeid), {})[module] = marker.args[0] if marker else 0.0
+    cost = {unit: sum(per_module.values()) for unit, per_module in modules.items()}
+    items.sort(key=lambda item: -cost[_unit(item.nodeid)])

@@ -19,7 +19,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     from dicom_node.inference.triton.server import TritonServer
 
 ROOT = Path(__file__).resolve().parent.parent
+#: The tests' own small data (published configs, schemas), committed with them.
+TEST_DATA = ROOT / "tests" / "data"
 
 
 #: The Triton models and demo bundles the tests serve (``make demo-bundle`` trains the bundles).
@@ -118,6 +120,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll ``predicate`` until it returns something true, and return that; a
+    ``TimeoutError`` naming ``what`` after ``timeout`` seconds."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise TimeoutError(f"{what} not reached in {timeout} s")
 
 
 def wait_port(port: int, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:

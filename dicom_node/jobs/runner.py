@@ -126,7 +126,7 @@ class JobRunner:
 
     def start(self) -> None:
         """Queue every complete series, then start ``max_concurrent_jobs`` workers."""
-        for record in self.jobs.series.list(SeriesState.COMPLETE):
+        for record in self.jobs.series.records(SeriesState.COMPLETE):
             self.enqueue(record.series_uid)
         for i in range(max(1, self.settings.inference.max_concurrent_jobs)):
             t = threading.Thread(target=self._work, name=f"dicom-node-worker-{i}", daemon=True)

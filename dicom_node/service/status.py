@@ -198,7 +198,7 @@ def create_app(
 
     @app.get("/")
     def index() -> str:
-        every = jobs.series.list()
+        every = jobs.series.records()
         records = sorted(every, key=lambda r: r.first_received, reverse=True)[:JOBS_SHOWN]
         outbox: defaultdict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         for item in jobs.outbox.items():

@@ -72,7 +72,7 @@ class JobDatabase:
 
     def listing(self) -> list[SeriesListing]:
         """Every series with its outbox items, oldest first."""
-        return [SeriesListing(r, self.outbox.items(r.series_uid)) for r in self.series.list()]
+        return [SeriesListing(r, self.outbox.items(r.series_uid)) for r in self.series.records()]
 
     def close(self) -> None:
         self._db.close()

@@ -75,7 +75,8 @@ class SeriesRepository:
             row = db.execute("SELECT * FROM series WHERE series_uid = ?", (series_uid,)).fetchone()
         return _record(row) if row else None
 
-    def list(self, state: SeriesState | None = None) -> list[SeriesRecord]:
+    def records(self, state: SeriesState | None = None) -> list[SeriesRecord]:
+        """Every series (or those in ``state``), oldest first."""
         with self._db.read() as db:
             if state is None:
                 rows = db.execute("SELECT * FROM series ORDER BY first_received").fetchall()

@@ -41,11 +41,11 @@ from dicom_node.pipeline.install import write_seeded_weights
 from dicom_node.pipeline.metadata import read_config
 from dicom_node.pipeline.transforms import ras_affine
 from tests import checks
-from tests.peers import NodeProcess, Orthanc, storescu
+from tests.peers import TEST_DATA, NodeProcess, Orthanc, storescu
 from tests.peers import testdata as shared_data
-from tests.test_zoo_bundles import _series
+from tests.system.test_zoo_bundles import _series
 
-CONFIGS = Path(__file__).resolve().parent.parent / "data" / "zoo"
+CONFIGS = TEST_DATA / "zoo"
 
 
 def _zoo() -> Path | None:

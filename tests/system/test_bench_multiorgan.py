@@ -1,0 +1,64 @@
+"""``python -m bench multiorgan`` keeps working: the 104-label benchmark at a tiny size.
+
+The figures themselves are the benchmark's business; here the label map must hold all 104
+classes as compact blobs (not speckle), every row must carry a number, and the end-to-end
+case must get its results into a real Orthanc through the node with the zoo's wholeBody
+network, its peer writing a SEG of the same labels.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+
+from bench import multiorgan
+from bench.__main__ import BENCHMARKS
+
+pytestmark = pytest.mark.cost(45)
+
+
+def test_multiorgan_is_a_benchmark() -> None:
+    assert "multiorgan" in BENCHMARKS
+
+
+def test_the_label_map_is_104_organ_blobs() -> None:
+    shape = (40, 96, 96)
+    spacing = tuple(f / n for f, n in zip(multiorgan.FIELD_MM, shape, strict=True))
+    labels = multiorgan.wholebody_labels(shape, spacing)
+    assert labels.dtype == np.uint8 and labels.shape == shape
+    counts = np.bincount(labels.ravel(), minlength=105)
+    assert (counts[1:] > 0).all() and labels.max() == 104
+    # realistic sizes: the liver is the largest organ, adrenal glands among the smallest
+    assert counts[5] == counts[1:].max()
+    assert counts[11] < np.median(counts[1:])
+    # compact: most labels are one connected piece, the rest cut by smaller organs painted
+    # over them (a speckled map has hundreds)
+    pieces = [ndi.label(labels == v)[1] for v in range(1, 105)]
+    assert np.median(pieces) == 1 and max(pieces) < 40, pieces
+    assert np.array_equal(labels, multiorgan.wholebody_labels(shape, spacing))  # seeded
+
+
+def test_encode_rows_at_a_tiny_size(tmp_path) -> None:
+    rows = multiorgan.encode_rows(tmp_path, (24, 48, 48))
+    figures = {r["figure"]: r for r in rows}
+    assert rows[0]["figure"].startswith("multiorgan 48x48x24: 104 of 104 wholeBody labels")
+    measured = [r for r in rows if r["this_project"] is not None]
+    # binary, three label-map formats, RTSTRUCT, SR: size and time each
+    assert len(measured) == 2 * 6
+    assert all(r["this_project"] > 0 and r["ratio"] is not None for r in measured)
+    rle = figures["SEG 104 labels 48x48x24 labelmap rle (peer: binary) size (MB)"]
+    assert rle["this_project"] < rle["peer"]  # a compressed label map beats 104 binary masks
+
+
+@pytest.mark.slow
+def test_end_to_end_at_a_tiny_size(tmp_path) -> None:
+    if not (multiorgan.ZOO / "configs" / "inference.json").is_file():
+        pytest.skip(f"no wholeBody bundle configs at {multiorgan.ZOO}")
+    # one run, without the warm-up series: the rows are checked, not the figures
+    rows = multiorgan.e2e_rows(tmp_path, (12, 48, 48), backend="local", runs=1, warm_up=False)
+    timed, stages, sizes = rows
+    assert timed["this_project"] > 0 and timed["peer"] > 0 and timed["ratio"] > 0
+    assert "inference" in stages["figure"]
+    for kind in ("SEG", "RTSTRUCT", "SR", "plain SEG"):
+        assert f"{kind} " in sizes["figure"], sizes["figure"]
