@@ -659,18 +659,25 @@ def _orientation(
 def _certain_argmax(values: torch.Tensor) -> torch.Tensor:
     """Each model voxel's first largest class, or ``_UNCERTAIN`` where it does not beat
     every earlier class by ``CERTAINTY_MARGIN`` of their magnitudes."""
-    best = values[0].clone()
+    if values.shape[0] == 2:  # most bundles: one organ
+        first, second = values[0], values[1]
+        gap = second - first
+        magnitude = (first.abs() + second.abs()).mul_(CERTAINTY_MARGIN)
+        label = (gap > 0).to(torch.uint8).mul_(_UNCERTAIN)  # uncertain unless ...
+        label[gap > magnitude] = 1  # ... the second class wins by the margin
+        return label
+    best = values[0]
     runner_up = torch.full_like(best, -torch.inf)  # the largest earlier class
     label = torch.zeros(best.shape, dtype=torch.uint8, device=values.device)
     for value in range(1, values.shape[0]):
         score = values[value]
         better = score > best
         runner_up = torch.where(better, best, runner_up)
-        best = torch.where(better, score, best)
-        label[better] = value
+        best = torch.maximum(best, score)
+        label.masked_fill_(better, value)
     gap = best - runner_up
     certain = (label == 0) | (gap > CERTAINTY_MARGIN * (best.abs() + runner_up.abs()))
-    return torch.where(certain, label, torch.full_like(label, _UNCERTAIN))
+    return label.masked_fill_(~certain, _UNCERTAIN)
 
 
 def _model_order(model: torch.Tensor, final: list[_AxisReads]) -> torch.Tensor:
