@@ -21,6 +21,7 @@ import numpy as np
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
+from scipy.ndimage import find_objects
 
 import dicom_node
 from dicom_node.config import ResultSettings
@@ -300,6 +301,54 @@ def label_counts(labels: np.ndarray) -> np.ndarray:
 
 #: Counts of read-only label maps by ``id``, each dropped with its map.
 _COUNTED: dict[int, tuple[weakref.ref, np.ndarray]] = {}
+
+
+@dataclass(frozen=True)
+class LabelIndex:
+    """Where each value of a label map lies, from one pass over the map.
+
+    ``counts[k, v]`` is the number of voxels of value ``v`` on slice ``k``; ``boxes[v - 1]``
+    the bounding box (slices, rows, columns) of value ``v`` (``scipy.ndimage.find_objects``),
+    ``None`` where it does not occur. What the SEG, RTSTRUCT and SR each need of the map
+    (which labels occur, on which slices, how many voxels, where to trace them), so that
+    none of them compares the whole map with each of 104 values.
+    """
+
+    counts: np.ndarray
+    boxes: list[tuple[slice, ...] | None]
+
+    def slices_with(self, value: int) -> np.ndarray:
+        """Indices of the slices on which ``value`` occurs."""
+        return np.flatnonzero(self.counts[:, int(value)])
+
+    def box(self, value: int) -> tuple[slice, ...] | None:
+        value = int(value)
+        return self.boxes[value - 1] if 1 <= value <= len(self.boxes) else None
+
+
+def label_index(labels: np.ndarray) -> LabelIndex:
+    """The :class:`LabelIndex` of a (slices, rows, columns) uint8 map: counted slice by slice
+    (as :func:`label_counts`) and boxed in one pass; remembered for a read-only map."""
+    cached = None if labels.flags.writeable else _INDEXED.get(id(labels))
+    if cached is not None and cached[0]() is labels:
+        return cached[1]
+    counts = np.zeros((len(labels), 256), dtype=np.int64)
+    for k, plane in enumerate(labels):
+        counts[k] = np.bincount(plane.ravel(), minlength=256)
+    index = LabelIndex(counts=counts, boxes=list(find_objects(labels)))
+    if not labels.flags.writeable:
+        key = id(labels)
+        _INDEXED[key] = (weakref.ref(labels, lambda _, k=key: _INDEXED.pop(k, None)), index)
+        if key not in _COUNTED:
+            _COUNTED[key] = (
+                weakref.ref(labels, lambda _, k=key: _COUNTED.pop(k, None)),
+                counts.sum(axis=0),
+            )
+    return index
+
+
+#: Indexes of read-only label maps by ``id``, each dropped with its map.
+_INDEXED: dict[int, tuple[weakref.ref, LabelIndex]] = {}
 
 
 def slices_with(labels: np.ndarray, value: int) -> np.ndarray:
