@@ -35,14 +35,13 @@ from __future__ import annotations
 import datetime
 import functools
 import logging
-import re
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import highdicom as hd
 import numpy as np
-from pydicom.charset import convert_encodings, default_encoding
+from pydicom.charset import default_encoding
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
@@ -60,6 +59,7 @@ from dicom_node.encode.labels import (
     SegmentInfo,
     check_inputs,
     common_attributes,
+    declare_encoding,
     label_index,
 )
 from dicom_node.volume import SeriesVolume
@@ -274,16 +274,17 @@ def _contour_data(points_lps: np.ndarray) -> list[str]:
 
 
 def _decimal_text(values: np.ndarray) -> str:
-    """``values`` as backslash-separated DS text (see :func:`_contour_data`), all at once:
-    Python's shortest repr of each value rounded to four decimals, then ``12.0`` written
-    ``12`` and ``-0`` ``0`` in the joined text."""
-    text = "\\".join(map(repr, np.round(np.asarray(values, dtype=float).ravel(), 4).tolist()))
-    text = _WHOLE.sub("", text)
-    return _NEGATIVE_ZERO.sub("0", text)
+    """``values`` as backslash-separated DS text (see :func:`_contour_data`): Python's
+    shortest repr of each value rounded to four decimals, ``12`` for ``12.0`` and ``0`` for
+    ``-0.0``. Each distinct value is formatted once: contours lie on half-pixel boundaries,
+    so a million coordinates hold a few thousand values."""
+    rounded = np.round(np.asarray(values, dtype=float).ravel(), 4)
+    distinct, index = np.unique(rounded, return_inverse=True)
+    texts = [repr(v) for v in distinct.tolist()]
+    texts = ["0" if t in ("0.0", "-0.0") else t.removesuffix(".0") for t in texts]
+    return "\\".join(map(texts.__getitem__, index.tolist()))
 
 
-_WHOLE = re.compile(r"\.0(?=\\|$)")
-_NEGATIVE_ZERO = re.compile(r"(?<![0-9.])-0(?=\\|$)")
 _CONTOUR_DATA = Tag(0x3006, 0x0050)
 
 
@@ -574,5 +575,4 @@ def build_rtstruct(
     ds.RTROIObservationsSequence = DicomSequence(observations)
     # The encoding the object is written in (its transfer syntax, its character set): the
     # encoded Contour Sequences are then written as they are, not decoded on the way out.
-    ds.set_original_encoding(False, True, convert_encodings(ds.get("SpecificCharacterSet")))
-    return ds
+    return declare_encoding(ds)
