@@ -164,7 +164,7 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
 
 def node_seg(pacs, attrs: SeriesAttributes, dest: Path) -> Path:
     """The node's SEG of the series, as the PACS holds it."""
-    query = {"SeriesInstanceUID": "*", "StudyInstanceUID": attrs.study_instance_uid}
+    query = {"StudyInstanceUID": attrs.study_instance_uid}
     found = pacs.rest("/tools/find", {"Level": "Instance", "Expand": True, "Query": query})
     for instance in found:
         data = pacs.file(instance["ID"])
