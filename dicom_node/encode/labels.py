@@ -308,27 +308,48 @@ def label_counts(labels: np.ndarray) -> np.ndarray:
 _COUNTED: dict[int, tuple[weakref.ref, np.ndarray]] = {}
 
 
-@dataclass(frozen=True)
 class LabelIndex:
-    """Where each value of a label map lies, from one pass over the map.
+    """Where each value of a label map lies.
 
-    ``counts[k, v]`` is the number of voxels of value ``v`` on slice ``k``; ``boxes[v - 1]``
-    the bounding box (slices, rows, columns) of value ``v`` (``scipy.ndimage.find_objects``),
-    ``None`` where it does not occur. What the SEG, RTSTRUCT and SR each need of the map
-    (which labels occur, on which slices, how many voxels, where to trace them), so that
-    none of them compares the whole map with each of 104 values.
+    ``counts[k, v]`` is the number of voxels of value ``v`` on slice ``k``, counted in one
+    pass; :meth:`box` the bounding box (slices, rows, columns) of a value, all values'
+    boxed in one more pass when first asked for (``scipy.ndimage.find_objects``; a map with
+    one label is boxed from its counted slices alone). What the SEG, RTSTRUCT and SR each
+    need of the map (which labels occur, on which slices, how many voxels, where to trace
+    them), so that none of them compares the whole map with each of 104 values.
     """
 
-    counts: np.ndarray
-    boxes: list[tuple[slice, ...] | None]
+    def __init__(self, labels: np.ndarray, counts: np.ndarray) -> None:
+        self.counts = counts
+        self._labels: weakref.ref[np.ndarray] | None = weakref.ref(labels)
+        self._boxes: list[tuple[slice, ...] | None] | None = None
 
     def slices_with(self, value: int) -> np.ndarray:
         """Indices of the slices on which ``value`` occurs."""
         return np.flatnonzero(self.counts[:, int(value)])
 
     def box(self, value: int) -> tuple[slice, ...] | None:
+        """The bounding box of ``value`` in the map, ``None`` where it does not occur."""
         value = int(value)
-        return self.boxes[value - 1] if 1 <= value <= len(self.boxes) else None
+        if not 1 <= value <= 255 or not self.counts[:, value].any():
+            return None
+        labels = self._labels() if self._labels is not None else None
+        if labels is None:
+            raise RuntimeError("the label map this index was made of is gone")
+        present = np.flatnonzero(self.counts.sum(axis=0)[1:]) + 1
+        if len(present) == 1:  # one label: its slices are known, only rows and columns left
+            slices = self.slices_with(value)
+            block = labels[slices[0] : slices[-1] + 1] == value
+            rows = np.flatnonzero(block.any(axis=(0, 2)))
+            cols = np.flatnonzero(block.any(axis=(0, 1)))
+            return (
+                slice(int(slices[0]), int(slices[-1]) + 1),
+                slice(int(rows[0]), int(rows[-1]) + 1),
+                slice(int(cols[0]), int(cols[-1]) + 1),
+            )
+        if self._boxes is None:
+            self._boxes = list(find_objects(labels))
+        return self._boxes[value - 1] if value <= len(self._boxes) else None
 
 
 def label_index(labels: np.ndarray) -> LabelIndex:
@@ -340,7 +361,7 @@ def label_index(labels: np.ndarray) -> LabelIndex:
     counts = np.zeros((len(labels), 256), dtype=np.int64)
     for k, plane in enumerate(labels):
         counts[k] = np.bincount(plane.ravel(), minlength=256)
-    index = LabelIndex(counts=counts, boxes=list(find_objects(labels)))
+    index = LabelIndex(labels, counts)
     if not labels.flags.writeable:
         key = id(labels)
         _INDEXED[key] = (weakref.ref(labels, lambda _, k=key: _INDEXED.pop(k, None)), index)

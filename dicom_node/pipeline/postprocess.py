@@ -1,6 +1,13 @@
 """From a bundle's logits to the label map and contours on the input grid.
 
-Two implementations with one contract (see :func:`postprocess_monai`):
+For any bundle's own post transforms, :func:`run_postprocessing` runs them as MONAI's
+``Compose`` does, but for an ``Invertd`` whose result is a label map (the argmax after it,
+or a label map it inverts): :func:`invert_labels` computes that map from the model grid,
+the same labels, voxel for voxel (see the section below). The zoo's CT bundles (softmax, a
+trilinear ``Invertd`` of every class, argmax; or argmax and a nearest ``Invertd``) end so.
+
+For the chain of the demo bundles (argmax, largest component, nearest inverse), two
+implementations with one contract (see :func:`postprocess_monai`):
 
 * :func:`postprocess_monai` chains MONAI's transforms: argmax, KeepLargestConnectedComponent,
   SpatialResample (nearest) back onto the input grid and LabelToContour on every slice. It is the
