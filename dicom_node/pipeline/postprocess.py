@@ -27,6 +27,7 @@ implementations with one contract (see :func:`postprocess_monai`):
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -606,7 +607,11 @@ def _plan_resample(
         coord = 2 - axis  # grid coordinates are (z, y, x) of the (x, y, z) tensor
         line = [1, 1, 1]
         line[axis] = dst_shape[axis]
-        grid = torch.nn.functional.affine_grid(theta[:, :3], [1, 1, *line], align_corners=align)
+        with warnings.catch_warnings():
+            # unit-size dimensions with align_corners: their coordinate is multiplied by the
+            # matrix's zeros, whatever torch puts there
+            warnings.filterwarnings("ignore", "Since version 1.3.0, affine_grid", UserWarning)
+            grid = torch.nn.functional.affine_grid(theta[:, :3], [1, 1, *line], align_corners=align)
         coords = grid[..., coord].reshape(-1)
         if mode == "nearest":
             probe_shape = [1, 1, 1]
