@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
+from monai.transforms import Invertd
 
 from dicom_node.heap import release_free_memory
 from dicom_node.pipeline.bundle import WRITERS, Bundle
@@ -167,6 +168,8 @@ class SegmentationPipeline:
         self.patches_at_once: int | None = patches_at_once
         self.postprocess_mode = postprocess_mode
         fast_pre = bundle.preprocessing is not None and bundle.roi_size is not None
+        if fast_pre and bundle.fast_postprocessing is None and not _inverts_preprocessing(bundle):
+            fast_pre = False  # an Invertd of something else than the preprocessing
         self.path = ("fast" if fast_pre else "bundle") if path == "auto" else path
         #: The bundle's own post transforms, where the fast path runs them (its chain is not
         #: the one :func:`postprocess_fast` computes).
@@ -322,6 +325,15 @@ class SegmentationPipeline:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # kernels run asynchronously
         return time.perf_counter() - since
+
+
+def _inverts_preprocessing(bundle: Bundle) -> bool:
+    """Whether every ``Invertd`` of the bundle's postprocessing undoes its ``preprocessing``
+    (the fast path's image carries the trace of that, and of nothing else)."""
+    preprocessing = bundle.parser.get_parsed_content("preprocessing")
+    post = bundle.parser.get_parsed_content("postprocessing")
+    steps = post.flatten().transforms if hasattr(post, "flatten") else list(post)
+    return all(t.transform is preprocessing for t in steps if isinstance(t, Invertd))
 
 
 def _volume(hu: np.ndarray | torch.Tensor | HandOver) -> np.ndarray | torch.Tensor:
