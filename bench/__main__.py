@@ -22,6 +22,7 @@ BENCHMARKS = [
     "postprocess",
     "encode",
     "multiorgan",
+    "peers",
     "gpu",
     "e2e",
     "memory",

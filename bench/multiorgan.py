@@ -232,9 +232,14 @@ def lowres_bundle(dest: Path) -> Path:
 
 class PlainMonai:
     """The plain MONAI way with a bundle: its parsed transforms and inferer on the stacked
-    files, then a highdicom SEG. Built once, so that the runs time the series only."""
+    files, then a highdicom SEG. Built once, so that the runs time the series only.
 
-    def __init__(self, root: Path) -> None:
+    The network is ``models/model.ts`` where the bundle has one (as MONAI Deploy loads it),
+    else the state dict where its checkpoint loader points. ``names`` are the labels'
+    names, value 1 first."""
+
+    def __init__(self, root: Path, names: list[str] | None = None) -> None:
+        self.names = names or WHOLEBODY_LABELS
         parser = ConfigParser()
         parser.read_config(str(root / "configs" / "inference.json"))
         parser.read_meta(str(root / "configs" / "metadata.json"))
@@ -245,9 +250,12 @@ class PlainMonai:
         post = parser.get_parsed_content("postprocessing")
         self.post = Compose([t for t in post.transforms if type(t).__name__ != "SaveImaged"])
         self.inferer = parser.get_parsed_content("inferer")
-        self.network = parser.get_parsed_content("network_def")
-        state = torch.load(parser.get_parsed_content("checkpointloader#load_path"))
-        self.network.load_state_dict(state)
+        if (root / "models" / "model.ts").is_file():
+            self.network = torch.jit.load(str(root / "models" / "model.ts"), map_location="cpu")
+        else:
+            self.network = parser.get_parsed_content("network_def")
+            state = torch.load(parser.get_parsed_content("checkpointloader#load_path"))
+            self.network.load_state_dict(state)
         self.network.eval()
 
     def __call__(self, folder: Path, out: Path) -> float:
@@ -269,7 +277,7 @@ class PlainMonai:
         lut[present] = np.arange(1, len(present) + 1)
         descriptions = []
         for number, value in enumerate(present, start=1):
-            info = segment_info_for(value, WHOLEBODY_LABELS[value - 1])
+            info = segment_info_for(value, self.names[value - 1])
             descriptions.append(
                 hd.seg.SegmentDescription(
                     segment_number=number,

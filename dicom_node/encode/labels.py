@@ -18,9 +18,13 @@ from typing import Any
 
 import highdicom as hd
 import numpy as np
+from pydicom.charset import convert_encodings, default_encoding
+from pydicom.dataelem import RawDataElement
+from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
+from scipy.ndimage import find_objects
 
 import dicom_node
 from dicom_node.config import ResultSettings
@@ -349,6 +353,8 @@ def label_counts(labels: np.ndarray) -> np.ndarray:
     cached = None if labels.flags.writeable else _COUNTED.get(id(labels))
     if cached is not None and cached[0]() is labels:
         return cached[1].copy()
+    if not labels.flags.writeable:  # indexed at once: the encoders ask for the index next
+        return label_index(labels).counts.sum(axis=0)
     counts = np.zeros(256, dtype=np.int64)
     for plane in labels.reshape(-1, *labels.shape[-2:]):
         counts += np.bincount(plane.ravel(), minlength=256)
@@ -360,6 +366,75 @@ def label_counts(labels: np.ndarray) -> np.ndarray:
 
 #: Counts of read-only label maps by ``id``, each dropped with its map.
 _COUNTED: dict[int, tuple[weakref.ref, np.ndarray]] = {}
+
+
+class LabelIndex:
+    """Where each value of a label map lies.
+
+    ``counts[k, v]`` is the number of voxels of value ``v`` on slice ``k``, counted in one
+    pass; :meth:`box` the bounding box (slices, rows, columns) of a value, all values'
+    boxed in one more pass when first asked for (``scipy.ndimage.find_objects``; a map with
+    one label is boxed from its counted slices alone). What the SEG, RTSTRUCT and SR each
+    need of the map (which labels occur, on which slices, how many voxels, where to trace
+    them), so that none of them compares the whole map with each of 104 values.
+    """
+
+    def __init__(self, labels: np.ndarray, counts: np.ndarray) -> None:
+        self.counts = counts
+        self._labels: weakref.ref[np.ndarray] | None = weakref.ref(labels)
+        self._boxes: list[tuple[slice, ...] | None] | None = None
+
+    def slices_with(self, value: int) -> np.ndarray:
+        """Indices of the slices on which ``value`` occurs."""
+        return np.flatnonzero(self.counts[:, int(value)])
+
+    def box(self, value: int) -> tuple[slice, ...] | None:
+        """The bounding box of ``value`` in the map, ``None`` where it does not occur."""
+        value = int(value)
+        if not 1 <= value <= 255 or not self.counts[:, value].any():
+            return None
+        labels = self._labels() if self._labels is not None else None
+        if labels is None:
+            raise RuntimeError("the label map this index was made of is gone")
+        present = np.flatnonzero(self.counts.sum(axis=0)[1:]) + 1
+        if len(present) == 1:  # one label: its slices are known, only rows and columns left
+            slices = self.slices_with(value)
+            block = labels[slices[0] : slices[-1] + 1] == value
+            rows = np.flatnonzero(block.any(axis=(0, 2)))
+            cols = np.flatnonzero(block.any(axis=(0, 1)))
+            return (
+                slice(int(slices[0]), int(slices[-1]) + 1),
+                slice(int(rows[0]), int(rows[-1]) + 1),
+                slice(int(cols[0]), int(cols[-1]) + 1),
+            )
+        if self._boxes is None:
+            self._boxes = list(find_objects(labels))
+        return self._boxes[value - 1] if value <= len(self._boxes) else None
+
+
+def label_index(labels: np.ndarray) -> LabelIndex:
+    """The :class:`LabelIndex` of a (slices, rows, columns) uint8 map: counted slice by slice
+    (as :func:`label_counts`) and boxed in one pass; remembered for a read-only map."""
+    cached = None if labels.flags.writeable else _INDEXED.get(id(labels))
+    if cached is not None and cached[0]() is labels:
+        return cached[1]
+    counts = np.zeros((len(labels), 256), dtype=np.int64)
+    for k, plane in enumerate(labels):
+        counts[k] = np.bincount(plane.ravel(), minlength=256)
+    index = LabelIndex(labels, counts)
+    if not labels.flags.writeable:
+        key = id(labels)
+        _INDEXED[key] = (weakref.ref(labels, lambda _, k=key: _INDEXED.pop(k, None)), index)
+        if key not in _COUNTED:
+            _COUNTED[key] = (
+                weakref.ref(labels, lambda _, k=key: _COUNTED.pop(k, None)),
+                counts.sum(axis=0),
+            )
+    return index
+
+
+#: Indexes of read-only label maps by ``id``, each dropped with its map.
+_INDEXED: dict[int, tuple[weakref.ref, LabelIndex]] = {}
 
 
 def slices_with(labels: np.ndarray, value: int) -> np.ndarray:
@@ -443,3 +518,28 @@ def label_volumes_ml(
         s.name: float(counts[s.value] * voxel_ml) if s.value < len(counts) else 0.0
         for s in segments
     }
+
+
+def declare_encoding(ds: Dataset) -> Dataset:
+    """Declare, on ``ds`` and every dataset nested in it, the encoding it will be written in:
+    Explicit VR Little Endian and its own character set. Returns ``ds``.
+
+    pydicom checks each dataset it writes against the encoding it was read in; a dataset
+    made in memory has none, so for each one it walks everything below it (to correct
+    ambiguous VRs, which a result object has none of) and decodes every raw value on the
+    way: for an SR of 104 organs, thousands of nested datasets, each walk repeated at
+    every level, a third of its writing time.
+    """
+    stack = [ds]
+    while stack:
+        item = stack.pop()
+        # the character set pydicom compares with: its own, else the default (a dataset
+        # made in memory inherits no other)
+        charset = item.get("SpecificCharacterSet")
+        item.set_original_encoding(
+            False, True, convert_encodings(charset) if charset else default_encoding
+        )
+        for element in item.elements():
+            if element.VR == "SQ" and not isinstance(element, RawDataElement):
+                stack.extend(element.value)
+    return ds

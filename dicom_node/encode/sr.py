@@ -3,7 +3,8 @@
 The SR is what a PACS or a reporting system can read without drawing anything: for each
 segment of the SEG, a Volumetric ROI Measurements group (TID 1411) holding its volume in
 millilitres, the segment it was measured on (by SEG SOP Instance UID and Segment Number),
-the algorithm that produced it, and the CT images the segment was derived from.
+the algorithm that produced it, and the CT series the segment was derived from (Source
+Series for Segmentation; the SEG's frames name their images one by one).
 
 Every label the model was asked for is reported, in the model's label order: one it did
 not find has no segment to point at (the SEG leaves it out), so its 0 mL is a Measurement
@@ -30,6 +31,7 @@ then lists "spleen: N mL" with the area and jumps to that image.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import highdicom as hd
 import numpy as np
@@ -37,7 +39,6 @@ from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
-from skimage.measure import find_contours
 
 from dicom_node.config import ResultSettings
 from dicom_node.encode.codes import LATERALITY_CODES
@@ -48,13 +49,14 @@ from dicom_node.encode.labels import (
     SegmentInfo,
     check_inputs,
     common_attributes,
+    declare_encoding,
     device_serial_number,
     device_uid,
-    present_segments,
-    slices_with,
+    label_index,
     voxel_volume_ml,
 )
 from dicom_node.encode.registry import EncodeContext, series_number
+from dicom_node.encode.rtstruct import trace_contours
 from dicom_node.series.volume import SeriesVolume
 
 #: UCUM millilitre.
@@ -99,34 +101,19 @@ def _finding_sites(info: SegmentInfo) -> list[hd.sr.FindingSite] | None:
     return None
 
 
-def _referenced_segment(
-    seg: Dataset, number: int, source: SeriesVolume, slices: np.ndarray
-) -> hd.sr.ReferencedSegment:
-    """The SEG segment, with the CT images (and frames) of the slices it lies on.
+def _referenced_segment(seg: Dataset, number: int, source: SeriesVolume) -> hd.sr.ReferencedSegment:
+    """The SEG segment, with the CT series it was derived from.
 
-    Built from the label map rather than the SEG's frames because a Label Map SEG has no
-    per-frame segment identification to read them from.
+    TID 1411 names a segment's source either image by image or by its series; the series
+    is one content item where the images are one per slice the segment lies on (5,000 for
+    104 organs at 512x512x300, most of the document and of its encoding time). The SEG
+    itself records, frame by frame, the image each frame was derived from.
     """
-    if source.frame_numbers is not None:
-        images = [
-            hd.sr.SourceImageForSegmentation(
-                source.first.SOPClassUID,
-                source.first.SOPInstanceUID,
-                sorted(source.frame_numbers[k] for k in slices),
-            )
-        ]
-    else:
-        images = [
-            hd.sr.SourceImageForSegmentation(
-                source.headers[k].SOPClassUID, source.headers[k].SOPInstanceUID
-            )
-            for k in slices
-        ]
     return hd.sr.ReferencedSegment(
         sop_class_uid=seg.SOPClassUID,
         sop_instance_uid=seg.SOPInstanceUID,
         segment_number=number,
-        source_images=images,
+        source_series=hd.sr.SourceSeriesForSegmentation(source.first.SeriesInstanceUID),
     )
 
 
@@ -136,19 +123,17 @@ def largest_outline(plane: np.ndarray) -> np.ndarray:
     Returns (column, row) points of a closed polyline (the last point is the first),
     in the pixel coordinates of PS3.3 C.18.6.1.1: (0, 0) is the top left corner of the
     top left pixel, so a pixel's centre is at its indices plus one half. The outline runs
-    through the half-way points between pixels inside and outside (marching squares),
-    the boundary a viewer draws around the mask.
+    through the half-way points between pixels inside and outside (marching squares, as
+    the RTSTRUCT's contours: :func:`~dicom_node.encode.rtstruct.trace_contours`), the
+    boundary a viewer draws around the mask, with a vertex where it turns.
     """
-    # padded so that a region touching the image edge still gets a closed outline
-    contours = find_contours(np.pad(plane, 1).astype(np.uint8), 0.5)
-    if not contours:
+    polygons = trace_contours(np.asarray(plane, dtype=bool)[None])
+    if not len(polygons):
         raise EncodeError("no outline: the slice holds none of the segment")
-
-    def area(c: np.ndarray) -> float:  # shoelace; holes are smaller than their border
-        return abs(float(np.dot(c[:-1, 0], c[1:, 1]) - np.dot(c[1:, 0], c[:-1, 1]))) / 2
-
-    rows_cols = max(contours, key=area) - 1.0  # undo the padding
-    return np.ascontiguousarray(rows_cols[:, ::-1] + 0.5, dtype=np.float32)
+    # the largest by enclosed area: a hole is smaller than the outline around it
+    rows_cols = polygons.vertices_of(int(np.argmax(polygons.areas())))
+    closed = np.concatenate([rows_cols, rows_cols[:1]])
+    return np.ascontiguousarray(closed[:, ::-1] + 0.5, dtype=np.float32)
 
 
 def outline_area_mm2(outline: np.ndarray, source: SeriesVolume) -> float:
@@ -167,7 +152,8 @@ def _outline_group(
     labels: np.ndarray,
     info: SegmentInfo,
     slices: np.ndarray,
-    counts: list[int],
+    counts: np.ndarray,
+    box: tuple[slice, ...],
     tracking_uid: str,
     volume_ml: float,
     algorithm_id: hd.sr.AlgorithmIdentification,
@@ -178,6 +164,7 @@ def _outline_group(
     measurement with the Comment, else with the finding's code meaning, which for a name
     not in the table is only "Body structure"."""
     k = int(slices[int(np.argmax(counts))])
+    rows, cols = box[1], box[2]
     if source.frame_numbers is not None:
         image = hd.sr.SourceImageForRegion(
             source.first.SOPClassUID, source.first.SOPInstanceUID, [source.frame_numbers[k]]
@@ -186,7 +173,9 @@ def _outline_group(
         image = hd.sr.SourceImageForRegion(
             source.headers[k].SOPClassUID, source.headers[k].SOPInstanceUID
         )
-    outline = largest_outline(labels[k] == info.value)
+    # traced on the segment's box alone, then placed on the image
+    outline = largest_outline(labels[k, rows, cols] == info.value)
+    outline += np.array([cols.start, rows.start], dtype=outline.dtype)
     area = hd.sr.Measurement(
         name=codes.SCT.Area,
         value=outline_area_mm2(outline, source),
@@ -247,7 +236,8 @@ def build_sr(
     Raises :class:`~dicom_node.encode.labels.EncodeError` when the inputs do not fit.
     """
     check_inputs(source, labels, segments)
-    found = present_segments(labels, segments)
+    index = label_index(labels)  # one pass over the map, shared with the SEG and RTSTRUCT
+    found = [info for info in segments if index.counts[:, int(info.value)].any()]
     _check_seg(seg, source, found or segments)
     numbers = {int(info.value): n for n, info in enumerate(found, start=1)}
     voxel_ml = voxel_volume_ml(source)
@@ -259,9 +249,10 @@ def build_sr(
     ] = []
     for info in segments:
         number = numbers.get(int(info.value))
-        slices = slices_with(labels, info.value) if number else np.zeros(0, dtype=int)
-        counts = [int(np.count_nonzero(labels[k] == info.value)) for k in slices]
-        volume_ml = sum(counts) * voxel_ml
+        per_slice = index.counts[:, int(info.value)]
+        slices = np.flatnonzero(per_slice)
+        counts = per_slice[slices]
+        volume_ml = int(counts.sum()) * voxel_ml
         volume = hd.sr.Measurement(
             name=codes.SCT.Volume,
             value=volume_ml,
@@ -282,16 +273,18 @@ def build_sr(
                 )
             )
             continue
+        box = index.box(info.value)
+        assert box is not None
         # The same finding (same tracking UID) where a viewer lists it, first (see the module).
         groups.append(
             _outline_group(
-                source, labels, info, slices, counts, tracking_uid, volume_ml, algorithm_id
+                source, labels, info, slices, counts, box, tracking_uid, volume_ml, algorithm_id
             )
         )
         groups.append(
             hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=tracking,
-                referenced_segment=_referenced_segment(seg, number, source, slices),
+                referenced_segment=_referenced_segment(seg, number, source),
                 finding_type=info.code,
                 finding_category=info.category,
                 finding_sites=_finding_sites(info),
@@ -320,9 +313,9 @@ def build_sr(
         referenced_images=None,
     )
     # The source comes first so that patient and study attributes are copied from it.
-    return hd.sr.Comprehensive3DSR(
+    return _document(
+        report,
         evidence=[*source.headers, seg],
-        content=report,
         series_instance_uid=generate_uid(),
         series_number=series_number,
         sop_instance_uid=generate_uid(),
@@ -332,6 +325,32 @@ def build_sr(
         series_description=settings.sr_series_description,
         **common_attributes(source, settings),
     )
+
+
+def _document(report: hd.sr.MeasurementReport, **kwargs: Any) -> hd.sr.Comprehensive3DSR:
+    """The Comprehensive 3D SR document of ``report``, by highdicom, without its copy.
+
+    highdicom's constructor deep-copies the content tree it is given and reads the copy
+    back into content items (its ``content`` property), then searches the original for
+    the instances it references. For 104 organs that is thousands of content items copied
+    and parsed again, seconds on two cores, for a tree just built by highdicom's own
+    template classes. So the document is built around the report's root alone (its
+    template, concept and observation context are all highdicom checks), and the root's
+    content, unchanged, is then put in it. Nothing in the document differs: the evidence
+    lists every instance given (all of the SR's study) whether referenced or not.
+    """
+    root = report[0]
+    content = root.ContentSequence
+    root.ContentSequence = hd.sr.ContentSequence(
+        [item for item in content if item.RelationshipType != "CONTAINS"]
+    )
+    try:
+        document = hd.sr.Comprehensive3DSR(content=report, **kwargs)
+    finally:
+        root.ContentSequence = content
+    document.ContentSequence = content
+    document._content = hd.sr.ContentSequence([root], is_root=True)
+    return declare_encoding(document)
 
 
 class SrEncoder:

@@ -24,21 +24,26 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import Spacing, SpatialResample
+from monai.transforms import Compose, Spacing, SpatialResample
+from monai.utils import LazyAttr, TraceKeys
 
 from dicom_node.common.heap import discard_leading
 from dicom_node.pipeline.bundle import Preprocessing
 from dicom_node.pipeline.transforms import (
+    BUNDLE_SPACING_DTYPE,
     INPUT_AFFINE,
     INPUT_SHAPE,
     LPS_TO_RAS,
     image_transforms,
     intensity_transform,
     ras_affine,
+    spatial_dict_transforms,
     spatial_transforms,
     to_metatensor,
 )
 
+#: What a pending operation holds beyond the trace an applied one leaves.
+_LAZY_KEYS = frozenset(str(attr) for attr in LazyAttr)
 #: Spacing modes resampled slab by slab (grid_sample's own); spline orders go to MONAI.
 _SLAB_MODES = ("bilinear", "bicubic")
 #: Bytes of float source slices one slab may hold (CPU): ~0.25 GB at most with its grid.
@@ -52,11 +57,20 @@ class Preprocess:
     with nearest-neighbour Spacing the rounding of a sample point lying half-way between two
     voxels (common: 1.625 = 13/8 voxels a step puts every eighth there) would pick the other
     voxel: in both cases MONAI's chain runs as the bundle states it.
+
+    The image carries the trace MONAI's Orientation and Spacing would have left on it
+    (``applied_operations``, recorded by :attr:`inverse`'s transforms run on the geometry
+    alone, Spacing in the precision of the bundle's own ``Spacingd``), so that the
+    bundle's ``Invertd`` undoes them as it undoes its own, with :attr:`inverse` for
+    transform.
     """
 
-    def __init__(self, pre: Preprocessing) -> None:
+    def __init__(self, pre: Preprocessing, image_key: str = "image") -> None:
         self.pre = pre
         self._chain = image_transforms(pre)
+        self._key = image_key
+        #: The transforms whose trace the preprocessed image carries, for ``Invertd``.
+        self.inverse = Compose(spatial_dict_transforms(pre, image_key, BUNDLE_SPACING_DTYPE))
         spacing = next((t for t in spatial_transforms(pre) if isinstance(t, Spacing)), None)
         nearest = spacing is not None and str(spacing.sp_resample.mode) in ("nearest", "0")
         self._spacing = None if nearest else spacing
@@ -84,7 +98,12 @@ class Preprocess:
         volume and the resampled image are not both held at the peak.
         """
         if self._spacing is None:
-            return self._chain(to_metatensor(hu, affine, device))
+            image = self._chain(to_metatensor(hu, affine, device))
+            _, _, operations = self._output_grid(
+                image.meta[INPUT_AFFINE].numpy(), image.meta[INPUT_SHAPE]
+            )
+            image.applied_operations = operations
+            return image
         if hu.ndim != 3:
             raise ValueError(
                 f"expected a (slices, rows, columns) array, got shape {tuple(hu.shape)}"
@@ -100,7 +119,7 @@ class Preprocess:
                 discard_leading(hu, len(hu))
         xyz = ras_affine(affine)
         xyz_shape = tuple(int(n) for n in reversed(volume.shape))
-        dst_affine, dst_shape = self._output_grid(xyz, xyz_shape)
+        dst_affine, dst_shape, operations = self._output_grid(xyz, xyz_shape)
         stored_affine = LPS_TO_RAS @ np.asarray(affine, np.float64)
         spacing = self._spacing.sp_resample
         if str(spacing.mode) in _SLAB_MODES:
@@ -126,7 +145,9 @@ class Preprocess:
             INPUT_AFFINE: ras.clone(),
             INPUT_SHAPE: xyz_shape,
         }
-        return MetaTensor(torch.as_tensor(out), affine=dst_affine, meta=meta)
+        image = MetaTensor(torch.as_tensor(out), affine=dst_affine, meta=meta)
+        image.applied_operations = operations
+        return image
 
     def _resample_in_slabs(
         self,
@@ -273,11 +294,11 @@ class Preprocess:
 
     def _output_grid(
         self, xyz_affine: np.ndarray, xyz_shape: tuple[int, ...]
-    ) -> tuple[torch.Tensor, tuple[int, ...]]:
+    ) -> tuple[torch.Tensor, tuple[int, ...], list[dict]]:
         """The grid Orientation and Spacing would give, computed by MONAI lazily: an expanded
-        zero (no memory) stands for the voxels.
+        zero (no memory) stands for the voxels; and the trace they would leave (as applied).
 
-        Each transform is made lazy on its own: a ``Compose(..., lazy=True)`` applies the
+        Each transform runs lazily on its own: a ``Compose(..., lazy=True)`` applies the
         pending operations when it ends, which resampled the whole (expanded, so first
         materialised) volume in float, 4.4 times its INT16 size at 512x512x600, for a
         grid that needs none of its voxels.
@@ -287,11 +308,15 @@ class Preprocess:
             affine=torch.as_tensor(xyz_affine, dtype=torch.float64),
             meta={"space": "RAS"},
         )
-        for transform in spatial_transforms(self.pre):  # new objects: lazy is theirs alone
-            transform.lazy = True
-            shell = transform(shell)
+        for transform in self.inverse.transforms:
+            shell = transform({self._key: shell}, lazy=True)[self._key]
         affine = torch.as_tensor(shell.peek_pending_affine(), dtype=torch.float64)
-        return affine, tuple(int(n) for n in shell.peek_pending_shape())
+        operations = []
+        for pending in shell.pending_operations:
+            op = {k: v for k, v in pending.items() if k not in _LAZY_KEYS}
+            op[TraceKeys.LAZY] = False
+            operations.append(op)
+        return affine, tuple(int(n) for n in shell.peek_pending_shape()), operations
 
 
 def _axis_aligned(xform: np.ndarray) -> bool:

@@ -9,11 +9,14 @@ Two paths, chosen per bundle (``path="auto"``):
 
 * ``"bundle"``: the bundle's own transforms and inferer, as MONAI's bundle workflow runs them
   (:mod:`dicom_node.pipeline.workflow`); any chain a bundle may hold;
-* ``"fast"``: for the chain most CT bundles use (Orientation, Spacing, ScaleIntensityRange;
-  argmax, largest component, nearest inverse), MONAI's array transforms before the network
-  and :mod:`dicom_node.pipeline.postprocess` after it, which computes the same label map on
-  the organs' bounding box only. ``"auto"`` takes it only where the bundle's config says
-  exactly that chain (:attr:`Bundle.fast_path`).
+* ``"fast"``: for the preprocessing most CT bundles use (Orientation, Spacing,
+  ScaleIntensityRange), the volume resampled where it lies (:mod:`.preprocess`), and after
+  the network :mod:`dicom_node.pipeline.postprocess`: for argmax, largest component and a
+  nearest inverse (:attr:`Bundle.fast_path`) the same label map on the organs' bounding
+  box only; for any other chain of MONAI's post transforms (the zoo's softmax, trilinear
+  ``Invertd`` and argmax), the bundle's own transforms with each ``Invertd`` that ends in a
+  label map computed from the model grid (:func:`.postprocess.run_postprocessing`).
+  ``"auto"`` takes it wherever the bundle's preprocessing is that chain.
 
 When the bundle's network runs in-process (no predictor given), it sees the sliding window's
 patch batches a few patches at a time (:class:`PatchByPatch`; on a CPU two at a time): the
@@ -30,12 +33,19 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
+from monai.transforms import Invertd
 
 from dicom_node.common.heap import release_free_memory
-from dicom_node.pipeline.bundle import Bundle
-from dicom_node.pipeline.postprocess import in_plane_contours, postprocess_fast, postprocess_monai
+from dicom_node.pipeline.bundle import WRITERS, Bundle
+from dicom_node.pipeline.postprocess import (
+    contours_of,
+    postprocess_fast,
+    postprocess_monai,
+    run_postprocessing,
+)
 from dicom_node.pipeline.preprocess import Preprocess
 from dicom_node.pipeline.result import HandOver, SegmentationResult
+from dicom_node.pipeline.transforms import from_metatensor
 from dicom_node.pipeline.workflow import BundleWorkflow
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
@@ -157,13 +167,23 @@ class SegmentationPipeline:
             raise ValueError(f"patches_at_once must be at least 1, not {patches_at_once}")
         self.patches_at_once: int | None = patches_at_once
         self.postprocess_mode = postprocess_mode
-        self.path = ("fast" if bundle.fast_path else "bundle") if path == "auto" else path
+        fast_pre = bundle.preprocessing is not None and bundle.roi_size is not None
+        if fast_pre and bundle.fast_postprocessing is None and not _inverts_preprocessing(bundle):
+            fast_pre = False  # an Invertd of something else than the preprocessing
+        self.path = ("fast" if fast_pre else "bundle") if path == "auto" else path
+        #: The bundle's own post transforms, where the fast path runs them (its chain is not
+        #: the one :func:`postprocess_fast` computes).
+        self._post_transforms: list[Any] | None = None
         if self.path == "fast":
             if bundle.preprocessing is None or bundle.roi_size is None:
                 raise ValueError(f"bundle {bundle.path} has no chain the fast path reproduces")
-            self._preprocess = Preprocess(bundle.preprocessing)
+            self._preprocess = Preprocess(bundle.preprocessing, bundle.image_key)
             fast = bundle.fast_postprocessing
             self._keep_largest = True if fast is None else fast.keep_largest
+            if fast is None:
+                post = bundle.parser.get_parsed_content("postprocessing")
+                steps = post.flatten().transforms if hasattr(post, "flatten") else list(post)
+                self._post_transforms = [t for t in steps if type(t).__name__ not in WRITERS]
         else:
             self._workflow = BundleWorkflow(bundle, self.device)
         self._network: torch.nn.Module | None = None
@@ -215,15 +235,36 @@ class SegmentationPipeline:
     ) -> SegmentationResult:
         """Labels (and contours) on the input grid from the logits of :meth:`infer`.
 
-        argmax, the largest connected component of each label, nearest-neighbour resampling
-        back to the input grid, then, with ``contours``, the in-plane contour of every label
-        on every slice.
+        The bundle's postprocessing: argmax, the largest connected component of each label,
+        nearest-neighbour resampling back to the input grid (:func:`postprocess_fast`), or
+        the bundle's own transforms (:func:`run_postprocessing`); then, with
+        ``contours``, the in-plane contour of every label on every slice.
         """
-        postprocess = _POSTPROCESS[self.postprocess_mode]
-        labels, outlines = postprocess(
-            logits, image, sorted(self.bundle.labels), contours, self._keep_largest
+        values = sorted(self.bundle.labels)
+        if self._post_transforms is None:
+            postprocess = _POSTPROCESS[self.postprocess_mode]
+            labels, outlines = postprocess(logits, image, values, contours, self._keep_largest)
+            return SegmentationResult(labels=labels, contours=outlines)
+        key = self.bundle.image_key
+        meta = {k: v for k, v in image.meta.items() if k != "affine"}
+        data = {key: image, "pred": MetaTensor(logits, affine=image.affine, meta=meta)}
+        data = run_postprocessing(
+            self._post_transforms,
+            data,
+            inverse=self._preprocess.inverse,
+            exact=self.postprocess_mode == "fast",
         )
-        return SegmentationResult(labels=labels, contours=outlines)
+        pred = torch.as_tensor(data["pred"])
+        if pred.ndim != 4 or pred.shape[0] != 1:
+            raise ValueError(
+                f"the bundle's postprocessing gives {tuple(pred.shape)}, not a label map"
+            )
+        label_map = from_metatensor(pred)
+        if label_map.is_floating_point():
+            label_map = label_map.round()
+        label_map = label_map.to(torch.uint8).contiguous()
+        outlines = contours_of(label_map, values) if contours else None
+        return SegmentationResult(labels=label_map.cpu().numpy(), contours=outlines)
 
     def run(
         self,
@@ -272,9 +313,7 @@ class SegmentationPipeline:
         labels = workflow.postprocess(data)
         outlines = None
         if contours:
-            outlines = in_plane_contours(
-                torch.from_numpy(labels), sorted(self.bundle.labels)
-            ).numpy()
+            outlines = contours_of(torch.from_numpy(labels), sorted(self.bundle.labels))
         post = self._lap(start + pre + inference)
         return SegmentationResult(
             labels=labels,
@@ -286,6 +325,15 @@ class SegmentationPipeline:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # kernels run asynchronously
         return time.perf_counter() - since
+
+
+def _inverts_preprocessing(bundle: Bundle) -> bool:
+    """Whether every ``Invertd`` of the bundle's postprocessing undoes its ``preprocessing``
+    (the fast path's image carries the trace of that, and of nothing else)."""
+    preprocessing = bundle.parser.get_parsed_content("preprocessing")
+    post = bundle.parser.get_parsed_content("postprocessing")
+    steps = post.flatten().transforms if hasattr(post, "flatten") else list(post)
+    return all(t.transform is preprocessing for t in steps if isinstance(t, Invertd))
 
 
 def _volume(hu: np.ndarray | torch.Tensor | HandOver) -> np.ndarray | torch.Tensor:

@@ -11,10 +11,21 @@ bundle uses the same functions, so training and inference cannot drift apart.
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import torch
 from monai.data import MetaTensor
-from monai.transforms import Compose, Orientation, ScaleIntensityRange, Spacing, SpatialResample
+from monai.transforms import (
+    Compose,
+    Orientation,
+    Orientationd,
+    ScaleIntensityRange,
+    Spacing,
+    Spacingd,
+    SpatialResample,
+)
+from monai.utils import get_equivalent_dtype
 
 from dicom_node.pipeline.bundle import Preprocessing
 
@@ -25,6 +36,12 @@ _SRC_TO_XYZ = (2, 1, 0)
 
 #: Axis labels of RAS+ space, what MONAI's readers and every model-zoo bundle assume.
 _RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
+
+#: The precision a bundle's ``Spacingd`` resamples in when its config names none (every
+#: bundle the fast path takes): its inverse (``Invertd``) resamples in it too.
+BUNDLE_SPACING_DTYPE: torch.dtype = get_equivalent_dtype(
+    inspect.signature(Spacingd).parameters["dtype"].default, torch.Tensor
+)
 
 #: Meta keys recording the input grid, used to resample the result back onto it.
 INPUT_AFFINE = "dicom_node_input_affine"
@@ -77,16 +94,29 @@ def from_metatensor(image: torch.Tensor) -> torch.Tensor:
     return image[0].permute(*_SRC_TO_XYZ)
 
 
-def spatial_transforms(pre: Preprocessing, mode: str | None = None) -> list:
-    """The bundle's Orientation and Spacing, in its order (``mode`` overrides, e.g. for labels)."""
+def spatial_transforms(
+    pre: Preprocessing, mode: str | None = None, dtype: torch.dtype = torch.float32
+) -> list:
+    """The bundle's Orientation and Spacing, in its order (``mode`` overrides, e.g. for labels;
+    ``dtype`` is the precision Spacing resamples in)."""
     steps = []
     for step in pre.order:
         if step == "orientation" and pre.axcodes:
             steps.append(Orientation(axcodes=pre.axcodes, labels=_RAS_LABELS))
         elif step == "spacing" and pre.pixdim:
-            steps.append(
-                Spacing(pixdim=pre.pixdim, mode=mode or pre.spacing_mode, dtype=torch.float32)
-            )
+            steps.append(Spacing(pixdim=pre.pixdim, mode=mode or pre.spacing_mode, dtype=dtype))
+    return steps
+
+
+def spatial_dict_transforms(pre: Preprocessing, key: str, dtype: torch.dtype) -> list:
+    """The bundle's Orientation and Spacing as dictionary transforms on ``key``, in its order:
+    what ``Invertd`` can undo."""
+    steps = []
+    for step in pre.order:
+        if step == "orientation" and pre.axcodes:
+            steps.append(Orientationd(keys=key, axcodes=pre.axcodes, labels=_RAS_LABELS))
+        elif step == "spacing" and pre.pixdim:
+            steps.append(Spacingd(keys=key, pixdim=pre.pixdim, mode=pre.spacing_mode, dtype=dtype))
     return steps
 
 
@@ -104,9 +134,10 @@ def intensity_transform(pre: Preprocessing) -> ScaleIntensityRange | None:
     )
 
 
-def image_transforms(pre: Preprocessing) -> Compose:
-    """The bundle's preprocessing of an image, as MONAI array transforms in the bundle's order."""
-    spatial = iter(spatial_transforms(pre))
+def image_transforms(pre: Preprocessing, dtype: torch.dtype = torch.float32) -> Compose:
+    """The bundle's preprocessing of an image, as MONAI array transforms in the bundle's order
+    (Spacing resampling in ``dtype``)."""
+    spatial = iter(spatial_transforms(pre, dtype=dtype))
     steps = []
     for step in pre.order:
         if step == "intensity":

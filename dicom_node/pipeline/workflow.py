@@ -35,6 +35,7 @@ from monai.transforms import Compose, LoadImaged, reset_ops_id
 
 from dicom_node.pipeline.bundle import WRITERS, Bundle
 from dicom_node.pipeline.bundle import flat_transforms as _flat
+from dicom_node.pipeline.postprocess import run_postprocessing
 from dicom_node.pipeline.transforms import from_metatensor, to_metatensor
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
@@ -109,9 +110,15 @@ class BundleWorkflow:
 
     def postprocess(self, data: dict[str, Any]) -> np.ndarray:
         """The bundle's postprocessing: the label map on the input grid, (slices, rows,
-        columns) uint8."""
+        columns) uint8.
+
+        Its transforms run as MONAI's, but for an ``Invertd`` whose result is a label map
+        (the argmax that follows it, or a label map it inverts): that is computed by
+        :func:`~dicom_node.pipeline.postprocess.run_postprocessing`, the same labels from
+        the model grid rather than every class resampled at the series' size.
+        """
         with torch.inference_mode():
-            data = self._post(data)
+            data = run_postprocessing(self._post.transforms, data)
         pred = torch.as_tensor(data[self.pred_key])
         if pred.ndim == 4:
             if pred.shape[0] != 1:
@@ -120,9 +127,12 @@ class BundleWorkflow:
                 )
         else:
             pred = pred[None]
+        labels = from_metatensor(pred)
+        if labels.is_floating_point():
+            labels = labels.round()
         # Contiguous where the labels are (a GPU permutes in a moment): the encoders and
         # Triton's output want a C-ordered map, and a strided host copy is slow.
-        return from_metatensor(pred).round().to(torch.uint8).contiguous().cpu().numpy()
+        return labels.to(torch.uint8).contiguous().cpu().numpy()
 
 
 class _PatchesOnly:

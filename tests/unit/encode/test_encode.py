@@ -467,12 +467,10 @@ def test_sr_reports_each_segment_volume(encoded: Encoded) -> None:
         ref = group.referenced_segment
         assert ref.referenced_sop_instance_uid == seg.SOPInstanceUID
         assert ref.referenced_segment_numbers == [number]
-        sources = {
-            (item.referenced_sop_instance_uid, frame)
-            for item in ref.source_images_for_segmentation
-            for frame in (item.referenced_frame_numbers or [None])
-        }
-        assert sources == _image_keys(encoded.source, _slices_with(encoded.labels, info.value))
+        # the CT series the segment was derived from (the SEG's frames name its images)
+        assert ref.source_images_for_segmentation == []
+        series = ref.source_series_for_segmentation
+        assert series.value == encoded.source.first.SeriesInstanceUID
         (volume,) = group.get_measurements(name=codes.SCT.Volume)
         assert volume.unit.value == "mL"
         expected = np.count_nonzero(encoded.labels == info.value) * voxel_ml
