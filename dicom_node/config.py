@@ -113,10 +113,21 @@ class NodeSettings:
 class LimitSettings:
     """Bounds that keep one misbehaving peer from taking the node down."""
 
-    max_associations: int = 16
+    #: Associations at once. A slot is taken when an association is requested (a bare or
+    #: trickling connection takes none) and given back when it ends or is refused.
+    max_associations: int = _at_least(16, 1)
     #: Connections one source address may hold at once (negotiating or associated); more
     #: are rejected at once (transient, local limit exceeded). 0: no limit but the above.
     max_associations_per_address: int = _at_least(12, 0, "0: no limit")
+    #: Slots kept for source addresses that hold none: an address already holding an
+    #: association gets another only while more than this many are free.
+    reserved_associations: int = _at_least(4, 0)
+    #: An association that stored nothing for this long (a C-ECHO does not count) is
+    #: aborted, so that idle peers give their slots back long before network_timeout.
+    idle_timeout_seconds: float = _positive(20.0)
+    #: Connections not yet associated (TLS handshake, A-ASSOCIATE-RQ under way), all
+    #: addresses together; more are rejected at once, before anything they sent is read.
+    max_pending_connections: int = _at_least(64, 1)
     acse_timeout: float = 30.0
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0

@@ -104,6 +104,14 @@ REASON_NO_REASON = 0x01
 
 #: Connections the kernel queues for the node to accept.
 LISTEN_BACKLOG = 128
+#: A-ASSOCIATE-RJ reason of a full node (PS3.8 9.3.4): transient, service-provider
+#: (presentation related), local limit exceeded.
+REJECTED_TRANSIENT = 0x02
+SOURCE_PROVIDER_PRESENTATION = 0x03
+REASON_LOCAL_LIMIT = 0x02
+#: Acceptor threads pynetdicom may count beyond the node's own limits: refused connections
+#: whose threads are ending.
+_THREAD_SLACK = 64
 
 
 class StorageSCP:
@@ -148,7 +156,12 @@ class StorageSCP:
         # Parsed (and TLS files loaded) here, so a bad [node]/[tls] value stops the node at
         # start-up with one sentence instead of at the first peer.
         self._networks = connections.allowed_networks(settings.node.allowed_hosts)
-        self._per_address = connections.AddressLimiter(settings.limits.max_associations_per_address)
+        limits = settings.limits
+        self._per_address = connections.AddressLimiter(limits.max_associations_per_address)
+        self._slots = connections.AssociationSlots(
+            limits.max_associations, limits.reserved_associations
+        )
+        self._reaper = connections.IdleReaper(self._slots, limits.idle_timeout_seconds)
         self._ssl_context = server_ssl_context(settings.tls) if settings.tls.enabled else None
         self.ae = self._make_ae()
         quiet_transport_log()
@@ -158,9 +171,13 @@ class StorageSCP:
         node, limits = self.settings.node, self.settings.limits
         ae = AE(ae_title=node.ae_title)
         # pynetdicom rejects beyond these itself, with the PS3.8 reasons: calling AE title
-        # not recognised (1, 1, 3), called AE title not recognised (1, 1, 7) and, past
-        # maximum_associations, transient local-limit-exceeded (2, 3, 2).
-        ae.maximum_associations = limits.max_associations
+        # not recognised (1, 1, 3) and called AE title not recognised (1, 1, 7). Association
+        # slots are counted by the node (handle_requested): pynetdicom counts every live
+        # acceptor thread, those of connections that never asked and of refused ones too,
+        # so its own limit is only a bound on threads here.
+        ae.maximum_associations = (
+            limits.max_associations + limits.max_pending_connections + _THREAD_SLACK
+        )
         ae.require_calling_aet = [a.strip() for a in node.allowed_calling_aes]
         ae.require_called_aet = node.require_called_ae
         ae.acse_timeout = limits.acse_timeout
@@ -192,6 +209,7 @@ class StorageSCP:
             (evt.EVT_RELEASED, self.handle_released),
             (evt.EVT_ABORTED, self._forget_association),
             (evt.EVT_REJECTED, self._log_rejected),
+            (evt.EVT_REJECTED, self._release_slot),
         ]
 
     def open_series(self) -> set[str]:
@@ -226,6 +244,7 @@ class StorageSCP:
         # later wait for the peer's SYN retry (1 s, then 3 s), however fast they would be
         # refused or served. Listening again only raises the backlog (Linux, BSD).
         self._server.socket.listen(LISTEN_BACKLOG)
+        self._reaper.start()
         log.info(
             "listening as %s on %s:%d%s",
             node.ae_title,
@@ -240,6 +259,7 @@ class StorageSCP:
         return self._server.server_address[1]
 
     def stop(self) -> None:
+        self._reaper.stop()
         if self._server is not None:
             self._server.shutdown()
             self._server = None
@@ -288,6 +308,16 @@ class StorageSCP:
         if not self._per_address.admit(event.assoc, address):
             connections.reject_unread(assoc_socket, sock)
             return
+        if self._per_address.pending() > limits.max_pending_connections:
+            log.warning(
+                "association rejected (transient, local limit exceeded): %d connections "
+                "not yet associated (limits.max_pending_connections); %s refused",
+                limits.max_pending_connections,
+                address,
+            )
+            self._per_address.forget(event.assoc)
+            connections.reject_unread(assoc_socket, sock)
+            return
         sock.settimeout(limits.network_timeout)
         tune_association(event.assoc)
         connections.install(event.assoc, limits, address, self.spool.free_bytes)
@@ -302,12 +332,18 @@ class StorageSCP:
                 reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
                 log.warning("TLS connection from %s refused: %s", address, reason)
             # Closing queues "transport closed" for the DUL: the association ends before
-            # it starts, without pynetdicom reading from the broken socket.
+            # it starts, without pynetdicom reading from the broken socket, nor waiting
+            # acse_timeout for a request.
             assoc_socket.close()
+            event.assoc.acse_timeout = 0
 
     def _connection_closed(self, event: evt.Event) -> None:
         self._per_address.forget(event.assoc)
+        self._slots.release(event.assoc)
         discard_partial(event.assoc)
+
+    def _release_slot(self, event: evt.Event) -> None:
+        self._slots.release(event.assoc)
 
     def handle_requested(self, event: evt.Event) -> None:
         """Access control on the source address, before negotiation.
@@ -345,6 +381,20 @@ class StorageSCP:
             # threads once the A-ASSOCIATE-RJ is out.
             assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, REASON_NO_REASON)
             assoc.kill()
+            return
+        refusal = self._slots.acquire(assoc, address)
+        if refusal:
+            log.warning(
+                "association rejected (transient, local limit exceeded): %s; %r calling %r from %s",
+                refusal,
+                assoc.requestor.primitive.calling_ae_title,
+                assoc.requestor.primitive.called_ae_title,
+                address,
+            )
+            assoc.acse.send_reject(
+                REJECTED_TRANSIENT, SOURCE_PROVIDER_PRESENTATION, REASON_LOCAL_LIMIT
+            )
+            assoc.kill()
 
     def handle_released(self, event: evt.Event) -> None:
         """A normal release: hand the series this association stored to ``on_released``.
@@ -361,6 +411,7 @@ class StorageSCP:
     def _forget_association(self, event: evt.Event) -> dict[str, set[str]]:
         """Drop the bookkeeping of an association that ended (aborts: nothing more)."""
         discard_partial(event.assoc)  # an abort mid-transfer leaves a partial data set
+        self._slots.release(event.assoc)
         with self._carried_lock:
             return self._carried.pop(event.assoc, {})
 
@@ -369,6 +420,13 @@ class StorageSCP:
 
     def handle_store(self, event: evt.Event) -> int | tuple[int, Dataset]:
         """Validate, write durably, record, answer."""
+        self._slots.touch(event.assoc, busy=True)
+        try:
+            return self._answer_store(event)
+        finally:
+            self._slots.touch(event.assoc, busy=False)
+
+    def _answer_store(self, event: evt.Event) -> int | tuple[int, Dataset]:
         try:
             outcome = self._store(event)
         except StoreRefused as exc:
