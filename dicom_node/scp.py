@@ -59,6 +59,7 @@ from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.sop_class import Verification
 
 from dicom_node import connections
+from dicom_node.audit import AssociationLedger, AuditTrail
 from dicom_node.config import Settings
 from dicom_node.incoming import Received
 from dicom_node.jobs import JobStore
@@ -132,6 +133,10 @@ class StorageSCP:
         Called when an association is released normally (not aborted), with the SOP
         Instance UIDs it stored by Series Instance UID: the node's completion rule
         (:mod:`dicom_node.completion`) takes it from there.
+    audit:
+        Where audit messages go (:mod:`dicom_node.audit`): the studies each association
+        stored when it ends, and a Security Alert for every connection or association
+        refused. ``None``: none are made.
     """
 
     def __init__(
@@ -141,8 +146,11 @@ class StorageSCP:
         jobs: JobStore,
         on_stored: Callable[[StoreOutcome], None] | None = None,
         on_released: Callable[[dict[str, set[str]]], None] | None = None,
+        audit: AuditTrail | None = None,
     ) -> None:
         self.settings = settings
+        self.audit = audit or AuditTrail(None, settings.node.ae_title)
+        self._audit_ledger = AssociationLedger(self.audit)
         self.spool = spool
         self.jobs = jobs
         self.on_stored = on_stored
@@ -207,7 +215,7 @@ class StorageSCP:
             (evt.EVT_RELEASED, self._log_assoc, ["released"]),
             (evt.EVT_ABORTED, self._log_assoc, ["aborted"]),
             (evt.EVT_RELEASED, self.handle_released),
-            (evt.EVT_ABORTED, self._forget_association),
+            (evt.EVT_ABORTED, self._aborted),
             (evt.EVT_REJECTED, self._log_rejected),
             (evt.EVT_REJECTED, self._release_slot),
         ]
@@ -273,6 +281,7 @@ class StorageSCP:
 
     def _log_rejected(self, event: evt.Event) -> None:
         req, rj = event.assoc.requestor, event.assoc.acceptor.primitive
+        self._audit_refusal(event.assoc, f"{rj.reason_str} ({rj.result_str}, {rj.source_str})")
         log.warning(
             "association rejected (%s, %s): %s; %r calling %r from %s",
             rj.result_str,
@@ -306,6 +315,7 @@ class StorageSCP:
         limits = self.settings.limits
         address = str(event.address[0])
         if not self._per_address.admit(event.assoc, address):
+            self.audit.on_association_refused(None, address, "limits.max_associations_per_address")
             connections.reject_unread(assoc_socket, sock)
             return
         if self._per_address.pending() > limits.max_pending_connections:
@@ -316,6 +326,7 @@ class StorageSCP:
                 address,
             )
             self._per_address.forget(event.assoc)
+            self.audit.on_association_refused(None, address, "limits.max_pending_connections")
             connections.reject_unread(assoc_socket, sock)
             return
         sock.settimeout(limits.network_timeout)
@@ -331,6 +342,7 @@ class StorageSCP:
             else:
                 reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
                 log.warning("TLS connection from %s refused: %s", address, reason)
+                self.audit.on_association_refused(None, address, f"TLS: {reason}")
             # Closing queues "transport closed" for the DUL: the association ends before
             # it starts, without pynetdicom reading from the broken socket, nor waiting
             # acse_timeout for a request.
@@ -368,6 +380,7 @@ class StorageSCP:
             )
             assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, REASON_NO_REASON)
             assoc.kill()
+            self._audit_refusal(assoc, "no presentation context requested")
             return
         if not connections.address_allowed(address, self._networks):
             log.warning(
@@ -381,6 +394,7 @@ class StorageSCP:
             # threads once the A-ASSOCIATE-RJ is out.
             assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, REASON_NO_REASON)
             assoc.kill()
+            self._audit_refusal(assoc, "source address not in node.allowed_hosts")
             return
         refusal = self._slots.acquire(assoc, address)
         if refusal:
@@ -395,6 +409,11 @@ class StorageSCP:
                 REJECTED_TRANSIENT, SOURCE_PROVIDER_PRESENTATION, REASON_LOCAL_LIMIT
             )
             assoc.kill()
+            self._audit_refusal(assoc, refusal)
+
+    def _audit_refusal(self, assoc: Association, reason: str) -> None:
+        calling = assoc.requestor.primitive.calling_ae_title
+        self.audit.on_association_refused(str(calling).strip(), assoc.requestor.address, reason)
 
     def handle_released(self, event: evt.Event) -> None:
         """A normal release: hand the series this association stored to ``on_released``.
@@ -405,8 +424,15 @@ class StorageSCP:
         carried is then no longer "open" when the node looks.
         """
         series = self._forget_association(event)
+        req = event.assoc.requestor
+        self._audit_ledger.ended(event.assoc, req.ae_title, req.address, aborted=False)
         if series and self.on_released is not None:
             self.on_released(series)
+
+    def _aborted(self, event: evt.Event) -> None:
+        self._forget_association(event)
+        req = event.assoc.requestor
+        self._audit_ledger.ended(event.assoc, req.ae_title, req.address, aborted=True)
 
     def _forget_association(self, event: evt.Event) -> dict[str, set[str]]:
         """Drop the bookkeeping of an association that ended (aborts: nothing more)."""
@@ -447,6 +473,7 @@ class StorageSCP:
             with self._carried_lock:
                 carried = self._carried.setdefault(event.assoc, {})
                 carried.setdefault(outcome.series_uid, set()).add(outcome.sop_uid)
+            self._audit_ledger.stored(event.assoc, outcome.dataset)
         if self.on_stored is not None:
             self.on_stored(outcome)
         outcome.dataset = None  # observers are done with it: its pixel data may go

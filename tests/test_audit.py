@@ -383,3 +383,82 @@ def test_a_full_backlog_drops_the_oldest_and_says_so(certs, tmp_path, caplog):
 def test_participant_application_entity_names_the_ae_title():
     p = Participant.application_entity(" CT1 ", "10.0.0.1", Role.SOURCE, True)
     assert (p.user_id, p.alternative_user_id) == ("CT1", "AETITLES=CT1")
+
+
+# -- the SCP's hooks ------------------------------------------------------------------------
+def test_the_scp_audits_a_push_and_a_refused_association(schema, tmp_path, caplog):
+    """Through the node's real C-STORE SCP: a push of three slices gives one DICOM
+    Instances Transferred (C) naming the study, its 3 CT instances and the patient; an
+    association to another called AE title gives a Security Alert; all schema-valid, and
+    the patient's name is in the audit file only."""
+    import numpy as np
+    from pynetdicom import AE
+    from pynetdicom.sop_class import CTImageStorage, Verification
+
+    from dicom_node.config import settings_from_dict
+    from dicom_node.jobs import JobStore
+    from dicom_node.scp import StorageSCP
+    from dicom_node.spool import Spool
+    from dicom_node.synthetic import SeriesAttributes, ct_slice
+
+    port = free_port()
+    settings = settings_from_dict(
+        {
+            "node": {
+                "ae_title": "DICOM_NODE",
+                "host": "127.0.0.1",
+                "port": port,
+                "data_dir": str(tmp_path),
+            },
+            "limits": {"min_free_disk_mb": 1},
+        }
+    )
+    audit_file = tmp_path / "audit.log"
+    trail = AuditTrail(AuditLogger(AuditSettings(enabled=True), audit_file), "DICOM_NODE")
+    scp = StorageSCP(
+        settings, Spool(tmp_path / "spool"), JobStore(tmp_path / "j.sqlite"), audit=trail
+    )
+    attrs = SeriesAttributes(patient_name=PATIENT.name, patient_id=PATIENT.patient_id)
+    slices = [
+        ct_slice(
+            np.zeros((8, 8), np.int16), (0, 0, k), (1, 0, 0, 0, 1, 0), (1, 1), 1.0, k + 1, attrs
+        )  # fmt: skip
+        for k in range(3)
+    ]
+    with caplog.at_level(logging.DEBUG):
+        scp.start()
+        try:
+            ae = AE(ae_title="CT_SCANNER")
+            ae.add_requested_context(CTImageStorage)
+            ae.add_requested_context(Verification)
+            assoc = ae.associate("127.0.0.1", port, ae_title="DICOM_NODE")
+            assert assoc.is_established
+            assert [assoc.send_c_store(ds).Status for ds in slices] == [0, 0, 0]
+            assoc.release()
+            refused = ae.associate("127.0.0.1", port, ae_title="NOT_THE_NODE")
+            assert refused.is_rejected
+            deadline = time.monotonic() + 20
+            while len(audit_file.read_bytes().splitlines()) < 2:
+                assert time.monotonic() < deadline, audit_file.read_bytes()
+                time.sleep(0.05)
+        finally:
+            scp.stop()
+            trail.close()
+    messages = [lxml_etree.fromstring(x) for x in audit_file.read_bytes().splitlines()]
+    for doc in messages:
+        assert schema.validate(doc), schema.error_log
+    by_event = {d.find("EventIdentification/EventID").get("csd-code"): d for d in messages}
+    assert set(by_event) == {"110104", "110113"}
+    transfer = by_event["110104"]
+    assert transfer.find("EventIdentification").get("EventActionCode") == "C"
+    study = transfer.find("ParticipantObjectIdentification[@ParticipantObjectTypeCodeRole='3']")
+    assert study.get("ParticipantObjectID") == attrs.study_instance_uid
+    assert study.find("ParticipantObjectDescription/SOPClass").get("NumberOfInstances") == "3"
+    sender = transfer.find("ActiveParticipant[@UserIsRequestor='true']")
+    assert sender.get("UserID") == "CT_SCANNER"
+    assert sender.get("NetworkAccessPointID") == "127.0.0.1"
+    alert = by_event["110113"]
+    assert "Called AE title not recognised" in alert.findtext(
+        "EventIdentification/EventOutcomeDescription"
+    )
+    assert PATIENT.name not in caplog.text and PATIENT.patient_id not in caplog.text
