@@ -841,6 +841,9 @@ class AuditTrail:
         self.ae_title = ae_title
         self.address = address or socket.gethostname()
         self.source = AuditSource(f"{ae_title}@{socket.gethostname()}", site_id)
+        # refusals per (address, reason): the last message's time, refusals not reported since
+        self._refusals: dict[tuple[str, str], tuple[float, int]] = {}
+        self._refusals_lock = threading.Lock()
 
     @classmethod
     def from_settings(
@@ -921,7 +924,24 @@ class AuditTrail:
         )
 
     def on_association_refused(self, calling_ae: str | None, address: str, reason: str) -> None:
-        """A connection or association the node refused (address, AE title, limit, TLS)."""
+        """A connection or association the node refused (address, AE title, limit, TLS).
+
+        At most one message per address and reason a second, however fast a host floods;
+        the next one says how many refusals it stands for.
+        """
+        if self.logger is None:
+            return
+        now = time.monotonic()
+        with self._refusals_lock:
+            last, since = self._refusals.get((address, reason), (float("-inf"), 0))
+            if now - last < 1.0:
+                self._refusals[(address, reason)] = (last, since + 1)
+                return
+            self._refusals[(address, reason)] = (now, 0)
+            if len(self._refusals) > 10000:  # forget addresses not heard from for a minute
+                self._refusals = {k: v for k, v in self._refusals.items() if now - v[0] < 60}
+        if since:
+            reason = f"{reason} ({since} more refused since the last message)"
         performer = (
             Participant.application_entity(calling_ae, address, None, True)
             if calling_ae is not None

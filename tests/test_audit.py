@@ -462,3 +462,15 @@ def test_the_scp_audits_a_push_and_a_refused_association(schema, tmp_path, caplo
         "EventIdentification/EventOutcomeDescription"
     )
     assert PATIENT.name not in caplog.text and PATIENT.patient_id not in caplog.text
+
+
+def test_a_flood_of_refusals_is_one_message_a_second():
+    sink = _Collect()
+    trail = AuditTrail(sink, "DICOM_NODE")  # type: ignore[arg-type]
+    for _ in range(50):
+        trail.on_association_refused(None, "10.6.6.6", "limits.max_associations_per_address")
+    trail.on_association_refused(None, "10.6.6.7", "limits.max_associations_per_address")
+    assert len(sink.messages) == 2
+    trail._refusals[("10.6.6.6", "limits.max_associations_per_address")] = (-10.0, 49)
+    trail.on_association_refused(None, "10.6.6.6", "limits.max_associations_per_address")
+    assert sink.messages[-1].description.endswith("(49 more refused since the last message)")
