@@ -957,6 +957,20 @@ class AuditTrail:
             )
         )
 
+    def on_restricted_request(self, address: str, uri: str, reason: str) -> None:
+        """A web request for something the node does not serve to it (a path outside the
+        viewer's DICOMweb resources, another origin): Use of Restricted Function."""
+        self._log(
+            security_alert(
+                self.source,
+                self._node(None, False),
+                Participant(address or "(unknown)", True, address=address or None),
+                ParticipantObject.of_uri(uri[:1024] or "/"),
+                event_type=EventType.USE_OF_RESTRICTED_FUNCTION,
+                description=reason,
+            )
+        )
+
     # HTTP
     def on_login(self, user: str, address: str, accepted: bool, reason: str = "") -> None:
         """A request to the status pages with credentials: accepted or refused."""

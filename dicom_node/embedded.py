@@ -43,6 +43,7 @@ from pathlib import Path
 
 from flask import Flask, Response, request, send_from_directory
 
+from dicom_node.audit import AuditTrail, StudyRef
 from dicom_node.config import Destination, Settings
 
 log = logging.getLogger("dicom_node.embedded")
@@ -196,7 +197,12 @@ def viewer_config_js() -> str:
     return f"window.config = {text};\n"
 
 
-def viewer_app(viewer_dir: Path, orthanc_http_port: int, hosts: Sequence[str] = ()) -> Flask:
+def viewer_app(
+    viewer_dir: Path,
+    orthanc_http_port: int,
+    hosts: Sequence[str] = (),
+    audit: AuditTrail | None = None,
+) -> Flask:
     """The viewer's WSGI application: OHIF's files, its config, and the DICOMweb requests
     OHIF makes forwarded to Orthanc (:func:`dicomweb_target` says which).
 
@@ -207,6 +213,10 @@ def viewer_app(viewer_dir: Path, orthanc_http_port: int, hosts: Sequence[str] = 
     The forwarding is written here rather than taken from a library because it is one
     streamed request per call to a fixed loopback server, which ``http.client`` does in a
     few lines; the WSGI server is the waitress the status pages already use.
+
+    With ``audit``, a study's or series' metadata read through the viewer is a DICOM
+    Instances Accessed message (once per request for metadata, not per frame), and every
+    refused request a Security Alert (Use of Restricted Function).
     """
     root = Path(viewer_dir).resolve()
     app = Flask(__name__, static_folder=None)
@@ -227,6 +237,8 @@ def viewer_app(viewer_dir: Path, orthanc_http_port: int, hosts: Sequence[str] = 
         refusal = _cross_origin(names)
         if refusal:
             log.warning("viewer: %s %s refused: %s", request.method, _shown_path(), refusal)
+            if audit is not None:
+                audit.on_restricted_request(request.remote_addr or "", _shown_path(), refusal)
             return Response(refusal + "\n", status=403, mimetype="text/plain")
         target = dicomweb_target(
             request.method,
@@ -236,7 +248,11 @@ def viewer_app(viewer_dir: Path, orthanc_http_port: int, hosts: Sequence[str] = 
         )
         if isinstance(target, _Refused):
             log.warning("viewer: %s %s refused: %s", request.method, _shown_path(), target.reason)
+            if audit is not None:
+                audit.on_restricted_request(request.remote_addr or "", _shown_path(), target.reason)
             return Response(target.reason + "\n", status=target.status, mimetype="text/plain")
+        if audit is not None and (study := _metadata_study(request.path)):
+            audit.on_access("(viewer)", request.remote_addr or "", request.path, [StudyRef(study)])
         return _forward(orthanc_http_port, target)
 
     @app.get("/", defaults={"path": ""})
@@ -275,6 +291,15 @@ _STOW_TYPE = "multipart/related"
 #: What may not appear in a path, decoded once or as sent: dot segments, encoded slashes,
 #: backslashes, a second level of percent-encoding, control characters.
 _ENCODED_SEPARATOR = re.compile(r"%(2e|2f|5c|25|00)", re.IGNORECASE)
+
+
+_METADATA = re.compile(rf"/dicom-web/studies/({_UID})(/series/{_UID})?/metadata")
+
+
+def _metadata_study(path: str) -> str:
+    """The study whose (or whose series') metadata ``path`` reads, or ``""``."""
+    match = _METADATA.fullmatch(path)
+    return match.group(1) if match else ""
 
 
 class _Refused:

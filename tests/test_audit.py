@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import lxml.etree as lxml_etree  # a dev dependency: Relax NG validation
 import pytest
 
 from dicom_node.audit import (
@@ -36,8 +37,6 @@ from dicom_node.audit import (
     StudyRef,
 )
 from tests.peers import free_port
-
-lxml_etree = pytest.importorskip("lxml.etree")
 
 SCHEMA = Path(__file__).parent / "data" / "audit" / "audit-message.rng"
 PATIENT = PatientRef("PID-4711", "Doe^Jane")

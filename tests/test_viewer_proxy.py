@@ -325,3 +325,36 @@ def test_dicomweb_target(raw, decoded, expected):
         assert target.status == expected  # type: ignore[union-attr]
     else:
         assert target == expected
+
+
+def test_the_proxy_audits_reads_and_refusals(pacs, tmp_path):
+    """With an audit trail, a study's metadata read through the viewer is a DICOM Instances
+    Accessed message and a refused request a Security Alert (Use of Restricted Function),
+    both valid against the PS3.15 schema."""
+    import lxml.etree as etree
+
+    from dicom_node.audit import AuditLogger, AuditSettings, AuditTrail
+    from dicom_node.embedded import viewer_app
+
+    schema = etree.RelaxNG(etree.parse(str(Path(__file__).parent / "data/audit/audit-message.rng")))
+    audit_file = tmp_path / "audit.log"
+    trail = AuditTrail(AuditLogger(AuditSettings(enabled=True), audit_file), "DICOM_NODE")
+    app = viewer_app(tmp_path, pacs.http_port, audit=trail)
+    client = app.test_client()
+    study = pacs.study
+    series_rsp = client.get(f"/dicom-web/studies/{study}/series", base_url="http://127.0.0.1")
+    series = series_rsp.get_json()[0]["0020000E"]["Value"][0]
+    metadata = f"/dicom-web/studies/{study}/series/{series}/metadata"
+    assert client.get(metadata, base_url="http://127.0.0.1").status_code == 200
+    assert client.get("/dicom-web/system", base_url="http://127.0.0.1").status_code == 404
+    trail.close()
+    docs = [etree.fromstring(x) for x in audit_file.read_bytes().splitlines()]
+    for doc in docs:
+        assert schema.validate(doc), schema.error_log
+    events = [
+        (d.find("EventIdentification/EventID").get("csd-code"),
+         [t.get("csd-code") for t in d.findall("EventIdentification/EventTypeCode")])
+        for d in docs
+    ]  # fmt: skip
+    assert events == [("110103", []), ("110113", ["110132"])]
+    assert docs[0].find("ParticipantObjectIdentification").get("ParticipantObjectID") == study
