@@ -4,7 +4,7 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 CONFIG  ?= config/node.toml
-APT_PKGS := dcmtk orthanc orthanc-dicomweb dicom3tools chromium chromium-driver
+APT_PKGS := dcmtk orthanc orthanc-dicomweb dicom3tools chromium chromium-driver rsyslog rsyslog-gnutls
 # The OHIF viewer the node serves in front of its embedded Orthanc: the prebuilt dist/ of the
 # pinned npm package, unpacked into an ignored folder (npm checks the tarball's integrity).
 OHIF_VERSION := 3.13.2

@@ -15,6 +15,9 @@ looking for one setting would look in several files.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
+import math
+import os
 import re
 import sys
 import types
@@ -68,6 +71,31 @@ def tcp_port(default: int, any_free: bool = False) -> Any:
     return field(default=default, metadata={"port": 0 if any_free else 1})
 
 
+def finite(default: float) -> Any:
+    """A number field of any finite value (TOML also has ``nan`` and ``inf``)."""
+    return field(default=default, metadata={"finite": True})
+
+
+def existing(kind: str, default: Any = dataclasses.MISSING) -> Any:
+    """A path field naming a ``"file"`` (readable) or ``"dir"`` that must exist when set;
+    checked once relative paths are resolved (:func:`check_paths`)."""
+    return field(default=default, metadata={"exists": kind})
+
+
+def address(default: str = "", optional: bool = False) -> Any:
+    """A host: an IP address or a DNS name (``optional``: or empty)."""
+    return field(default=default, metadata={"address": "optional" if optional else "required"})
+
+
+def networks() -> Any:
+    """A list of IP addresses or networks in CIDR notation (``10.0.0.0/8``)."""
+    return field(default_factory=list, metadata={"networks": True})
+
+
+#: A label of a DNS name (RFC 1123), for ``address`` fields that are not IP addresses.
+_HOST_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+
+
 def _quoted(options: tuple[str, ...], notes: dict[str, str]) -> str:
     words = [f"{o!r} ({notes[o]})" if o in notes else repr(o) for o in options]
     return ", ".join(words[:-1]) + " or " + words[-1]
@@ -75,6 +103,20 @@ def _quoted(options: tuple[str, ...], notes: dict[str, str]) -> str:
 
 def _check_field(value: Any, meta: Any, key: str) -> None:
     """The one validator of declared constraints, with the node's wording for each."""
+    numeric = {"at_least", "positive", "finite", "port"} & set(meta)
+    if numeric and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}: must be a finite number, not {value}")
+    if "address" in meta and (value or meta["address"] == "required"):
+        if not _is_address(value):
+            raise ConfigError(f"{key}: {value!r} is not an IP address or host name")
+    if meta.get("networks"):
+        for i, entry in enumerate(value):
+            try:
+                ipaddress.ip_network(entry.strip(), strict=False)
+            except ValueError:
+                raise ConfigError(
+                    f"{key}[{i}]: {entry!r} is not an IP address or network"
+                ) from None
     if "one_of" in meta and value not in meta["one_of"]:
         raise ConfigError(f"{key}: must be {_quoted(meta['one_of'], meta['notes'])}")
     if "at_least" in meta and value < meta["at_least"]:
@@ -87,12 +129,39 @@ def _check_field(value: Any, meta: Any, key: str) -> None:
         raise ConfigError(f"{key}: {value} is not a TCP port")
 
 
+def _is_address(value: str) -> bool:
+    try:
+        ipaddress.ip_address(value.strip("[]"))
+        return True
+    except ValueError:
+        labels = value.removesuffix(".").split(".")
+        return len(value) <= 253 and all(_HOST_LABEL.match(label) for label in labels)
+
+
+def _check_path(value: Path | None, kind: str, key: str) -> None:
+    """An ``existing`` constraint, on a resolved path."""
+    if value is None:
+        return
+    if kind == "dir" and not value.is_dir():
+        raise ConfigError(f"{key}: {value} is not a folder")
+    if kind == "file" and not (value.is_file() and os.access(value, os.R_OK)):
+        what = "cannot be read" if value.is_file() else "is not a file"
+        raise ConfigError(f"{key}: {value} {what}")
+
+
+def check_paths(section: Any, key: str) -> None:
+    """Every ``existing`` field of a settings section (a dataclass), paths resolved."""
+    for f in dataclasses.fields(section):
+        if "exists" in f.metadata:
+            _check_path(getattr(section, f.name), f.metadata["exists"], f"{key}.{f.name}")
+
+
 @dataclass(frozen=True)
 class NodeSettings:
     """Identity and storage of the node's own application entity."""
 
     ae_title: str = "DICOM_NODE"
-    host: str = "0.0.0.0"
+    host: str = address("0.0.0.0")
     port: int = tcp_port(11112)
     data_dir: Path = Path("var")
     settle_seconds: float = at_least(10.0, 0)
@@ -101,7 +170,7 @@ class NodeSettings:
     #: remains the rule for everything else.
     complete_on_release: bool = True
     allowed_calling_aes: list[str] = field(default_factory=list)
-    allowed_hosts: list[str] = field(default_factory=list)
+    allowed_hosts: list[str] = networks()
     require_called_ae: bool = True
     #: "refuse": other storage SOP classes are rejected in negotiation;
     #: "fail": they are negotiated and each C-STORE is answered with a failure status.
@@ -114,13 +183,24 @@ class NodeSettings:
 class LimitSettings:
     """Bounds that keep one misbehaving peer from taking the node down."""
 
-    max_associations: int = 16
+    #: Associations at once. A slot is taken when an association is requested (a bare or
+    #: trickling connection takes none) and given back when it ends or is refused.
+    max_associations: int = at_least(16, 1)
     #: Connections one source address may hold at once (negotiating or associated); more
     #: are rejected at once (transient, local limit exceeded). 0: no limit but the above.
     max_associations_per_address: int = at_least(12, 0, "0: no limit")
-    acse_timeout: float = 30.0
-    dimse_timeout: float = 60.0
-    network_timeout: float = 60.0
+    #: Slots kept for source addresses that hold none: an address already holding an
+    #: association gets another only while more than this many are free.
+    reserved_associations: int = at_least(4, 0)
+    #: An association that stored nothing for this long (a C-ECHO does not count) is
+    #: aborted, so that idle peers give their slots back long before network_timeout.
+    idle_timeout_seconds: float = positive(20.0)
+    #: Connections not yet associated (TLS handshake, A-ASSOCIATE-RQ under way), all
+    #: addresses together; more are rejected at once, before anything they sent is read.
+    max_pending_connections: int = at_least(64, 1)
+    acse_timeout: float = positive(30.0)
+    dimse_timeout: float = positive(60.0)
+    network_timeout: float = positive(60.0)
     #: From accept to association established (TLS handshake and A-ASSOCIATE-RQ), in all:
     #: a peer trickling bytes cannot hold a slot longer than this.
     association_deadline_seconds: float = positive(30.0)
@@ -129,14 +209,14 @@ class LimitSettings:
     message_deadline_seconds: float = positive(600.0)
     #: Also enforced as P-DATA arrives: a data set growing past it aborts the association
     #: before more of it is read into memory.
-    max_instance_bytes: int = 512 * 1024 * 1024
-    max_instances_per_series: int = 5000
-    min_free_disk_mb: int = 1024
+    max_instance_bytes: int = positive(512 * 1024 * 1024)
+    max_instances_per_series: int = positive(5000)
+    min_free_disk_mb: int = at_least(1024, 0)
     #: Free space kept for recording (job database, acknowledgement journal, logs): results
     #: are not written below it. Keep it under ``min_free_disk_mb``, where intake stops.
     reserved_disk_mb: int = at_least(64, 0)
     min_slices: int = at_least(3, 1)
-    max_rows_columns: int = 4096
+    max_rows_columns: int = positive(4096)
 
 
 @dataclass(frozen=True)
@@ -144,11 +224,11 @@ class TLSSettings:
     """DICOM TLS (PS3.15 B.1) for the SCP and for exports to destinations with ``tls``."""
 
     enabled: bool = False
-    certificate: Path | None = None
-    private_key: Path | None = None
+    certificate: Path | None = existing("file", None)
+    private_key: Path | None = existing("file", None)
     #: CA bundle that peers' certificates must chain to (client certs on the SCP, server
     #: certs on exports).
-    ca_certificates: Path | None = None
+    ca_certificates: Path | None = existing("file", None)
     require_client_certificate: bool = False
 
 
@@ -169,15 +249,15 @@ class InferenceSettings:
     #: "auto" (shared memory when the server is on this host), "grpc" or "shm".
     transport: str = one_of("auto", "grpc", "shm", "cuda_shm")
     device: str = one_of("auto", "cpu", "cuda")
-    timeout_seconds: float = 600.0
-    startup_timeout_seconds: float = 180.0
+    timeout_seconds: float = positive(600.0)
+    startup_timeout_seconds: float = positive(180.0)
     attempts: int = at_least(3, 1)
-    retry_backoff_seconds: float = 5.0
+    retry_backoff_seconds: float = at_least(5.0, 0)
     #: Series processed at once; Triton batches and schedules their requests on the GPU.
-    max_concurrent_jobs: int = 2
-    grpc_port: int = 8001
-    http_port: int = 8000
-    metrics_port: int = 8002
+    max_concurrent_jobs: int = at_least(2, 1)
+    grpc_port: int = tcp_port(8001)
+    http_port: int = tcp_port(8000)
+    metrics_port: int = tcp_port(8002)
 
 
 @dataclass(frozen=True)
@@ -213,7 +293,7 @@ class StatusSettings:
     """
 
     enabled: bool = False
-    host: str = "127.0.0.1"
+    host: str = address("127.0.0.1")
     #: 0: any free port (tests).
     port: int = tcp_port(8080, any_free=True)
     #: "none", "basic" or "bearer": HTTP authentication of every page but /healthz and
@@ -221,7 +301,7 @@ class StatusSettings:
     auth: str = one_of("none", "basic", "bearer")
     #: Where the secret is (never in this file): ``user:password`` for basic, the token
     #: for bearer (:mod:`dicom_node.common.credentials`).
-    credentials_file: Path | None = None
+    credentials_file: Path | None = existing("file", None)
     credentials_env: str = ""
 
 
@@ -232,12 +312,12 @@ class RetentionSettings:
 
     #: Delete a finished series' spool files and results this many days after it finished
     #: (0: keep forever).
-    days: float = 0.0
+    days: float = at_least(0.0, 0)
     #: Delete the oldest finished series while the spool and results hold more than this
     #: (0: no limit).
-    max_bytes: int = 0
+    max_bytes: int = at_least(0, 0)
     #: How often the policy is applied.
-    interval_seconds: float = 3600.0
+    interval_seconds: float = positive(3600.0)
 
 
 @dataclass(frozen=True)
@@ -250,7 +330,7 @@ class ModelSettings:
     """
 
     name: str
-    bundle: Path
+    bundle: Path = existing("dir")
     triton_model: str = ""
 
 
@@ -311,7 +391,7 @@ class EmbeddedSettings:
     """
 
     #: Where the viewer (OHIF, with ``/dicom-web`` on the same origin) is served.
-    viewer_host: str = "127.0.0.1"
+    viewer_host: str = address("127.0.0.1")
     viewer_port: int = tcp_port(3000, any_free=True)
     #: Orthanc's own HTTP port (REST and DICOMweb), reached by the viewer through the node.
     orthanc_http_port: int = tcp_port(8042)
@@ -320,7 +400,35 @@ class EmbeddedSettings:
     orthanc_executable: str = "Orthanc"
     dicomweb_plugin: Path = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
     #: Orthanc must answer on its ports within this many seconds of its start.
-    startup_timeout_seconds: float = 60.0
+    startup_timeout_seconds: float = positive(60.0)
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    """``[audit]``: DICOM audit messages (PS3.15 A.5) to a file and a syslog collector
+    (:mod:`dicom_node.service.audit`).
+
+    ``file`` is relative to ``data_dir`` unless absolute. With ``syslog_host`` empty only
+    the file is written. ``transport = "tls"`` (RFC 5425, the ATNA port 6514) verifies the
+    collector against ``ca_certificates`` (the system's CAs when not given) and presents
+    ``certificate`` and ``private_key`` when given; ``"udp"`` (RFC 5426, port 514) sends each
+    message in one datagram, which a collector may cut past 2048 bytes.
+    """
+
+    enabled: bool = False
+    file: Path = Path("logs/audit.log")
+    syslog_host: str = address("", optional=True)
+    syslog_port: int = tcp_port(6514)
+    transport: str = one_of("tls", "udp")
+    ca_certificates: Path | None = existing("file", None)
+    certificate: Path | None = existing("file", None)
+    private_key: Path | None = existing("file", None)
+    #: APP-NAME of the syslog messages.
+    app_name: str = "dicom-node"
+    #: AuditEnterpriseSiteID: the site (hospital) the node belongs to, if set.
+    site_id: str = ""
+    #: Messages kept for the collector while it does not answer; the oldest go first.
+    backlog: int = at_least(10000, 1)
 
 
 @dataclass(frozen=True)
@@ -340,6 +448,7 @@ class Settings:
     routes: list[Route] = field(default_factory=list)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     embedded: EmbeddedSettings = field(default_factory=EmbeddedSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
     #: Directory the relative paths of the config are resolved against.
     base_dir: Path = Path(".")
 
@@ -475,8 +584,8 @@ def _validate(s: Settings) -> None:
             ) from None
         for rng in ("slice_thickness", "slice_count"):
             value = getattr(r, rng)
-            if value and (len(value) != 2 or value[0] > value[1]):
-                raise ConfigError(f"{key}.{rng}: must be [min, max]")
+            if value and (len(value) != 2 or not value[0] <= value[1] < math.inf):
+                raise ConfigError(f"{key}.{rng}: must be [min, max], finite")
 
 
 def _validate_embedded(s: Settings) -> None:
@@ -534,6 +643,7 @@ def settings_from_dict(raw: dict[str, Any], base_dir: Path = Path(".")) -> Setti
         "routes",
         "retention",
         "embedded",
+        "audit",
     }
     unknown = sorted(set(raw) - known)
     if unknown:
@@ -553,6 +663,7 @@ def settings_from_dict(raw: dict[str, Any], base_dir: Path = Path(".")) -> Setti
         routes=[_build(Route, r, f"routes[{i}]") for i, r in enumerate(_array(raw, "routes"))],
         retention=_build(RetentionSettings, raw.get("retention", {}), "retention"),
         embedded=_build(EmbeddedSettings, raw.get("embedded", {}), "embedded"),
+        audit=_build(AuditSettings, raw.get("audit", {}), "audit"),
         base_dir=base_dir,
     )
     _validate(s)
@@ -584,9 +695,18 @@ def settings_from_dict(raw: dict[str, Any], base_dir: Path = Path(".")) -> Setti
             if getattr(tls, k)
         },
     )
+    audit = dataclasses.replace(
+        s.audit,
+        **{
+            k: _resolve(getattr(s.audit, k), base_dir).resolve()
+            for k in ("certificate", "private_key", "ca_certificates")
+            if getattr(s.audit, k)
+        },
+    )
     models = s.models or [ModelSettings(name=inf.model, triton_model=inf.model, bundle=inf.bundle)]
     return s.replace(
         tls=tls,
+        audit=audit,
         destinations=destinations,
         status=status,
         models=[
@@ -604,6 +724,30 @@ def settings_from_dict(raw: dict[str, Any], base_dir: Path = Path(".")) -> Setti
     )
 
 
+def check_files(s: Settings, models_listed: bool = True) -> None:
+    """Raise :class:`ConfigError` unless the files and folders the settings name exist
+    (``existing`` fields, paths resolved), and the model repository where the node serves
+    hand-written Triton models from it.
+
+    Apart from :func:`settings_from_dict`, which only reads values, so that settings can be
+    built for a machine other than this one; :func:`load_settings` calls both.
+    ``models_listed``: the models came from ``[[models]]``, not ``[inference]``.
+    """
+    for name in ("tls", "status", "audit"):
+        check_paths(getattr(s, name), name)
+    for i, d in enumerate(s.destinations):
+        check_paths(d, f"destinations[{i}]")
+    for i, m in enumerate(s.models):
+        if models_listed:
+            check_paths(m, f"models[{i}]")
+        else:
+            _check_path(m.bundle, "dir", "inference.bundle")
+    inf = s.inference
+    serves_repository = inf.backend == "triton" and not inf.triton_url
+    if serves_repository and any(m.triton_model for m in s.models):
+        _check_path(inf.model_repository, "dir", "inference.model_repository")
+
+
 def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
     """Read ``path`` (the shipped default when ``None``) and apply command-line overrides.
 
@@ -617,12 +761,22 @@ def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
             raw = tomllib.load(fh)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} does not exist") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte {exc.start}); TOML files are UTF-8"
+        ) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from None
     base = PROJECT_ROOT
+    if not isinstance(raw.get("node", {}), dict):
+        raise ConfigError("[node] must be a table")
     node = dict(raw.get("node", {}))
     for key, value in overrides.items():
         if value is not None:
             node[key] = str(value) if isinstance(value, Path) else value
     raw["node"] = node
-    return settings_from_dict(raw, base_dir=base)
+    settings = settings_from_dict(raw, base_dir=base)
+    check_files(settings, models_listed=bool(raw.get("models")))
+    return settings

@@ -143,3 +143,23 @@ def sr_volumes_ml(sr_path: Path) -> list[float]:
         (m,) = group.get_measurements(name=codes.SCT.Volume)
         out.append(float(m.value))
     return out
+
+
+#: The DICOM Audit Message Schema (PS3.15 A.5.1), vendored with the tests (its README).
+AUDIT_SCHEMA = Path(__file__).parent / "data" / "audit" / "audit-message.rng"
+
+
+def audit_schema():
+    """The audit message schema as lxml's Relax NG validator."""
+    import lxml.etree  # a dev dependency: Relax NG validation
+
+    return lxml.etree.RelaxNG(lxml.etree.parse(str(AUDIT_SCHEMA)))
+
+
+def assert_audit_valid(schema, xml: bytes) -> None:
+    """Fail, with the schema's complaint and the message, unless ``xml`` is a valid
+    DICOM audit message."""
+    import lxml.etree
+
+    doc = lxml.etree.fromstring(xml)
+    assert schema.validate(doc), f"{schema.error_log}\n{xml.decode()}"

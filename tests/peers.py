@@ -490,3 +490,102 @@ def chromium(*args: str, profile: Path) -> subprocess.CompletedProcess:
         timeout=120,
         check=False,
     )
+
+
+# -- a syslog collector for the audit trail ---------------------------------------------------
+RSYSLOGD = shutil.which("rsyslogd") or "/usr/sbin/rsyslogd"
+
+
+def _openssl(*args: str) -> None:
+    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+
+def audit_certificates(d: Path) -> dict[str, Path]:
+    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate (keys
+    ``ca``, ``server_cert``, ``server_key``, ``client_cert``, ``client_key``)."""
+    ca_key, ca = d / "ca.key", d / "ca.pem"
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out",
+             str(ca), "-days", "2", "-subj", "/CN=audit test CA")  # fmt: skip
+    out = {"ca": ca}
+    for name in ("server", "client"):
+        key, csr, cert, ext = (d / f"{name}.{s}" for s in ("key", "csr", "pem", "ext"))
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr),
+                 "-subj", f"/CN={name}")  # fmt: skip
+        ext.write_text(
+            "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+            f"extendedKeyUsage={'serverAuth' if name == 'server' else 'clientAuth'}\n"
+        )
+        _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
+                 "-CAcreateserial", "-out", str(cert), "-days", "2", "-extfile", str(ext))  # fmt: skip
+        out[f"{name}_key"], out[f"{name}_cert"] = key, cert
+    return out
+
+
+class Rsyslog:
+    """A Debian rsyslogd in the foreground: TLS (RFC 5425, gtls, client certificates
+    required) and UDP (RFC 5426) inputs on loopback ports, every message written raw, one
+    per line, to :attr:`received`."""
+
+    def __init__(self, work: Path, certs: dict[str, Path], tls_port: int, udp_port: int) -> None:
+        self.work = work
+        self.received = work / "received.log"
+        self.tls_port, self.udp_port = tls_port, udp_port
+        work.mkdir(parents=True, exist_ok=True)
+        (work / "spool").mkdir(exist_ok=True)
+        self.conf = work / "rsyslog.conf"
+        self.conf.write_text(
+            f"""
+global(maxMessageSize="64k" workDirectory="{work / "spool"}"
+       defaultNetstreamDriver="gtls"
+       defaultNetstreamDriverCAFile="{certs["ca"]}"
+       defaultNetstreamDriverCertFile="{certs["server_cert"]}"
+       defaultNetstreamDriverKeyFile="{certs["server_key"]}")
+module(load="imtcp" streamDriver.name="gtls" streamDriver.mode="1"
+       streamDriver.authMode="x509/certvalid")
+input(type="imtcp" port="{tls_port}" address="127.0.0.1")
+module(load="imudp")
+input(type="imudp" port="{udp_port}" address="127.0.0.1")
+template(name="raw" type="string" string="%rawmsg%\\n")
+*.* action(type="omfile" file="{self.received}" template="raw")
+"""
+        )
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> Rsyslog:
+        if not Path(RSYSLOGD).exists():
+            pytest.fail("rsyslogd is not installed (make install installs rsyslog rsyslog-gnutls)")
+        self.proc = subprocess.Popen(
+            [RSYSLOGD, "-n", "-f", str(self.conf), "-i", str(self.work / "rsyslogd.pid")],
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.work / "rsyslogd.err", "wb"),  # noqa: SIM115
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, (self.work / "rsyslogd.err").read_text()
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.tls_port)) == 0:
+                    return self
+            time.sleep(0.05)
+        raise AssertionError("rsyslogd did not listen")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def lines(self) -> list[bytes]:
+        try:
+            return [x for x in self.received.read_bytes().split(b"\n") if x]
+        except FileNotFoundError:
+            return []
+
+    def wait_for(self, count: int, timeout: float = 30.0) -> list[bytes]:
+        """The lines received, once there are ``count`` (or ``timeout`` passed)."""
+        deadline = time.monotonic() + timeout
+        while len(lines := self.lines()) < count and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return lines

@@ -29,8 +29,17 @@ which
 A failed read is an ``OSError`` to pynetdicom, which closes the connection as it does for a
 peer that hung up. :class:`AddressLimiter` counts connections per source address from the
 moment they are accepted, so that one address cannot take every slot
-(``max_associations_per_address``); one over the limit gets an A-ASSOCIATE-RJ (transient,
-local limit exceeded) without anything it sent being read.
+(``max_associations_per_address``); one over the limit, or over ``max_pending_connections``
+not yet associated in all, gets an A-ASSOCIATE-RJ (transient, local limit exceeded) without
+anything it sent being read, and its thread ends at once.
+
+Association slots (``max_associations``) are the node's, not pynetdicom's: pynetdicom counts
+every live acceptor thread against ``maximum_associations``, so connections that never sent
+a request, and connections already refused (whose threads wait out ``acse_timeout``), kept
+everyone else out. :class:`AssociationSlots` gives a slot when an association is requested
+and takes it back when it ends or is refused; an address that already holds one gets
+another only while more than ``reserved_associations`` are free; and an association that
+has stored nothing for ``idle_timeout_seconds`` (a C-ECHO does not count) is aborted.
 
 The network allow-list (``[node] allowed_hosts``, :func:`allowed_networks` and
 :func:`address_allowed`) lives here too, with the other rules on peer addresses.
@@ -120,6 +129,11 @@ class GuardedReader:
         self._message_bytes = 0  # P-DATA fragment bytes of the message under way
         self._message_started: float | None = None
         self._was_established = False  # after a release the association is not, either
+
+    @property
+    def receiving(self) -> bool:
+        """Whether part of a command set or data set has arrived and the rest is awaited."""
+        return self._message_bytes > 0
 
     # -- what pynetdicom calls -------------------------------------------------------------
     def __call__(self, nr_bytes: int) -> bytearray:
@@ -350,6 +364,16 @@ class AddressLimiter:
             for held in self._open.values():
                 held.discard(assoc)
 
+    def pending(self) -> int:
+        """Connections counted that are not (or no longer) associated and still alive."""
+        with self._lock:
+            return sum(
+                1
+                for held in self._open.values()
+                for a in held
+                if not a.is_established and (a.ident is None or a.is_alive())
+            )
+
     def _log_refusal(self, key: str, held: int) -> None:
         """One line per address and second, however fast it floods."""
         now = self._clock()
@@ -366,6 +390,121 @@ class AddressLimiter:
             more,
         )
         self._refused[key] = (now, 0)
+
+
+class AssociationSlots:
+    """The node's association slots: taken at the request, given back at the end.
+
+    ``acquire`` is called when an A-ASSOCIATE-RQ has arrived (``EVT_REQUESTED``), before
+    negotiation; ``release`` when the association ends, is refused or its connection
+    closes (each is safe to call more than once). ``touch`` marks work (a C-STORE), and
+    :meth:`idle` names the associations that did none for ``idle_seconds``.
+    """
+
+    def __init__(
+        self, total: int, reserved: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.total = total
+        self.reserved = min(reserved, max(total - 1, 0))
+        self._clock = clock
+        self._held: dict[Association, tuple[str, float]] = {}  # address key, last work
+        self._busy: dict[Association, int] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, assoc: Association, address: str) -> str:
+        """Take a slot for ``assoc``; ``""``, or why not (the log line's reason)."""
+        key = _address_key(address)
+        with self._lock:
+            for other in [a for a in self._held if a.ident is not None and not a.is_alive()]:
+                del self._held[other]
+            if assoc in self._held:
+                return ""
+            free = self.total - len(self._held)
+            mine = sum(1 for k, _ in self._held.values() if k == key)
+            if free <= 0:
+                return f"all {self.total} association slots are held (limits.max_associations)"
+            if mine and free <= self.reserved:
+                return (
+                    f"{key} holds {mine} association(s) and the {free} free slot(s) are kept "
+                    "for other addresses (limits.reserved_associations)"
+                )
+            self._held[assoc] = (key, self._clock())
+            return ""
+
+    def release(self, assoc: Association) -> None:
+        with self._lock:
+            self._held.pop(assoc, None)
+            self._busy.pop(assoc, None)
+
+    def held(self) -> int:
+        with self._lock:
+            return len(self._held)
+
+    def touch(self, assoc: Association, busy: bool) -> None:
+        """Work on ``assoc`` begins (``busy``) or ends: its idle time starts again."""
+        with self._lock:
+            if assoc not in self._held:
+                return
+            key, _ = self._held[assoc]
+            self._held[assoc] = (key, self._clock())
+            count = self._busy.get(assoc, 0) + (1 if busy else -1)
+            if count > 0:
+                self._busy[assoc] = count
+            else:
+                self._busy.pop(assoc, None)
+
+    def idle(self, idle_seconds: float) -> list[Association]:
+        """Established associations with no work for ``idle_seconds`` and nothing arriving."""
+        now = self._clock()
+        with self._lock:
+            candidates = [
+                a
+                for a, (_, last) in self._held.items()
+                if now - last > idle_seconds and a not in self._busy and a.is_established
+            ]
+        return [a for a in candidates if not _receiving(a)]
+
+
+def _receiving(assoc: Association) -> bool:
+    assoc_socket = assoc.dul.socket
+    reader = getattr(assoc_socket, "recv", None) if assoc_socket is not None else None
+    return isinstance(reader, GuardedReader) and reader.receiving
+
+
+class IdleReaper:
+    """A thread that aborts the associations :meth:`AssociationSlots.idle` names."""
+
+    def __init__(self, slots: AssociationSlots, idle_seconds: float) -> None:
+        self.slots = slots
+        self.idle_seconds = idle_seconds
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dicom-node-idle", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        tick = min(1.0, self.idle_seconds / 4)
+        while not self._stop.wait(tick):
+            for assoc in self.slots.idle(self.idle_seconds):
+                req = assoc.requestor
+                log.warning(
+                    "association aborted: %r from %s stored nothing for %.0f s "
+                    "(limits.idle_timeout_seconds)",
+                    req.ae_title,
+                    req.address,
+                    self.idle_seconds,
+                )
+                self.slots.release(assoc)
+                try:
+                    assoc.abort()
+                except Exception as exc:  # an association ending by itself meanwhile
+                    log.debug("abort of an idle association: %s", exc)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
 
 
 def reject_unread(assoc_socket: AssociationSocket, sock: socket.socket) -> None:
@@ -390,6 +529,9 @@ def reject_unread(assoc_socket: AssociationSocket, sock: socket.socket) -> None:
     except OSError:
         pass
     assoc_socket.close()
+    # pynetdicom starts the association's thread after this, and it would wait out
+    # acse_timeout for a request that cannot come; with none left it ends at once.
+    assoc_socket.assoc.acse_timeout = 0
 
 
 def install(

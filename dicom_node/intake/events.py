@@ -1,9 +1,11 @@
 """What intake tells the stages after it.
 
-Two events leave intake: each C-STORE's outcome
-(:class:`~dicom_node.intake.storage.StoreOutcome`, which the streaming assembler and the
-metrics take) and each normal association release (:class:`AssociationReleased`, which
-completion takes). C-STORE handlers run before the peer is answered, release handlers after.
+Each C-STORE's outcome (:class:`~dicom_node.intake.storage.StoreOutcome`, which the
+streaming assembler, the metrics and the audit trail take) and each normal association
+release (:class:`AssociationReleased`, which completion takes). For the audit trail also:
+each association's end, released or aborted (:class:`AssociationEnded`), and each
+connection or association the node refused (:class:`AssociationRefused`). C-STORE handlers
+run before the peer is answered, the others after.
 """
 
 from __future__ import annotations
@@ -14,7 +16,13 @@ from dataclasses import dataclass
 from dicom_node.common.events import Events
 from dicom_node.intake.storage import StoreOutcome
 
-__all__ = ["AssociationReleased", "Events", "StoreOutcome"]
+__all__ = [
+    "AssociationEnded",
+    "AssociationRefused",
+    "AssociationReleased",
+    "Events",
+    "StoreOutcome",
+]
 
 
 @dataclass(frozen=True)
@@ -29,3 +37,30 @@ class AssociationReleased:
 
     carried: Mapping[str, frozenset[str]]
     still_open: frozenset[str]
+
+
+@dataclass(frozen=True)
+class AssociationEnded:
+    """An association ended, released or aborted (by either side, or its connection lost).
+
+    ``association`` is the key its instances' :class:`StoreOutcome` carried
+    (``StoreOutcome.association``); ``calling_ae`` and ``address`` name the peer.
+    """
+
+    association: int
+    calling_ae: str
+    address: str
+    aborted: bool
+
+
+@dataclass(frozen=True)
+class AssociationRefused:
+    """A connection or association the node refused, and why.
+
+    ``calling_ae`` is ``None`` where the refusal came before the peer's request was read
+    (a connection over a limit, a failed TLS handshake).
+    """
+
+    address: str
+    calling_ae: str | None
+    reason: str

@@ -12,6 +12,22 @@ here name the attribute and say what is wrong with it, and run twice:
   spooled before these checks existed fail their job with the same reason before inference.
 
 What only a series can show (two Frames of Reference, mixed sizes) is checked at assembly.
+
+Beyond finite, the geometry and rescale values must be physically possible, or a series of
+them gives a volume of nothing (a Pixel Spacing of 1e30 mm makes every organ 0.0 mL, one of
+1e-30 mm a volume no network sees anything in). The bounds, and what they rest on:
+
+* a length (Pixel Spacing, Slice Thickness, Spacing Between Slices) from 1 µm, the finest
+  micro-CT voxels, to 1 m: no CT reconstructs a field of view, nor covers along the table
+  in one slice, anything near it (clinical fields of view reach 700 mm, wide detectors
+  160 mm);
+* a position within 100 m of the Frame of Reference's origin: scanners put that origin at
+  the table or the isocentre, a few metres at most from any slice, and at 100 m a float32
+  (as MONAI keeps an affine) still resolves 0.008 mm;
+* a modality LUT that spans at least 1 HU over the stored range: the Hounsfield scale puts
+  air at -1000 and water at 0 and CT noise is several HU, so an image whose every stored
+  value rescales into less than one HU (a Rescale Slope of 1e-300) carries no CT at all;
+  and none beyond 1,000,000 HU.
 """
 
 from __future__ import annotations
@@ -24,6 +40,13 @@ from pydicom.dataset import Dataset
 #: A rescaled CT value beyond this is no Hounsfield unit (metal artefact reduction and
 #: extended scales reach some 30,000 HU).
 MAX_ABS_HU = 1_000_000.0
+#: The least span, in HU, of a stored range's rescaled values (see the module).
+MIN_RESCALED_SPAN_HU = 1.0
+#: Pixel Spacing, Slice Thickness and Spacing Between Slices, in mm (see the module).
+MIN_LENGTH_MM = 1e-3
+MAX_LENGTH_MM = 1000.0
+#: Image Position (Patient): no coordinate beyond this, in mm (see the module).
+MAX_POSITION_MM = 100_000.0
 #: Image Orientation (Patient): direction cosines unit length and orthogonal within this.
 _COSINE_TOLERANCE = 1e-3
 
@@ -102,18 +125,34 @@ def check_pixel_values(ds: Dataset) -> None:
                 f"RescaleSlope {s:g}, RescaleIntercept {b:g}: {stored}-bit pixels "
                 f"rescale beyond {MAX_ABS_HU:g} HU"
             )
+        span = abs(s) * (high - low)
+        if span < MIN_RESCALED_SPAN_HU:
+            raise InvalidValue(
+                f"RescaleSlope {s:g}: every {stored}-bit pixel rescales into {span:.2g} HU, "
+                f"less than {MIN_RESCALED_SPAN_HU:g} HU"
+            )
 
 
 def check_geometry_values(ds: Dataset) -> None:
-    """Pixel Spacing, Image Orientation (Patient) and Image Position (Patient), where
-    present (top level or in the functional groups): finite, spacing positive,
-    orientation two orthogonal unit vectors."""
+    """Pixel Spacing, Slice Thickness, Spacing Between Slices, Image Orientation (Patient)
+    and Image Position (Patient), where present (top level or in the functional groups):
+    finite, lengths and positions within physical bounds (see the module), orientation two
+    orthogonal unit vectors."""
     for group in _groups(ds):
         measures = _item(group, "PixelMeasuresSequence") if group is not ds else ds
         if measures is not None and measures.get("PixelSpacing") is not None:
             spacing = _numbers(measures.PixelSpacing, "PixelSpacing", 2)
             if min(spacing) <= 0:
                 raise InvalidValue(f"PixelSpacing ({spacing[0]:g}, {spacing[1]:g}) is not positive")
+            if not all(MIN_LENGTH_MM <= v <= MAX_LENGTH_MM for v in spacing):
+                raise InvalidValue(
+                    f"PixelSpacing ({spacing[0]:g}, {spacing[1]:g}) is outside "
+                    f"{MIN_LENGTH_MM:g}..{MAX_LENGTH_MM:g} mm"
+                )
+        if measures is not None:
+            for keyword in ("SliceThickness", "SpacingBetweenSlices"):
+                if measures.get(keyword) not in (None, ""):
+                    _check_length(measures.get(keyword), keyword)
         plane = _item(group, "PlaneOrientationSequence") if group is not ds else ds
         if plane is not None and plane.get("ImageOrientationPatient") is not None:
             cosines = _numbers(plane.ImageOrientationPatient, "ImageOrientationPatient", 6)
@@ -124,7 +163,21 @@ def check_geometry_values(ds: Dataset) -> None:
                 raise InvalidValue("ImageOrientationPatient is not two orthogonal unit vectors")
         position = _item(group, "PlanePositionSequence") if group is not ds else ds
         if position is not None and position.get("ImagePositionPatient") is not None:
-            _numbers(position.ImagePositionPatient, "ImagePositionPatient", 3)
+            xyz = _numbers(position.ImagePositionPatient, "ImagePositionPatient", 3)
+            if max(abs(v) for v in xyz) > MAX_POSITION_MM:
+                raise InvalidValue(
+                    f"ImagePositionPatient ({xyz[0]:g}, {xyz[1]:g}, {xyz[2]:g}) lies beyond "
+                    f"{MAX_POSITION_MM:g} mm of the origin"
+                )
+
+
+def _check_length(value: object, keyword: str) -> None:
+    """A slice thickness or spacing: finite, within MIN_LENGTH_MM..MAX_LENGTH_MM."""
+    length = _number(value, keyword)
+    if not MIN_LENGTH_MM <= length <= MAX_LENGTH_MM:
+        raise InvalidValue(
+            f"{keyword} {length:g} is outside {MIN_LENGTH_MM:g}..{MAX_LENGTH_MM:g} mm"
+        )
 
 
 def check_image_values(ds: Dataset) -> None:

@@ -12,12 +12,17 @@ complete (:mod:`dicom_node.series.completion`); each C-STORE's outcome is emitte
 
 Who may talk to the node is decided before any data set is read: DICOM TLS with optional
 client certificates (:mod:`dicom_node.common.tls`), the source address, the calling and called AE
-titles, and the number of concurrent associations, each refused with the A-ASSOCIATE-RJ
-reason of PS3.8 9.3.4, and the connections one source address may hold. Every connection
-is bounded in time and size as its bytes arrive (:mod:`dicom_node.intake.connections`): a silent
-peer frees its slot after ``network_timeout``, a trickling one after
-``association_deadline_seconds`` or ``message_deadline_seconds``, and a data set growing
-past ``max_instance_bytes`` aborts its association before the rest is read. Each
+titles, and the association slots, each refused with the A-ASSOCIATE-RJ reason of PS3.8 9.3.4,
+and the connections one source address may hold. The node counts its association slots
+itself (:class:`~dicom_node.intake.connections.AssociationSlots`): one is taken when a
+request arrives, so a connection that says nothing holds none, and an association that
+stores nothing for ``idle_timeout_seconds`` gives its slot back. Every connection is bounded
+in time and size as its bytes arrive (:mod:`dicom_node.intake.connections`): a trickling
+peer is cut off after ``association_deadline_seconds`` or ``message_deadline_seconds``, and
+a data set growing past ``max_instance_bytes`` aborts its association before the rest is
+read. Each refusal is emitted
+(:class:`~dicom_node.intake.events.AssociationRefused`) for the audit trail, as is each
+association's end (:class:`~dicom_node.intake.events.AssociationEnded`). Each
 association is tuned to answer without pynetdicom's polling delays
 (:mod:`dicom_node.intake.pynetdicom_tuning`). Patient names and IDs reach the log only with
 ``[node] log_patient_identifiers``.
@@ -68,7 +73,12 @@ from dicom_node.intake.checks import (
     StoreRefused,
     check_sop_class,
 )
-from dicom_node.intake.events import AssociationReleased, Events
+from dicom_node.intake.events import (
+    AssociationEnded,
+    AssociationRefused,
+    AssociationReleased,
+    Events,
+)
 from dicom_node.intake.pynetdicom_tuning import discard_partial, receive_to_files, tune_association
 from dicom_node.intake.received import Received
 from dicom_node.intake.spool import Spool
@@ -110,6 +120,14 @@ REASON_NO_REASON = 0x01
 
 #: Connections the kernel queues for the node to accept.
 LISTEN_BACKLOG = 128
+#: A-ASSOCIATE-RJ reason of a full node (PS3.8 9.3.4): transient, service-provider
+#: (presentation related), local limit exceeded.
+REJECTED_TRANSIENT = 0x02
+SOURCE_PROVIDER_PRESENTATION = 0x03
+REASON_LOCAL_LIMIT = 0x02
+#: Acceptor threads pynetdicom may count beyond the node's own limits: refused connections
+#: whose threads are ending.
+_THREAD_SLACK = 64
 
 
 class StorageSCP:
@@ -149,7 +167,12 @@ class StorageSCP:
         # Parsed (and TLS files loaded) here, so a bad [node]/[tls] value stops the node at
         # start-up with one sentence instead of at the first peer.
         self._networks = connections.allowed_networks(settings.node.allowed_hosts)
-        self._per_address = connections.AddressLimiter(settings.limits.max_associations_per_address)
+        limits = settings.limits
+        self._per_address = connections.AddressLimiter(limits.max_associations_per_address)
+        self._slots = connections.AssociationSlots(
+            limits.max_associations, limits.reserved_associations
+        )
+        self._reaper = connections.IdleReaper(self._slots, limits.idle_timeout_seconds)
         self._ssl_context = server_ssl_context(settings.tls) if settings.tls.enabled else None
         self.ae = self._make_ae()
         quiet_transport_log()
@@ -159,9 +182,13 @@ class StorageSCP:
         node, limits = self.settings.node, self.settings.limits
         ae = AE(ae_title=node.ae_title)
         # pynetdicom rejects beyond these itself, with the PS3.8 reasons: calling AE title
-        # not recognised (1, 1, 3), called AE title not recognised (1, 1, 7) and, past
-        # maximum_associations, transient local-limit-exceeded (2, 3, 2).
-        ae.maximum_associations = limits.max_associations
+        # not recognised (1, 1, 3) and called AE title not recognised (1, 1, 7). Association
+        # slots are counted by the node (handle_requested): pynetdicom counts every live
+        # acceptor thread, those of connections that never asked and of refused ones too,
+        # so its own limit is only a bound on threads here.
+        ae.maximum_associations = (
+            limits.max_associations + limits.max_pending_connections + _THREAD_SLACK
+        )
         ae.require_calling_aet = [a.strip() for a in node.allowed_calling_aes]
         ae.require_called_aet = node.require_called_ae
         ae.acse_timeout = limits.acse_timeout
@@ -191,8 +218,9 @@ class StorageSCP:
             (evt.EVT_RELEASED, self._log_assoc, ["released"]),
             (evt.EVT_ABORTED, self._log_assoc, ["aborted"]),
             (evt.EVT_RELEASED, self.handle_released),
-            (evt.EVT_ABORTED, self._forget_association),
+            (evt.EVT_ABORTED, self._aborted),
             (evt.EVT_REJECTED, self._log_rejected),
+            (evt.EVT_REJECTED, self._release_slot),
         ]
 
     def open_series(self) -> set[str]:
@@ -227,6 +255,7 @@ class StorageSCP:
         # later wait for the peer's SYN retry (1 s, then 3 s), however fast they would be
         # refused or served. Listening again only raises the backlog (Linux, BSD).
         self._server.socket.listen(LISTEN_BACKLOG)
+        self._reaper.start()
         log.info(
             "listening as %s on %s:%d%s",
             node.ae_title,
@@ -241,6 +270,7 @@ class StorageSCP:
         return self._server.server_address[1]
 
     def stop(self) -> None:
+        self._reaper.stop()
         if self._server is not None:
             self._server.shutdown()
             self._server = None
@@ -254,6 +284,7 @@ class StorageSCP:
 
     def _log_rejected(self, event: evt.Event) -> None:
         req, rj = event.assoc.requestor, event.assoc.acceptor.primitive
+        self._refused(event.assoc, f"{rj.reason_str} ({rj.result_str}, {rj.source_str})")
         log.warning(
             "association rejected (%s, %s): %s; %r calling %r from %s",
             rj.result_str,
@@ -287,6 +318,20 @@ class StorageSCP:
         limits = self.settings.limits
         address = str(event.address[0])
         if not self._per_address.admit(event.assoc, address):
+            self.events.emit(
+                AssociationRefused(address, None, "limits.max_associations_per_address")
+            )
+            connections.reject_unread(assoc_socket, sock)
+            return
+        if self._per_address.pending() > limits.max_pending_connections:
+            log.warning(
+                "association rejected (transient, local limit exceeded): %d connections "
+                "not yet associated (limits.max_pending_connections); %s refused",
+                limits.max_pending_connections,
+                address,
+            )
+            self._per_address.forget(event.assoc)
+            self.events.emit(AssociationRefused(address, None, "limits.max_pending_connections"))
             connections.reject_unread(assoc_socket, sock)
             return
         sock.settimeout(limits.network_timeout)
@@ -302,13 +347,20 @@ class StorageSCP:
             else:
                 reason = getattr(exc, "reason", None) or str(exc) or type(exc).__name__
                 log.warning("TLS connection from %s refused: %s", address, reason)
+                self.events.emit(AssociationRefused(address, None, f"TLS: {reason}"))
             # Closing queues "transport closed" for the DUL: the association ends before
-            # it starts, without pynetdicom reading from the broken socket.
+            # it starts, without pynetdicom reading from the broken socket, nor waiting
+            # acse_timeout for a request.
             assoc_socket.close()
+            event.assoc.acse_timeout = 0
 
     def _connection_closed(self, event: evt.Event) -> None:
         self._per_address.forget(event.assoc)
+        self._slots.release(event.assoc)
         discard_partial(event.assoc)
+
+    def _release_slot(self, event: evt.Event) -> None:
+        self._slots.release(event.assoc)
 
     def handle_requested(self, event: evt.Event) -> None:
         """Access control on the source address, before negotiation.
@@ -333,6 +385,7 @@ class StorageSCP:
             )
             assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, REASON_NO_REASON)
             assoc.kill()
+            self._refused(assoc, "no presentation context requested")
             return
         if not connections.address_allowed(address, self._networks):
             log.warning(
@@ -346,6 +399,26 @@ class StorageSCP:
             # threads once the A-ASSOCIATE-RJ is out.
             assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, REASON_NO_REASON)
             assoc.kill()
+            self._refused(assoc, "source address not in node.allowed_hosts")
+            return
+        refusal = self._slots.acquire(assoc, address)
+        if refusal:
+            log.warning(
+                "association rejected (transient, local limit exceeded): %s; %r calling %r from %s",
+                refusal,
+                assoc.requestor.primitive.calling_ae_title,
+                assoc.requestor.primitive.called_ae_title,
+                address,
+            )
+            assoc.acse.send_reject(
+                REJECTED_TRANSIENT, SOURCE_PROVIDER_PRESENTATION, REASON_LOCAL_LIMIT
+            )
+            assoc.kill()
+            self._refused(assoc, refusal)
+
+    def _refused(self, assoc: Association, reason: str) -> None:
+        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+        self.events.emit(AssociationRefused(assoc.requestor.address, calling, reason))
 
     def handle_released(self, event: evt.Event) -> None:
         """A normal release: emit the series this association stored.
@@ -363,10 +436,20 @@ class StorageSCP:
                     still_open=frozenset(self.open_series()),
                 )
             )
+        self._ended(event, aborted=False)
+
+    def _aborted(self, event: evt.Event) -> None:
+        self._forget_association(event)
+        self._ended(event, aborted=True)
+
+    def _ended(self, event: evt.Event, aborted: bool) -> None:
+        req = event.assoc.requestor
+        self.events.emit(AssociationEnded(id(event.assoc), req.ae_title, req.address, aborted))
 
     def _forget_association(self, event: evt.Event) -> dict[str, set[str]]:
         """Drop the bookkeeping of an association that ended (aborts: nothing more)."""
         discard_partial(event.assoc)  # an abort mid-transfer leaves a partial data set
+        self._slots.release(event.assoc)
         with self._carried_lock:
             return self._carried.pop(event.assoc, {})
 
@@ -375,6 +458,13 @@ class StorageSCP:
 
     def handle_store(self, event: evt.Event) -> int | tuple[int, Dataset]:
         """Validate, write durably, record, answer."""
+        self._slots.touch(event.assoc, busy=True)
+        try:
+            return self._answer_store(event)
+        finally:
+            self._slots.touch(event.assoc, busy=False)
+
+    def _answer_store(self, event: evt.Event) -> int | tuple[int, Dataset]:
         try:
             outcome = self._store(event)
         except StoreRefused as exc:
@@ -395,6 +485,7 @@ class StorageSCP:
             with self._carried_lock:
                 carried = self._carried.setdefault(event.assoc, {})
                 carried.setdefault(outcome.series_uid, set()).add(outcome.sop_uid)
+        outcome.association = id(event.assoc)  # the key of its AssociationEnded
         self.events.emit(outcome)
         outcome.dataset = None  # subscribers are done with it: its pixel data may go
         if outcome.status != SUCCESS and outcome.reason:

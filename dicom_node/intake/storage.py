@@ -73,6 +73,10 @@ class StoreOutcome:
     parsed (with its transfer syntax in ``file_meta``): an observer that decodes the pixels
     off the acknowledgement path need not parse the file again. Observers run before the
     response is sent, so they only hand work on.
+
+    Every instance stored (new or a duplicate, held in memory or spilled) names its study,
+    SOP class and patient, for the audit trail; ``association`` is set by the SCP to the
+    key of the association that carried it.
     """
 
     status: int
@@ -82,6 +86,21 @@ class StoreOutcome:
     reason: str = ""
     path: str = ""
     dataset: Dataset | None = field(default=None, repr=False)
+    study_uid: str = ""
+    sop_class: str = ""
+    patient_id: str = field(default="", repr=False)
+    patient_name: str = field(default="", repr=False)
+    association: int = 0
+
+
+def _subject(ds: Dataset, study_uid: str, sop_class: str) -> dict[str, str]:
+    """What an instance's audit message names: its study, SOP class and patient."""
+    return {
+        "study_uid": study_uid,
+        "sop_class": str(sop_class),
+        "patient_id": str(ds.get("PatientID", "") or ""),
+        "patient_name": str(ds.get("PatientName", "") or ""),
+    }
 
 
 def same_image(stored_path: str, ds: Dataset) -> bool:
@@ -170,7 +189,9 @@ class InstanceStorage:
                         UID_CONFLICT,
                         f"other content is already stored under SOP Instance UID {sop_uid}",
                     )
-                return StoreOutcome(SUCCESS, series_uid, sop_uid, new=False)
+                return StoreOutcome(
+                    SUCCESS, series_uid, sop_uid, new=False, **_subject(ds, study_uid, sop_class)
+                )
             if self.jobs.series.count(series_uid) >= limits.max_instances_per_series:
                 raise StoreRefused(
                     TOO_MANY_INSTANCES,
@@ -210,7 +231,13 @@ class InstanceStorage:
         # moved, and decoding it whole is what its size forbids; its job reads the spool.
         keep = new and received.data is not None
         return StoreOutcome(
-            SUCCESS, series_uid, sop_uid, new=new, path=str(path), dataset=ds if keep else None
+            SUCCESS,
+            series_uid,
+            sop_uid,
+            new=new,
+            path=str(path),
+            dataset=ds if keep else None,
+            **_subject(ds, study_uid, sop_class),
         )
 
     def _write(self, path: Path, header: bytes, received: Received) -> int:

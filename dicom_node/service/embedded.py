@@ -30,6 +30,7 @@ from pathlib import Path
 from dicom_node.common.backoff import backoff
 from dicom_node.config import Settings
 from dicom_node.export.dimse import DicomDestination
+from dicom_node.service.audit import AuditTrail
 from dicom_node.service.supervisor import ChildProcess, Supervisor, SupervisorError
 from dicom_node.service.viewer import viewer_app
 from dicom_node.service.web import WebServer, WebServerError
@@ -54,9 +55,13 @@ def embedded_destination(settings: Settings) -> DicomDestination | None:
 def orthanc_config(settings: Settings, destination: DicomDestination) -> dict:
     """Orthanc's JSON configuration for the embedded PACS.
 
-    HTTP is refused to other hosts (``RemoteAccessAllowed``). Orthanc 1.10 cannot bind its
-    DICOM port to loopback alone, so C-STORE is taken only from the node's own AE title
-    at 127.0.0.1 (``DicomAlwaysAllowStore`` off, the modality's host checked).
+    Orthanc 1.10 has no setting for the address it listens on (its configuration, as
+    ``Orthanc --config`` prints it, has none: HTTP goes to CivetWeb on ``HttpPort``, DICOM
+    to DCMTK on ``DicomPort``, both on every interface). So both ports refuse other hosts
+    themselves: HTTP answers 403 to any client but 127.0.0.1 (``RemoteAccessAllowed``
+    off), and DICOM serves only the node's own AE title from 127.0.0.1, for every service
+    (``DicomAlwaysAllow*`` off, the modality's host checked); an echo from anyone else is
+    refused too. Lua scripts from the REST API and writing files through it stay off.
     """
     storage = settings.node.data_dir / "orthanc"
     node = settings.node
@@ -71,8 +76,15 @@ def orthanc_config(settings: Settings, destination: DicomDestination) -> dict:
         "AuthenticationEnabled": False,
         "DicomCheckCalledAet": True,
         "DicomAlwaysAllowStore": False,
-        "DicomAlwaysAllowEcho": True,
+        "DicomAlwaysAllowEcho": False,
+        "DicomAlwaysAllowFind": False,
+        "DicomAlwaysAllowFindWorklist": False,
+        "DicomAlwaysAllowGet": False,
+        "DicomAlwaysAllowMove": False,
         "DicomCheckModalityHost": True,
+        "ExecuteLuaEnabled": False,
+        "RestApiWriteToFileSystemEnabled": False,
+        "HttpDescribeErrors": False,
         "DicomModalities": {"dicom-node": [node.ae_title, "127.0.0.1", node.port]},
         "Plugins": [str(settings.embedded.dicomweb_plugin)],
         "DicomWeb": {
@@ -224,9 +236,12 @@ class Embedded:
     """The embedded PACS and viewer of one node: :meth:`start`, :meth:`stop`, and
     :meth:`archive` for the CT of a series."""
 
-    def __init__(self, settings: Settings, destination: DicomDestination) -> None:
+    def __init__(
+        self, settings: Settings, destination: DicomDestination, audit: AuditTrail | None = None
+    ) -> None:
         self.settings = settings
         self.destination = destination
+        self.audit = audit
         self._orthanc = _Orthanc(settings, destination)
         self._server: object | None = None
         self._archiver: _Archiver | None = None
@@ -244,7 +259,9 @@ class Embedded:
         self._archiver = _Archiver(e.orthanc_http_port)
         try:
             server = WebServer(
-                viewer_app(e.viewer_dir, e.orthanc_http_port),
+                viewer_app(
+                    e.viewer_dir, e.orthanc_http_port, hosts=(e.viewer_host,), audit=self.audit
+                ),
                 e.viewer_host,
                 e.viewer_port,
                 threads=8,  # OHIF fetches metadata and frames in parallel

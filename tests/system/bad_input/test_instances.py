@@ -237,6 +237,43 @@ DATASET_CASES = [
         "0xA900",
         "ImagePositionPatient inf is not a finite number",
     ),
+    # finite but physically impossible: a series of them would end "done" with 0.0 mL
+    (
+        "PixelSpacing 1e30",
+        _modified(PixelSpacing=["1e30", "1e30"]),
+        "0xA900",
+        "PixelSpacing (1e+30, 1e+30) is outside 0.001..1000 mm",
+    ),
+    (
+        "PixelSpacing 1e-30",
+        _modified(PixelSpacing=["1e-30", "1e-30"]),
+        "0xA900",
+        "PixelSpacing (1e-30, 1e-30) is outside 0.001..1000 mm",
+    ),
+    (
+        "RescaleSlope 1e-300",
+        _modified(RescaleSlope="1e-300"),
+        "0xA900",
+        "RescaleSlope 1e-300: every 12-bit pixel rescales into",
+    ),
+    (
+        "ImagePositionPatient 1e300",
+        _modified(ImagePositionPatient=["0", "0", "1e300"]),
+        "0xA900",
+        "ImagePositionPatient (0, 0, 1e+300) lies beyond 100000 mm",
+    ),
+    (
+        "SliceThickness NaN",
+        _modified(SliceThickness="NaN"),
+        "0xA900",
+        "SliceThickness NaN is not a finite number",
+    ),
+    (
+        "SliceThickness negative",
+        _modified(SliceThickness="-2"),
+        "0xA900",
+        "SliceThickness -2 is outside 0.001..1000 mm",
+    ),
     (
         "Enhanced CT: 4 frames, 3 per-frame items",
         lambda: enhanced_ct(4, 3, 4, [0, 5, 10]),
@@ -366,6 +403,20 @@ DATASET_CASES = [
         lambda: _enhanced_group_value("PixelMeasuresSequence", PixelSpacing=["0", "0"]),
         "0xA900",
         "PixelSpacing (0, 0) is not positive",
+    ),
+    (
+        "Enhanced CT: PixelSpacing 1e30 in the shared functional groups",
+        lambda: _enhanced_group_value("PixelMeasuresSequence", PixelSpacing=["1e30", "1e30"]),
+        "0xA900",
+        "PixelSpacing (1e+30, 1e+30) is outside 0.001..1000 mm",
+    ),
+    (
+        "Enhanced CT: SliceThickness NaN in the shared functional groups",
+        lambda: _enhanced_group_value(
+            "PixelMeasuresSequence", PixelSpacing=["0.7", "0.7"], SliceThickness="NaN"
+        ),
+        "0xA900",
+        "SliceThickness NaN is not a finite number",
     ),
     (
         "Enhanced CT: 0 frames declared",

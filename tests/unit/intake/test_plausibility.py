@@ -41,6 +41,18 @@ CASES = [
         "ImageOrientationPatient is not two orthogonal unit vectors",
     ),
     ("ImagePositionPatient", ["0", "nan", "0"], "ImagePositionPatient nan is not a finite"),
+    # physically impossible, though finite (the series would end "done" with 0.0 mL)
+    ("PixelSpacing", ["1e30", "1e30"], "PixelSpacing (1e+30, 1e+30) is outside 0.001..1000 mm"),
+    ("PixelSpacing", ["1e-30", "1e-30"], "PixelSpacing (1e-30, 1e-30) is outside 0.001..1000"),
+    ("RescaleSlope", "1e-300", "RescaleSlope 1e-300: every 12-bit pixel rescales into"),
+    ("SliceThickness", "NaN", "SliceThickness NaN is not a finite number"),
+    ("SliceThickness", "-2", "SliceThickness -2 is outside 0.001..1000 mm"),
+    ("SpacingBetweenSlices", "1e30", "SpacingBetweenSlices 1e+30 is outside 0.001..1000 mm"),
+    (
+        "ImagePositionPatient",
+        ["0", "0", "1e300"],
+        "ImagePositionPatient (0, 0, 1e+300) lies beyond 100000 mm of the origin",
+    ),
 ]
 
 
