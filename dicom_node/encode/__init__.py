@@ -10,8 +10,10 @@ table (:mod:`.codes`).
 Segment Number and ROI Number n both describe the n-th segment that occurs in the label
 map (:func:`present_segments`): a label the model did not find has no segment and no ROI.
 The SR reports every segment, in order, found ones by reference to their SEG segment and
-the others as 0 mL. When no label occurs at all, SEG and RTSTRUCT describe every segment
-(without pixels or contours), since neither may be empty.
+the others as absent (a qualitative evaluation, no measurement). When no label occurs at
+all, SEG and RTSTRUCT describe every segment (without pixels or contours), since neither
+may be empty: they are still made and sent, so that they supersede an earlier run's
+objects at a destination, and the SR says each label is absent.
 """
 
 from dicom_node.encode.labels import (

@@ -302,7 +302,7 @@ def present_segments(labels: np.ndarray, segments: Sequence[SegmentInfo]) -> lis
     """The segments whose value occurs in ``labels``, in the order of ``segments``.
 
     A label the model did not find has no pixels and no contours: SEG and RTSTRUCT leave
-    it out rather than carry an empty segment or ROI, and the SR reports it as 0 mL.
+    it out rather than carry an empty segment or ROI, and the SR reports it as absent.
     """
     counts = label_counts(labels)
     return [s for s in segments if counts[int(s.value)] > 0]

@@ -6,8 +6,8 @@ region), colour and algorithm identification; each frame records, in its Derivat
 Sequence, the CT image (and for an Enhanced CT source the frame) it was derived from, so a
 viewer overlays it on exactly the slices it came from.
 
-Labels the model did not find are left out (no empty segment); the SR lists them with
-0 mL. A result in which no label was found at all cannot be a SEG without segments
+Labels the model did not find are left out (no empty segment); the SR lists them as
+absent. A result in which no label was found at all cannot be a SEG without segments
 (Segment Sequence is Type 1, and highdicom refuses one), so such a SEG describes every
 label it looked for and holds only empty frames of the first slice (one per segment for
 BINARY, one for a Label Map): a valid, small "nothing found" object, where highdicom by

@@ -7,8 +7,13 @@ the algorithm that produced it, and the CT series the segment was derived from (
 Series for Segmentation; the SEG's frames name their images one by one).
 
 Every label the model was asked for is reported, in the model's label order: one it did
-not find has no segment to point at (the SEG leaves it out), so its 0 mL is a Measurement
-Group (TID 1501) with the same finding type, finding site and algorithm, and no region.
+not find has no segment to point at (the SEG leaves it out) and no volume to measure, so
+it is a Measurement Group (TID 1501) with the same finding type, finding site and
+algorithm, no region and no measurement, and a qualitative evaluation: Presence of
+property (DCM 121052) Absent (SCT 272519000, CID 241), with a Comment "spleen: not found".
+A 0 mL would read as a measurement of something found; absent is what the model said.
+When no label is found at all, the SR so says of each, and the job ends "done" with the
+reason "no finding" (:func:`dicom_node.jobs.runner.no_finding`).
 A lateral structure's laterality is its Finding Site's laterality.
 
 A viewer draws a measurement only where it has image coordinates: OHIF lists an SR whose
@@ -68,6 +73,11 @@ SQUARE_MILLIMETER = Code("mm2", "UCUM", "square millimeter")
 #: The Tracking Identifier prefix under which OHIF 3's SR reader (``@cornerstonejs/adapters``
 #: MeasurementReport) hands a group to its freehand contour tool; any suffix is allowed.
 VIEWER_CONTOUR_TRACKING = "Cornerstone3DTools@^0.1.0:PlanarFreehandROI"
+
+#: The qualitative evaluation of a label the model did not find (TID 1501): Presence of
+#: property (DCM 121052), Absent (SCT 272519000, CID 241 "Present-Absent Only").
+PRESENCE: Code = codes.DCM.PresenceOfProperty
+ABSENT: Code = codes.SCT.Absent
 
 #: Procedure Reported (TID 1500 row 4): the source is a CT of some body region.
 CT_PROCEDURE: Code = codes.LN.CTUnspecifiedBodyRegion
@@ -205,6 +215,30 @@ def _outline_group(
     return group
 
 
+def _absent_group(
+    info: SegmentInfo,
+    tracking: hd.sr.TrackingIdentifier,
+    algorithm_id: hd.sr.AlgorithmIdentification,
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    """A label the model did not find: its finding, absent (see the module)."""
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        finding_type=info.code,
+        finding_category=info.category,
+        finding_sites=_finding_sites(info),
+        algorithm_id=algorithm_id,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(PRESENCE, ABSENT)],
+    )
+    group[0].ContentSequence.append(
+        hd.sr.TextContentItem(
+            name=codes.DCM.Comment,
+            value=f"{info.name}: not found",
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+    )
+    return group
+
+
 def build_sr(
     seg: Dataset,
     source: SeriesVolume,
@@ -221,7 +255,8 @@ def build_sr(
     ``labels`` and ``segments`` (its Segment Number n is the n-th segment that occurs in
     ``labels``). Every segment gets a group, in the order of ``segments``; each volume is
     the voxel count of the label times the voxel volume of the source grid, in mL, and a
-    label that does not occur is 0 mL in a group without region (see the module). The
+    label that does not occur is absent, in a group without region or measurement (see
+    the module). The
     observer is the node as a device; single-frame source images form the Image Library
     and, with the SEG, the evidence.
 
@@ -249,6 +284,11 @@ def build_sr(
     ] = []
     for info in segments:
         number = numbers.get(int(info.value))
+        tracking_uid = generate_uid()
+        tracking = hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=info.name)
+        if number is None:
+            groups.append(_absent_group(info, tracking, algorithm_id))
+            continue
         per_slice = index.counts[:, int(info.value)]
         slices = np.flatnonzero(per_slice)
         counts = per_slice[slices]
@@ -259,20 +299,6 @@ def build_sr(
             unit=MILLILITER,
             algorithm_id=algorithm_id,
         )
-        tracking_uid = generate_uid()
-        tracking = hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=info.name)
-        if number is None:
-            groups.append(
-                hd.sr.MeasurementsAndQualitativeEvaluations(
-                    tracking_identifier=tracking,
-                    finding_type=info.code,
-                    finding_category=info.category,
-                    finding_sites=_finding_sites(info),
-                    algorithm_id=algorithm_id,
-                    measurements=[volume],
-                )
-            )
-            continue
         box = index.box(info.value)
         assert box is not None
         # The same finding (same tracking UID) where a viewer lists it, first (see the module).

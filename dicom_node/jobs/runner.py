@@ -194,8 +194,9 @@ class JobRunner:
             self.events.emit(JobEnded(series_uid, SeriesState.RECEIVING, timings))
             return SeriesState.RECEIVING
         log.info(
-            "series %s: done (%s)",
+            "series %s: done%s (%s)",
             series_uid,
+            f", {no_finding(results)}" if no_finding(results) else "",
             ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()),
         )
         self.events.emit(JobEnded(series_uid, SeriesState.DONE, timings, results))
@@ -306,6 +307,7 @@ class JobRunner:
                 out,
                 items,
                 {name: {i.sop_uid for i in sent} for name, sent in earlier.items()},
+                reason=no_finding(out),
             )
             if outcome == FinishOutcome.DONE:
                 if out.supersedes:
@@ -455,6 +457,28 @@ class JobRunner:
             model_index=index,
             predecessors=predecessors,
         )
+
+
+def no_finding(results: SeriesResults) -> str:
+    """The reason a job that found nothing ends "done" with: ``"no finding: ..."`` naming
+    each model that found none of its labels, or ``""`` when every model found some.
+
+    Such a job's results are still made and sent: the SEG and RTSTRUCT describe what was
+    looked for without pixels or contours, and the SR says of each label that it is absent
+    (:mod:`dicom_node.encode.sr`), so a destination holding an earlier run's results gets
+    the objects that supersede them. The reason keeps the job's state from reading as a
+    measurement of 0 mL.
+    """
+    empty = [m for m in results.models if not any(v > 0 for v in m.volumes_ml.values())]
+    if not empty:
+        return ""
+    parts = []
+    for model in empty:
+        names = list(model.volumes_ml)
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        who = "the model" if len(results.models) == 1 else f"model {model.model!r}"
+        parts.append(f"{who} found none of {shown}")
+    return "no finding: " + "; ".join(parts)
 
 
 def _predecessors(earlier: list[OutboxItem]) -> list[Dataset]:

@@ -234,6 +234,7 @@ class SeriesRepository:
         results: SeriesResults,
         items: list[NewOutboxItem],
         predecessors: dict[str, set[str]],
+        reason: str = "",
     ) -> FinishOutcome:
         """End a run "done" and queue its results, in one transaction, or queue nothing.
 
@@ -243,7 +244,8 @@ class SeriesRepository:
         Instance UIDs of its earlier, acknowledged results that the new SR names; if others
         were acknowledged since, the outcome is :attr:`~FinishOutcome.STALE_PREDECESSORS`
         (encode again). On success, earlier results not sent yet are cancelled and
-        ``items`` are queued.
+        ``items`` are queued. ``reason`` is recorded with the state (a job that found
+        nothing says so).
         """
         with self._db.tx() as db:
             row = db.execute(
@@ -270,10 +272,11 @@ class SeriesRepository:
             for item in items:
                 insert(db, item)
             db.execute(
-                "UPDATE series SET state = ?, reason = '', updated = ?, model = ?, results = ?"
+                "UPDATE series SET state = ?, reason = ?, updated = ?, model = ?, results = ?"
                 " WHERE series_uid = ?",
                 (
                     SeriesState.DONE,
+                    reason,
                     time.time(),
                     results.model_names,
                     json.dumps(results.to_json()),

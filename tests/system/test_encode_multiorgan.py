@@ -13,7 +13,6 @@ import numpy as np
 import pydicom
 import pytest
 import scipy.ndimage as ndi
-from pydicom.sr.codedict import codes
 
 from dicom_node.config import ResultSettings
 from dicom_node.encode import (
@@ -24,6 +23,7 @@ from dicom_node.encode import (
     segment_info_for,
 )
 from dicom_node.encode.labels import present_segments, segment_numbers
+from dicom_node.encode.sr import ABSENT, PRESENCE
 from dicom_node.export.dimse import DicomDestination, ExportError, send_files
 from dicom_node.series.volume import SeriesVolume, assemble_series
 from dicom_node_testing.synthetic import write_ct_series
@@ -99,7 +99,7 @@ def test_btcv_result_codes_laterality_and_absent_labels(source, labels, tmp_path
     for number, value in enumerate(FOUND, start=1):
         np.testing.assert_array_equal(masks[number], labels == value)
 
-    # the SR: all 13 labels, 0 mL for the 8 not found
+    # the SR: all 13 labels, the 8 not found absent (no 0 mL)
     report = hd.sr.srread(tmp_path / "sr.dcm").content
     volumetric = report.get_volumetric_roi_measurement_groups()
     assert [str(g.tracking_identifier) for g in volumetric] == found
@@ -107,11 +107,12 @@ def test_btcv_result_codes_laterality_and_absent_labels(source, labels, tmp_path
     empty = [
         g
         for g in report.get_image_measurement_groups()
-        if g.get_measurements(name=codes.SCT.Volume)
+        if g.get_qualitative_evaluations(name=PRESENCE)
     ]
     assert [str(g.tracking_identifier) for g in empty] == [n for n in BTCV if n not in found]
     for group in empty:
-        assert group.get_measurements(name=codes.SCT.Volume)[0].value == 0
+        assert group.get_qualitative_evaluations(name=PRESENCE)[0].value == ABSENT
+        assert group.get_measurements() == []
     kidney = volumetric[2]
     assert kidney.finding_sites[0].laterality.value == "7771000"
 
@@ -119,8 +120,7 @@ def test_btcv_result_codes_laterality_and_absent_labels(source, labels, tmp_path
 def test_no_label_found_is_still_a_valid_result(source, tmp_path) -> None:
     """Nothing found: SEG needs a segment and a frame, RTSTRUCT an ROI, so both say what
     was looked for (every label, empty frames of the first slice only, ROIs without
-    contours), and the SR
-    gives 0 mL for each label."""
+    contours), and the SR says of each label that it is absent, measuring nothing."""
     labels = np.zeros(source.shape, dtype=np.uint8)
     settings = ResultSettings()
     seg = build_seg(source, labels, SEGMENTS, ALGORITHM, settings)
@@ -140,7 +140,8 @@ def test_no_label_found_is_still_a_valid_result(source, tmp_path) -> None:
     for kind, ds in (("seg", seg), ("rt", rt), ("sr", sr)):
         assert dciodvfy_errors(_save(ds, tmp_path / f"{kind}.dcm")) == [], kind
     groups = hd.sr.srread(tmp_path / "sr.dcm").content.get_image_measurement_groups()
-    assert [g.get_measurements(name=codes.SCT.Volume)[0].value for g in groups] == [0] * 13
+    assert [g.get_qualitative_evaluations(name=PRESENCE)[0].value for g in groups] == [ABSENT] * 13
+    assert all(g.get_measurements() == [] for g in groups)
 
 
 # ------------------------------------------------------------ SEG formats and a real PACS

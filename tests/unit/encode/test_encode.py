@@ -33,7 +33,7 @@ from dicom_node.encode import (
     segment_info_for,
 )
 from dicom_node.encode.labels import segment_numbers
-from dicom_node.encode.sr import VIEWER_CONTOUR_TRACKING, voxel_volume_ml
+from dicom_node.encode.sr import ABSENT, PRESENCE, VIEWER_CONTOUR_TRACKING, voxel_volume_ml
 from dicom_node.series.volume import SeriesVolume, assemble_series
 from dicom_node_testing.synthetic import SeriesAttributes, write_ct_series
 from tests.checks import dciodvfy_errors
@@ -548,7 +548,7 @@ def test_a_segment_the_model_did_not_find_is_left_out_but_reported(tmp_path: Pat
     assert [r.ROIName for r in rt.StructureSetROISequence] == ["liver"]
     assert [int(r.ROINumber) for r in rt.StructureSetROISequence] == [1]
     assert "ContourSequence" in rt.ROIContourSequence[0]
-    # the SR reports all three, in label order: 0 mL for the two the model did not find
+    # the SR reports all three, in label order: absent for the two the model did not find
     report = hd.sr.Comprehensive3DSR.from_dataset(sr).content
     (liver,) = report.get_volumetric_roi_measurement_groups()
     assert liver.referenced_segment.referenced_segment_numbers == [1]
@@ -556,10 +556,11 @@ def test_a_segment_the_model_did_not_find_is_left_out_but_reported(tmp_path: Pat
     others = [
         g
         for g in report.get_image_measurement_groups()
-        if g.get_measurements(name=codes.SCT.Volume)
+        if g.get_qualitative_evaluations(name=PRESENCE)
     ]
     assert [g.finding_type.value for g in others] == ["78961009", "64033007"]
-    assert [g.get_measurements(name=codes.SCT.Volume)[0].value for g in others] == [0, 0]
+    assert [g.get_qualitative_evaluations(name=PRESENCE)[0].value for g in others] == [ABSENT] * 2
+    assert [g.get_measurements() for g in others] == [[], []]
     (site,) = others[1].finding_sites
     assert site.laterality.value == "7771000"  # left
     names = [str(i.ContentSequence[0].TextValue) for i in sr.ContentSequence[-1].ContentSequence]

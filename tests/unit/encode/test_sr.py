@@ -14,7 +14,7 @@ from skimage.draw import polygon as fill_polygon
 
 from dicom_node.config import ResultSettings
 from dicom_node.encode import AlgorithmInfo, build_seg, build_sr, segment_info_for
-from dicom_node.encode.sr import VIEWER_CONTOUR_TRACKING, largest_outline
+from dicom_node.encode.sr import ABSENT, PRESENCE, VIEWER_CONTOUR_TRACKING, largest_outline
 from dicom_node.series.volume import assemble_series
 from dicom_node_testing.phantom import make_phantom
 from dicom_node_testing.synthetic import SeriesAttributes, write_ct_series
@@ -108,9 +108,13 @@ def test_each_organ_found_has_its_outline_on_its_largest_slice(report) -> None:
         assert np.array_equal(_filled(points, labels.shape[1:]), labels[k] == value)
         # both are rectangles there: marching squares cuts each of their 4 corners by 1/8 pixel
         assert area.value == pytest.approx((areas[k] - 4 / 8) * pixel_mm2)
-    # the organ not found keeps its 0 mL, without a region
-    (missing,) = (g for g in groups if g.get_measurements(name=codes.SCT.Volume))
-    assert missing.get_measurements(name=codes.SCT.Volume)[0].value == 0
+    # the organ not found is absent: no region, no measurement, no 0 mL
+    (missing,) = (g for g in groups if g.get_qualitative_evaluations(name=PRESENCE))
+    assert str(missing.tracking_identifier) == "kidney_left"
+    assert missing.get_qualitative_evaluations(name=PRESENCE)[0].value == ABSENT
+    assert missing.get_measurements() == []
+    (comment,) = (i for i in missing[0].ContentSequence if i.name == codes.DCM.Comment)
+    assert comment.value == "kidney_left: not found"
 
 
 def test_the_sr_passes_dciodvfy(report) -> None:
