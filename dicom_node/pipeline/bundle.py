@@ -52,6 +52,7 @@ from dicom_node.pipeline.weights import (
     STATE_DICT,
     TORCHSCRIPT,
     channels_last_on_cpu,
+    load_state_dict,
     load_torchscript,
 )
 
@@ -195,7 +196,7 @@ class Bundle:
             return net
         if pt.is_file():
             net = self.build_network()
-            state = torch.load(pt, map_location=device, weights_only=True)
+            state = load_state_dict(pt, self.path, device)
             if isinstance(state, dict) and isinstance(state.get("model"), dict):
                 state = state["model"]  # a CheckpointSaver checkpoint
             try:

@@ -3,51 +3,100 @@
 A bundle is ``configs/inference.json`` + ``configs/metadata.json`` + ``models/model.ts``.
 From a folder it is copied and checked; by name it is fetched with
 :func:`monai.bundle.download` (the MONAI model zoo), which needs network access.
+
+A bundle is code. Its config's ``$`` expressions, ``_target_`` callables and ``imports``,
+and its ``scripts/`` package, run in the installing process when the bundle is checked
+(MONAI's :class:`~monai.bundle.ConfigParser` builds the network and transforms from them)
+and in the node's whenever it loads the bundle, with their user's rights: MONAI bundles are
+made so, and no check of the config could tell a harmless expression from another.
+:data:`CODE_NOTICE` says so at every install, and the weights' SHA-256 is printed to
+compare with what the bundle's publisher states.
+
+A bundle is checked whole before anything is written under ``--dest``: configs and
+metadata read with a size limit, the network built and its weights loaded. A bundle that
+fails is refused in one sentence and leaves nothing behind; one that passes is copied under
+a temporary name and renamed into place, so a crash mid-copy leaves no half bundle that
+looks installed.
 """
 
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
+
+#: What ``dicom-node model install`` says before it reads a bundle.
+CODE_NOTICE = (
+    "A bundle is code: the $ expressions, _target_ callables and imports of its configs, and "
+    "its scripts/, run with this user's rights now and with the node's whenever it loads "
+    "the bundle. Install only bundles you trust, and compare the weights' SHA-256 below "
+    "with the one their publisher states."
+)
 
 
 class BundleInstallError(RuntimeError):
-    """A bundle cannot be installed; the message says why."""
+    """A bundle cannot be installed; the message says why, in one sentence."""
 
 
 def install_bundle(source: str, dest_root: Path) -> Path:
-    """Install ``source`` (a bundle folder or a model-zoo name) under ``dest_root``."""
-    from dicom_node.pipeline import BundleError, load_bundle
+    """Install ``source`` (a bundle folder or a model-zoo name) under ``dest_root``.
 
+    Raises :class:`BundleInstallError` when the bundle cannot be read or its weights do
+    not load, with nothing left under ``dest_root``.
+    """
     dest_root = Path(dest_root)
-    dest_root.mkdir(parents=True, exist_ok=True)
     src = Path(source)
     if src.is_dir():
         target = dest_root / src.name
-        if target.resolve() != src.resolve():
-            if target.exists():
-                raise BundleInstallError(f"{target} already exists; remove it first")
-            shutil.copytree(src, target)
-    else:
-        if "/" in source or source.startswith("."):
-            raise BundleInstallError(f"{source} is not a folder")
-        target = dest_root / source
+        if target.resolve() == src.resolve():  # checking a bundle where it lies
+            _check(src, src)
+            return target
+        if target.exists():
+            raise BundleInstallError(f"{target} already exists; remove it first")
+        _check(src, src)
+        dest_root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{src.name}.", dir=dest_root) as work:
+            staged = Path(work) / src.name
+            shutil.copytree(src, staged, symlinks=True)
+            staged.rename(target)
+        return target
+    if "/" in source or source.startswith("."):
+        raise BundleInstallError(f"{source} is not a folder")
+    target = dest_root / source
+    if target.exists():
+        raise BundleInstallError(f"{target} already exists; remove it first")
+    dest_root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{source}.", dir=dest_root) as work:
         try:
             from monai.bundle import download
 
-            download(name=source, bundle_dir=str(dest_root))
+            download(name=source, bundle_dir=work)
         except Exception as exc:  # noqa: BLE001 - network errors come in many types
             raise BundleInstallError(
                 f"cannot download bundle {source!r} ({type(exc).__name__}: {exc}); this machine "
                 "may be offline: download the bundle elsewhere and install it from its folder"
             ) from None
-    try:
-        load_bundle(target).load_network("cpu")  # the weights load, not only the configs
-    except BundleError as exc:
-        if target.resolve() != src.resolve():
-            shutil.rmtree(target, ignore_errors=True)  # leave no half-usable bundle behind
-        raise BundleInstallError(f"{target} is not a usable bundle: {exc}") from None
+        _check(Path(work) / source, Path(source))
+        (Path(work) / source).rename(target)
     return target
+
+
+def _check(root: Path, shown: Path) -> None:
+    """Read the bundle at ``root`` as the node will, weights included; refuse it naming
+    ``shown`` (the folder the user named)."""
+    from dicom_node.pipeline import BundleError, load_bundle
+
+    try:
+        load_bundle(root).load_network("cpu")  # the weights load, not only the configs
+    except BundleError as exc:
+        message = str(exc).replace(str(root), str(shown))
+        raise BundleInstallError(f"{shown} is not a usable bundle: {message}") from None
+    except Exception as exc:  # noqa: BLE001 - the bundle's own code may raise anything
+        lines = str(exc).strip().splitlines()
+        raise BundleInstallError(
+            f"{shown} is not a usable bundle: loading it raised {type(exc).__name__}"
+            f"{': ' + lines[0][:200] if lines else ''}"
+        ) from None
 
 
 def describe_bundle(root: Path) -> str:

@@ -50,6 +50,10 @@ _CONFIG_LABEL_KEYS = (
 EVERYTHING_LABELS = "evaluator#hyper_kwargs#everything_labels"
 TORCHSCRIPT = "models/model.ts"
 STATE_DICT = "models/model.pt"
+#: The largest config or metadata file read, in bytes. The model zoo's largest (VISTA-3D's
+#: metadata, with its 132 labels) is under 100 kB; a file far beyond is no config, and
+#: parsing it whole would take several times its size in memory.
+MAX_CONFIG_BYTES = 8 * 1024 * 1024
 #: ``$@bundle_root + '/models/model.pt'``: how nearly every zoo bundle names its weights.
 _UNDER_BUNDLE_ROOT = re.compile(r"""^\$\s*@bundle_root\s*\+\s*(['"])([^'"]*)\1\s*$""")
 
@@ -101,13 +105,27 @@ def file_sha256(path: Path) -> str:
     return _DIGESTS[key]
 
 
+def read_text_bounded(path: Path) -> str:
+    """A config file's text, refused unread when larger than :data:`MAX_CONFIG_BYTES`."""
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise BundleError(
+            f"{path} is {size / 2**20:.0f} MiB; a bundle's config or metadata is at most "
+            f"{MAX_CONFIG_BYTES // 2**20} MiB"
+        )
+    return path.read_text()
+
+
 def read_json(path: Path, bundle: Path) -> dict[str, Any]:
     if not path.is_file():
         raise BundleError(f"bundle {bundle} has no {path.relative_to(bundle)}")
     try:
-        return json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        value = json.loads(read_text_bounded(path))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise BundleError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise BundleError(f"{path} is not a JSON object")
+    return value
 
 
 def find_inference_config(root: Path) -> Path:
@@ -125,8 +143,8 @@ def read_config(path: Path, bundle: Path) -> dict[str, Any]:
     try:
         import yaml
 
-        config = yaml.safe_load(path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        config = yaml.safe_load(read_text_bounded(path))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as exc:
         raise BundleError(f"{path} is not valid YAML: {exc}") from exc
     if not isinstance(config, dict):
         raise BundleError(f"{path} is not a mapping of config items")

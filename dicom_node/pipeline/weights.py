@@ -10,6 +10,7 @@ bundle's ``network_def``, built by MONAI: those go through the full reading.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -18,6 +19,7 @@ from dicom_node.pipeline.metadata import (
     EVERYTHING_LABELS,
     STATE_DICT,
     TORCHSCRIPT,
+    BundleError,
     config_item,
     find_inference_config,
     read_config,
@@ -57,8 +59,40 @@ def load_torchscript(root: Path, device: str | torch.device = "cpu") -> torch.nn
     path = Path(root) / TORCHSCRIPT
     if not path.is_file():
         return None
-    net = torch.jit.load(str(path), map_location=device)
+    try:
+        net = torch.jit.load(str(path), map_location=device)
+    except Exception as exc:  # noqa: BLE001 - torch says "not an archive" in many types
+        raise BundleError(
+            f"bundle {root}: {TORCHSCRIPT} is not a TorchScript network this torch "
+            f"{torch.__version__} loads ({first_line(exc)})"
+        ) from None
     return channels_last_on_cpu(net.eval(), torch.device(device))
+
+
+def load_state_dict(path: Path, root: Path, device: str | torch.device = "cpu") -> object:
+    """The checkpoint at ``path`` as MONAI's ``CheckpointLoader`` reads it, tensors only
+    (``weights_only``: a checkpoint cannot run code as it is read)."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a broken pickle fails in many types
+        where = path.relative_to(root) if path.is_relative_to(root) else path
+        raise BundleError(
+            f"bundle {root}: {where} is not a checkpoint torch.load reads with weights "
+            f"only ({first_line(exc)})"
+        ) from None
+
+
+def first_line(exc: BaseException) -> str:
+    """What torch says of a file it cannot load, as one short clause for a one-sentence
+    refusal: the unpickler's own error rather than its advice, without the C++ source
+    location, up to the first full stop."""
+    text = str(exc)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    line = re.sub(r"^\[enforce fail at [^]]*\]\s*", "", lines[0]) if lines else ""
+    line = line.lstrip(". ").split(". ", 1)[0].rstrip(".")
+    return line[:160] or type(exc).__name__
 
 
 def load_served_network(

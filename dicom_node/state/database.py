@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["Database", "DatabaseError"]
+__all__ = ["Database", "DatabaseError", "damaged_message"]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS series (
@@ -77,6 +77,24 @@ class DatabaseError(RuntimeError):
     """The job database cannot be opened or used; the message says why and what to do."""
 
 
+#: SQLite's result codes for a file that is not (or no longer) a whole database.
+_DAMAGED = frozenset({"SQLITE_CORRUPT", "SQLITE_NOTADB"})
+
+
+def damaged_message(path: Path, detail: str) -> str:
+    """What to do with a damaged job database, in one sentence.
+
+    The spool is the source of truth: moved aside, the database is made anew at the next
+    start and every spooled instance registered again
+    (:func:`dicom_node.intake.recovery.reconcile`), its series processed once more.
+    """
+    return (
+        f"the job database {path} is damaged ({detail}); stop the node, move {path.name} and "
+        f"its -wal and -shm files aside, and start again: the spool is kept and its "
+        "instances are registered anew (their series are processed and sent once more)"
+    )
+
+
 class Database:
     """One connection to the job database, shared by the repositories."""
 
@@ -84,12 +102,30 @@ class Database:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        try:
+            self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise DatabaseError(f"the job database {self.path} cannot be opened: {exc}") from None
         self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=10000")
-        self._db.executescript(SCHEMA)
+        try:
+            self._db.execute("PRAGMA busy_timeout=10000")
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._check_intact()
+            self._db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            if getattr(exc, "sqlite_errorname", "") in _DAMAGED:
+                raise DatabaseError(damaged_message(self.path, str(exc))) from None
+            raise DatabaseError(f"the job database {self.path} cannot be used: {exc}") from None
+
+    def _check_intact(self) -> None:
+        """``PRAGMA quick_check``: every page of a truncated or damaged file is found at
+        start (half a second for a 150 MB database) rather than by a C-STORE later."""
+        (first,) = self._db.execute("PRAGMA quick_check(1)").fetchone()
+        if first != "ok":
+            lines = [line for line in first.splitlines() if not line.startswith("***")]
+            raise DatabaseError(damaged_message(self.path, " ".join(lines)[:200]))
 
     def close(self) -> None:
         with self._lock:
