@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dicom_node.config import ConfigError, Settings, load_settings
+from dicom_node.state.database import DatabaseError
 
 if TYPE_CHECKING:
     from dicom_node.node import Node
@@ -131,8 +132,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_model_install(args: argparse.Namespace) -> int:
-    from dicom_node.pipeline.install import BundleInstallError, describe_bundle, install_bundle
+    from dicom_node.pipeline.install import (
+        CODE_NOTICE,
+        BundleInstallError,
+        describe_bundle,
+        install_bundle,
+    )
 
+    print(CODE_NOTICE, flush=True)
     try:
         path = install_bundle(args.source, Path(args.dest))
     except BundleInstallError as exc:
@@ -262,6 +269,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ConfigError, UserError) as exc:
+    except (ConfigError, DatabaseError, UserError) as exc:
         print(f"dicom-node: {exc}", file=sys.stderr)
         return 2
