@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -34,7 +35,14 @@ from pydicom.dataset import Dataset
 
 from dicom_node.common.credentials import Credentials, read_credentials
 from dicom_node.common.network import is_loopback
-from dicom_node.config import ConfigError, Destination, Settings, check_auth, one_of
+from dicom_node.config import (
+    ConfigError,
+    Destination,
+    Settings,
+    check_auth,
+    existing,
+    one_of,
+)
 from dicom_node.export.transport import (
     OnAck,
     Outcome,
@@ -66,15 +74,21 @@ class DicomWebDestination(Destination):
     #: "none", "basic" or "bearer"; the secret is read from ``credentials_file`` or the
     #: variable ``credentials_env``, never written here.
     auth: str = one_of("none", "basic", "bearer")
-    credentials_file: Path | None = None
+    credentials_file: Path | None = existing("file", None)
     credentials_env: str = ""
     #: Over https: verify the server's certificate (against ``ca_certificates`` when given,
     #: else the system's CAs).
     verify_tls: bool = True
-    ca_certificates: Path | None = None
+    ca_certificates: Path | None = existing("file", None)
 
     def check(self, key: str, settings: Settings) -> None:
         super().check(key, settings)
+        if _has_credentials(self.url):
+            # the URL is not repeated: it holds a secret
+            raise ConfigError(
+                f"{key}.url: holds credentials (user:password@ or a token in the query); "
+                "name them in credentials_file or credentials_env instead"
+            )
         if not re.match(r"^https?://[^/\s]+", self.url):
             raise ConfigError(f"{key}.url: {self.url!r} is not an http:// or https:// URL")
         check_auth(self.auth, self.credentials_file, self.credentials_env, key)
@@ -83,6 +97,28 @@ class DicomWebDestination(Destination):
             raise ConfigError(
                 f"{key}.url: credentials would cross the network in clear text; use https://"
             )
+
+
+#: Query parameters that carry a secret (OAuth's access_token, API keys, signed URLs).
+_SECRET_PARAMETER = re.compile(
+    r"(token|password|passwd|pwd|secret|api[-_]?key|key|auth|signature|sig)$", re.IGNORECASE
+)
+
+
+def _has_credentials(url: str) -> bool:
+    """Whether ``url`` carries a secret: ``user:password@`` or a token in its query.
+
+    A URL is logged, shown on the status pages and kept in the outbox's errors; a secret
+    belongs in ``credentials_file`` or ``credentials_env``.
+    """
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError:
+        return False
+    if "@" in parts.netloc:
+        return True
+    names = (name for name, _ in urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
+    return any(_SECRET_PARAMETER.search(name) for name in names)
 
 
 class StowTransport:

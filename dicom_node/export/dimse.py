@@ -27,6 +27,7 @@ from dicom_node.config import (
     Destination,
     Settings,
     TLSSettings,
+    address,
     at_least,
     check_ae_title,
 )
@@ -50,7 +51,7 @@ class DicomDestination(Destination):
 
     type: str = "dicom"
     ae_title: str = ""
-    host: str = ""
+    host: str = address("", optional=True)
     port: int = 0
     #: Send over DICOM TLS, with the certificates of the [tls] section.
     tls: bool = False
