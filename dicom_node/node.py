@@ -11,6 +11,10 @@ hands each complete series to the job runner; the runner emits the start and end
 job (:mod:`dicom_node.jobs.runner`), which the embedded PACS (the CT for the viewer), the
 metrics and the exporter (new results to send) take.
 
+The audit trail (:mod:`dicom_node.service.audit`, ``[audit]``) takes intake's stored
+instances, association ends and refusals, the exporter's batches and acknowledgements, and
+is called by the status pages and the viewer; it records the node's start and stop.
+
 On start the node recovers from whatever the last run left: partial files are removed,
 spooled files the database missed are registered (:mod:`dicom_node.intake.recovery`), and
 series interrupted while processing are processed again.
@@ -24,9 +28,9 @@ from dicom_node.common.events import Events
 from dicom_node.common.heap import freeze_heap
 from dicom_node.common.standard_tables import load_standard_tables
 from dicom_node.config import Settings
-from dicom_node.export.sender import Exporter
+from dicom_node.export.sender import Exporter, ExportStarted, ResultSent
 from dicom_node.inference import Backends
-from dicom_node.intake.events import AssociationReleased
+from dicom_node.intake.events import AssociationEnded, AssociationRefused, AssociationReleased
 from dicom_node.intake.recovery import reconcile
 from dicom_node.intake.scp import StorageSCP
 from dicom_node.intake.spool import Spool
@@ -34,6 +38,7 @@ from dicom_node.intake.storage import StoreOutcome
 from dicom_node.jobs.runner import JobEnded, JobRunner, JobStarted
 from dicom_node.series.assembly import StreamingAssembler
 from dicom_node.series.completion import Completion, rules_for
+from dicom_node.service.audit import AssociationLedger, AuditTrail
 from dicom_node.service.embedded import Embedded, embedded_destination
 from dicom_node.service.metrics import NodeMetrics
 from dicom_node.service.retention import Retention
@@ -72,7 +77,15 @@ class Node:
             tick_seconds=min(1.0, max(0.05, settle / 4)),
         )
         self.metrics = NodeMetrics(self.jobs)
-        self.exporter = Exporter(settings, self.jobs, on_attempt=self.metrics.observe_export)
+        self.audit = AuditTrail.from_settings(
+            settings.audit,
+            data_dir,
+            settings.node.ae_title,
+            study_evidence=self.jobs.instances.any_in_study,
+        )
+        self.exporter = Exporter(
+            settings, self.jobs, on_attempt=self.metrics.observe_export, events=self.events
+        )
         self.retention = Retention(settings.retention, self.jobs, self.spool.root, self.results_dir)
         #: The status pages, once started.
         self.status: WebServer | None = None
@@ -82,6 +95,13 @@ class Node:
         self.events.subscribe(StoreOutcome, self.assembler.on_stored)
         self.events.subscribe(AssociationReleased, self.completion.on_release)
         self.events.subscribe(JobEnded, self._job_ended)
+        if self.audit.enabled:
+            ledger = AssociationLedger(self.audit)
+            self.events.subscribe(StoreOutcome, ledger.on_stored)
+            self.events.subscribe(AssociationEnded, ledger.on_ended)
+            self.events.subscribe(AssociationRefused, self.audit.on_refused)
+            self.events.subscribe(ExportStarted, self.audit.on_export_started)
+            self.events.subscribe(ResultSent, self.audit.on_result_sent)
 
     def start(self, serve: bool = True) -> None:
         """Recover from whatever the last run left, then start serving and working."""
@@ -108,10 +128,12 @@ class Node:
                     self.metrics,
                     self.backends.ready,
                     viewer_url=self.embedded.viewer_url if self.embedded else None,
+                    audit=self.audit,
                 )
                 self.status = WebServer(app, self.settings.status.host, self.settings.status.port)
                 self.status.start()
             self.scp.start()
+            self.audit.on_start()
         self.runner.start()
         self.completion.start()
         self.exporter.start()
@@ -122,7 +144,7 @@ class Node:
         each job's CT then goes to it, for the viewer to show the results over."""
         destination = embedded_destination(self.settings)
         if destination is not None:
-            embedded = Embedded(self.settings, destination)
+            embedded = Embedded(self.settings, destination, self.audit)
             embedded.start()
             self.embedded = embedded
             self.events.subscribe(JobStarted, lambda started: embedded.archive(started.paths))
@@ -136,6 +158,7 @@ class Node:
             self.exporter.wake()
 
     def stop(self) -> None:
+        self.audit.on_stop()
         self.exporter.stop()
         self.completion.stop()
         self.retention.stop()
@@ -149,6 +172,7 @@ class Node:
         self.exporter.close()
         if self.embedded is not None:
             self.embedded.stop()
+        self.audit.close()
 
 
 def _freeze_long_lived() -> None:

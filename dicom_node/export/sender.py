@@ -17,6 +17,10 @@ start the journal is reconciled into the database before anything is sent.
 A SEG may have two forms (:func:`~.transport.deliver`): the Label Map SEG is offered first
 and, where a destination refuses that SOP class, the binary SEG (and the SR that names it)
 goes instead; the outbox records which form each destination took.
+
+What happens is emitted on the node's events for the audit trail: :class:`ExportStarted`
+before each batch goes to a destination, :class:`ResultSent` for each result it
+acknowledged or that the outbox gave up on.
 """
 
 from __future__ import annotations
@@ -27,10 +31,12 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dicom_node.common.backoff import backoff
+from dicom_node.common.events import Events
 from dicom_node.config import Destination, Settings
 from dicom_node.export.transport import Outcome, Outgoing, SegChoice, Transport, transport_for
 from dicom_node.state import JobDatabase, OutboxItem
@@ -38,7 +44,25 @@ from dicom_node.state.journal import AckJournal
 
 log = logging.getLogger("dicom_node.export")
 
-__all__ = ["Exporter"]
+__all__ = ["ExportStarted", "Exporter", "ResultSent"]
+
+
+@dataclass(frozen=True)
+class ExportStarted:
+    """A batch of results is about to go to ``destination``."""
+
+    destination: Destination
+    paths: tuple[Path, ...]
+
+
+@dataclass(frozen=True)
+class ResultSent:
+    """``destination`` acknowledged the result at ``path`` (the form sent), or, with an
+    ``error``, the outbox gave up on it after the destination's last attempt."""
+
+    destination: Destination
+    path: Path
+    error: str = ""
 
 
 class Exporter:
@@ -53,9 +77,12 @@ class Exporter:
         jobs: JobDatabase,
         on_attempt: Callable[[str, bool, int, float, bool], None] | None = None,
         journal: Path | None = None,
+        events: Events | None = None,
     ) -> None:
         self.settings = settings
         self.jobs = jobs
+        #: Where :class:`ExportStarted` and :class:`ResultSent` are emitted.
+        self.events = events or Events()
         self.destinations = {d.name: d for d in settings.destinations}
         #: Each destination's transport, built now: what cannot work fails at start, clearly.
         self.transports: dict[str, Transport] = {
@@ -172,7 +199,10 @@ class Exporter:
 
         def on_ack(item: Outgoing, outcome: Outcome) -> None:
             self._acknowledged(by_id[item.key], time.time(), outcome.alternative)
+            sent_path = item.alt_path if outcome.alternative and item.alt_path else item.path
+            self.events.emit(ResultSent(dest, sent_path))
 
+        self.events.emit(ExportStarted(dest, tuple(o.path for o in outgoing)))
         t0 = time.perf_counter()
         try:
             results = self.transports[dest.name].send(outgoing, choice, on_ack)
@@ -214,6 +244,8 @@ class Exporter:
                 log.error("failed attempt of outbox item %d not recorded: %s", item.id, exc)
             if self.on_attempt is not None:
                 self.on_attempt(dest.name, False, attempt, seconds, give_up)
+            if give_up:
+                self.events.emit(ResultSent(dest, Path(item.path), error))
             log.warning(
                 "%s of series %s to %s: %s (attempt %d/%d%s)",
                 item.kind,

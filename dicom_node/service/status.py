@@ -24,10 +24,19 @@ beyond loopback without credentials refuses to start.
 
 Every series UID in a URL is checked with :func:`~dicom_node.intake.spool.check_uid` and every file
 served must lie inside the data directory, so no URL reaches a file outside it.
+
+With an audit trail (:mod:`dicom_node.service.audit`), a login is a User Authentication
+message (the first accepted request of a user from an address in
+:data:`~dicom_node.service.audit.LOGIN_INTERVAL_SECONDS`; HTTP authentication has no
+sessions), refused credentials a User Authentication failure and a Security Alert, a job
+page or preview a DICOM Instances Accessed, and a result file downloaded a DICOM Instances
+Transferred.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 import re
 import shutil
@@ -39,13 +48,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pydicom
-from flask import Flask, Response, abort, jsonify, render_template, request, send_file
+from flask import Flask, Request, Response, abort, jsonify, render_template, request, send_file
 from pydicom.errors import InvalidDicomError
 
 from dicom_node.common.credentials import read_credentials
 from dicom_node.common.network import is_loopback
 from dicom_node.config import ConfigError, Settings
 from dicom_node.intake.spool import InvalidUID, check_uid
+from dicom_node.service.audit import AuditTrail
 from dicom_node.service.metrics import CONTENT_TYPE, JOB_STAGES, NodeMetrics
 from dicom_node.service.preview import (
     PREVIEW_NAME,
@@ -114,14 +124,17 @@ def create_app(
     metrics: NodeMetrics,
     backend_ready: BackendReady | None = None,
     viewer_url: str | None = None,
+    audit: AuditTrail | None = None,
 ) -> Flask:
     """The Flask application of the status service for one node.
 
     With ``viewer_url`` (the embedded viewer's), each finished series links to the viewer
-    with its SEG loaded.
+    with its SEG loaded. With ``audit``, logins and what the pages show are audited (see
+    the module).
     """
     app = Flask(__name__)
-    _require_credentials(app, settings)
+    audit = audit or AuditTrail(None, settings.node.ae_title)
+    _require_credentials(app, settings, audit)
     data_dir = settings.node.data_dir.resolve()
     results_dir = data_dir / "results"
     preview_locks: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
@@ -215,9 +228,20 @@ def create_app(
             node=settings.node,
         )
 
+    def audit_access(record: SeriesRecord) -> None:
+        paths = jobs.instances.paths(record.series_uid)
+        audit.on_access(
+            _user(request),
+            request.remote_addr or "",
+            request.path,
+            record.study_uid,
+            paths[0] if paths else None,
+        )
+
     @app.get("/jobs/<series_uid>")
     def job(series_uid: str) -> str:
         record = series_or_404(series_uid)
+        audit_access(record)
         models = []
         for model in record.results if record.state == SeriesState.DONE else []:
             previews, problem = previews_for(record, model)
@@ -250,8 +274,10 @@ def create_app(
         info = model.files.get(kind)
         if info is None:
             abort(404)
+        path = inside_data_dir(Path(info.path))
+        audit.on_fetched(_user(request), request.remote_addr or "", path)
         return send_file(
-            inside_data_dir(Path(info.path)),
+            path,
             mimetype="application/dicom",
             as_attachment=True,
             download_name=f"{kind.lower()}-{record.series_uid}.dcm",
@@ -265,6 +291,7 @@ def create_app(
         if not PREVIEW_NAME.match(name):
             abort(404)
         path = inside_data_dir(preview_dir(record, model) / name)
+        audit_access(record)
         return send_file(path, mimetype="image/png", max_age=0)
 
     @app.template_filter("when")
@@ -297,7 +324,22 @@ def _viewer_link(viewer_url: str | None, record: SeriesRecord, model: ModelResul
 OPEN_PATHS = ("/healthz", "/readyz")
 
 
-def _require_credentials(app: Flask, settings: Settings) -> None:
+def _user(req: Request) -> str:
+    """Who made an authenticated request: the basic user, ``(bearer token)`` or
+    ``(anonymous)`` on a service without credentials."""
+    header = req.headers.get("Authorization", "")
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() == "basic":
+        try:
+            return base64.b64decode(value.strip(), validate=True).decode().partition(":")[0]
+        except (binascii.Error, UnicodeDecodeError):
+            return "(unreadable basic credentials)"
+    if scheme.lower() == "bearer":
+        return "(bearer token)"
+    return "(anonymous)"
+
+
+def _require_credentials(app: Flask, settings: Settings, audit: AuditTrail) -> None:
     """Ask every request but :data:`OPEN_PATHS` for the configured credentials.
 
     Raises :class:`StatusError` when the service would be reachable beyond loopback
@@ -328,8 +370,17 @@ def _require_credentials(app: Flask, settings: Settings) -> None:
     def authenticate() -> Response | None:
         if request.path in OPEN_PATHS:
             return None
-        if credentials.accepts(request.headers.get("Authorization")):
+        presented = request.headers.get("Authorization")
+        if credentials.accepts(presented):
+            audit.on_login(_user(request), request.remote_addr or "", accepted=True)
             return None
+        if presented:  # a browser's first request carries none: that is no failed login
+            audit.on_login(
+                _user(request),
+                request.remote_addr or "",
+                accepted=False,
+                reason=f"{credentials.kind} credentials refused for {request.path[:200]}",
+            )
         log.info("status service: request for %s without valid credentials", request.path)
         return Response(
             "credentials required\n",

@@ -139,6 +139,17 @@ class InstanceRepository:
             ).fetchall()
         return [Path(r["path"]) for r in rows]
 
+    def any_in_study(self, study_uid: str) -> Path | None:
+        """The spool file of one instance of the study, or ``None`` (for the patient an
+        audit message names)."""
+        with self._db.read() as db:
+            row = db.execute(
+                "SELECT i.path FROM instances i JOIN series s ON s.series_uid = i.series_uid"
+                " WHERE s.study_uid = ? LIMIT 1",
+                (study_uid,),
+            ).fetchone()
+        return Path(row["path"]) if row is not None else None
+
     def known_paths(self) -> set[str]:
         with self._db.read() as db:
             return {r["path"] for r in db.execute("SELECT path FROM instances")}
