@@ -58,8 +58,8 @@ def orthanc_config(settings: Settings, destination: DicomDestination) -> dict:
     Orthanc 1.10 has no setting for the address it listens on (its configuration, as
     ``Orthanc --config`` prints it, has none: HTTP goes to CivetWeb on ``HttpPort``, DICOM
     to DCMTK on ``DicomPort``, both on every interface). So both ports refuse other hosts
-    themselves: HTTP answers 403 to any client but 127.0.0.1 (``RemoteAccessAllowed``
-    off), and DICOM serves only the node's own AE title from 127.0.0.1, for every service
+    themselves: HTTP refuses any client but 127.0.0.1 (``RemoteAccessAllowed`` off: it
+    answers 401), and DICOM serves only the node's own AE title from 127.0.0.1, for every service
     (``DicomAlwaysAllow*`` off, the modality's host checked); an echo from anyone else is
     refused too. Lua scripts from the REST API and writing files through it stay off.
     """
