@@ -26,6 +26,8 @@ from pynetdicom.sop_class import CTImageStorage, Verification
 from dicom_node_testing.synthetic import SeriesAttributes, ct_slice
 from tests.peers import NodeProcess, associate
 
+pytestmark = pytest.mark.cost(12)
+
 #: The node's own settings are the defaults (16 slots, 12 connections per address, 4 slots
 #: kept for other addresses, 64 connections pending); only the idle timeout differs.
 NODE = {"settle_seconds": 3600, "complete_on_release": False}
@@ -39,7 +41,10 @@ def node(tmp_path_factory) -> Iterator[NodeProcess]:
         limits={"idle_timeout_seconds": 60.0, "acse_timeout": 30.0},
     ).start()
     yield n
-    n.stop()
+    # Killed, not stopped: the refused connections' threads wait out acse_timeout (they hold
+    # no slot, which is the point), and a stop aborts each in turn, 0.1 s apiece.
+    n.kill()
+    n.stop()  # closes its log
 
 
 def _ae(timeout: float = 2.0) -> AE:
@@ -210,7 +215,8 @@ def idle_node(tmp_path_factory) -> Iterator[NodeProcess]:
         limits={"idle_timeout_seconds": 2.0},
     ).start()
     yield n
-    n.stop()
+    n.kill()
+    n.stop()  # closes its log
 
 
 def test_an_association_that_only_echoes_is_aborted_one_that_stores_is_not(idle_node):

@@ -31,7 +31,10 @@ from dicom_node_testing.synthetic import SeriesAttributes, write_ct_series
 from tests.peers import free_port
 
 PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
-pytestmark = pytest.mark.skipif(not PLUGIN.exists(), reason="needs orthanc-dicomweb")
+pytestmark = [
+    pytest.mark.skipif(not PLUGIN.exists(), reason="needs orthanc-dicomweb"),
+    pytest.mark.cost(5),
+]
 
 
 class Pacs:
