@@ -30,7 +30,7 @@ from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import CTImageStorage, Verification
 
 from dicom_node_testing.synthetic import SeriesAttributes, ct_slice
-from tests.peers import NodeProcess, associate, small_tmpfs, storescu
+from tests.peers import SPLEEN_BUNDLE, NodeProcess, associate, small_tmpfs, storescu
 
 pytestmark = pytest.mark.cost(20)
 
@@ -53,7 +53,7 @@ def node(tmp_path_factory, dcmtk_tools) -> Iterator[NodeProcess]:
         work / "node",
         node={"settle_seconds": 3600, "complete_on_release": False},
         limits=LIMITS,
-        inference={"backend": "local", "bundle": str(work / "no-bundle")},
+        inference={"backend": "local", "bundle": str(SPLEEN_BUNDLE)},
     ).start()
     yield n
     n.stop()
@@ -455,7 +455,7 @@ def test_a_large_instance_is_aborted_when_spilling_it_would_pass_the_disk_waterm
             tmp_path / "node",
             node={"data_dir": str(data), "settle_seconds": 3600, "complete_on_release": False},
             limits={"min_free_disk_mb": 64, "reserved_disk_mb": 4},
-            inference={"backend": "local", "bundle": str(tmp_path / "no-bundle")},
+            inference={"backend": "local", "bundle": str(SPLEEN_BUNDLE)},
         )
         try:
             node.start()

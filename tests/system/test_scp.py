@@ -138,10 +138,11 @@ def test_orthanc_pushes_a_series_to_the_node(tmp_path, orthanc, data_dir, dcmtk_
 def test_sigkill_mid_push_loses_no_acknowledged_instance(tmp_path, dcmtk_tools):
     hu = np.random.default_rng(1).integers(-1000, 1000, (60, 64, 64)).astype(np.int16)
     paths = write_ct_series(hu, tmp_path / "series", spacing=(2.0, 1.0, 1.0))
+    (tmp_path / "empty").mkdir()  # a folder that holds no bundle: every job fails
     node = NodeProcess(
         tmp_path / "n",
         node={"settle_seconds": 1.0},
-        inference={"backend": "local", "bundle": str(tmp_path / "missing")},
+        inference={"backend": "local", "bundle": str(tmp_path / "empty")},
     )
     node.start()
     try:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.peers import NodeProcess
+from tests.peers import SPLEEN_BUNDLE, NodeProcess
 from tests.system.bad_input.crafting import (
     LIMITS,
     Ledger,
@@ -65,8 +65,9 @@ def node(tmp_path_factory, dcmtk_tools) -> Iterator[NodeProcess]:
         work / "node",
         node={"settle_seconds": 0.3, "unsupported_sop_class": "refuse"},
         limits=LIMITS,
-        # never reached: every series here fails assembly first
-        inference={"backend": "local", "bundle": str(work / "no-bundle")},
+        # never reached: every series here fails assembly first (the summary checks that no
+        # result was made)
+        inference={"backend": "local", "bundle": str(SPLEEN_BUNDLE)},
     ).start()
     yield n
     n.stop()
