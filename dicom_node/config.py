@@ -255,9 +255,10 @@ class InferenceSettings:
     retry_backoff_seconds: float = at_least(5.0, 0)
     #: Series processed at once; Triton batches and schedules their requests on the GPU.
     max_concurrent_jobs: int = at_least(2, 1)
-    grpc_port: int = tcp_port(8001)
-    http_port: int = tcp_port(8000)
-    metrics_port: int = tcp_port(8002)
+    #: Ports of the Triton server the node starts; 0: any free port.
+    grpc_port: int = tcp_port(8001, any_free=True)
+    http_port: int = tcp_port(8000, any_free=True)
+    metrics_port: int = tcp_port(8002, any_free=True)
 
 
 @dataclass(frozen=True)
