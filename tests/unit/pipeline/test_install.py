@@ -17,7 +17,7 @@ from dicom_node.cli import main
 from dicom_node.pipeline.install import CODE_NOTICE
 from tests.peers import SPLEEN_BUNDLE
 
-pytestmark = pytest.mark.cost(8)
+pytestmark = pytest.mark.cost(5)
 
 
 def _bundle(tmp_path: Path, name: str) -> Path:

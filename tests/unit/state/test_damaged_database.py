@@ -20,7 +20,7 @@ from dicom_node.state import DatabaseError, JobDatabase, NewInstance
 from dicom_node_testing.synthetic import SeriesAttributes, write_ct_series
 from tests.peers import ROOT, free_port
 
-pytestmark = pytest.mark.cost(6)
+pytestmark = pytest.mark.cost(4)
 
 
 def _truncated(db: Path) -> None:
