@@ -114,6 +114,8 @@ class SourceSettings:
     port: int = _port(104)
     #: Over DICOM TLS, with the certificates of the [tls] section.
     tls: bool = False
+    #: "move": C-MOVE to this node's AE title (the PACS must know it, with the node's host
+    #: and port); "get": C-GET, the instances come back on the node's own association.
     retrieve: str = _one_of(
         "move", "get", notes={"move": "C-MOVE to this node", "get": "C-GET on one association"}
     )
