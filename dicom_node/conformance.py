@@ -66,17 +66,23 @@ class AcceptedContext:
     abstract_syntax: str
     transfer_syntaxes: tuple[str, ...]
     role: str = "SCP"
+    extended: str = "None"
 
 
-def accepted_contexts(unsupported_sop_class: str = "refuse") -> list[AcceptedContext]:
+def accepted_contexts(
+    unsupported_sop_class: str = "refuse", storage_commitment: bool = False
+) -> list[AcceptedContext]:
     """The presentation contexts the SCP accepts, as its AE is built
     (:meth:`dicom_node.scp.StorageSCP._make_ae`): Verification with pynetdicom's default
-    transfer syntaxes, the CT SOP classes with the node's, and with
+    transfer syntaxes, the CT SOP classes with the node's, with
     ``unsupported_sop_class = "fail"`` every other Storage class of pynetdicom's table
-    (negotiated, then refused per C-STORE with 0x0122)."""
+    (negotiated, then refused per C-STORE with 0x0122), and with ``storage_commitment``
+    (a destination asking for it) the Storage Commitment Push Model in the SCU role
+    (:func:`dicom_node.commitment.add_report_context`), for reports."""
     from pynetdicom.presentation import DEFAULT_TRANSFER_SYNTAXES, StoragePresentationContexts
     from pynetdicom.sop_class import Verification
 
+    from dicom_node.commitment import REPORT_TRANSFER_SYNTAXES, STORAGE_COMMITMENT
     from dicom_node.scp import TRANSFER_SYNTAXES
     from dicom_node.volume import CT_SOP_CLASSES
 
@@ -89,6 +95,10 @@ def accepted_contexts(unsupported_sop_class: str = "refuse") -> list[AcceptedCon
             for cx in StoragePresentationContexts
             if cx.abstract_syntax not in CT_SOP_CLASSES
         ]
+    if storage_commitment:
+        report_syntaxes = tuple(str(t) for t in REPORT_TRANSFER_SYNTAXES)
+        roles = "SCP/SCU Role Selection: the requestor's SCP role accepted, SCU role refused"
+        out.append(AcceptedContext(str(STORAGE_COMMITMENT), report_syntaxes, "SCU", roles))
     return out
 
 
@@ -588,6 +598,9 @@ def render() -> str:
     created = [(k, str(d.SOPClassUID)) for k, d in examples.items()]
     default_accepted = accepted_contexts("refuse")
     fail_only = [c for c in accepted_contexts("fail") if c not in default_accepted]
+    commitment_only = [
+        c for c in accepted_contexts(storage_commitment=True) if c not in default_accepted
+    ]
     policy = CommitmentPolicy()
 
     overview = _table(
@@ -605,7 +618,7 @@ def render() -> str:
 
     def accepted_table(contexts: list[AcceptedContext], name: str) -> str:
         rows = [
-            (_uid(c.abstract_syntax), _syntaxes(c.transfer_syntaxes), c.role, "None")
+            (_uid(c.abstract_syntax), _syntaxes(c.transfer_syntaxes), c.role, c.extended)
             for c in contexts
         ]
         return "\n".join(
@@ -928,12 +941,15 @@ stored and answered as in 4.2.1.4.1.
 With storage commitment enabled for a destination, the AE also accepts
 {_uid(str(STORAGE_COMMITMENT))} in the SCU role on associations a PACS opens (SCP/SCU Role
 Selection: the requestor's SCP role accepted, its SCU role refused; a PACS proposing no
-role selection is served the same), with Explicit and Implicit VR Little Endian. N-EVENT-
-REPORT Event Type 1 (all committed) and 2 (failures exist) are answered 0x0000 once the
+role selection is served the same).
+N-EVENT-REPORT Event Type 1 (all committed) and 2 (failures exist) are answered 0x0000 once the
 report is recorded, 0x0110 if it cannot be recorded (the node then asks again), 0x0113
 for another event type and 0x0120 for a report without a Transaction UID. A report for a
 transaction asked again is still read: a commitment it reports is recorded, its failures
-are not if a newer request is pending.
+are not if a newer request is pending. Accepted presentation context, besides those of
+4.2.1.4.1:
+
+{accepted_table(commitment_only, "commitment")}
 
 ### 4.3 Network Interfaces
 

@@ -121,6 +121,10 @@ class SourceSettings:
     )
     #: Seconds to wait for the association, and then for each response.
     timeout_seconds: float = field(default=30.0, metadata={"positive": True})
+    #: A series the settle timer completed is first compared with this source (instances
+    #: counted at IMAGE level), and the instances it lacks are retrieved before it is
+    #: processed.
+    top_up: bool = False
 
     def describe(self) -> str:
         """How messages name the source: ``'pacs' (ORTHANC at 10.0.0.5:4242)``."""
@@ -470,13 +474,16 @@ class SourceClient:
         study_uid: str,
         series_uid: str = "",
         sop_instance_uids: Sequence[str] = (),
+        handlers: Sequence[tuple] = (),
     ) -> RetrieveResult:
         """C-GET the study (or its series, or some of the series' instances): each
         instance arrives as a C-STORE sub-operation on this association and goes to
         ``on_store`` (an ``EVT_C_STORE`` handler; its status is the sub-operation's).
 
-        The node's SCP handler may be passed as it is. Raises as :meth:`move` does, but for
-        the move destination.
+        The node's SCP handler may be passed as it is, and ``handlers`` bound to the
+        association beside it (the SCP's ``EVT_RELEASED`` and ``EVT_ABORTED`` handlers,
+        so that a C-GET ends like an association that pushed the series). Raises as
+        :meth:`move` does, but for the move destination.
         """
         identifier = _retrieve_identifier(study_uid, series_uid, sop_instance_uids)
         received = [0]
@@ -492,7 +499,7 @@ class SourceClient:
         contexts += retrieve_contexts(self.storage_sop_classes, self.transfer_syntaxes)
         roles = [build_role(c, scp_role=True) for c in self.storage_sop_classes]
         with self._association(
-            contexts, "C-GET", roles=roles, handlers=[(evt.EVT_C_STORE, store)]
+            contexts, "C-GET", roles=roles, handlers=[(evt.EVT_C_STORE, store), *handlers]
         ) as assoc:
             responses = assoc.send_c_get(identifier, GET)
             result = self._collect(assoc, responses, "C-GET")
@@ -507,11 +514,12 @@ class SourceClient:
         destination_ae: str,
         on_store: StoreHandler,
         sop_instance_uids: Sequence[str] = (),
+        handlers: Sequence[tuple] = (),
     ) -> RetrieveResult:
-        """:meth:`move` to ``destination_ae`` or :meth:`get` into ``on_store``, as the
-        source's ``retrieve`` setting says."""
+        """:meth:`move` to ``destination_ae`` or :meth:`get` into ``on_store`` (with
+        ``handlers``), as the source's ``retrieve`` setting says."""
         if self.source.retrieve == "get":
-            return self.get(on_store, study_uid, series_uid, sop_instance_uids)
+            return self.get(on_store, study_uid, series_uid, sop_instance_uids, handlers)
         return self.move(destination_ae, study_uid, series_uid, sop_instance_uids)
 
     def _collect(

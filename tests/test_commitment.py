@@ -68,6 +68,8 @@ class Reports:
         add_report_context(self.ae)
         self.fail_next = False
         self.server = None
+        #: (acts as SCU, acts as SCP) on each accepted association, for the report context
+        self.roles: list[tuple[bool, bool]] = []
 
     def record(self, report: CommitmentReport) -> None:
         if self.fail_next:  # the job database refused the write
@@ -79,9 +81,16 @@ class Reports:
         self.server = self.ae.start_server(
             ("127.0.0.1", self.port),
             block=False,
-            evt_handlers=[(evt.EVT_N_EVENT_REPORT, report_handler(self.record))],
+            evt_handlers=[
+                (evt.EVT_N_EVENT_REPORT, report_handler(self.record)),
+                (evt.EVT_ACCEPTED, self.accepted),
+            ],
         )
         return self
+
+    def accepted(self, event) -> None:
+        for cx in event.assoc.accepted_contexts:
+            self.roles.append((cx.as_scu, cx.as_scp))
 
     def next(self, timeout: float = 20.0) -> CommitmentReport:
         return self.queue.get(timeout=timeout)
@@ -152,6 +161,7 @@ def test_orthanc_commits_what_it_holds_and_names_what_it_does_not(pacs, reports,
     report = reports.next()
     assert report.transaction_uid == request.transaction_uid
     assert (report.reporter, report.same_association) == ("ORTHANC", False)
+    assert reports.roles[-1] == (True, False)  # the node is the SCU: Orthanc proposed SCP
     assert sorted(report.committed, key=str) == sorted(held, key=str)
     assert report.failed == (Failure(missing, 0x0112),)
     assert report.describe() == (

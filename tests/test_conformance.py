@@ -41,7 +41,7 @@ def test_the_statement_is_what_the_code_renders(statement):
 
 
 @pytest.fixture(scope="module", params=["refuse", "fail"])
-def node(request, tmp_path_factory, dcmtk_tools) -> Iterator[tuple[str, NodeProcess]]:
+def node(request, tmp_path_factory) -> Iterator[tuple[str, NodeProcess]]:
     """The node with each ``unsupported_sop_class``; no job runs (a long settle time)."""
     mode = request.param
     n = NodeProcess(

@@ -17,6 +17,7 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import RLELossless, generate_uid
+from pynetdicom import evt
 
 from dicom_node.config import ConfigError
 from dicom_node.push import push_paths
@@ -230,7 +231,13 @@ def test_get_hands_each_instance_over_as_stored(peer, studies, tmp_path):
     source offers one context per transfer syntax), every pixel byte as sent."""
     name, source = peer
     synthetic = studies["synthetic"]
-    result = SourceClient(source, NODE_AE).get(to_folder(tmp_path), synthetic.study_uid)
+    released = []  # the node binds its SCP's release handler here
+    result = SourceClient(source, NODE_AE).get(
+        to_folder(tmp_path),
+        synthetic.study_uid,
+        handlers=[(evt.EVT_RELEASED, lambda event: released.append(event.assoc))],
+    )
+    assert len(released) == 1
     assert result.failed == 0
     assert result.received == len(synthetic.files) == 10
     by_uid = {str(pydicom.dcmread(f).SOPInstanceUID): f for f in synthetic.files}
