@@ -23,6 +23,9 @@ the order PS3.2 Annex A lays them out. ``tests/test_conformance.py`` checks the 
 file equals what this renders, and that a running node accepts exactly what it lists.
 
 ``python -m dicom_node.conformance`` writes the file; ``--check`` exits 1 if it is stale.
+
+Why one module of this size: most of it is the statement's own text, in PS3.2's order,
+with the code that fills its tables beside the paragraphs that explain them.
 """
 
 from __future__ import annotations
