@@ -9,7 +9,9 @@ Intake emits each C-STORE's outcome and each release (:mod:`dicom_node.intake.ev
 the streaming assembler and the metrics take the first, completion the second. Completion
 hands each complete series to the job runner; the runner emits the start and end of each
 job (:mod:`dicom_node.jobs.runner`), which the embedded PACS (the CT for the viewer), the
-metrics and the exporter (new results to send) take.
+metrics and the exporter (new results to send) take. With ``[[sources]]``, the fetch worker
+retrieves what is asked for into intake and hands each series it completes to the runner,
+and the runner tops up series the settle timer completed (:mod:`dicom_node.sources.fetch`).
 
 On start the node recovers from whatever the last run left: partial files are removed,
 spooled files the database missed are registered (:mod:`dicom_node.intake.recovery`), and
@@ -39,6 +41,7 @@ from dicom_node.service.metrics import NodeMetrics
 from dicom_node.service.retention import Retention
 from dicom_node.service.status import create_app
 from dicom_node.service.web import WebServer
+from dicom_node.sources.fetch import Fetcher, Retrieval, TopUp
 from dicom_node.state import JobDatabase, SeriesState
 
 __all__ = ["Node"]
@@ -61,9 +64,20 @@ class Node:
         self.scp = StorageSCP(settings, self.spool, self.jobs, self.events)
         self.assembler = StreamingAssembler()
         self.backends = Backends(settings.inference, settings.models, data_dir)
+        retrieval = Retrieval(settings, self.scp.retrieve_handlers()) if settings.sources else None
         self.runner = JobRunner(
-            settings, self.jobs, self.assembler, self.backends, self.results_dir, self.events
+            settings,
+            self.jobs,
+            self.assembler,
+            self.backends,
+            self.results_dir,
+            self.events,
+            top_up=TopUp(retrieval, self.jobs)
+            if retrieval and any(s.top_up for s in settings.sources)
+            else None,
         )
+        #: The worker that fetches studies from the sources, with [[sources]].
+        self.fetcher = Fetcher(retrieval, self.jobs, self.runner.enqueue) if retrieval else None
         settle = settings.node.settle_seconds
         self.completion = Completion(
             rules_for(settings, self.jobs.series),
@@ -91,12 +105,14 @@ class Node:
         remove_stale()  # volumes a killed node left in shared memory
         registered = reconcile(self.spool, self.jobs.instances)
         resumed = self.jobs.series.resume()
+        fetches = self.jobs.fetches.resume()
         log.info(
             "start: %d partial file(s) removed, %d spooled instance(s) re-registered, "
-            "%d interrupted series to process again",
+            "%d interrupted series to process again, %d interrupted fetch(es) to do again",
             removed,
             registered,
             resumed,
+            fetches,
         )
         _freeze_long_lived()  # before the first association: no pause once serving
         if serve:
@@ -108,6 +124,7 @@ class Node:
                     self.metrics,
                     self.backends.ready,
                     viewer_url=self.embedded.viewer_url if self.embedded else None,
+                    on_fetch=self.fetcher.wake if self.fetcher else None,
                 )
                 self.status = WebServer(app, self.settings.status.host, self.settings.status.port)
                 self.status.start()
@@ -116,6 +133,8 @@ class Node:
         self.completion.start()
         self.exporter.start()
         self.retention.start()
+        if serve and self.fetcher is not None:  # C-MOVE retrieves to the SCP
+            self.fetcher.start()
 
     def _start_embedded(self) -> None:
         """Start the PACS and viewer of an ``embedded`` destination, if one is configured;
@@ -136,6 +155,8 @@ class Node:
             self.exporter.wake()
 
     def stop(self) -> None:
+        if self.fetcher is not None:
+            self.fetcher.stop()
         self.exporter.stop()
         self.completion.stop()
         self.retention.stop()

@@ -68,6 +68,7 @@ from dicom_node.intake.checks import (
     StoreRefused,
     check_sop_class,
 )
+from dicom_node.intake.commitment_reports import add_report_context, report_handler
 from dicom_node.intake.events import AssociationReleased, Events
 from dicom_node.intake.pynetdicom_tuning import discard_partial, receive_to_files, tune_association
 from dicom_node.intake.received import Received
@@ -151,6 +152,8 @@ class StorageSCP:
         self._networks = connections.allowed_networks(settings.node.allowed_hosts)
         self._per_address = connections.AddressLimiter(settings.limits.max_associations_per_address)
         self._ssl_context = server_ssl_context(settings.tls) if settings.tls.enabled else None
+        #: Storage commitment reports, recorded before the PACS is answered.
+        self.handle_report = report_handler(jobs.commitments.record_report)
         self.ae = self._make_ae()
         quiet_transport_log()
 
@@ -178,6 +181,8 @@ class StorageSCP:
             for cx in StoragePresentationContexts:
                 if cx.abstract_syntax not in CT_SOP_CLASSES:
                     ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+        if any(d.asks_commitment() for d in self.settings.destinations):
+            add_report_context(ae)  # reports on associations a PACS opens
         return ae
 
     def handlers(self) -> list[tuple]:
@@ -193,6 +198,17 @@ class StorageSCP:
             (evt.EVT_RELEASED, self.handle_released),
             (evt.EVT_ABORTED, self._forget_association),
             (evt.EVT_REJECTED, self._log_rejected),
+            (evt.EVT_N_EVENT_REPORT, self.handle_report),
+        ]
+
+    def retrieve_handlers(self) -> list[tuple]:
+        """The handlers an association the node opens to retrieve with C-GET binds: its
+        C-STORE sub-operations are stored and answered as pushed instances, and its release
+        completes what it carried as a pushing association's release does."""
+        return [
+            (evt.EVT_C_STORE, self.handle_store),
+            (evt.EVT_RELEASED, self.handle_released),
+            (evt.EVT_ABORTED, self._forget_association),
         ]
 
     def open_series(self) -> set[str]:
@@ -412,5 +428,8 @@ class StorageSCP:
             context.abstract_syntax,
             context.transfer_syntax,
             affected_uid=str(event.request.AffectedSOPInstanceUID or ""),
-            calling_ae=event.assoc.requestor.ae_title.strip(),
+            # the peer's: the acceptor where the node retrieves with C-GET
+            calling_ae=(
+                event.assoc.acceptor if event.assoc.is_requestor else event.assoc.requestor
+            ).ae_title.strip(),
         )

@@ -4,14 +4,15 @@ A hospital's integration team reads a conformance statement before a node goes o
 network. Written by hand, one drifts from the code the day a transfer syntax or a limit
 changes; this module renders ``docs/conformance-statement.md`` from what the code uses:
 
-* the presentation contexts the SCP accepts: :data:`dicom_node.scp.TRANSFER_SYNTAXES`,
-  :data:`dicom_node.volume.CT_SOP_CLASSES`, pynetdicom's Verification and Storage contexts;
+* the presentation contexts the SCP accepts: :data:`dicom_node.intake.scp.TRANSFER_SYNTAXES`,
+  :data:`dicom_node.intake.checks.CT_SOP_CLASSES`, pynetdicom's Verification and Storage
+  contexts, the report context of :mod:`dicom_node.intake.commitment_reports`;
 * what the node proposes: each result's SOP class and transfer syntax (from results built
-  here by the encoders), the Q/R models of :mod:`dicom_node.sources`, the C-GET
-  sub-operation contexts, Storage Commitment (:mod:`dicom_node.commitment`);
-* the C-STORE statuses of :mod:`dicom_node.store_checks`, the limits and their defaults
+  here by the encoders), the Q/R models of :mod:`dicom_node.sources.qr`, the C-GET
+  sub-operation contexts, Storage Commitment (:mod:`dicom_node.export.commitment`);
+* the C-STORE statuses of :mod:`dicom_node.intake.checks`, the limits and their defaults
   from ``config/node.toml`` (every key, its default and its comment), TLS from
-  :mod:`dicom_node.tls`, pynetdicom's implementation identifiers;
+  :mod:`dicom_node.common.tls`, pynetdicom's implementation identifiers;
 * the IODs the node creates: a SEG, a Label Map SEG, an RTSTRUCT and an SR built from two
   different synthetic CT series with two different configurations, each attribute's value
   source read off the pair (copied from the CT, from the configuration, from the model
@@ -19,13 +20,16 @@ changes; this module renders ``docs/conformance-statement.md`` from what the cod
   each IOD;
 
 and adds the hand-written parts (implementation model, association policies, security) in
-the order PS3.2 Annex A lays them out. ``tests/test_conformance.py`` checks the committed
+the order PS3.2 Annex A lays them out. ``tests/system/test_conformance.py`` checks the committed
 file equals what this renders, and that a running node accepts exactly what it lists.
 
-``python -m dicom_node.conformance`` writes the file; ``--check`` exits 1 if it is stale.
+``python -m tools.conformance`` writes the file; ``--check`` exits 1 if it is stale.
 
-Why one module of this size: most of it is the statement's own text, in PS3.2's order,
-with the code that fills its tables beside the paragraphs that explain them.
+Why a tool rather than a module of the package: it reads the tables of every stage (which
+only ``node.py`` knows of in the package) and builds its example objects from the synthetic
+CT series of ``dicom_node_testing``, which the node never imports; the node does not need
+it to run. Why one module of this size: most of it is the statement's own text, in PS3.2's
+order, with the code that fills its tables beside the paragraphs that explain them.
 """
 
 from __future__ import annotations
@@ -76,18 +80,18 @@ def accepted_contexts(
     unsupported_sop_class: str = "refuse", storage_commitment: bool = False
 ) -> list[AcceptedContext]:
     """The presentation contexts the SCP accepts, as its AE is built
-    (:meth:`dicom_node.scp.StorageSCP._make_ae`): Verification with pynetdicom's default
+    (:meth:`dicom_node.intake.scp.StorageSCP._make_ae`): Verification with pynetdicom's default
     transfer syntaxes, the CT SOP classes with the node's, with
     ``unsupported_sop_class = "fail"`` every other Storage class of pynetdicom's table
     (negotiated, then refused per C-STORE with 0x0122), and with ``storage_commitment``
     (a destination asking for it) the Storage Commitment Push Model in the SCU role
-    (:func:`dicom_node.commitment.add_report_context`), for reports."""
+    (:func:`dicom_node.intake.commitment_reports.add_report_context`), for reports."""
     from pynetdicom.presentation import DEFAULT_TRANSFER_SYNTAXES, StoragePresentationContexts
     from pynetdicom.sop_class import Verification
 
-    from dicom_node.commitment import REPORT_TRANSFER_SYNTAXES, STORAGE_COMMITMENT
-    from dicom_node.scp import TRANSFER_SYNTAXES
-    from dicom_node.volume import CT_SOP_CLASSES
+    from dicom_node.intake.checks import CT_SOP_CLASSES
+    from dicom_node.intake.commitment_reports import REPORT_TRANSFER_SYNTAXES, STORAGE_COMMITMENT
+    from dicom_node.intake.scp import TRANSFER_SYNTAXES
 
     out = [AcceptedContext(str(Verification), tuple(str(t) for t in DEFAULT_TRANSFER_SYNTAXES))]
     syntaxes = tuple(str(t) for t in TRANSFER_SYNTAXES)
@@ -134,7 +138,7 @@ def parse_accepted(markdown: str, table: str) -> dict[str, set[str]]:
 
 # -- small renderers -----------------------------------------------------------------------
 def _name(uid: str) -> str:
-    from dicom_node.delivery import LABEL_MAP_SEG
+    from dicom_node.export.transport import LABEL_MAP_SEG
 
     if uid == LABEL_MAP_SEG:  # newer than pydicom's table
         return "Label Map Segmentation Storage"
@@ -157,7 +161,7 @@ _NODE_SYNTAXES = "TS-1"
 
 def _syntaxes(uids: Iterable[str]) -> str:
     """Transfer syntaxes for a table cell: the node's own list by its name."""
-    from dicom_node.scp import TRANSFER_SYNTAXES
+    from dicom_node.intake.scp import TRANSFER_SYNTAXES
 
     uids = tuple(uids)
     if uids == tuple(str(t) for t in TRANSFER_SYNTAXES):
@@ -166,7 +170,7 @@ def _syntaxes(uids: Iterable[str]) -> str:
 
 
 def _syntax_list() -> str:
-    from dicom_node.scp import TRANSFER_SYNTAXES
+    from dicom_node.intake.scp import TRANSFER_SYNTAXES
 
     rows = [(n, _name(str(u)), f"`{u}`") for n, u in enumerate(TRANSFER_SYNTAXES, start=1)]
     return "\n".join(
@@ -189,7 +193,7 @@ class _Proposed:
 
 def _result_contexts(examples: dict[str, Dataset]) -> list[_Proposed]:
     """One context per result form, in its own transfer syntax (results are sent as the
-    bytes written: :func:`dicom_node.export.cstore_batch`)."""
+    bytes written: :func:`dicom_node.export.dimse.cstore_batch`)."""
     seen: dict[tuple[str, str], None] = {}
     for ds in examples.values():
         seen[(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID))] = None
@@ -204,16 +208,16 @@ def _result_contexts(examples: dict[str, Dataset]) -> list[_Proposed]:
 def _qr_contexts() -> list[_Proposed]:
     from pynetdicom.presentation import DEFAULT_TRANSFER_SYNTAXES
 
-    from dicom_node.sources import FIND, GET, MOVE
+    from dicom_node.sources.qr import FIND, GET, MOVE
 
     default = tuple(str(t) for t in DEFAULT_TRANSFER_SYNTAXES)
     return [_Proposed(str(m), default, "SCU") for m in (FIND, MOVE, GET)]
 
 
 def _get_store_contexts() -> list[_Proposed]:
-    from dicom_node.scp import TRANSFER_SYNTAXES
-    from dicom_node.sources import retrieve_contexts
-    from dicom_node.volume import CT_SOP_CLASSES
+    from dicom_node.intake.checks import CT_SOP_CLASSES
+    from dicom_node.intake.scp import TRANSFER_SYNTAXES
+    from dicom_node.sources.qr import retrieve_contexts
 
     by_class: dict[str, list[str]] = {}
     for sop_class, syntax in retrieve_contexts(CT_SOP_CLASSES, TRANSFER_SYNTAXES):
@@ -259,7 +263,7 @@ class _Build:
 
 def _build_examples(variant: _Variant, work: Path) -> _Build:
     """SEG, Label Map SEG, RTSTRUCT and SR of a small synthetic CT, as the node builds them
-    (:meth:`dicom_node.node.Node._encode`), with ``variant``'s source and settings."""
+    (:func:`dicom_node.jobs.outputs.encode_results`), with ``variant``'s source and settings."""
     import numpy as np
     import pydicom
 
@@ -270,10 +274,10 @@ def _build_examples(variant: _Variant, work: Path) -> _Build:
         build_seg,
         build_sr,
         segment_info_for,
+        series_number,
     )
-    from dicom_node.results import series_number
-    from dicom_node.synthetic import SeriesAttributes, write_ct_series
-    from dicom_node.volume import assemble_series
+    from dicom_node.series.volume import assemble_series
+    from dicom_node_testing.synthetic import SeriesAttributes, write_ct_series
 
     tag, index = variant.tag, variant.model_index
     attrs = SeriesAttributes(
@@ -367,8 +371,8 @@ def _text(value: Any) -> str:
 def _value_source(keyword: str, kind: str, pair: Sequence[_Build]) -> str:
     """Where ``keyword``'s value in the ``kind`` result comes from, read off two builds
     whose sources, settings and algorithms differ in every value."""
+    from dicom_node.encode import series_number
     from dicom_node.encode.labels import device_serial_number, device_uid, software_version
-    from dicom_node.results import series_number
 
     vr = dictionary_VR(keyword)
     values = [
@@ -533,16 +537,17 @@ def _dataclass_keys(cls: type) -> list[tuple[str, str, str]]:
     import inspect
 
     comments: dict[str, str] = {}
-    pending: list[str] = []
-    for line in inspect.getsource(cls).splitlines():
-        stripped = line.strip()
-        if stripped.startswith("#:"):
-            pending.append(stripped[2:].strip())
-            continue
-        m = re.match(r"^(\w+):", stripped)
-        if m:
-            comments[m.group(1)] = " ".join(pending)
-        pending = []
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        pending: list[str] = []
+        for line in inspect.getsource(klass).splitlines():
+            stripped = line.strip()
+            if stripped.startswith("#:"):
+                pending.append(stripped[2:].strip())
+                continue
+            m = re.match(r"^(\w+):", stripped)
+            if m and pending:
+                comments[m.group(1)] = " ".join(pending)
+            pending = []
     rows = []
     for f in dataclasses.fields(cls):
         default = "(required)" if f.default is dataclasses.MISSING else repr(f.default)
@@ -551,14 +556,21 @@ def _dataclass_keys(cls: type) -> list[tuple[str, str, str]]:
             (
                 f"`{f.name}`",
                 f"`{default}`" if default != "(required)" else default,
-                comments.get(f.name) or _MEANINGS.get(f.name, ""),
+                _markdown(comments.get(f.name) or _MEANINGS.get(f.name, "")),
             )
         )
     return rows
 
 
+def _markdown(text: str) -> str:
+    """A settings comment as Markdown: reST roles and double backquotes as code."""
+    text = re.sub(r":\w+:`([^`]+)`", r"`\1`", text)
+    return text.replace("``", "`")
+
+
 #: What a few settings mean where their dataclass has no ``#:`` comment for them.
 _MEANINGS = {
+    "type": 'the transport: "dicom" (C-STORE)',
     "name": "how logs, jobs and the outbox name the peer",
     "ae_title": "the peer's AE title (called AE title)",
     "host": "the peer's host name or address",
@@ -577,12 +589,11 @@ def render() -> str:
     from pynetdicom.sop_class import Verification
 
     import dicom_node
-    from dicom_node.commitment import STORAGE_COMMITMENT, CommitmentPolicy
-    from dicom_node.config import Destination, LimitSettings, NodeSettings
-    from dicom_node.connections import MAX_PDU
-    from dicom_node.sources import FIND, GET, MOVE, SourceSettings
-    from dicom_node.store_checks import (
+    from dicom_node.config import LimitSettings, NodeSettings
+    from dicom_node.export.dimse import DicomDestination
+    from dicom_node.intake.checks import (
         CANNOT_UNDERSTAND,
+        CT_SOP_CLASSES,
         DOES_NOT_MATCH_SOP_CLASS,
         OUT_OF_RESOURCES,
         SOP_CLASS_NOT_SUPPORTED,
@@ -591,7 +602,10 @@ def render() -> str:
         TOO_MANY_INSTANCES,
         UID_CONFLICT,
     )
-    from dicom_node.volume import CT_SOP_CLASSES
+    from dicom_node.intake.commitment_reports import STORAGE_COMMITMENT
+    from dicom_node.intake.connections import MAX_PDU
+    from dicom_node.sources.qr import FIND, GET, MOVE
+    from dicom_node.sources.settings import SourceSettings
 
     with tempfile.TemporaryDirectory() as tmp:
         pair = [_build_examples(v, Path(tmp)) for v in _VARIANTS]
@@ -604,7 +618,6 @@ def render() -> str:
     commitment_only = [
         c for c in accepted_contexts(storage_commitment=True) if c not in default_accepted
     ]
-    policy = CommitmentPolicy()
 
     overview = _table(
         ["SOP Class", "UID", "User of Service (SCU)", "Provider of Service (SCP)"],
@@ -691,58 +704,22 @@ def render() -> str:
     )
 
     source_keys = _table(["Key", "Default", "Meaning"], _dataclass_keys(SourceSettings))
+    commitment_names = ("storage_commitment", "commitment_")
+    destination_rows = _dataclass_keys(DicomDestination)
     destination_keys = _table(
         ["Key", "Default", "Meaning"],
-        [
-            r
-            for r in _dataclass_keys(Destination)
-            if r[0].strip("`")
-            in (
-                "name",
-                "ae_title",
-                "host",
-                "port",
-                "tls",
-                "attempts",
-                "retry_backoff_seconds",
-                "max_backoff_seconds",
-                "max_associations",
-            )
-        ],
+        [r for r in destination_rows if not r[0].strip("`").startswith(commitment_names)],
     )
     commitment_keys = _table(
         ["Key", "Default", "Meaning"],
-        [
-            (
-                "`storage_commitment`",
-                "`false`",
-                "after the results are acknowledged, ask the "
-                "destination to commit to them (N-ACTION)",
-            ),
-            (
-                "`commitment_report_timeout_seconds`",
-                f"`{policy.report_timeout:g}`",
-                "no report this long after an N-ACTION: ask again (a new transaction)",
-            ),
-            (
-                "`commitment_requests`",
-                f"`{policy.max_requests}`",
-                "N-ACTIONs after one send before the result is recorded as not committed",
-            ),
-            (
-                "`commitment_resend_seconds`",
-                f"`{policy.resend_wait:g}`",
-                "after a report of failure, send the result again this much later (within "
-                "`attempts` sends in all)",
-            ),
-        ],
+        [r for r in destination_rows if r[0].strip("`").startswith(commitment_names)],
     )
 
     sections = [
         f"""# DICOM Conformance Statement: dicom-node {version}
 
-<!-- Rendered by `python -m dicom_node.conformance` from the code's own tables; do not edit.
-     tests/test_conformance.py fails when this file differs from what the code renders. -->
+<!-- Rendered by `python -m tools.conformance` from the code's own tables; do not edit.
+     tests/system/test_conformance.py fails when this file differs from what the code renders. -->
 
 ## 1 Overview
 
@@ -870,8 +847,11 @@ node stopped between request and report asks again at start rather than sending 
 
 {proposed_table([_Proposed(str(STORAGE_COMMITMENT), ("1.2.840.10008.1.2.1", "1.2.840.10008.1.2"), "SCU")])}
 
-N-ACTION statuses other than 0x0000 are recorded as the request's failure with their
-meaning; the request is made again at the next attempt.
+An N-ACTION answered with a status other than 0x0000 (or not answered, or a presentation
+context refused) is recorded on each result with its meaning and made again after the
+destination's back-off (`retry_backoff_seconds`, doubling up to `max_backoff_seconds`),
+counting against `commitment_requests`; a PACS that cannot be reached is asked again the
+same way without counting.
 
 ###### 4.2.1.3.3 Activity: Query and Retrieve from a Source
 
@@ -944,7 +924,8 @@ stored and answered as in 4.2.1.4.1.
 With storage commitment enabled for a destination, the AE also accepts
 {_uid(str(STORAGE_COMMITMENT))} in the SCU role on associations a PACS opens (SCP/SCU Role
 Selection: the requestor's SCP role accepted, its SCU role refused; a PACS proposing no
-role selection is served the same).
+role selection is served the same). The PACS's association is accepted under the policy
+above: where `allowed_calling_aes` is set, it must list the PACS's AE title.
 N-EVENT-REPORT Event Type 1 (all committed) and 2 (failures exist) are answered 0x0000 once the
 report is recorded, 0x0110 if it cannot be recorded (the node then asks again), 0x0113
 for another event type and 0x0120 for a report without a Transaction UID. A report for a
@@ -1093,7 +1074,7 @@ None.
 
 def main(argv: list[str] | None = None) -> int:
     """Write the statement, or with ``--check`` say whether the committed one is current."""
-    parser = argparse.ArgumentParser(prog="python -m dicom_node.conformance")
+    parser = argparse.ArgumentParser(prog="python -m tools.conformance")
     parser.add_argument("--check", action="store_true", help="exit 1 if the file is stale")
     parser.add_argument("--output", type=Path, default=DOCUMENT)
     args = parser.parse_args(argv)
@@ -1101,7 +1082,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         current = args.output.read_text() if args.output.exists() else ""
         if current != text:
-            print(f"{args.output} is stale: run python -m dicom_node.conformance", file=sys.stderr)
+            print(f"{args.output} is stale: run python -m tools.conformance", file=sys.stderr)
             return 1
         return 0
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Query/Retrieve SCU: find, move and get studies and series from a PACS (``[[sources]]``).
+"""Query/Retrieve SCU: find, move and get studies and series from a source (``[[sources]]``).
 
 A source is a PACS the node may fetch from: to segment a study that is already there (on
 request, from the command line or the status service), and to top up a series the timer
@@ -33,7 +33,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -52,8 +52,9 @@ from pynetdicom.status import (
     QR_MOVE_SERVICE_CLASS_STATUS,
 )
 
-from dicom_node.config import ConfigError, TLSSettings, _build, _check_ae, _one_of, _port
-from dicom_node.tls import client_ssl_context
+from dicom_node.common.tls import client_ssl_context
+from dicom_node.config import TLSSettings
+from dicom_node.sources.settings import SourceSettings
 
 __all__ = [
     "FIND",
@@ -71,16 +72,14 @@ __all__ = [
     "ServiceRefused",
     "SourceClient",
     "SourceError",
-    "SourceSettings",
     "SourceUnreachable",
     "StoreHandler",
     "StudyMatch",
     "iter_series",
-    "read_sources",
     "retrieve_contexts",
 ]
 
-log = logging.getLogger("dicom_node.sources")
+log = logging.getLogger("dicom_node.sources.qr")
 
 FIND = StudyRootQueryRetrieveInformationModelFind
 MOVE = StudyRootQueryRetrieveInformationModelMove
@@ -96,63 +95,6 @@ _MOVE_DESTINATION_UNKNOWN = 0xA801
 #: An ``EVT_C_STORE`` handler: takes pynetdicom's event, returns the C-STORE status (an
 #: int, or a Dataset with Status and an Error Comment), as the node's C-STORE SCP does.
 StoreHandler = Callable[[evt.Event], "int | Dataset"]
-
-
-@dataclass(frozen=True)
-class SourceSettings:
-    """A PACS the node may query and retrieve from: one ``[[sources]]`` entry.
-
-    ``retrieve`` picks how instances come back: ``"move"`` (C-MOVE: the PACS opens an
-    association to the node's C-STORE SCP, so it must know the node's AE title, host and
-    port) or ``"get"`` (C-GET: the instances come back on the node's own association, so
-    the PACS needs no route to the node, only to accept its AE title).
-    """
-
-    name: str
-    ae_title: str
-    host: str
-    port: int = _port(104)
-    #: Over DICOM TLS, with the certificates of the [tls] section.
-    tls: bool = False
-    #: "move": C-MOVE to this node's AE title (the PACS must know it, with the node's host
-    #: and port); "get": C-GET, the instances come back on the node's own association.
-    retrieve: str = _one_of(
-        "move", "get", notes={"move": "C-MOVE to this node", "get": "C-GET on one association"}
-    )
-    #: Seconds to wait for the association, and then for each response.
-    timeout_seconds: float = field(default=30.0, metadata={"positive": True})
-    #: A series the settle timer completed is first compared with this source (instances
-    #: counted at IMAGE level), and the instances it lacks are retrieved before it is
-    #: processed.
-    top_up: bool = False
-
-    def describe(self) -> str:
-        """How messages name the source: ``'pacs' (ORTHANC at 10.0.0.5:4242)``."""
-        return f"source {self.name!r} ({self.ae_title} at {self.host}:{self.port})"
-
-
-def read_sources(tables: Any) -> list[SourceSettings]:
-    """The ``[[sources]]`` array of a parsed configuration, typed and checked.
-
-    Each entry goes through the configuration's own validator (unknown keys, types, the
-    declared constraints), then AE title, host and name rules; a wrong value raises
-    :class:`~dicom_node.config.ConfigError` naming the key.
-    """
-    if not isinstance(tables, list):
-        raise ConfigError("sources must be an array of tables ([[sources]])")
-    out: list[SourceSettings] = []
-    for i, table in enumerate(tables):
-        key = f"sources[{i}]"
-        source = _build(SourceSettings, table, key)
-        _check_ae(source.ae_title, f"{key}.ae_title")
-        if not source.host.strip():
-            raise ConfigError(f"{key}.host: must name the PACS's host")
-        if not source.name.strip():
-            raise ConfigError(f"{key}.name: must not be empty")
-        if any(s.name == source.name for s in out):
-            raise ConfigError(f"{key}.name: {source.name!r} is used twice")
-        out.append(source)
-    return out
 
 
 # -- errors ------------------------------------------------------------------------------
@@ -326,8 +268,8 @@ class SourceClient:
         self.calling_ae = calling_ae
         self.tls = tls or TLSSettings()
         if storage_sop_classes is None or transfer_syntaxes is None:
-            from dicom_node.scp import TRANSFER_SYNTAXES
-            from dicom_node.volume import CT_SOP_CLASSES
+            from dicom_node.intake.checks import CT_SOP_CLASSES
+            from dicom_node.intake.scp import TRANSFER_SYNTAXES
 
             storage_sop_classes = storage_sop_classes or CT_SOP_CLASSES
             transfer_syntaxes = transfer_syntaxes or TRANSFER_SYNTAXES
