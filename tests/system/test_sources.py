@@ -1,4 +1,4 @@
-"""Query/Retrieve SCU (``dicom_node.sources``) against two real Q/R SCPs.
+"""Query/Retrieve SCU (``dicom_node.sources.qr``) against two real Q/R SCPs.
 
 Orthanc 1.10 and DCMTK's ``dcmqrscp`` each hold a real CT series (LIDC-IDRI-0003, 11
 slices) and a synthetic study of two series; DCMTK's ``storescp`` is the C-MOVE
@@ -19,8 +19,7 @@ import pytest
 from pydicom.uid import RLELossless, generate_uid
 from pynetdicom import evt
 
-from dicom_node.config import ConfigError
-from dicom_node.push import push_paths
+from dicom_node.export.push import push_paths
 from dicom_node.sources import (
     AssociationRejected,
     MoveDestinationUnknown,
@@ -30,11 +29,12 @@ from dicom_node.sources import (
     SourceClient,
     SourceSettings,
     SourceUnreachable,
-    read_sources,
 )
-from dicom_node.synthetic import SeriesAttributes, write_ct_series
+from dicom_node_testing.synthetic import SeriesAttributes, write_ct_series
 from tests.conftest import require
 from tests.peers import DcmQRSCP, Orthanc, StoreSCP, free_port
+
+pytestmark = pytest.mark.cost(10)
 
 #: The AE title the SCU calls with and moves to (the node's, in the node).
 NODE_AE = "FETCH_SCU"
@@ -307,32 +307,3 @@ def test_an_ae_title_the_pacs_does_not_know_is_told_to_be_allowed(
             client.move("STRANGER", study)
         else:
             client.get(to_folder(tmp_path), study)
-
-
-def test_sources_configuration_is_typed_and_checked():
-    (source,) = read_sources(
-        [
-            {
-                "name": "pacs",
-                "ae_title": "ORTHANC",
-                "host": "10.0.0.5",
-                "port": 4242,
-                "retrieve": "get",
-            }
-        ]
-    )
-    assert source == SourceSettings("pacs", "ORTHANC", "10.0.0.5", 4242, retrieve="get")
-    assert SourceSettings("a", "B", "h").retrieve == "move"
-    bad = {
-        "retrieve": ("move-it", "sources[0].retrieve: must be 'move' (C-MOVE to this node) or"),
-        "port": (70000, "sources[0].port: 70000 is not a TCP port"),
-        "ae_title": ("A\\B", "sources[0].ae_title: 'A\\\\B' is not a valid AE title"),
-        "colour": ("red", "[sources[0]]: unknown key 'colour'"),
-    }
-    for key, (value, message) in bad.items():
-        entry = {"name": "pacs", "ae_title": "ORTHANC", "host": "h", key: value}
-        with pytest.raises(ConfigError) as caught:
-            read_sources([entry])
-        assert str(caught.value).startswith(message), str(caught.value)
-    with pytest.raises(ConfigError, match=r"sources\[1\]\.name: 'pacs' is used twice"):
-        read_sources([{"name": "pacs", "ae_title": "A", "host": "h"}] * 2)
