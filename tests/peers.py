@@ -173,9 +173,14 @@ def storescu(
 
 
 class NodeProcess:
-    """``dicom-node serve`` in a subprocess, on its own config and data dir."""
+    """``dicom-node serve`` in a subprocess, on its own config and data dir.
 
-    def __init__(self, workdir: Path, **overrides: Any) -> None:
+    ``command`` is the module run with ``-m``: ``dicom_node_testing.cli`` runs the same
+    command with the ``threshold`` backend registered.
+    """
+
+    def __init__(self, workdir: Path, command: str = "dicom_node", **overrides: Any) -> None:
+        self.command = command
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -208,7 +213,7 @@ class NodeProcess:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self._out = open(self.log, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dicom_node", "serve", "--config", str(self.config)],
+            [sys.executable, "-m", self.command, "serve", "--config", str(self.config)],
             stdout=self._out,
             stderr=subprocess.STDOUT,
             env=env,

@@ -138,6 +138,7 @@ def request_commitment(
     timeout: float = 30.0,
     wait_for_report: float = 0.0,
     on_report: Callable[[CommitmentReport], object] | None = None,
+    reported: Callable[[], bool] = lambda: False,
 ) -> CommitmentRequest:
     """Ask ``destination`` to commit to ``references`` (N-ACTION, Action Type 1).
 
@@ -145,8 +146,9 @@ def request_commitment(
     should: see the module); a new one otherwise. After the PACS accepts, the association
     is held up to ``wait_for_report`` seconds for a report on it; one that comes is in the
     result (and passed to ``on_report``, which records it, before it is answered);
-    otherwise the report comes on a new association. ``calling_ae`` must be the AE title
-    the PACS reports to (the node's own).
+    otherwise the report comes on a new association, and the wait ends as soon as
+    ``reported()`` says it came. ``calling_ae`` must be the AE title the PACS reports to
+    (the node's own).
 
     Raises :class:`CommitmentUnreachable` or :class:`CommitmentRefused`, each with one
     sentence.
@@ -219,8 +221,9 @@ def request_commitment(
                 f"({meaning}{': ' + comment if comment else ''})",
                 code,
             )
-        if wait_for_report > 0:
-            arrived.wait(wait_for_report)
+        deadline = time.monotonic() + wait_for_report
+        while time.monotonic() < deadline and not arrived.wait(0.05) and not reported():
+            pass
     finally:
         if assoc.is_established:
             assoc.release()
@@ -431,6 +434,12 @@ class CommitmentStep:
             return
         uid = asked[0].transaction_uid
         self.jobs.commitments.record_request(destination.name, asked, time.time())
+        log.info(
+            "storage commitment of %d result(s) asked of %s (transaction %s)",
+            len(references),
+            destination.name,
+            uid,
+        )
         try:
             request_commitment(
                 destination,
@@ -441,6 +450,7 @@ class CommitmentStep:
                 timeout=self.settings.limits.network_timeout,
                 wait_for_report=SAME_ASSOCIATION_WAIT,
                 on_report=self.jobs.commitments.record_report,
+                reported=lambda: self.jobs.commitments.reported(uid),
             )
         except CommitmentError as exc:
             reachable = not isinstance(exc, CommitmentUnreachable)
@@ -453,12 +463,6 @@ class CommitmentStep:
             log.warning("%s; asked again in %.0f s", exc, wait)
             return
         self._failing.pop(destination.name, None)
-        log.info(
-            "storage commitment of %d result(s) requested from %s (transaction %s)",
-            len(references),
-            destination.name,
-            uid,
-        )
 
     # -- running ----------------------------------------------------------------------
     def start(self) -> None:

@@ -309,6 +309,15 @@ class CommitmentRepository:
             )
         return changed
 
+    def reported(self, transaction_uid: str) -> bool:
+        """Whether a report of the request ``transaction_uid`` was recorded."""
+        with self._db.read() as db:
+            row = db.execute(
+                "SELECT reported_at FROM commitment_requests WHERE transaction_uid = ?",
+                (transaction_uid,),
+            ).fetchone()
+        return row is not None and row["reported_at"] is not None
+
     def resend(self, items: Iterable[Tracked]) -> int:
         """Queue failed items to be sent again (their acknowledgement makes the commitment
         owed again); how many were."""
