@@ -97,7 +97,7 @@ class Fetcher:
     """
 
     #: Seconds between looks for fetches another process (``dicom-node fetch``) asked for.
-    POLL_SECONDS = 0.5
+    POLL_SECONDS = 0.25
 
     def __init__(
         self, retrieval: Retrieval, jobs: JobDatabase, on_complete: Callable[[str], None]
@@ -224,11 +224,13 @@ class Fetcher:
 class TopUp:
     """Completes a series from the sources with ``top_up = true`` before it is processed.
 
-    Called by the job runner for a series the settle timer completed: the first such
-    source that holds instances of the series the node lacks sends them (C-FIND at IMAGE
-    level lists what it holds; C-MOVE or C-GET of the missing ones). Returns what was added,
-    in words, or "" when no source holds more; raises :class:`TopUpFailed` with the
-    source's sentence when one cannot be asked or does not send what it holds.
+    Called by the job runner for a series the settle timer completed. Each such source in
+    turn lists the instances of the series it holds (C-FIND at IMAGE level): the first that
+    holds some the node lacks sends them (C-MOVE or C-GET of those instances); one that
+    holds the series and nothing more says it is whole. Returns what was added, in words,
+    or "" when nothing was. Raises :class:`TopUpFailed` with the source's sentence when the
+    instances found missing do not all come, or when no source could say the series is
+    whole because one could not be asked.
     """
 
     def __init__(self, retrieval: Retrieval, jobs: JobDatabase) -> None:
@@ -240,24 +242,33 @@ class TopUp:
         record = self.jobs.series.get(series_uid)
         if record is None or record.state != SeriesState.PROCESSING:
             return ""
+        unasked: list[SourceError] = []
         for source in self.sources:
             client = self.retrieval.client(source)
             try:
                 listed = client.find_instances(record.study_uid, series_uid)
-                have = self.jobs.instances.sop_uids(series_uid)
-                missing = [i.sop_instance_uid for i in listed if i.sop_instance_uid not in have]
-                if not missing:
-                    continue
-                log.info(
-                    "series %s: %s holds %d instance(s) more than the %d here: topping up",
-                    series_uid,
-                    source.describe(),
-                    len(missing),
-                    len(have),
-                )
+            except SourceError as exc:
+                unasked.append(exc)
+                continue
+            have = self.jobs.instances.sop_uids(series_uid)
+            missing = [i.sop_instance_uid for i in listed if i.sop_instance_uid not in have]
+            if listed and not missing:
+                return ""  # the source holds the series, and nothing more
+            if not missing:
+                continue  # the source does not hold it
+            log.info(
+                "series %s: %s holds %d instance(s) more than the %d here: topping up",
+                series_uid,
+                source.describe(),
+                len(missing),
+                len(have),
+            )
+            try:
                 self.retrieval.retrieve(client, record.study_uid, series_uid, missing)
             except SourceError as exc:
                 raise TopUpFailed(f"not topped up: {exc}") from None
             added = len(self.jobs.instances.sop_uids(series_uid) - have)
             return f"{added} of {len(listed)} instances from source {source.name!r}"
+        if unasked:
+            raise TopUpFailed(f"not topped up: {unasked[0]}")
         return ""

@@ -45,7 +45,7 @@ from dicom_node_testing.synthetic import write_ct_series
 from tests.conftest import require
 from tests.peers import Orthanc, StoreSCP, free_port
 
-pytestmark = pytest.mark.cost(8)
+pytestmark = pytest.mark.cost(6)
 
 #: The AE title that asks for commitment and receives the reports (the node's own).
 NODE_AE = "NODE_SCU"

@@ -27,7 +27,7 @@ from dicom_node.node import Node
 from tests.peers import free_port
 from tools.conformance import DOCUMENT, parse_accepted, render
 
-pytestmark = pytest.mark.cost(15)
+pytestmark = pytest.mark.cost(7)
 
 #: A private SOP class and transfer syntax: nobody may accept them.
 PRIVATE_SOP_CLASS = "1.2.826.0.1.3680043.8.498.999.1"

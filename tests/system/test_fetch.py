@@ -7,7 +7,8 @@ here is where instances come from and how often a series is processed) with thre
 * ``pacs``: Orthanc 1.10, C-MOVE to the node; ``pacs-get``: the same Orthanc, C-GET;
 * ``archive``: DCMTK ``dcmqrscp``, C-GET, ``top_up = true``; ``archive-move``: the same
   ``dcmqrscp``, which does not know the node's AE title, by C-MOVE;
-* ``gone``: nothing listens there.
+* ``gone``: nothing listens there (``top_up = true``: a series the archive does not hold
+  cannot be said to be whole).
 
 A study fetched with ``dicom-node fetch`` comes back to the PACS with its SEG, RTSTRUCT and
 SR; a series fetched through the status service (behind its credentials) by C-GET is
@@ -53,7 +54,7 @@ from tests.peers import (
     wait_for,
 )
 
-pytestmark = pytest.mark.cost(12)
+pytestmark = pytest.mark.cost(16)
 
 NODE_AE = "DICOM_NODE"
 #: The status service's user and password (read from the environment, as configured).
@@ -133,7 +134,13 @@ def setup(tmp_path_factory) -> Iterator[Setup]:
                         "port": archive.port,
                         **local,
                     },
-                    {"name": "gone", "ae_title": "GONE", "port": free_port(), **local},
+                    {
+                        "name": "gone",
+                        "ae_title": "GONE",
+                        "port": free_port(),
+                        "top_up": True,
+                        **local,
+                    },
                 ],
             }
         )
@@ -306,6 +313,27 @@ def test_a_series_missing_a_third_is_topped_up_and_processed_once_whole(setup):
     assert {str(r.ReferencedSOPInstanceUID) for r in referenced} == expected
     page = _page(setup, f"/jobs/{uid}")  # the job page says so
     assert "4 of 12 instances from source &#39;archive&#39;" in page
+
+
+def test_a_top_up_that_cannot_ask_a_source_fails_the_job_with_its_sentence(setup):
+    """The archive does not hold this series and the other top-up source cannot be reached:
+    nothing says the series is whole, so it is not processed as it is."""
+    attrs, files = _series(setup.work, "unknown-elsewhere", seed=5)
+    assert storescu(setup.node.scp.port, files[:4] + files[6:]).returncode == 0
+    uid = attrs.series_instance_uid
+    wait_for(
+        lambda: (r := setup.node.jobs.series.get(uid)) is not None and r.state.finished,
+        30,
+        "the job ended",
+    )
+    record = setup.node.jobs.series.get(uid)
+    gone = setup.node.settings.sources[-1]
+    assert (record.state, record.reason) == (
+        SeriesState.FAILED,
+        f"not topped up: source 'gone' (GONE at 127.0.0.1:{gone.port}) cannot be reached: "
+        f"nothing listens on port {gone.port}",
+    )
+    assert setup.node.jobs.outbox.items(uid) == []
 
 
 def test_errors_a_user_can_act_on_are_one_sentence_each(setup, caplog):

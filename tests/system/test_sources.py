@@ -20,6 +20,7 @@ from pydicom.uid import RLELossless, generate_uid
 from pynetdicom import evt
 
 from dicom_node.export.push import push_paths
+from dicom_node.intake.received import Received, part10_header
 from dicom_node.sources import (
     AssociationRejected,
     MoveDestinationUnknown,
@@ -34,7 +35,7 @@ from dicom_node_testing.synthetic import SeriesAttributes, write_ct_series
 from tests.conftest import require
 from tests.peers import DcmQRSCP, Orthanc, StoreSCP, free_port
 
-pytestmark = pytest.mark.cost(10)
+pytestmark = pytest.mark.cost(8)
 
 #: The AE title the SCU calls with and moves to (the node's, in the node).
 NODE_AE = "FETCH_SCU"
@@ -135,16 +136,21 @@ def peer(request) -> tuple[str, SourceSettings]:
 
 
 def to_folder(folder: Path, refuse: set[str] = frozenset()):
-    """An ``EVT_C_STORE`` handler writing each instance as received (the node's SCP stores
-    them its own way); it refuses the SOP Instance UIDs in ``refuse`` with 0xA700."""
+    """An ``EVT_C_STORE`` handler writing each instance's bytes as received behind a Part 10
+    header (the node's SCP stores them its own way); it refuses the SOP Instance UIDs in
+    ``refuse`` with 0xA700. The data set is read where pynetdicom left it, as the node reads
+    it: a node started in this process changes where that is."""
     folder.mkdir(parents=True, exist_ok=True)
 
     def handle(event) -> int:
-        ds = event.dataset
-        if str(ds.SOPInstanceUID) in refuse:
+        uid = str(event.request.AffectedSOPInstanceUID)
+        if uid in refuse:
             return 0xA700
-        ds.file_meta = event.file_meta
-        ds.save_as(folder / f"{ds.SOPInstanceUID}.dcm", enforce_file_format=True)
+        data = b"".join(Received.from_event(event).chunks())
+        header = part10_header(
+            event.context.abstract_syntax, uid, str(event.context.transfer_syntax)
+        )
+        (folder / f"{uid}.dcm").write_bytes(header + data)
         return 0x0000
 
     return handle

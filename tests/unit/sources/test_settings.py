@@ -3,9 +3,12 @@ wrong value."""
 
 from __future__ import annotations
 
-import pytest
+import re
 
-from dicom_node.config import ConfigError, settings_from_dict
+import pytest
+import tomllib
+
+from dicom_node.config import DEFAULT_CONFIG_PATH, ConfigError, settings_from_dict
 from dicom_node.sources import SourceSettings
 
 
@@ -44,3 +47,21 @@ def test_sources_configuration_is_typed_and_checked():
         read_sources([{"name": "pacs", "ae_title": "A", "host": "h"}] * 2)
     with pytest.raises(ConfigError, match=r"\[sources\[0\]\]: missing required key 'host'"):
         read_sources([{"name": "pacs", "ae_title": "A"}])
+
+
+def _commented_example(marker: str) -> str:
+    """The commented-out TOML example of ``config/node.toml`` (a paragraph) holding
+    ``marker``, uncommented."""
+    (paragraph,) = [p for p in DEFAULT_CONFIG_PATH.read_text().split("\n\n") if marker in p]
+    return "\n".join(
+        line[2:] for line in paragraph.splitlines() if re.match(r"^# (\[\[|\w+ = )", line)
+    )
+
+
+def test_the_shipped_examples_of_sources_and_commitment_are_valid():
+    (source,) = settings_from_dict(tomllib.loads(_commented_example("# [[sources]]"))).sources
+    assert (source.name, source.retrieve, source.top_up) == ("pacs", "move", False)
+    example = tomllib.loads(_commented_example('# name = "archive"'))
+    (destination,) = settings_from_dict(example).destinations
+    assert destination.asks_commitment()
+    assert (destination.commitment_requests, destination.commitment_resend_seconds) == (3, 300)
