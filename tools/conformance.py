@@ -786,11 +786,12 @@ after its last instance.
 
 Receive a series -> complete it -> segment -> send SEG, RTSTRUCT and SR to each destination
 -> (storage commitment) request commitment -> receive the report -> send again what the
-PACS did not commit to. A fetch runs C-FIND (the study's series, or a series' instances),
-then C-MOVE to this AE (or C-GET), and each series retrieved is processed as a pushed one.
-A series completed by the timer with fewer instances than a configured source holds is
-topped up from the source (C-FIND at IMAGE level, C-MOVE of the missing instances) before
-it is processed.
+PACS did not commit to. A fetch runs C-FIND (the study's CT series, or the one series
+asked for, and each one's instances at IMAGE level), then C-MOVE to this AE (or C-GET), one
+series at a time, and each series retrieved is processed as a pushed one. A series
+completed by the settle timer with fewer instances than a source with `top_up = true`
+holds is topped up from it (C-FIND at IMAGE level, C-MOVE or C-GET of the missing
+instances) before it is processed.
 
 ### 4.2 AE Specifications
 

@@ -419,17 +419,19 @@ class CommitmentStep:
         return due
 
     def _request(self, destination: DicomDestination, asked: list[Tracked]) -> None:
-        references = []
-        for item in asked:
+        readable: list[Tracked] = []
+        references: list[Reference] = []
+        for item in asked:  # the SOP class of what the destination took, from its file
             try:
                 header = pydicom.dcmread(
                     item.path, stop_before_pixels=True, specific_tags=["SOPClassUID"]
                 )
-            except (OSError, ValueError) as exc:  # the file the PACS took is gone
+            except (OSError, ValueError) as exc:  # the file is gone: nothing to name
                 log.error("outbox item %d cannot be read (%s): not asked", item.item_id, exc)
                 continue
+            readable.append(item)
             references.append(Reference(str(header.SOPClassUID), item.sop_uid))
-        asked = [i for i in asked if any(r.sop_instance_uid == i.sop_uid for r in references)]
+        asked = readable
         if not asked:
             return
         uid = asked[0].transaction_uid

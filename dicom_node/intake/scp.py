@@ -9,6 +9,9 @@ does no pixel math and knows nothing of models. It remembers which series each o
 association stored and, at a normal release (``EVT_RELEASED``), emits that set
 (:class:`~dicom_node.intake.events.AssociationReleased`) for completion to decide what is
 complete (:mod:`dicom_node.series.completion`); each C-STORE's outcome is emitted too.
+Where a destination asks for storage commitment the AE also takes the PACS's reports
+(:mod:`dicom_node.intake.commitment_reports`), and an association the node opens to retrieve
+with C-GET binds the same C-STORE and release handlers (:meth:`StorageSCP.retrieve_handlers`).
 
 Who may talk to the node is decided before any data set is read: DICOM TLS with optional
 client certificates (:mod:`dicom_node.common.tls`), the source address, the calling and called AE
