@@ -41,6 +41,7 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 from pynetdicom import AE, evt
+from pynetdicom.dimse_messages import N_EVENT_REPORT_RSP
 from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.sop_class import StorageCommitmentPushModelInstance
 from pynetdicom.status import STORAGE_COMMITMENT_SERVICE_CLASS_STATUS
@@ -163,6 +164,11 @@ def request_commitment(
     ae.add_requested_context(STORAGE_COMMITMENT, list(REPORT_TRANSFER_SYNTAXES))
     reports: list[CommitmentReport] = []
     arrived = threading.Event()
+    answered = threading.Event()  # the node's answer to the report went out
+
+    def sent(event: evt.Event) -> None:
+        if isinstance(event.message, N_EVENT_REPORT_RSP):
+            answered.set()
 
     def keep(report: CommitmentReport) -> object:
         recorded = on_report(report) if on_report is not None else True
@@ -189,6 +195,7 @@ def request_commitment(
         evt_handlers=[
             (evt.EVT_PDU_RECV, keep_rejection),
             (evt.EVT_N_EVENT_REPORT, report_handler(keep)),
+            (evt.EVT_DIMSE_SENT, sent),
         ],
     )
     if not assoc.is_established:
@@ -224,6 +231,8 @@ def request_commitment(
         deadline = time.monotonic() + wait_for_report
         while time.monotonic() < deadline and not arrived.wait(0.05) and not reported():
             pass
+        if arrived.is_set():  # released only once the PACS has the node's answer
+            answered.wait(timeout)
     finally:
         if assoc.is_established:
             assoc.release()
