@@ -160,8 +160,9 @@ class Node:
 
 def _freeze_long_lived() -> None:
     """Load the encoders and highdicom's tables of the standard, then freeze the start-up
-    heap (:mod:`dicom_node.common.heap`): half a second of a start, which, once the node
-    listened, paused its associations (reading the tables' JSON holds the interpreter)."""
+    heap (:mod:`dicom_node.common.heap`): half a second of a start, done before the node
+    listens, since once it serves it would pause its associations (reading the tables' JSON
+    holds the interpreter)."""
     import dicom_node.encode  # noqa: F401
 
     load_standard_tables()
