@@ -21,6 +21,7 @@ series interrupted while processing are processed again.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from dicom_node.common.events import Events
 from dicom_node.common.heap import freeze_heap
@@ -36,13 +37,14 @@ from dicom_node.intake.storage import StoreOutcome
 from dicom_node.jobs.runner import JobEnded, JobRunner, JobStarted
 from dicom_node.series.assembly import StreamingAssembler
 from dicom_node.series.completion import Completion, rules_for
-from dicom_node.service.embedded import Embedded, embedded_destination
 from dicom_node.service.metrics import NodeMetrics
 from dicom_node.service.retention import Retention
-from dicom_node.service.status import create_app
-from dicom_node.service.web import WebServer
 from dicom_node.sources.fetch import Fetcher, Retrieval, TopUp
 from dicom_node.state import JobDatabase, SeriesState
+
+if TYPE_CHECKING:  # imported when started: a node without them never loads their web stack
+    from dicom_node.service.embedded import Embedded
+    from dicom_node.service.web import WebServer
 
 __all__ = ["Node"]
 
@@ -118,6 +120,9 @@ class Node:
         if serve:
             self._start_embedded()  # the default destination listens before anything is sent
             if self.settings.status.enabled:  # first: a taken port stops before any C-STORE
+                from dicom_node.service.status import create_app
+                from dicom_node.service.web import WebServer
+
                 app = create_app(
                     self.settings,
                     self.jobs,
@@ -139,6 +144,8 @@ class Node:
     def _start_embedded(self) -> None:
         """Start the PACS and viewer of an ``embedded`` destination, if one is configured;
         each job's CT then goes to it, for the viewer to show the results over."""
+        from dicom_node.service.embedded import Embedded, embedded_destination
+
         destination = embedded_destination(self.settings)
         if destination is not None:
             embedded = Embedded(self.settings, destination)
@@ -174,8 +181,9 @@ class Node:
 
 def _freeze_long_lived() -> None:
     """Load the encoders and highdicom's tables of the standard, then freeze the start-up
-    heap (:mod:`dicom_node.common.heap`): half a second of a start, which, once the node
-    listened, paused its associations (reading the tables' JSON holds the interpreter)."""
+    heap (:mod:`dicom_node.common.heap`): half a second of a start, done before the node
+    listens, since once it serves it would pause its associations (reading the tables' JSON
+    holds the interpreter)."""
     import dicom_node.encode  # noqa: F401
 
     load_standard_tables()
