@@ -142,7 +142,7 @@ def report_handler(
             return _NO_SUCH_SOP_CLASS, None
         try:
             report = read_report(
-                int(event.event_type),
+                int(event.event_type or 0),
                 event.event_information,
                 reporter=reporter,
                 same_association=assoc.is_requestor,

@@ -632,14 +632,15 @@ class SourceClient:
         src = self.source
         if rejections:
             rj = rejections[0]
-            hint = _REJECTION_HINTS.get((rj.source, rj.reason_diagnostic), "")
+            result, source, reason = rj.result or 0, rj.source or 0, rj.reason_diagnostic or 0
+            hint = _REJECTION_HINTS.get((source, reason), "")
             hint = hint.format(calling=self.calling_ae, called=src.ae_title, name=src.name)
             return AssociationRejected(
                 f"{src.describe()} rejected the association ({rj.result_str}, {rj.source_str}: "
                 f"{rj.reason_str}){'; ' + hint if hint else ''}",
-                rj.result,
-                rj.source,
-                rj.reason_diagnostic,
+                result,
+                source,
+                reason,
             )
         if assoc.rejected_contexts and not assoc.accepted_contexts:
             return _service_refused(src, service, op, self.calling_ae)
