@@ -25,6 +25,7 @@ BENCHMARKS = [
     "peers",
     "gpu",
     "e2e",
+    "fetch",
     "memory",
 ]
 

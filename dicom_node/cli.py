@@ -1,4 +1,4 @@
-"""``dicom-node`` command line: serve, jobs, retry, validate-config, model install, push.
+"""``dicom-node`` command line: serve, jobs, retry, fetch, validate-config, model install, push.
 
 Errors a user can cause (a bad config, an unreachable peer, a missing file) end the command
 with one sentence on stderr and exit status 2, never a traceback.
@@ -21,6 +21,7 @@ from dicom_node.state.database import DatabaseError
 
 if TYPE_CHECKING:
     from dicom_node.node import Node
+    from dicom_node.state import JobDatabase
 
 log = logging.getLogger("dicom_node")
 
@@ -109,6 +110,18 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             f"{r.series_uid:<64} {r.state!s:<11} {r.instance_count:>5}  "
             f"{r.completed_by or '-':<20}  {r.reason}"
         )
+        if r.fetched_from:
+            print(f"    fetched from {r.fetched_from}")
+        if r.topped_up:
+            print(f"    topped up: {r.topped_up}")
+        for item in row.outbox:
+            problem = item.commit_reason or item.last_error
+            if item.commitment is not None or problem:
+                commitment = f", {item.commitment}" if item.commitment else ""
+                print(
+                    f"    {item.kind} to {item.destination}: {item.state}{commitment}"
+                    + (f": {problem}" if problem else "")
+                )
     return 0
 
 
@@ -123,6 +136,92 @@ def cmd_retry(args: argparse.Namespace) -> int:
         raise UserError(f"series {args.series_uid} has nothing failed to retry")
     print(f"queued again: {n} item(s); a running node picks them up")
     return 0
+
+
+#: Seconds a running node has to take up a fetch before the command gives up on it.
+FETCH_PICKUP_SECONDS = 15.0
+
+
+def cmd_fetch(args: argparse.Namespace) -> int:
+    """Ask the running node to fetch a study (or one series) from a source, and follow it:
+    the retrieve, then each series' job, unless ``--no-wait``."""
+    from dicom_node.intake.spool import InvalidUID, check_uid
+    from dicom_node.state import FetchState
+    from dicom_node.state import JobDatabase as Database
+
+    settings = _settings(args)
+    names = [s.name for s in settings.sources]
+    source = args.source or (names[0] if len(names) == 1 else "")
+    if source not in names:
+        known = ", ".join(repr(n) for n in names)
+        raise UserError(
+            f"--from must name a [[sources]] entry of the configuration ({known})"
+            if names
+            else "the configuration has no [[sources]]: add the PACS to fetch from"
+        )
+    try:
+        study = check_uid(args.study, "--study")
+        series = check_uid(args.series, "--series") if args.series else ""
+    except InvalidUID as exc:
+        raise UserError(str(exc)) from None
+    jobs = Database(settings.node.data_dir / "jobs.sqlite")
+    try:
+        fetch_id = jobs.fetches.add(source, study, series, requested_by="command line")
+        what = f"series {series} of study {study}" if series else f"study {study}"
+        print(f"fetch {fetch_id}: {what} from {source}", flush=True)
+        asked = time.monotonic()
+        record = jobs.fetches.get(fetch_id)
+        while record is not None and not record.state.finished:
+            if record.state == FetchState.PENDING and time.monotonic() - asked > args.pickup:
+                if jobs.fetches.withdraw(fetch_id, "no running node took it up"):
+                    raise UserError(
+                        f"no node took fetch {fetch_id} up within {args.pickup:g} s: start "
+                        "`dicom-node serve` with this configuration and data directory"
+                    )
+            time.sleep(0.2)
+            record = jobs.fetches.get(fetch_id)
+        assert record is not None
+        if record.state == FetchState.FAILED:
+            raise UserError(record.reason)
+        for s in record.series:
+            print(
+                f"series {s.series_uid}: {s.new} of {s.expected} instances retrieved, {s.state}",
+                flush=True,
+            )
+        if args.no_wait:
+            return 0
+        return _follow_jobs(jobs, [s.series_uid for s in record.series], args.timeout)
+    finally:
+        jobs.close()
+
+
+def _follow_jobs(jobs: JobDatabase, series_uids: list[str], timeout: float) -> int:
+    """Wait for each series' job to end; print how each ended. 0 when all are done."""
+    from dicom_node.state import SeriesState
+
+    deadline = time.monotonic() + timeout
+    waiting = list(series_uids)
+    status = 0
+    while waiting:
+        for uid in list(waiting):
+            record = jobs.series.get(uid)
+            if record is None or not record.state.finished:
+                continue
+            waiting.remove(uid)
+            if record.state == SeriesState.DONE:
+                kinds = sorted({i.kind for i in jobs.outbox.items(uid)}) or ["no destination"]
+                print(f"series {uid}: done ({', '.join(kinds)})", flush=True)
+            else:
+                status = 1
+                print(f"series {uid}: {record.state}: {record.reason}", flush=True)
+        if waiting and time.monotonic() > deadline:
+            raise UserError(
+                f"{len(waiting)} series not processed within {timeout:g} s: "
+                "`dicom-node jobs` shows where they are"
+            )
+        if waiting:
+            time.sleep(0.5)
+    return status
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -234,6 +333,33 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config(sub.add_parser("retry", help="queue a failed series or its results again"))
     p.add_argument("series_uid")
     p.set_defaults(func=cmd_retry)
+
+    p = with_config(
+        sub.add_parser(
+            "fetch", help="segment a study from a [[sources]] PACS: retrieve it, then wait"
+        )
+    )
+    p.add_argument("--study", required=True, help="Study Instance UID")
+    p.add_argument("--series", default="", help="only this Series Instance UID of the study")
+    p.add_argument(
+        "--from",
+        dest="source",
+        default="",
+        help="the [[sources]] name (may be left out when there is one)",
+    )
+    p.add_argument(
+        "--no-wait", action="store_true", help="return once retrieved, before processing"
+    )
+    p.add_argument(
+        "--timeout", type=float, default=3600.0, help="seconds to wait for the jobs to end"
+    )
+    p.add_argument(
+        "--pickup",
+        type=float,
+        default=FETCH_PICKUP_SECONDS,
+        help="seconds a running node has to take the fetch up",
+    )
+    p.set_defaults(func=cmd_fetch)
 
     p = sub.add_parser("validate-config", help="check a configuration file")
     p.add_argument("file")

@@ -24,9 +24,12 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dicom_node.common.network import is_loopback
+
+if TYPE_CHECKING:
+    from dicom_node.sources.settings import SourceSettings
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -382,6 +385,11 @@ class Destination:
         """Whether the node starts this destination itself (:mod:`dicom_node.service.embedded`)."""
         return False
 
+    def asks_commitment(self) -> bool:
+        """Whether the node asks this destination to commit to what it acknowledged
+        (:mod:`dicom_node.export.commitment`)."""
+        return False
+
 
 @dataclass(frozen=True)
 class EmbeddedSettings:
@@ -449,6 +457,8 @@ class Settings:
     routes: list[Route] = field(default_factory=list)
     retention: RetentionSettings = field(default_factory=RetentionSettings)
     embedded: EmbeddedSettings = field(default_factory=EmbeddedSettings)
+    #: PACSs studies can be fetched from (``[[sources]]``, :mod:`dicom_node.sources`).
+    sources: list[SourceSettings] = field(default_factory=list)
     audit: AuditSettings = field(default_factory=AuditSettings)
     #: Directory the relative paths of the config are resolved against.
     base_dir: Path = Path(".")
@@ -566,6 +576,7 @@ def _validate(s: Settings) -> None:
         names.add(d.name)
         d.check(f"destinations[{i}]", s)
     _validate_embedded(s)
+    _validate_sources(s)
     model_names = [m.name for m in s.models]
     for i, m in enumerate(s.models):
         if model_names.count(m.name) > 1:
@@ -601,6 +612,22 @@ def _validate_embedded(s: Settings) -> None:
             f"embedded.viewer_host: the viewer shows images without credentials, so it "
             f"listens on loopback only, not {e.viewer_host!r}"
         )
+
+
+def _validate_sources(s: Settings) -> None:
+    """Each ``[[sources]]`` entry's own checks, and one name for one source."""
+    names = set()
+    for i, source in enumerate(s.sources):
+        if source.name in names:
+            raise ConfigError(f"sources[{i}].name: {source.name!r} is used twice")
+        names.add(source.name)
+        source.check(f"sources[{i}]", s)
+
+
+def _source(table: Any, key: str) -> SourceSettings:
+    from dicom_node.sources.settings import SourceSettings  # the sources' stage
+
+    return _build(SourceSettings, table, key)  # type: ignore[no-any-return]
 
 
 def _resolve(path: Path, base: Path) -> Path:
@@ -644,6 +671,7 @@ def settings_from_dict(raw: dict[str, Any], base_dir: Path = Path(".")) -> Setti
         "routes",
         "retention",
         "embedded",
+        "sources",
         "audit",
     }
     unknown = sorted(set(raw) - known)
@@ -664,6 +692,7 @@ def settings_from_dict(raw: dict[str, Any], base_dir: Path = Path(".")) -> Setti
         routes=[_build(Route, r, f"routes[{i}]") for i, r in enumerate(_array(raw, "routes"))],
         retention=_build(RetentionSettings, raw.get("retention", {}), "retention"),
         embedded=_build(EmbeddedSettings, raw.get("embedded", {}), "embedded"),
+        sources=[_source(t, f"sources[{i}]") for i, t in enumerate(_array(raw, "sources"))],
         audit=_build(AuditSettings, raw.get("audit", {}), "audit"),
         base_dir=base_dir,
     )

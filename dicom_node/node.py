@@ -9,7 +9,9 @@ Intake emits each C-STORE's outcome and each release (:mod:`dicom_node.intake.ev
 the streaming assembler and the metrics take the first, completion the second. Completion
 hands each complete series to the job runner; the runner emits the start and end of each
 job (:mod:`dicom_node.jobs.runner`), which the embedded PACS (the CT for the viewer), the
-metrics and the exporter (new results to send) take.
+metrics and the exporter (new results to send) take. With ``[[sources]]``, the fetch worker
+retrieves what is asked for into intake and hands each series it completes to the runner,
+and the runner tops up series the settle timer completed (:mod:`dicom_node.sources.fetch`).
 
 The audit trail (:mod:`dicom_node.service.audit`, ``[audit]``) takes intake's stored
 instances, association ends and refusals, the exporter's batches and acknowledgements, and
@@ -23,6 +25,7 @@ series interrupted while processing are processed again.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from dicom_node.common.events import Events
 from dicom_node.common.heap import freeze_heap
@@ -39,12 +42,14 @@ from dicom_node.jobs.runner import JobEnded, JobRunner, JobStarted
 from dicom_node.series.assembly import StreamingAssembler
 from dicom_node.series.completion import Completion, rules_for
 from dicom_node.service.audit import AssociationLedger, AuditTrail
-from dicom_node.service.embedded import Embedded, embedded_destination
 from dicom_node.service.metrics import NodeMetrics
 from dicom_node.service.retention import Retention
-from dicom_node.service.status import create_app
-from dicom_node.service.web import WebServer
+from dicom_node.sources.fetch import Fetcher, Retrieval, TopUp
 from dicom_node.state import JobDatabase, SeriesState
+
+if TYPE_CHECKING:  # imported when started: a node without them never loads their web stack
+    from dicom_node.service.embedded import Embedded
+    from dicom_node.service.web import WebServer
 
 __all__ = ["Node"]
 
@@ -66,9 +71,20 @@ class Node:
         self.scp = StorageSCP(settings, self.spool, self.jobs, self.events)
         self.assembler = StreamingAssembler()
         self.backends = Backends(settings.inference, settings.models, data_dir)
+        retrieval = Retrieval(settings, self.scp.retrieve_handlers()) if settings.sources else None
         self.runner = JobRunner(
-            settings, self.jobs, self.assembler, self.backends, self.results_dir, self.events
+            settings,
+            self.jobs,
+            self.assembler,
+            self.backends,
+            self.results_dir,
+            self.events,
+            top_up=TopUp(retrieval, self.jobs)
+            if retrieval and any(s.top_up for s in settings.sources)
+            else None,
         )
+        #: The worker that fetches studies from the sources, with [[sources]].
+        self.fetcher = Fetcher(retrieval, self.jobs, self.runner.enqueue) if retrieval else None
         settle = settings.node.settle_seconds
         self.completion = Completion(
             rules_for(settings, self.jobs.series),
@@ -111,17 +127,22 @@ class Node:
         remove_stale()  # volumes a killed node left in shared memory
         registered = reconcile(self.spool, self.jobs.instances)
         resumed = self.jobs.series.resume()
+        fetches = self.jobs.fetches.resume()
         log.info(
             "start: %d partial file(s) removed, %d spooled instance(s) re-registered, "
-            "%d interrupted series to process again",
+            "%d interrupted series to process again, %d interrupted fetch(es) to do again",
             removed,
             registered,
             resumed,
+            fetches,
         )
         _freeze_long_lived()  # before the first association: no pause once serving
         if serve:
             self._start_embedded()  # the default destination listens before anything is sent
             if self.settings.status.enabled:  # first: a taken port stops before any C-STORE
+                from dicom_node.service.status import create_app
+                from dicom_node.service.web import WebServer
+
                 app = create_app(
                     self.settings,
                     self.jobs,
@@ -129,6 +150,7 @@ class Node:
                     self.backends.ready,
                     viewer_url=self.embedded.viewer_url if self.embedded else None,
                     audit=self.audit,
+                    on_fetch=self.fetcher.wake if self.fetcher else None,
                 )
                 self.status = WebServer(app, self.settings.status.host, self.settings.status.port)
                 self.status.start()
@@ -138,10 +160,14 @@ class Node:
         self.completion.start()
         self.exporter.start()
         self.retention.start()
+        if serve and self.fetcher is not None:  # C-MOVE retrieves to the SCP
+            self.fetcher.start()
 
     def _start_embedded(self) -> None:
         """Start the PACS and viewer of an ``embedded`` destination, if one is configured;
         each job's CT then goes to it, for the viewer to show the results over."""
+        from dicom_node.service.embedded import Embedded, embedded_destination
+
         destination = embedded_destination(self.settings)
         if destination is not None:
             embedded = Embedded(self.settings, destination, self.audit)
@@ -159,6 +185,8 @@ class Node:
 
     def stop(self) -> None:
         self.audit.on_stop()
+        if self.fetcher is not None:
+            self.fetcher.stop()
         self.exporter.stop()
         self.completion.stop()
         self.retention.stop()
@@ -177,8 +205,9 @@ class Node:
 
 def _freeze_long_lived() -> None:
     """Load the encoders and highdicom's tables of the standard, then freeze the start-up
-    heap (:mod:`dicom_node.common.heap`): half a second of a start, which, once the node
-    listened, paused its associations (reading the tables' JSON holds the interpreter)."""
+    heap (:mod:`dicom_node.common.heap`): half a second of a start, done before the node
+    listens, since once it serves it would pause its associations (reading the tables' JSON
+    holds the interpreter)."""
     import dicom_node.encode  # noqa: F401
 
     load_standard_tables()

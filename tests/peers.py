@@ -173,9 +173,14 @@ def storescu(
 
 
 class NodeProcess:
-    """``dicom-node serve`` in a subprocess, on its own config and data dir."""
+    """``dicom-node serve`` in a subprocess, on its own config and data dir.
 
-    def __init__(self, workdir: Path, **overrides: Any) -> None:
+    ``command`` is the module run with ``-m``: ``dicom_node_testing.cli`` runs the same
+    command with the ``threshold`` backend registered.
+    """
+
+    def __init__(self, workdir: Path, command: str = "dicom_node", **overrides: Any) -> None:
+        self.command = command
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -208,7 +213,7 @@ class NodeProcess:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self._out = open(self.log, "ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dicom_node", "serve", "--config", str(self.config)],
+            [sys.executable, "-m", self.command, "serve", "--config", str(self.config)],
             stdout=self._out,
             stderr=subprocess.STDOUT,
             env=env,
@@ -490,6 +495,109 @@ def chromium(*args: str, profile: Path) -> subprocess.CompletedProcess:
         timeout=120,
         check=False,
     )
+
+
+class StoreSCP:
+    """DCMTK's ``storescp`` on loopback: a C-STORE receiver (a C-MOVE destination) writing
+    each instance it accepts into ``folder``."""
+
+    def __init__(self, workdir: Path, aet: str = "STORESCP") -> None:
+        self.folder = Path(workdir) / "received"
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.aet = aet
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> StoreSCP:
+        self.proc = subprocess.Popen(
+            ["storescp", "-aet", self.aet, "+xa", "-od", str(self.folder), str(self.port)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=dict(os.environ, TCP_NODELAY="1"),
+            start_new_session=True,
+        )
+        wait_port(self.port, 30, self.proc)
+        return self
+
+    def received(self) -> dict[str, Path]:
+        """SOP Instance UID -> file, of every instance received so far."""
+        import pydicom
+
+        out = {}
+        for f in sorted(self.folder.iterdir()):
+            ds = pydicom.dcmread(f, stop_before_pixels=True, specific_tags=["SOPInstanceUID"])
+            out[str(ds.SOPInstanceUID)] = f
+        return out
+
+    def clear(self) -> None:
+        for f in self.folder.iterdir():
+            f.unlink()
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(30)
+
+
+class DcmQRSCP:
+    """DCMTK's ``dcmqrscp`` as a Query/Retrieve SCP (C-FIND, C-MOVE, C-GET) on loopback,
+    from a configuration file written in ``workdir``.
+
+    ``destinations`` maps the AE titles it may move to onto (host, port); instances are
+    put in with C-STORE (:meth:`store`), which it accepts from anyone.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        aet: str = "DCMQRSCP",
+        destinations: dict[str, tuple[str, int]] | None = None,
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.storage = self.workdir / "db"
+        self.storage.mkdir(parents=True, exist_ok=True)
+        self.aet = aet
+        self.port = free_port()
+        self.destinations = destinations or {}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> DcmQRSCP:
+        hosts = "\n".join(
+            f"peer{i} = ({aet}, {host}, {port})"
+            for i, (aet, (host, port)) in enumerate(self.destinations.items())
+        )
+        config = self.workdir / "dcmqrscp.cfg"
+        config.write_text(
+            f"NetworkTCPPort = {self.port}\nMaxPDUSize = 16384\nMaxAssociations = 16\n\n"
+            f"HostTable BEGIN\n{hosts}\nHostTable END\n\n"
+            "VendorTable BEGIN\nVendorTable END\n\n"
+            f"AETable BEGIN\n{self.aet} {self.storage} RW (500, 1024mb) ANY\nAETable END\n"
+        )
+        self._out = open(self.workdir / "dcmqrscp.log", "ab")
+        self.proc = subprocess.Popen(
+            ["dcmqrscp", "-c", str(config)],
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ, TCP_NODELAY="1"),
+            start_new_session=True,
+        )
+        wait_port(self.port, 30, self.proc)
+        return self
+
+    def store(self, paths: list[Path] | Path) -> None:
+        r = storescu(self.port, paths, self.aet, "LOADER")
+        if r.returncode != 0:
+            raise RuntimeError(f"storescu into dcmqrscp failed: {r.stderr}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        if hasattr(self, "_out"):
+            self._out.close()
 
 
 # -- a syslog collector for the audit trail ---------------------------------------------------

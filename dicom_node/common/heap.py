@@ -2,14 +2,14 @@
 volume's pages live.
 
 A node holds a whole CT volume (300 MiB at 512x512x600) beside torch, MONAI and the network,
-and its peak is a few hundred megabytes of working memory on top (README "Memory"). These
-are the few places where the process, not the algorithm, decided how much of that stayed
-resident:
+and its peak is a few hundred megabytes of working memory on top (docs/performance.md,
+"Peak memory"). These are the few places where the process, not the algorithm, decides how
+much of that stays resident:
 
 - :func:`freeze_heap`: the start-up objects (torch, MONAI, pydicom's and highdicom's
-  dictionaries, hundreds of thousands of them) are exempt from the cyclic collector. Each
-  full collection walked them again, tens of milliseconds in the middle of a series'
-  preprocessing or encoding.
+  dictionaries, hundreds of thousands of them) are exempt from the cyclic collector, which
+  would otherwise walk them again at each full collection, tens of milliseconds in the
+  middle of a series' preprocessing or encoding.
 - :func:`release_free_memory`: glibc keeps what a thread freed in that thread's heap; the
   network's activations and the sliding window's patches are tens of megabytes each.
 - :func:`empty_volume` and :func:`discard_leading`: a volume in pages of its own, which
@@ -65,8 +65,8 @@ def empty_volume(shape: Sequence[int], dtype: Any) -> np.ndarray:
 
     numpy asks the kernel for 2 MiB huge pages for every array over 4 MiB. A volume is
     often filled out of order, as its slices arrived (:mod:`dicom_node.series.assembly`): with
-    huge pages each 512 KiB slice copied made 2 MiB resident, so the whole volume was
-    resident when a fifth of its slices were in place, while the staging area still held
+    huge pages each 512 KiB slice copied makes 2 MiB resident, so the whole volume is
+    resident when a fifth of its slices are in place, while the staging area still holds
     the other four fifths (some 200 MiB over one volume at 512x512x600). Here a volume
     becomes resident as it fills, its pages can be given back early
     (:func:`discard_leading`), and the mapping goes when the last view of it does.

@@ -6,14 +6,14 @@ the process. Two things about that cost a node, and both are settled here, once,
 than changed in highdicom:
 
 - The module table is a 22 MB JSON file (~100,000 attribute entries) that highdicom keeps
-  as 60 MiB of Python objects. Read on first use, that fell in the middle of the first
+  as 60 MiB of Python objects. Read on first use, that falls in the middle of the first
   series' assembly: 0.2 to 0.4 s on the way to its results, and the file's text and objects on
   top of a whole volume at the series' memory peak. The node calls
   :func:`load_standard_tables` when it starts instead (0.3 s, before it listens), which also
   shares the table's repeated strings: each keyword, type and path element becomes one
-  interned string rather than one per module that lists it, 27 MiB in all. (Shared later,
-  after the first series, the table held nearly as much as before: the freed strings'
-  memory stays with the objects around it.)
+  interned string rather than one per module that lists it, 27 MiB in all. (Sharing them
+  only after the first series would free little: the freed strings' memory stays with the
+  objects around it.)
 - ``is_attribute_in_iod`` walks those tables for every source image, through
   ``is_multiframe_image``, when a volume is planned and again when a SEG is built: 0.3 ms
   a time, some 0.12 s for a 200-slice series, for an answer that depends only on its

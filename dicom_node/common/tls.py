@@ -15,6 +15,7 @@ from __future__ import annotations
 import socket
 import ssl
 from pathlib import Path
+from typing import Any
 
 from dicom_node.config import ConfigError, TLSSettings
 
@@ -148,5 +149,7 @@ def peer_certificate_subject(sock: socket.socket | None) -> str | None:
         return None
     if not cert:
         return None
-    fields = {k: v for rdn in cert.get("subject", ()) for k, v in rdn}
+    # ((("commonName", "x"),), ...): typeshed's union of every field's type hides that
+    subject: Any = cert.get("subject", ())
+    fields = {str(k): str(v) for rdn in subject for k, v in rdn}
     return fields.get("commonName") or ", ".join(f"{k}={v}" for k, v in fields.items())

@@ -30,6 +30,7 @@ from dicom_node.config import (
     address,
     at_least,
     check_ae_title,
+    positive,
 )
 from dicom_node.export.transport import (
     OK_STATUSES,
@@ -62,6 +63,18 @@ class DicomDestination(Destination):
     #: ``ae_title``, and the OHIF viewer in front of it ([embedded],
     #: :mod:`dicom_node.service.embedded`).
     embedded: bool = False
+    #: Ask the destination, once it acknowledged results, to commit to keeping them
+    #: (Storage Commitment Push Model, :mod:`dicom_node.export.commitment`). The PACS
+    #: reports on a new association to this node's AE title, host and port.
+    storage_commitment: bool = False
+    #: Seconds after a commitment request without a report before it is asked again.
+    commitment_report_timeout_seconds: float = positive(600.0)
+    #: Requests without a report (or refused) for one send before the result is recorded
+    #: as failed.
+    commitment_requests: int = at_least(3, 1)
+    #: Seconds after the PACS reported a result not committed before it is sent again
+    #: (within ``attempts`` sends in all).
+    commitment_resend_seconds: float = at_least(300.0, 0)
 
     def check(self, key: str, settings: Settings) -> None:
         super().check(key, settings)
@@ -81,6 +94,9 @@ class DicomDestination(Destination):
 
     def runs_embedded(self) -> bool:
         return self.embedded
+
+    def asks_commitment(self) -> bool:
+        return self.storage_commitment
 
 
 class ExportError(RuntimeError):

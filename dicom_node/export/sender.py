@@ -18,6 +18,10 @@ A SEG may have two forms (:func:`~.transport.deliver`): the Label Map SEG is off
 and, where a destination refuses that SOP class, the binary SEG (and the SR that names it)
 goes instead; the outbox records which form each destination took.
 
+For a destination with ``storage_commitment``, an acknowledgement makes the item's
+commitment owed in the same commit, and the commitment step (:mod:`.commitment`), which
+the exporter runs beside itself, asks the PACS for it.
+
 What happens is emitted on the node's events for the audit trail: :class:`ExportStarted`
 before each batch goes to a destination, :class:`ResultSent` for each result it
 acknowledged or that the outbox gave up on.
@@ -38,6 +42,7 @@ from typing import Any
 from dicom_node.common.backoff import backoff
 from dicom_node.common.events import Events
 from dicom_node.config import Destination, Settings
+from dicom_node.export.commitment import CommitmentStep
 from dicom_node.export.transport import Outcome, Outgoing, SegChoice, Transport, transport_for
 from dicom_node.state import JobDatabase, OutboxItem
 from dicom_node.state.journal import AckJournal
@@ -94,17 +99,23 @@ class Exporter:
         #: Called per item sent or not: (destination, ok, attempt, seconds, gave_up).
         self.on_attempt = on_attempt
         #: Acknowledged items whose commit failed: id -> (sent at, next try, failed commits,
-        #: whether the binary alternative was the form sent).
-        self._unrecorded: dict[int, tuple[float, float, int, bool]] = {}
+        #: whether the binary alternative was the form sent, whether its destination asks
+        #: for storage commitment).
+        self._unrecorded: dict[int, tuple[float, float, int, bool, bool]] = {}
         #: Items whose failed attempt could not be recorded: id -> not before.
         self._not_before: dict[int, float] = {}
         self.journal = AckJournal(journal or Path(jobs.path).parent / "outbox-acks.journal")
+        #: Storage commitment of what destinations acknowledged, where they ask for it.
+        self.commitments: CommitmentStep | None = None
+        if any(d.asks_commitment() for d in settings.destinations):
+            self.commitments = CommitmentStep(settings, jobs, on_resend=self.wake)
         for record in self.journal.records():  # a crash or a refused commit last time
             self._unrecorded[int(record["id"])] = (
                 float(record["at"]),
                 0.0,
                 0,
                 bool(record.get("alt", False)),
+                self._commits(str(record.get("dest", ""))),
             )
         if self._unrecorded:
             log.info("%d acknowledgement(s) from the journal to record", len(self._unrecorded))
@@ -116,14 +127,14 @@ class Exporter:
     def _record_pending(self) -> None:
         """Commit acknowledgements the database refused before, those due now."""
         now = time.time()
-        for item_id, (sent_at, next_try, failures, alt) in list(self._unrecorded.items()):
+        for item_id, (sent_at, next_try, failures, alt, commit) in list(self._unrecorded.items()):
             if next_try > now:
                 continue
             try:
-                self.jobs.outbox.mark_sent(item_id, sent_at, alternative=alt)
+                self.jobs.outbox.mark_sent(item_id, sent_at, alternative=alt, commitment=commit)
             except sqlite3.Error as exc:
                 wait = backoff(failures + 1, *self.RECORD_BACKOFF)
-                self._unrecorded[item_id] = (sent_at, now + wait, failures + 1, alt)
+                self._unrecorded[item_id] = (sent_at, now + wait, failures + 1, alt, commit)
                 log.error(
                     "outbox item %d was acknowledged but cannot be recorded yet (%s); "
                     "it is not sent again, next try in %.1f s",
@@ -133,6 +144,8 @@ class Exporter:
                 )
                 continue
             del self._unrecorded[item_id]
+            if commit and self.commitments is not None:
+                self.commitments.wake()
         if not self._unrecorded and self.journal.used:
             try:
                 self.journal.clear()
@@ -154,7 +167,12 @@ class Exporter:
             self.journal.append(record)
         except OSError as exc:
             log.error("acknowledgement of outbox item %d not journalled: %s", item.id, exc)
-        self._unrecorded[item.id] = (sent_at, 0.0, 0, alternative)
+        self._unrecorded[item.id] = (sent_at, 0.0, 0, alternative, self._commits(item.destination))
+
+    def _commits(self, name: str) -> bool:
+        """Whether destination ``name`` asks for storage commitment."""
+        destination = self.destinations.get(name)
+        return destination is not None and destination.asks_commitment()
 
     def run_once(self) -> int:
         """Send what is due now; return how many items were acknowledged."""
@@ -266,6 +284,8 @@ class Exporter:
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._run, name="dicom-node-export", daemon=True)
         self._thread.start()
+        if self.commitments is not None:
+            self.commitments.start()
 
     def wake(self) -> None:
         if self._wake is not None:
@@ -282,6 +302,8 @@ class Exporter:
             self._wake.clear()
 
     def stop(self) -> None:
+        if self.commitments is not None:
+            self.commitments.stop()
         if self._stop is None or self._wake is None:
             return
         self._stop.set()

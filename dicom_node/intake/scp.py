@@ -9,6 +9,9 @@ does no pixel math and knows nothing of models. It remembers which series each o
 association stored and, at a normal release (``EVT_RELEASED``), emits that set
 (:class:`~dicom_node.intake.events.AssociationReleased`) for completion to decide what is
 complete (:mod:`dicom_node.series.completion`); each C-STORE's outcome is emitted too.
+Where a destination asks for storage commitment the AE also takes the PACS's reports
+(:mod:`dicom_node.intake.commitment_reports`), and an association the node opens to retrieve
+with C-GET binds the same C-STORE and release handlers (:meth:`StorageSCP.retrieve_handlers`).
 
 Who may talk to the node is decided before any data set is read: DICOM TLS with optional
 client certificates (:mod:`dicom_node.common.tls`), the source address, the calling and called AE
@@ -73,6 +76,7 @@ from dicom_node.intake.checks import (
     StoreRefused,
     check_sop_class,
 )
+from dicom_node.intake.commitment_reports import add_report_context, report_handler
 from dicom_node.intake.events import (
     AssociationEnded,
     AssociationRefused,
@@ -174,6 +178,8 @@ class StorageSCP:
         )
         self._reaper = connections.IdleReaper(self._slots, limits.idle_timeout_seconds)
         self._ssl_context = server_ssl_context(settings.tls) if settings.tls.enabled else None
+        #: Storage commitment reports, recorded before the PACS is answered.
+        self.handle_report = report_handler(jobs.commitments.record_report)
         self.ae = self._make_ae()
         quiet_transport_log()
 
@@ -205,6 +211,8 @@ class StorageSCP:
             for cx in StoragePresentationContexts:
                 if cx.abstract_syntax not in CT_SOP_CLASSES:
                     ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
+        if any(d.asks_commitment() for d in self.settings.destinations):
+            add_report_context(ae)  # reports on associations a PACS opens
         return ae
 
     def handlers(self) -> list[tuple]:
@@ -221,6 +229,17 @@ class StorageSCP:
             (evt.EVT_ABORTED, self._aborted),
             (evt.EVT_REJECTED, self._log_rejected),
             (evt.EVT_REJECTED, self._release_slot),
+            (evt.EVT_N_EVENT_REPORT, self.handle_report),
+        ]
+
+    def retrieve_handlers(self) -> list[tuple]:
+        """The handlers an association the node opens to retrieve with C-GET binds: its
+        C-STORE sub-operations are stored and answered as pushed instances, and its release
+        completes what it carried as a pushing association's release does."""
+        return [
+            (evt.EVT_C_STORE, self.handle_store),
+            (evt.EVT_RELEASED, self.handle_released),
+            (evt.EVT_ABORTED, self._aborted),
         ]
 
     def open_series(self) -> set[str]:
@@ -443,8 +462,9 @@ class StorageSCP:
         self._ended(event, aborted=True)
 
     def _ended(self, event: evt.Event, aborted: bool) -> None:
-        req = event.assoc.requestor
-        self.events.emit(AssociationEnded(id(event.assoc), req.ae_title, req.address, aborted))
+        # the peer: the requestor, or for a C-GET the node opened, the PACS it asked
+        peer = event.assoc.acceptor if event.assoc.is_requestor else event.assoc.requestor
+        self.events.emit(AssociationEnded(id(event.assoc), peer.ae_title, peer.address, aborted))
 
     def _forget_association(self, event: evt.Event) -> dict[str, set[str]]:
         """Drop the bookkeeping of an association that ended (aborts: nothing more)."""
@@ -503,5 +523,8 @@ class StorageSCP:
             context.abstract_syntax,
             context.transfer_syntax,
             affected_uid=str(event.request.AffectedSOPInstanceUID or ""),
-            calling_ae=event.assoc.requestor.ae_title.strip(),
+            # the peer's: the acceptor where the node retrieves with C-GET
+            calling_ae=(
+                event.assoc.acceptor if event.assoc.is_requestor else event.assoc.requestor
+            ).ae_title.strip(),
         )

@@ -3,7 +3,9 @@
 Workers take complete series from a queue (:meth:`JobRunner.enqueue`, which completion
 calls). Each job:
 
-1. claims the series (complete -> processing) and emits :class:`JobStarted`;
+1. claims the series (complete -> processing), tops a series the settle timer completed
+   up from the sources that hold more of it (``top_up``, :class:`~dicom_node.sources.fetch.TopUp`),
+   and emits :class:`JobStarted`;
 2. routes it to models by its first instance's header (:mod:`.routing`);
 3. assembles its volume from the slices decoded as they arrived (the streaming assembler),
    or from the spool, where every model's backend reads it without a copy;
@@ -47,7 +49,9 @@ from dicom_node.jobs.outputs import NotWritten, encode_results, plan_outbox_item
 from dicom_node.jobs.routing import describe, select_models
 from dicom_node.pipeline import BundleInfo, HandOver, SegmentationResult, read_bundle_info
 from dicom_node.series.assembly import StagedSeries, StreamingAssembler
+from dicom_node.series.completion import SETTLE_TIMER
 from dicom_node.series.volume import SeriesVolume, VolumeError, assemble_series
+from dicom_node.sources.fetch import TopUpFailed
 from dicom_node.state import (
     FinishOutcome,
     JobDatabase,
@@ -90,8 +94,17 @@ class JobEnded:
     results: SeriesResults | None = None
 
 
+#: Adds to a series from the sources before it is processed: what it added, in words ("" for
+#: nothing); raises :class:`~dicom_node.sources.fetch.TopUpFailed` with the job's reason.
+TopUp = Callable[[str], str]
+
+
 class JobRunner:
-    """Workers that take complete series through the whole chain."""
+    """Workers that take complete series through the whole chain.
+
+    ``top_up`` (:class:`~dicom_node.sources.fetch.TopUp`) is asked first about each series
+    the settle timer completed.
+    """
 
     def __init__(
         self,
@@ -101,8 +114,10 @@ class JobRunner:
         backends: Backends,
         results_dir: Path,
         events: Events,
+        top_up: TopUp | None = None,
     ) -> None:
         self.settings = settings
+        self.top_up = top_up
         self.jobs = jobs
         self.assembler = assembler
         self.backends = backends
@@ -166,6 +181,19 @@ class JobRunner:
         record = self.jobs.series.get(series_uid)
         if not claimed:
             return record.state if record else SeriesState.RECEIVING
+        if self.top_up is not None and record is not None and record.completed_by == SETTLE_TIMER:
+            try:
+                added = self.top_up(series_uid)
+            except TopUpFailed as exc:  # the source's one sentence
+                count = self.jobs.series.count(series_uid)  # what did come stays
+                state = self._finish(series_uid, count, SeriesState.FAILED, str(exc))
+                log.warning("series %s: failed: %s", series_uid, exc)
+                self.events.emit(JobEnded(series_uid, state))
+                return state
+            if added:
+                self.jobs.series.record_top_up(series_uid, added)
+                count = self.jobs.series.count(series_uid)
+                log.info("series %s: topped up with %s", series_uid, added)
         log.info("series %s: processing (%d instances)", series_uid, count)
         paths = self.jobs.instances.paths(series_uid)
         self.events.emit(JobStarted(series_uid, paths))

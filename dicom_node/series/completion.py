@@ -36,6 +36,7 @@ from dicom_node.series.volume import VolumeError, check_spacing
 from dicom_node.state import SeriesRepository
 
 __all__ = [
+    "FETCHED",
     "RELEASED",
     "SETTLE_TIMER",
     "Completion",
@@ -51,6 +52,8 @@ log = logging.getLogger("dicom_node.series.completion")
 #: The rules' names, as recorded on a job (``completed_by``).
 RELEASED = "association released"
 SETTLE_TIMER = "settle timer"
+#: A fetch retrieved every instance its source holds (:mod:`dicom_node.sources.fetch`).
+FETCHED = "fetched"
 
 
 class CompletionRule(Protocol):

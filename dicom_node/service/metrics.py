@@ -173,7 +173,7 @@ class NodeMetrics:
         self.stage_seconds.labels(stage).observe(seconds)
 
     def observe_timings(self, timings: Mapping[str, float]) -> None:
-        """Record a job's timings as ``Node.process`` collects them.
+        """Record a job's timings as :meth:`~dicom_node.jobs.runner.JobRunner.process` collects them.
 
         Stage keys go to the stage histogram. A Triton result's "server" and "transfer"
         (model execution there, everything else) add up to one request's round trip.

@@ -152,9 +152,8 @@ def _segment_colors(seg: hd.seg.Segmentation) -> dict[int, tuple[int, int, int]]
     for item in seg.SegmentSequence:
         lab = item.get("RecommendedDisplayCIELabValue")
         if lab is not None:
-            colors[int(item.SegmentNumber)] = tuple(
-                int(c) for c in hd.color.CIELabColor.from_dicom_value(tuple(lab)).to_rgb()
-            )
+            r, g, b = hd.color.CIELabColor.from_dicom_value(tuple(lab)).to_rgb()
+            colors[int(item.SegmentNumber)] = (int(r), int(g), int(b))
     return colors
 
 

@@ -9,7 +9,12 @@ Routes:
 * ``/metrics``: Prometheus text format (:mod:`dicom_node.service.metrics`);
 * ``/``: every series with its state, model, instance count, stage timings and failure;
 * ``/jobs/<series_uid>``: one series, with preview images of three key slices
-  (:mod:`dicom_node.service.preview`) and its SEG, RTSTRUCT and SR files to download.
+  (:mod:`dicom_node.service.preview`) and its SEG, RTSTRUCT and SR files to download;
+* ``POST /fetch`` (a JSON body: ``study``, ``source``, optionally ``series``): fetch a
+  study or series from a ``[[sources]]`` PACS (:mod:`dicom_node.sources.fetch`); 202 with
+  the fetch's URL, ``GET /fetches/<id>``, which says how it went. The body must be JSON, so
+  a page of another origin cannot post it (its browser would have to ask first, and is
+  not answered).
 
 Flask renders the pages on the server (Jinja, no scripts, no build step); waitress serves
 them from a few threads, which fits a node whose other work runs on threads too. The
@@ -46,9 +51,20 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pydicom
-from flask import Flask, Request, Response, abort, jsonify, render_template, request, send_file
+from flask import (
+    Flask,
+    Request,
+    Response,
+    abort,
+    jsonify,
+    render_template,
+    request,
+    send_file,
+    url_for,
+)
 from pydicom.errors import InvalidDicomError
 
 from dicom_node.common.credentials import read_credentials
@@ -65,7 +81,13 @@ from dicom_node.service.preview import (
     make_previews,
 )
 from dicom_node.service.viewer import viewer_link
-from dicom_node.state import JobDatabase, ModelResults, SeriesRecord, SeriesState
+from dicom_node.state import (
+    CommitmentState,
+    JobDatabase,
+    ModelResults,
+    SeriesRecord,
+    SeriesState,
+)
 
 log = logging.getLogger("dicom_node.service.status")
 
@@ -125,11 +147,13 @@ def create_app(
     backend_ready: BackendReady | None = None,
     viewer_url: str | None = None,
     audit: AuditTrail | None = None,
+    on_fetch: Callable[[], None] | None = None,
 ) -> Flask:
     """The Flask application of the status service for one node.
 
     With ``viewer_url`` (the embedded viewer's), each finished series links to the viewer
-    with its SEG loaded. With ``audit``, logins and what the pages show are audited (see
+    with its SEG loaded. ``on_fetch`` is called after a fetch was asked for (the fetch
+    worker's ``wake``). With ``audit``, logins and what the pages show are audited (see
     the module).
     """
     app = Flask(__name__)
@@ -214,8 +238,10 @@ def create_app(
         every = jobs.series.records()
         records = sorted(every, key=lambda r: r.first_received, reverse=True)[:JOBS_SHOWN]
         outbox: defaultdict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        committed: defaultdict[str, int] = defaultdict(int)
         for item in jobs.outbox.items():
             outbox[item.series_uid][str(item.state)] += 1
+            committed[item.series_uid] += item.commitment == CommitmentState.COMMITTED
         depth = {str(state): n for state, n in jobs.series.counts_by_state().items()}
         depth["outbox_pending"] = jobs.outbox.pending_count()
         return render_template(
@@ -223,6 +249,7 @@ def create_app(
             records=records,
             total=len(every),
             outbox=outbox,
+            committed=committed,
             depth=depth,
             stages=TIMING_COLUMNS,
             node=settings.node,
@@ -293,6 +320,41 @@ def create_app(
         path = inside_data_dir(preview_dir(record, model) / name)
         audit_access(record)
         return send_file(path, mimetype="image/png", max_age=0)
+
+    @app.post("/fetch")
+    def fetch() -> tuple[Response, int]:
+        """Ask for a fetch: ``{"study": UID, "source": NAME, "series": UID}`` (series
+        optional); 202 with its id and URL, 400 with one sentence for a bad request."""
+        body: Any = request.get_json(silent=True) if request.is_json else None
+        if not isinstance(body, dict):
+            return jsonify(error='send a JSON object: {"study": UID, "source": NAME}'), 400
+        sources = [s.name for s in settings.sources]
+        source = body.get("source") or (sources[0] if len(sources) == 1 else None)
+        if source not in sources:
+            known = ", ".join(repr(n) for n in sources) or "none is configured"
+            return jsonify(error=f"source must name a [[sources]] entry ({known})"), 400
+        try:
+            study = check_uid(str(body.get("study") or ""), "Study Instance UID")
+            series = body.get("series") or ""
+            series = check_uid(str(series), "Series Instance UID") if series else ""
+        except InvalidUID as exc:
+            return jsonify(error=str(exc)), 400
+        fetch_id = jobs.fetches.add(
+            source, study, series, requested_by=f"status service ({request.remote_addr})"
+        )
+        log.info("fetch %d asked for by %s", fetch_id, request.remote_addr)
+        if on_fetch is not None:
+            on_fetch()
+        url = url_for("fetch_record", fetch_id=fetch_id)
+        return jsonify(id=fetch_id, url=url), 202
+
+    @app.get("/fetches/<int:fetch_id>")
+    def fetch_record(fetch_id: int) -> Response:
+        """A fetch as recorded: its state, its reason, each series and how it went."""
+        record = jobs.fetches.get(fetch_id)
+        if record is None:
+            abort(404)
+        return jsonify(record.to_json())
 
     @app.template_filter("when")
     def when(seconds: float) -> str:

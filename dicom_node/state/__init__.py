@@ -1,7 +1,8 @@
 """State: the job database, the one place the node's durable bookkeeping lives.
 
 Series with their states (:mod:`.series`), instances with their recorded geometry
-(:mod:`.instances`), the results each destination is owed (:mod:`.outbox`), each a
+(:mod:`.instances`), the results each destination is owed (:mod:`.outbox`), their storage
+commitment (:mod:`.commitments`) and the fetches asked of sources (:mod:`.fetches`), each a
 repository over one SQLite database (:mod:`.database`), and the acknowledgement journal
 (:mod:`.journal`). The states are enums (:mod:`.states`). The spool on disk stays the source
 of truth for received instances; this database indexes it.
@@ -13,7 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dicom_node.state.commitments import CommitmentRepository
 from dicom_node.state.database import Database, DatabaseError
+from dicom_node.state.fetches import FetchedSeries, FetchRecord, FetchRepository
 from dicom_node.state.instances import (
     InstanceConflict,
     InstanceRepository,
@@ -23,10 +26,20 @@ from dicom_node.state.instances import (
 from dicom_node.state.outbox import NewOutboxItem, OutboxItem, OutboxRepository
 from dicom_node.state.results import ModelResults, ResultFile, SeriesResults
 from dicom_node.state.series import SeriesRecord, SeriesRepository
-from dicom_node.state.states import FinishOutcome, OutboxState, SeriesState
+from dicom_node.state.states import (
+    CommitmentState,
+    FetchState,
+    FinishOutcome,
+    OutboxState,
+    SeriesState,
+)
 
 __all__ = [
+    "CommitmentState",
     "DatabaseError",
+    "FetchRecord",
+    "FetchState",
+    "FetchedSeries",
     "FinishOutcome",
     "InstanceConflict",
     "JobDatabase",
@@ -65,6 +78,8 @@ class JobDatabase:
         self.series = SeriesRepository(self._db)
         self.instances = InstanceRepository(self._db)
         self.outbox = OutboxRepository(self._db)
+        self.commitments = CommitmentRepository(self._db)
+        self.fetches = FetchRepository(self._db)
 
     @property
     def path(self) -> Path:

@@ -37,7 +37,9 @@ CREATE TABLE IF NOT EXISTS series (
     model           TEXT NOT NULL DEFAULT '',
     timings         TEXT NOT NULL DEFAULT '{}',
     results         TEXT NOT NULL DEFAULT '{}',
-    completed_by    TEXT NOT NULL DEFAULT ''
+    completed_by    TEXT NOT NULL DEFAULT '',
+    fetched_from    TEXT NOT NULL DEFAULT '',
+    topped_up       TEXT NOT NULL DEFAULT ''
 );
 CREATE TABLE IF NOT EXISTS instances (
     sop_uid     TEXT PRIMARY KEY,
@@ -67,9 +69,36 @@ CREATE TABLE IF NOT EXISTS outbox (
     alt_path      TEXT NOT NULL DEFAULT '',
     alt_sop_uid   TEXT NOT NULL DEFAULT '',
     sent_as       TEXT NOT NULL DEFAULT '',
+    commitment          TEXT NOT NULL DEFAULT '',
+    commit_transaction  TEXT NOT NULL DEFAULT '',
+    commit_since        REAL NOT NULL DEFAULT 0,
+    commit_requests     INTEGER NOT NULL DEFAULT 0,
+    commit_reason       TEXT NOT NULL DEFAULT '',
     UNIQUE (sop_uid, destination)
 );
 CREATE INDEX IF NOT EXISTS outbox_by_series ON outbox(series_uid);
+CREATE INDEX IF NOT EXISTS outbox_by_commitment ON outbox(commitment);
+CREATE TABLE IF NOT EXISTS commitment_requests (
+    transaction_uid  TEXT PRIMARY KEY,
+    destination      TEXT NOT NULL,
+    item_ids         TEXT NOT NULL,
+    requested_at     REAL NOT NULL,
+    reported_at      REAL,
+    reporter         TEXT NOT NULL DEFAULT '',
+    outcome          TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS fetches (
+    id            INTEGER PRIMARY KEY AUTOINCREMENT,
+    source        TEXT NOT NULL,
+    study_uid     TEXT NOT NULL,
+    series_uid    TEXT NOT NULL DEFAULT '',
+    requested_by  TEXT NOT NULL DEFAULT '',
+    state         TEXT NOT NULL,
+    reason        TEXT NOT NULL DEFAULT '',
+    series        TEXT NOT NULL DEFAULT '[]',
+    created       REAL NOT NULL,
+    updated       REAL NOT NULL
+);
 """
 
 

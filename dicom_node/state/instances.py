@@ -150,6 +150,14 @@ class InstanceRepository:
             ).fetchone()
         return Path(row["path"]) if row is not None else None
 
+    def sop_uids(self, series_uid: str) -> set[str]:
+        """The SOP Instance UIDs the series holds (what a top-up need not retrieve)."""
+        with self._db.read() as db:
+            rows = db.execute(
+                "SELECT sop_uid FROM instances WHERE series_uid = ?", (series_uid,)
+            ).fetchall()
+        return {r["sop_uid"] for r in rows}
+
     def known_paths(self) -> set[str]:
         with self._db.read() as db:
             return {r["path"] for r in db.execute("SELECT path FROM instances")}

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dicom_node.state.database import Database
-from dicom_node.state.states import OutboxState
+from dicom_node.state.states import CommitmentState, OutboxState
 
 __all__ = ["NewOutboxItem", "OutboxItem", "OutboxRepository"]
 
@@ -60,11 +60,23 @@ class OutboxItem:
     alt_path: str = ""
     alt_sop_uid: str = ""
     sent_as: str = ""
+    #: Storage commitment of the sent item, where its destination asks for it
+    #: (:mod:`dicom_node.state.commitments`); ``None`` where it does not.
+    commitment: CommitmentState | None = None
+    commit_transaction: str = ""
+    commit_since: float = 0.0
+    commit_requests: int = 0
+    #: Why the item is not committed: the PACS's Failure Reason, or why no request was
+    #: made or answered, in one sentence.
+    commit_reason: str = ""
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> OutboxItem:
         values = dict(row)
         values["state"] = OutboxState(values["state"])
+        values["commitment"] = (
+            CommitmentState(values["commitment"]) if values["commitment"] else None
+        )
         return cls(**values)
 
     def summary(self) -> dict[str, Any]:
@@ -76,6 +88,8 @@ class OutboxItem:
             "attempts": self.attempts,
             "last_error": self.last_error,
             "sent_as": self.sent_as,
+            "commitment": str(self.commitment or ""),
+            "commitment_reason": self.commit_reason,
         }
 
 
@@ -152,10 +166,17 @@ class OutboxRepository:
         return list(seen.values())
 
     def mark_sent(
-        self, item_id: int, sent_at: float | None = None, alternative: bool = False
+        self,
+        item_id: int,
+        sent_at: float | None = None,
+        alternative: bool = False,
+        commitment: bool = False,
     ) -> None:
         """Record an acknowledgement (whatever the item's state: a cancelled item whose
         send was already under way was still received by the destination).
+
+        ``commitment``: the destination asks for storage commitment: the item's is owed
+        from now on (:mod:`dicom_node.state.commitments`), in the same transaction.
 
         ``alternative``: the destination took the binary form (``alt_path``): it becomes
         the item's ``path`` and ``sop_uid`` (what a later run supersedes, what retention
@@ -169,11 +190,24 @@ class OutboxRepository:
             if alternative
             else ", sent_as = form"
         )
+        when = sent_at or time.time()
+        owed = (
+            ", commitment = 'owed', commit_since = ?, commit_transaction = '',"
+            " commit_requests = 0, commit_reason = ''"
+            if commitment
+            else ""
+        )
         with self._db.tx() as db:
             db.execute(
                 "UPDATE outbox SET state = ?, sent_at = ?, attempts = attempts + 1,"
-                f" last_error = ''{swap} WHERE id = ? AND state != ?",
-                (OutboxState.SENT, sent_at or time.time(), item_id, OutboxState.SENT),
+                f" last_error = ''{swap}{owed} WHERE id = ? AND state != ?",
+                (
+                    OutboxState.SENT,
+                    when,
+                    *([when] if commitment else []),
+                    item_id,
+                    OutboxState.SENT,
+                ),
             )
 
     def sent_form(self, series_uid: str, model: str, destination: str, kind: str) -> str | None:

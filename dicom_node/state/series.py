@@ -19,7 +19,7 @@ from typing import Any
 from dicom_node.state.database import Database
 from dicom_node.state.outbox import NewOutboxItem, cancel_unsent, insert
 from dicom_node.state.results import SeriesResults
-from dicom_node.state.states import FinishOutcome, OutboxState, SeriesState
+from dicom_node.state.states import CommitmentState, FinishOutcome, OutboxState, SeriesState
 
 __all__ = ["SeriesRecord", "SeriesRepository"]
 
@@ -47,6 +47,10 @@ class SeriesRecord:
     #: The rule that last marked the series complete (:mod:`dicom_node.series.completion`);
     #: empty while it is receiving.
     completed_by: str = ""
+    #: The source a fetch retrieved the series from (:mod:`dicom_node.sources`).
+    fetched_from: str = ""
+    #: What a top-up from a source added before the series was processed, in words.
+    topped_up: str = ""
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -117,14 +121,22 @@ class SeriesRepository:
         return counts
 
     def retention_candidates(self) -> list[SeriesRecord]:
-        """Finished series with nothing owed to a destination, oldest first: the only
-        series a retention policy may delete."""
+        """Finished series with nothing owed to a destination (a result, or its storage
+        commitment), oldest first: the only series a retention policy may delete."""
         with self._db.read() as db:
             rows = db.execute(
                 "SELECT * FROM series WHERE state IN (?, ?, ?) AND NOT EXISTS ("
                 " SELECT 1 FROM outbox WHERE outbox.series_uid = series.series_uid"
-                " AND outbox.state NOT IN (?, ?)) ORDER BY updated",
-                (*_FINISHED, OutboxState.SENT, OutboxState.CANCELLED),
+                " AND (outbox.state NOT IN (?, ?) OR outbox.commitment IN (?, ?, ?)))"
+                " ORDER BY updated",
+                (
+                    *_FINISHED,
+                    OutboxState.SENT,
+                    OutboxState.CANCELLED,
+                    CommitmentState.OWED,
+                    CommitmentState.REQUESTED,
+                    CommitmentState.FAILED,
+                ),
             ).fetchall()
         return [_record(r) for r in rows]
 
@@ -211,6 +223,18 @@ class SeriesRepository:
         with self._db.tx() as db:
             return db.execute(sql, args).rowcount == 1
 
+    def mark_fetched(self, series_uid: str, source: str) -> None:
+        """Record that a fetch retrieved the series from ``source``."""
+        with self._db.tx() as db:
+            db.execute(
+                "UPDATE series SET fetched_from = ? WHERE series_uid = ?", (source, series_uid)
+            )
+
+    def record_top_up(self, series_uid: str, what: str) -> None:
+        """Record what a top-up added to the series before it was processed (in words)."""
+        with self._db.tx() as db:
+            db.execute("UPDATE series SET topped_up = ? WHERE series_uid = ?", (what, series_uid))
+
     def record_timings(self, series_uid: str, timings: dict[str, float]) -> None:
         with self._db.tx() as db:
             db.execute(
@@ -287,11 +311,12 @@ class SeriesRepository:
 
     # -- operators --------------------------------------------------------------------
     def retry(self, series_uid: str) -> int:
-        """Operator retry: failed results are queued again; a failed (or unrouted) series
-        is processed again. Returns how many items and series changed."""
+        """Operator retry: failed results are queued again (their storage commitment asked
+        anew once sent); a failed (or unrouted) series is processed again. Returns how many items and series changed."""
         with self._db.tx() as db:
             n = db.execute(
-                "UPDATE outbox SET state = ?, attempts = 0, next_attempt = 0"
+                "UPDATE outbox SET state = ?, attempts = 0, next_attempt = 0, commitment = '',"
+                " commit_transaction = '', commit_requests = 0"
                 " WHERE series_uid = ? AND state = ?",
                 (OutboxState.PENDING, series_uid, OutboxState.FAILED),
             ).rowcount
@@ -326,6 +351,11 @@ class SeriesRepository:
                 )
             ]
             db.execute("DELETE FROM instances WHERE series_uid = ?", (series_uid,))
+            db.execute(
+                "DELETE FROM commitment_requests WHERE EXISTS (SELECT 1 FROM json_each(item_ids)"
+                " WHERE value IN (SELECT id FROM outbox WHERE series_uid = ?))",
+                (series_uid,),
+            )
             db.execute("DELETE FROM outbox WHERE series_uid = ?", (series_uid,))
             db.execute("DELETE FROM series WHERE series_uid = ?", (series_uid,))
         return paths

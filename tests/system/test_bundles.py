@@ -126,7 +126,7 @@ def test_a_served_torchscript_network_loads_without_monai(tmp_path):
 
     probe = (
         "import sys, torch\n"
-        "from dicom_node.pipeline.weights import load_served_network\n"
+        "from dicom_node.pipeline.served import load_served_network\n"
         "net, amp = load_served_network(sys.argv[1], 'cpu')\n"
         "x = torch.randn(1, 1, 32, 32, 32, generator=torch.Generator().manual_seed(2))\n"
         "with torch.inference_mode():\n"

@@ -219,6 +219,7 @@ def test_every_number_setting_declares_its_constraint():
     from dicom_node import config
     from dicom_node.export.dicomweb import DicomWebDestination
     from dicom_node.export.dimse import DicomDestination
+    from dicom_node.sources.settings import SourceSettings
 
     sections = [
         config.NodeSettings,
@@ -232,6 +233,7 @@ def test_every_number_setting_declares_its_constraint():
         config.AuditSettings,
         DicomDestination,
         DicomWebDestination,
+        SourceSettings,
     ]
     numeric = {"at_least", "positive", "finite", "port"}
     unchecked = [

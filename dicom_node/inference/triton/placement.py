@@ -157,8 +157,9 @@ def place_input(
     """
     if isinstance(hu, CudaVolume) or cuda:
         try:
-            volume = hu
-            if not isinstance(volume, CudaVolume):
+            if isinstance(hu, CudaVolume):
+                volume = hu
+            else:
                 volume = CudaVolume(hu.shape, hu.dtype)
                 cleanup.callback(volume.release)
                 volume.write(hu)
@@ -171,7 +172,7 @@ def place_input(
         if source is None:
             copy = shared_empty(host.shape, host.dtype)
             copy[...] = host
-            source = region_of(copy)
+            source = _whole_region(copy)
             cleanup.callback(unlink, source)
     except OSError as exc:
         log.warning(
@@ -200,9 +201,16 @@ def place_outputs(
     except OSError as exc:
         log.warning("label maps sent in gRPC messages: no room in shared memory (%s)", exc)
         return None
-    target = region_of(results)
+    target = _whole_region(results)
     cleanup.callback(unlink, target)
     return results, _register(client, target, timeout, cleanup, later=True)
+
+
+def _whole_region(array: np.ndarray) -> Region:
+    """The region of an array :func:`~.shm.shared_empty` just made (it is the whole of one)."""
+    region = region_of(array)
+    assert region is not None
+    return region
 
 
 def _register(

@@ -1,7 +1,7 @@
 """Write the Triton models that serve a MONAI bundle: no hand-written model per bundle.
 
-A bundle is served by two Python-backend models (see :mod:`dicom_node.inference.
-triton_models`): ``<name>``, the node's entry point, runs the bundle's pre- and
+A bundle is served by two Python-backend models (see
+:mod:`dicom_node.inference.triton.models`): ``<name>``, the node's entry point, runs the bundle's pre- and
 postprocessing around the network, whose patches it sends through BLS to ``<name>_network``,
 the bundle's network behind Triton's dynamic batcher. Both take the bundle's folder from their
 ``bundle`` parameter. ``model_repository/`` holds the same pair written by hand for the demo

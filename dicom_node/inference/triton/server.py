@@ -153,7 +153,7 @@ class TritonServer:
         # Stop the server when the interpreter exits without calling stop(); a weak
         # reference so that the hook does not keep a dropped server object alive.
         ref = weakref.ref(self)
-        atexit.register(lambda: (s := ref()) is not None and s.stop())
+        atexit.register(_stop_if_alive, ref)
 
     # ----------------------------------------------------------------- public API
     @property
@@ -415,6 +415,13 @@ class TritonServer:
         self._child = None
         for region in Path("/dev/shm").glob(f"{self._shm_prefix}*"):
             region.unlink(missing_ok=True)
+
+
+def _stop_if_alive(ref: weakref.ref[TritonServer]) -> None:
+    """At exit: stop the server if its object still exists."""
+    server = ref()
+    if server is not None:
+        server.stop()
 
 
 def _bind_host(host: str) -> str:

@@ -77,7 +77,7 @@ def shared_empty(shape: Sequence[int], dtype: np.dtype | type) -> np.ndarray:
         raise
     finally:
         os.close(fd)
-    array = np.ndarray(shape, dtype, buffer=buffer)
+    array: np.ndarray = np.ndarray(shape, dtype, buffer=buffer)
     _regions[id(buffer)] = Region(name, f"/{name}", path, nbytes, array.ctypes.data)
     weakref.finalize(buffer, _forget, id(buffer), path)
     return array
@@ -85,7 +85,7 @@ def shared_empty(shape: Sequence[int], dtype: np.dtype | type) -> np.ndarray:
 
 def region_of(array: np.ndarray) -> Region | None:
     """The region ``array`` is the whole of, or ``None`` (part of one, or ordinary memory)."""
-    base = array
+    base: object = array
     while isinstance(base, np.ndarray):
         base = base.base
     region = _regions.get(id(base)) if base is not None else None

@@ -14,7 +14,7 @@ from torch.utils.dlpack import to_dlpack
 
 from dicom_node.common.heap import freeze_heap
 from dicom_node.inference.triton.models import bundle_path_from_config, instance_device
-from dicom_node.pipeline.weights import load_served_network
+from dicom_node.pipeline.served import load_served_network
 
 
 class TritonPythonModel:
