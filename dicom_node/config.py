@@ -195,8 +195,9 @@ class LimitSettings:
     #: Slots kept for source addresses that hold none: an address already holding an
     #: association gets another only while more than this many are free.
     reserved_associations: int = at_least(4, 0)
-    #: An association that stored nothing for this long (a C-ECHO does not count) is
-    #: aborted, so that idle peers give their slots back long before network_timeout.
+    #: While no more slots are free than the reserved ones, an association that stored
+    #: nothing for this long (a C-ECHO does not count) is aborted, so that idle peers give
+    #: their slots back long before network_timeout; on a quiet node it is kept.
     idle_timeout_seconds: float = positive(20.0)
     #: Connections not yet associated (TLS handshake, A-ASSOCIATE-RQ under way), all
     #: addresses together; more are rejected at once, before anything they sent is read.

@@ -454,9 +454,14 @@ class AssociationSlots:
                 self._busy.pop(assoc, None)
 
     def idle(self, idle_seconds: float) -> list[Association]:
-        """Established associations with no work for ``idle_seconds`` and nothing arriving."""
+        """Established associations with no work for ``idle_seconds`` and nothing arriving,
+        while slots are short (no more free than the reserved ones): an idle association
+        gives its slot back when another peer may need it, and only then, so that a
+        modality pausing in the middle of a series keeps its association on a quiet node."""
         now = self._clock()
         with self._lock:
+            if self.total - len(self._held) > self.reserved:
+                return []
             candidates = [
                 a
                 for a, (_, last) in self._held.items()

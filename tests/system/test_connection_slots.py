@@ -212,7 +212,9 @@ def idle_node(tmp_path_factory) -> Iterator[NodeProcess]:
     n = NodeProcess(
         tmp_path_factory.mktemp("slots-idle") / "node",
         node=NODE,
-        limits={"idle_timeout_seconds": 2.0},
+        # two associations leave two slots free, no more than the reserved ones: idle
+        # associations are reaped from then on
+        limits={"idle_timeout_seconds": 2.0, "max_associations": 4, "reserved_associations": 2},
     ).start()
     yield n
     n.kill()
