@@ -38,6 +38,7 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_file_meta_info
 
 from dicom_node.intake.checks import MULTIFRAME_CT_SOP_CLASSES
+from dicom_node.intake.received import file_meta_of
 from dicom_node.intake.storage import StoreOutcome
 from dicom_node.series.volume import (
     Allocator,
@@ -94,9 +95,11 @@ def decode_into(ds: Dataset, out: np.ndarray) -> None:
     Hand-written for the common CT slice (native little-endian 16-bit samples, rescale slope
     1, an integer intercept, an int16 volume), because this runs while the series is still
     arriving: pydicom's ``pixel_array`` and its float64 modality LUT hold the interpreter
-    for ~0.6 ms a slice and slowed ingest by a quarter; three whole-array numpy operations
-    release it. The same bits as pydicom's: samples masked (unsigned) or sign-extended
-    (signed) to Bits Stored, then the intercept added. Anything else goes through
+    for ~0.6 ms a slice and slowed ingest by a quarter. Here the samples are masked
+    (unsigned) or sign-extended (signed) to Bits Stored in place in ``out``, their range
+    checked, and the intercept added in 16 bits: whole-array numpy operations that release
+    the interpreter and make no temporary copy of the slice. The same bits as pydicom's;
+    anything else, or a result beyond int16, goes through
     :func:`~dicom_node.series.volume.decode_slice`.
     """
     meta = getattr(ds, "file_meta", None)
@@ -118,19 +121,20 @@ def decode_into(ds: Dataset, out: np.ndarray) -> None:
         return
     bits = int(ds.BitsStored)
     signed = int(ds.get("PixelRepresentation", 0)) == 1
-    stored = np.frombuffer(ds.PixelData, "<i2" if signed else "<u2", out.size)
-    stored = stored.reshape(out.shape).astype(np.int32)
-    if bits < 16:
-        if signed:  # sign-extend from Bits Stored
-            stored = np.left_shift(stored, 32 - bits)
-            np.right_shift(stored, 32 - bits, out=stored)
+    intercept = int(float(ds.get("RescaleIntercept", 0) or 0))
+    stored = np.frombuffer(ds.PixelData, "<i2" if signed else "<u2", out.size).reshape(out.shape)
+    values: np.ndarray = stored
+    if bits < 16:  # to Bits Stored, in place in ``out`` (which then fits every value)
+        if signed:  # sign-extend: shift the sign bit to the top and back
+            np.left_shift(stored, 16 - bits, out=out)
+            np.right_shift(out, 16 - bits, out=out)
         else:
-            np.bitwise_and(stored, (1 << bits) - 1, out=stored)
-    stored += int(float(ds.get("RescaleIntercept", 0) or 0))
-    if stored.min() < -32768 or stored.max() > 32767:
+            np.bitwise_and(stored, (1 << bits) - 1, out=out.view(np.uint16))
+        values = out
+    if int(values.min()) + intercept < -32768 or int(values.max()) + intercept > 32767:
         out[...] = decode_slice(ds)  # beyond int16: let numpy's cast decide, as elsewhere
         return
-    out[...] = stored
+    np.add(values, intercept, out=out, casting="unsafe")  # in range: exact in 16 bits
 
 
 def _anonymous(shape: tuple[int, int, int], dtype: np.dtype) -> np.ndarray:
@@ -152,8 +156,9 @@ class StagedSeries:
         self._budget = budget
         self._done = threading.Condition()
         self._pending = 0
-        #: spool path -> (arrival index, header without pixel data)
-        self._slices: dict[str, tuple[int, Dataset]] = {}
+        #: spool path -> (arrival index, header without pixel data, the spool file's Part 10
+        #: header or ``None`` to read it from the file)
+        self._slices: dict[str, tuple[int, Dataset, bytes | None]] = {}
         self._chunks: list[np.ndarray | None] = []
         self._per_chunk = 0
         self._dtype: np.dtype | None = None
@@ -169,10 +174,10 @@ class StagedSeries:
         with self._done:
             self._pending += 1
 
-    def _decode(self, path: str, ds: Dataset) -> None:
+    def _decode(self, path: str, ds: Dataset, meta: bytes | None) -> None:
         try:
             if self.problem is None:
-                self._stage(path, ds)
+                self._stage(path, ds, meta)
         except Exception as exc:  # noqa: BLE001 - the spool path reports it with its reason
             self._give_up(f"a slice could not be decoded ({exc})")
         finally:
@@ -180,7 +185,7 @@ class StagedSeries:
                 self._pending -= 1
                 self._done.notify_all()
 
-    def _stage(self, path: str, ds: Dataset) -> None:
+    def _stage(self, path: str, ds: Dataset, meta: bytes | None) -> None:
         if ds.get("SOPClassUID") in MULTIFRAME_CT_SOP_CLASSES or "PixelData" not in ds:
             self._give_up("not a single-frame CT slice")
             return
@@ -212,10 +217,9 @@ class StagedSeries:
         # them) in place, cheaper than a sliced copy while the series is still arriving.
         for tag in [t for t in ds.keys() if t >= _PIXEL_TAGS_START]:
             del ds[tag]
-        # the spool file's meta group, as a header read from the spool has it: read here,
-        # off the C-STORE's way and before the series completes
-        ds.file_meta = read_file_meta_info(path)
-        self._slices[path] = (index, ds)
+        # The spool file's meta group is parsed once the series is assembled: a job that
+        # never comes (a series deleted, replaced) costs ingest nothing for it.
+        self._slices[path] = (index, ds, meta)
 
     def _give_up(self, problem: str) -> None:
         if self.problem is None:
@@ -259,7 +263,12 @@ class StagedSeries:
                     len(keys),
                 )
                 return None
-            datasets = [self._slices[k][1] for k in keys]
+            datasets = []
+            for k in keys:
+                _, ds, meta = self._slices[k]
+                # the spool file's meta group, as a header read from the spool has it
+                ds.file_meta = read_file_meta_info(k) if meta is None else file_meta_of(meta)
+                datasets.append(ds)
             plan = plan_single_frame(datasets, min_slices)
             if np.dtype(plan.dtype) != self._dtype:
                 return None  # float32 staged, but the whole series fits int16: re-read
@@ -294,26 +303,30 @@ class StreamingAssembler:
         self._budget = _Budget(max_bytes)
         self._series: dict[str, StagedSeries] = {}
         self._lock = threading.Lock()
-        self._queue: queue.SimpleQueue[tuple[StagedSeries, str, Dataset] | None] = (
+        self._queue: queue.SimpleQueue[tuple[StagedSeries, str, Dataset, bytes | None] | None] = (
             queue.SimpleQueue()
         )
         self._thread = threading.Thread(target=self._run, name="dicom-node-assembly", daemon=True)
         self._thread.start()
 
-    def feed(self, series_uid: str, path: str, dataset: Dataset) -> None:
-        """Queue a newly stored instance for decoding; returns at once (C-STORE thread)."""
+    def feed(self, series_uid: str, path: str, dataset: Dataset, meta: bytes | None = None) -> None:
+        """Queue a newly stored instance for decoding; returns at once (C-STORE thread).
+
+        ``meta`` is the spool file's Part 10 header (preamble and File Meta Information),
+        as written; without it the header is read from ``path`` at assembly.
+        """
         with self._lock:
             staged = self._series.get(series_uid)
             if staged is None:
                 staged = self._series[series_uid] = StagedSeries(series_uid, self._budget)
             staged._expect()
-        self._queue.put((staged, path, dataset))
+        self._queue.put((staged, path, dataset, meta))
 
     def on_stored(self, outcome: StoreOutcome) -> None:
         """Intake's C-STORE event: stage a new instance (a queue put: the C-STORE response
         does not wait for its decoding)."""
         if outcome.new and outcome.dataset is not None:
-            self.feed(outcome.series_uid, outcome.path, outcome.dataset)
+            self.feed(outcome.series_uid, outcome.path, outcome.dataset, outcome.meta or None)
 
     def take(self, series_uid: str) -> StagedSeries | None:
         """The series' staged slices, for a job; instances stored later start a new one."""
@@ -337,6 +350,6 @@ class StreamingAssembler:
             item = self._queue.get()
             if item is None:
                 return
-            staged, path, dataset = item
-            staged._decode(path, dataset)
+            staged, path, dataset, meta = item
+            staged._decode(path, dataset, meta)
             del item, staged, dataset  # the received bytes go with the last reference
