@@ -112,12 +112,13 @@ class InstanceRepository:
     def count(self, series_uid: str) -> int:
         """How many instances the series holds, rows written behind included (0 for an
         unknown series); commits nothing."""
-        with self._pending_lock:
-            with self._db.read(catch_up=False) as db:
-                row = db.execute(
-                    "SELECT instance_count FROM series WHERE series_uid = ?", (series_uid,)
-                ).fetchone()
-            return (int(row["instance_count"]) if row else 0) + self._pending_per_series[series_uid]
+        with self._db.read(catch_up=False) as db:  # the lock a flush holds throughout
+            row = db.execute(
+                "SELECT instance_count FROM series WHERE series_uid = ?", (series_uid,)
+            ).fetchone()
+            with self._pending_lock:
+                queued = self._pending_per_series[series_uid]
+        return (int(row["instance_count"]) if row else 0) + queued
 
     def set_digest(self, sop_uid: str, digest: str) -> None:
         """Keep the digest of a recorded instance stored without one (computed when a
