@@ -4,10 +4,10 @@
 values and either returns a :class:`StoreOutcome` (the instance is in the spool, fsynced,
 and its row queued for the job database) or raises
 :class:`~dicom_node.intake.checks.StoreRefused`: limits first (size, free disk, a deflate
-bomb), then the parse and the checks of :mod:`dicom_node.intake.checks`, then, under a
-per-UID lock, the duplicate rule (the same content again is a success and stores nothing;
-other content under a stored SOP Instance UID is refused), the series limit, the durable
-write and the database row. An ``OSError`` (the disk) or ``sqlite3.Error`` (the database,
+bomb), then the parse and the identity checks of :mod:`dicom_node.intake.checks`, then,
+under a per-UID lock, the duplicate rule (the same content again is a success and stores
+nothing; other content under a stored SOP Instance UID is refused), the series limit, the
+image checks while the file is written and synced, and the database row. An ``OSError`` (the disk) or ``sqlite3.Error`` (the database,
 read for the duplicate rule and the series limit) propagates: nothing was acknowledged and
 the SCP answers 0xA700.
 
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -124,13 +125,18 @@ class InstanceStorage:
         self.spool = spool
         self.jobs = jobs
         self._locks = [threading.Lock() for _ in range(64)]
+        # Spool writes of the data sets held in memory, overlapping their checks.
+        self._writes = ThreadPoolExecutor(
+            max_workers=settings.limits.max_associations, thread_name_prefix="dicom-node-spool"
+        )
         #: "patient NAME (ID)" of instances whose row is queued, for the log line of a
         #: series' first instance (only with ``log_patient_identifiers``).
         self._patients: dict[str, str] = {}
         jobs.instances.on_recorded = self._recorded
 
     def close(self) -> None:
-        """Commit the rows still written behind."""
+        """Finish the spool writes under way and commit the rows still written behind."""
+        self._writes.shutdown()
         self.jobs.instances.close()
 
     def store(
@@ -164,15 +170,14 @@ class InstanceStorage:
             check_inflated_size(received.chunks(), limits.max_instance_bytes)
         ds = decode_received(received, syntax)
         sop_uid, series_uid, study_uid = check_identity(ds, sop_class, affected_uid)
-        check_image(ds, limits.max_rows_columns)
         modality = str(ds.get("Modality", ""))
         # the UIDs checked above: the request's Affected UIDs, or the data set's in their place
         header = part10_header(sop_class, sop_uid, syntax)
         path = self.spool.path_for(study_uid, series_uid, sop_uid)
-        geometry = slice_geometry(ds).to_json()
         with self._locks[hash(sop_uid) % len(self._locks)]:
             existing = self.jobs.instances.find(sop_uid)  # committed or queued
             if existing is not None:
+                check_image(ds, limits.max_rows_columns)
                 if not self._same_content(existing, received, ds):
                     raise StoreRefused(
                         UID_CONFLICT,
@@ -184,7 +189,7 @@ class InstanceStorage:
                     TOO_MANY_INSTANCES,
                     f"series already holds {limits.max_instances_per_series} instances",
                 )
-            size = self._write(path, header, received)
+            size, geometry = self._write_checked(path, header, received, ds)
             if self.settings.node.log_patient_identifiers:
                 self._patients[sop_uid] = self._patient(ds)
             # durable now: the row may follow the answer (the spool is the source of truth)
@@ -234,6 +239,36 @@ class InstanceStorage:
             log.info("series %s: receiving (first instance)%s", instance.series_uid, patient)
         elif previous not in (SeriesState.RECEIVING, SeriesState.PROCESSING):
             log.info("series %s: receiving again (was %s)", instance.series_uid, previous)
+
+    def _write_checked(
+        self, path: Path, header: bytes, received: Received, ds: Dataset
+    ) -> tuple[int, str]:
+        """Check the image and write the instance durably; its size and geometry JSON.
+
+        A data set held in memory is written and synced on a thread of the spool's while
+        this one checks its image attributes (the write and ``fdatasync`` release the
+        interpreter): the disk's wait and the checks overlap. A refused image's file is
+        removed before the refusal is answered; one a crash left behind is not adopted at
+        the next start, which checks again what it registers
+        (:func:`~dicom_node.intake.recovery.reconcile`). A large data set is checked first
+        and then moved into place.
+        """
+        limits = self.settings.limits
+        if received.data is None:
+            check_image(ds, limits.max_rows_columns)
+            return self._write(path, header, received), slice_geometry(ds).to_json()
+        writing = self._writes.submit(self.spool.write, path, header, received.data)
+        try:
+            check_image(ds, limits.max_rows_columns)
+            geometry = slice_geometry(ds).to_json()
+        except BaseException:
+            try:
+                writing.result()
+            except OSError:
+                pass
+            path.unlink(missing_ok=True)
+            raise
+        return writing.result(), geometry
 
     def _write(self, path: Path, header: bytes, received: Received) -> int:
         """Put the received data set in the spool durably, behind ``header``; its size.

@@ -14,6 +14,7 @@ from pynetdicom.dsutils import encode
 
 from dicom_node.config import LimitSettings, Settings
 from dicom_node.intake.checks import (
+    DOES_NOT_MATCH_SOP_CLASS,
     SUCCESS,
     TOO_LARGE,
     TOO_MANY_INSTANCES,
@@ -171,3 +172,42 @@ def test_an_acknowledged_instance_whose_row_a_crash_lost_is_registered(tmp_path,
         assert after.series.count(attrs.series_instance_uid) == 1
     finally:
         after.close()
+
+
+def _bad_slope(attrs: SeriesAttributes) -> tuple[Received, str]:
+    """An instance whose Rescale Slope 0 the image checks refuse (0xA900)."""
+    hu = np.random.default_rng(5).integers(-1000, 1000, (16, 16))
+    ds = ct_slice(hu, (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0), (0.7, 0.7), 2.0, 1, attrs)
+    ds.RescaleSlope = 0
+    data = encode(ds, False, True)
+    return Received(size=len(data), data=data), str(ds.SOPInstanceUID)
+
+
+def test_an_image_refused_while_its_file_was_written_leaves_no_file(storage):
+    """The image checks run while the file is written and synced: a refusal removes it."""
+    received, sop = _bad_slope(SeriesAttributes())
+    with pytest.raises(StoreRefused) as refused:
+        _store(storage, received, sop)
+    assert refused.value.status == DOES_NOT_MATCH_SOP_CLASS
+    assert storage.spool.all_files() == []
+    assert storage.jobs.instances.find(sop) is None
+
+
+def test_a_refused_image_a_crash_left_in_the_spool_is_quarantined_not_registered(tmp_path):
+    from dicom_node.intake.received import part10_header
+    from dicom_node.intake.recovery import reconcile
+
+    attrs = SeriesAttributes()
+    received, sop = _bad_slope(attrs)
+    spool = Spool(tmp_path / "spool")
+    path = spool.path_for(attrs.study_instance_uid, attrs.series_instance_uid, sop)
+    spool.write(path, part10_header(CTImageStorage, sop, ExplicitVRLittleEndian), received.data)
+    jobs = JobDatabase(tmp_path / "jobs.sqlite")
+    try:
+        assert reconcile(spool, jobs.instances) == 0
+        assert jobs.instances.find(sop) is None
+    finally:
+        jobs.close()
+    assert spool.all_files() == []
+    [reason] = (tmp_path / "quarantine").glob("*.reason.txt")
+    assert "RescaleSlope 0" in reason.read_text()
