@@ -180,6 +180,9 @@ class Received:
             offset = 144 + int.from_bytes(raw[140:144], "little")  # after the meta group
             data = bytes(raw[offset:])
             raw.release()
+            # Held in memory, it has no file for pynetdicom to close and delete after the
+            # handler (an unlink that fails, on the way to the response).
+            event.request._dataset_file = None
             return cls(
                 size=len(data), data=data, offset=offset, meta=bytes(incoming.buffer[:offset])
             )

@@ -38,6 +38,7 @@ RECHECK = (
     "DIMSEServiceProvider.get_msg, receive_primitive and msg_queue; "
     "DULServiceProvider._run_loop_delay, send_pdu, kill_dul and the module's time.sleep; "
     "DIMSEServiceProvider.send_msg and the C-STORE-RSP it encodes; "
+    "Association._run_reactor's 1 ms sleep; "
     "the request's _dataset_file and _dataset_path; "
     "DIMSEMessage._data_set_file) and what dicom_node/intake/connections.py replaces "
     "(AssociationSocket.recv), run bench/ingest.py, then update TESTED_PYNETDICOM and the "
@@ -78,6 +79,11 @@ def test_the_internals_replaced_are_where_they_were():
     for method in ("send_pdu", "kill_dul"):
         assert callable(getattr(DULServiceProvider, method, None)), RECHECK
     assert callable(getattr(DIMSEServiceProvider, "send_msg", None)), RECHECK
+    # the acceptor reactor's loop sleeps 1 ms through its module's ``time``
+    from pynetdicom.association import Association
+
+    loop = Association._run_reactor.__code__
+    assert "time" in loop.co_names and tuning._REACTOR_LOOP_SLEEP in loop.co_consts, RECHECK
     assert tuning.IDLE_LOOP_DELAY == 0.001  # pynetdicom's own, restored when idle
 
 
