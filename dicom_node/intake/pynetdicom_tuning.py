@@ -13,9 +13,9 @@ the same way, against the same version).
 * :func:`tune_association`: an association answers without polling delays
   (:class:`PromptDIMSE` replaces ``Association.dimse``; the DUL thread's sleep between
   loops ends as soon as the peer sends or a response is queued, :func:`_dul_sleep`),
-  encodes a C-STORE response's command set
-  directly (:func:`store_response_command`), acknowledges promptly (``TCP_QUICKACK``) and
-  does not format log lines its logger discards.
+  encodes a C-STORE response's command set directly (:func:`store_response_command`),
+  acknowledges promptly (``TCP_QUICKACK``) and does not format log lines its logger
+  discards.
 * :func:`discard_partial`: the file of a data set cut short is removed.
 
 pynetdicom's DUL and association modules see a ``time`` of this module's
