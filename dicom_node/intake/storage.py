@@ -7,9 +7,9 @@ and its row queued for the job database) or raises
 bomb), then the parse and the identity checks of :mod:`dicom_node.intake.checks`, then,
 under a per-UID lock, the duplicate rule (the same content again is a success and stores
 nothing; other content under a stored SOP Instance UID is refused), the series limit, the
-image checks while the file is written and synced, and the database row. An ``OSError`` (the disk) or ``sqlite3.Error`` (the database,
-read for the duplicate rule and the series limit) propagates: nothing was acknowledged and
-the SCP answers 0xA700.
+image checks while the file is written and synced, and the database row. An ``OSError``
+(the disk) or ``sqlite3.Error`` (the database, read for the duplicate rule and the series
+limit) propagates: nothing was acknowledged and the SCP answers 0xA700.
 
 The row is written behind (:meth:`InstanceRepository.record
 <dicom_node.state.instances.InstanceRepository.record>`): the spool is the source of truth,
