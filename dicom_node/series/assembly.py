@@ -161,9 +161,8 @@ class StagedSeries:
         self._budget = budget
         self._done = threading.Condition()
         self._pending = 0
-        #: spool path -> (arrival index, header without pixel data, the spool file's Part 10
-        #: header or ``None`` to read it from the file)
-        self._slices: dict[str, tuple[int, Dataset, bytes | None]] = {}
+        #: spool path -> (arrival index, header without pixel data)
+        self._slices: dict[str, tuple[int, Dataset]] = {}
         self._chunks: list[np.ndarray | None] = []
         self._per_chunk = 0
         self._dtype: np.dtype | None = None
@@ -222,9 +221,10 @@ class StagedSeries:
         # them) in place, cheaper than a sliced copy while the series is still arriving.
         for tag in [t for t in ds.keys() if int.__ge__(t, _PIXEL_TAGS_START)]:
             del ds[tag]
-        # The spool file's meta group is parsed once the series is assembled: a job that
-        # never comes (a series deleted, replaced) costs ingest nothing for it.
-        self._slices[path] = (index, ds, meta)
+        # the spool file's meta group, as a header read from the spool has it: parsed here,
+        # off the C-STORE's way and before the series completes, from the header as written
+        ds.file_meta = read_file_meta_info(path) if meta is None else file_meta_of(meta)
+        self._slices[path] = (index, ds)
 
     def _give_up(self, problem: str) -> None:
         if self.problem is None:
@@ -268,12 +268,7 @@ class StagedSeries:
                     len(keys),
                 )
                 return None
-            datasets = []
-            for k in keys:
-                _, ds, meta = self._slices[k]
-                # the spool file's meta group, as a header read from the spool has it
-                ds.file_meta = read_file_meta_info(k) if meta is None else file_meta_of(meta)
-                datasets.append(ds)
+            datasets = [self._slices[k][1] for k in keys]
             plan = plan_single_frame(datasets, min_slices)
             if np.dtype(plan.dtype) != self._dtype:
                 return None  # float32 staged, but the whole series fits int16: re-read
@@ -318,7 +313,7 @@ class StreamingAssembler:
         """Queue a newly stored instance for decoding; returns at once (C-STORE thread).
 
         ``meta`` is the spool file's Part 10 header (preamble and File Meta Information),
-        as written; without it the header is read from ``path`` at assembly.
+        as written; without it the header is read back from ``path``.
         """
         with self._lock:
             staged = self._series.get(series_uid)
