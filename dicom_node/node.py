@@ -125,7 +125,9 @@ class Node:
 
         removed = self.spool.clean_incoming()
         remove_stale()  # volumes a killed node left in shared memory
-        registered = reconcile(self.spool, self.jobs.instances)
+        registered = reconcile(
+            self.spool, self.jobs.instances, self.settings.limits.max_rows_columns
+        )
         resumed = self.jobs.series.resume()
         fetches = self.jobs.fetches.resume()
         log.info(

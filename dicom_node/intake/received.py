@@ -37,6 +37,11 @@ from dicom_node.intake.checks import (
 )
 from dicom_node.intake.spool import dataset_digest
 
+try:  # what pydicom's read_file_meta_info calls once it has opened the file and read the preamble
+    from pydicom.filereader import _read_file_meta_info
+except ImportError:  # pragma: no cover
+    _read_file_meta_info = None
+
 #: A data set is received in memory up to this size, then in a file.
 SPILL_ABOVE = 16 * 1024 * 1024
 #: Data sets larger than this are checked where they lie, in the file pynetdicom wrote as
@@ -84,6 +89,19 @@ def part10_header(sop_class: str, sop_instance: str, transfer_syntax: str) -> by
     )
     group_length = struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(meta))
     return b"\x00" * 128 + b"DICM" + group_length + meta
+
+
+def file_meta_of(header: bytes) -> FileMetaDataset:
+    """The File Meta Information of a Part 10 ``header`` (preamble, "DICM", group 0002),
+    as :func:`pydicom.filereader.read_file_meta_info` reads it from a spool file.
+
+    For headers the node wrote itself (:func:`part10_header`), read from memory: the
+    streaming assembler gives each kept slice header its spool file's meta group without
+    opening the file.
+    """
+    if _read_file_meta_info is None:  # pragma: no cover - another pydicom: the public way
+        return pydicom.dcmread(io.BytesIO(header)).file_meta
+    return _read_file_meta_info(io.BytesIO(memoryview(header)[132:]))
 
 
 class IncomingDataSet:
@@ -162,6 +180,9 @@ class Received:
             offset = 144 + int.from_bytes(raw[140:144], "little")  # after the meta group
             data = bytes(raw[offset:])
             raw.release()
+            # Held in memory, it has no file for pynetdicom to close and delete after the
+            # handler (an unlink that fails, on the way to the response).
+            event.request._dataset_file = None
             return cls(
                 size=len(data), data=data, offset=offset, meta=bytes(incoming.buffer[:offset])
             )

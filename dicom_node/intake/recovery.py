@@ -3,7 +3,9 @@
 An instance is acknowledged once its spool file is synced; its database row comes after. A
 crash between the two leaves a whole file that the sender was told is stored: it is
 registered. A crash mid-write leaves a partial file that was never acknowledged: it is moved
-to ``quarantine/`` (received data is never deleted).
+to ``quarantine/`` (received data is never deleted). So is a whole file that fails the
+C-STORE's checks: the handler writes a data set while it checks its image attributes, and
+removes the file of one it refuses, so a crash in between can leave one behind.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import pydicom
 from pydicom.dataset import Dataset
 
+from dicom_node.intake.checks import StoreRefused, check_identity, check_image
 from dicom_node.intake.geometry import slice_geometry
 from dicom_node.intake.spool import Spool, check_uid, dataset_digest
 from dicom_node.state import NewInstance
@@ -24,8 +27,11 @@ __all__ = ["read_whole", "reconcile"]
 log = logging.getLogger("dicom_node.intake.recovery")
 
 
-def reconcile(spool: Spool, instances: InstanceRepository) -> int:
-    """Register spooled files the database does not know; return how many."""
+def reconcile(spool: Spool, instances: InstanceRepository, max_rows_columns: int = 4096) -> int:
+    """Register spooled files the database does not know; return how many.
+
+    ``max_rows_columns`` is ``limits.max_rows_columns``, as the C-STORE checked it.
+    """
     known = instances.known_paths()
     n = 0
     for path in spool.all_files():
@@ -39,6 +45,18 @@ def reconcile(spool: Spool, instances: InstanceRepository) -> int:
             moved = spool.quarantine(path, f"incomplete or unreadable: {exc}")
             log.warning(
                 "spool file %s is incomplete (never acknowledged); moved to %s", path.name, moved
+            )
+            continue
+        try:
+            check_identity(ds, str(ds.get("SOPClassUID", "")), "")
+            check_image(ds, max_rows_columns)
+        except StoreRefused as exc:
+            moved = spool.quarantine(path, f"refused (0x{exc.status:04X}): {exc.reason}")
+            log.warning(
+                "spool file %s fails the C-STORE checks (never acknowledged): %s; moved to %s",
+                path.name,
+                exc.reason,
+                moved,
             )
             continue
         instances.add(

@@ -2,13 +2,22 @@
 
 :meth:`InstanceStorage.store` takes the received data set and the request's negotiated
 values and either returns a :class:`StoreOutcome` (the instance is in the spool, fsynced,
-and in the job database) or raises :class:`~dicom_node.intake.checks.StoreRefused`: limits
-first (size, free disk, a deflate bomb), then the parse and the checks of
-:mod:`dicom_node.intake.checks`, then, under a per-UID lock, the duplicate rule (the same
-content again is a success and stores nothing; other content under a stored SOP Instance
-UID is refused), the series limit, the durable write and the database row. An ``OSError``
-(the disk) or ``sqlite3.Error`` (the database) propagates: nothing was acknowledged and the
-SCP answers 0xA700.
+and its row queued for the job database) or raises
+:class:`~dicom_node.intake.checks.StoreRefused`: limits first (size, free disk, a deflate
+bomb), then the parse and the identity checks of :mod:`dicom_node.intake.checks`, then,
+under a per-UID lock, the duplicate rule (the same content again is a success and stores
+nothing; other content under a stored SOP Instance UID is refused), the series limit, the
+image checks while the file is written and synced, and the database row. An ``OSError``
+(the disk) or ``sqlite3.Error`` (the database, read for the duplicate rule and the series
+limit) propagates: nothing was acknowledged and the SCP answers 0xA700.
+
+The row is written behind (:meth:`InstanceRepository.record
+<dicom_node.state.instances.InstanceRepository.record>`): the spool is the source of truth,
+the file is synced before the answer, and the rows of several C-STOREs are committed in one
+transaction off the answer's way. Every other reader of the database commits them first,
+and the duplicate rule and the series limit count the rows still queued. The data set's
+digest, which only the duplicate rule needs, is computed when a second C-STORE of the same
+SOP Instance UID arrives, not for every instance.
 
 It knows no pynetdicom events or associations: :mod:`dicom_node.intake.scp` hands it plain
 values.
@@ -17,7 +26,6 @@ values.
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -42,8 +50,8 @@ from dicom_node.intake.checks import (
 )
 from dicom_node.intake.geometry import slice_geometry
 from dicom_node.intake.received import Received, decode_received, part10_header
-from dicom_node.intake.spool import Spool
-from dicom_node.state import InstanceConflict, JobDatabase, NewInstance, SeriesState
+from dicom_node.intake.spool import Spool, dataset_digest
+from dicom_node.state import JobDatabase, NewInstance, SeriesState, StoredInstance
 
 # The SCP's logger: these lines are part of what a C-STORE logs.
 log = logging.getLogger("dicom_node.intake.scp")
@@ -69,10 +77,10 @@ class StoreOutcome:
     """What happened to one C-STORE; passed to observers (metrics, the streaming
     assembler, tests).
 
-    For a new instance, ``path`` is its spool file and ``dataset`` the data set the handler
-    parsed (with its transfer syntax in ``file_meta``): an observer that decodes the pixels
-    off the acknowledgement path need not parse the file again. Observers run before the
-    response is sent, so they only hand work on.
+    For a new instance, ``path`` is its spool file, ``meta`` the Part 10 header written at
+    its start and ``dataset`` the data set the handler parsed (with its transfer syntax in
+    ``file_meta``): an observer that decodes the pixels off the acknowledgement path need
+    not read the file. Observers run before the response is sent, so they only hand work on.
 
     Every instance stored (new or a duplicate, held in memory or spilled) names its study,
     SOP class and patient, for the audit trail; ``association`` is set by the SCP to the
@@ -91,6 +99,7 @@ class StoreOutcome:
     patient_id: str = field(default="", repr=False)
     patient_name: str = field(default="", repr=False)
     association: int = 0
+    meta: bytes = field(default=b"", repr=False)
 
 
 def _subject(ds: Dataset, study_uid: str, sop_class: str) -> dict[str, str]:
@@ -135,14 +144,19 @@ class InstanceStorage:
         self.spool = spool
         self.jobs = jobs
         self._locks = [threading.Lock() for _ in range(64)]
-        # The SHA-256 of a new instance is computed here while its file is written and
-        # synced (all three release the GIL): only its database row needs the digest.
-        self._digests = ThreadPoolExecutor(
-            max_workers=settings.limits.max_associations, thread_name_prefix="dicom-node-digest"
+        # Spool writes of the data sets held in memory, overlapping their checks.
+        self._writes = ThreadPoolExecutor(
+            max_workers=settings.limits.max_associations, thread_name_prefix="dicom-node-spool"
         )
+        #: "patient NAME (ID)" of instances whose row is queued, for the log line of a
+        #: series' first instance (only with ``log_patient_identifiers``).
+        self._patients: dict[str, str] = {}
+        jobs.instances.on_recorded = self._recorded
 
     def close(self) -> None:
-        self._digests.shutdown()
+        """Finish the spool writes under way and commit the rows still written behind."""
+        self._writes.shutdown()
+        self.jobs.instances.close()
 
     def store(
         self,
@@ -175,16 +189,15 @@ class InstanceStorage:
             check_inflated_size(received.chunks(), limits.max_instance_bytes)
         ds = decode_received(received, syntax)
         sop_uid, series_uid, study_uid = check_identity(ds, sop_class, affected_uid)
-        check_image(ds, limits.max_rows_columns)
         modality = str(ds.get("Modality", ""))
         # the UIDs checked above: the request's Affected UIDs, or the data set's in their place
         header = part10_header(sop_class, sop_uid, syntax)
         path = self.spool.path_for(study_uid, series_uid, sop_uid)
         with self._locks[hash(sop_uid) % len(self._locks)]:
-            existing = self.jobs.instances.find(sop_uid)
+            existing = self.jobs.instances.find(sop_uid)  # committed or queued
             if existing is not None:
-                digest = received.digest()  # of the received data set bytes
-                if existing.digest != digest and not same_image(existing.path, ds):
+                check_image(ds, limits.max_rows_columns)
+                if not self._same_content(existing, received, ds):
                     raise StoreRefused(
                         UID_CONFLICT,
                         f"other content is already stored under SOP Instance UID {sop_uid}",
@@ -192,53 +205,92 @@ class InstanceStorage:
                 return StoreOutcome(
                     SUCCESS, series_uid, sop_uid, new=False, **_subject(ds, study_uid, sop_class)
                 )
-            if self.jobs.series.count(series_uid) >= limits.max_instances_per_series:
+            if self.jobs.instances.count(series_uid) >= limits.max_instances_per_series:
                 raise StoreRefused(
                     TOO_MANY_INSTANCES,
                     f"series already holds {limits.max_instances_per_series} instances",
                 )
-            hashing = self._digests.submit(received.digest)
-            size = self._write(path, header, received)
-            geometry = slice_geometry(ds).to_json()  # while the digest is computed
-            digest = hashing.result()
-            try:
-                new, previous = self.jobs.instances.add(
-                    NewInstance(
-                        sop_uid=sop_uid,
-                        sop_class=sop_class,
-                        series_uid=series_uid,
-                        study_uid=study_uid,
-                        modality=modality,
-                        calling_ae=calling_ae,
-                        path=path,
-                        size=size,
-                        digest=digest,
-                        geometry=geometry,
-                    )
+            size, geometry = self._write_checked(path, header, received, ds)
+            if self.settings.node.log_patient_identifiers:
+                self._patients[sop_uid] = self._patient(ds)
+            # durable now: the row may follow the answer (the spool is the source of truth)
+            self.jobs.instances.record(
+                NewInstance(
+                    sop_uid=sop_uid,
+                    sop_class=sop_class,
+                    series_uid=series_uid,
+                    study_uid=study_uid,
+                    modality=modality,
+                    calling_ae=calling_ae,
+                    path=path,
+                    size=size,
+                    digest="",  # computed if a second C-STORE of this UID comes
+                    geometry=geometry,
                 )
-            except InstanceConflict:  # pragma: no cover - guarded by the lock above
-                raise StoreRefused(UID_CONFLICT, f"SOP Instance UID {sop_uid} conflict") from None
-            except sqlite3.Error:
-                # Not recorded, so not acknowledged: the file goes too, or a restart's
-                # re-indexing of the spool would adopt an instance the peer saw refused.
-                path.unlink(missing_ok=True)
-                raise
-        if previous is None:
-            log.info("series %s: receiving (first instance)%s", series_uid, self._patient(ds))
-        elif previous not in (SeriesState.RECEIVING, SeriesState.PROCESSING):
-            log.info("series %s: receiving again (was %s)", series_uid, previous)
+            )
         # A data set parsed from its file (values deferred) is not handed on: the file has
         # moved, and decoding it whole is what its size forbids; its job reads the spool.
-        keep = new and received.data is not None
+        keep = received.data is not None
         return StoreOutcome(
             SUCCESS,
             series_uid,
             sop_uid,
-            new=new,
+            new=True,
             path=str(path),
             dataset=ds if keep else None,
+            meta=header if keep else b"",
             **_subject(ds, study_uid, sop_class),
         )
+
+    def _same_content(self, existing: StoredInstance, received: Received, ds: Dataset) -> bool:
+        """The duplicate rule: whether ``received`` is the stored instance ``existing``
+        again (the same data set bytes, or the same image in another encoding)."""
+        stored = existing.digest
+        if not stored:  # not computed when it was stored: from its spool file, once
+            try:
+                stored = dataset_digest(Path(existing.path).read_bytes())
+            except OSError:
+                return False
+            self.jobs.instances.set_digest(existing.sop_uid, stored)
+        return received.digest() == stored or same_image(existing.path, ds)
+
+    def _recorded(self, instance: NewInstance, previous: SeriesState | None) -> None:
+        """A queued row committed: the series' state change, as the log tells it."""
+        patient = self._patients.pop(instance.sop_uid, "")
+        if previous is None:
+            log.info("series %s: receiving (first instance)%s", instance.series_uid, patient)
+        elif previous not in (SeriesState.RECEIVING, SeriesState.PROCESSING):
+            log.info("series %s: receiving again (was %s)", instance.series_uid, previous)
+
+    def _write_checked(
+        self, path: Path, header: bytes, received: Received, ds: Dataset
+    ) -> tuple[int, str]:
+        """Check the image and write the instance durably; its size and geometry JSON.
+
+        A data set held in memory is written and synced on a thread of the spool's while
+        this one checks its image attributes (the write and ``fdatasync`` release the
+        interpreter): the disk's wait and the checks overlap. A refused image's file is
+        removed before the refusal is answered; one a crash left behind is not adopted at
+        the next start, which checks again what it registers
+        (:func:`~dicom_node.intake.recovery.reconcile`). A large data set is checked first
+        and then moved into place.
+        """
+        limits = self.settings.limits
+        if received.data is None:
+            check_image(ds, limits.max_rows_columns)
+            return self._write(path, header, received), slice_geometry(ds).to_json()
+        writing = self._writes.submit(self.spool.write, path, header, received.data)
+        try:
+            check_image(ds, limits.max_rows_columns)
+            geometry = slice_geometry(ds).to_json()
+        except BaseException:
+            try:
+                writing.result()
+            except OSError:
+                pass
+            path.unlink(missing_ok=True)
+            raise
+        return writing.result(), geometry
 
     def _write(self, path: Path, header: bytes, received: Received) -> int:
         """Put the received data set in the spool durably, behind ``header``; its size.

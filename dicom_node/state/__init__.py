@@ -90,4 +90,8 @@ class JobDatabase:
         return [SeriesListing(r, self.outbox.items(r.series_uid)) for r in self.series.records()]
 
     def close(self) -> None:
-        self._db.close()
+        """Commit the instance rows still written behind, then close."""
+        try:
+            self.instances.close()
+        finally:
+            self._db.close()

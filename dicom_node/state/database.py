@@ -9,13 +9,19 @@ their own (``synchronous=NORMAL``) without ever losing an acknowledged instance.
 pynetdicom serves each association on its own thread and SQLite connections are not
 shareable across threads by default, so one connection is guarded by a lock. Every
 statement is short, so the lock is never held across I/O on DICOM data.
+
+Rows written behind (:meth:`InstanceRepository.record
+<dicom_node.state.instances.InstanceRepository.record>`: the rows of instances whose files
+are already synced, committed several to a transaction) are committed before any other
+read or transaction of this process, by the hooks given to :meth:`Database.catch_up_with`:
+whoever reads the database here sees every instance acknowledged so far.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -147,6 +153,8 @@ class Database:
             if getattr(exc, "sqlite_errorname", "") in _DAMAGED:
                 raise DatabaseError(damaged_message(self.path, str(exc))) from None
             raise DatabaseError(f"the job database {self.path} cannot be used: {exc}") from None
+        self._catch_up: list[Callable[[], None]] = []
+        self._catching_up = False  # only read and set under the lock
 
     def _check_intact(self) -> None:
         """``PRAGMA quick_check``: every page of a truncated or damaged file is found at
@@ -161,9 +169,36 @@ class Database:
             self._db.close()
 
     @contextmanager
-    def tx(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction (``BEGIN IMMEDIATE``): committed whole or rolled back."""
+    def exclusive(self) -> Iterator[None]:
+        """Hold the connection's lock across several transactions and reads."""
         with self._lock:
+            yield
+
+    def catch_up_with(self, hook: Callable[[], None]) -> None:
+        """Run ``hook`` (which commits rows written behind) before every other read and
+        transaction; it is not run again from within itself."""
+        self._catch_up.append(hook)
+
+    def _caught_up(self) -> None:
+        if self._catching_up or not self._catch_up:
+            return
+        self._catching_up = True
+        try:
+            for hook in self._catch_up:
+                hook()
+        finally:
+            self._catching_up = False
+
+    @contextmanager
+    def tx(self, catch_up: bool = True) -> Iterator[sqlite3.Connection]:
+        """One write transaction (``BEGIN IMMEDIATE``): committed whole or rolled back.
+
+        ``catch_up=False``: without committing the rows written behind first (the
+        transaction that commits them).
+        """
+        with self._lock:
+            if catch_up:
+                self._caught_up()
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
@@ -173,7 +208,13 @@ class Database:
             self._db.execute("COMMIT")
 
     @contextmanager
-    def read(self) -> Iterator[sqlite3.Connection]:
-        """The connection for reads (autocommit: each statement sees committed data)."""
+    def read(self, catch_up: bool = True) -> Iterator[sqlite3.Connection]:
+        """The connection for reads (autocommit: each statement sees committed data).
+
+        ``catch_up=False`` reads without committing the rows written behind first: for a
+        caller that looks at those rows itself (the C-STORE's duplicate rule).
+        """
         with self._lock:
+            if catch_up:
+                self._caught_up()
             yield self._db

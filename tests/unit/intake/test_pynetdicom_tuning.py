@@ -36,7 +36,10 @@ RECHECK = (
     "re-read, in the new pynetdicom, what dicom_node/intake/pynetdicom_tuning.py replaces "
     "(dimse_messages.NamedTemporaryFile, create_file_meta and write_file_meta_info; "
     "DIMSEServiceProvider.get_msg, receive_primitive and msg_queue; "
-    "DULServiceProvider._run_loop_delay; the request's _dataset_file and _dataset_path; "
+    "DULServiceProvider._run_loop_delay, send_pdu, kill_dul and the module's time.sleep; "
+    "DIMSEServiceProvider.send_msg and the C-STORE-RSP it encodes; "
+    "Association._run_reactor's 1 ms sleep; "
+    "the request's _dataset_file and _dataset_path; "
     "DIMSEMessage._data_set_file) and what dicom_node/intake/connections.py replaces "
     "(AssociationSocket.recv), run bench/ingest.py, then update TESTED_PYNETDICOM and the "
     "pynetdicom pin in pyproject.toml"
@@ -71,12 +74,20 @@ def test_the_internals_replaced_are_where_they_were():
         assert callable(getattr(DIMSEServiceProvider, method, None)), RECHECK
     assert callable(getattr(AssociationSocket, "recv", None)), RECHECK
     assert "_run_loop_delay" in DULServiceProvider.__init__.__code__.co_names, RECHECK
+    # the DUL loop sleeps through its module's ``time``; it is told of work by these
+    assert "time" in DULServiceProvider.run_reactor.__code__.co_names, RECHECK
+    for method in ("send_pdu", "kill_dul"):
+        assert callable(getattr(DULServiceProvider, method, None)), RECHECK
+    assert callable(getattr(DIMSEServiceProvider, "send_msg", None)), RECHECK
+    # the acceptor reactor's loop sleeps 1 ms through its module's ``time``
+    from pynetdicom.association import Association
+
+    loop = Association._run_reactor.__code__
+    assert "time" in loop.co_names and tuning._REACTOR_LOOP_SLEEP in loop.co_consts, RECHECK
     assert tuning.IDLE_LOOP_DELAY == 0.001  # pynetdicom's own, restored when idle
 
 
-def test_associations_answer_promptly_and_idle_at_pynetdicom_pace(tmp_path, monkeypatch):
-    """While requests arrive the DUL loops fast; an idle association is back at 1 ms."""
-    monkeypatch.setattr(tuning, "BUSY_PERIOD", 0.2)
+def _scp(tmp_path) -> tuple[StorageSCP, int]:
     port = free_port()
     settings = settings_from_dict(
         {
@@ -91,6 +102,43 @@ def test_associations_answer_promptly_and_idle_at_pynetdicom_pace(tmp_path, monk
     )
     node = StorageSCP(settings, Spool(tmp_path / "spool"), JobDatabase(tmp_path / "j.sqlite"))
     node.start()
+    return node, port
+
+
+def test_a_dul_sleeps_until_the_peer_sends_or_a_response_is_queued(tmp_path, monkeypatch):
+    """The served association's DUL waits on its socket and on a wake-up that queuing a
+    PDU gives: with its sleep stretched to 30 s, requests are still read and answered
+    within the requestor's 2 s DIMSE timeout (no polling brings them), and it releases."""
+    assert tuning.WAKES_DUL, f"a Linux eventfd is expected here: {RECHECK}"
+    monkeypatch.setattr(tuning, "WAKEABLE_LOOP_DELAY", 30.0)
+    node, port = _scp(tmp_path)
+    try:
+        ae = AE(ae_title="ECHOSCU")
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 2
+        ae.add_requested_context(Verification)
+        assoc = ae.associate("127.0.0.1", port, ae_title="DICOM_NODE")
+        assert assoc.is_established
+        [served] = node.ae.active_associations
+        assert isinstance(served.dimse, tuning.PromptDIMSE)
+        assert served.dul._run_loop_delay == 30.0
+        for _ in range(5):
+            assert assoc.send_c_echo().Status == 0
+        assoc.release()
+        assert assoc.is_released
+        served.join(10)
+        assert not served.is_alive()
+    finally:
+        node.stop()
+
+
+def test_where_the_dul_cannot_be_woken_it_polls_fast_while_busy_and_idles_at_1_ms(
+    tmp_path, monkeypatch
+):
+    """Without an eventfd the DUL loops fast while requests arrive and is back at
+    pynetdicom's 1 ms once the association is idle."""
+    monkeypatch.setattr(tuning, "WAKES_DUL", False)
+    monkeypatch.setattr(tuning, "BUSY_PERIOD", 0.2)
+    node, port = _scp(tmp_path)
     try:
         ae = AE(ae_title="ECHOSCU")
         ae.add_requested_context(Verification)
@@ -107,3 +155,28 @@ def test_associations_answer_promptly_and_idle_at_pynetdicom_pace(tmp_path, monk
         assert assoc.is_released
     finally:
         node.stop()
+
+
+def test_a_store_response_is_encoded_as_pynetdicom_encodes_it():
+    """The hand-encoded C-STORE-RSP command set is pynetdicom's, byte for byte."""
+    from pydicom.uid import CTImageStorage
+    from pynetdicom.dimse_messages import C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.dsutils import encode
+
+    for status, instance, message_id in (
+        (0x0000, "1.2.3.4", 1),
+        (0xA700, "1.2.826.0.1.3680043.8.498.12345678901234567890123456789012345", 65535),
+        (0xC001, "1.2.3.45", 7),
+    ):
+        rsp = C_STORE()
+        rsp.MessageIDBeingRespondedTo = message_id
+        rsp.AffectedSOPClassUID = CTImageStorage
+        rsp.AffectedSOPInstanceUID = instance
+        rsp.Status = status
+        message = C_STORE_RSP()
+        message.primitive_to_message(rsp)
+        expected = encode(message.command_set, True, True)
+        assert tuning.store_response_command(CTImageStorage, message_id, status, instance) == (
+            expected
+        )

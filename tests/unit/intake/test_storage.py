@@ -4,6 +4,7 @@ and its database row, and what is left when the database refuses."""
 from __future__ import annotations
 
 import sqlite3
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -13,6 +14,7 @@ from pynetdicom.dsutils import encode
 
 from dicom_node.config import LimitSettings, Settings
 from dicom_node.intake.checks import (
+    DOES_NOT_MATCH_SOP_CLASS,
     SUCCESS,
     TOO_LARGE,
     TOO_MANY_INSTANCES,
@@ -20,7 +22,7 @@ from dicom_node.intake.checks import (
     StoreRefused,
 )
 from dicom_node.intake.received import Received
-from dicom_node.intake.spool import Spool
+from dicom_node.intake.spool import Spool, dataset_digest
 from dicom_node.intake.storage import InstanceStorage
 from dicom_node.state import JobDatabase, SeriesState
 from dicom_node_testing.synthetic import SeriesAttributes, ct_slice
@@ -72,7 +74,8 @@ def test_other_content_under_a_stored_uid_is_refused_and_the_first_kept(storage)
     with pytest.raises(StoreRefused) as refused:
         _store(storage, Received(size=len(data), data=data), sop)
     assert refused.value.status == UID_CONFLICT
-    assert storage.jobs.instances.find(sop).digest == received.digest()
+    kept = Path(storage.jobs.instances.find(sop).path).read_bytes()
+    assert dataset_digest(kept) == received.digest()
 
 
 def test_limits_refuse_before_anything_is_written(storage):
@@ -91,15 +94,120 @@ def test_limits_refuse_before_anything_is_written(storage):
     assert storage.jobs.series.count(attrs.series_instance_uid) == 3
 
 
-def test_a_row_the_database_refuses_leaves_no_file_to_adopt(storage, monkeypatch):
-    attrs = SeriesAttributes()
-    received, sop = _received(attrs, 0.0)
+def _refusing_database(storage, monkeypatch) -> None:
+    """The job database refuses every row from now on (a full disk, a lock held)."""
 
-    def refuse(instance):
+    def refuse(db, instance):
         raise sqlite3.OperationalError("database or disk is full")
 
-    monkeypatch.setattr(storage.jobs.instances, "add", refuse)
-    with pytest.raises(sqlite3.OperationalError):
+    monkeypatch.setattr(storage.jobs.instances, "_insert", refuse)
+
+
+def test_rows_written_behind_are_committed_before_any_other_read(storage):
+    attrs = SeriesAttributes()
+    for z in range(2):
+        received, sop = _received(attrs, float(z))
+        assert _store(storage, received, sop).new
+    # another connection sees what is committed; this process's readers commit first
+    found = storage.jobs.series.receiving_geometry(attrs.series_instance_uid)
+    assert found is not None and found[0] == 2 and all(found[1])
+    other = sqlite3.connect(storage.jobs.path)
+    try:
+        (count,) = other.execute(
+            "SELECT COUNT(*) FROM instances WHERE series_uid = ?", (attrs.series_instance_uid,)
+        ).fetchone()
+    finally:
+        other.close()
+    assert count == 2
+
+
+def test_queued_rows_count_for_the_duplicate_rule_and_the_series_limit(storage, monkeypatch):
+    """While the database refuses rows, acknowledged instances wait in the queue: a second
+    C-STORE of one is no new instance, other content under its UID is refused, and the
+    series limit counts them."""
+    attrs = SeriesAttributes()
+    _refusing_database(storage, monkeypatch)
+    stored = []
+    for z in range(3):
+        received, sop = _received(attrs, float(z))
+        assert _store(storage, received, sop).new  # synced: acknowledged
+        stored.append((received, sop))
+    received, sop = stored[0]
+    assert not _store(storage, received, sop).new
+    other, _ = _received(attrs, 0.0, seed=9)
+    ds = pydicom.dcmread(storage.jobs.instances.find(sop).path)
+    ds.PixelData = np.zeros((16, 16), np.int16).tobytes()
+    data = encode(ds, False, True)
+    with pytest.raises(StoreRefused) as refused:
+        _store(storage, Received(size=len(data), data=data), sop)
+    assert refused.value.status == UID_CONFLICT
+    received, sop = _received(attrs, 3.0)
+    with pytest.raises(StoreRefused) as full:
         _store(storage, received, sop)
-    # not acknowledged, so not in the spool either: a restart will not adopt it
+    assert full.value.status == TOO_MANY_INSTANCES
+    with pytest.raises(sqlite3.OperationalError):
+        storage.jobs.series.count(attrs.series_instance_uid)  # a reader commits first
+    monkeypatch.undo()  # the database takes rows again
+    assert storage.jobs.series.count(attrs.series_instance_uid) == 3
+
+
+def test_an_acknowledged_instance_whose_row_a_crash_lost_is_registered(tmp_path, monkeypatch):
+    """The spool is the source of truth: a row still queued when the node dies is
+    registered from the synced file at the next start."""
+    from dicom_node.intake.recovery import reconcile
+
+    settings = Settings(limits=LimitSettings(min_free_disk_mb=1))
+    jobs = JobDatabase(tmp_path / "jobs.sqlite")
+    storage = InstanceStorage(settings, Spool(tmp_path / "spool"), jobs)
+    _refusing_database(storage, monkeypatch)
+    attrs = SeriesAttributes()
+    received, sop = _received(attrs, 0.0)
+    assert _store(storage, received, sop).new
+    # the process dies here: the queue is gone, the file is not
+    after = JobDatabase(tmp_path / "jobs.sqlite")
+    try:
+        assert after.instances.find(sop) is None
+        assert reconcile(Spool(tmp_path / "spool"), after.instances) == 1
+        assert after.instances.find(sop) is not None
+        assert after.series.count(attrs.series_instance_uid) == 1
+    finally:
+        after.close()
+
+
+def _bad_slope(attrs: SeriesAttributes) -> tuple[Received, str]:
+    """An instance whose Rescale Slope 0 the image checks refuse (0xA900)."""
+    hu = np.random.default_rng(5).integers(-1000, 1000, (16, 16))
+    ds = ct_slice(hu, (0.0, 0.0, 0.0), (1, 0, 0, 0, 1, 0), (0.7, 0.7), 2.0, 1, attrs)
+    ds.RescaleSlope = 0
+    data = encode(ds, False, True)
+    return Received(size=len(data), data=data), str(ds.SOPInstanceUID)
+
+
+def test_an_image_refused_while_its_file_was_written_leaves_no_file(storage):
+    """The image checks run while the file is written and synced: a refusal removes it."""
+    received, sop = _bad_slope(SeriesAttributes())
+    with pytest.raises(StoreRefused) as refused:
+        _store(storage, received, sop)
+    assert refused.value.status == DOES_NOT_MATCH_SOP_CLASS
     assert storage.spool.all_files() == []
+    assert storage.jobs.instances.find(sop) is None
+
+
+def test_a_refused_image_a_crash_left_in_the_spool_is_quarantined_not_registered(tmp_path):
+    from dicom_node.intake.received import part10_header
+    from dicom_node.intake.recovery import reconcile
+
+    attrs = SeriesAttributes()
+    received, sop = _bad_slope(attrs)
+    spool = Spool(tmp_path / "spool")
+    path = spool.path_for(attrs.study_instance_uid, attrs.series_instance_uid, sop)
+    spool.write(path, part10_header(CTImageStorage, sop, ExplicitVRLittleEndian), received.data)
+    jobs = JobDatabase(tmp_path / "jobs.sqlite")
+    try:
+        assert reconcile(spool, jobs.instances) == 0
+        assert jobs.instances.find(sop) is None
+    finally:
+        jobs.close()
+    assert spool.all_files() == []
+    [reason] = (tmp_path / "quarantine").glob("*.reason.txt")
+    assert "RescaleSlope 0" in reason.read_text()
