@@ -5,11 +5,11 @@ each on ~40 of the slices) and a 1-label result (one spleen-sized ellipsoid) on 
 512x512x200 CT series, encoded as binary Segmentation Storage (native; highdicom writes
 1-bit frames only natively or as JPEG 2000) and as Label Map Segmentation Storage native,
 RLE Lossless and JPEG-LS Lossless. Rows give the object's size in MB and its encoding time
-(build + write) in s; the peer is the binary SEG, what the node wrote before.
+(build + write) in s; the peer is the binary SEG, one frame per segment and slice.
 
 RTSTRUCT: a speckled label map (smoothed noise, thresholded: what an untrained network
-gives) on 160x160x40 and 512x512x20 grids, without a per-slice contour cap (peer: the
-encoder before) and with the default cap; and on 512x512x200 with the cap only (without it
+gives) on 160x160x40 and 512x512x20 grids, without a per-slice contour cap (the peer) and
+with the default cap; and on 512x512x200 with the cap only (without it
 the object would be hundreds of MB). Medians of ``BENCH_RUNS`` runs; never asserts a time.
 """
 

@@ -5,6 +5,8 @@ five members and a factory."""
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,10 @@ __all__ = ["ThresholdBackend", "create_backends"]
 
 #: HU above which a voxel is labelled: denser than water and fat, as organs and bone are.
 THRESHOLD_HU = 40
+#: Environment variable: seconds each segmentation waits before it answers. A test that
+#: must see a job "processing" (new instances arriving meanwhile, a kill mid-job) gets a
+#: network's time without its CPU.
+SEGMENT_SECONDS = "DICOM_NODE_TESTING_SEGMENT_SECONDS"
 
 
 class ThresholdBackend:
@@ -28,6 +34,9 @@ class ThresholdBackend:
         return True
 
     def segment(self, volume: np.ndarray | HandOver, affine: np.ndarray) -> SegmentationResult:
+        delay = float(os.environ.get(SEGMENT_SECONDS) or 0)
+        if delay > 0:
+            time.sleep(delay)
         voxels = volume.take() if isinstance(volume, HandOver) else volume
         labels = (np.asarray(voxels) > THRESHOLD_HU).astype(np.uint8)
         return SegmentationResult(labels=labels, contours=None, timings={"inference": 0.0})

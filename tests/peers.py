@@ -176,11 +176,18 @@ class NodeProcess:
     """``dicom-node serve`` in a subprocess, on its own config and data dir.
 
     ``command`` is the module run with ``-m``: ``dicom_node_testing.cli`` runs the same
-    command with the ``threshold`` backend registered.
+    command with the ``threshold`` backend registered; ``env`` is added to its environment.
     """
 
-    def __init__(self, workdir: Path, command: str = "dicom_node", **overrides: Any) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        command: str = "dicom_node",
+        env: dict[str, str] | None = None,
+        **overrides: Any,
+    ) -> None:
         self.command = command
+        self.env = env or {}
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
@@ -210,7 +217,7 @@ class NodeProcess:
         self.config.write_text(_toml(doc))
 
     def start(self, timeout: float = 60.0) -> NodeProcess:
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **self.env)
         self._out = open(self.log, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", self.command, "serve", "--config", str(self.config)],
@@ -260,7 +267,7 @@ class NodeProcess:
     def jobs_from_cli(self) -> list[dict]:
         """``dicom-node jobs --json``."""
         r = subprocess.run(
-            [sys.executable, "-m", "dicom_node", "jobs", "--config", str(self.config), "--json"],
+            [sys.executable, "-m", self.command, "jobs", "--config", str(self.config), "--json"],
             capture_output=True,
             text=True,
             check=True,

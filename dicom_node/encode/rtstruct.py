@@ -21,7 +21,7 @@ dropped; they add no information.
 All slices of a label are traced at once (:func:`trace_contours`): every boundary cell's
 segments in one array, chained into polygons by array operations. ``find_contours``
 chains its segments in Python, one slice at a time, which for 104 organs at 512x512x300
-(5,000 slice outlines, 1.4 million vertices) took seconds.
+(5,000 slice outlines, 1.4 million vertices) takes seconds.
 
 Islands and holes: every connected part (4-connected) of a label on a slice is its own
 contour, and so is the boundary of every hole. Outer boundaries wind counter-clockwise and

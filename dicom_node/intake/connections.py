@@ -519,9 +519,9 @@ def reject_unread(assoc_socket: AssociationSocket, sock: socket.socket) -> None:
     layer's state machine has it (PS3.8 9.2, Sta13), the node waits for the peer to close
     the connection, for up to a second, draining what it sent (closing with unread data
     would reset the connection, and the peer could lose the rejection), and closes the
-    socket: the association ends before it starts. Closing its own side first made the
-    peer's end of the connection arrive with the rejection, and pynetdicom as a requestor
-    then sometimes took the association for aborted rather than rejected.
+    socket: the association ends before it starts. Closing its own side first would make
+    the peer's end of the connection arrive with the rejection, and pynetdicom as a
+    requestor may then take the association for aborted rather than rejected.
     """
     try:
         sock.settimeout(1.0)

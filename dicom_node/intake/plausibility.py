@@ -1,7 +1,7 @@
 """Sanity of the values a CT image's pixels and geometry hang on.
 
 A header can be well formed and still meaningless: a Rescale Slope of 0 or 1e308, a Pixel
-Spacing of 0 or NaN, 1 or 64 Bits Allocated. Such values used to reach inference and give a
+Spacing of 0 or NaN, 1 or 64 Bits Allocated. Unchecked, such values reach inference and give a
 "done" series with an empty segmentation, or fail later as an internal error. The checks
 here name the attribute and say what is wrong with it, and run twice:
 
@@ -9,7 +9,7 @@ here name the attribute and say what is wrong with it, and run twice:
   refused with 0xA900 (Data Set does not match SOP Class: the CT Image IOD does not allow
   the value);
 * at assembly (:mod:`dicom_node.series.volume`), on every instance of a series, so that files
-  spooled before these checks existed fail their job with the same reason before inference.
+  registered from the spool after a crash, or under other limits, fail their job with the same reason before inference.
 
 What only a series can show (two Frames of Reference, mixed sizes) is checked at assembly.
 

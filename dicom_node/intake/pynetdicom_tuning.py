@@ -24,7 +24,7 @@ when there is work, every other sleep is pynetdicom's.
 
 The module names and private attributes used here were read in pynetdicom
 :data:`TESTED_PYNETDICOM`; ``pyproject.toml`` pins the 3.0 series, and
-``tests/test_pynetdicom_tuning.py`` fails on any other version until they are read again
+``tests/unit/intake/test_pynetdicom_tuning.py`` fails on any other version until they are read again
 in the new one. Outside the 3.0 series the replacements of internals are left out
 (:data:`TUNES_INTERNALS`): the node then behaves the same, only slower.
 """
@@ -97,6 +97,15 @@ _PYNETDICOM_LOG_HANDLERS = (
 )
 
 _incoming_dir: Path | None = None
+#: How many storage SCPs of this process receive to files (:func:`receive_to_files`).
+_receivers = 0
+#: What :func:`receive_to_files` replaces, as pynetdicom had it.
+_PYNETDICOM_FILE_HANDLING = (
+    dimse_messages.NamedTemporaryFile,  # type: ignore[attr-defined]
+    dimse_messages.create_file_meta,  # type: ignore[attr-defined]
+    dimse_messages.write_file_meta_info,  # type: ignore[attr-defined]
+    _config.STORE_RECV_CHUNKED_DATASET,
+)
 
 
 # -- where received data sets are written -----------------------------------------------
@@ -116,7 +125,7 @@ def _create_file_meta(
     *, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, **other: Any
 ) -> Any:
     """pynetdicom's ``create_file_meta`` for a received data set, left unbuilt: building
-    and writing the group through pydicom took some 0.3 ms of each C-STORE (see
+    and writing the group through pydicom costs some 0.3 ms of each C-STORE (see
     :func:`part10_header`), a tenth of the time ingest takes here."""
     if other:
         return create_file_meta(
@@ -150,13 +159,29 @@ def receive_to_files(incoming: Path) -> None:
     unaffected). Memory then no longer grows with the size of an instance: pynetdicom
     would otherwise join its fragments in memory, and the node copy them once more.
     """
-    global _incoming_dir
+    global _incoming_dir, _receivers
     _incoming_dir = incoming
+    _receivers += 1
     dimse_messages.NamedTemporaryFile = _incoming_file  # type: ignore[attr-defined]
     if TUNES_INTERNALS:
         dimse_messages.create_file_meta = _create_file_meta  # type: ignore[attr-defined]
         dimse_messages.write_file_meta_info = _write_file_meta_info  # type: ignore[attr-defined]
     _config.STORE_RECV_CHUNKED_DATASET = True
+
+
+def stop_receiving_to_files() -> None:
+    """Undo one :func:`receive_to_files`; the last one gives pynetdicom its own file
+    handling and setting back, so that nothing in the process writes under a spool whose
+    node has stopped."""
+    global _incoming_dir, _receivers
+    _receivers = max(0, _receivers - 1)
+    if _receivers:
+        return
+    _incoming_dir = None
+    dimse_messages.NamedTemporaryFile = _PYNETDICOM_FILE_HANDLING[0]  # type: ignore[attr-defined]
+    dimse_messages.create_file_meta = _PYNETDICOM_FILE_HANDLING[1]  # type: ignore[attr-defined]
+    dimse_messages.write_file_meta_info = _PYNETDICOM_FILE_HANDLING[2]  # type: ignore[attr-defined]
+    _config.STORE_RECV_CHUNKED_DATASET = _PYNETDICOM_FILE_HANDLING[3]
 
 
 def discard_partial(assoc: Association) -> None:

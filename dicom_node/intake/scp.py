@@ -83,7 +83,12 @@ from dicom_node.intake.events import (
     AssociationReleased,
     Events,
 )
-from dicom_node.intake.pynetdicom_tuning import discard_partial, receive_to_files, tune_association
+from dicom_node.intake.pynetdicom_tuning import (
+    discard_partial,
+    receive_to_files,
+    stop_receiving_to_files,
+    tune_association,
+)
 from dicom_node.intake.received import Received
 from dicom_node.intake.spool import Spool
 from dicom_node.intake.storage import InstanceStorage, StoreOutcome
@@ -295,6 +300,7 @@ class StorageSCP:
             self._server = None
         self.ae.shutdown()
         self.storage.close()
+        stop_receiving_to_files()
 
     # -- handlers ---------------------------------------------------------------------
     def _log_assoc(self, event: evt.Event, what: str) -> None:

@@ -1,7 +1,7 @@
 """Streaming assembly: decode each slice while the rest of its series is still arriving.
 
-Reading and decoding a series' slices after it is complete took most of the "assemble"
-stage. Here the C-STORE handler hands each new instance's parsed data set to
+Reading and decoding a series' slices after it is complete would be most of the
+"assemble" stage. Here the C-STORE handler hands each new instance's parsed data set to
 :meth:`StreamingAssembler.feed` (a queue put: the acknowledgement never waits), and one
 background thread decodes its pixels into a staging area for the series, in arrival order,
 keeping the header (without Pixel Data) beside it. When the series is complete,

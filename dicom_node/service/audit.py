@@ -618,6 +618,16 @@ class _Sender:
             self._backlog.append(frame)
             self._cond.notify()
 
+    def _report_dropped(self, dropped: int) -> None:
+        log.warning(
+            "audit: %d message(s) dropped for the syslog collector %s:%d (not answering; "
+            "the backlog holds %d); they are in the audit file",
+            dropped,
+            self.settings.syslog_host,
+            self.settings.syslog_port,
+            self.settings.backlog,
+        )
+
     def _run(self) -> None:
         wait = 1.0
         while True:
@@ -629,14 +639,7 @@ class _Sender:
                 frame = self._backlog[0]
                 dropped, self._dropped = self._dropped, 0
             if dropped:
-                log.warning(
-                    "audit: %d message(s) dropped for the syslog collector %s:%d (not "
-                    "answering; the backlog holds %d); they are in the audit file",
-                    dropped,
-                    self.settings.syslog_host,
-                    self.settings.syslog_port,
-                    self.settings.backlog,
-                )
+                self._report_dropped(dropped)
             try:
                 self._send(frame)
             except OSError as exc:
@@ -710,7 +713,10 @@ class _Sender:
             self._closing = True
             left = len(self._backlog)
             self._backlog.clear()
+            dropped, self._dropped = self._dropped, 0
             self._cond.notify_all()
+        if dropped:
+            self._report_dropped(dropped)
         if left:
             log.warning(
                 "audit: %d message(s) not delivered to the syslog collector at stop; they "

@@ -1,9 +1,9 @@
 """``python -m bench multiorgan`` keeps working: the 104-label benchmark at a tiny size.
 
 The figures themselves are the benchmark's business; here the label map must hold all 104
-classes as compact blobs (not speckle), every row must carry a number, and the end-to-end
-case must get its results into a real Orthanc through the node with the zoo's wholeBody
-network, its peer writing a SEG of the same labels.
+classes as compact blobs (not speckle) and every row must carry a number. The end-to-end
+case (the zoo's wholeBody network through the node into a real Orthanc) is in
+``tests/slow/test_bench_multiorgan_e2e.py``.
 """
 
 from __future__ import annotations
@@ -49,16 +49,3 @@ def test_encode_rows_at_a_tiny_size(tmp_path) -> None:
     assert all(r["this_project"] > 0 and r["ratio"] is not None for r in measured)
     rle = figures["SEG 104 labels 48x48x24 labelmap rle (peer: binary) size (MB)"]
     assert rle["this_project"] < rle["peer"]  # a compressed label map beats 104 binary masks
-
-
-@pytest.mark.slow
-def test_end_to_end_at_a_tiny_size(tmp_path) -> None:
-    if not (multiorgan.ZOO / "configs" / "inference.json").is_file():
-        pytest.skip(f"no wholeBody bundle configs at {multiorgan.ZOO}")
-    # one run, without the warm-up series: the rows are checked, not the figures
-    rows = multiorgan.e2e_rows(tmp_path, (12, 48, 48), backend="local", runs=1, warm_up=False)
-    timed, stages, sizes = rows
-    assert timed["this_project"] > 0 and timed["peer"] > 0 and timed["ratio"] > 0
-    assert "inference" in stages["figure"]
-    for kind in ("SEG", "RTSTRUCT", "SR", "plain SEG"):
-        assert f"{kind} " in sizes["figure"], sizes["figure"]

@@ -249,9 +249,13 @@ def test_a_node_killed_between_request_and_report_asks_once_more_and_sends_nothi
     assert orthanc.deliveries() == before  # nothing sent again
     assert [before[uid] for uid in results] == [1, 1, 1]
     requests = jobs.commitments.requests()
-    assert len(requests) == 2  # asked before the kill, and once more after
-    assert (requests[0].reported_at, requests[1].outcome) == (None, "3 committed")
-    assert requests[0].item_ids == requests[1].item_ids
+    # asked before the kill, then once more after it; an N-ACTION the PACS could not take
+    # in between (a loaded machine) is recorded as not made and asked again
+    first, *between, last = requests
+    assert (first.reported_at, last.outcome) == (None, "3 committed")
+    assert all(r.outcome.startswith("not made: ") for r in between), between
+    assert len(between) <= 1
+    assert {r.item_ids for r in requests} == {first.item_ids}
 
 
 def _transactions(node: NodeProcess) -> list[str]:

@@ -24,6 +24,7 @@ from pynetdicom.sop_class import CTImageStorage
 from dicom_node.series.completion import RELEASED, SETTLE_TIMER
 from dicom_node_testing.phantom import make_phantom
 from dicom_node_testing.synthetic import SeriesAttributes, write_ct_series
+from dicom_node_testing.threshold import SEGMENT_SECONDS
 from tests.peers import NodeProcess, storescu
 
 pytestmark = pytest.mark.cost(85)
@@ -44,11 +45,14 @@ def _write(folder: Path, phantom_hu, patient: str) -> tuple[list[Path], SeriesAt
 
 
 def _node(tmp_path: Path, settle: float, **node) -> NodeProcess:
-    # the demo bundle in-process: a job takes a few seconds, the first one longer (torch)
+    # the threshold backend, each job "processing" for two seconds: completion is the point
+    # here, not the model
     return NodeProcess(
         tmp_path / "node",
+        command="dicom_node_testing.cli",
+        env={SEGMENT_SECONDS: "2"},
         node={"settle_seconds": settle, **node},
-        inference={"backend": "local", "attempts": 1},
+        inference={"backend": "threshold", "attempts": 1},
     ).start()
 
 
@@ -123,7 +127,7 @@ def test_one_association_completes_at_release(tmp_path, phantom_hu, dcmtk_tools)
 
 
 def _cli(node: NodeProcess) -> list[str]:
-    return [sys.executable, "-m", "dicom_node"]
+    return [sys.executable, "-m", node.command]
 
 
 def test_gap_at_first_release_and_an_abort_complete_by_the_timer(tmp_path, phantom_hu, dcmtk_tools):
@@ -205,7 +209,7 @@ def test_an_instance_arriving_during_the_job_reprocesses_once(tmp_path, phantom_
     node = _node(tmp_path, settle=3)
     try:
         assert _send(node, paths[:-1]).returncode == 0
-        # the node's first job also loads torch and the bundle: seconds in "processing"
+        # each job takes two seconds in "processing"
         _poll(
             node, attrs.series_instance_uid, lambda j: j["state"] == "processing", 20, "processing"
         )

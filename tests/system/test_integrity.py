@@ -19,6 +19,7 @@ import pytest
 
 from dicom_node_testing.phantom import make_phantom
 from dicom_node_testing.synthetic import SeriesAttributes, write_ct_series
+from dicom_node_testing.threshold import SEGMENT_SECONDS
 from tests.peers import NodeProcess, Orthanc, small_tmpfs, storescu
 
 pytestmark = [pytest.mark.slow, pytest.mark.cost(80)]
@@ -41,10 +42,14 @@ def _node(tmp_path: Path, pacs: Orthanc) -> NodeProcess:
         "retry_backoff_seconds": 0.5,
         "max_backoff_seconds": 1.0,
     }
+    # the threshold backend, each job "processing" for two seconds: what is sent is the
+    # point here, not the model
     return NodeProcess(
         tmp_path / "node",
+        command="dicom_node_testing.cli",
+        env={SEGMENT_SECONDS: "2"},
         node={"settle_seconds": 3.0, "complete_on_release": True},
-        inference={"backend": "local", "attempts": 1},
+        inference={"backend": "threshold", "attempts": 1},
         destinations=[dest],
     )
 
@@ -213,7 +218,7 @@ def test_below_the_watermark_intake_stops_and_nothing_is_sent_twice(tmp_path, or
             node.write_config(
                 node={"data_dir": str(data), "settle_seconds": 30.0, "min_free_disk_mb": 32},
                 limits={"reserved_disk_mb": 4},
-                inference={"backend": "local", "attempts": 1},
+                inference={"backend": "threshold", "attempts": 1},
                 destinations=[dest],
             )
             node.start()
@@ -271,7 +276,7 @@ def test_killed_mid_processing_and_restarted_sends_one_result_of_the_whole(
     node = _node(tmp_path, orthanc)
     node.write_config(
         node={"settle_seconds": 2.0, "complete_on_release": True},
-        inference={"backend": "local", "attempts": 1},
+        inference={"backend": "threshold", "attempts": 1},
         destinations=[
             {
                 "name": "pacs",

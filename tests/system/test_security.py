@@ -90,6 +90,9 @@ def started(tmp_path):
     nodes: list[NodeProcess] = []
 
     def start(name: str, **overrides) -> NodeProcess:
+        # no test here runs a model: the threshold backend spares each node loading one
+        overrides.setdefault("command", "dicom_node_testing.cli")
+        overrides.setdefault("inference", {"backend": "threshold"})
         node = NodeProcess(tmp_path / name, **overrides).start()
         nodes.append(node)
         return node
@@ -501,7 +504,12 @@ def _store_all(port: int, paths: list[Path]) -> list[int]:
 def test_free_disk_watermark_refuses_and_writes_nothing(tmp_path):
     paths = _series(tmp_path / "s")
     free_mb = shutil.disk_usage(tmp_path).free // (1024 * 1024)
-    node = NodeProcess(tmp_path / "n", node={"min_free_disk_mb": free_mb + 10_000}).start()
+    node = NodeProcess(
+        tmp_path / "n",
+        command="dicom_node_testing.cli",
+        inference={"backend": "threshold"},
+        node={"min_free_disk_mb": free_mb + 10_000},
+    ).start()
     try:
         assert _store_all(node.port, paths) == [0xA700] * 3
         assert _spool_files(node) == []
@@ -511,7 +519,7 @@ def test_free_disk_watermark_refuses_and_writes_nothing(tmp_path):
     finally:
         node.stop()
     # the same node, with a sane watermark, accepts again
-    node.write_config(node={"min_free_disk_mb": 1})
+    node.write_config(node={"min_free_disk_mb": 1}, inference={"backend": "threshold"})
     node.start()
     try:
         assert _store_all(node.port, paths) == [0] * 3

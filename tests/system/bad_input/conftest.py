@@ -67,7 +67,8 @@ def node(tmp_path_factory, dcmtk_tools) -> Iterator[NodeProcess]:
         limits=LIMITS,
         # never reached: every series here fails assembly first (the summary checks that no
         # result was made)
-        inference={"backend": "local", "bundle": str(SPLEEN_BUNDLE)},
+        command="dicom_node_testing.cli",
+        inference={"backend": "threshold", "bundle": str(SPLEEN_BUNDLE)},
     ).start()
     yield n
     n.stop()

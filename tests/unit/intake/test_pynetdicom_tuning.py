@@ -8,6 +8,7 @@ is installed, saying what to re-read.
 from __future__ import annotations
 
 import sys
+import tempfile
 import time
 
 import pynetdicom
@@ -180,3 +181,31 @@ def test_a_store_response_is_encoded_as_pynetdicom_encodes_it():
         assert tuning.store_response_command(CTImageStorage, message_id, status, instance) == (
             expected
         )
+
+
+def test_a_stopped_scp_gives_pynetdicom_its_own_file_handling_back(tmp_path):
+    """Receiving to files is process-wide: while one SCP of the process still runs the
+    replacements stay, and once the last stops nothing writes under its spool."""
+    own = (
+        dimse_messages.NamedTemporaryFile,
+        dimse_messages.create_file_meta,
+        dimse_messages.write_file_meta_info,
+        _config.STORE_RECV_CHUNKED_DATASET,
+    )
+    first, _ = _scp(tmp_path / "a")
+    second, _ = _scp(tmp_path / "b")
+    assert dimse_messages.NamedTemporaryFile is tuning._incoming_file
+    first.stop()
+    assert dimse_messages.NamedTemporaryFile is tuning._incoming_file
+    assert _config.STORE_RECV_CHUNKED_DATASET
+    second.stop()
+    restored = (
+        dimse_messages.NamedTemporaryFile,
+        dimse_messages.create_file_meta,
+        dimse_messages.write_file_meta_info,
+        _config.STORE_RECV_CHUNKED_DATASET,
+    )
+    assert restored == own
+    if own[0] is not tuning._incoming_file:  # no SCP of an earlier test still runs
+        assert restored[0] is tempfile.NamedTemporaryFile
+        assert tuning._incoming_dir is None
