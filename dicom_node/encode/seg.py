@@ -35,6 +35,7 @@ from dicom_node.encode.labels import (
     SegmentInfo,
     check_inputs,
     common_attributes,
+    declare_encoding,
     present_segments,
     segment_numbers,
 )
@@ -177,7 +178,7 @@ def build_seg(
     else:
         found = list(segments)
         pixels, source_images = _one_empty_frame(source, labels)
-    return hd.seg.Segmentation(
+    seg = hd.seg.Segmentation(
         source_images=source_images,
         pixel_array=pixels,
         transfer_syntax_uid=syntax,
@@ -193,6 +194,14 @@ def build_seg(
         omit_empty_frames=not nothing_found,
         **common_attributes(source, settings),
     )
+    # Its nested datasets (the per-frame items hold four each) are written without pydicom's
+    # walk of each one's subtree at every level (see declare_encoding): the same bytes. The
+    # SEG itself is walked once, which gives its Pixel Data the VR it is written with.
+    for element in seg.elements():
+        if element.VR == "SQ":
+            for item in element.value:
+                declare_encoding(item)
+    return seg
 
 
 class SegEncoder:
