@@ -553,24 +553,26 @@ def label_volumes_ml(
     }
 
 
-#: The attributes a coded concept's item holds (PS3.3 Table 8.8-1a): Code Value, Coding
+#: The attributes of a coded concept's item (PS3.3 Table 8.8-1a): Code Value, Coding
 #: Scheme Designator and Version, Code Meaning, Long Code Value, URN Code Value.
 _CODE_ATTRIBUTES = frozenset(
     {0x00080100, 0x00080102, 0x00080103, 0x00080104, 0x00080119, 0x00080120}
 )
-_ITEM_TAG = b"\xfe\xff\x00\xe0"
 
 
-def encode_code_sequences(ds: Dataset) -> Dataset:
+def encode_sequences(ds: Dataset) -> Dataset:
     """Hand pydicom, in ``ds`` and every dataset nested in it, each sequence of coded
-    concepts encoded: a sequence whose items hold only the attributes of a code, in ASCII,
-    becomes the same sequence as Explicit VR Little Endian bytes (items of defined length),
-    each distinct one encoded once. Returns ``ds``.
+    concepts encoded, each distinct one encoded once. Returns ``ds``.
 
-    Why: a report names a concept with a one-item code sequence at every content item, its
-    unit and its value; 104 organs' SR holds 5,000 of them, 114 distinct, and pydicom
-    writes each of their 20,000 elements one by one, half of the SR's writing time. Read
-    back (pydicom, highdicom, any toolkit), the sequences decode as any other.
+    A sequence whose items hold only a code's attributes, in ASCII, becomes a raw element
+    of its Explicit VR Little Endian encoding (items of defined length, as pydicom writes
+    a dataset made in memory), and one equal to a sequence encoded already reuses its bytes.
+
+    Why: a result object names concepts with small code sequences thousands of times, and
+    pydicom writes every element of each one by one, at some 10 µs an element. An SR of
+    104 organs holds 5,000 one-item code sequences, 114 distinct (half of its writing
+    time); a binary SEG two in every frame. The bytes written are the same; read back
+    (pydicom, highdicom, any toolkit), the sequences decode as any other.
     """
     encoded: dict[tuple, RawDataElement] = {}
     stack = [ds]
@@ -579,39 +581,48 @@ def encode_code_sequences(ds: Dataset) -> Dataset:
         for element in item.elements():
             if element.VR != "SQ" or isinstance(element, RawDataElement):
                 continue
-            key = _code_sequence_key(element)
-            if key is None:
-                stack.extend(element.value)
-                continue
-            raw = encoded.get(key)
+            raw = _encoded_codes(element, encoded)
             if raw is None:
-                value = b"".join(_encoded_item(code) for code in element.value)
-                raw = RawDataElement(element.tag, "SQ", len(value), value, 0, False, True)
-                encoded[key] = raw
-            item[element.tag] = raw
+                stack.extend(element.value)
+            else:
+                item[element.tag] = raw
     return ds
 
 
-def _code_sequence_key(element: Any) -> tuple | None:
-    """The tag and the codes of a sequence of coded concepts in ASCII, else ``None``."""
+def _encoded_codes(element: Any, encoded: dict[tuple, RawDataElement]) -> RawDataElement | None:
+    """The sequence ``element`` as a raw element where it is a sequence of coded concepts
+    in ASCII (see :func:`encode_sequences`), else ``None``."""
     items = element.value
-    if not items:
+    if not items or element.is_undefined_length:
         return None
-    codes = []
-    for code in items:
-        values = []
-        for attribute in code.elements():
-            value = attribute.value
-            if (
-                attribute.tag not in _CODE_ATTRIBUTES
-                or isinstance(attribute, RawDataElement)
-                or not isinstance(value, str)
-                or not value.isascii()
-            ):
+    keys = []
+    for item in items:
+        if getattr(item, "is_undefined_length_sequence_item", False):
+            return None
+        key = []
+        for attribute in item.elements():
+            value = None
+            if attribute.tag in _CODE_ATTRIBUTES and not isinstance(attribute, RawDataElement):
+                value = _leaf_key(attribute.VR, attribute.value)
+            if value is None:
                 return None
-            values.append((int(attribute.tag), attribute.VR, value))
-        codes.append(tuple(values))
-    return (int(element.tag), tuple(codes))
+            key.append((int(attribute.tag), attribute.VR, value))
+        keys.append(tuple(key))
+    sequence_key = (int(element.tag), tuple(keys))
+    raw = encoded.get(sequence_key)
+    if raw is None:
+        value = b"".join(_encoded_item(item) for item in items)
+        raw = RawDataElement(element.tag, "SQ", len(value), value, 0, False, True)
+        encoded[sequence_key] = raw
+    return raw
+
+
+def _leaf_key(vr: str, value: Any) -> str | None:
+    """What a code attribute's encoding depends on besides its tag and VR: its text, where
+    that is ASCII; else ``None``."""
+    if len(vr) != 2 or not isinstance(value, str) or not value.isascii():
+        return None
+    return value
 
 
 def _encoded_item(item: Dataset) -> bytes:
@@ -620,7 +631,7 @@ def _encoded_item(item: Dataset) -> bytes:
     fp.is_little_endian, fp.is_implicit_VR = True, False
     write_dataset(fp, item)
     value = fp.getvalue()
-    return _ITEM_TAG + len(value).to_bytes(4, "little") + value
+    return b"\xfe\xff\x00\xe0" + len(value).to_bytes(4, "little") + value  # (FFFE,E000)
 
 
 def declare_encoding(ds: Dataset) -> Dataset:

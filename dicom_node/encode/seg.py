@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.filewriter import correct_ambiguous_vr_element
 from pydicom.sr.coding import Code
 from pydicom.uid import UID, ExplicitVRLittleEndian, JPEGLSLossless, RLELossless, generate_uid
 
@@ -36,6 +37,7 @@ from dicom_node.encode.labels import (
     check_inputs,
     common_attributes,
     declare_encoding,
+    encode_sequences,
     present_segments,
     segment_numbers,
 )
@@ -194,13 +196,15 @@ def build_seg(
         omit_empty_frames=not nothing_found,
         **common_attributes(source, settings),
     )
-    # Its nested datasets (the per-frame items hold four each) are written without pydicom's
-    # walk of each one's subtree at every level (see declare_encoding): the same bytes. The
-    # SEG itself is walked once, which gives its Pixel Data the VR it is written with.
+    # Its coded concepts (two in each frame's Derivation Image) are encoded once each (see
+    # encode_sequences), and nothing is walked again when written (see declare_encoding):
+    # the same bytes. Its only ambiguous VRs, Pixel Data's and Pixel Padding Value's, are
+    # given first, as pydicom's writer would give them.
+    encode_sequences(seg)
     for element in seg.elements():
-        if element.VR == "SQ":
-            for item in element.value:
-                declare_encoding(item)
+        if element.VR and len(element.VR) != 2:
+            correct_ambiguous_vr_element(element, seg, True)
+    declare_encoding(seg)
     return seg
 
 

@@ -52,7 +52,7 @@ from dicom_node.encode.labels import (
     declare_encoding,
     device_serial_number,
     device_uid,
-    encode_code_sequences,
+    encode_sequences,
     label_index,
     voxel_volume_ml,
 )
@@ -351,7 +351,7 @@ def _document(report: hd.sr.MeasurementReport, **kwargs: Any) -> hd.sr.Comprehen
         root.ContentSequence = content
     document.ContentSequence = content
     document._content = hd.sr.ContentSequence([root], is_root=True)
-    return declare_encoding(encode_code_sequences(document))
+    return declare_encoding(encode_sequences(document))
 
 
 class SrEncoder:
