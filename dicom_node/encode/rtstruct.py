@@ -194,7 +194,7 @@ def trace_contours(mask: np.ndarray) -> Polygons:
         starts.append(point(zz, _SEGMENTS[kind, n, 0], rr, cc))
         ends.append(point(zz, _SEGMENTS[kind, n, 1], rr, cc))
     start = np.concatenate(starts)
-    order = np.argsort(start, kind="stable")
+    order = np.argsort(start)  # the starts are distinct: any sort gives this order
     start, end = start[order], np.concatenate(ends)[order]
     count = len(start)
     if count == 0:
