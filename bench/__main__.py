@@ -3,6 +3,9 @@
 Each module in :data:`BENCHMARKS` has ``run() -> list[dict]`` whose rows carry ``figure``,
 ``this_project``, ``peer`` and ``ratio`` (peer measured in the same run). Benchmarks report
 medians and ratios; they never fail on a time. ``python -m bench NAME...`` runs a subset.
+The table leads with the model-zoo bundles against MONAI Deploy App SDK and the plain MONAI
+way (``peers``), then the 104-organ results and the wholeBody bundle end to end
+(``multiorgan``).
 """
 
 from __future__ import annotations
@@ -16,13 +19,13 @@ import traceback
 from pathlib import Path
 
 BENCHMARKS = [
+    "peers",
+    "multiorgan",
     "ingest",
     "transport",
     "pipeline",
     "postprocess",
     "encode",
-    "multiorgan",
-    "peers",
     "gpu",
     "e2e",
     "fetch",

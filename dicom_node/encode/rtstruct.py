@@ -172,15 +172,15 @@ def trace_contours(mask: np.ndarray) -> Polygons:
     slices, height, width = mask.shape
     padded = np.zeros((slices, height + 2, width + 2), dtype=np.uint8)
     padded[:, 1:-1, 1:-1] = mask
-    cells = (
-        padded[:, :-1, :-1]
-        | (padded[:, :-1, 1:] << 1)
-        | (padded[:, 1:, :-1] << 2)
-        | (padded[:, 1:, 1:] << 3)
-    )
-    z, r, c = np.nonzero((cells != 0) & (cells != 15))
-    cells = cells[z, r, c]
+    pairs = padded[:, :, :-1] | (padded[:, :, 1:] << 1)  # corners a, b of each row's cells
     del padded
+    cells = (pairs[:, :-1] | (pairs[:, 1:] << 2)).reshape(-1)  # and c, d below them
+    del pairs
+    # Boundary cells: neither all outside (0) nor all inside (15); 0 - 1 wraps to 255.
+    where = np.flatnonzero((cells - np.uint8(1)) < 14)
+    cells = cells[where]
+    r, c = np.divmod(where, width + 1)
+    z, r = np.divmod(r, height + 1)
     rows, cols = height + 2, width + 2
 
     def point(zz: np.ndarray, edge: np.ndarray, rr: np.ndarray, cc: np.ndarray) -> np.ndarray:
@@ -194,7 +194,7 @@ def trace_contours(mask: np.ndarray) -> Polygons:
         starts.append(point(zz, _SEGMENTS[kind, n, 0], rr, cc))
         ends.append(point(zz, _SEGMENTS[kind, n, 1], rr, cc))
     start = np.concatenate(starts)
-    order = np.argsort(start, kind="stable")
+    order = np.argsort(start)  # the starts are distinct: any sort gives this order
     start, end = start[order], np.concatenate(ends)[order]
     count = len(start)
     if count == 0:
@@ -275,15 +275,23 @@ def _contour_data(points_lps: np.ndarray) -> list[str]:
 
 
 def _decimal_text(values: np.ndarray) -> str:
-    """``values`` as backslash-separated DS text (see :func:`_contour_data`): Python's
-    shortest repr of each value rounded to four decimals, ``12`` for ``12.0`` and ``0`` for
-    ``-0.0``. Each distinct value is formatted once: contours lie on half-pixel boundaries,
-    so a million coordinates hold a few thousand values."""
+    """``values`` as backslash-separated DS text (see :func:`_contour_data`)."""
+    return _decimal_values(values)[0]
+
+
+def _decimal_values(values: np.ndarray) -> tuple[str, np.ndarray]:
+    """``values`` as backslash-separated DS text: Python's shortest repr of each value
+    rounded to four decimals, ``12`` for ``12.0`` and ``0`` for ``-0.0``; and where each
+    value's text ends (the index after its last character). Each distinct value is
+    formatted once: contours lie on half-pixel boundaries, so a million coordinates hold a
+    few thousand values."""
     rounded = np.round(np.asarray(values, dtype=float).ravel(), 4)
     distinct, index = np.unique(rounded, return_inverse=True)
     texts = [repr(v) for v in distinct.tolist()]
     texts = ["0" if t in ("0.0", "-0.0") else t.removesuffix(".0") for t in texts]
-    return "\\".join(map(texts.__getitem__, index.tolist()))
+    text = "\\".join(map(texts.__getitem__, index.tolist()))
+    lengths = np.array([len(t) for t in texts], dtype=np.int64)[index] + 1  # and a backslash
+    return text, np.cumsum(lengths) - 1
 
 
 _CONTOUR_DATA = Tag(0x3006, 0x0050)
@@ -421,18 +429,21 @@ def _roi_contours(
     slices = polygons.slices + z0
     counts = np.diff(polygons.offsets)
     lps = origins[np.repeat(slices, counts)] + (polygons.vertices + (r0, c0)) @ in_plane.T
-    values = _decimal_text(lps).encode("ascii").split(b"\\")
+    text, ends = _decimal_values(lps)
+    data = text.encode("ascii")
+    # Contour i's text: from the end of the value before its first (and the backslash
+    # after it) to the end of its last value.
+    bounds = np.concatenate([[-1], ends[3 * polygons.offsets[1:] - 1]]).tolist()
     closed = _encoded(_GEOMETRIC_TYPE, "CS", b"CLOSED_PLANAR")
     items = []
     for i, (k, n) in enumerate(zip(slices.tolist(), counts.tolist(), strict=True)):
-        start = 3 * int(polygons.offsets[i])
         items.append(
             _item(
                 images(k)
                 + closed
                 + _encoded(_POINTS, "IS", str(n).encode())
                 + _encoded(_CONTOUR_NUMBER, "IS", str(first_number + i).encode())
-                + _encoded(_CONTOUR_DATA, "DS", b"\\".join(values[start : start + 3 * n]))
+                + _encoded(_CONTOUR_DATA, "DS", data[bounds[i] + 1 : bounds[i + 1]])
             )
         )
     value_bytes = b"".join(items)

@@ -25,6 +25,7 @@ from collections.abc import Mapping, Sequence
 import highdicom as hd
 import numpy as np
 from pydicom.dataset import Dataset
+from pydicom.filewriter import correct_ambiguous_vr_element
 from pydicom.sr.coding import Code
 from pydicom.uid import UID, ExplicitVRLittleEndian, JPEGLSLossless, RLELossless, generate_uid
 
@@ -35,6 +36,8 @@ from dicom_node.encode.labels import (
     SegmentInfo,
     check_inputs,
     common_attributes,
+    declare_encoding,
+    encode_sequences,
     present_segments,
     segment_numbers,
 )
@@ -177,7 +180,7 @@ def build_seg(
     else:
         found = list(segments)
         pixels, source_images = _one_empty_frame(source, labels)
-    return hd.seg.Segmentation(
+    seg = hd.seg.Segmentation(
         source_images=source_images,
         pixel_array=pixels,
         transfer_syntax_uid=syntax,
@@ -193,6 +196,16 @@ def build_seg(
         omit_empty_frames=not nothing_found,
         **common_attributes(source, settings),
     )
+    # Its coded concepts (two in each frame's Derivation Image) are encoded once each (see
+    # encode_sequences), and nothing is walked again when written (see declare_encoding):
+    # the same bytes. Its only ambiguous VRs, Pixel Data's and Pixel Padding Value's, are
+    # given first, as pydicom's writer would give them.
+    encode_sequences(seg)
+    for element in seg.elements():
+        if element.VR and len(element.VR) != 2:
+            correct_ambiguous_vr_element(element, seg, True)
+    declare_encoding(seg)
+    return seg
 
 
 class SegEncoder:

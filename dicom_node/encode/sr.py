@@ -57,6 +57,7 @@ from dicom_node.encode.labels import (
     declare_encoding,
     device_serial_number,
     device_uid,
+    encode_sequences,
     label_index,
     voxel_volume_ml,
 )
@@ -376,7 +377,7 @@ def _document(report: hd.sr.MeasurementReport, **kwargs: Any) -> hd.sr.Comprehen
         root.ContentSequence = content
     document.ContentSequence = content
     document._content = hd.sr.ContentSequence([root], is_root=True)
-    return declare_encoding(document)
+    return declare_encoding(encode_sequences(document))
 
 
 class SrEncoder:

@@ -370,6 +370,10 @@ def in_plane_contours(labels: torch.Tensor, values: list[int]) -> torch.Tensor:
 #: this fraction of their magnitudes (see above): far above the rounding of the sums
 #: (~1e-7 in float32), far below any difference a network's scores mean something by.
 CERTAINTY_MARGIN = 1e-5
+#: Of two classes, the difference (second minus first) decides a label wherever it is
+#: farther from zero than this fraction of the largest score's magnitude (see
+#: :class:`_Difference`): fifty times what its rounding and that of MONAI's sums can move.
+DIFFERENCE_MARGIN = 1e-4
 #: A sample point this close (in model voxels) to a model voxel's plane is read as if it lay
 #: on either side of it: the label comes from a gather only if it is the same there.
 _NEAR_PLANE = 1e-3
@@ -479,7 +483,8 @@ def invert_labels(
     if mode == "nearest":
         model = _argmax(values) if argmax else values[0].round().to(torch.uint8)
     else:
-        model = _certain_argmax(values)
+        difference = _Difference(values) if values.shape[0] == 2 else None
+        model = _certain_argmax(values, difference)
     out_shape = tuple(_length(final[j]) for j in (2, 1, 0))
     out = _zeros(out_shape, values.device)
     # Every label but the background comes from the model voxels in this box: outside it
@@ -495,7 +500,7 @@ def invert_labels(
         return out
     assert resample is not None
     block, slices = _gather_cells(model, local, uncertain_outside=resample.padding_mode != "border")
-    _fill_uncertain(block, slices, values, local, resample)
+    _fill_uncertain(block, slices, values, local, resample, difference)
     out[out_box] = block
     return out
 
@@ -668,9 +673,14 @@ def _orientation(
     return order, [bool(ornt[a, 1] == -1) for a in order]
 
 
-def _certain_argmax(values: torch.Tensor) -> torch.Tensor:
+def _certain_argmax(values: torch.Tensor, difference: _Difference | None = None) -> torch.Tensor:
     """Each model voxel's first largest class, or ``_UNCERTAIN`` where it does not beat
-    every earlier class by ``CERTAINTY_MARGIN`` of their magnitudes."""
+    every earlier class by ``CERTAINTY_MARGIN`` of their magnitudes (with two classes'
+    ``difference``: of the largest magnitude, :attr:`_Difference.band`)."""
+    if difference is not None:
+        label = (difference.scores > 0).to(torch.uint8).mul_(_UNCERTAIN)  # uncertain unless
+        label[difference.scores > difference.band] = 1  # the second class wins by the band
+        return label
     if values.shape[0] == 2:  # most bundles: one organ
         first, second = values[0], values[1]
         gap = second - first
@@ -709,7 +719,41 @@ def _gather_nearest(model: torch.Tensor, final: list[_AxisReads]) -> torch.Tenso
 
 def _merge(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``a`` where it equals ``b``, else uncertain."""
-    return torch.where(a == b, a, torch.full_like(a, _UNCERTAIN))
+    return a.masked_fill(a != b, _UNCERTAIN)
+
+
+def _take(t: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
+    """``t.index_select(dim, index)``; on a CPU by numpy, whose ``take`` copies whole rows
+    where torch gathers element by element (several times faster along inner axes)."""
+    if t.device.type == "cpu":
+        return torch.from_numpy(np.take(t.numpy(), index.numpy(), axis=dim))
+    return t.index_select(dim, index)
+
+
+def _cells_along(
+    corners: torch.Tensor, dim: int, reads: _AxisReads, uncertain_outside: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge ``corners`` with their next neighbour along ``dim``: the labels of the cells of
+    that axis (``cells[k]``: the cell whose lower corner is k - 1, the first and last ones
+    reaching outside the grid), then, for the points near a plane, the pairs of cells
+    (c, c + 1) they may fall in, each once. Returns the cells and each output index's cell
+    along ``dim``."""
+    n = corners.shape[dim]
+    if uncertain_outside:
+        edge = torch.full_like(corners.narrow(dim, 0, 1), _UNCERTAIN)
+        padded = torch.cat([edge, corners, edge], dim)
+    else:
+        padded = torch.cat([corners.narrow(dim, 0, 1), corners, corners.narrow(dim, n - 1, 1)], dim)
+    cells = _merge(padded.narrow(dim, 0, n + 1), padded.narrow(dim, 1, n + 1))
+    assert reads.cell is not None and reads.span is not None
+    choice = reads.cell + 1
+    near = reads.span == 2
+    if bool(near.any()):
+        starts = torch.unique(reads.cell[near])
+        pairs = _merge(cells.index_select(dim, starts + 1), cells.index_select(dim, starts + 2))
+        cells = torch.cat([cells, pairs], dim)
+        choice[near] = n + 1 + torch.searchsorted(starts, reads.cell[near])
+    return cells, choice
 
 
 def _gather_cells(
@@ -720,36 +764,18 @@ def _gather_cells(
     else ``_UNCERTAIN``; and which output slices hold an uncertain voxel.
 
     Corners outside the grid count as uncertain under zero padding and as their neighbour
-    inside under border padding (their weight is zero there). One axis at a time, each a
-    gather from the cells (and pairs of cells) of the axis, the slices' last: a copy of
-    whole planes.
+    inside under border padding (their weight is zero there). The cells are merged on the
+    model grid, one axis after the other (merging is associative), and read by one gather
+    per axis, the columns first: the largest gathers copy whole rows and planes.
     """
-    out = _model_order(model, final).contiguous()
-    slices = None
+    cells = _model_order(model, final).contiguous()
+    choices = []
     for dim, reads in ((2, final[0]), (1, final[1]), (0, final[2])):
-        assert reads.cell is not None and reads.span is not None
-        planes = out.movedim(dim, 0)
-        size = planes.shape[0]
-        if uncertain_outside:
-            edge = torch.full_like(planes[:1], _UNCERTAIN)
-            padded = torch.cat([edge, planes, edge])
-        else:
-            padded = torch.cat([planes[:1], planes, planes[-1:]])
-        # cells[k]: the cell whose lower corner is k - 1; then, for the points near a plane,
-        # the pairs of cells (c, c + 1) they may fall in, each once.
-        cells = _merge(padded[:-1], padded[1:])
-        near = reads.span == 2
-        starts = torch.unique(reads.cell[near])
-        pairs = _merge(cells.index_select(0, starts + 1), cells.index_select(0, starts + 2))
-        choice = reads.cell + 1
-        choice[near] = size + 1 + torch.searchsorted(starts, reads.cell[near])
-        both = torch.cat([cells, pairs])
-        del planes, padded, cells, pairs
-        if dim == 0:
-            slices = (both == _UNCERTAIN).flatten(1).any(1).index_select(0, choice)
-        out = both.index_select(0, choice).movedim(0, dim).contiguous()
-        del both
-    assert slices is not None
+        cells, choice = _cells_along(cells, dim, reads, uncertain_outside)
+        choices.append(choice)
+    columns, rows, planes = choices
+    slices = (cells == _UNCERTAIN).flatten(1).any(1).index_select(0, planes)
+    out = _take(_take(_take(cells, columns, 2), rows, 1), planes, 0)
     return out, slices
 
 
@@ -837,29 +863,135 @@ def _fill_uncertain(
     values: torch.Tensor,
     final: list[_AxisReads],
     resample: _Resample,
+    difference: _Difference | None = None,
 ) -> None:
     """Compute the uncertain voxels of ``out`` (in the output ``slices`` flagged) as MONAI
-    does: every class interpolated at their sample points, then the float32 argmax."""
-    planes = torch.nonzero(slices).reshape(-1)
-    if len(planes) == 0:
+    does: every class interpolated at their sample points, then the float32 argmax.
+
+    With two classes' ``difference`` on a CPU, a voxel where it is clearly positive or
+    negative takes its label from that sign, and only the others are computed with
+    ``grid_sample``'s arithmetic."""
+    flagged = torch.nonzero(slices).reshape(-1).tolist()
+    if not flagged:
         return
     rows, columns = out.shape[1], out.shape[2]
-    for plane_chunk in torch.split(planes, max(1, _EXACT_CHUNK // (rows * columns))):
-        block = out.index_select(0, plane_chunk)
-        where = torch.nonzero(block.reshape(-1) == _UNCERTAIN).reshape(-1)
+    plane = rows * columns
+    if difference is not None and values.device.type == "cpu":
+        difference.read_at(final, resample, columns)
+    else:
+        difference = None
+    step = max(1, _EXACT_CHUNK // plane)
+    for first in range(flagged[0], flagged[-1] + 1, step):
+        block = out[first : first + step].reshape(-1)  # a view: written in place
+        where = _flat_nonzero(block, _UNCERTAIN)
         if len(where) == 0:
             continue
-        position = [
-            plane_chunk[where // (rows * columns)],
-            (where // columns) % rows,
-            where % columns,
+        z, p = where // plane + first, where % plane
+        if difference is None:
+            labels = _exact_labels(values, [z, p // columns, p % columns], final, resample)
+        else:
+            gap = difference(z, p)
+            labels = (gap > 0).to(torch.uint8)
+            close = _flat_nonzero(gap.abs_() <= difference.band, True)
+            if len(close):
+                z, p = z.index_select(0, close), p.index_select(0, close)
+                exact = _exact_labels(values, [z, p // columns, p % columns], final, resample)
+                labels.index_copy_(0, close, exact)
+        block[where] = labels
+
+
+def _flat_nonzero(values: torch.Tensor, value: int | bool) -> torch.Tensor:
+    """The indices where a 1-D tensor equals ``value``; on a CPU by numpy (~5x faster)."""
+    if values.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(values.numpy() == value))
+    return torch.nonzero(values == value).reshape(-1)
+
+
+def _exact_labels(
+    values: torch.Tensor, position: list[torch.Tensor], final: list[_AxisReads], resample: _Resample
+) -> torch.Tensor:
+    """The labels MONAI computes at output points (``position``: their (z, y, x) indices)."""
+    if values.device.type == "cpu":
+        scores = _trilinear_points(values, position, final, resample)
+    else:  # the device's own kernel, at the points
+        scores = _grid_sample_points(values, position, final, resample)
+    return _first_argmax(scores)
+
+
+class _Difference:
+    """Of two classes' scores, the second's minus the first's: on the model grid, and
+    interpolated at output points in float32 in an order of its own; the label wherever it
+    is farther from zero than :attr:`band`.
+
+    Why that holds: the two interpolated scores MONAI compares are sums of the same
+    non-negative weights (at most 1 in all) times each class's scores, so each lies within
+    ``M``, the largest score's magnitude, and its rounding to float32 moves it by at most
+    6e-8 ``M``. The difference computed here (the scores' difference rounded once to
+    float32, weights rounded to float32, eight products and their sum in float32) is
+    within 2e-6 ``M`` of the exact one. :attr:`band` is ``DIFFERENCE_MARGIN`` (1e-4) of
+    ``M``, some fifty times both errors: outside it, the difference has the sign of the
+    difference of MONAI's two float32 sums, which cannot be zero there (a tie goes to the
+    first class, as torch's argmax gives it, only inside the band, where MONAI's arithmetic
+    decides). On the model grid, a voxel whose difference exceeds the band is a certain
+    win of the second class for :func:`_certain_argmax`: at a point whose eight corners all
+    are, the weights sum to 1 and the difference exceeds the band there too.
+
+    The sample points are those of the exact computation: per axis the lower corner and the
+    two weights of ``grid_sample``'s kernel (:func:`_axis_weights`), a corner outside the
+    grid weighing nothing.
+    """
+
+    def __init__(self, values: torch.Tensor) -> None:
+        self.scores = values[1] - values[0]
+        low, high = torch.aminmax(values)
+        #: The distance from zero beyond which the difference's sign is the label's.
+        self.band = DIFFERENCE_MARGIN * max(abs(float(low)), abs(float(high)))
+        self._planes: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._in_plane: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def read_at(self, final: list[_AxisReads], resample: _Resample, columns: int) -> None:
+        """Prepare to read at the output points of ``final`` (of ``columns`` columns): per
+        output axis, both corners' flat offsets into the model grid and their weights; the
+        in-plane ones as tables over (row, column), flattened as an output plane is."""
+        shape = self.scores.shape
+        strides = (shape[1] * shape[2], shape[2], 1)
+        axes = []
+        for reads in (final[2], final[1], final[0]):
+            size, stride = int(shape[reads.model_axis]), strides[reads.model_axis]
+            lower, w_lower, w_upper = _axis_weights(reads, size, resample)
+            corners = []
+            for index, weight in ((lower, w_lower), (lower + 1, w_upper)):
+                inside = (index >= 0) & (index < size)
+                weight = torch.where(inside, weight, torch.zeros_like(weight))
+                offset = index.clamp(0, size - 1) * stride
+                corners.append((offset, weight.to(torch.float32)))
+            axes.append(corners)
+        self._planes = axes[0]
+        self._in_plane = [
+            (
+                (rows_offset[:, None] + columns_offset[None, :]).reshape(-1),
+                (rows_weight[:, None] * columns_weight[None, :]).reshape(-1),
+            )
+            for rows_offset, rows_weight in axes[1]
+            for columns_offset, columns_weight in axes[2]
         ]
-        if values.device.type == "cpu":
-            scores = _trilinear_points(values, position, final, resample)
-        else:  # the device's own kernel, at the points
-            scores = _grid_sample_points(values, position, final, resample)
-        block.reshape(-1)[where] = _first_argmax(scores)
-        out[plane_chunk] = block
+        assert len(axes[2][0][0]) == columns
+
+    def __call__(self, z: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """The difference at the points of output planes ``z`` and in-plane indices ``p``."""
+        scores = self.scores.reshape(-1)
+        corners = [(o.index_select(0, p), w.index_select(0, p)) for o, w in self._in_plane]
+        total = None
+        for offset, weight in self._planes:
+            at, part = offset.index_select(0, z), None
+            for in_offset, in_weight in corners:
+                term = scores.index_select(0, in_offset + at).mul_(in_weight)
+                part = term if part is None else part.add_(term)
+            assert part is not None
+            part.mul_(weight.index_select(0, z))
+            total = part if total is None else total.add_(part)
+        assert total is not None
+        return total
 
 
 def _grid_sample_points(

@@ -44,8 +44,10 @@ def test_encode_rows_at_a_tiny_size(tmp_path) -> None:
     figures = {r["figure"]: r for r in rows}
     assert rows[0]["figure"].startswith("multiorgan 48x48x24: 104 of 104 wholeBody labels")
     measured = [r for r in rows if r["this_project"] is not None]
-    # binary, three label-map formats, RTSTRUCT, SR: size and time each
-    assert len(measured) == 2 * 6
+    # binary, three label-map formats, RTSTRUCT, SR: size and time each; all three together
+    assert len(measured) == 2 * 6 + 1
     assert all(r["this_project"] > 0 and r["ratio"] is not None for r in measured)
     rle = figures["SEG 104 labels 48x48x24 labelmap rle (peer: binary) size (MB)"]
     assert rle["this_project"] < rle["peer"]  # a compressed label map beats 104 binary masks
+    together = [r for r in measured if "as the node makes them" in r["figure"]]
+    assert len(together) == 1 and together[0]["peer"] > 0

@@ -34,6 +34,7 @@ from monai.transforms import (
 from dicom_node.pipeline import Preprocessing, SegmentationPipeline, load_bundle
 from dicom_node.pipeline.postprocess import (
     _AxisReads,
+    _Difference,
     _Resample,
     _trilinear_points,
     invert_labels,
@@ -161,11 +162,12 @@ def test_trilinear_inverse_then_argmax_is_monai_s(name, classes):
     ],
     ids=["zeros", "align-corners", "float32", "all"],
 )
-def test_other_resample_settings_are_monai_s(spacing_kwargs):
+@pytest.mark.parametrize("classes", [2, 3])
+def test_other_resample_settings_are_monai_s(spacing_kwargs, classes):
     pre, post = pre_and_post(spacing_kwargs)
     for name in ("axial", "descending"):
         data = preprocessed(pre, name)
-        assert_monai_s_labels(post, data, scores(3, data["image"].shape[1:], seed=7))
+        assert_monai_s_labels(post, data, scores(classes, data["image"].shape[1:], seed=7))
 
 
 def test_logits_without_softmax_and_a_nearest_inverse_are_monai_s():
@@ -333,6 +335,42 @@ def test_the_points_are_grid_sample_s_bit_for_bit(dtype, padding, align):
         values.to(dtype)[None], grid, mode="bilinear", padding_mode=padding, align_corners=align
     )[0, :, 0, 0].to(torch.float32)
     assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("padding", ["border", "zeros"])
+@pytest.mark.parametrize("align", [False, True])
+def test_two_classes_difference_outside_its_band_is_grid_sample_s_label(padding, align):
+    """Of two classes, the interpolated difference decides a label only where torch's CPU
+    kernel (in float64, then compared in float32, as MONAI's resample and argmax) gives that
+    label: at random points, with scores near ties and some points outside the grid."""
+    g = torch.Generator().manual_seed(1)
+    values = torch.rand((2, 9, 8, 10), generator=g)
+    values[1] = torch.where(torch.rand(values[0].shape, generator=g) < 0.3, values[0], values[1])
+    values[1] += 1e-5 * torch.randn(values[0].shape, generator=g)  # about the band's width
+    sizes = {0: 40, 1: 37, 2: 23}  # output (x, y, z) lengths
+    final = []
+    for out_axis, model_axis in enumerate((2, 0, 1)):
+        coords = torch.linspace(-1.1, 1.05, sizes[out_axis], dtype=torch.float64)
+        final.append(_AxisReads(model_axis, coords=coords))
+    resample = _Resample("bilinear", padding, align, torch.float64, final, np.eye(4))
+    difference = _Difference(values)
+    difference.read_at(final, resample, sizes[0])
+    zz, pp = torch.meshgrid(
+        torch.arange(sizes[2]), torch.arange(sizes[1] * sizes[0]), indexing="ij"
+    )
+    z, p = zz.reshape(-1), pp.reshape(-1)
+    ours = difference(z, p)
+    grid = torch.empty((1, 1, 1, len(z), 3), dtype=torch.float64)
+    for index, reads in zip((p % sizes[0], p // sizes[0], z), final, strict=True):
+        grid[0, 0, 0, :, 2 - reads.model_axis] = reads.coords[index]
+    sampled = torch.nn.functional.grid_sample(
+        values.double()[None], grid, mode="bilinear", padding_mode=padding, align_corners=align
+    )[0, :, 0, 0].to(torch.float32)
+    theirs = sampled[1] > sampled[0]
+    decided = ours.abs() > difference.band
+    assert 0 < int((~decided).sum()) < len(z) // 10  # near ties fall in the band, few others
+    assert torch.equal((ours > 0)[decided], theirs[decided])
+    assert bool(theirs[decided].any()) and not bool(theirs[decided].all())
 
 
 def test_preprocessing_records_the_bundle_s_spacing_precision():

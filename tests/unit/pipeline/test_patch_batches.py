@@ -15,10 +15,16 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from monai.inferers import sliding_window_inference
 
 from dicom_node.pipeline import SegmentationPipeline, load_bundle
 from dicom_node.pipeline.install import write_seeded_weights
-from dicom_node.pipeline.segment import PatchByPatch, default_patches_at_once
+from dicom_node.pipeline.segment import (
+    PatchByPatch,
+    default_patches_at_once,
+    served_batch,
+    window_count,
+)
 from dicom_node_testing.phantom import make_phantom
 from tests.peers import ROOT, TEST_DATA
 
@@ -169,3 +175,31 @@ def test_positional_arguments_keep_the_batch_whole():
 
     PatchByPatch(network, 1)(_patches(3, (4, 4, 4)), [0, 1, 2])
     assert seen == [(3, 3)]
+
+
+@pytest.mark.parametrize(
+    ("shape", "overlap"),
+    [((267, 267, 75), 0.5), ((50, 48, 50), 0.25), ((300, 200, 120), 0.5), ((97, 96, 200), 0.3)],
+)
+def test_windows_are_counted_as_monai_cuts_them(shape, overlap):
+    calls = []
+
+    def predictor(batch: torch.Tensor) -> torch.Tensor:
+        calls.append(int(batch.shape[0]))
+        return batch
+
+    sliding_window_inference(torch.zeros((1, 1, *shape)), (96, 96, 96), 1, predictor, overlap)
+    assert window_count(shape, (96, 96, 96), overlap) == len(calls)
+
+
+def test_a_served_network_on_a_cpu_gets_no_window_alone(demo):
+    assert [served_batch(n, 4) for n in (1, 3, 4, 5, 8, 9, 25, 48)] == [4, 4, 4, 5, 4, 5, 5, 4]
+    assert served_batch(7, 1) == 1  # a bundle's batch of one stays one
+    # 5 windows of 96 (overlap 0.25) along one axis: 4 + 1 with the bundle's batch
+    pipeline = SegmentationPipeline(demo, "cpu", path="fast")
+    image = torch.rand((1, 384, 96, 96))
+    counting = Counting(pipeline.network)
+    served = pipeline.infer(image, counting)
+    assert counting.sizes == [5]
+    whole = PatchByPatch(pipeline.network, 4)  # the bundle's batches, in one call each
+    torch.testing.assert_close(served, pipeline.infer(image, whole), **TOLERANCE)
