@@ -15,7 +15,7 @@ import scipy.ndimage as ndi
 from bench import multiorgan
 from bench.__main__ import BENCHMARKS
 
-pytestmark = pytest.mark.cost(45)
+pytestmark = pytest.mark.cost(8)
 
 
 def test_multiorgan_is_a_benchmark() -> None:

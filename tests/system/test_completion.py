@@ -27,7 +27,7 @@ from dicom_node_testing.synthetic import SeriesAttributes, write_ct_series
 from dicom_node_testing.threshold import SEGMENT_SECONDS
 from tests.peers import NodeProcess, storescu
 
-pytestmark = pytest.mark.cost(85)
+pytestmark = pytest.mark.cost(50)
 
 SLICES = 40
 

@@ -35,7 +35,7 @@ from dicom_node.intake.connections import address_allowed, allowed_networks
 from dicom_node_testing.synthetic import SeriesAttributes, write_ct_series
 from tests.peers import ROOT, NodeProcess, associate, dcmtk, storescu
 
-pytestmark = [pytest.mark.usefixtures("dcmtk_tools"), pytest.mark.cost(100)]
+pytestmark = [pytest.mark.usefixtures("dcmtk_tools"), pytest.mark.cost(45)]
 
 
 # -- helpers ------------------------------------------------------------------------------

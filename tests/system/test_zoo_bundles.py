@@ -48,7 +48,7 @@ BUNDLES = ["spleen_ct_segmentation", "swin_unetr_btcv_segmentation", "wholeBody_
 
 pytestmark = [
     pytest.mark.skipif(not ZOO.is_dir(), reason=f"no model-zoo configs at {ZOO}"),
-    pytest.mark.cost(140),
+    pytest.mark.cost(10),
 ]
 
 
