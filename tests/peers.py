@@ -275,6 +275,20 @@ class NodeProcess:
         )
         return json.loads(r.stdout)
 
+    def wait_for_results_sent(self, series_uid: str, timeout: float, what: str) -> list[dict]:
+        """Wait until the series' job is done and every result it queued was sent."""
+
+        def sent(jobs: list[dict]) -> bool:
+            job = next((j for j in jobs if j["series_uid"] == series_uid), None)
+            return bool(
+                job
+                and job["state"] == "done"
+                and job["outbox"]
+                and all(o["state"] == "sent" for o in job["outbox"])
+            )
+
+        return self.wait_for(sent, timeout=timeout, what=what, failures_allowed=False)
+
     def wait_for(
         self,
         predicate,
@@ -457,6 +471,17 @@ class Orthanc:
 
     def file(self, instance_id: str) -> bytes:
         return self.rest(f"/instances/{instance_id}/file")
+
+    def download_study(self, study_uid: str, dest: Path) -> list[Path]:
+        """Every instance of a study as the PACS holds it, written to files in ``dest``."""
+        query = {"StudyInstanceUID": study_uid}
+        found = self.rest("/tools/find", {"Level": "Instance", "Expand": True, "Query": query})
+        paths = []
+        for inst in found:
+            path = dest / f"{inst['ID']}.dcm"
+            path.write_bytes(self.file(inst["ID"]))
+            paths.append(path)
+        return paths
 
     @property
     def dicomweb_url(self) -> str:

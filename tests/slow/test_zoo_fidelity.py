@@ -255,24 +255,11 @@ def serve(names: tuple[str, ...], bundles: Bundles, series, tmp: Path) -> dict[s
         node.start()
         assert storescu(node.port, paths).returncode == 0
 
-        def finished(jobs: list[dict]) -> bool:
-            job = next((j for j in jobs if j["series_uid"] == attrs.series_instance_uid), None)
-            return bool(
-                job
-                and job["state"] == "done"
-                and job["outbox"]
-                and all(o["state"] == "sent" for o in job["outbox"])
-            )
-
-        node.wait_for(
-            finished, timeout=1800, what="the results in the PACS", failures_allowed=False
+        node.wait_for_results_sent(
+            attrs.series_instance_uid, timeout=1800, what="the results in the PACS"
         )
-        query = {"StudyInstanceUID": attrs.study_instance_uid}
-        found = pacs.rest("/tools/find", {"Level": "Instance", "Expand": True, "Query": query})
         segs = {}
-        for inst in found:
-            path = tmp / f"{inst['ID']}.dcm"
-            path.write_bytes(pacs.file(inst["ID"]))
+        for path in pacs.download_study(attrs.study_instance_uid, tmp):
             ds = pydicom.dcmread(path, stop_before_pixels=True)
             if ds.Modality == "SEG":
                 ident = ds.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]

@@ -102,26 +102,14 @@ def through_triton(bundles, narrow_series, tmp_path_factory):
         node.start()
         assert storescu(node.port, paths).returncode == 0
 
-        def finished(jobs: list[dict]) -> bool:
-            job = next((j for j in jobs if j["series_uid"] == attrs.series_instance_uid), None)
-            return bool(
-                job
-                and job["state"] == "done"
-                and job["outbox"]
-                and all(o["state"] == "sent" for o in job["outbox"])
-            )
-
-        node.wait_for(
-            finished, timeout=600, what="four result sets in the PACS", failures_allowed=False
+        node.wait_for_results_sent(
+            attrs.series_instance_uid, timeout=600, what="four result sets in the PACS"
         )
-        query = {"StudyInstanceUID": attrs.study_instance_uid}
-        found = pacs.rest("/tools/find", {"Level": "Instance", "Expand": True, "Query": query})
-        results = []
-        for inst in found:
-            path = tmp / f"{inst['ID']}.dcm"
-            path.write_bytes(pacs.file(inst["ID"]))
-            if pydicom.dcmread(path, stop_before_pixels=True).Modality != "CT":
-                results.append(path)
+        results = [
+            path
+            for path in pacs.download_study(attrs.study_instance_uid, tmp)
+            if pydicom.dcmread(path, stop_before_pixels=True).Modality != "CT"
+        ]
         yield results
     finally:
         node.stop()
