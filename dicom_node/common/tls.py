@@ -42,15 +42,15 @@ class _DeferredHandshakeContext(ssl.SSLContext):
     first read, bounded by the socket timeout the SCP sets when the connection opens.
     """
 
-    def wrap_socket(  # type: ignore[override]
+    def wrap_socket(
         self,
-        sock,
-        server_side=False,
-        do_handshake_on_connect=True,
-        suppress_ragged_eofs=True,
-        server_hostname=None,
-        session=None,
-    ):
+        sock: socket.socket,
+        server_side: bool = False,
+        do_handshake_on_connect: bool = True,
+        suppress_ragged_eofs: bool = True,
+        server_hostname: str | bytes | None = None,
+        session: ssl.SSLSession | None = None,
+    ) -> ssl.SSLSocket:
         return super().wrap_socket(
             sock,
             server_side=server_side,

@@ -19,6 +19,7 @@ its binary form (:func:`dicom_node.export.transport.deliver`).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -243,7 +244,7 @@ def _store(
     except requests.exceptions.HTTPError as exc:
         response = exc.response
         code = response.status_code if response is not None else 0
-        answer = _response_dataset(response)
+        body = _response_dataset(response)
         said = f"{destination.name} answered HTTP {_phrase(code)}"
         if code in (401, 403, 407):
             how = (
@@ -258,7 +259,7 @@ def _store(
                 + " were refused"
             )
             raise _BatchFailed(f"{said}: {how}") from None
-        reason = _failure_reason(answer, sop_uid)
+        reason = _failure_reason(body, sop_uid)
         if reason is None and (code in _WHOLE_BATCH or code >= 500):
             raise _BatchFailed(said + _body_hint(response)) from None
         if reason is None:
@@ -332,7 +333,7 @@ def stow_batch(
                 item,
                 choice,
                 lambda path: _store(client, destination, path, timeout),
-                lambda item=item: _sop_class(item.path),
+                functools.partial(_sop_class, item.path),
                 destination.name,
             )
             results[item.key] = outcome

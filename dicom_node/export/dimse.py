@@ -11,6 +11,7 @@ refused for the SOP class, or the DIMSE status and its meaning (PS3.4 B.2.3).
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -193,6 +194,9 @@ def cstore_batch(
     ):
         choice.refused(by_status=False)  # negotiation said so: learned again next time
 
+    def sop_class_of(path: Path) -> str:
+        return headers[path][0]
+
     def store(path: Path) -> Outcome:
         sop_class = headers[path][0]
         if headers[path] not in accepted:
@@ -224,7 +228,7 @@ def cstore_batch(
                 item,
                 choice,
                 store,
-                lambda item=item: headers[item.path][0],
+                functools.partial(sop_class_of, item.path),
                 destination.name,
                 lambda: assoc.is_established,
             )

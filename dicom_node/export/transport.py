@@ -237,4 +237,4 @@ def destination_settings(kind: str) -> type | None:
 def transport_for(settings: Any, destination: Any) -> Transport:
     """The transport that sends to ``destination`` (a :class:`~dicom_node.config.Destination`
     read by :func:`destination_settings`, so its type is registered)."""
-    return _transport_class(destination.type)(settings, destination)  # type: ignore[no-any-return]
+    return _transport_class(destination.type)(settings, destination)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Iterator
+from typing import cast
 
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
@@ -291,5 +292,8 @@ def is_deferred(ds: Dataset, keyword: str) -> bool:
 def value_length(ds: Dataset, keyword: str) -> int:
     """An element's value length, without reading a deferred value into memory."""
     if is_deferred(ds, keyword):
-        return int(ds.get_item(keyword, keep_deferred=True).length)
+        # pydicom annotates get_item as returning a DataElement; with keep_deferred it
+        # returns the RawDataElement that is_deferred found
+        raw = cast(RawDataElement, ds.get_item(keyword, keep_deferred=True))
+        return int(raw.length)
     return len(ds[keyword].value or b"")

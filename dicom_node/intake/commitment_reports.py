@@ -23,7 +23,9 @@ from typing import Any
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import StorageCommitmentPushModel
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at import
+    StorageCommitmentPushModel,
+)
 
 from dicom_node.state.commitments import CommitmentReport, Failure, Reference
 

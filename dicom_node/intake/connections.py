@@ -269,6 +269,7 @@ def handshake_within(sock: ssl.SSLSocket, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     timeout = sock.gettimeout()
     sock.setblocking(False)
+    wait: tuple[list[ssl.SSLSocket], list[ssl.SSLSocket]]
     try:
         while True:
             try:

@@ -50,6 +50,7 @@ import pynetdicom
 import pynetdicom.association
 import pynetdicom.dul
 from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import UID
 from pynetdicom import _config, dimse_messages, evt
 from pynetdicom._handlers import (
     standard_dimse_recv_handler,
@@ -101,9 +102,9 @@ _incoming_dir: Path | None = None
 _receivers = 0
 #: What :func:`receive_to_files` replaces, as pynetdicom had it.
 _PYNETDICOM_FILE_HANDLING = (
-    dimse_messages.NamedTemporaryFile,  # type: ignore[attr-defined]
-    dimse_messages.create_file_meta,  # type: ignore[attr-defined]
-    dimse_messages.write_file_meta_info,  # type: ignore[attr-defined]
+    dimse_messages.NamedTemporaryFile,
+    dimse_messages.create_file_meta,
+    dimse_messages.write_file_meta_info,
     _config.STORE_RECV_CHUNKED_DATASET,
 )
 
@@ -122,7 +123,7 @@ class _PlainMeta(tuple):
 
 
 def _create_file_meta(
-    *, sop_class_uid: str, sop_instance_uid: str, transfer_syntax: str, **other: Any
+    *, sop_class_uid: UID, sop_instance_uid: UID, transfer_syntax: UID, **other: Any
 ) -> Any:
     """pynetdicom's ``create_file_meta`` for a received data set, left unbuilt: building
     and writing the group through pydicom costs some 0.3 ms of each C-STORE (see
@@ -162,10 +163,11 @@ def receive_to_files(incoming: Path) -> None:
     global _incoming_dir, _receivers
     _incoming_dir = incoming
     _receivers += 1
-    dimse_messages.NamedTemporaryFile = _incoming_file  # type: ignore[attr-defined]
+    # a replacement of pynetdicom's tempfile.NamedTemporaryFile, whose overloads it does not copy
+    dimse_messages.NamedTemporaryFile = _incoming_file  # type: ignore[assignment]
     if TUNES_INTERNALS:
-        dimse_messages.create_file_meta = _create_file_meta  # type: ignore[attr-defined]
-        dimse_messages.write_file_meta_info = _write_file_meta_info  # type: ignore[attr-defined]
+        dimse_messages.create_file_meta = _create_file_meta
+        dimse_messages.write_file_meta_info = _write_file_meta_info
     _config.STORE_RECV_CHUNKED_DATASET = True
 
 
@@ -178,9 +180,9 @@ def stop_receiving_to_files() -> None:
     if _receivers:
         return
     _incoming_dir = None
-    dimse_messages.NamedTemporaryFile = _PYNETDICOM_FILE_HANDLING[0]  # type: ignore[attr-defined]
-    dimse_messages.create_file_meta = _PYNETDICOM_FILE_HANDLING[1]  # type: ignore[attr-defined]
-    dimse_messages.write_file_meta_info = _PYNETDICOM_FILE_HANDLING[2]  # type: ignore[attr-defined]
+    dimse_messages.NamedTemporaryFile = _PYNETDICOM_FILE_HANDLING[0]
+    dimse_messages.create_file_meta = _PYNETDICOM_FILE_HANDLING[1]
+    dimse_messages.write_file_meta_info = _PYNETDICOM_FILE_HANDLING[2]
     _config.STORE_RECV_CHUNKED_DATASET = _PYNETDICOM_FILE_HANDLING[3]
 
 
@@ -396,7 +398,8 @@ def _wake_on_work(dul: DULServiceProvider) -> None:
     dul.kill_dul = kill_and_wake  # type: ignore[method-assign]
     dul._dicom_node_wake = wake  # type: ignore[attr-defined]
     dul._run_loop_delay = WAKEABLE_LOOP_DELAY
-    pynetdicom.dul.time = _DUL_CLOCK  # type: ignore[attr-defined]
+    # a namespace standing in for the DUL module's ``time`` module
+    pynetdicom.dul.time = _DUL_CLOCK  # type: ignore[assignment]
 
 
 def _quick_ack(event: evt.Event) -> None:
@@ -436,6 +439,7 @@ def tune_association(assoc: Association) -> None:
     if TUNES_INTERNALS:
         # The reactor looks its provider up on each loop; nothing has used it yet.
         assoc.dimse = PromptDIMSE(assoc)
-        pynetdicom.association.time = _REACTOR_CLOCK  # type: ignore[attr-defined]
+        # a namespace standing in for the association module's ``time`` module
+        pynetdicom.association.time = _REACTOR_CLOCK  # type: ignore[assignment]
     if WAKES_DUL:
         _wake_on_work(assoc.dul)

@@ -17,15 +17,18 @@ import io
 import os
 import struct
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO, cast
 
 import pydicom
+from pydicom import filereader
 from pydicom.charset import default_encoding
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import decode
 
 from dicom_node.intake.checks import (
@@ -37,10 +40,11 @@ from dicom_node.intake.checks import (
 )
 from dicom_node.intake.spool import dataset_digest
 
-try:  # what pydicom's read_file_meta_info calls once it has opened the file and read the preamble
-    from pydicom.filereader import _read_file_meta_info
-except ImportError:  # pragma: no cover
-    _read_file_meta_info = None
+#: What pydicom's read_file_meta_info calls once it has opened the file and read the preamble
+#: (private to pydicom: ``None`` in a release without it).
+_read_file_meta_info: Callable[[BinaryIO], FileMetaDataset] | None = getattr(
+    filereader, "_read_file_meta_info", None
+)
 
 #: A data set is received in memory up to this size, then in a file.
 SPILL_ABOVE = 16 * 1024 * 1024
@@ -188,7 +192,9 @@ class Received:
             )
         path = getattr(event.request, "_dataset_path", None)
         if not isinstance(path, Path) or not path.exists():
-            data = event.request.DataSet.getvalue() if event.request.DataSet else b""
+            # pynetdicom annotates Event.request as any request; an EVT_C_STORE's is a C_STORE
+            request = cast(C_STORE, event.request)
+            data = request.DataSet.getvalue() if request.DataSet else b""
             return cls(size=len(data), data=data)
         with open(path, "rb") as f:
             head = f.read(144)  # preamble, "DICM", (0002,0000) UL
@@ -196,8 +202,8 @@ class Received:
             f.seek(0)
             meta = f.read(offset)
             size = os.fstat(f.fileno()).st_size - offset
-            data = f.read() if size <= READ_WHOLE_BELOW else None
-        return cls(size=size, data=data, file=path, offset=offset, meta=meta)
+            held = f.read() if size <= READ_WHOLE_BELOW else None
+        return cls(size=size, data=held, file=path, offset=offset, meta=meta)
 
     def chunks(self, size: int = 1024 * 1024) -> Iterator[bytes]:
         """The data set's bytes, a piece at a time."""
@@ -239,6 +245,7 @@ def decode_received(received: Received, syntax: UID) -> Dataset:
             ds.set_original_encoding(syntax.is_implicit_VR, syntax.is_little_endian)
             end = received.size
         else:  # too large to hold: values over a megabyte stay in the file
+            assert received.file is not None  # a data set not held in memory is in its file
             ds = pydicom.dcmread(
                 received.file, defer_size=None if syntax.is_deflated else _DEFER_SIZE
             )

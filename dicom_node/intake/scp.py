@@ -41,6 +41,7 @@ import logging
 import sqlite3
 import ssl
 import threading
+from typing import cast
 
 from pydicom.dataset import Dataset
 from pydicom.uid import (
@@ -62,9 +63,12 @@ from pydicom.uid import (
     RLELossless,
 )
 from pynetdicom import AE, evt
-from pynetdicom.association import Association
+from pynetdicom.association import Association, ServiceUser
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.presentation import StoragePresentationContexts
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # generated at import
+from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.common.tls import peer_certificate_subject, server_ssl_context
 from dicom_node.config import Settings
@@ -139,6 +143,15 @@ REASON_LOCAL_LIMIT = 0x02
 _THREAD_SLACK = 64
 
 
+def _primitive(user: ServiceUser) -> A_ASSOCIATE:
+    """The A-ASSOCIATE primitive of ``user``: the request of the requestor, the answer of the
+    acceptor. pynetdicom sets each before the events whose handlers read it (``EVT_REQUESTED``,
+    ``EVT_REJECTED``), and leaves it optional in its annotations for the moments before."""
+    primitive = user.primitive
+    assert primitive is not None, "read before pynetdicom set it"
+    return primitive
+
+
 class StorageSCP:
     """The C-ECHO and C-STORE SCP: access control, association bookkeeping, answers.
 
@@ -172,7 +185,7 @@ class StorageSCP:
         self._carried: dict[Association, dict[str, set[str]]] = {}
         self._carried_lock = threading.Lock()
         self.storage = InstanceStorage(settings, spool, jobs)
-        self._server = None
+        self._server: ThreadedAssociationServer | None = None
         # Parsed (and TLS files loaded) here, so a bad [node]/[tls] value stops the node at
         # start-up with one sentence instead of at the first peer.
         self._networks = connections.allowed_networks(settings.node.allowed_hosts)
@@ -214,6 +227,8 @@ class StorageSCP:
             ae.add_supported_context(uid, TRANSFER_SYNTAXES)
         if node.unsupported_sop_class == "fail":
             for cx in StoragePresentationContexts:
+                # each of pynetdicom's storage contexts names its SOP class
+                assert cx.abstract_syntax is not None
                 if cx.abstract_syntax not in CT_SOP_CLASSES:
                     ae.add_supported_context(cx.abstract_syntax, TRANSFER_SYNTAXES)
         if any(d.asks_commitment() for d in self.settings.destinations):
@@ -269,15 +284,20 @@ class StorageSCP:
         """Start serving on the configured address, in background threads."""
         node = self.settings.node
         receive_to_files(self.spool.incoming)
-        self._server = self.ae.start_server(
-            (node.host, node.port),
-            block=False,
-            evt_handlers=self.handlers(),
-            ssl_context=self._ssl_context,
+        # pynetdicom annotates start_server's result as optional: it is None only with block=True
+        self._server = cast(
+            ThreadedAssociationServer,
+            self.ae.start_server(
+                (node.host, node.port),
+                block=False,
+                evt_handlers=self.handlers(),
+                ssl_context=self._ssl_context,
+            ),
         )
         # socketserver listens with a backlog of 5: in a burst of connections the 6th and
         # later wait for the peer's SYN retry (1 s, then 3 s), however fast they would be
         # refused or served. Listening again only raises the backlog (Linux, BSD).
+        assert self._server.socket is not None  # pynetdicom sets it to None once closed
         self._server.socket.listen(LISTEN_BACKLOG)
         self._reaper.start()
         log.info(
@@ -308,15 +328,16 @@ class StorageSCP:
         log.info("association %s: %s from %s:%s", what, req.ae_title, req.address, req.port)
 
     def _log_rejected(self, event: evt.Event) -> None:
-        req, rj = event.assoc.requestor, event.assoc.acceptor.primitive
+        req, rj = event.assoc.requestor, _primitive(event.assoc.acceptor)
         self._refused(event.assoc, f"{rj.reason_str} ({rj.result_str}, {rj.source_str})")
+        request = _primitive(req)
         log.warning(
             "association rejected (%s, %s): %s; %r calling %r from %s",
             rj.result_str,
             rj.source_str,
             rj.reason_str,
-            req.primitive.calling_ae_title,
-            req.primitive.called_ae_title,
+            request.calling_ae_title,
+            request.called_ae_title,
             req.address,
         )
 
@@ -337,11 +358,11 @@ class StorageSCP:
         with one log line before any DICOM is read.
         """
         assoc_socket = event.assoc.dul.socket
-        sock = assoc_socket.socket if assoc_socket is not None else None
-        if sock is None:
+        if assoc_socket is None or assoc_socket.socket is None:
             return
+        sock = assoc_socket.socket
         limits = self.settings.limits
-        address = str(event.address[0])
+        address = str(event.address[0])  # type: ignore[attr-defined]  # set for EVT_CONN_OPEN
         if not self._per_address.admit(event.assoc, address):
             self.events.emit(
                 AssociationRefused(address, None, "limits.max_associations_per_address")
@@ -396,6 +417,7 @@ class StorageSCP:
         """
         assoc = event.assoc
         address = assoc.requestor.address
+        request = _primitive(assoc.requestor)
         subject = peer_certificate_subject(assoc.dul.socket.socket if assoc.dul.socket else None)
         if subject is not None:
             log.info("TLS peer %s presents certificate %r", address, subject)
@@ -404,8 +426,8 @@ class StorageSCP:
             # any could only hold a slot until the network timeout.
             log.warning(
                 "association rejected: no presentation context requested (%r calling %r from %s)",
-                assoc.requestor.primitive.calling_ae_title,
-                assoc.requestor.primitive.called_ae_title,
+                request.calling_ae_title,
+                request.called_ae_title,
                 address,
             )
             assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, REASON_NO_REASON)
@@ -417,8 +439,8 @@ class StorageSCP:
                 "association rejected: source address %s is not in node.allowed_hosts "
                 "(%r calling %r)",
                 address,
-                assoc.requestor.primitive.calling_ae_title,
-                assoc.requestor.primitive.called_ae_title,
+                request.calling_ae_title,
+                request.called_ae_title,
             )
             # As pynetdicom does for its own rejections: send, then stop the association's
             # threads once the A-ASSOCIATE-RJ is out.
@@ -431,8 +453,8 @@ class StorageSCP:
             log.warning(
                 "association rejected (transient, local limit exceeded): %s; %r calling %r from %s",
                 refusal,
-                assoc.requestor.primitive.calling_ae_title,
-                assoc.requestor.primitive.called_ae_title,
+                request.calling_ae_title,
+                request.called_ae_title,
                 address,
             )
             assoc.acse.send_reject(
@@ -442,7 +464,7 @@ class StorageSCP:
             self._refused(assoc, refusal)
 
     def _refused(self, assoc: Association, reason: str) -> None:
-        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+        calling = str(_primitive(assoc.requestor).calling_ae_title).strip()
         self.events.emit(AssociationRefused(assoc.requestor.address, calling, reason))
 
     def handle_released(self, event: evt.Event) -> None:
@@ -528,7 +550,8 @@ class StorageSCP:
             Received.from_event(event),
             context.abstract_syntax,
             context.transfer_syntax,
-            affected_uid=str(event.request.AffectedSOPInstanceUID or ""),
+            # pynetdicom annotates Event.request as any request; an EVT_C_STORE's is a C_STORE
+            affected_uid=str(cast(C_STORE, event.request).AffectedSOPInstanceUID or ""),
             # the peer's: the acceptor where the node retrieves with C-GET
             calling_ae=(
                 event.assoc.acceptor if event.assoc.is_requestor else event.assoc.requestor

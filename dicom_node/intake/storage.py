@@ -30,6 +30,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypedDict
 
 import numpy as np
 import pydicom
@@ -102,7 +103,16 @@ class StoreOutcome:
     meta: bytes = field(default=b"", repr=False)
 
 
-def _subject(ds: Dataset, study_uid: str, sop_class: str) -> dict[str, str]:
+class _Subject(TypedDict):
+    """The :class:`StoreOutcome` fields an audit message reads."""
+
+    study_uid: str
+    sop_class: str
+    patient_id: str
+    patient_name: str
+
+
+def _subject(ds: Dataset, study_uid: str, sop_class: str) -> _Subject:
     """What an instance's audit message names: its study, SOP class and patient."""
     return {
         "study_uid": study_uid,

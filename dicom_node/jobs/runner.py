@@ -512,7 +512,7 @@ def no_finding(results: SeriesResults) -> str:
 def _predecessors(earlier: list[OutboxItem]) -> list[Dataset]:
     """Headers of the acknowledged earlier results a new SR supersedes (their files are
     kept while the series is: retention removes both together)."""
-    out = []
+    out: list[Dataset] = []
     for item in earlier:
         try:
             out.append(

@@ -32,6 +32,7 @@ import queue
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -194,7 +195,7 @@ class StagedSeries:
             self._give_up("not a single-frame CT slice")
             return
         frame = (int(ds.Rows), int(ds.Columns))
-        dtype = np.dtype(pixel_dtype([ds]))
+        dtype: np.dtype[Any] = np.dtype(pixel_dtype([ds]))
         if self._dtype is None:
             self._dtype, self._frame = dtype, frame
             slice_bytes = frame[0] * frame[1] * dtype.itemsize
