@@ -48,6 +48,7 @@ from pynetdicom.status import STORAGE_COMMITMENT_SERVICE_CLASS_STATUS
 
 from dicom_node.common.backoff import backoff
 from dicom_node.common.tls import client_tls_args
+from dicom_node.common.worker import Worker
 from dicom_node.config import Settings, TLSSettings
 from dicom_node.export.dimse import DicomDestination
 from dicom_node.intake.commitment_reports import (
@@ -396,9 +397,7 @@ class CommitmentStep:
         self.started_at = time.time()
         #: Destinations whose last requests failed: name -> (failures in a row, not before).
         self._failing: dict[str, tuple[int, float]] = {}
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._worker = Worker("dicom-node-commitment", self._step, 1.0, "storage commitment")
 
     def policy(self, name: str) -> CommitmentPolicy | None:
         destination = self.destinations.get(name)
@@ -476,26 +475,16 @@ class CommitmentStep:
         self._failing.pop(destination.name, None)
 
     # -- running ----------------------------------------------------------------------
+    def _step(self) -> bool:
+        self.run_once()
+        return False  # what is due next is due in a second at the earliest
+
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="dicom-node-commitment", daemon=True)
-        self._thread.start()
+        self._worker.start()
 
     def wake(self) -> None:
         """Results were acknowledged: ask for their commitment now."""
-        self._wake.set()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.run_once()
-            except Exception:  # noqa: BLE001 - keep asking whatever one request does
-                log.exception("storage commitment error")
-            self._wake.wait(1.0)
-            self._wake.clear()
+        self._worker.wake()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(60)
-            self._thread = None
+        self._worker.stop()

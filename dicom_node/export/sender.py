@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -41,6 +40,7 @@ from typing import Any
 
 from dicom_node.common.backoff import backoff
 from dicom_node.common.events import Events
+from dicom_node.common.worker import Worker
 from dicom_node.config import Destination, Settings
 from dicom_node.export.commitment import CommitmentStep
 from dicom_node.export.transport import Outcome, Outgoing, SegChoice, Transport, transport_for
@@ -120,9 +120,7 @@ class Exporter:
         if self._unrecorded:
             log.info("%d acknowledgement(s) from the journal to record", len(self._unrecorded))
         self._record_pending()
-        self._stop: threading.Event | None = None
-        self._wake: threading.Event | None = None
-        self._thread: threading.Thread | None = None
+        self._worker = Worker("dicom-node-export", self._step, 1.0, "exporter")
 
     def _record_pending(self) -> None:
         """Commit acknowledgements the database refused before, those due now."""
@@ -277,40 +275,24 @@ class Exporter:
         return sent
 
     # -- running ----------------------------------------------------------------------
+    def _step(self) -> bool:
+        self.run_once()
+        return False  # items not sent wait for their back-off: look again in a second
+
     def start(self) -> None:
         """Send in a thread of its own: what is due, then again after a second or as soon
         as :meth:`wake` says new results are queued."""
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="dicom-node-export", daemon=True)
-        self._thread.start()
+        self._worker.start()
         if self.commitments is not None:
             self.commitments.start()
 
     def wake(self) -> None:
-        if self._wake is not None:
-            self._wake.set()
-
-    def _run(self) -> None:
-        assert self._stop is not None and self._wake is not None
-        while not self._stop.is_set():
-            try:
-                self.run_once()
-            except Exception:  # noqa: BLE001 - keep exporting whatever one item does
-                log.exception("exporter error")
-            self._wake.wait(1.0)
-            self._wake.clear()
+        self._worker.wake()
 
     def stop(self) -> None:
         if self.commitments is not None:
             self.commitments.stop()
-        if self._stop is None or self._wake is None:
-            return
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(30)
-            self._thread = None
+        self._worker.stop(30.0)
 
     def close(self) -> None:
         self.stop()

@@ -25,12 +25,12 @@ output and ``GET /fetches/<id>``), on the job of a series whose top-up failed, a
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from pynetdicom import evt
 
+from dicom_node.common.worker import Worker
 from dicom_node.config import Settings
 from dicom_node.series.completion import FETCHED
 from dicom_node.sources.qr import SourceClient, SourceError, StoreHandler
@@ -105,9 +105,9 @@ class Fetcher:
         self.retrieval = retrieval
         self.jobs = jobs
         self.on_complete = on_complete
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._worker = Worker(
+            "dicom-node-fetch", lambda: self.run_once() is not None, self.POLL_SECONDS, "fetch"
+        )
 
     def run_once(self) -> FetchRecord | None:
         """Do the oldest pending fetch; it as it ended, or ``None`` when none was pending."""
@@ -196,29 +196,14 @@ class Fetcher:
 
     # -- running ----------------------------------------------------------------------
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="dicom-node-fetch", daemon=True)
-        self._thread.start()
+        self._worker.start()
 
     def wake(self) -> None:
         """A fetch was asked for in this process: take it now."""
-        self._wake.set()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                while not self._stop.is_set() and self.run_once() is not None:
-                    pass
-            except Exception:  # noqa: BLE001 - the database said no: try again later
-                log.exception("fetch worker error")
-            self._wake.wait(self.POLL_SECONDS)
-            self._wake.clear()
+        self._worker.wake()
 
     def stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(60)
-            self._thread = None
+        self._worker.stop()
 
 
 class TopUp:
