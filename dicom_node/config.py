@@ -628,11 +628,22 @@ def _validate_sources(s: Settings) -> None:
 def _source(table: Any, key: str) -> SourceSettings:
     from dicom_node.sources.settings import SourceSettings  # the sources' stage
 
-    return _build(SourceSettings, table, key)  # type: ignore[no-any-return]
+    return _build(SourceSettings, table, key)
 
 
 def _resolve(path: Path, base: Path) -> Path:
     return path if path.is_absolute() else (base / path)
+
+
+def _resolved_paths(d: Any, base: Path) -> dict[str, Any]:
+    """Every :class:`~pathlib.Path` field of the dataclass ``d`` resolved against ``base``,
+    as keyword arguments for :func:`dataclasses.replace` (typed ``Any``: mypy checks ``**``
+    of a dict against every field, not only those it names)."""
+    return {
+        f.name: _resolve(value, base).resolve()
+        for f in dataclasses.fields(d)
+        if isinstance(value := getattr(d, f.name), Path)
+    }
 
 
 def _destination(table: Any, key: str) -> Destination:
@@ -702,38 +713,25 @@ def settings_from_dict(raw: dict[str, Any], base_dir: Path = Path(".")) -> Setti
     tls = s.tls
     if tls.enabled and not (tls.certificate and tls.private_key):
         raise ConfigError("tls: enabled needs certificate and private_key")
-    destinations = [
-        dataclasses.replace(
-            d,
-            **{
-                f.name: _resolve(value, base_dir).resolve()
-                for f in dataclasses.fields(d)
-                if isinstance(value := getattr(d, f.name), Path)
-            },
-        )
-        for d in s.destinations
-    ]
+    destinations = [dataclasses.replace(d, **_resolved_paths(d, base_dir)) for d in s.destinations]
     status = s.status
     if status.credentials_file:
         status = dataclasses.replace(
             status, credentials_file=_resolve(status.credentials_file, base_dir).resolve()
         )
-    tls = dataclasses.replace(
-        tls,
-        **{
-            k: _resolve(getattr(tls, k), base_dir).resolve()
-            for k in ("certificate", "private_key", "ca_certificates")
-            if getattr(tls, k)
-        },
-    )
-    audit = dataclasses.replace(
-        s.audit,
-        **{
-            k: _resolve(getattr(s.audit, k), base_dir).resolve()
-            for k in ("certificate", "private_key", "ca_certificates")
-            if getattr(s.audit, k)
-        },
-    )
+    # Typed Any: mypy checks ``**`` of a dict against every field, not only those it names.
+    tls_paths: dict[str, Any] = {
+        k: _resolve(getattr(tls, k), base_dir).resolve()
+        for k in ("certificate", "private_key", "ca_certificates")
+        if getattr(tls, k)
+    }
+    tls = dataclasses.replace(tls, **tls_paths)
+    audit_paths: dict[str, Any] = {
+        k: _resolve(getattr(s.audit, k), base_dir).resolve()
+        for k in ("certificate", "private_key", "ca_certificates")
+        if getattr(s.audit, k)
+    }
+    audit = dataclasses.replace(s.audit, **audit_paths)
     models = s.models or [ModelSettings(name=inf.model, triton_model=inf.model, bundle=inf.bundle)]
     return s.replace(
         tls=tls,

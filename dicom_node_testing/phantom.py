@@ -142,7 +142,9 @@ def _ellipse_z(g: _Grid, cx, cy, ax, ay) -> np.ndarray:
     return ((g.x - cx) / ax) ** 2 + ((g.y - cy) / ay) ** 2 < 1.0
 
 
-def _wobble(rng: np.random.Generator, n: int, amp: float) -> list[tuple[float, ...]]:
+def _wobble(
+    rng: np.random.Generator, n: int, amp: float
+) -> list[tuple[float, float, float, float, float]]:
     return [
         (
             float(rng.uniform(0.3, 1.0) * amp),

@@ -15,7 +15,7 @@ import threading
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import highdicom as hd
 import numpy as np
@@ -363,7 +363,7 @@ def label_counts(labels: np.ndarray) -> np.ndarray:
         counts += np.bincount(plane.ravel(), minlength=256)
     if not labels.flags.writeable:
         key = id(labels)
-        _COUNTED[key] = (weakref.ref(labels, lambda _, k=key: _COUNTED.pop(k, None)), counts.copy())
+        _COUNTED[key] = (weakref.ref(labels, lambda _: _COUNTED.pop(key, None)), counts.copy())
     return counts
 
 
@@ -428,10 +428,10 @@ def label_index(labels: np.ndarray) -> LabelIndex:
         counts = _slice_counts(labels)
         index = LabelIndex(labels, counts)
         key = id(labels)
-        _INDEXED[key] = (weakref.ref(labels, lambda _, k=key: _INDEXED.pop(k, None)), index)
+        _INDEXED[key] = (weakref.ref(labels, lambda _: _INDEXED.pop(key, None)), index)
         if key not in _COUNTED:
             _COUNTED[key] = (
-                weakref.ref(labels, lambda _, k=key: _COUNTED.pop(k, None)),
+                weakref.ref(labels, lambda _: _COUNTED.pop(key, None)),
                 counts.sum(axis=0),
             )
     return index
@@ -560,7 +560,11 @@ _CODE_ATTRIBUTES = frozenset(
 )
 
 
-def encode_sequences(ds: Dataset) -> Dataset:
+#: A dataset handed back as given (a highdicom object stays one).
+_D = TypeVar("_D", bound=Dataset)
+
+
+def encode_sequences(ds: _D) -> _D:
     """Hand pydicom, in ``ds`` and every dataset nested in it, each sequence of coded
     concepts encoded, each distinct one encoded once. Returns ``ds``.
 
@@ -575,7 +579,7 @@ def encode_sequences(ds: Dataset) -> Dataset:
     (pydicom, highdicom, any toolkit), the sequences decode as any other.
     """
     encoded: dict[tuple, RawDataElement] = {}
-    stack = [ds]
+    stack: list[Dataset] = [ds]
     while stack:
         item = stack.pop()
         for element in item.elements():
@@ -611,8 +615,8 @@ def _encoded_codes(element: Any, encoded: dict[tuple, RawDataElement]) -> RawDat
     sequence_key = (int(element.tag), tuple(keys))
     raw = encoded.get(sequence_key)
     if raw is None:
-        value = b"".join(_encoded_item(item) for item in items)
-        raw = RawDataElement(element.tag, "SQ", len(value), value, 0, False, True)
+        data = b"".join(_encoded_item(item) for item in items)
+        raw = RawDataElement(element.tag, "SQ", len(data), data, 0, False, True)
         encoded[sequence_key] = raw
     return raw
 
@@ -634,7 +638,7 @@ def _encoded_item(item: Dataset) -> bytes:
     return b"\xfe\xff\x00\xe0" + len(value).to_bytes(4, "little") + value  # (FFFE,E000)
 
 
-def declare_encoding(ds: Dataset) -> Dataset:
+def declare_encoding(ds: _D) -> _D:
     """Declare, on ``ds`` and every dataset nested in it, the encoding it will be written in:
     Explicit VR Little Endian and its own character set. Returns ``ds``.
 
@@ -644,7 +648,7 @@ def declare_encoding(ds: Dataset) -> Dataset:
     way: for an SR of 104 organs, thousands of nested datasets, each walk repeated at
     every level, a third of its writing time.
     """
-    stack = [ds]
+    stack: list[Dataset] = [ds]
     while stack:
         item = stack.pop()
         # the character set pydicom compares with: its own, else the default (a dataset

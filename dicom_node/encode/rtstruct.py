@@ -138,6 +138,7 @@ def _segment_table() -> tuple[np.ndarray, np.ndarray]:
     sides = ((_TOP, (0, 1)), (_BOTTOM, (2, 3)), (_LEFT, (0, 2)), (_RIGHT, (1, 3)))
     for cell in range(1, 15):
         inside = [(cell >> k) & 1 for k in range(4)]
+        segments: list[tuple[tuple[int, ...], int]]
         if cell == 0b1001:  # a and d inside, apart
             segments = [((_LEFT, _TOP), 0), ((_RIGHT, _BOTTOM), 3)]
         elif cell == 0b0110:  # b and c inside, apart

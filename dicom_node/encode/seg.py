@@ -174,7 +174,8 @@ def build_seg(
         else (ExplicitVRLittleEndian)
     )
     found = present_segments(labels, segments)
-    source_images, nothing_found = source.headers, not found
+    source_images: Sequence[Dataset] = source.headers
+    nothing_found = not found
     if found:
         pixels = _frames_in_source_order(source, segment_numbers(labels, found))
     else:

@@ -36,7 +36,7 @@ then lists "spleen: N mL" with the area and jumps to that image.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import highdicom as hd
 import numpy as np
@@ -366,7 +366,8 @@ def _document(report: hd.sr.MeasurementReport, **kwargs: Any) -> hd.sr.Comprehen
     content, unchanged, is then put in it. Nothing in the document differs: the evidence
     lists every instance given (all of the SR's study) whether referenced or not.
     """
-    root = report[0]
+    # pydicom's Sequence annotates its items as Dataset; a highdicom template's are ContentItems.
+    root = cast(hd.sr.ContentItem, report[0])
     content = root.ContentSequence
     root.ContentSequence = hd.sr.ContentSequence(
         [item for item in content if item.RelationshipType != "CONTAINS"]

@@ -27,9 +27,10 @@ weights, the labels and each refusal with its reason; the rules depend on one an
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import monai
 import torch
@@ -122,7 +123,8 @@ class Bundle:
     blend_mode: str
     #: Set when the fast path reproduces the bundle's preprocessing, else ``None``.
     preprocessing: Preprocessing | None
-    network_def: dict[str, Any]
+    #: The config's ``network_def``: an item (``_target_``) or a ``$`` expression.
+    network_def: dict[str, Any] | str
     parser: ConfigParser = field(repr=False)
     #: Set when the fast path reproduces the bundle's postprocessing, else ``None``.
     fast_postprocessing: FastPostprocessing | None = None
@@ -200,7 +202,8 @@ class Bundle:
             if isinstance(state, dict) and isinstance(state.get("model"), dict):
                 state = state["model"]  # a CheckpointSaver checkpoint
             try:
-                net.load_state_dict(state)
+                # Whatever the file holds: load_state_dict refuses a non-mapping (TypeError).
+                net.load_state_dict(cast("Mapping[str, Any]", state))
             except (RuntimeError, TypeError) as exc:
                 raise BundleError(
                     f"bundle {self.path}: the weights in {pt.name} do not fit its network_def "
@@ -498,6 +501,7 @@ def load_bundle(path: str | Path) -> Bundle:
     an_item = isinstance(network_def, dict) and "_target_" in network_def
     if not an_item and not (isinstance(network_def, str) and network_def.startswith("$")):
         raise BundleError(f"bundle {root} has no network_def in {config_path.name}")
+    assert isinstance(network_def, (dict, str))  # an item or an expression, as just checked
     image_key = str(_parse(parser, "image_key", root, default="image"))
     _check_single_image(_transforms(config, "preprocessing"), root)
     for section in ("preprocessing", "inferer", "postprocessing"):

@@ -30,7 +30,7 @@ import copy
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import nibabel as nib
 import numpy as np
@@ -88,7 +88,8 @@ def postprocess_monai(
     with torch.inference_mode():
         label = torch.argmax(logits, dim=0, keepdim=True).to(torch.uint8)
         if keep_largest:
-            label = largest(label)
+            # MONAI annotates its result as an array or a tensor; a tensor gives a tensor.
+            label = cast(torch.Tensor, largest(label))
         labels = resample_to_input(torch.as_tensor(label), image).to(torch.uint8)
         if not contours:
             return Postprocessed(labels.cpu().numpy(), None)
@@ -413,6 +414,13 @@ class _AxisReads:
             self.model_axis, rev(self.nearest), rev(self.cell), rev(self.span), rev(self.coords)
         )
 
+    @property
+    def length(self) -> int:
+        """The size of the output axis: one read (an index or a point) per output index."""
+        reads = self.coords if self.coords is not None else self.nearest
+        assert reads is not None  # an axis reads by nearest index or by sample point
+        return len(reads)
+
 
 @dataclass(frozen=True)
 class _Resample:
@@ -466,7 +474,7 @@ def invert_labels(
         if resample.mode == "bilinear" and not argmax:
             return None  # a label map interpolated: not a label map any more
         current = resample.affine
-        shape = [len(a.coords) if a.coords is not None else len(a.nearest) for a in resample.axes]
+        shape = [a.length for a in resample.axes]
     # Output axis j (in x, y, z order) reads current axis order[j], reversed where flip[j].
     order, flip = [0, 1, 2], [False, False, False]
     if names[:1] == [_ORIENTATION]:
@@ -836,6 +844,7 @@ def _trilinear_points(
             for ox, wx, ix in corners[0]:
                 weight = wx * wy * wz
                 if zeros:  # a corner outside adds nothing (border: its weight is zero)
+                    assert ix is not None and iy is not None and iz is not None  # set for zeros
                     weight = torch.where(ix & iy & iz, weight, torch.zeros_like(weight))
                 voxel = oz + oy + ox
                 for c, flat in enumerate(classes):
@@ -1033,7 +1042,8 @@ def run_postprocessing(
     ``Invertd`` leaves is (1, x, y, z) uint8 when nothing but writers follows, else float32
     as MONAI's.
     """
-    steps = list(transforms)
+    # Any callable: a copied Invertd takes the place of its original below.
+    steps: list[Callable[..., Any]] = list(transforms)
     i = 0
     while i < len(steps):
         step, following = steps[i], steps[i + 1] if i + 1 < len(steps) else None
@@ -1041,14 +1051,15 @@ def run_postprocessing(
             taken = _inverted(step, following, data) if exact else 0
             if taken:
                 if steps[i + taken :]:
-                    key = step.keys[0]
+                    key = cast(str, step.keys[0])  # MONAI types keys Hashable; these are str
                     data[key] = data[key].to(torch.float32)
                 i += taken
                 continue
             if inverse is not None:
                 step = copy.copy(step)
                 step.transform = inverse
-        data = apply_transform(step, data)
+        # A list only where the data is a list (of dictionaries); here it is one.
+        data = cast("dict[str, Any]", apply_transform(step, data))
         i += 1
     return data
 
@@ -1058,7 +1069,8 @@ def _inverted(step: Invertd, following: Any, data: dict[str, Any]) -> int:
     :func:`invert_labels` into ``data``; the number of transforms done, 0 where it cannot."""
     if len(step.keys) != 1 or step.device[0] is not None or step.post_func[0] is not None:
         return 0
-    key, orig_key = step.keys[0], step.orig_keys[0]
+    # MONAI types keys Hashable; the keys of ``data`` are str.
+    key, orig_key = cast(str, step.keys[0]), cast(str, step.orig_keys[0])
     image, values = data.get(orig_key), data.get(key)
     if not isinstance(image, MetaTensor) or not isinstance(values, torch.Tensor):
         return 0

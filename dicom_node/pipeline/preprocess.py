@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import cast
 
 import numpy as np
 import torch
+from monai.config import DtypeLike
 from monai.data import MetaTensor
 from monai.transforms import Compose, Spacing, SpatialResample
 from monai.utils import LazyAttr, TraceKeys
@@ -125,19 +127,23 @@ class Preprocess:
         if str(spacing.mode) in _SLAB_MODES:
             out = self._resample_in_slabs(volume, stored_affine, dst_affine, dst_shape, done)
         else:  # a spline order: MONAI's own resampling (it compiles for those)
-            stored = MetaTensor(volume.to(torch.float32)[None], affine=stored_affine)
+            # MONAI annotates MetaTensor's affine as a tensor; it takes an array.
+            stored: torch.Tensor = MetaTensor(
+                volume.to(torch.float32)[None], affine=cast(torch.Tensor, stored_affine)
+            )
             if self._intensity_first:
-                stored = self._intensity(stored)
+                stored = self._window(stored)
             resample = SpatialResample(
                 mode=spacing.mode,
                 padding_mode=spacing.padding_mode,
                 align_corners=spacing.align_corners,
-                dtype=torch.float32,
+                # MONAI annotates dtype as numpy's; it takes torch dtypes.
+                dtype=cast(DtypeLike, torch.float32),
             )
             out = torch.as_tensor(resample(stored, dst_affine=dst_affine, spatial_size=dst_shape))
             del stored
         if not self._intensity_first and self._intensity is not None:
-            out = self._intensity(out)
+            out = self._window(out)
         ras = torch.as_tensor(xyz, dtype=torch.float64)
         meta = {
             "space": "RAS",
@@ -169,6 +175,7 @@ class Preprocess:
         planes falls between; the sample points and ``grid_sample`` are those of MONAI's
         resampling (the same mode, padding and corner convention), computed in float64.
         """
+        assert self._spacing is not None  # only the resampling path (see __call__) comes here
         spacing = self._spacing.sp_resample
         align = bool(spacing.align_corners)
         slices, rows, columns = (int(n) for n in volume.shape)
@@ -211,7 +218,7 @@ class Preprocess:
             hi = int(np.clip(np.floor(ends[1]) + 2, 0, slices - 1))
             slab = volume[lo : hi + 1].to(torch.float32)[None, None]
             if self._intensity_first:
-                slab = self._intensity(slab)
+                slab = self._window(slab)
             # grid_sample takes (x, y, z) = (column, row, slice), normalised to [-1, 1]
             grid = torch.empty(
                 (1, *(len(r) for r in box), 3), dtype=torch.float32, device=volume.device
@@ -253,6 +260,7 @@ class Preprocess:
         before conversion), then along the slices: most of the work on the grid's few
         rows and columns rather than on every source voxel, and no float copy of the volume.
         """
+        assert self._spacing is not None  # only the resampling path (see __call__) comes here
         spacing = self._spacing.sp_resample
         align = bool(spacing.align_corners)
         padding = str(spacing.padding_mode)
@@ -290,7 +298,13 @@ class Preprocess:
     def _convert(self, voxels: torch.Tensor) -> torch.Tensor:
         """Source voxels to float32, through the intensity window when it comes first."""
         voxels = voxels.to(torch.float32)
-        return self._intensity(voxels) if self._intensity_first else voxels
+        return self._window(voxels) if self._intensity_first else voxels
+
+    def _window(self, image: torch.Tensor) -> torch.Tensor:
+        """``image`` through the bundle's ScaleIntensityRange (asked only where it has one)."""
+        assert self._intensity is not None  # "intensity" is in the bundle's order
+        # MONAI annotates its result as an array or a tensor; a tensor gives a tensor.
+        return cast(torch.Tensor, self._intensity(image))
 
     def _output_grid(
         self, xyz_affine: np.ndarray, xyz_shape: tuple[int, ...]

@@ -28,7 +28,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -233,7 +233,9 @@ class SegmentationPipeline:
         with torch.inference_mode():
             logits = sliding_window_inference(
                 data[None],
-                roi_size=self.bundle.roi_size,
+                # MONAI annotates roi_size without None, which falls back to the image's size
+                # (as a None component does); the fast path always has a window.
+                roi_size=cast("Sequence[int]", self.bundle.roi_size),
                 sw_batch_size=batch,
                 predictor=predictor,
                 overlap=self.bundle.overlap,

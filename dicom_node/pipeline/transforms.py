@@ -12,18 +12,22 @@ bundle uses the same functions, so training and inference cannot drift apart.
 from __future__ import annotations
 
 import inspect
+from typing import cast
 
 import numpy as np
 import torch
+from monai.config import DtypeLike
 from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
+    InvertibleTransform,
     Orientation,
     Orientationd,
     ScaleIntensityRange,
     Spacing,
     Spacingd,
     SpatialResample,
+    Transform,
 )
 from monai.utils import get_equivalent_dtype
 
@@ -96,27 +100,37 @@ def from_metatensor(image: torch.Tensor) -> torch.Tensor:
 
 def spatial_transforms(
     pre: Preprocessing, mode: str | None = None, dtype: torch.dtype = torch.float32
-) -> list:
+) -> list[InvertibleTransform]:
     """The bundle's Orientation and Spacing, in its order (``mode`` overrides, e.g. for labels;
     ``dtype`` is the precision Spacing resamples in)."""
-    steps = []
+    # MONAI annotates dtype as numpy's; it takes torch dtypes.
+    spacing_dtype = cast(DtypeLike, dtype)
+    steps: list[InvertibleTransform] = []
     for step in pre.order:
         if step == "orientation" and pre.axcodes:
             steps.append(Orientation(axcodes=pre.axcodes, labels=_RAS_LABELS))
         elif step == "spacing" and pre.pixdim:
-            steps.append(Spacing(pixdim=pre.pixdim, mode=mode or pre.spacing_mode, dtype=dtype))
+            steps.append(
+                Spacing(pixdim=pre.pixdim, mode=mode or pre.spacing_mode, dtype=spacing_dtype)
+            )
     return steps
 
 
-def spatial_dict_transforms(pre: Preprocessing, key: str, dtype: torch.dtype) -> list:
+def spatial_dict_transforms(
+    pre: Preprocessing, key: str, dtype: torch.dtype
+) -> list[InvertibleTransform]:
     """The bundle's Orientation and Spacing as dictionary transforms on ``key``, in its order:
     what ``Invertd`` can undo."""
-    steps = []
+    # MONAI annotates dtype as numpy's; it takes torch dtypes.
+    spacing_dtype = cast(DtypeLike, dtype)
+    steps: list[InvertibleTransform] = []
     for step in pre.order:
         if step == "orientation" and pre.axcodes:
             steps.append(Orientationd(keys=key, axcodes=pre.axcodes, labels=_RAS_LABELS))
         elif step == "spacing" and pre.pixdim:
-            steps.append(Spacingd(keys=key, pixdim=pre.pixdim, mode=pre.spacing_mode, dtype=dtype))
+            steps.append(
+                Spacingd(keys=key, pixdim=pre.pixdim, mode=pre.spacing_mode, dtype=spacing_dtype)
+            )
     return steps
 
 
@@ -130,7 +144,7 @@ def intensity_transform(pre: Preprocessing) -> ScaleIntensityRange | None:
         b_min=pre.b_min,
         b_max=pre.b_max,
         clip=pre.clip,
-        dtype=torch.float32,
+        dtype=cast(DtypeLike, torch.float32),  # MONAI annotates numpy's; it takes torch's
     )
 
 
@@ -138,10 +152,12 @@ def image_transforms(pre: Preprocessing, dtype: torch.dtype = torch.float32) -> 
     """The bundle's preprocessing of an image, as MONAI array transforms in the bundle's order
     (Spacing resampling in ``dtype``)."""
     spatial = iter(spatial_transforms(pre, dtype=dtype))
-    steps = []
+    steps: list[Transform] = []
     for step in pre.order:
         if step == "intensity":
-            steps.append(intensity_transform(pre))
+            intensity = intensity_transform(pre)
+            assert intensity is not None  # "intensity" is in the order
+            steps.append(intensity)
         elif (step == "orientation" and pre.axcodes) or (step == "spacing" and pre.pixdim):
             steps.append(next(spatial))
     return Compose(steps)
@@ -159,7 +175,11 @@ def resample_to_input(label: torch.Tensor, image: MetaTensor) -> torch.Tensor:
     """
     data = label.as_tensor() if isinstance(label, MetaTensor) else label
     src = MetaTensor(data.to(torch.float32), affine=image.affine)
-    out = SpatialResample(mode="nearest", padding_mode="zeros", dtype=torch.float32)(
+    # MONAI annotates dtype as numpy's; it takes torch dtypes.
+    resample = SpatialResample(
+        mode="nearest", padding_mode="zeros", dtype=cast(DtypeLike, torch.float32)
+    )
+    out = resample(
         src,
         dst_affine=torch.as_tensor(image.meta[INPUT_AFFINE], dtype=torch.float64),
         spatial_size=image.meta[INPUT_SHAPE],

@@ -39,7 +39,8 @@ def channels_last_on_cpu(net: torch.nn.Module, device: torch.device) -> torch.nn
     kinds = {getattr(m, "original_name", type(m).__name__) for m in net.modules()}
     if "Conv3d" not in kinds or "Linear" in kinds:
         return net
-    return net.to(memory_format=torch.channels_last_3d)
+    # torch's stubs omit Module.to's memory_format keyword, which it documents and takes.
+    return net.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
 
 
 def load_torchscript(root: Path, device: str | torch.device = "cpu") -> torch.nn.Module | None:
