@@ -361,9 +361,6 @@ def label_counts(labels: np.ndarray) -> np.ndarray:
     counts = np.zeros(256, dtype=np.int64)
     for plane in labels.reshape(-1, *labels.shape[-2:]):
         counts += np.bincount(plane.ravel(), minlength=256)
-    if not labels.flags.writeable:
-        key = id(labels)
-        _COUNTED[key] = (weakref.ref(labels, lambda _: _COUNTED.pop(key, None)), counts.copy())
     return counts
 
 
