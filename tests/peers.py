@@ -158,6 +158,31 @@ def echoscu(port: int, aet: str = "DICOM_NODE", calling: str = "ECHOSCU") -> boo
     return r.returncode == 0
 
 
+def managed_triton(**settings: Any) -> dict[str, Any]:
+    """An ``[inference]`` section: the node's own Triton server, on ports the system picks."""
+    return {
+        "backend": "triton",
+        "grpc_port": 0,
+        "http_port": 0,
+        "metrics_port": 0,
+        "retry_backoff_seconds": 1.0,
+        **settings,
+    }
+
+
+def pacs_destination(pacs: Orthanc, **settings: Any) -> dict[str, Any]:
+    """A ``[[destinations]]`` table for an Orthanc of the tests, retried quickly."""
+    return {
+        "name": "pacs",
+        "ae_title": pacs.aet,
+        "host": "127.0.0.1",
+        "port": pacs.dicom_port,
+        "retry_backoff_seconds": 0.5,
+        "max_backoff_seconds": 2.0,
+        **settings,
+    }
+
+
 def storescu(
     port: int,
     paths: list[Path] | Path,

@@ -41,7 +41,7 @@ from dicom_node.pipeline.install import write_seeded_weights
 from dicom_node.pipeline.metadata import read_config
 from dicom_node.pipeline.transforms import ras_affine
 from tests import checks
-from tests.peers import TEST_DATA, NodeProcess, Orthanc, storescu
+from tests.peers import TEST_DATA, NodeProcess, Orthanc, managed_triton, pacs_destination, storescu
 from tests.peers import testdata as shared_data
 from tests.system.test_zoo_bundles import _series
 
@@ -237,19 +237,10 @@ def serve(names: tuple[str, ...], bundles: Bundles, series, tmp: Path) -> dict[s
     node = NodeProcess(
         tmp / "node",
         node={"settle_seconds": 1.0},
-        inference={
-            "backend": "triton",
-            "grpc_port": 0,
-            "http_port": 0,
-            "metrics_port": 0,
-            "retry_backoff_seconds": 1.0,
-            "startup_timeout_seconds": 600,
-        },
+        inference=managed_triton(startup_timeout_seconds=600),
         models=[{"name": BUNDLES[n], "bundle": str(bundles[n])} for n in names],
         routes=[{"models": [BUNDLES[n] for n in names]}],
-        destinations=[
-            {"name": "pacs", "ae_title": pacs.aet, "host": "127.0.0.1", "port": pacs.dicom_port}
-        ],
+        destinations=[pacs_destination(pacs)],
     )
     try:
         node.start()

@@ -22,7 +22,7 @@ import pytest
 
 from dicom_node.pipeline import read_bundle_info
 from tests import checks
-from tests.peers import NodeProcess, Orthanc, storescu
+from tests.peers import NodeProcess, Orthanc, managed_triton, pacs_destination, storescu
 from tests.system.test_zoo_bundles import (
     ZOO,
     Bundles,
@@ -77,26 +77,10 @@ def through_triton(bundles, narrow_series, tmp_path_factory):
     node = NodeProcess(
         tmp / "node",
         node={"settle_seconds": 1.0},
-        inference={
-            "backend": "triton",
-            "grpc_port": 0,
-            "http_port": 0,
-            "metrics_port": 0,
-            "retry_backoff_seconds": 1.0,
-            "startup_timeout_seconds": 300,
-        },
+        inference=managed_triton(startup_timeout_seconds=300),
         models=[{"name": SERVED[n], "bundle": str(bundles[n])} for n in SERVED],
         routes=[{"models": list(SERVED.values())}],
-        destinations=[
-            {
-                "name": "pacs",
-                "ae_title": pacs.aet,
-                "host": "127.0.0.1",
-                "port": pacs.dicom_port,
-                "retry_backoff_seconds": 0.5,
-                "max_backoff_seconds": 2.0,
-            }
-        ],
+        destinations=[pacs_destination(pacs)],
     )
     try:
         node.start()

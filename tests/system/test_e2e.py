@@ -13,7 +13,7 @@ from dicom_node.series.volume import assemble_series
 from dicom_node_testing.phantom import make_phantom
 from dicom_node_testing.synthetic import SeriesAttributes, write_ct_series
 from tests import checks
-from tests.peers import NodeProcess, Orthanc, free_port, storescu
+from tests.peers import NodeProcess, Orthanc, managed_triton, pacs_destination, storescu
 
 pytestmark = [pytest.mark.slow, pytest.mark.cost(30)]
 
@@ -32,23 +32,8 @@ def node(tmp_path_factory, pacs):
     n = NodeProcess(
         tmp_path_factory.mktemp("node"),
         node={"settle_seconds": 1.0},
-        inference={
-            "backend": "triton",
-            "grpc_port": free_port(),
-            "http_port": free_port(),
-            "metrics_port": free_port(),
-            "retry_backoff_seconds": 1.0,
-        },
-        destinations=[
-            {
-                "name": "pacs",
-                "ae_title": pacs.aet,
-                "host": "127.0.0.1",
-                "port": pacs.dicom_port,
-                "retry_backoff_seconds": 0.5,
-                "max_backoff_seconds": 2.0,
-            }
-        ],
+        inference=managed_triton(),
+        destinations=[pacs_destination(pacs)],
     ).start()
     yield n
     n.stop()
