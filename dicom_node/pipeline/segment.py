@@ -380,6 +380,10 @@ def _one_thread_on(device: torch.device) -> Iterator[None]:
     Why: post-processing is memory-bound and mostly numpy; a second torch thread gains
     nothing on an idle machine and, where another process keeps a core busy, makes each
     torch operation wait for it (post-processing 0.3 s became 3 s on a loaded 2-core host).
+
+    Once OpenMP has run on a thread, torch's thread count is that thread's own (OpenMP's
+    per-thread setting): a job post-processing here leaves another job's inference on its
+    own thread as it was, and gets its own count back as it leaves.
     """
     if device.type != "cpu":
         yield

@@ -203,3 +203,42 @@ def test_a_served_network_on_a_cpu_gets_no_window_alone(demo):
     assert counting.sizes == [5]
     whole = PatchByPatch(pipeline.network, 4)  # the bundle's batches, in one call each
     torch.testing.assert_close(served, pipeline.infer(image, whole), **TOLERANCE)
+
+
+def test_post_processing_on_one_thread_leaves_other_jobs_threads_as_they_were():
+    """A job post-processes on one torch thread while another job's thread keeps its count
+    (OpenMP's setting is the thread's once OpenMP ran there), and has its own count back
+    once it ends."""
+    import threading
+
+    import torch
+
+    from dicom_node.pipeline.segment import _one_thread_on
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    torch.ones(1 << 16).sum()  # OpenMP has run on this thread
+    try:
+        inside, checked = threading.Event(), threading.Event()
+        seen: dict[str, int] = {}
+
+        def job() -> None:
+            torch.ones(1 << 16).sum()
+            seen["job before"] = torch.get_num_threads()
+            with _one_thread_on(torch.device("cpu")):
+                seen["job inside"] = torch.get_num_threads()
+                inside.set()
+                checked.wait(5)
+            seen["job after"] = torch.get_num_threads()
+
+        worker = threading.Thread(target=job)
+        worker.start()
+        assert inside.wait(5)
+        seen["other job meanwhile"] = torch.get_num_threads()
+        checked.set()
+        worker.join(5)
+        assert seen["job inside"] == 1
+        assert seen["job after"] == seen["job before"]
+        assert seen["other job meanwhile"] == 2
+    finally:
+        torch.set_num_threads(before)
