@@ -44,13 +44,13 @@ class Worker:
 
     def _run(self) -> None:
         while not self._stop.is_set():
+            self._wake.clear()  # before the round: a wake during it brings the next at once
             try:
                 while self.step() and not self._stop.is_set():
                     pass
             except Exception:  # noqa: BLE001 - logged; the next round tries again
                 log.exception("%s error", self.what)
             self._wake.wait(self.interval)
-            self._wake.clear()
 
     def stop(self, timeout: float = 60.0) -> None:
         """Ask the loop to end after its current round and wait up to ``timeout`` s."""
