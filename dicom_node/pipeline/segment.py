@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal, cast
 
 import numpy as np
@@ -40,6 +40,7 @@ from monai.utils import fall_back_tuple
 
 from dicom_node.common.heap import release_free_memory
 from dicom_node.pipeline.bundle import WRITERS, Bundle
+from dicom_node.pipeline.patches import PatchByPatch, Predictor, default_patches_at_once
 from dicom_node.pipeline.postprocess import (
     contours_of,
     postprocess_fast,
@@ -51,83 +52,9 @@ from dicom_node.pipeline.result import HandOver, SegmentationResult
 from dicom_node.pipeline.transforms import from_metatensor
 from dicom_node.pipeline.workflow import BundleWorkflow
 
-Predictor = Callable[[torch.Tensor], torch.Tensor]
 PostprocessMode = Literal["fast", "monai"]
 Path_ = Literal["auto", "fast", "bundle"]
 _POSTPROCESS = {"fast": postprocess_fast, "monai": postprocess_monai}
-
-
-class PatchByPatch:
-    """``network`` applied to a patch batch at most ``patches`` patches at a time.
-
-    Why: the sliding window hands the network ``sw_batch_size`` patches at once (4 in the
-    spleen bundle), and the network's activations grow with the batch while its result, the
-    logits, is small: on a CPU, four 96^3 patches through the demo spleen UNet take some
-    360 MiB at their peak, which is the node's own memory with the local backend. Run a part
-    of the batch at a time and only that part's activations are alive; the logits of the
-    parts, concatenated, are those of the whole batch, since the network is in eval mode
-    (batch norm uses its running statistics, so each patch's output depends on that patch
-    alone). The inferer sees the same function of the same batch: same windows, same
-    ``sw_batch_size``, same blending.
-
-    A batch of ``patches`` or fewer goes to the network as it is, and so does a batch that
-    comes with positional arguments (an inferer ``with_coord`` passes the batch's windows,
-    which a part of the batch would not match); keyword arguments go to every part. Outputs
-    may be a tensor, or a tuple, list or dict of tensors (concatenated item by item), as
-    MONAI's inferers accept.
-    """
-
-    def __init__(self, network: Predictor, patches: int = 1) -> None:
-        if patches < 1:
-            raise ValueError(f"patches must be at least 1, not {patches}")
-        self.network = network
-        self.patches = patches
-
-    def __call__(self, batch: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        """The network's output for ``batch`` (N, ...), computed ``patches`` patches at a time."""
-        if args or batch.shape[0] <= self.patches:
-            return self.network(batch, *args, **kwargs)
-        parts = torch.split(batch, self.patches)
-        first = self.network(parts[0], *args, **kwargs)
-        if not isinstance(first, torch.Tensor):
-            rest = [self.network(part, *args, **kwargs) for part in parts[1:]]
-            return _concatenated([first, *rest])
-        # Filled in place, so that the parts' logits are not held twice (parts and whole).
-        out = first.new_empty((batch.shape[0], *first.shape[1:]))
-        out[: first.shape[0]] = first
-        start = first.shape[0]
-        del first
-        for part in parts[1:]:
-            out[start : start + part.shape[0]] = self.network(part, *args, **kwargs)
-            start += part.shape[0]
-        return out
-
-
-def _concatenated(outputs: list[Any]) -> Any:
-    """The per-part outputs of a network that gives a tuple, list or dict, as one batch's."""
-    first = outputs[0]
-    if isinstance(first, torch.Tensor):
-        return torch.cat(outputs)
-    if isinstance(first, dict):
-        return {key: _concatenated([o[key] for o in outputs]) for key in first}
-    if isinstance(first, (tuple, list)):
-        return type(first)(_concatenated(list(items)) for items in zip(*outputs, strict=True))
-    raise TypeError(f"cannot concatenate a network's outputs of type {type(first).__name__}")
-
-
-def default_patches_at_once(device: str | torch.device) -> int | None:
-    """How many patches the in-process network sees at once on ``device`` by default.
-
-    Two on a CPU: the activations are the node's own memory there, and two 96^3 patches of
-    the demo spleen UNet take some 240 MiB against some 360 MiB for the bundle's four, in the
-    same time, about. Not one: PyTorch runs a CPU convolution with oneDNN only for a batch
-    of two or more or a large enough input, so a single patch sends most of the UNet's
-    layers to its im2col fallback, which is some three times slower and whose column
-    buffers take more memory than a second patch's activations. ``None`` (the bundle's
-    whole ``sw_batch_size``) on a GPU: its memory is not the node's, and batching is faster
-    there.
-    """
-    return 2 if torch.device(device).type == "cpu" else None
 
 
 class SegmentationPipeline:

@@ -19,12 +19,8 @@ from monai.inferers import sliding_window_inference
 
 from dicom_node.pipeline import SegmentationPipeline, load_bundle
 from dicom_node.pipeline.install import write_seeded_weights
-from dicom_node.pipeline.segment import (
-    PatchByPatch,
-    default_patches_at_once,
-    served_batch,
-    window_count,
-)
+from dicom_node.pipeline.patches import PatchByPatch, default_patches_at_once, part_sizes
+from dicom_node.pipeline.segment import served_batch, window_count
 from dicom_node_testing.phantom import make_phantom
 from tests.peers import ROOT, TEST_DATA
 
@@ -87,10 +83,12 @@ def test_parts_of_a_batch_give_the_whole_batch_s_logits(which, request):
     batch = _patches(bundle.sw_batch_size, roi)
     with torch.inference_mode():
         whole = network(batch)
-        for patches in (1, 3):  # 3: a last part smaller than the others
+        for patches in (1, 3):  # 3: the last patch joins the part before it
             parts = PatchByPatch(network, patches)(batch)
             assert parts.shape == whole.shape == (4, bundle.num_classes, *roi)
             torch.testing.assert_close(parts, whole, **TOLERANCE)
+        # Parts of two or more run the batch's own kernels: the very same logits.
+        assert torch.equal(PatchByPatch(network, 2)(batch), whole)
 
 
 def test_a_patch_batch_is_split_and_every_patch_is_seen_once(demo):
@@ -101,10 +99,22 @@ def test_a_patch_batch_is_split_and_every_patch_is_seen_once(demo):
         assert counting.sizes == [1, 1, 1, 1]
         counting.sizes.clear()
         PatchByPatch(counting, 3)(batch)
-        assert counting.sizes == [3, 1]
+        assert counting.sizes == [4]  # no lone patch: it joins the part before it
+        counting.sizes.clear()
+        PatchByPatch(counting, 2)(_patches(5, (32, 32, 32)))
+        assert counting.sizes == [2, 3]
         counting.sizes.clear()
         PatchByPatch(counting, 4)(batch)
         assert counting.sizes == [4]  # a batch no larger than a part goes as it is
+
+
+@pytest.mark.parametrize(
+    ("batch", "patches", "sizes"),
+    [(1, 2, [1]), (2, 2, [2]), (3, 2, [3]), (5, 2, [2, 3]), (6, 4, [4, 2]), (9, 4, [4, 5]),
+     (25, 2, [2] * 11 + [3]), (3, 1, [1, 1, 1])],
+)  # fmt: skip
+def test_part_sizes_cover_the_batch_and_leave_no_patch_alone(batch, patches, sizes):
+    assert part_sizes(batch, patches) == sizes
 
 
 @pytest.mark.parametrize("path", ["fast", "bundle"])

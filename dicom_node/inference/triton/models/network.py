@@ -14,6 +14,7 @@ from torch.utils.dlpack import to_dlpack
 
 from dicom_node.common.heap import freeze_heap
 from dicom_node.inference.triton.models import bundle_path_from_config, instance_device
+from dicom_node.pipeline.patches import PatchByPatch, default_patches_at_once
 from dicom_node.pipeline.served import load_served_network
 
 
@@ -25,6 +26,10 @@ class TritonPythonModel:
         # Under autocast when the bundle's evaluator says amp. MONAI is imported only when
         # the weights need its network_def (a process per instance: 1.2 s of CPU less each).
         self.network, self.amp = load_served_network(bundle, self.device)
+        # On a CPU a batch runs a few patches at a time, as in process: faster per patch
+        # there, and the same logits (see default_patches_at_once).
+        patches = default_patches_at_once(self.device)
+        self.predict = self.network if patches is None else PatchByPatch(self.network, patches)
         freeze_heap()  # what this instance loaded lives as long as it
 
     def execute(self, requests):
@@ -35,7 +40,7 @@ class TritonPythonModel:
         ]
         amp = torch.autocast("cuda") if self.amp else contextlib.nullcontext()
         with torch.inference_mode(), amp:
-            logits = self.network(torch.cat(batches).to(self.device)).float()
+            logits = self.predict(torch.cat(batches).to(self.device)).float()
             if logits.is_cuda:
                 # DLPack carries no stream: finish the kernels before Triton reads the output.
                 torch.cuda.current_stream(logits.device).synchronize()
