@@ -286,11 +286,13 @@ def served_batch(windows: int, batch: int) -> int:
     single window.
 
     Why: PyTorch sends the 3D convolutions of a batch of one to a slower kernel than those
-    of two or more: the zoo's spleen UNet takes 0.23 s for one 96^3 patch where two take
-    0.16 s (two cores), and its 25 windows of a 512x512x100 series in batches of 4 leave
-    one for the last. In batches of 5 none is alone. The network sees the same windows and
-    the inferer blends them in the same order; each window's logits are the same function
-    of it (the network is in eval mode).
+    of two or more: the zoo's spleen UNet takes 0.25 s for one 96^3 patch where it takes
+    0.11 s a patch in twos (two cores), and its 25 windows of a 512x512x100 series in
+    batches of 4 leave one for the last request. In batches of 5 none is alone, and the
+    network model runs each two or three patches at a time
+    (:func:`~dicom_node.pipeline.patches.part_sizes`). The network sees the same windows
+    and the inferer blends them in the same order; each window's logits are the same
+    function of it (the network is in eval mode).
     """
     if batch < 2 or windows <= batch or windows % batch != 1:
         return batch
