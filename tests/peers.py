@@ -28,6 +28,8 @@ from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.pdu import A_ASSOCIATE_RJ
 
+from dicom_node.common.associations import TUNE_REQUESTED
+
 if TYPE_CHECKING:
     from dicom_node.inference.triton.server import TritonServer
 
@@ -110,7 +112,8 @@ def associate(ae: AE, port: int, **kwargs: Any) -> tuple[Association, tuple[int,
         if isinstance(event.pdu, A_ASSOCIATE_RJ):
             seen.append(event.pdu)
 
-    assoc = ae.associate("127.0.0.1", port, evt_handlers=[(evt.EVT_PDU_RECV, keep)], **kwargs)
+    handlers = [(evt.EVT_PDU_RECV, keep), TUNE_REQUESTED]  # TUNE_REQUESTED: as the node's own
+    assoc = ae.associate("127.0.0.1", port, evt_handlers=handlers, **kwargs)
     if not seen:
         return assoc, None
     return assoc, (seen[0].result, seen[0].source, seen[0].reason_diagnostic)

@@ -46,8 +46,8 @@ from pynetdicom.pdu import A_ASSOCIATE_RJ
 from pynetdicom.sop_class import StorageCommitmentPushModelInstance
 from pynetdicom.status import STORAGE_COMMITMENT_SERVICE_CLASS_STATUS
 
+from dicom_node.common.associations import TUNE_REQUESTED
 from dicom_node.common.backoff import backoff
-from dicom_node.common.requests import NO_DELAY
 from dicom_node.common.tls import client_tls_args
 from dicom_node.common.worker import Worker
 from dicom_node.config import Settings, TLSSettings
@@ -198,7 +198,7 @@ def request_commitment(
             (evt.EVT_PDU_RECV, keep_rejection),
             (evt.EVT_N_EVENT_REPORT, report_handler(keep)),
             (evt.EVT_DIMSE_SENT, sent),
-            NO_DELAY,
+            TUNE_REQUESTED,
         ],
     )
     if not assoc.is_established:

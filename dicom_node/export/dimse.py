@@ -21,8 +21,8 @@ import pydicom
 from pynetdicom import AE, evt
 from pynetdicom.pdu import A_ASSOCIATE_RJ
 
+from dicom_node.common.associations import TUNE_REQUESTED
 from dicom_node.common.network import is_loopback
-from dicom_node.common.requests import NO_DELAY
 from dicom_node.common.tls import client_ssl_context, client_tls_args
 from dicom_node.config import (
     ConfigError,
@@ -162,7 +162,7 @@ def cstore_batch(
         evt_handlers=[
             (evt.EVT_ACSE_RECV, lambda event: answers.append(event.primitive)),
             (evt.EVT_PDU_RECV, lambda event: _keep_rejection(event.pdu, answers)),
-            NO_DELAY,
+            TUNE_REQUESTED,
         ],
     )
     refused = {str(cx.abstract_syntax) for cx in assoc.rejected_contexts}

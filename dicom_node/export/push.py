@@ -14,7 +14,7 @@ from pathlib import Path
 import pydicom
 from pynetdicom import AE
 
-from dicom_node.common.requests import NO_DELAY
+from dicom_node.common.associations import TUNE_REQUESTED
 
 
 @dataclass
@@ -52,7 +52,7 @@ def push_paths(
     contexts = {(str(h.SOPClassUID), str(h.file_meta.TransferSyntaxUID)) for h in headers.values()}
     for sop_class, ts in sorted(contexts)[:128]:
         ae.add_requested_context(sop_class, ts)
-    assoc = ae.associate(host, port, ae_title=ae_title, evt_handlers=[NO_DELAY])
+    assoc = ae.associate(host, port, ae_title=ae_title, evt_handlers=[TUNE_REQUESTED])
     if not assoc.is_established:
         raise ConnectionError(f"{ae_title}@{host}:{port} refused or cannot be reached")
     try:

@@ -23,10 +23,10 @@ pynetdicom's DUL and association modules see a ``time`` of this module's
 when there is work, every other sleep is pynetdicom's.
 
 The module names and private attributes used here were read in pynetdicom
-:data:`TESTED_PYNETDICOM`; ``pyproject.toml`` pins the 3.0 series, and
+:data:`~dicom_node.common.associations.TESTED_PYNETDICOM`; ``pyproject.toml`` pins the 3.0 series, and
 ``tests/unit/intake/test_pynetdicom_tuning.py`` fails on any other version until they are read again
 in the new one. Outside the 3.0 series the replacements of internals are left out
-(:data:`TUNES_INTERNALS`): the node then behaves the same, only slower.
+(:data:`~dicom_node.common.associations.TUNES_INTERNALS`): the node then behaves the same, only slower.
 """
 
 from __future__ import annotations
@@ -65,13 +65,8 @@ from pynetdicom.dsutils import create_file_meta
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
 
+from dicom_node.common.associations import TUNES_INTERNALS
 from dicom_node.intake.received import IncomingDataSet, part10_header
-
-#: The pynetdicom release whose internals this module (and :mod:`dicom_node.intake.connections`)
-#: was written against.
-TESTED_PYNETDICOM = "3.0.4"
-#: Whether the replacements of pynetdicom internals apply: within the tested series only.
-TUNES_INTERNALS = pynetdicom.__version__.startswith("3.0.")
 
 #: pynetdicom's default DUL loop delay, seconds.
 IDLE_LOOP_DELAY = 0.001

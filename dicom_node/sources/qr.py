@@ -52,7 +52,7 @@ from pynetdicom.status import (
     QR_MOVE_SERVICE_CLASS_STATUS,
 )
 
-from dicom_node.common.requests import NO_DELAY
+from dicom_node.common.associations import TUNE_REQUESTED
 from dicom_node.common.tls import client_ssl_context
 from dicom_node.config import TLSSettings
 from dicom_node.sources.settings import SourceSettings
@@ -617,7 +617,7 @@ class SourceClient:
             ae_title=self.source.ae_title,
             ext_neg=list(roles) or None,
             tls_args=tls_args,
-            evt_handlers=[(evt.EVT_PDU_RECV, keep), NO_DELAY, *handlers],
+            evt_handlers=[(evt.EVT_PDU_RECV, keep), TUNE_REQUESTED, *handlers],
         )
         service = contexts[0][0]
         if not assoc.is_established:

@@ -31,6 +31,7 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
+from dicom_node.common.associations import TUNE_REQUESTED
 from dicom_node_testing.synthetic import SeriesAttributes, ct_slice
 from tests.peers import NodeProcess
 from tests.peers import testdata as shared_data
@@ -88,8 +89,10 @@ def echo(port: int) -> bool:
 
 @contextmanager
 def association(port: int, abstract: str = CTImageStorage, syntaxes=None):
+    # tuned as the node's own: pynetdicom's requestor can otherwise lose a fast response
+    # to its reactor (see RequestorDIMSE), which would read as the node not answering
     assoc = scu_ae((abstract, syntaxes or ALL_SYNTAXES)).associate(
-        "127.0.0.1", port, ae_title="DICOM_NODE"
+        "127.0.0.1", port, ae_title="DICOM_NODE", evt_handlers=[TUNE_REQUESTED]
     )
     assert assoc.is_established
     try:

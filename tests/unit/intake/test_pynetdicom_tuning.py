@@ -20,6 +20,7 @@ from pynetdicom.dul import DULServiceProvider
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationSocket
 
+from dicom_node.common import associations
 from dicom_node.config import settings_from_dict
 from dicom_node.intake import pynetdicom_tuning as tuning
 from dicom_node.intake.scp import StorageSCP
@@ -41,24 +42,25 @@ RECHECK = (
     "DIMSEServiceProvider.send_msg and the C-STORE-RSP it encodes; "
     "Association._run_reactor's 1 ms sleep; "
     "the request's _dataset_file and _dataset_path; "
-    "DIMSEMessage._data_set_file) and what dicom_node/intake/connections.py replaces "
-    "(AssociationSocket.recv), run bench/ingest.py, then update TESTED_PYNETDICOM and the "
+    "DIMSEMessage._data_set_file; DIMSEServiceProvider.msg_queue and get_msg, which "
+    "dicom_node/common/associations.py overrides) and what dicom_node/intake/connections.py replaces "
+    "(AssociationSocket.recv), run bench/ingest.py, then update TESTED_PYNETDICOM (dicom_node/common/associations.py) and the "
     "pynetdicom pin in pyproject.toml"
 )
 
 
 def test_installed_pynetdicom_is_the_version_the_tuning_was_checked_against():
-    assert pynetdicom.__version__ == tuning.TESTED_PYNETDICOM, (
+    assert pynetdicom.__version__ == associations.TESTED_PYNETDICOM, (
         f"pynetdicom {pynetdicom.__version__} is installed, the tuning was checked against "
-        f"{tuning.TESTED_PYNETDICOM}: {RECHECK}"
+        f"{associations.TESTED_PYNETDICOM}: {RECHECK}"
     )
-    assert tuning.TUNES_INTERNALS, f"the tuning is switched off here: {RECHECK}"
+    assert associations.TUNES_INTERNALS, f"the tuning is switched off here: {RECHECK}"
 
 
 def test_the_pin_admits_the_tested_version_and_no_release_that_switches_the_tuning_off():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     [pin] = [Requirement(r) for r in project["dependencies"] if Requirement(r).name == "pynetdicom"]
-    tested = Version(tuning.TESTED_PYNETDICOM)
+    tested = Version(associations.TESTED_PYNETDICOM)
     assert tested in pin.specifier, f"pyproject.toml's {pin} excludes the tested {tested}"
     # the tuning applies to the tested series only: outside it the node would only be slower
     series = f"{tested.major}.{tested.minor}"
@@ -85,6 +87,9 @@ def test_the_internals_replaced_are_where_they_were():
 
     loop = Association._run_reactor.__code__
     assert "time" in loop.co_names and tuning._REACTOR_LOOP_SLEEP in loop.co_consts, RECHECK
+    # the reactor polls the DIMSE queue, which RequestorDIMSE peeks at
+    assert "get_msg" in loop.co_names and "_is_paused" in loop.co_names, RECHECK
+    assert hasattr(DIMSEServiceProvider(None).msg_queue, "mutex"), RECHECK  # type: ignore[arg-type]
     assert tuning.IDLE_LOOP_DELAY == 0.001  # pynetdicom's own, restored when idle
 
 
