@@ -23,10 +23,11 @@ pynetdicom's DUL and association modules see a ``time`` of this module's
 when there is work, every other sleep is pynetdicom's.
 
 The module names and private attributes used here were read in pynetdicom
-:data:`~dicom_node.common.associations.TESTED_PYNETDICOM`; ``pyproject.toml`` pins the 3.0 series, and
-``tests/unit/intake/test_pynetdicom_tuning.py`` fails on any other version until they are read again
-in the new one. Outside the 3.0 series the replacements of internals are left out
-(:data:`~dicom_node.common.associations.TUNES_INTERNALS`): the node then behaves the same, only slower.
+:data:`~dicom_node.common.associations.TESTED_PYNETDICOM`; ``pyproject.toml`` pins the
+3.0 series, and ``tests/unit/intake/test_pynetdicom_tuning.py`` fails on any other version
+until they are read again in the new one. Outside the 3.0 series the replacements of
+internals are left out (:data:`~dicom_node.common.associations.TUNES_INTERNALS`): the node
+then behaves the same, only slower.
 """
 
 from __future__ import annotations

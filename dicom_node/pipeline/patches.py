@@ -53,11 +53,11 @@ class PatchByPatch:
     alone). The inferer sees the same function of the same batch: same windows, same
     ``sw_batch_size``, same blending.
 
-    A batch of ``patches`` or fewer goes to the network as it is, and so does a batch that
-    comes with positional arguments (an inferer ``with_coord`` passes the batch's windows,
-    which a part of the batch would not match); keyword arguments go to every part. Outputs
-    may be a tensor, or a tuple, list or dict of tensors (concatenated item by item), as
-    MONAI's inferers accept.
+    A batch that is one part (``patches`` or fewer, or one more) goes to the network as it
+    is, and so does a batch that comes with positional arguments (an inferer ``with_coord``
+    passes the batch's windows, which a part of the batch would not match); keyword
+    arguments go to every part. Outputs may be a tensor, or a tuple, list or dict of
+    tensors (concatenated item by item), as MONAI's inferers accept.
     """
 
     def __init__(self, network: Predictor, patches: int = 1) -> None:
@@ -68,9 +68,10 @@ class PatchByPatch:
 
     def __call__(self, batch: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         """The network's output for ``batch`` (N, ...), computed part by part."""
-        if args or batch.shape[0] <= self.patches:
+        sizes = part_sizes(batch.shape[0], self.patches)
+        if args or len(sizes) == 1:  # one part: the network's own output, not a copy of it
             return self.network(batch, *args, **kwargs)
-        parts = torch.split(batch, part_sizes(batch.shape[0], self.patches))
+        parts = torch.split(batch, sizes)
         first = self.network(parts[0], *args, **kwargs)
         if not isinstance(first, torch.Tensor):
             rest = [self.network(part, *args, **kwargs) for part in parts[1:]]
