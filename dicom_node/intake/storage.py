@@ -78,10 +78,10 @@ class StoreOutcome:
     """What happened to one C-STORE; passed to observers (metrics, the streaming
     assembler, tests).
 
-    For a new instance, ``path`` is its spool file, ``meta`` the Part 10 header written at
-    its start and ``dataset`` the data set the handler parsed (with its transfer syntax in
-    ``file_meta``): an observer that decodes the pixels off the acknowledgement path need
-    not read the file. Observers run before the response is sent, so they only hand work on.
+    For a new instance, ``path`` is its spool file, ``size`` that file's size, ``meta`` the
+    Part 10 header written at its start and ``dataset`` the data set the handler parsed
+    (with its transfer syntax in ``file_meta``): an observer that decodes the pixels off the
+    acknowledgement path need not read the file. Observers run before the response is sent, so they only hand work on.
 
     Every instance stored (new or a duplicate, held in memory or spilled) names its study,
     SOP class and patient, for the audit trail; ``association`` is set by the SCP to the
@@ -101,6 +101,7 @@ class StoreOutcome:
     patient_name: str = field(default="", repr=False)
     association: int = 0
     meta: bytes = field(default=b"", repr=False)
+    size: int = 0
 
 
 class _Subject(TypedDict):
@@ -249,6 +250,7 @@ class InstanceStorage:
             path=str(path),
             dataset=ds if keep else None,
             meta=header if keep else b"",
+            size=size,
             **_subject(ds, study_uid, sop_class),
         )
 

@@ -74,6 +74,8 @@ def test_streamed_volume_is_bit_identical_to_the_spool_assembly(
     assembler, arrival = _stream(paths)
     try:
         staged = assembler.take("1.2.3")
+        if source != "float":  # native slices stay in their spool files until assembly
+            assert assembler.staged_bytes == 0
         streamed = staged.assemble(arrival, 3, allocate)
         assert streamed is not None, staged.problem
         _same_volume(streamed, assemble_series(arrival, 3))
@@ -106,15 +108,49 @@ def test_staged_slices_that_differ_from_the_database_are_not_used(tmp_path):
     try:
         assert assembler.take("1.2.3").assemble(paths, 3, np.empty) is None
         assert assembler.staged_bytes == 0
-        # one that would need float voxels after integer ones: read from the spool instead
+        # one that would need float voxels after integer ones, all decoded as they arrive
+        # (a trailing element after Pixel Data: not read from the spool file at assembly),
+        # is read from the spool instead
         mixed = _synthetic(tmp_path / "mixed")
-        ds = pydicom.dcmread(mixed[5])
-        ds.RescaleSlope = 0.5
-        ds.save_as(mixed[5])
+        for k, p in enumerate(mixed):
+            ds = pydicom.dcmread(p)
+            ds.DataSetTrailingPadding = b"\0\0"
+            if k == 5:
+                ds.RescaleSlope = 0.5
+            ds.save_as(p)
         for p in mixed:
             assembler.feed("1.2.4", str(p), _as_received(p))
         staged = assembler.take("1.2.4")
         assert staged.assemble(mixed, 3, np.empty) is None
         assert "floating-point" in (staged.problem or "")
+    finally:
+        assembler.close()
+
+
+def test_slices_read_at_assembly_and_slices_decoded_on_arrival_make_one_volume(tmp_path):
+    paths = _synthetic(tmp_path)
+    ds = pydicom.dcmread(paths[5])
+    ds.RescaleSlope = 0.5  # decoded as it arrives, into float voxels; the rest read later
+    ds.save_as(paths[5])
+    assembler, arrival = _stream(paths, seed=4)
+    try:
+        streamed = assembler.take("1.2.3").assemble(arrival, 3, np.empty)
+        assert streamed is not None
+        assert streamed.array.dtype == np.float32
+        _same_volume(streamed, assemble_series(arrival, 3))
+        assert assembler.staged_bytes == 0
+    finally:
+        assembler.close()
+
+
+def test_a_slice_whose_file_changed_after_it_was_stored_sends_assembly_to_the_spool(tmp_path):
+    paths = _synthetic(tmp_path)
+    assembler, arrival = _stream(paths, seed=5)
+    try:
+        with open(paths[3], "r+b") as f:  # cut inside its Pixel Data
+            f.truncate(paths[3].stat().st_size - 10)
+        assert assembler.take("1.2.3").assemble(arrival, 3, np.empty) is None
+        with pytest.raises(VolumeError):  # where the spool says why
+            assemble_series(arrival, 3)
     finally:
         assembler.close()
