@@ -11,6 +11,7 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import pynetdicom
 from packaging.requirements import Requirement
 from packaging.version import Version
@@ -186,6 +187,56 @@ def test_a_store_response_is_encoded_as_pynetdicom_encodes_it():
         assert tuning.store_response_command(CTImageStorage, message_id, status, instance) == (
             expected
         )
+
+
+def test_a_response_pdu_is_encoded_as_pynetdicom_encodes_it():
+    from pynetdicom.pdu import P_DATA_TF
+    from pynetdicom.pdu_primitives import P_DATA
+
+    command = tuning.store_response_command("1.2.840.10008.5.1.4.1.1.2", 3, 0, "1.2.3.4")
+    for context_id in (1, 7, 255):
+        primitive = P_DATA()
+        primitive.presentation_data_value_list.append((context_id, b"\x03" + command))
+        pdu = P_DATA_TF()
+        pdu.from_primitive(primitive)
+        assert tuning.response_pdu(context_id, command) == pdu.encode()
+
+
+def test_store_responses_go_on_the_socket_from_the_association_thread(tmp_path, monkeypatch):
+    """A plain C-STORE response is sent by the association's own thread, not queued for
+    the DUL's; the peer has every answer, and the association releases as usual."""
+    from pydicom import dcmread
+    from pydicom.uid import CTImageStorage
+    from pynetdicom.pdu_primitives import P_DATA
+
+    from dicom_node_testing.synthetic import write_ct_series
+    from tests.peers import associate
+
+    queued: list[bool] = []  # per P-DATA queued for a DUL: whether the node's
+    own_send_pdu = DULServiceProvider.send_pdu
+
+    def send_pdu(dul: DULServiceProvider, primitive) -> None:
+        if isinstance(primitive, P_DATA):
+            queued.append(not dul.assoc.is_requestor)
+        own_send_pdu(dul, primitive)
+
+    monkeypatch.setattr(DULServiceProvider, "send_pdu", send_pdu)
+    hu = np.zeros((4, 16, 16), np.int16)
+    paths = write_ct_series(hu, tmp_path / "ct", spacing=(2.0, 1.0, 1.0))
+    node, port = _scp(tmp_path)
+    try:
+        ae = AE(ae_title="STORESCU")
+        ae.add_requested_context(CTImageStorage)
+        assoc, rejected = associate(ae, port, ae_title="DICOM_NODE")
+        assert assoc.is_established, rejected
+        statuses = [assoc.send_c_store(dcmread(p)).Status for p in paths]
+        assoc.release()
+        assert assoc.is_released
+    finally:
+        node.stop()
+    assert statuses == [0] * len(paths)
+    assert queued.count(False) >= len(paths)  # the requests, queued by the peer's DUL
+    assert queued.count(True) == 0  # no response went through the node's DUL queue
 
 
 def test_a_stopped_scp_gives_pynetdicom_its_own_file_handling_back(tmp_path):
