@@ -124,13 +124,22 @@ class IncomingDataSet:
 
     def __init__(self, directory: Path) -> None:
         self.name = str(directory / f"{uuid.uuid4().hex}.part")
-        self.buffer: bytearray | None = bytearray()
+        #: The pieces written so far, while held in memory (``None`` once spilled): kept as
+        #: written and joined once, where a growing buffer copied each piece in and the data
+        #: set out again (two copies of every instance, holding the interpreter).
+        self._parts: list[bytes] | None = []
+        self._held = 0
         self._file: io.BufferedWriter | None = None
 
     @property
     def spilled(self) -> bool:
-        """Whether the data set is in the file ``name`` (else in :attr:`buffer`)."""
+        """Whether the data set is in the file ``name`` (else in memory)."""
         return self._file is not None
+
+    @property
+    def buffer(self) -> bytes | None:
+        """Everything written so far, while held in memory; ``None`` once spilled."""
+        return None if self._parts is None else b"".join(self._parts)
 
     @property
     def file(self) -> IncomingDataSet:
@@ -139,14 +148,41 @@ class IncomingDataSet:
     def write(self, data: bytes) -> int:
         if self._file is not None:
             return self._file.write(data)
-        assert self.buffer is not None
-        self.buffer += data
-        if len(self.buffer) > SPILL_ABOVE:
+        assert self._parts is not None
+        self._parts.append(bytes(data))  # pynetdicom's fragments are bytes already: no copy
+        self._held += len(data)
+        if self._held > SPILL_ABOVE:
             self._file = open(self.name, "xb")  # noqa: SIM115 - closed in close()
             os.chmod(self.name, 0o600)
-            self._file.write(self.buffer)
-            self.buffer = None
+            self._file.writelines(self._parts)
+            self._parts = None
         return len(data)
+
+    def meta_and_data_set(self) -> tuple[bytes, bytes]:
+        """What was written while held in memory: the Part 10 header pynetdicom wrote first
+        (preamble, "DICM", File Meta Information) and the data set after it.
+
+        pynetdicom writes the header in pieces of its own before the first fragment, so the
+        data set is joined from the fragments alone, in one copy (none for a data set of
+        one fragment).
+        """
+        assert self._parts is not None, "spilled: the data set is in the file"
+        parts = self._parts
+        head = b""
+        for part in parts:  # preamble, "DICM" and (0002,0000) UL: the group's length
+            if len(head) >= 144:
+                break
+            head += part
+        offset = 144 + int.from_bytes(head[140:144], "little")  # after the meta group
+        held = 0
+        for k, part in enumerate(parts):
+            if held == offset:
+                return b"".join(parts[:k]), (
+                    parts[k] if k == len(parts) - 1 else b"".join(parts[k:])
+                )
+            held += len(part)
+        whole = b"".join(parts)  # the header did not end a piece: cut the whole
+        return whole[:offset], whole[offset:]
 
     def flush(self) -> None:
         if self._file is not None:
@@ -179,17 +215,11 @@ class Received:
         ``_dataset_path``, set by pynetdicom 3.0's chunked receive)."""
         incoming = getattr(event.request, "_dataset_file", None)
         if isinstance(incoming, IncomingDataSet) and not incoming.spilled:
-            assert incoming.buffer is not None
-            raw = memoryview(incoming.buffer)
-            offset = 144 + int.from_bytes(raw[140:144], "little")  # after the meta group
-            data = bytes(raw[offset:])
-            raw.release()
+            meta, data = incoming.meta_and_data_set()
             # Held in memory, it has no file for pynetdicom to close and delete after the
             # handler (an unlink that fails, on the way to the response).
             event.request._dataset_file = None
-            return cls(
-                size=len(data), data=data, offset=offset, meta=bytes(incoming.buffer[:offset])
-            )
+            return cls(size=len(data), data=data, offset=len(meta), meta=meta)
         path = getattr(event.request, "_dataset_path", None)
         if not isinstance(path, Path) or not path.exists():
             # pynetdicom annotates Event.request as any request; an EVT_C_STORE's is a C_STORE

@@ -535,7 +535,8 @@ class StorageSCP:
                 carried.setdefault(outcome.series_uid, set()).add(outcome.sop_uid)
         outcome.association = id(event.assoc)  # the key of its AssociationEnded
         self.events.emit(outcome)
-        outcome.dataset = None  # subscribers are done with it: its pixel data may go
+        # subscribers are done with it: its pixel data may go
+        outcome.dataset = outcome.subject = None
         if outcome.status != SUCCESS and outcome.reason:
             status = Dataset()
             status.Status = outcome.status

@@ -1215,7 +1215,7 @@ class AssociationLedger:
     def on_stored(self, outcome: StoreOutcome) -> None:
         if outcome.status != 0 or not outcome.study_uid:
             return
-        patient = PatientRef(outcome.patient_id, outcome.patient_name)
+        patient = PatientRef(*outcome.patient())
         with self._lock:
             studies = self._open.setdefault(outcome.association, {})
             counts = studies.setdefault((patient, outcome.study_uid), {})

@@ -21,6 +21,7 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
+from dicom_node.common.associations import TUNE_REQUESTED
 from dicom_node.series.completion import RELEASED, SETTLE_TIMER
 from dicom_node_testing.phantom import make_phantom
 from dicom_node_testing.synthetic import SeriesAttributes, write_ct_series
@@ -241,7 +242,9 @@ def test_node_killed_mid_stream_completes_the_series_after_restart(
         def send_part() -> None:  # 15 slices, then the association stays open
             ae = AE(ae_title="STORESCU")
             ae.add_requested_context(CTImageStorage)
-            assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOM_NODE")
+            assoc = ae.associate(
+                "127.0.0.1", node.port, ae_title="DICOM_NODE", evt_handlers=[TUNE_REQUESTED]
+            )
             try:
                 for p in paths[:15]:
                     assert assoc.send_c_store(pydicom.dcmread(p)).Status == 0

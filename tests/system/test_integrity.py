@@ -17,6 +17,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
+from dicom_node.common.associations import TUNE_REQUESTED
 from dicom_node_testing.phantom import make_phantom
 from dicom_node_testing.synthetic import SeriesAttributes, write_ct_series
 from dicom_node_testing.threshold import SEGMENT_SECONDS
@@ -242,7 +243,9 @@ def test_below_the_watermark_intake_stops_and_nothing_is_sent_twice(tmp_path, or
 
             scu = AE(ae_title="STORESCU")
             scu.add_requested_context(CTImageStorage)
-            assoc = scu.associate("127.0.0.1", node.port, ae_title="DICOM_NODE")
+            assoc = scu.associate(
+                "127.0.0.1", node.port, ae_title="DICOM_NODE", evt_handlers=[TUNE_REQUESTED]
+            )
             assert assoc.is_established
             try:
                 status = assoc.send_c_store(pydicom.dcmread(other[0]))

@@ -13,6 +13,7 @@ import pytest
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage
 
+from dicom_node.common.associations import TUNE_REQUESTED
 from dicom_node_testing.phantom import make_phantom
 from dicom_node_testing.synthetic import SeriesAttributes, write_ct_series
 from tests.peers import NodeProcess, free_port
@@ -72,7 +73,9 @@ def test_nine_series_at_once(series, node, orthanc):
     def stream() -> None:  # the ninth series trickles in, one slice every 30 ms
         ae = AE(ae_title="SLOWSCANNER")
         ae.add_requested_context(CTImageStorage)
-        assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOM_NODE")
+        assoc = ae.associate(
+            "127.0.0.1", node.port, ae_title="DICOM_NODE", evt_handlers=[TUNE_REQUESTED]
+        )
         for path in sorted(folders[-1].iterdir()):
             status = assoc.send_c_store(pydicom.dcmread(path))
             if status and status.Status == 0:

@@ -13,6 +13,7 @@ from pynetdicom import AE
 from pynetdicom.dsutils import create_file_meta, encode_file_meta
 from pynetdicom.sop_class import CTImageStorage
 
+from dicom_node.common.associations import TUNE_REQUESTED
 from dicom_node.intake.received import part10_header
 from dicom_node.intake.spool import Spool
 from dicom_node_testing.synthetic import write_ct_series
@@ -152,7 +153,9 @@ def test_sigkill_mid_push_loses_no_acknowledged_instance(tmp_path, dcmtk_tools):
             ae = AE(ae_title="PUSHER")
             ae.dimse_timeout = ae.network_timeout = 5
             ae.add_requested_context(CTImageStorage)
-            assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOM_NODE")
+            assoc = ae.associate(
+                "127.0.0.1", node.port, ae_title="DICOM_NODE", evt_handlers=[TUNE_REQUESTED]
+            )
             assert assoc.is_established
             for p in paths:
                 ds = pydicom.dcmread(p)

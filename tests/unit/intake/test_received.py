@@ -59,3 +59,25 @@ def test_the_meta_group_pynetdicom_writes_is_part10_headers(tmp_path):
     )
     write_file_meta_info(reference, meta)
     assert replaced.getvalue() == reference.getvalue() == part10_header(*uids)[132:]
+
+
+def test_a_data_set_held_in_memory_comes_apart_from_its_header_as_written(tmp_path):
+    header = part10_header("1.2.840.10008.5.1.4.1.1.2", "1.2.3", "1.2.840.10008.1.2.1")
+    fragments = [os.urandom(131066), os.urandom(131066), os.urandom(17)]
+    as_pynetdicom = IncomingDataSet(tmp_path)  # preamble, "DICM", the group, fragments
+    for piece in (header[:128], header[128:132], header[132:], *fragments):
+        as_pynetdicom.write(piece)
+    assert as_pynetdicom.meta_and_data_set() == (header, b"".join(fragments))
+    one = IncomingDataSet(tmp_path)
+    for piece in (header[:128], header[128:132], header[132:], fragments[0]):
+        one.write(piece)
+    meta, data = one.meta_and_data_set()
+    assert (meta, data) == (header, fragments[0]) and data is fragments[0]  # not copied
+    joined = IncomingDataSet(tmp_path)  # a header that does not end a piece
+    joined.write(header[:100])
+    joined.write(header[100:] + fragments[0][:10])
+    joined.write(fragments[0][10:])
+    assert joined.meta_and_data_set() == (header, fragments[0])
+    empty = IncomingDataSet(tmp_path)
+    empty.write(header)
+    assert empty.meta_and_data_set() == (header, b"")
