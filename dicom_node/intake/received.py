@@ -100,8 +100,8 @@ def file_meta_of(header: bytes) -> FileMetaDataset:
     as :func:`pydicom.filereader.read_file_meta_info` reads it from a spool file.
 
     For headers the node wrote itself (:func:`part10_header`), read from memory: the
-    streaming assembler gives each kept slice header its spool file's meta group without
-    opening the file.
+    streaming assembler gives each kept slice header its spool file's meta group, at
+    assembly, without opening the file.
     """
     if _read_file_meta_info is None:  # pragma: no cover - another pydicom: the public way
         return pydicom.dcmread(io.BytesIO(header)).file_meta

@@ -7,7 +7,7 @@ calls). Each job:
    up from the sources that hold more of it (``top_up``, :class:`~dicom_node.sources.fetch.TopUp`),
    and emits :class:`JobStarted`;
 2. routes it to models by its first instance's header (:mod:`.routing`);
-3. assembles its volume from the slices decoded as they arrived (the streaming assembler),
+3. assembles its volume from the slices staged as they arrived (the streaming assembler),
    or from the spool, where every model's backend reads it without a copy;
 4. asks each model's backend for its labels, with the configured retries;
 5. encodes every registered result object per model (:mod:`.outputs`), writes them durably
@@ -391,13 +391,13 @@ class JobRunner:
         staged: StagedSeries | None,
         allocate: Allocator,
     ) -> SeriesVolume:
-        """The series' volume from the slices decoded as they arrived, or, when those are
+        """The series' volume from the slices staged as they arrived, or, when those are
         not exactly the instances listed (a restart, a slice that would not decode...),
         from the spool; the same volume either way."""
         min_slices = self.settings.limits.min_slices
         volume = staged.assemble(paths, min_slices, allocate) if staged is not None else None
         if volume is not None:
-            log.info("series %s: assembled from slices decoded as they arrived", series_uid)
+            log.info("series %s: assembled from slices staged as they arrived", series_uid)
             return volume
         return assemble_series(paths, min_slices, allocate)
 

@@ -256,7 +256,7 @@ def plan_single_frame(datasets: Sequence[Dataset], min_slices: int = 3) -> Slice
 
     Raises :class:`VolumeError` with the reason a series is not a volume. The plan is the
     same whether the slices are then read from the spool (:func:`assemble_single_frame`)
-    or were decoded while they arrived (:mod:`dicom_node.series.assembly`).
+    or were staged while they arrived (:mod:`dicom_node.series.assembly`).
     """
     _check_common(datasets, min_slices)
     _single_frame_checks(datasets, min_slices)

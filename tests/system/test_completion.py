@@ -122,7 +122,7 @@ def test_one_association_completes_at_release(tmp_path, phantom_hu, dcmtk_tools)
         ).stdout
         assert RELEASED in text
         # the slices were decoded while they arrived: nothing read from the spool at the end
-        assert "assembled from slices decoded as they arrived" in node.tail(200)
+        assert "assembled from slices staged as they arrived" in node.tail(200)
     finally:
         node.stop()
 

@@ -1,4 +1,5 @@
-"""Streaming assembly: slices decoded as they arrive give the very volume the spool gives."""
+"""Streaming assembly: slices staged as they arrive (their headers kept, common slices read
+from their spool files at assembly, others decoded) give the very volume the spool gives."""
 
 from __future__ import annotations
 
