@@ -127,7 +127,7 @@ class IncomingDataSet:
         #: The pieces written so far, while held in memory (``None`` once spilled): kept as
         #: written and joined once, where a growing buffer copied each piece in and the data
         #: set out again (two copies of every instance, holding the interpreter).
-        self._parts: list[bytes] | None = []
+        self._parts: list[bytes | bytearray] | None = []
         self._held = 0
         self._file: io.BufferedWriter | None = None
 
@@ -149,7 +149,8 @@ class IncomingDataSet:
         if self._file is not None:
             return self._file.write(data)
         assert self._parts is not None
-        self._parts.append(bytes(data))  # pynetdicom's fragments are bytes already: no copy
+        # pynetdicom hands each fragment over as a new object of its own: kept as it is
+        self._parts.append(data if isinstance(data, (bytes, bytearray)) else bytes(data))
         self._held += len(data)
         if self._held > SPILL_ABOVE:
             self._file = open(self.name, "xb")  # noqa: SIM115 - closed in close()
@@ -164,7 +165,7 @@ class IncomingDataSet:
 
         pynetdicom writes the header in pieces of its own before the first fragment, so the
         data set is joined from the fragments alone, in one copy (none for a data set of
-        one fragment).
+        one fragment of bytes).
         """
         assert self._parts is not None, "spilled: the data set is in the file"
         parts = self._parts
@@ -177,8 +178,9 @@ class IncomingDataSet:
         held = 0
         for k, part in enumerate(parts):
             if held == offset:
+                last = parts[k] if k == len(parts) - 1 else None
                 return b"".join(parts[:k]), (
-                    parts[k] if k == len(parts) - 1 else b"".join(parts[k:])
+                    last if isinstance(last, bytes) else b"".join(parts[k:])
                 )
             held += len(part)
         whole = b"".join(parts)  # the header did not end a piece: cut the whole
