@@ -65,7 +65,7 @@ from pydicom.uid import (
 from pynetdicom import AE, evt
 from pynetdicom.association import Association, ServiceUser
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.pdu_primitives import A_ASSOCIATE, A_RELEASE
 from pynetdicom.presentation import StoragePresentationContexts
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]  # generated at import
 from pynetdicom.transport import ThreadedAssociationServer
@@ -138,6 +138,9 @@ LISTEN_BACKLOG = 128
 REJECTED_TRANSIENT = 0x02
 SOURCE_PROVIDER_PRESENTATION = 0x03
 REASON_LOCAL_LIMIT = 0x02
+#: Longest wait, at a peer's release request, for the rows of what it stored to be
+#: committed (:meth:`StorageSCP._release_requested`).
+RELEASE_SETTLE_SECONDS = 0.5
 #: Acceptor threads pynetdicom may count beyond the node's own limits: refused connections
 #: whose threads are ending.
 _THREAD_SLACK = 64
@@ -246,6 +249,7 @@ class StorageSCP:
             (evt.EVT_RELEASED, self._log_assoc, ["released"]),
             (evt.EVT_ABORTED, self._log_assoc, ["aborted"]),
             (evt.EVT_RELEASED, self.handle_released),
+            (evt.EVT_ACSE_RECV, self._release_requested),
             (evt.EVT_ABORTED, self._aborted),
             (evt.EVT_REJECTED, self._log_rejected),
             (evt.EVT_REJECTED, self._release_slot),
@@ -466,6 +470,15 @@ class StorageSCP:
     def _refused(self, assoc: Association, reason: str) -> None:
         calling = str(_primitive(assoc.requestor).calling_ae_title).strip()
         self.events.emit(AssociationRefused(assoc.requestor.address, calling, reason))
+
+    def _release_requested(self, event: evt.Event) -> None:
+        """The peer asks to release: the rows of what it stored are committed before it is
+        answered (they are written behind, a few instances at a time), so that a sender
+        that has its release response finds its instances in the job database. A database
+        locked meanwhile delays the answer by :data:`RELEASE_SETTLE_SECONDS` at most."""
+        primitive = getattr(event, "primitive", None)
+        if isinstance(primitive, A_RELEASE) and primitive.result is None:
+            self.jobs.instances.settle(RELEASE_SETTLE_SECONDS)
 
     def handle_released(self, event: evt.Event) -> None:
         """A normal release: emit the series this association stored.

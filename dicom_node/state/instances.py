@@ -33,6 +33,12 @@ log = logging.getLogger("dicom_node.state")
 
 #: After a failed commit of the rows written behind, wait this long before the next try.
 _RETRY_SECONDS = 1.0
+#: Once woken by a row, the writer gathers the rows queued this long before it commits them:
+#: a transaction and a wake-up per few instances rather than per instance, which took the
+#: interpreter from four associations receiving at once (a seventh of their throughput). A
+#: read or a transaction of the database commits them at once (:meth:`flush`), and
+#: :meth:`InstanceRepository.settle` has the writer commit without gathering.
+GATHER_SECONDS = 0.02
 
 __all__ = ["InstanceConflict", "InstanceRepository", "NewInstance", "StoredInstance"]
 
@@ -85,6 +91,10 @@ class InstanceRepository:
         self._pending_per_series: Counter[str] = Counter()
         self._pending_lock = threading.Lock()
         self._wake = threading.Event()
+        #: Set to have the writer commit without gathering (:meth:`settle`).
+        self._hurry = threading.Event()
+        #: Notified whenever committed rows leave the queue.
+        self._committed = threading.Condition(self._pending_lock)
         self._closing = False
         self._writer: threading.Thread | None = None
         #: Told of each row written behind once it is committed (the SCP's log lines).
@@ -183,6 +193,7 @@ class InstanceRepository:
                         self._pending_per_series[i.series_uid] -= 1
                         if self._pending_per_series[i.series_uid] <= 0:
                             del self._pending_per_series[i.series_uid]
+                self._committed.notify_all()
         if self.on_recorded is not None:
             for i, (new, previous) in recorded:
                 if new:
@@ -193,6 +204,7 @@ class InstanceRepository:
         with self._pending_lock:
             self._closing = True
             writer = self._writer
+        self._hurry.set()
         self._wake.set()
         if writer is not None:
             writer.join(timeout=30)
@@ -206,9 +218,26 @@ class InstanceRepository:
                 exc,
             )
 
+    def settle(self, timeout: float) -> bool:
+        """Have the rows queued so far committed now, waiting up to ``timeout`` seconds for
+        it; whether they were (not when the database stays locked meanwhile: they are then
+        committed later, as any row written behind)."""
+        with self._pending_lock:
+            queued = set(self._pending)
+            if not queued:
+                return True
+            self._hurry.set()
+            self._wake.set()
+            return self._committed.wait_for(
+                lambda: queued.isdisjoint(self._pending), timeout=timeout
+            )
+
     def _write_behind(self) -> None:
         while True:
             self._wake.wait()
+            if not self._closing:
+                self._hurry.wait(GATHER_SECONDS)
+            self._hurry.clear()
             self._wake.clear()
             try:
                 self.flush()

@@ -63,6 +63,68 @@ def test_instances_make_their_series_and_a_duplicate_is_no_new_instance(db):
     assert [p.name for p in db.instances.paths("1.1")] == ["1.1.0.dcm", "1.1.1.dcm"]
 
 
+def test_rows_written_behind_are_gathered_into_few_commits_and_read_at_once(db, tmp_path):
+    import sqlite3
+    import threading
+    import time
+
+    from dicom_node.state import instances as repository
+
+    def committed() -> int:  # seen by another connection: committed, not only queued
+        with sqlite3.connect(tmp_path / "jobs.sqlite") as raw:
+            query = "SELECT COUNT(*) FROM instances WHERE series_uid = '1.3'"
+            return int(raw.execute(query).fetchone()[0])
+
+    flushes = []  # the writer's commits of queued rows
+    flush = repository.InstanceRepository.flush
+
+    def counted(self) -> None:
+        if threading.current_thread().name == "dicom-node-instances" and self._pending:
+            flushes.append(len(self._pending))
+        flush(self)
+
+    repository.InstanceRepository.flush = counted  # type: ignore[method-assign]
+    try:
+        for k in range(20):  # instances arriving a millisecond apart
+            db.instances.record(_instance("1.3", k))
+            time.sleep(0.001)
+        assert db.instances.find("1.3.7") is not None  # queued rows are seen at once
+        deadline = time.monotonic() + 10
+        while committed() < 20 and time.monotonic() < deadline:  # no read of the node's
+            time.sleep(0.01)
+    finally:
+        repository.InstanceRepository.flush = flush  # type: ignore[method-assign]
+    assert committed() == 20
+    assert 1 <= len(flushes) < 10  # gathered, not one transaction per instance
+    assert db.series.get("1.3").instance_count == 20
+
+
+def test_settling_commits_the_queued_rows_now_or_says_it_could_not(db, tmp_path, monkeypatch):
+    import sqlite3
+
+    from dicom_node.state import instances as repository
+
+    monkeypatch.setattr(repository, "GATHER_SECONDS", 60.0)  # the writer would wait a minute
+
+    def committed() -> int:
+        with sqlite3.connect(tmp_path / "jobs.sqlite") as raw:
+            return int(raw.execute("SELECT COUNT(*) FROM instances").fetchone()[0])
+
+    db.instances.record(_instance("1.4", 0))
+    assert db.instances.settle(10.0)  # committed without the gathering's wait
+    assert committed() == 1
+    lock = sqlite3.connect(tmp_path / "jobs.sqlite", timeout=10, isolation_level=None)
+    try:
+        lock.execute("BEGIN EXCLUSIVE")
+        db.instances.record(_instance("1.4", 1))
+        assert not db.instances.settle(0.2)  # locked: not committed, and said so in time
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    assert db.instances.settle(15.0)  # the writer's retry, once the lock is gone
+    assert committed() == 2
+
+
 def test_a_job_ends_done_only_for_the_instances_it_processed(db):
     for k in range(3):
         db.instances.add(_instance("2.1", k))
