@@ -80,11 +80,12 @@ class StoreOutcome:
     For a new instance, ``path`` is its spool file, ``size`` that file's size, ``meta`` the
     Part 10 header written at its start and ``dataset`` the data set the handler parsed
     (with its transfer syntax in ``file_meta``): an observer that decodes the pixels off the
-    acknowledgement path need not read the file. Observers run before the response is sent, so they only hand work on.
+    acknowledgement path need not read the file. Observers run before the response is sent,
+    so they only hand work on.
 
     Every instance stored (new or a duplicate, held in memory or spilled) names its study,
-    SOP class and patient (:meth:`patient`), for the audit trail; ``association`` is set by the SCP to the
-    key of the association that carried it.
+    SOP class and patient (:meth:`patient`), for the audit trail; ``association`` is set by
+    the SCP to the key of the association that carried it.
     """
 
     status: int

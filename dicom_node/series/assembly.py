@@ -169,9 +169,9 @@ class InSpool:
 
 def in_spool(ds: Dataset, path: str, size: int | None = None) -> InSpool | None:
     """Where the slice ``ds``, stored at ``path`` (a file of ``size`` bytes, or as large as
-    it is now), keeps its stored values, if it is a common
-    CT slice that :func:`read_into` gives bit for bit as :func:`decode_into` would;
-    ``None`` for any other slice (it is decoded from ``ds``).
+    it is now), keeps its stored values, if it is a common CT slice that :func:`read_into`
+    gives bit for bit as :func:`decode_into` would; ``None`` for any other slice (it is
+    decoded from ``ds``).
 
     Pixel Data must be the data set's last element, so that its value ends the spool file
     (the Part 10 header, then the data set as received): it starts the value's length
