@@ -319,8 +319,10 @@ class PromptDIMSE(DIMSEServiceProvider):
         nothing else: the association established (Sta6, where sending P-DATA leaves the
         state as it is), nothing queued for the DUL to send before it, and no handler
         bound to the events the DUL's send triggers but the node's own
-        (:func:`_quick_ack`, which this does too). A closed connection is reported to the
-        DUL as its own send would (Evt17).
+        (:func:`_quick_ack`, which this does too), on a plain TCP connection (a TLS one is
+        the DUL's alone: OpenSSL's connection may not be written by one thread while
+        another reads it). A closed connection is reported to the DUL as its own send would
+        (Evt17).
         """
         dul = self.dul
         assoc_socket = dul.socket
@@ -328,6 +330,8 @@ class PromptDIMSE(DIMSEServiceProvider):
         if (
             sock is None
             or assoc_socket is None
+            # OpenSSL's connection may not be written by one thread while another reads it
+            or isinstance(sock, ssl.SSLSocket)
             or dul.state_machine.current_state != "Sta6"
             or not dul.to_provider_queue.empty()
             or self.assoc.get_handlers(evt.EVT_DATA_SENT)

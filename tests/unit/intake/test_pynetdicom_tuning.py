@@ -202,6 +202,35 @@ def test_a_response_pdu_is_encoded_as_pynetdicom_encodes_it():
         assert tuning.response_pdu(context_id, command) == pdu.encode()
 
 
+def test_a_response_is_sent_from_the_association_thread_on_plain_tcp_only():
+    """On a plain connection the response goes straight out; a TLS connection is left to
+    the DUL thread, the only one that may use OpenSSL's connection."""
+    import queue
+    import socket
+    import ssl
+    import types
+
+    def provider(sock) -> tuning.PromptDIMSE:
+        dul = types.SimpleNamespace(
+            socket=types.SimpleNamespace(socket=sock, event_queue=queue.Queue()),
+            state_machine=types.SimpleNamespace(current_state="Sta6"),
+            to_provider_queue=queue.Queue(),
+        )
+        assoc = types.SimpleNamespace(dul=dul, get_handlers=lambda event: [], dimse_timeout=30)
+        return tuning.PromptDIMSE(assoc)  # type: ignore[arg-type]
+
+    command = tuning.store_response_command("1.2.840.10008.5.1.4.1.1.2", 1, 0, "1.2.3")
+    ours, peer = socket.socketpair()
+    with ours, peer:
+        assert provider(ours)._send_now(1, command)
+        assert peer.recv(4096) == tuning.response_pdu(1, command)
+    context = ssl.create_default_context()
+    with context.wrap_socket(
+        socket.socket(), server_hostname="pacs", do_handshake_on_connect=False
+    ) as tls:
+        assert not provider(tls)._send_now(1, command)
+
+
 def test_store_responses_go_on_the_socket_from_the_association_thread(tmp_path, monkeypatch):
     """A plain C-STORE response is sent by the association's own thread, not queued for
     the DUL's; the peer has every answer, and the association releases as usual."""
