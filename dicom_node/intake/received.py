@@ -177,11 +177,8 @@ class IncomingDataSet:
         offset = 144 + int.from_bytes(head[140:144], "little")  # after the meta group
         held = 0
         for k, part in enumerate(parts):
-            if held == offset:
-                last = parts[k] if k == len(parts) - 1 else None
-                return b"".join(parts[:k]), (
-                    last if isinstance(last, bytes) else b"".join(parts[k:])
-                )
+            if held == offset:  # a join of one bytes object is that object: no copy
+                return b"".join(parts[:k]), b"".join(parts[k:])
             held += len(part)
         whole = b"".join(parts)  # the header did not end a piece: cut the whole
         return whole[:offset], whole[offset:]
