@@ -119,10 +119,42 @@ def associate(ae: AE, port: int, **kwargs: Any) -> tuple[Association, tuple[int,
     return assoc, (seen[0].result, seen[0].source, seen[0].reason_diagnostic)
 
 
+def _ports_of_this_worker() -> Iterator[int]:
+    """Ports below the kernel's ephemeral range, a share of their own to each xdist worker.
+
+    A port the kernel hands out for ``bind(0)`` comes from the ephemeral range, from which
+    every outgoing connection of every test also takes its local port: a peer told to listen
+    there a moment later could find it taken and exit. Below that range only listeners bind,
+    and each worker keeps to its own share, so two workers never pick the same port."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    first, shares = 10000, 16
+    size = max(64, (low - first) // shares)
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    start = first + (int(worker) % shares if worker.isdigit() else 0) * size
+    offset = (os.getpid() * 7) % size
+    while True:
+        for i in range(size):
+            yield start + (offset + i) % size
+
+
+_PORTS = _ports_of_this_worker()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port on loopback that nothing listens on or is connected from now, and that no
+    other test of this run is given."""
+    for _ in range(4096):
+        port = next(_PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
