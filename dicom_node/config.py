@@ -287,6 +287,9 @@ class ResultSettings:
     make_sr: bool = True
     manufacturer: str = "dicom-node"
     institution_name: str = ""
+    #: Worker processes that build and encode the objects beside the node's own process
+    #: (:mod:`dicom_node.encode.processes`); 0: all in the node's process.
+    encode_processes: int = at_least(2, 0)
 
 
 @dataclass(frozen=True)

@@ -25,12 +25,14 @@ series interrupted while processing are processed again.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import TYPE_CHECKING
 
 from dicom_node.common.events import Events
 from dicom_node.common.heap import freeze_heap
 from dicom_node.common.standard_tables import load_standard_tables
 from dicom_node.config import Settings
+from dicom_node.encode.processes import EncoderProcesses
 from dicom_node.export.sender import Exporter, ExportStarted, ResultSent
 from dicom_node.inference import Backends
 from dicom_node.intake.events import AssociationEnded, AssociationRefused, AssociationReleased
@@ -72,6 +74,12 @@ class Node:
         self.assembler = StreamingAssembler()
         self.backends = Backends(settings.inference, settings.models, data_dir)
         retrieval = Retrieval(settings, self.scp.retrieve_handlers()) if settings.sources else None
+        #: The processes that encode results, unless ``[results] encode_processes = 0``.
+        self.encoder_processes = (
+            EncoderProcesses(settings.results.encode_processes)
+            if settings.results.encode_processes
+            else None
+        )
         self.runner = JobRunner(
             settings,
             self.jobs,
@@ -79,6 +87,7 @@ class Node:
             self.backends,
             self.results_dir,
             self.events,
+            encoder_processes=self.encoder_processes,
             top_up=TopUp(retrieval, self.jobs)
             if retrieval and any(s.top_up for s in settings.sources)
             else None,
@@ -139,6 +148,10 @@ class Node:
             fetches,
         )
         _freeze_long_lived()  # before the first association: no pause once serving
+        if self.encoder_processes is not None:  # its fork server loads in a second or two
+            threading.Thread(
+                target=self.encoder_processes.start, name="dicom-node-encoders", daemon=True
+            ).start()
         if serve:
             self._start_embedded()  # the default destination listens before anything is sent
             if self.settings.status.enabled:  # first: a taken port stops before any C-STORE
@@ -197,6 +210,8 @@ class Node:
         self.scp.stop()
         self.assembler.close()
         self.runner.stop()
+        if self.encoder_processes is not None:
+            self.encoder_processes.close()
         self.backends.close()
         self.jobs.close()
         self.exporter.close()

@@ -27,8 +27,12 @@ from dicom_node.encode.labels import (
     voxel_volume_ml,
 )
 from dicom_node.encode.registry import (
+    Announcing,
     EncodeContext,
     Encoder,
+    Referencing,
+    announce,
+    chains,
     encode_all,
     encoders,
     register,
@@ -45,13 +49,17 @@ for _encoder in (SegEncoder(), RtstructEncoder(), SrEncoder()):
 
 __all__ = [
     "AlgorithmInfo",
+    "Announcing",
     "EncodeContext",
     "EncodeError",
     "Encoder",
+    "Referencing",
     "SegmentInfo",
+    "announce",
     "build_rtstruct",
     "build_seg",
     "build_sr",
+    "chains",
     "encode_all",
     "encoders",
     "label_counts",

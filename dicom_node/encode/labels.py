@@ -412,17 +412,19 @@ class LabelIndex:
         return self._boxes[value - 1] if value <= len(self._boxes) else None
 
 
-def label_index(labels: np.ndarray) -> LabelIndex:
+def label_index(labels: np.ndarray, counts: np.ndarray | None = None) -> LabelIndex:
     """The :class:`LabelIndex` of a (slices, rows, columns) uint8 map: counted slice by slice
     (as :func:`label_counts`) and boxed in one pass; remembered for a read-only map, which
-    the encoders' threads then index once between them."""
+    the encoders' threads then index once between them. ``counts``: the map's
+    ``LabelIndex.counts`` made already (by the process that shared the map), so that it is
+    not counted again."""
     if labels.flags.writeable:
-        return LabelIndex(labels, _slice_counts(labels))
+        return LabelIndex(labels, _slice_counts(labels) if counts is None else counts)
     with _INDEXING:
         cached = _INDEXED.get(id(labels))
         if cached is not None and cached[0]() is labels:
             return cached[1]
-        counts = _slice_counts(labels)
+        counts = _slice_counts(labels) if counts is None else counts
         index = LabelIndex(labels, counts)
         key = id(labels)
         _INDEXED[key] = (weakref.ref(labels, lambda _: _INDEXED.pop(key, None)), index)
@@ -432,6 +434,13 @@ def label_index(labels: np.ndarray) -> LabelIndex:
                 counts.sum(axis=0),
             )
     return index
+
+
+def is_indexed(labels: np.ndarray) -> bool:
+    """Whether this process has made the :class:`LabelIndex` of the read-only ``labels``."""
+    with _INDEXING:
+        cached = _INDEXED.get(id(labels))
+        return cached is not None and cached[0]() is labels
 
 
 #: A map holding at most this many label values is counted value by value

@@ -27,7 +27,14 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.filewriter import correct_ambiguous_vr_element
 from pydicom.sr.coding import Code
-from pydicom.uid import UID, ExplicitVRLittleEndian, JPEGLSLossless, RLELossless, generate_uid
+from pydicom.uid import (
+    UID,
+    ExplicitVRLittleEndian,
+    JPEGLSLossless,
+    RLELossless,
+    SegmentationStorage,
+    generate_uid,
+)
 
 from dicom_node.config import ResultSettings
 from dicom_node.encode.labels import (
@@ -50,6 +57,10 @@ COMPRESSION_SYNTAXES: dict[str, UID] = {
     "rle": RLELossless,
     "jpegls": JPEGLSLossless,
 }
+
+
+#: Label Map Segmentation Storage (PS3.4 B.5, 2024): not among pydicom 3.0's UID names.
+LABEL_MAP_SEGMENTATION_STORAGE = UID("1.2.840.10008.5.1.4.1.1.66.7")
 
 
 def _with_modifier(item: Dataset, keyword: str, modifier: Code | None) -> None:
@@ -138,6 +149,8 @@ def build_seg(
     algorithm: AlgorithmInfo,
     settings: ResultSettings,
     series_number: int = 9001,
+    series_instance_uid: str | None = None,
+    sop_instance_uid: str | None = None,
 ) -> hd.seg.Segmentation:
     """Build the SEG instance for ``labels`` drawn on ``source``.
 
@@ -152,6 +165,8 @@ def build_seg(
 
     highdicom takes the source images' metadata only: the headers kept by
     :mod:`dicom_node.series.volume` (no Pixel Data, Rows/Columns intact) are passed as they are.
+    The Series and SOP Instance UIDs are new ones unless given (as announced:
+    :meth:`SegEncoder.announce`).
 
     Raises :class:`EncodeError` when the label map or segments do not fit the source.
     """
@@ -187,9 +202,9 @@ def build_seg(
         transfer_syntax_uid=syntax,
         segmentation_type=seg_type,
         segment_descriptions=segment_descriptions(found, algorithm),
-        series_instance_uid=generate_uid(),
+        series_instance_uid=series_instance_uid or generate_uid(),
         series_number=series_number,
-        sop_instance_uid=generate_uid(),
+        sop_instance_uid=sop_instance_uid or generate_uid(),
         instance_number=1,
         series_description=settings.seg_series_description,
         content_description=f"{algorithm.name} {algorithm.version}"[:64],
@@ -219,7 +234,32 @@ class SegEncoder:
     def enabled(self, settings: ResultSettings) -> bool:
         return settings.make_seg
 
+    def announce(self, context: EncodeContext) -> Dataset:
+        """What the SR reads of the SEG (its UIDs, SOP class and segments), before it is
+        built: the segments are those :func:`build_seg` numbers, every one where none
+        occurs."""
+        check_inputs(context.source, context.labels, context.segments)
+        header = Dataset()
+        header.Modality = "SEG"
+        header.SOPClassUID = (
+            LABEL_MAP_SEGMENTATION_STORAGE
+            if context.settings.seg_type == "labelmap"
+            else SegmentationStorage
+        )
+        header.StudyInstanceUID = context.source.first.StudyInstanceUID
+        header.SeriesInstanceUID = generate_uid()
+        header.SOPInstanceUID = generate_uid()
+        header.SegmentSequence = []
+        found = present_segments(context.labels, context.segments) or context.segments
+        for number, info in enumerate(found, start=1):
+            item = Dataset()
+            item.SegmentNumber = number
+            item.SegmentLabel = info.name
+            header.SegmentSequence.append(item)
+        return header
+
     def build(self, context: EncodeContext, built: Mapping[str, Dataset]) -> Dataset:
+        header = context.announced.get(self.kind)
         return build_seg(
             context.source,
             context.labels,
@@ -227,4 +267,6 @@ class SegEncoder:
             context.algorithm,
             context.settings,
             series_number(self.kind, context.model_index),
+            series_instance_uid=header.SeriesInstanceUID if header is not None else None,
+            sop_instance_uid=header.SOPInstanceUID if header is not None else None,
         )

@@ -50,10 +50,10 @@ __all__ = [
     "status_meaning",
 ]
 
-#: Label Map Segmentation Storage (PS3.4 B.5, added in 2024): unknown to DCMTK 3.6.7, and
-#: so to pydicom's UID names and to Orthanc 1.10.
 log = logging.getLogger("dicom_node.export.sender")
 
+#: Label Map Segmentation Storage (PS3.4 B.5, added in 2024): unknown to DCMTK 3.6.7, and
+#: so to pydicom's UID names and to Orthanc 1.10.
 LABEL_MAP_SEG = "1.2.840.10008.5.1.4.1.1.66.7"
 
 #: Statuses a Storage SCP uses for success or success-with-warning (PS3.4 B.2.3).

@@ -1,25 +1,31 @@
 """A job's results: encoded for one model, written durably, planned for each destination.
 
-Each registered encoder (:mod:`dicom_node.encode`) makes one object. Where results are Label
-Map SEGs and some destination may refuse that SOP class, the binary SEG and the objects that
-reference it (the SR) are made too, while the label map is in memory: each
-:class:`Result` then has a ``binary`` form, and each destination's outbox item names the form
-it gets first and the one it falls back to (:mod:`dicom_node.export.transport`).
+Each registered encoder (:mod:`dicom_node.encode`) makes one object, as the Part 10 bytes
+written to disk: in worker processes where the node has them
+(:mod:`dicom_node.encode.processes`, ``[results] encode_processes``), in its own process
+otherwise. Where results are Label Map SEGs and some destination may refuse that SOP class,
+the binary SEG and the objects that reference it (the SR) are made too, while the label map
+is in memory: each :class:`Result` then has a ``binary`` form, and each destination's outbox
+item names the form it gets first and the one it falls back to
+(:mod:`dicom_node.export.transport`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from pydicom.dataset import Dataset
-
 from dicom_node.common.durable import write_durably
 from dicom_node.config import Settings
-from dicom_node.encode import EncodeContext, encode_all, encoders, requiring
+from dicom_node.encode import EncodeContext, encoders, requiring
+from dicom_node.encode.processes import (
+    EncodedObject,
+    EncodeRequest,
+    EncoderProcesses,
+    encode_in_process,
+)
 from dicom_node.state import NewOutboxItem
 
 __all__ = [
@@ -39,11 +45,15 @@ class NotWritten(Exception):
 
 @dataclass(frozen=True)
 class Result:
-    """One kind of one model's results; ``binary``: its form naming a binary SEG."""
+    """One kind of one model's results, encoded; ``binary``: its form naming a binary SEG."""
 
     kind: str
-    dataset: Dataset
-    binary: Dataset | None = None
+    encoded: EncodedObject
+    binary: EncodedObject | None = None
+
+    def forms(self) -> list[EncodedObject]:
+        """The object, then its binary form where it has one."""
+        return [self.encoded] if self.binary is None else [self.encoded, self.binary]
 
 
 @dataclass(frozen=True)
@@ -65,19 +75,25 @@ def wants_binary_alternatives(settings: Settings) -> bool:
     )
 
 
-def encode_results(context: EncodeContext, settings: Settings) -> list[Result]:
+def encode_results(
+    context: EncodeContext, settings: Settings, processes: EncoderProcesses | None = None
+) -> list[Result]:
     """Every enabled encoder's object for one model, in registry order, each with its
-    binary form where :func:`wants_binary_alternatives`."""
-    primary = encode_all(context)
-    binary: dict[str, Dataset] = {}
-    if "SEG" in primary and wants_binary_alternatives(settings):
+    binary form where :func:`wants_binary_alternatives`; built by ``processes`` where
+    given, else in this process."""
+    requests = [EncodeRequest(encoders(), context.settings)]
+    if wants_binary_alternatives(settings) and any(
+        e.kind == "SEG" and e.enabled(context.settings) for e in encoders()
+    ):
         seg = [e for e in encoders() if e.kind == "SEG"]
         binary_settings = dataclasses.replace(context.settings, seg_type="binary")
-        binary = encode_all(
-            dataclasses.replace(context, settings=binary_settings),
-            chosen=seg + requiring("SEG"),
-        )
-    return [Result(kind, ds, binary.get(kind)) for kind, ds in primary.items()]
+        requests.append(EncodeRequest(seg + requiring("SEG"), binary_settings))
+    if processes is not None:
+        made = processes.encode(context, requests)
+    else:
+        made = encode_in_process(context, requests)
+    primary, binary = made[0], made[1] if len(made) > 1 else {}
+    return [Result(kind, encoded, binary.get(kind)) for kind, encoded in primary.items()]
 
 
 def write_results(
@@ -90,12 +106,10 @@ def write_results(
     and the logs), or when the disk says no, raises :class:`NotWritten`.
     """
 
-    def write(kind: str, ds: Dataset) -> tuple[Path, str]:
-        sop_uid = str(ds.SOPInstanceUID)
+    def write(kind: str, encoded: EncodedObject) -> tuple[Path, str]:
+        sop_uid = encoded.sop_instance_uid
         path = out_dir / f"{kind.lower()}-{sop_uid}.dcm"
-        buf = io.BytesIO()
-        ds.save_as(buf, enforce_file_format=True)
-        data = buf.getvalue()
+        data = encoded.data
         free = shutil.disk_usage(out_dir).free
         if free - len(data) < reserve_mb * 2**20:
             raise NotWritten(
@@ -114,7 +128,7 @@ def write_results(
 
     out = []
     for result in results:
-        path, sop_uid = write(result.kind, result.dataset)
+        path, sop_uid = write(result.kind, result.encoded)
         binary_path, binary_uid = (
             write(result.kind, result.binary) if result.binary is not None else (None, "")
         )

@@ -43,6 +43,7 @@ from dicom_node.encode import (
     label_volumes_ml,
     segment_info_for,
 )
+from dicom_node.encode.processes import EncoderProcesses
 from dicom_node.inference import Allocator, Backends, InferenceError
 from dicom_node.intake.spool import check_uid
 from dicom_node.jobs.outputs import NotWritten, encode_results, plan_outbox_items, write_results
@@ -115,9 +116,11 @@ class JobRunner:
         results_dir: Path,
         events: Events,
         top_up: TopUp | None = None,
+        encoder_processes: EncoderProcesses | None = None,
     ) -> None:
         self.settings = settings
         self.top_up = top_up
+        self.encoder_processes = encoder_processes
         self.jobs = jobs
         self.assembler = assembler
         self.backends = backends
@@ -304,7 +307,7 @@ class JobRunner:
                         model, volume, result, index, _predecessors(earlier[model.name])
                     )
                     try:
-                        encoded = encode_results(context, self.settings)
+                        encoded = encode_results(context, self.settings, self.encoder_processes)
                     except EncodeError as exc:
                         raise JobFailed(f"results cannot be encoded: {exc}") from None
                     timings["encode"] = timings.get("encode", 0.0) + time.perf_counter() - t0

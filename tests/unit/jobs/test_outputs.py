@@ -3,7 +3,10 @@ writing them durably above the disk reserve, or not at all."""
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
+import pydicom
 import pytest
 
 from dicom_node.config import ResultSettings, Settings
@@ -47,6 +50,17 @@ def context(tmp_path):
     )
 
 
+def _referenced(sr) -> set[str]:
+    """The SOP Instance UIDs of the SEGs an SR's evidence names."""
+    return {
+        ref.ReferencedSOPInstanceUID
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for ref in series.ReferencedSOPSequence
+        if ref.ReferencedSOPClassUID.startswith("1.2.840.10008.5.1.4.1.1.66.")
+    }
+
+
 def test_binary_forms_only_where_some_destination_may_need_them():
     assert not wants_binary_alternatives(_settings(ResultSettings(), "auto"))
     assert not wants_binary_alternatives(_settings(LABEL_MAP, "labelmap"))
@@ -59,8 +73,13 @@ def test_the_seg_and_what_names_it_get_a_binary_form(context, tmp_path):
     assert [r.kind for r in results] == ["SEG", "RTSTRUCT", "SR"]
     by_kind = {r.kind: r for r in results}
     assert by_kind["RTSTRUCT"].binary is None
-    assert by_kind["SEG"].dataset.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.7"
-    assert by_kind["SEG"].binary.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"
+    seg, binary_seg = (pydicom.dcmread(io.BytesIO(e.data)) for e in by_kind["SEG"].forms())
+    assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.7"
+    assert binary_seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"
+    # each SR names the SEG of its own form
+    sr, binary_sr = (pydicom.dcmread(io.BytesIO(e.data)) for e in by_kind["SR"].forms())
+    assert _referenced(sr) == {seg.SOPInstanceUID} != _referenced(binary_sr)
+    assert _referenced(binary_sr) == {binary_seg.SOPInstanceUID}
     (out := tmp_path / "out").mkdir()
     written: list = []
     stored = write_results(out, results, reserve_mb=0, written=written)

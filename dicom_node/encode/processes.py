@@ -1,0 +1,369 @@
+"""Result objects built and encoded in worker processes, beside the node's interpreter.
+
+Building a SEG, an RTSTRUCT and an SR is mostly Python: highdicom's content items, pydicom's
+data elements, the writing of thousands of nested items. In the node's own process the three
+share one interpreter with each other and with every association receiving images: for 104
+organs that is 2.5 s of CPU one thread at a time, and ingest slows while it lasts. Here they
+run in worker processes, on as many cores:
+
+- The encoders are split into **chains** (:func:`~dicom_node.encode.registry.chains`) that
+  can be built apart. The SEG announces its UIDs and segments first
+  (:class:`~dicom_node.encode.registry.Announcing`), so the SR, which reads no more of it
+  (:class:`~dicom_node.encode.registry.Referencing`), does not wait for it: the SEG, the RTSTRUCT and the SR are three chains. The first is built in
+  the node's process while the workers build the others.
+- The **label map** is written once to a file in ``/dev/shm`` (memory, never the disk) that
+  each worker maps read-only; the source's headers and geometry go pickled, the voxels not
+  at all.
+- A worker hands back each object as its **Part 10 bytes** (:class:`EncodedObject`), ready
+  to be written: reading a big SR back into pydicom objects would cost as much as building
+  it (0.4 s for 104 organs).
+- The workers are forked from a **fork server** that has imported the encoders and read
+  highdicom's tables of the standard once, so a worker starts in milliseconds with all of
+  it, and none is forked from the node's own threads.
+
+An encoder that cannot be pickled (one defined inside a function) is built in the node's
+process, as is everything when the pool is off (``[results] encode_processes = 0``) or a
+worker dies (its chain is built again in the node's process, with a warning): results are
+made either way.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import io
+import logging
+import multiprocessing
+import os
+import pickle
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset
+
+from dicom_node.common.heap import release_free_memory
+from dicom_node.config import ResultSettings
+from dicom_node.encode.labels import is_indexed, label_index
+from dicom_node.encode.registry import (
+    Announcing,
+    EncodeContext,
+    Encoder,
+    Referencing,
+    announce,
+    chains,
+    encode_all,
+    register,
+)
+from dicom_node.series.volume import SeriesVolume
+
+__all__ = ["EncodedObject", "EncoderProcesses", "encode_in_process", "part10"]
+
+log = logging.getLogger(__name__)
+
+#: Imported by the fork server before it forks any worker (see the module).
+WORKER_PRELOAD = "dicom_node.encode._preload"
+
+#: Where a label map is shared with the workers: memory, not the disk.
+SHARED_MEMORY_DIR = Path("/dev/shm")
+
+
+@dataclass(frozen=True)
+class EncodedObject:
+    """One result object as written: its kind, SOP Instance UID and Part 10 bytes."""
+
+    kind: str
+    sop_instance_uid: str
+    data: bytes
+
+
+def part10(kind: str, ds: Dataset) -> EncodedObject:
+    """``ds`` encoded as a Part 10 file (preamble, meta information, data set)."""
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return EncodedObject(kind, str(ds.SOPInstanceUID), buf.getvalue())
+
+
+@dataclass(frozen=True)
+class EncodeRequest:
+    """One set of objects to make: ``chosen`` encoders of a context with ``settings`` (the
+    same context may be asked for with other settings: a binary SEG beside a label map)."""
+
+    chosen: Sequence[Encoder]
+    settings: ResultSettings
+
+
+def encode_in_process(
+    context: EncodeContext, requests: Sequence[EncodeRequest]
+) -> list[dict[str, EncodedObject]]:
+    """Every request's objects built in this process (the encoders in threads, as
+    :func:`~dicom_node.encode.registry.encode_all` does), one dict by kind per request."""
+    out = []
+    for request in requests:
+        built = encode_all(dataclasses.replace(context, settings=request.settings), request.chosen)
+        out.append({kind: part10(kind, ds) for kind, ds in built.items()})
+    return out
+
+
+@dataclass(frozen=True)
+class _SharedLabels:
+    """A label map in a file the workers map: where, and its shape and type."""
+
+    path: str
+    shape: tuple[int, ...]
+    dtype: str
+
+
+def _share(labels: np.ndarray) -> _SharedLabels:
+    """Write ``labels`` to a new file, in ``/dev/shm`` where it has room (a container's
+    is often 64 MB) and in the temporary directory otherwise."""
+    data = np.ascontiguousarray(labels)
+    where: str | None = None
+    if SHARED_MEMORY_DIR.is_dir():
+        try:
+            if shutil.disk_usage(SHARED_MEMORY_DIR).free > 2 * data.nbytes + 2**20:
+                where = str(SHARED_MEMORY_DIR)
+        except OSError:
+            pass
+    fd, path = tempfile.mkstemp(prefix="dicom-node-labels-", dir=where)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.reshape(-1).view(np.uint8).data)
+    except BaseException:
+        os.unlink(path)
+        raise
+    return _SharedLabels(path, tuple(data.shape), data.dtype.str)
+
+
+def _attach(shared: _SharedLabels) -> np.ndarray:
+    """The shared label map, read-only (so that its index is made once per worker)."""
+    labels = np.memmap(shared.path, dtype=shared.dtype, mode="r", shape=shared.shape)
+    return labels.view(np.ndarray)
+
+
+def _without_pixels(source: SeriesVolume) -> SeriesVolume:
+    """``source`` as the encoders read it: geometry and headers, no voxels to pickle."""
+    volume = source.volume
+    if hasattr(volume, "get_geometry"):
+        volume = volume.get_geometry()
+    return SeriesVolume(volume, list(source.source_uids), source.frame_numbers, source.headers)
+
+
+def _encode_chain(
+    context_pickle: bytes,
+    shared: _SharedLabels,
+    chain_pickle: bytes,
+    settings: ResultSettings,
+    announced: dict[str, Dataset],
+    counts: np.ndarray | None,
+) -> dict[str, EncodedObject]:
+    """In a worker: one chain of encoders on the shared map, each object as Part 10 bytes;
+    ``counts``: the map's index counts where the node made them already."""
+    context: EncodeContext = pickle.loads(context_pickle)
+    chain: list[Encoder] = pickle.loads(chain_pickle)
+    for encoder in chain:  # as registered in the node (a deployment's own, say)
+        register(encoder)
+    labels = _attach(shared)
+    if counts is not None:
+        label_index(labels, counts)
+    context = dataclasses.replace(context, labels=labels, settings=settings, announced=announced)
+    try:
+        return {kind: part10(kind, ds) for kind, ds in encode_all(context, chain).items()}
+    finally:
+        # what the objects took goes back to the system, not to the idle worker's heaps
+        del context, labels
+        release_free_memory()
+
+
+def _ready() -> int:
+    return os.getpid()
+
+
+@dataclass
+class _Chain:
+    """One chain of one request, and where it is being built."""
+
+    request: int
+    context: EncodeContext
+    encoders: list[Encoder]
+    future: concurrent.futures.Future | None = None
+    pool: concurrent.futures.ProcessPoolExecutor | None = None
+
+
+class EncoderProcesses:
+    """A pool of worker processes that build and encode result objects (see the module).
+
+    ``workers`` processes at most, forked when first needed from a fork server that has
+    the encoders loaded; :meth:`start` starts that server ahead of the first series (it
+    takes a second or two of its own CPU, not the node's interpreter).
+    """
+
+    def __init__(self, workers: int) -> None:
+        if workers < 1:
+            raise ValueError("an encoder pool needs at least one worker")
+        self.workers = workers
+        self._lock = threading.Lock()
+        self._pool: concurrent.futures.ProcessPoolExecutor | None = None
+        self._closed = False
+
+    def _executor(self) -> concurrent.futures.ProcessPoolExecutor:
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the encoder pool is closed")
+            if self._pool is None:
+                context = multiprocessing.get_context("forkserver")
+                context.set_forkserver_preload([WORKER_PRELOAD])
+                self._pool = concurrent.futures.ProcessPoolExecutor(
+                    self.workers, mp_context=context
+                )
+            return self._pool
+
+    def start(self) -> None:
+        """Start the fork server and a worker now rather than for the first series."""
+        self._executor().submit(_ready)
+
+    def _reset(self, broken: concurrent.futures.ProcessPoolExecutor) -> None:
+        """Replace a pool whose worker died; the next request forks new workers."""
+        with self._lock:
+            if self._pool is broken:
+                self._pool = None
+        broken.shutdown(wait=False, cancel_futures=True)
+
+    def encode(
+        self, context: EncodeContext, requests: Sequence[EncodeRequest]
+    ) -> list[dict[str, EncodedObject]]:
+        """Every request's objects, one dict by kind per request in the order of its
+        encoders. The first chain is built here, the others in the workers; the first
+        :class:`~dicom_node.encode.labels.EncodeError` (or bug) of any chain is raised once
+        every chain has ended."""
+        planned: list[_Chain] = []
+        for number, request in enumerate(requests):
+            chosen = [e for e in request.chosen if e.enabled(request.settings)]
+            to_announce = {e.kind for e in chosen if isinstance(e, Announcing)}
+            planned += [
+                _Chain(number, dataclasses.replace(context, settings=request.settings), chain)
+                for chain in chains(chosen, to_announce)
+            ]
+        away = [c for c in planned[1:] if _picklable(c.encoders)]
+        out: list[dict[str, EncodedObject]] = [{} for _ in requests]
+        shared = _share(context.labels) if away else None
+        try:
+            submit = self._submitter(context, shared) if shared is not None else None
+            # What needs no announced header goes first: its workers start at once, while
+            # the headers are made here (the SEG's needs the map's index).
+            if submit is not None:
+                for chain in away:
+                    if not _reads_announced(chain.encoders):
+                        chain.future = submit(chain)
+            announced: dict[int, EncodeContext] = {}
+            for chain in planned:
+                if chain.request not in announced:
+                    request = requests[chain.request]
+                    announced[chain.request] = announce(chain.context, request.chosen)
+                chain.context = announced[chain.request]
+            if submit is not None:
+                for chain in away:
+                    if chain.future is None:
+                        chain.future = submit(chain)
+            error: BaseException | None = None
+            for chain in planned:  # the ones left here first, while the workers build
+                if chain.future is None:
+                    try:
+                        out[chain.request].update(self._here(chain))
+                    except BaseException as exc:  # noqa: BLE001 - raised once all ended
+                        error = error or exc
+            for chain in planned:
+                if chain.future is not None:
+                    try:
+                        out[chain.request].update(self._result(chain))
+                    except BaseException as exc:  # noqa: BLE001 - raised once all ended
+                        error = error or exc
+            if error is not None:
+                raise error
+        finally:
+            if shared is not None:
+                os.unlink(shared.path)
+        return [
+            {e.kind: got[e.kind] for e in request.chosen if e.kind in got}
+            for request, got in zip(requests, out, strict=True)
+        ]
+
+    def _submitter(
+        self, context: EncodeContext, shared: _SharedLabels
+    ) -> Callable[[_Chain], concurrent.futures.Future]:
+        """A function that hands a chain to a worker, the context pickled once for all."""
+        light = dataclasses.replace(
+            context,
+            source=_without_pixels(context.source),
+            labels=np.empty(0, np.uint8),
+            announced={},
+        )
+        context_pickle = pickle.dumps(light, protocol=pickle.HIGHEST_PROTOCOL)
+        pool = self._executor()
+
+        def submit(chain: _Chain) -> concurrent.futures.Future:
+            chain.pool = pool
+            return pool.submit(
+                _encode_chain,
+                context_pickle,
+                shared,
+                pickle.dumps(chain.encoders),
+                chain.context.settings,
+                dict(chain.context.announced),
+                _counts_made(context.labels),
+            )
+
+        return submit
+
+    @staticmethod
+    def _here(chain: _Chain) -> dict[str, EncodedObject]:
+        built = encode_all(chain.context, chain.encoders)
+        return {kind: part10(kind, ds) for kind, ds in built.items()}
+
+    def _result(self, chain: _Chain) -> dict[str, EncodedObject]:
+        assert chain.future is not None and chain.pool is not None
+        try:
+            return chain.future.result()
+        except BrokenProcessPool:
+            log.warning(
+                "an encoder process ended unexpectedly; %s built in the node's process",
+                ", ".join(e.kind for e in chain.encoders),
+            )
+            self._reset(chain.pool)
+            return self._here(chain)
+
+    def close(self) -> None:
+        """Stop the workers (a running chain is waited for)."""
+        with self._lock:
+            self._closed = True
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _counts_made(labels: np.ndarray) -> np.ndarray | None:
+    """The index counts of a read-only map where this process made them already (the SEG's
+    announcement does), for the workers that start after."""
+    if labels.flags.writeable or not is_indexed(labels):
+        return None
+    return label_index(labels).counts
+
+
+def _reads_announced(chain: list[Encoder]) -> bool:
+    """Whether a chain announces a header or may read one: its workers need the headers."""
+    return any(isinstance(e, Announcing | Referencing) for e in chain)
+
+
+def _picklable(chain: list[Encoder]) -> bool:
+    """Whether a worker can be sent ``chain`` (an encoder class defined inside a function
+    cannot: it is built in the node's process)."""
+    try:
+        pickle.dumps(chain)
+    except (pickle.PicklingError, AttributeError, TypeError):
+        return False
+    return True
