@@ -263,9 +263,10 @@ def _together(
 ) -> float:
     """Seconds to build SEG, RTSTRUCT and SR as the node's encoders do, each as the bytes
     of its file: in ``pool`` (:mod:`dicom_node.encode.processes`) or, without one, in this
-    process's threads; median over RUNS (at least 3)."""
+    process's threads; median over RUNS (at least 3), after one run that is not counted
+    (the workers are forked, as for a node's first series)."""
     times = []
-    for _ in range(max(3, RUNS)):
+    for _ in range(max(3, RUNS) + 1):
         frozen = labels.copy()  # a new map: its index is made afresh, as for each result
         frozen.flags.writeable = False
         context = EncodeContext(source, frozen, segments, ALGORITHM, settings)
@@ -276,7 +277,7 @@ def _together(
         else:
             encode_in_process(context, requests)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(times[1:])
 
 
 # --- end to end ---------------------------------------------------------------------------

@@ -25,14 +25,13 @@ series interrupted while processing are processed again.
 from __future__ import annotations
 
 import logging
-import threading
 from typing import TYPE_CHECKING
 
 from dicom_node.common.events import Events
 from dicom_node.common.heap import freeze_heap
 from dicom_node.common.standard_tables import load_standard_tables
 from dicom_node.config import Settings
-from dicom_node.encode.processes import EncoderProcesses
+from dicom_node.encode.processes import EncoderProcesses, remove_stale_labels
 from dicom_node.export.sender import Exporter, ExportStarted, ResultSent
 from dicom_node.inference import Backends
 from dicom_node.intake.events import AssociationEnded, AssociationRefused, AssociationReleased
@@ -134,6 +133,7 @@ class Node:
 
         removed = self.spool.clean_incoming()
         remove_stale()  # volumes a killed node left in shared memory
+        remove_stale_labels()  # and label maps it was encoding
         registered = reconcile(
             self.spool, self.jobs.instances, self.settings.limits.max_rows_columns
         )
@@ -148,10 +148,6 @@ class Node:
             fetches,
         )
         _freeze_long_lived()  # before the first association: no pause once serving
-        if self.encoder_processes is not None:  # its fork server loads in a second or two
-            threading.Thread(
-                target=self.encoder_processes.start, name="dicom-node-encoders", daemon=True
-            ).start()
         if serve:
             self._start_embedded()  # the default destination listens before anything is sent
             if self.settings.status.enabled:  # first: a taken port stops before any C-STORE

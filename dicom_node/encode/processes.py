@@ -19,7 +19,8 @@ run in worker processes, on as many cores:
   it (0.4 s for 104 organs).
 - The workers are forked from a **fork server** that has imported the encoders and read
   highdicom's tables of the standard once, so a worker starts in milliseconds with all of
-  it, and none is forked from the node's own threads.
+  it, and none is forked from the node's own threads. A worker ends once the node is gone,
+  even one killed outright, and the fork server with it.
 
 An encoder that cannot be pickled (one defined inside a function) is built in the node's
 process, as is everything when the pool is off (``[results] encode_processes = 0``) or a
@@ -39,6 +40,7 @@ import pickle
 import shutil
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -61,8 +63,16 @@ from dicom_node.encode.registry import (
     register,
 )
 from dicom_node.series.volume import SeriesVolume
+from dicom_node.service.supervisor import pid_exists
 
-__all__ = ["EncodedObject", "EncoderProcesses", "encode_in_process", "part10"]
+__all__ = [
+    "EncodeRequest",
+    "EncodedObject",
+    "EncoderProcesses",
+    "encode_in_process",
+    "part10",
+    "remove_stale_labels",
+]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +81,25 @@ WORKER_PRELOAD = "dicom_node.encode._preload"
 
 #: Where a label map is shared with the workers: memory, not the disk.
 SHARED_MEMORY_DIR = Path("/dev/shm")
+#: A shared label map's file name: this, the node's process id, a dash, a unique part.
+LABELS_PREFIX = "dicom-node-labels-"
+
+
+def remove_stale_labels() -> int:
+    """Remove the label maps that node processes no longer running left shared (a node
+    killed while encoding); return how many. A running node's are left alone."""
+    removed = 0
+    for folder in {SHARED_MEMORY_DIR, Path(tempfile.gettempdir())}:
+        for path in folder.glob(f"{LABELS_PREFIX}*-*"):
+            try:
+                pid = int(path.name[len(LABELS_PREFIX) :].split("-")[0])
+            except ValueError:
+                continue
+            if pid == os.getpid() or pid_exists(pid):
+                continue
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 @dataclass(frozen=True)
@@ -130,7 +159,7 @@ def _share(labels: np.ndarray) -> _SharedLabels:
                 where = str(SHARED_MEMORY_DIR)
         except OSError:
             pass
-    fd, path = tempfile.mkstemp(prefix="dicom-node-labels-", dir=where)
+    fd, path = tempfile.mkstemp(prefix=f"{LABELS_PREFIX}{os.getpid()}-", dir=where)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.reshape(-1).view(np.uint8).data)
@@ -184,6 +213,38 @@ def _ready() -> int:
     return os.getpid()
 
 
+def _runs(pid: int) -> bool:
+    """Whether process ``pid`` runs: it exists and is not a zombie (killed, not yet reaped
+    by its parent)."""
+    if not pid_exists(pid):
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc to ask: it exists
+    return not stat.rpartition(")")[2].strip().startswith("Z")
+
+
+#: How often a worker checks that the node it works for still runs.
+WATCH_SECONDS = 1.0
+
+
+def _watch_node(node_pid: int) -> None:
+    """In a new worker: end it once the node is gone.
+
+    A worker's parent is the fork server, not the node, and it waits for work on a pipe it
+    holds both ends of: a node killed outright (SIGKILL, the OOM killer) would leave its
+    workers, and through them the fork server, running for good. A thread that looks for
+    the node once a second ends the worker instead; the fork server then ends as well."""
+
+    def watch() -> None:
+        while _runs(node_pid):
+            time.sleep(WATCH_SECONDS)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="dicom-node-watch", daemon=True).start()
+
+
 @dataclass
 class _Chain:
     """One chain of one request, and where it is being built."""
@@ -199,8 +260,7 @@ class EncoderProcesses:
     """A pool of worker processes that build and encode result objects (see the module).
 
     ``workers`` processes at most, forked when first needed from a fork server that has
-    the encoders loaded; :meth:`start` starts that server ahead of the first series (it
-    takes a second or two of its own CPU, not the node's interpreter).
+    the encoders loaded; :meth:`start` starts that server ahead of the first encoding.
     """
 
     def __init__(self, workers: int) -> None:
@@ -210,6 +270,7 @@ class EncoderProcesses:
         self._lock = threading.Lock()
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
         self._closed = False
+        self._starting = False
 
     def _executor(self) -> concurrent.futures.ProcessPoolExecutor:
         with self._lock:
@@ -219,13 +280,30 @@ class EncoderProcesses:
                 context = multiprocessing.get_context("forkserver")
                 context.set_forkserver_preload([WORKER_PRELOAD])
                 self._pool = concurrent.futures.ProcessPoolExecutor(
-                    self.workers, mp_context=context
+                    self.workers,
+                    mp_context=context,
+                    initializer=_watch_node,
+                    initargs=(os.getpid(),),
                 )
             return self._pool
 
     def start(self) -> None:
-        """Start the fork server and a worker now rather than for the first series."""
-        self._executor().submit(_ready)
+        """Start the fork server and a worker in the background, if not started yet: the
+        runner calls this as a job starts, so that they are ready by the time it encodes
+        (a second or two of one core, while the network runs) and a node that has no job
+        to do costs nothing. Returns at once."""
+        with self._lock:
+            if self._starting or self._closed:
+                return
+            self._starting = True
+
+        def start() -> None:
+            try:
+                self._executor().submit(_ready)
+            except RuntimeError:  # closed meanwhile
+                pass
+
+        threading.Thread(target=start, name="dicom-node-encoders", daemon=True).start()
 
     def _reset(self, broken: concurrent.futures.ProcessPoolExecutor) -> None:
         """Replace a pool whose worker died; the next request forks new workers."""

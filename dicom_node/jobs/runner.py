@@ -198,6 +198,8 @@ class JobRunner:
                 count = self.jobs.series.count(series_uid)
                 log.info("series %s: topped up with %s", series_uid, added)
         log.info("series %s: processing (%d instances)", series_uid, count)
+        if self.encoder_processes is not None:  # ready by the time this job encodes
+            self.encoder_processes.start()
         paths = self.jobs.instances.paths(series_uid)
         self.events.emit(JobStarted(series_uid, paths))
         # from the last instance to this job's start: the completion rule and the queue

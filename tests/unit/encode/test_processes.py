@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import io
 import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator, Mapping
 
 import numpy as np
@@ -176,3 +180,43 @@ def test_a_worker_that_dies_costs_no_result(pool, context, shm, caplog):
     # and the next series gets new workers
     (again,) = pool.encode(context, [EncodeRequest(encoders(), LABEL_MAP)])
     assert _seg_named(_read(again["SR"])) == {again["SEG"].sop_instance_uid}
+
+
+def test_the_maps_of_a_node_no_longer_running_are_removed(shm):
+    gone = subprocess.Popen(["true"])  # noqa: S607
+    gone.wait()
+    stale = shm / f"{processes.LABELS_PREFIX}{gone.pid}-abc"
+    running = shm / f"{processes.LABELS_PREFIX}1-abc"  # init runs
+    mine = shm / f"{processes.LABELS_PREFIX}{os.getpid()}-abc"
+    for path in (stale, running, mine):
+        path.write_bytes(b"\0")
+    assert processes.remove_stale_labels() >= 1
+    assert not stale.exists() and running.exists() and mine.exists()
+
+
+_KILLED_NODE = """
+import os, signal
+from dicom_node.encode.processes import EncoderProcesses, _ready
+
+if __name__ == "__main__":
+    pool = EncoderProcesses(2)
+    pids = {pool._executor().submit(_ready).result() for _ in range(4)}
+    print(" ".join(map(str, pids)), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_the_workers_of_a_node_killed_outright_end(tmp_path):
+    script, out = tmp_path / "node.py", tmp_path / "out.txt"
+    script.write_text(_KILLED_NODE)
+    with out.open("w") as f:
+        node = subprocess.Popen([sys.executable, str(script)], stdout=f, stderr=subprocess.STDOUT)
+        # not reaped at once: a killed node stays a zombie until its parent waits for it
+        time.sleep(1)
+        assert node.wait(120) == -signal.SIGKILL, out.read_text()
+    workers = [int(p) for p in out.read_text().split()]
+    assert workers
+    deadline = time.monotonic() + 10 * processes.WATCH_SECONDS + 5
+    while any(processes._runs(p) for p in workers):
+        assert time.monotonic() < deadline, f"workers {workers} outlived their node"
+        time.sleep(0.2)
