@@ -188,8 +188,11 @@ def _info_row(text: str) -> dict:
     return {"figure": text, "this_project": None, "peer": None, "ratio": None}
 
 
-def encode_rows(tmp: Path, shape: tuple[int, int, int] = SHAPE) -> list[dict]:
-    """SEG in every format, RTSTRUCT and SR of the 104 organ blobs on ``shape``."""
+def encode_rows(
+    tmp: Path, shape: tuple[int, int, int] = SHAPE, runs: int = max(3, RUNS)
+) -> list[dict]:
+    """SEG in every format, RTSTRUCT and SR of the 104 organ blobs on ``shape``; the three
+    together as the node makes them, median of ``runs``."""
     spacing = tuple(f / n for f, n in zip(FIELD_MM, shape, strict=True))
     source = _series(shape, spacing, tmp / "ct")
     t0 = time.perf_counter()
@@ -224,13 +227,15 @@ def encode_rows(tmp: Path, shape: tuple[int, int, int] = SHAPE) -> list[dict]:
     label_map_rle = ResultSettings(seg_type="labelmap", seg_compression="rle")
     alone = _encode(build_seg, source, labels, segments, ALGORITHM, label_map_rle)[1]
     one_after_other = alone + rt[1] + sr[1]
-    pool = EncoderProcesses(ResultSettings().encode_processes)
+    pool = EncoderProcesses(
+        ResultSettings().encode_processes, ResultSettings().encode_processes_min_labels
+    )
     try:
         pool.start()
-        together = _together(source, labels, segments, label_map_rle, pool)
+        together = _together(source, labels, segments, label_map_rle, pool, runs)
     finally:
         pool.close()
-    in_threads = _together(source, labels, segments, label_map_rle, None)
+    in_threads = _together(source, labels, segments, label_map_rle, None, runs)
     rows.append(
         {
             "figure": f"SEG (label map RLE) + RTSTRUCT + SR 104 labels {grid}, built and "
@@ -260,13 +265,14 @@ def _together(
     segments: list,
     settings: ResultSettings,
     pool: EncoderProcesses | None,
+    runs: int,
 ) -> float:
     """Seconds to build SEG, RTSTRUCT and SR as the node's encoders do, each as the bytes
     of its file: in ``pool`` (:mod:`dicom_node.encode.processes`) or, without one, in this
-    process's threads; median over RUNS (at least 3), after one run that is not counted
-    (the workers are forked, as for a node's first series)."""
+    process's threads; median of ``runs``, after one run that is not counted (the workers
+    are forked, as for a node's first series)."""
     times = []
-    for _ in range(max(3, RUNS) + 1):
+    for _ in range(runs + 1):
         frozen = labels.copy()  # a new map: its index is made afresh, as for each result
         frozen.flags.writeable = False
         context = EncodeContext(source, frozen, segments, ALGORITHM, settings)

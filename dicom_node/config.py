@@ -290,6 +290,9 @@ class ResultSettings:
     #: Worker processes that build and encode the objects beside the node's own process
     #: (:mod:`dicom_node.encode.processes`); 0: all in the node's process.
     encode_processes: int = at_least(2, 0)
+    #: A result holding fewer labels than this is encoded in the node's process: sending it
+    #: to the workers costs more than it saves (measured at about 8 to 16 labels).
+    encode_processes_min_labels: int = at_least(12, 1)
 
 
 @dataclass(frozen=True)

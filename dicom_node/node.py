@@ -75,7 +75,9 @@ class Node:
         retrieval = Retrieval(settings, self.scp.retrieve_handlers()) if settings.sources else None
         #: The processes that encode results, unless ``[results] encode_processes = 0``.
         self.encoder_processes = (
-            EncoderProcesses(settings.results.encode_processes)
+            EncoderProcesses(
+                settings.results.encode_processes, settings.results.encode_processes_min_labels
+            )
             if settings.results.encode_processes
             else None
         )

@@ -51,7 +51,7 @@ from pydicom.dataset import Dataset
 
 from dicom_node.common.heap import release_free_memory
 from dicom_node.config import ResultSettings
-from dicom_node.encode.labels import is_indexed, label_index
+from dicom_node.encode.labels import is_indexed, label_counts, label_index
 from dicom_node.encode.registry import (
     Announcing,
     EncodeContext,
@@ -261,12 +261,14 @@ class EncoderProcesses:
 
     ``workers`` processes at most, forked when first needed from a fork server that has
     the encoders loaded; :meth:`start` starts that server ahead of the first encoding.
+    Results of fewer than ``min_labels`` labels are encoded in the node's process.
     """
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, min_labels: int = 1) -> None:
         if workers < 1:
             raise ValueError("an encoder pool needs at least one worker")
         self.workers = workers
+        self.min_labels = min_labels
         self._lock = threading.Lock()
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
         self._closed = False
@@ -289,9 +291,9 @@ class EncoderProcesses:
 
     def start(self) -> None:
         """Start the fork server and a worker in the background, if not started yet: the
-        runner calls this as a job starts, so that they are ready by the time it encodes
-        (a second or two of one core, while the network runs) and a node that has no job
-        to do costs nothing. Returns at once."""
+        runner calls this as a job of a model with ``min_labels`` labels or more starts, so
+        that they are ready by the time it encodes (a second or two of one core, while the
+        network runs), and a node that has no such job costs nothing. Returns at once."""
         with self._lock:
             if self._starting or self._closed:
                 return
@@ -318,7 +320,10 @@ class EncoderProcesses:
         """Every request's objects, one dict by kind per request in the order of its
         encoders. The first chain is built here, the others in the workers; the first
         :class:`~dicom_node.encode.labels.EncodeError` (or bug) of any chain is raised once
-        every chain has ended."""
+        every chain has ended. A map holding fewer than ``min_labels`` labels is encoded
+        in this process: for a few organs the workers cost more than they save."""
+        if np.count_nonzero(label_counts(context.labels)[1:]) < self.min_labels:
+            return encode_in_process(context, requests)
         planned: list[_Chain] = []
         for number, request in enumerate(requests):
             chosen = [e for e in request.chosen if e.enabled(request.settings)]

@@ -48,7 +48,13 @@ from dicom_node.inference import Allocator, Backends, InferenceError
 from dicom_node.intake.spool import check_uid
 from dicom_node.jobs.outputs import NotWritten, encode_results, plan_outbox_items, write_results
 from dicom_node.jobs.routing import describe, select_models
-from dicom_node.pipeline import BundleInfo, HandOver, SegmentationResult, read_bundle_info
+from dicom_node.pipeline import (
+    BundleError,
+    BundleInfo,
+    HandOver,
+    SegmentationResult,
+    read_bundle_info,
+)
 from dicom_node.series.assembly import StagedSeries, StreamingAssembler
 from dicom_node.series.completion import SETTLE_TIMER
 from dicom_node.series.volume import SeriesVolume, VolumeError, assemble_series
@@ -198,8 +204,6 @@ class JobRunner:
                 count = self.jobs.series.count(series_uid)
                 log.info("series %s: topped up with %s", series_uid, added)
         log.info("series %s: processing (%d instances)", series_uid, count)
-        if self.encoder_processes is not None:  # ready by the time this job encodes
-            self.encoder_processes.start()
         paths = self.jobs.instances.paths(series_uid)
         self.events.emit(JobStarted(series_uid, paths))
         # from the last instance to this job's start: the completion rule and the queue
@@ -268,6 +272,7 @@ class JobRunner:
         staged = self.assembler.take(series_uid)
         try:
             models = self._route(series_uid, paths)
+            self._ready_encoders(models)
             allocate = self._allocator(models)
             t0 = time.perf_counter()
             try:
@@ -465,6 +470,19 @@ class JobRunner:
             result.labels.flags.writeable = False
             return result
         raise JobFailed(f"inference failed after {inf.attempts} attempt(s): {last}")
+
+    def _ready_encoders(self, models: Sequence[ModelSettings]) -> None:
+        """Have the encoder processes start while the network runs, where a model's results
+        may hold enough labels to be encoded there."""
+        processes = self.encoder_processes
+        if processes is None:
+            return
+        try:
+            many = any(len(self.bundle(m).labels) >= processes.min_labels for m in models)
+        except BundleError:
+            return  # the job fails on its bundle, with that sentence
+        if many:
+            processes.start()
 
     def bundle(self, model: ModelSettings) -> BundleInfo:
         """What the model's bundle says of itself (name, version, labels), read once."""

@@ -40,7 +40,7 @@ def test_the_label_map_is_104_organ_blobs() -> None:
 
 
 def test_encode_rows_at_a_tiny_size(tmp_path) -> None:
-    rows = multiorgan.encode_rows(tmp_path, (24, 48, 48))
+    rows = multiorgan.encode_rows(tmp_path, (24, 48, 48), runs=1)
     figures = {r["figure"]: r for r in rows}
     assert rows[0]["figure"].startswith("multiorgan 48x48x24: 104 of 104 wholeBody labels")
     measured = [r for r in rows if r["this_project"] is not None]

@@ -8,6 +8,7 @@ and acknowledges it.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ class NoteEncoder:
 
     kind = "NOTE"
     requires: tuple[str, ...] = ("SEG",)
+    references: tuple[str, ...] = ("SEG",)  # of the SEG, only its UID: built beside it
     first_series_number = 9004
 
     def enabled(self, settings: ResultSettings) -> bool:
@@ -52,6 +54,7 @@ class NoteEncoder:
         ds.SeriesNumber = series_number(self.kind, context.model_index)
         ds.Modality = "OT"
         ds.ImageComments = f"segmented as {seg.SOPInstanceUID}"
+        ds.DeviceSerialNumber = str(os.getpid())  # where it was built
         return ds
 
 
@@ -102,6 +105,9 @@ def test_a_backend_an_encoder_and_a_transport_added_through_their_registries(plu
             "inference": {"backend": "threshold"},
             "models": [{"name": "spleen", "bundle": str(SPLEEN_BUNDLE)}],
             "destinations": [{"name": "archive", "type": "memory", "label": "archive"}],
+            # its one label encoded in the encoder processes, as 104 organs would be: the
+            # NOTE encoder, registered in the node alone, is built in a worker
+            "results": {"encode_processes_min_labels": 1},
         }
     )
     node = Node(settings)
@@ -130,6 +136,7 @@ def test_a_backend_an_encoder_and_a_transport_added_through_their_registries(plu
     assert set(received) == {"SEG", "RTSTRUCT", "SR", "OT"}
     assert received["OT"].ImageComments == f"segmented as {received['SEG'].SOPInstanceUID}"
     assert received["OT"].SeriesNumber == 9004
+    assert received["OT"].DeviceSerialNumber != str(os.getpid())  # in an encoder process
 
 
 def _results(tmp_path: Path, uid: str) -> list:

@@ -25,8 +25,11 @@ from dicom_node.encode import (
     EncodeError,
     encoders,
     processes,
+    register,
     requiring,
     segment_info_for,
+    series_number,
+    unregister,
 )
 from dicom_node.encode.processes import EncodeRequest, EncoderProcesses, encode_in_process
 from dicom_node.series.volume import assemble_series
@@ -220,3 +223,39 @@ def test_the_workers_of_a_node_killed_outright_end(tmp_path):
     while any(processes._runs(p) for p in workers):
         assert time.monotonic() < deadline, f"workers {workers} outlived their node"
         time.sleep(0.2)
+
+
+class _Numbered:
+    """A deployment's encoder: registered in the node only, numbered by the registry."""
+
+    kind = "NUMBERED"
+    requires: tuple[str, ...] = ()
+    first_series_number = 9009
+
+    def enabled(self, settings: ResultSettings) -> bool:
+        return True
+
+    def build(self, context: EncodeContext, built: Mapping[str, Dataset]) -> Dataset:
+        ds = _tiny("1.2.5")
+        ds.SeriesNumber = series_number(self.kind, context.model_index)
+        return ds
+
+
+def test_an_encoder_registered_in_the_node_is_known_to_its_worker(pool, context, shm):
+    register(_Numbered())
+    try:
+        (made,) = pool.encode(context, [EncodeRequest(encoders(), LABEL_MAP)])
+    finally:
+        unregister("NUMBERED")
+    numbered = _read(made["NUMBERED"])
+    assert numbered.SeriesNumber == 9009 and numbered.ContentLabel != f"P{os.getpid()}"
+
+
+def test_a_result_of_few_labels_stays_in_the_node(context, shm):
+    few = EncoderProcesses(2, min_labels=3)  # the map holds two
+    try:
+        (made,) = few.encode(context, [EncodeRequest(encoders(), LABEL_MAP)])
+        assert list(made) == ["SEG", "RTSTRUCT", "SR"]
+        assert few._pool is None and list(shm.iterdir()) == []  # no worker, nothing shared
+    finally:
+        few.close()
