@@ -134,6 +134,17 @@ def rtstruct_masks(rt_path: Path, source: SeriesVolume) -> dict[int, np.ndarray]
     return out
 
 
+def sr_evidence_segs(sr: pydicom.Dataset) -> set[str]:
+    """The SOP Instance UIDs of the SEGs (either class) an SR lists as its evidence."""
+    return {
+        ref.ReferencedSOPInstanceUID
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for ref in series.ReferencedSOPSequence
+        if ref.ReferencedSOPClassUID.startswith("1.2.840.10008.5.1.4.1.1.66.")
+    }
+
+
 def sr_volumes_ml(sr_path: Path) -> list[float]:
     sr = hd.sr.srread(sr_path)
     from pydicom.sr.codedict import codes

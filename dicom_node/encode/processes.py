@@ -63,7 +63,7 @@ from dicom_node.encode.registry import (
     register,
 )
 from dicom_node.series.volume import SeriesVolume
-from dicom_node.service.supervisor import pid_exists
+from dicom_node.service.supervisor import pid_exists, remove_left_by_ended
 
 __all__ = [
     "EncodeRequest",
@@ -88,18 +88,17 @@ LABELS_PREFIX = "dicom-node-labels-"
 def remove_stale_labels() -> int:
     """Remove the label maps that node processes no longer running left shared (a node
     killed while encoding); return how many. A running node's are left alone."""
-    removed = 0
-    for folder in {SHARED_MEMORY_DIR, Path(tempfile.gettempdir())}:
-        for path in folder.glob(f"{LABELS_PREFIX}*-*"):
-            try:
-                pid = int(path.name[len(LABELS_PREFIX) :].split("-")[0])
-            except ValueError:
-                continue
-            if pid == os.getpid() or pid_exists(pid):
-                continue
-            path.unlink(missing_ok=True)
-            removed += 1
-    return removed
+
+    def pid_of(path: Path) -> int | None:
+        try:
+            return int(path.name[len(LABELS_PREFIX) :].split("-")[0])
+        except ValueError:
+            return None
+
+    return sum(
+        remove_left_by_ended(folder.glob(f"{LABELS_PREFIX}*-*"), pid_of)
+        for folder in {SHARED_MEMORY_DIR, Path(tempfile.gettempdir())}
+    )
 
 
 @dataclass(frozen=True)

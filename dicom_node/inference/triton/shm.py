@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dicom_node.service.supervisor import pid_exists
+from dicom_node.service.supervisor import remove_left_by_ended
 
 log = logging.getLogger(__name__)
 
@@ -130,14 +130,11 @@ def named_regions(pid: int) -> list[str]:
 
 def remove_stale() -> int:
     """Remove the regions of node processes that are no longer running; return how many."""
-    removed = 0
-    for path in SHM_DIR.glob(f"{PREFIX}_*_*"):
+
+    def pid_of(path: Path) -> int | None:
         try:
-            pid = int(path.name.split("_")[2])
+            return int(path.name.split("_")[2])
         except (IndexError, ValueError):
-            continue
-        if pid == os.getpid() or pid_exists(pid):
-            continue
-        path.unlink(missing_ok=True)
-        removed += 1
-    return removed
+            return None
+
+    return remove_left_by_ended(SHM_DIR.glob(f"{PREFIX}_*_*"), pid_of)

@@ -34,6 +34,7 @@ from dicom_node.encode import (
 from dicom_node.encode.processes import EncodeRequest, EncoderProcesses, encode_in_process
 from dicom_node.series.volume import assemble_series
 from dicom_node_testing.synthetic import write_ct_series
+from tests.checks import sr_evidence_segs
 
 LABEL_MAP = ResultSettings(seg_type="labelmap")
 
@@ -85,16 +86,6 @@ def _read(encoded) -> Dataset:
     return pydicom.dcmread(io.BytesIO(encoded.data))
 
 
-def _seg_named(sr: Dataset) -> set[str]:
-    return {
-        ref.ReferencedSOPInstanceUID
-        for study in sr.CurrentRequestedProcedureEvidenceSequence
-        for series in study.ReferencedSeriesSequence
-        for ref in series.ReferencedSOPSequence
-        if ref.ReferencedSOPClassUID.startswith("1.2.840.10008.5.1.4.1.1.66.")
-    }
-
-
 def _requests() -> list[EncodeRequest]:
     binary = ResultSettings(seg_type="binary")
     seg = [e for e in encoders() if e.kind == "SEG"]
@@ -110,7 +101,7 @@ def test_the_workers_make_what_the_node_makes(pool, context, shm):
         assert seg.SOPInstanceUID == made_away["SEG"].sop_instance_uid
         assert np.array_equal(seg.pixel_array, seg_here.pixel_array)
         # each SR names the SEG of its own request
-        assert _seg_named(_read(made_away["SR"])) == {seg.SOPInstanceUID}
+        assert sr_evidence_segs(_read(made_away["SR"])) == {seg.SOPInstanceUID}
     rt, rt_here = _read(away[0]["RTSTRUCT"]), _read(here[0]["RTSTRUCT"])
     assert [[c.ContourData for c in roi.ContourSequence] for roi in rt.ROIContourSequence] == [
         [c.ContourData for c in roi.ContourSequence] for roi in rt_here.ROIContourSequence
@@ -182,7 +173,7 @@ def test_a_worker_that_dies_costs_no_result(pool, context, shm, caplog):
     assert "an encoder process ended unexpectedly" in caplog.text
     # and the next series gets new workers
     (again,) = pool.encode(context, [EncodeRequest(encoders(), LABEL_MAP)])
-    assert _seg_named(_read(again["SR"])) == {again["SEG"].sop_instance_uid}
+    assert sr_evidence_segs(_read(again["SR"])) == {again["SEG"].sop_instance_uid}
 
 
 def test_the_maps_of_a_node_no_longer_running_are_removed(shm):

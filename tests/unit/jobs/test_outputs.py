@@ -21,6 +21,7 @@ from dicom_node.jobs.outputs import (
 )
 from dicom_node.series.volume import assemble_series
 from dicom_node_testing.synthetic import write_ct_series
+from tests.checks import sr_evidence_segs
 
 LABEL_MAP = ResultSettings(seg_type="labelmap")
 
@@ -50,17 +51,6 @@ def context(tmp_path):
     )
 
 
-def _referenced(sr) -> set[str]:
-    """The SOP Instance UIDs of the SEGs an SR's evidence names."""
-    return {
-        ref.ReferencedSOPInstanceUID
-        for study in sr.CurrentRequestedProcedureEvidenceSequence
-        for series in study.ReferencedSeriesSequence
-        for ref in series.ReferencedSOPSequence
-        if ref.ReferencedSOPClassUID.startswith("1.2.840.10008.5.1.4.1.1.66.")
-    }
-
-
 def test_binary_forms_only_where_some_destination_may_need_them():
     assert not wants_binary_alternatives(_settings(ResultSettings(), "auto"))
     assert not wants_binary_alternatives(_settings(LABEL_MAP, "labelmap"))
@@ -78,8 +68,8 @@ def test_the_seg_and_what_names_it_get_a_binary_form(context, tmp_path):
     assert binary_seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4"
     # each SR names the SEG of its own form
     sr, binary_sr = (pydicom.dcmread(io.BytesIO(e.data)) for e in by_kind["SR"].forms())
-    assert _referenced(sr) == {seg.SOPInstanceUID} != _referenced(binary_sr)
-    assert _referenced(binary_sr) == {binary_seg.SOPInstanceUID}
+    assert sr_evidence_segs(sr) == {seg.SOPInstanceUID} != sr_evidence_segs(binary_sr)
+    assert sr_evidence_segs(binary_sr) == {binary_seg.SOPInstanceUID}
     (out := tmp_path / "out").mkdir()
     written: list = []
     stored = write_results(out, results, reserve_mb=0, written=written)
