@@ -9,8 +9,9 @@ run in worker processes, on as many cores:
 - The encoders are split into **chains** (:func:`~dicom_node.encode.registry.chains`) that
   can be built apart. The SEG announces its UIDs and segments first
   (:class:`~dicom_node.encode.registry.Announcing`), so the SR, which reads no more of it
-  (:class:`~dicom_node.encode.registry.Referencing`), does not wait for it: the SEG, the RTSTRUCT and the SR are three chains. The first is built in
-  the node's process while the workers build the others.
+  (:class:`~dicom_node.encode.registry.Referencing`), does not wait for it: the SEG, the
+  RTSTRUCT and the SR are three chains. The first is built in the node's process while the
+  workers build the others.
 - The **label map** is written once to a file in ``/dev/shm`` (memory, never the disk) that
   each worker maps read-only; the source's headers and geometry go pickled, the voxels not
   at all.
@@ -23,9 +24,10 @@ run in worker processes, on as many cores:
   even one killed outright, and the fork server with it.
 
 An encoder that cannot be pickled (one defined inside a function) is built in the node's
-process, as is everything when the pool is off (``[results] encode_processes = 0``) or a
-worker dies (its chain is built again in the node's process, with a warning): results are
-made either way.
+process, as is everything when the pool is off (``[results] encode_processes = 0``), when
+the result holds few labels (``encode_processes_min_labels``: the workers would cost more
+than they save) or when a worker dies (its chain is built again in the node's process,
+with a warning, and the next series gets new workers): results are made either way.
 """
 
 from __future__ import annotations
@@ -341,17 +343,23 @@ class EncoderProcesses:
             if submit is not None:
                 for chain in away:
                     if not _reads_announced(chain.encoders):
-                        chain.future = submit(chain)
+                        submit(chain)
             announced: dict[int, EncodeContext] = {}
-            for chain in planned:
-                if chain.request not in announced:
-                    request = requests[chain.request]
-                    announced[chain.request] = announce(chain.context, request.chosen)
-                chain.context = announced[chain.request]
+            try:
+                for chain in planned:
+                    if chain.request not in announced:
+                        request = requests[chain.request]
+                        announced[chain.request] = announce(chain.context, request.chosen)
+                    chain.context = announced[chain.request]
+            except BaseException:
+                for chain in planned:
+                    if chain.future is not None:
+                        chain.future.cancel()
+                raise
             if submit is not None:
                 for chain in away:
                     if chain.future is None:
-                        chain.future = submit(chain)
+                        submit(chain)
             error: BaseException | None = None
             for chain in planned:  # the ones left here first, while the workers build
                 if chain.future is None:
@@ -375,10 +383,10 @@ class EncoderProcesses:
             for request, got in zip(requests, out, strict=True)
         ]
 
-    def _submitter(
-        self, context: EncodeContext, shared: _SharedLabels
-    ) -> Callable[[_Chain], concurrent.futures.Future]:
-        """A function that hands a chain to a worker, the context pickled once for all."""
+    def _submitter(self, context: EncodeContext, shared: _SharedLabels) -> Callable[[_Chain], None]:
+        """A function that hands a chain to a worker, the context pickled once for all. A
+        pool found broken (a worker died while idle) is replaced for the next series, and
+        the chain is left to be built here."""
         light = dataclasses.replace(
             context,
             source=_without_pixels(context.source),
@@ -388,17 +396,28 @@ class EncoderProcesses:
         context_pickle = pickle.dumps(light, protocol=pickle.HIGHEST_PROTOCOL)
         pool = self._executor()
 
-        def submit(chain: _Chain) -> concurrent.futures.Future:
+        broken = False
+
+        def submit(chain: _Chain) -> None:
+            nonlocal broken
+            if broken:
+                return
+            try:
+                chain.future = pool.submit(
+                    _encode_chain,
+                    context_pickle,
+                    shared,
+                    pickle.dumps(chain.encoders),
+                    chain.context.settings,
+                    dict(chain.context.announced),
+                    _counts_made(context.labels),
+                )
+            except BrokenProcessPool:
+                log.warning("an encoder process had ended; this series is encoded here")
+                broken = True
+                self._reset(pool)
+                return
             chain.pool = pool
-            return pool.submit(
-                _encode_chain,
-                context_pickle,
-                shared,
-                pickle.dumps(chain.encoders),
-                chain.context.settings,
-                dict(chain.context.announced),
-                _counts_made(context.labels),
-            )
 
         return submit
 

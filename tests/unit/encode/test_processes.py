@@ -176,6 +176,23 @@ def test_a_worker_that_dies_costs_no_result(pool, context, shm, caplog):
     assert sr_evidence_segs(_read(again["SR"])) == {again["SEG"].sop_instance_uid}
 
 
+def test_a_worker_killed_while_idle_costs_no_result(pool, context, shm, caplog):
+    pool.encode(context, [EncodeRequest(encoders(), LABEL_MAP)])  # workers forked
+    executor = pool._executor()
+    (victim, *_) = list(executor._processes)  # pid -> process
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while executor._broken is False:  # until its manager thread has noticed
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    (made,) = pool.encode(context, [EncodeRequest(encoders(), LABEL_MAP)])
+    assert list(made) == ["SEG", "RTSTRUCT", "SR"]
+    assert sr_evidence_segs(_read(made["SR"])) == {made["SEG"].sop_instance_uid}
+    assert "an encoder process had ended" in caplog.text
+    (again,) = pool.encode(context, [EncodeRequest(encoders(), LABEL_MAP)])  # new workers
+    assert pool._executor() is not executor and list(again) == ["SEG", "RTSTRUCT", "SR"]
+
+
 def test_the_maps_of_a_node_no_longer_running_are_removed(shm):
     gone = subprocess.Popen(["true"])  # noqa: S607
     gone.wait()
