@@ -39,6 +39,7 @@ import os
 import shutil
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -52,7 +53,7 @@ from monai.transforms import Compose, LoadImaged
 
 from bench.e2e import read_series_plainly
 from bench.encode import _encode, _rows, _series
-from dicom_node.config import ResultSettings
+from dicom_node.config import ResultSettings, settings_from_dict
 from dicom_node.encode import (
     AlgorithmInfo,
     EncodeContext,
@@ -189,10 +190,14 @@ def _info_row(text: str) -> dict:
 
 
 def encode_rows(
-    tmp: Path, shape: tuple[int, int, int] = SHAPE, runs: int = max(3, RUNS)
+    tmp: Path,
+    shape: tuple[int, int, int] = SHAPE,
+    runs: int = max(3, RUNS),
+    ingest: bool = True,
 ) -> list[dict]:
     """SEG in every format, RTSTRUCT and SR of the 104 organ blobs on ``shape``; the three
-    together as the node makes them, median of ``runs``."""
+    together as the node makes them, median of ``runs``; and, with ``ingest``, a node's
+    ingest while it encodes them (:func:`ingest_while_encoding_rows`)."""
     spacing = tuple(f / n for f, n in zip(FIELD_MM, shape, strict=True))
     source = _series(shape, spacing, tmp / "ct")
     t0 = time.perf_counter()
@@ -247,6 +252,8 @@ def encode_rows(
             "ratio": round(together / one_after_other, 3),
         }
     )
+    if ingest:
+        rows += ingest_while_encoding_rows(tmp / "ingest", source, labels, segments, runs)
     rows.append(
         {
             "figure": f"the same, all in the node's process (encode_processes = 0: in "
@@ -257,6 +264,94 @@ def encode_rows(
         }
     )
     return rows
+
+
+#: Slices of each series pushed while the 104 organs are encoded.
+INGEST_SLICES = int(os.environ.get("BENCH_MULTIORGAN_INGEST_SLICES", "120"))
+
+
+def ingest_while_encoding_rows(
+    tmp: Path,
+    source: SeriesVolume,
+    labels: np.ndarray,
+    segments: list,
+    runs: int,
+    slices: int = INGEST_SLICES,
+) -> list[dict]:
+    """Instances/s a node takes from ``storescu`` while its process encodes the 104 organs
+    over and over: in its encoder processes (the default) and in its own threads
+    (``encode_processes = 0``), and with nothing to encode; the three pushes of a run in a
+    rotating order, median of ``runs``."""
+    from bench.ingest import _push
+    from dicom_node.node import Node
+    from dicom_node_testing.synthetic import SeriesAttributes, write_ct_series
+    from tests.peers import free_port
+
+    settings = ResultSettings(seg_type="labelmap", seg_compression="rle")
+    port = free_port()
+    node = Node(
+        settings_from_dict(
+            {
+                "node": {"data_dir": str(tmp / "node"), "host": "127.0.0.1", "port": port},
+                "limits": {"min_free_disk_mb": 1},
+                "inference": {"backend": "local"},  # no model: each series ends "no model"
+            }
+        )
+    )
+    pool = EncoderProcesses(
+        ResultSettings().encode_processes, ResultSettings().encode_processes_min_labels
+    )
+    hu = np.random.default_rng(5).normal(40, 30, (slices, 512, 512)).astype(np.int16)
+    speeds: dict[str, list[float]] = {"nothing": [], "processes": [], "threads": []}
+    node.start()
+    try:
+        frozen = labels.copy()
+        frozen.flags.writeable = False
+        pool.encode(  # the workers forked, as for the node's first series
+            EncodeContext(source, frozen, segments, ALGORITHM, settings),
+            [EncodeRequest(encoders(), settings)],
+        )
+        for run in range(runs):
+            order = list(speeds)[run % 3 :] + list(speeds)[: run % 3]
+            for how in order:
+                folder = tmp / f"ct-{run}-{how}"
+                write_ct_series(hu, folder, spacing=(1.0, 0.7, 0.7), attrs=SeriesAttributes())
+                stop = threading.Event()
+
+                def encode(how: str = how, stop: threading.Event = stop) -> None:
+                    while how != "nothing" and not stop.is_set():
+                        frozen = labels.copy()
+                        frozen.flags.writeable = False
+                        context = EncodeContext(source, frozen, segments, ALGORITHM, settings)
+                        requests = [EncodeRequest(encoders(), settings)]
+                        if how == "processes":
+                            pool.encode(context, requests)
+                        else:
+                            encode_in_process(context, requests)
+
+                encoder = threading.Thread(target=encode)
+                encoder.start()
+                time.sleep(0.5 if how != "nothing" else 0)  # the encoding under way
+                try:
+                    speeds[how].append(_push(port, "DICOM_NODE", [folder]))
+                finally:
+                    stop.set()
+                    encoder.join()
+                shutil.rmtree(folder)
+    finally:
+        node.stop()
+        pool.close()
+    idle = statistics.median(speeds["nothing"])
+    return [
+        {
+            "figure": f"ingest ({slices} slices, storescu) while the node encodes 104 "
+            f"organs, {how} (inst/s; peer: the node with nothing to encode)",
+            "this_project": round(statistics.median(speeds[how]), 1),
+            "peer": round(idle, 1),
+            "ratio": round(statistics.median(speeds[how]) / idle, 3),
+        }
+        for how in ("processes", "threads")
+    ]
 
 
 def _together(

@@ -40,7 +40,7 @@ def test_the_label_map_is_104_organ_blobs() -> None:
 
 
 def test_encode_rows_at_a_tiny_size(tmp_path) -> None:
-    rows = multiorgan.encode_rows(tmp_path, (24, 48, 48), runs=1)
+    rows = multiorgan.encode_rows(tmp_path, (24, 48, 48), runs=1, ingest=False)
     figures = {r["figure"]: r for r in rows}
     assert rows[0]["figure"].startswith("multiorgan 48x48x24: 104 of 104 wholeBody labels")
     measured = [r for r in rows if r["this_project"] is not None]
@@ -52,3 +52,22 @@ def test_encode_rows_at_a_tiny_size(tmp_path) -> None:
     assert rle["this_project"] < rle["peer"]  # a compressed label map beats 104 binary masks
     together = [r for r in measured if "as the node makes them" in r["figure"]]
     assert len(together) == 1 and together[0]["peer"] > 0
+
+
+def test_ingest_while_encoding_at_a_tiny_size(tmp_path) -> None:
+    shape = (8, 32, 32)
+    spacing = tuple(f / n for f, n in zip(multiorgan.FIELD_MM, shape, strict=True))
+    # a dozen organs, the fewest the encoder processes take: quick to encode over and over
+    labels = np.zeros(shape, np.uint8)
+    for value in range(1, 13):
+        labels[:, 2 * value : 2 * value + 2, 4:28] = value
+    source = multiorgan._series(shape, spacing, tmp_path / "ct")
+    segments = [
+        multiorgan.segment_info_for(v, n)
+        for v, n in enumerate(multiorgan.WHOLEBODY_LABELS[:12], start=1)
+    ]
+    rows = multiorgan.ingest_while_encoding_rows(
+        tmp_path / "ingest", source, labels, segments, runs=1, slices=4
+    )
+    assert ["processes" in rows[0]["figure"], "threads" in rows[1]["figure"]] == [True, True]
+    assert all(r["this_project"] > 0 and r["peer"] > 0 for r in rows)

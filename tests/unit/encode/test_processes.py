@@ -267,3 +267,12 @@ def test_a_result_of_few_labels_stays_in_the_node(context, shm):
         assert few._pool is None and list(shm.iterdir()) == []  # no worker, nothing shared
     finally:
         few.close()
+
+
+def _niceness() -> int:
+    return os.nice(0)
+
+
+def test_the_workers_yield_the_cpu_to_the_node(pool):
+    worker = pool._executor().submit(_niceness).result()
+    assert worker == min(19, os.nice(0) + processes.WORKER_NICENESS)
