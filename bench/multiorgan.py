@@ -252,8 +252,6 @@ def encode_rows(
             "ratio": round(together / one_after_other, 3),
         }
     )
-    if ingest:
-        rows += ingest_while_encoding_rows(tmp / "ingest", source, labels, segments, runs)
     rows.append(
         {
             "figure": f"the same, all in the node's process (encode_processes = 0: in "
@@ -263,6 +261,8 @@ def encode_rows(
             "ratio": round(in_threads / together, 3),
         }
     )
+    if ingest:
+        rows += ingest_while_encoding_rows(tmp / "ingest", source, labels, segments, runs)
     return rows
 
 
