@@ -53,6 +53,7 @@ import numpy as np
 from pydicom.dataset import Dataset
 
 from dicom_node.common.heap import release_free_memory
+from dicom_node.common.pids import remove_left_by_ended, runs
 from dicom_node.config import ResultSettings
 from dicom_node.encode.labels import is_indexed, label_counts, label_index
 from dicom_node.encode.registry import (
@@ -66,7 +67,6 @@ from dicom_node.encode.registry import (
     register,
 )
 from dicom_node.series.volume import SeriesVolume
-from dicom_node.service.supervisor import pid_exists, remove_left_by_ended
 
 __all__ = [
     "EncodeRequest",
@@ -215,18 +215,6 @@ def _ready() -> int:
     return os.getpid()
 
 
-def _runs(pid: int) -> bool:
-    """Whether process ``pid`` runs: it exists and is not a zombie (killed, not yet reaped
-    by its parent)."""
-    if not pid_exists(pid):
-        return False
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True  # no /proc to ask: it exists
-    return not stat.rpartition(")")[2].strip().startswith("Z")
-
-
 #: How often a worker checks that the node it works for still runs.
 WATCH_SECONDS = 1.0
 
@@ -240,7 +228,7 @@ def _watch_node(node_pid: int) -> None:
     the node once a second ends the worker instead; the fork server then ends as well."""
 
     def watch() -> None:
-        while _runs(node_pid):
+        while runs(node_pid):
             time.sleep(WATCH_SECONDS)
         os._exit(0)
 

@@ -18,11 +18,12 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
 from dicom_node.common.backoff import backoff
+from dicom_node.common.pids import pid_exists
 
 __all__ = ["ChildProcess", "Supervisor", "SupervisorError", "pid_exists"]
 
@@ -35,32 +36,6 @@ _LIBC = ctypes.CDLL(None, use_errno=True)  # loaded here: a child only calls int
 
 class SupervisorError(RuntimeError):
     """A child did not start or keep running; the message says why, in one sentence."""
-
-
-def pid_exists(pid: int) -> bool:
-    """Whether a process with this id runs (one of another user counts)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_left_by_ended(paths: Iterable[Path], pid_of: Callable[[Path], int | None]) -> int:
-    """Remove the files among ``paths`` that a process no longer running left (the pid
-    each names, by ``pid_of``; ``None``: not one of ours, kept); return how many. A node
-    killed outright leaves its shared memory files behind: the next start removes them, and
-    leaves those of nodes still running alone."""
-    removed = 0
-    for path in paths:
-        pid = pid_of(path)
-        if pid is None or pid == os.getpid() or pid_exists(pid):
-            continue
-        path.unlink(missing_ok=True)
-        removed += 1
-    return removed
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dicom_node.service.supervisor import remove_left_by_ended
+from dicom_node.common.pids import remove_left_by_ended
 
 log = logging.getLogger(__name__)
 

@@ -18,6 +18,7 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
+from dicom_node.common.pids import runs
 from dicom_node.config import ResultSettings
 from dicom_node.encode import (
     AlgorithmInfo,
@@ -228,7 +229,7 @@ def test_the_workers_of_a_node_killed_outright_end(tmp_path):
     workers = [int(p) for p in out.read_text().split()]
     assert workers
     deadline = time.monotonic() + 10 * processes.WATCH_SECONDS + 5
-    while any(processes._runs(p) for p in workers):
+    while any(runs(p) for p in workers):
         assert time.monotonic() < deadline, f"workers {workers} outlived their node"
         time.sleep(0.2)
 
