@@ -217,9 +217,8 @@ def encode_all(
     Each encoder starts as soon as the objects it requires are built, or announced
     (:func:`announce`) where it only references them (:class:`Referencing`; the announced
     headers stand in ``built`` for the objects until they are made), in a thread of its
-    own. The first
-    :class:`~dicom_node.encode.labels.EncodeError` (or bug) is raised once every started
-    encoder has ended.
+    own. The first :class:`~dicom_node.encode.labels.EncodeError` (or bug) is raised once
+    every started encoder has ended.
     """
     chosen = [e for e in (chosen or encoders()) if e.enabled(context.settings)]
     done: dict[str, Dataset] = dict(built or {})
