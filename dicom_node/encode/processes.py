@@ -134,11 +134,15 @@ def encode_in_process(
 ) -> list[dict[str, EncodedObject]]:
     """Every request's objects built in this process (the encoders in threads, as
     :func:`~dicom_node.encode.registry.encode_all` does), one dict by kind per request."""
-    out = []
-    for request in requests:
-        built = encode_all(dataclasses.replace(context, settings=request.settings), request.chosen)
-        out.append({kind: part10(kind, ds) for kind, ds in built.items()})
-    return out
+    return [
+        _encode_files(dataclasses.replace(context, settings=r.settings), r.chosen) for r in requests
+    ]
+
+
+def _encode_files(context: EncodeContext, chosen: Sequence[Encoder]) -> dict[str, EncodedObject]:
+    """``chosen`` built for ``context`` (:func:`~dicom_node.encode.registry.encode_all`),
+    each object as the bytes of its file."""
+    return {kind: part10(kind, ds) for kind, ds in encode_all(context, chosen).items()}
 
 
 @dataclass(frozen=True)
@@ -204,7 +208,7 @@ def _encode_chain(
         label_index(labels, counts)
     context = dataclasses.replace(context, labels=labels, settings=settings, announced=announced)
     try:
-        return {kind: part10(kind, ds) for kind, ds in encode_all(context, chain).items()}
+        return _encode_files(context, chain)
     finally:
         # what the objects took goes back to the system, not to the idle worker's heaps
         del context, labels
@@ -428,8 +432,7 @@ class EncoderProcesses:
 
     @staticmethod
     def _here(chain: _Chain) -> dict[str, EncodedObject]:
-        built = encode_all(chain.context, chain.encoders)
-        return {kind: part10(kind, ds) for kind, ds in built.items()}
+        return _encode_files(chain.context, chain.encoders)
 
     def _result(self, chain: _Chain) -> dict[str, EncodedObject]:
         assert chain.future is not None and chain.pool is not None
