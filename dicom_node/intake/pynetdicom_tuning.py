@@ -45,6 +45,7 @@ import threading
 import time
 import types
 import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,14 @@ _PYNETDICOM_LOG_HANDLERS = (
 )
 
 _incoming_dir: Path | None = None
+#: Whether a data set held in memory is also written through to its file as it arrives.
+
+
+def _never() -> bool:
+    return False
+
+
+_write_through: Callable[[], bool] = _never
 #: How many storage SCPs of this process receive to files (:func:`receive_to_files`).
 _receivers = 0
 #: What :func:`receive_to_files` replaces, as pynetdicom had it.
@@ -112,7 +121,7 @@ def _incoming_file(*args: object, **kwargs: object) -> IncomingDataSet | Any:
     received data set: an :class:`IncomingDataSet` under the spool."""
     if _incoming_dir is None:
         return tempfile.NamedTemporaryFile(*args, **kwargs)  # type: ignore[call-overload]
-    return IncomingDataSet(_incoming_dir)
+    return IncomingDataSet(_incoming_dir, write_through=_write_through())
 
 
 class _PlainMeta(tuple):
@@ -150,15 +159,20 @@ def _write_file_meta_info(fp: Any, file_meta: Any, *args: Any, **kwargs: Any) ->
     write_file_meta_info(fp, file_meta, *args, **kwargs)
 
 
-def receive_to_files(incoming: Path) -> None:
+def receive_to_files(incoming: Path, write_through: Callable[[], bool] | None = None) -> None:
     """Have pynetdicom write received C-STORE data sets to files in ``incoming``.
 
     A process-wide pynetdicom setting (it receives C-STORE as an SCP only here; sending is
     unaffected). Memory then no longer grows with the size of an instance: pynetdicom
     would otherwise join its fragments in memory, and the node copy them once more.
+    ``write_through``, asked as each data set begins, says whether one held in memory is
+    also written through to its file as it arrives (see
+    :class:`~dicom_node.intake.received.IncomingDataSet`).
     """
-    global _incoming_dir, _receivers
+    global _incoming_dir, _receivers, _write_through
     _incoming_dir = incoming
+    if write_through is not None:
+        _write_through = write_through
     _receivers += 1
     # a replacement of pynetdicom's tempfile.NamedTemporaryFile, whose overloads it does not copy
     dimse_messages.NamedTemporaryFile = _incoming_file  # type: ignore[assignment]
@@ -172,11 +186,12 @@ def stop_receiving_to_files() -> None:
     """Undo one :func:`receive_to_files`; the last one gives pynetdicom its own file
     handling and setting back, so that nothing in the process writes under a spool whose
     node has stopped."""
-    global _incoming_dir, _receivers
+    global _incoming_dir, _receivers, _write_through
     _receivers = max(0, _receivers - 1)
     if _receivers:
         return
     _incoming_dir = None
+    _write_through = _never
     dimse_messages.NamedTemporaryFile = _PYNETDICOM_FILE_HANDLING[0]
     dimse_messages.create_file_meta = _PYNETDICOM_FILE_HANDLING[1]
     dimse_messages.write_file_meta_info = _PYNETDICOM_FILE_HANDLING[2]

@@ -31,6 +31,7 @@ from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import decode
 
+from dicom_node.common.durable import start_writeback
 from dicom_node.intake.checks import (
     CANNOT_UNDERSTAND,
     StoreRefused,
@@ -115,14 +116,24 @@ class IncomingDataSet:
     Information first) to a ``NamedTemporaryFile`` made in the system's temporary directory,
     with no setting for another. This stands in for that file (the calls pynetdicom makes:
     ``name``, ``write``, ``file.flush``, ``close``). The common instance, under
-    :data:`SPILL_ABOVE`, stays in memory: creating, writing and reading back a file for
-    each cost ingest about a sixth. A larger one goes on, as it arrives, into a file named
-    ``name`` in ``spool/.incoming``, on the spool's file system, so that an accepted
-    instance is renamed into the spool rather than copied; what a crash leaves there ends
-    in ``.part`` and is removed at start (:meth:`Spool.clean_incoming`).
+    :data:`SPILL_ABOVE`, stays in memory, so that the handler parses it without reading a
+    file back. A larger one goes on, as it arrives, into a file named ``name`` in
+    ``spool/.incoming``, on the spool's file system, so that an accepted instance is renamed
+    into the spool rather than copied; what a crash leaves there ends in ``.part`` and is
+    removed at start (:meth:`Spool.clean_incoming`).
+
+    With ``write_through``, an instance held in memory is also written to that file as it
+    arrives, its pieces handed to the disk at once (:func:`start_writeback`): when the last
+    fragment is in, the handler renames the file into the spool and syncs it, and the
+    ``fdatasync`` on the way to the answer waits for the last piece only. The bytes held
+    in memory are the ones parsed; the file is only ever renamed, never read.
     """
 
-    def __init__(self, directory: Path) -> None:
+    #: Bytes gathered before they are written through: the File Meta Information comes in
+    #: three small writes, each data set fragment in one of up to the peer's PDU size.
+    WRITE_THROUGH_AT = 64 * 1024
+
+    def __init__(self, directory: Path, write_through: bool = False) -> None:
         self.name = str(directory / f"{uuid.uuid4().hex}.part")
         #: The pieces written so far, while held in memory (``None`` once spilled): kept as
         #: written and joined once, where a growing buffer copied each piece in and the data
@@ -130,6 +141,12 @@ class IncomingDataSet:
         self._parts: list[bytes | bytearray] | None = []
         self._held = 0
         self._file: io.BufferedWriter | None = None
+        self.write_through = write_through
+        #: The file written through (``None`` until the first write, and once closed).
+        self._fd: int | None = None
+        #: How much of ``_parts`` is in the file.
+        self._written_parts = 0
+        self._written = 0
 
     @property
     def spilled(self) -> bool:
@@ -153,11 +170,72 @@ class IncomingDataSet:
         self._parts.append(data if isinstance(data, (bytes, bytearray)) else bytes(data))
         self._held += len(data)
         if self._held > SPILL_ABOVE:
-            self._file = open(self.name, "xb")  # noqa: SIM115 - closed in close()
-            os.chmod(self.name, 0o600)
-            self._file.writelines(self._parts)
-            self._parts = None
+            self._spill()
+        elif self.write_through and self._held - self._written >= self.WRITE_THROUGH_AT:
+            try:
+                self._write_through()
+            except OSError:  # the disk said no: held in memory alone, written by the handler
+                self._stop_writing_through()
         return len(data)
+
+    def _stop_writing_through(self) -> None:
+        self.write_through = False
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        Path(self.name).unlink(missing_ok=True)
+        self._written = self._written_parts = 0
+
+    def _open(self) -> int:
+        fd = os.open(self.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.fchmod(fd, 0o600)  # whatever the umask
+        return fd
+
+    def _write_through(self) -> None:
+        """Write the pieces not yet in the file, and start them on their way to the disk."""
+        assert self._parts is not None
+        if self._fd is None:
+            self._fd = self._open()
+        pending = [memoryview(p) for p in self._parts[self._written_parts :] if len(p)]
+        start = self._written
+        while pending:
+            done = os.writev(self._fd, pending)
+            self._written += done
+            while pending and done >= pending[0].nbytes:  # pieces written whole
+                done -= pending.pop(0).nbytes
+            if pending:  # a short write stopped inside this piece
+                pending[0] = pending[0][done:]
+        self._written_parts = len(self._parts)
+        start_writeback(self._fd, start, self._written - start)
+
+    def _spill(self) -> None:
+        """Past :data:`SPILL_ABOVE`: the data set goes on in the file alone."""
+        assert self._parts is not None
+        if self._fd is not None:  # written through so far: the file has all but the tail
+            self._write_through()
+            self._file = open(self._fd, "wb", closefd=True)  # noqa: SIM115 - closed in close()
+            self._fd = None
+        else:
+            self._file = open(self._open(), "wb", closefd=True)  # noqa: SIM115 - as above
+            self._file.writelines(self._parts)
+        self._parts = None
+
+    def finish_write_through(self) -> Path | None:
+        """Once the data set is whole: the file holding it all (header and data set,
+        written through and not yet synced), or ``None`` when it was not written through
+        or is the spilled file."""
+        if not self.write_through or self._parts is None:
+            return None
+        try:
+            if self._held > self._written or self._fd is None:
+                self._write_through()
+        except OSError:  # as in write(): the handler writes the data set it holds
+            self._stop_writing_through()
+            return None
+        assert self._fd is not None
+        os.close(self._fd)
+        self._fd = None
+        return Path(self.name)
 
     def meta_and_data_set(self) -> tuple[bytes, bytes]:
         """What was written while held in memory: the Part 10 header pynetdicom wrote first
@@ -190,6 +268,9 @@ class IncomingDataSet:
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 @dataclass
@@ -200,6 +281,10 @@ class Received:
     wrote as the data set arrived, whose data set starts at ``offset`` after the File Meta
     Information ``meta`` (preamble included) that pynetdicom wrote in front of it. A data set
     of up to :data:`READ_WHOLE_BELOW` bytes is read into ``data`` as well.
+
+    ``streamed`` is the file a data set held in memory was written through to as it arrived
+    (``meta`` then ``data``, not yet synced; see :class:`IncomingDataSet`): the spool
+    renames it into place (:meth:`adopted`), and :meth:`discard` removes it otherwise.
     """
 
     size: int
@@ -207,6 +292,18 @@ class Received:
     file: Path | None = None
     offset: int = 0
     meta: bytes = b""
+    streamed: Path | None = None
+
+    def adopted(self) -> None:
+        """The ``streamed`` file is the spool's now (renamed into place)."""
+        self.streamed = None
+
+    def discard(self) -> None:
+        """Remove the ``streamed`` file, if the spool did not take it (a refused instance,
+        a duplicate, a header other than the spool's)."""
+        if self.streamed is not None:
+            self.streamed.unlink(missing_ok=True)
+            self.streamed = None
 
     @classmethod
     def from_event(cls, event: evt.Event) -> Received:
@@ -216,9 +313,11 @@ class Received:
         if isinstance(incoming, IncomingDataSet) and not incoming.spilled:
             meta, data = incoming.meta_and_data_set()
             # Held in memory, it has no file for pynetdicom to close and delete after the
-            # handler (an unlink that fails, on the way to the response).
+            # handler (an unlink that fails, on the way to the response); a file it was
+            # written through to is the storage's to adopt or discard.
             event.request._dataset_file = None
-            return cls(size=len(data), data=data, offset=len(meta), meta=meta)
+            streamed = incoming.finish_write_through()
+            return cls(size=len(data), data=data, offset=len(meta), meta=meta, streamed=streamed)
         path = getattr(event.request, "_dataset_path", None)
         if not isinstance(path, Path) or not path.exists():
             # pynetdicom annotates Event.request as any request; an EVT_C_STORE's is a C_STORE

@@ -93,7 +93,7 @@ from dicom_node.intake.pynetdicom_tuning import (
     stop_receiving_to_files,
     tune_association,
 )
-from dicom_node.intake.received import Received
+from dicom_node.intake.received import SPILL_ABOVE, Received
 from dicom_node.intake.spool import Spool
 from dicom_node.intake.storage import InstanceStorage, StoreOutcome
 from dicom_node.intake.transport_log import quiet_transport_log
@@ -284,10 +284,30 @@ class StorageSCP:
         """Whether the SCP speaks DICOM TLS (and only TLS) on its port."""
         return self._ssl_context is not None
 
+    def _room_to_write_through(self) -> bool:
+        """Whether a data set may be written to the disk as it arrives, before the C-STORE's
+        own checks (see :class:`~dicom_node.intake.received.IncomingDataSet`).
+
+        Only for an association alone: its sender waits for each answer, and the answer
+        no longer waits for the whole slice to reach the disk (one association +21%
+        here). With several at once the interpreter is what they wait for, and the
+        writes and hand-overs to the disk as each fragment arrives are a dozen more
+        releases and re-takings of it per instance (four associations -15%). And only
+        while a whole data set held in memory would still leave the disk above the
+        free-space watermark, the check the C-STORE makes once it is in.
+        """
+        if self._slots.held() > 1:
+            return False
+        watermark = self.settings.limits.min_free_disk_mb * 1024 * 1024
+        try:
+            return self.spool.free_bytes() - SPILL_ABOVE >= watermark
+        except OSError:
+            return False
+
     def start(self) -> None:
         """Start serving on the configured address, in background threads."""
         node = self.settings.node
-        receive_to_files(self.spool.incoming)
+        receive_to_files(self.spool.incoming, write_through=self._room_to_write_through)
         # pynetdicom annotates start_server's result as optional: it is None only with block=True
         self._server = cast(
             ThreadedAssociationServer,

@@ -182,8 +182,22 @@ class InstanceStorage:
 
         ``sop_class`` and ``syntax`` are the presentation context's, ``affected_uid`` the
         request's Affected SOP Instance UID ("" when it has none), ``calling_ae`` the
-        peer's AE title as recorded with the instance.
+        peer's AE title as recorded with the instance. A file the data set was written
+        through to (``received.streamed``) is the spool file's, or removed.
         """
+        try:
+            return self._store(received, sop_class, syntax, affected_uid, calling_ae)
+        finally:
+            received.discard()
+
+    def _store(
+        self,
+        received: Received,
+        sop_class: str,
+        syntax: UID,
+        affected_uid: str,
+        calling_ae: str,
+    ) -> StoreOutcome:
         limits = self.settings.limits
         if received.size > limits.max_instance_bytes:
             raise StoreRefused(
@@ -294,12 +308,18 @@ class InstanceStorage:
     def _write(self, path: Path, header: bytes, received: Received) -> int:
         """Put the received data set in the spool durably, behind ``header``; its size.
 
-        A data set held in memory is written as before (one ``writev``, one
-        ``fdatasync``: renaming pynetdicom's file and syncing the directory cost ingest
-        about a quarter); pynetdicom then deletes its file. A large one is renamed into
+        A data set held in memory that was written through to a file as it arrived, behind
+        exactly this header, is renamed into place and synced: its bytes are on their way
+        to the disk already, and the answer waits for the last of them only (CT slices: 0.2
+        to 0.3 ms, where writing and syncing the slice here took 0.6 to 0.75 ms). Otherwise
+        it is written (one ``writev``, one ``fdatasync``). A large one is renamed into
         place if pynetdicom's file has exactly this header, else copied a piece at a time.
         """
         if received.data is not None:
+            if received.streamed is not None and received.meta == header:
+                size = self.spool.adopt(received.streamed, path)
+                received.adopted()
+                return size
             return self.spool.write(path, header, received.data)
         if received.file is not None and received.meta == header:
             return self.spool.adopt(received.file, path)

@@ -294,3 +294,50 @@ def test_a_stopped_scp_gives_pynetdicom_its_own_file_handling_back(tmp_path):
     if own[0] is not tuning._incoming_file:  # no SCP of an earlier test still runs
         assert restored[0] is tempfile.NamedTemporaryFile
         assert tuning._incoming_dir is None
+
+
+def test_an_association_alone_writes_its_data_sets_through_and_not_beside_others(
+    tmp_path, monkeypatch
+):
+    """A C-STORE of the only association is written to the disk as it arrives and renamed
+    into the spool; while another association is held, it is written once it is in."""
+    from pydicom import dcmread
+    from pydicom.uid import CTImageStorage
+
+    from dicom_node.intake.spool import Spool as SpoolClass
+    from dicom_node_testing.synthetic import write_ct_series
+    from tests.peers import associate
+
+    how: list[str] = []
+    own_adopt, own_write = SpoolClass.adopt, SpoolClass.write
+
+    def adopt(spool, received, path):
+        how.append("renamed")
+        return own_adopt(spool, received, path)
+
+    def write(spool, path, *chunks):
+        how.append("written")
+        return own_write(spool, path, *chunks)
+
+    monkeypatch.setattr(SpoolClass, "adopt", adopt)
+    monkeypatch.setattr(SpoolClass, "write", write)
+    hu = np.zeros((4, 64, 64), np.int16)
+    paths = write_ct_series(hu, tmp_path / "ct", spacing=(2.0, 1.0, 1.0))
+    node, port = _scp(tmp_path)
+    try:
+        ae = AE(ae_title="STORESCU")
+        ae.add_requested_context(CTImageStorage)
+        assoc, rejected = associate(ae, port, ae_title="DICOM_NODE")
+        assert assoc.is_established, rejected
+        alone = [assoc.send_c_store(dcmread(p)).Status for p in paths[:2]]
+        other, rejected = associate(ae, port, ae_title="DICOM_NODE")
+        assert other.is_established, rejected
+        beside = [assoc.send_c_store(dcmread(p)).Status for p in paths[2:]]
+        other.release()
+        assoc.release()
+    finally:
+        node.stop()
+    assert alone + beside == [0] * 4
+    assert how == ["renamed", "renamed", "written", "written"]
+    assert list(node.spool.incoming.iterdir()) == []
+    assert len(node.spool.all_files()) == 4

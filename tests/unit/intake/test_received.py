@@ -81,3 +81,69 @@ def test_a_data_set_held_in_memory_comes_apart_from_its_header_as_written(tmp_pa
     empty = IncomingDataSet(tmp_path)
     empty.write(header)
     assert empty.meta_and_data_set() == (header, b"")
+
+
+def _as_pynetdicom_writes(incoming: IncomingDataSet, header: bytes, fragments: list[bytes]) -> None:
+    for piece in (header[:128], header[128:132], header[132:], *fragments):
+        incoming.write(piece)
+        incoming.file.flush()
+
+
+def test_a_data_set_written_through_is_in_its_file_as_it_arrives_and_held_too(tmp_path):
+    header = part10_header("1.2.840.10008.5.1.4.1.1.2", "1.2.3", "1.2.840.10008.1.2.1")
+    fragments = [os.urandom(131066), os.urandom(131066), os.urandom(17)]
+    incoming = IncomingDataSet(tmp_path, write_through=True)
+    _as_pynetdicom_writes(incoming, header, fragments[:1])
+    # the first fragment is on its way to the disk before the rest arrives
+    assert os.path.getsize(incoming.name) == len(header) + len(fragments[0])
+    for piece in fragments[1:]:
+        incoming.write(piece)
+    assert incoming.meta_and_data_set() == (header, b"".join(fragments))  # parsed from memory
+    streamed = incoming.finish_write_through()
+    assert streamed is not None and str(streamed) == incoming.name
+    assert streamed.read_bytes() == header + b"".join(fragments)  # the 17-byte tail too
+    assert stat.S_IMODE(streamed.stat().st_mode) == 0o600
+    incoming.close()  # nothing left open: closing again is harmless
+    held = IncomingDataSet(tmp_path)  # not written through: no file at all
+    _as_pynetdicom_writes(held, header, fragments)
+    assert held.finish_write_through() is None and not os.path.exists(held.name)
+
+
+def test_a_data_set_written_through_spills_into_the_same_file(tmp_path):
+    header = part10_header("1.2.840.10008.5.1.4.1.1.2", "1.2.3", "1.2.840.10008.1.2.1")
+    piece = os.urandom(1024 * 1024)
+    incoming = IncomingDataSet(tmp_path, write_through=True)
+    count = SPILL_ABOVE // len(piece) + 1
+    _as_pynetdicom_writes(incoming, header, [piece] * count)
+    incoming.write(b"tail")
+    incoming.close()
+    assert incoming.spilled and incoming.finish_write_through() is None
+    with open(incoming.name, "rb") as f:
+        assert f.read() == header + piece * count + b"tail"
+
+
+def test_a_disk_that_refuses_the_write_through_leaves_the_data_set_held(tmp_path, monkeypatch):
+    header = part10_header("1.2.840.10008.5.1.4.1.1.2", "1.2.3", "1.2.840.10008.1.2.1")
+    fragments = [os.urandom(131066), os.urandom(500)]
+    incoming = IncomingDataSet(tmp_path, write_through=True)
+
+    def full(fd, buffers):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "writev", full)
+    _as_pynetdicom_writes(incoming, header, fragments)
+    monkeypatch.undo()
+    assert incoming.finish_write_through() is None and not os.path.exists(incoming.name)
+    assert incoming.meta_and_data_set() == (header, b"".join(fragments))
+
+
+def test_a_streamed_file_is_removed_unless_adopted(tmp_path):
+    streamed = tmp_path / "x.part"
+    streamed.write_bytes(b"data")
+    Received(size=4, data=b"data", streamed=streamed).discard()
+    assert not streamed.exists()
+    streamed.write_bytes(b"data")
+    adopted = Received(size=4, data=b"data", streamed=streamed)
+    adopted.adopted()
+    adopted.discard()
+    assert streamed.exists()

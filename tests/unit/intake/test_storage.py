@@ -211,3 +211,52 @@ def test_a_refused_image_a_crash_left_in_the_spool_is_quarantined_not_registered
     assert spool.all_files() == []
     [reason] = (tmp_path / "quarantine").glob("*.reason.txt")
     assert "RescaleSlope 0" in reason.read_text()
+
+
+def _streamed(storage: InstanceStorage, received: Received, sop_uid: str) -> Received:
+    """``received`` as if written through to a file under the spool as it arrived."""
+    from dicom_node.intake.received import part10_header
+
+    meta = part10_header(CTImageStorage, sop_uid, ExplicitVRLittleEndian)
+    assert received.data is not None
+    path = storage.spool.incoming / f"{sop_uid}.part"
+    path.write_bytes(meta + received.data)
+    return Received(
+        size=received.size, data=received.data, offset=len(meta), meta=meta, streamed=path
+    )
+
+
+def test_a_data_set_written_through_is_renamed_into_the_spool(storage):
+    attrs = SeriesAttributes()
+    received, sop = _received(attrs, 0.0)
+    streamed = _streamed(storage, received, sop)
+    source = streamed.streamed
+    assert source is not None
+    inode = source.stat().st_ino
+    outcome = _store(storage, streamed, sop)
+    assert (outcome.status, outcome.new) == (SUCCESS, True)
+    spooled = Path(outcome.path)
+    assert spooled.stat().st_ino == inode and not source.exists()  # renamed, not copied
+    assert outcome.size == spooled.stat().st_size
+    assert pydicom.dcmread(spooled).SOPInstanceUID == sop
+    assert dataset_digest(spooled.read_bytes()) == received.digest()
+    # a copy of it, written through again: a duplicate stores nothing and leaves no file
+    again = _streamed(storage, received, sop)
+    assert _store(storage, again, sop).new is False
+    assert list(storage.spool.incoming.iterdir()) == []
+    assert spooled.stat().st_ino == inode
+
+
+def test_a_streamed_file_of_a_refused_or_other_header_is_not_the_spool_file(storage):
+    received, sop = _bad_slope(SeriesAttributes())
+    with pytest.raises(StoreRefused):
+        _store(storage, _streamed(storage, received, sop), sop)
+    assert list(storage.spool.incoming.iterdir()) == [] and storage.spool.all_files() == []
+    # the request named another Affected SOP Instance UID than the file's header: the
+    # spool file gets the header of the UID stored, written from memory
+    attrs = SeriesAttributes()
+    received, sop = _received(attrs, 1.0)
+    other = _streamed(storage, received, "1.2.3.4")
+    outcome = _store(storage, other, sop)
+    assert outcome.status == SUCCESS and list(storage.spool.incoming.iterdir()) == []
+    assert pydicom.dcmread(outcome.path).file_meta.MediaStorageSOPInstanceUID == sop
