@@ -95,14 +95,13 @@ _PYNETDICOM_LOG_HANDLERS = (
     (evt.EVT_PDU_SENT, standard_pdu_sent_handler),
 )
 
-_incoming_dir: Path | None = None
-#: Whether a data set held in memory is also written through to its file as it arrives.
-
 
 def _never() -> bool:
     return False
 
 
+_incoming_dir: Path | None = None
+#: Whether a data set held in memory is also written through to its file as it arrives.
 _write_through: Callable[[], bool] = _never
 #: How many storage SCPs of this process receive to files (:func:`receive_to_files`).
 _receivers = 0

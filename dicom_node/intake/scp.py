@@ -292,7 +292,8 @@ class StorageSCP:
         no longer waits for the whole slice to reach the disk (one association +21%
         here). With several at once the interpreter is what they wait for, and the
         writes and hand-overs to the disk as each fragment arrives are a dozen more
-        releases and re-takings of it per instance (four associations -15%). And only
+        releases and re-takings of it per instance (four associations 5 to 15% slower,
+        in two measures). And only
         while a whole data set held in memory would still leave the disk above the
         free-space watermark, the check the C-STORE makes once it is in.
         """
