@@ -143,7 +143,8 @@ def test_sigkill_mid_push_loses_no_acknowledged_instance(tmp_path, dcmtk_tools):
     node = NodeProcess(
         tmp_path / "n",
         node={"settle_seconds": 1.0},
-        inference={"backend": "local", "bundle": str(tmp_path / "empty")},
+        # one attempt: the job's failure is the end of the test, not its retries
+        inference={"backend": "local", "bundle": str(tmp_path / "empty"), "attempts": 1},
     )
     node.start()
     try:
