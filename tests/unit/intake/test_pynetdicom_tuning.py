@@ -112,6 +112,19 @@ def _scp(tmp_path) -> tuple[StorageSCP, int]:
     return node, port
 
 
+def _ct_association(port: int):
+    """An established association proposing CT Image Storage to the SCP at ``port``."""
+    from pydicom.uid import CTImageStorage
+
+    from tests.peers import associate
+
+    ae = AE(ae_title="STORESCU")
+    ae.add_requested_context(CTImageStorage)
+    assoc, rejected = associate(ae, port, ae_title="DICOM_NODE")
+    assert assoc.is_established, rejected
+    return assoc
+
+
 def test_a_dul_sleeps_until_the_peer_sends_or_a_response_is_queued(tmp_path, monkeypatch):
     """The served association's DUL waits on its socket and on a wake-up that queuing a
     PDU gives: with its sleep stretched to 30 s, requests are still read and answered
@@ -235,11 +248,9 @@ def test_store_responses_go_on_the_socket_from_the_association_thread(tmp_path, 
     """A plain C-STORE response is sent by the association's own thread, not queued for
     the DUL's; the peer has every answer, and the association releases as usual."""
     from pydicom import dcmread
-    from pydicom.uid import CTImageStorage
     from pynetdicom.pdu_primitives import P_DATA
 
     from dicom_node_testing.synthetic import write_ct_series
-    from tests.peers import associate
 
     queued: list[bool] = []  # per P-DATA queued for a DUL: whether the node's
     own_send_pdu = DULServiceProvider.send_pdu
@@ -254,10 +265,7 @@ def test_store_responses_go_on_the_socket_from_the_association_thread(tmp_path, 
     paths = write_ct_series(hu, tmp_path / "ct", spacing=(2.0, 1.0, 1.0))
     node, port = _scp(tmp_path)
     try:
-        ae = AE(ae_title="STORESCU")
-        ae.add_requested_context(CTImageStorage)
-        assoc, rejected = associate(ae, port, ae_title="DICOM_NODE")
-        assert assoc.is_established, rejected
+        assoc = _ct_association(port)
         statuses = [assoc.send_c_store(dcmread(p)).Status for p in paths]
         assoc.release()
         assert assoc.is_released
@@ -302,11 +310,9 @@ def test_an_association_alone_writes_its_data_sets_through_and_not_beside_others
     """A C-STORE of the only association is written to the disk as it arrives and renamed
     into the spool; while another association is held, it is written once it is in."""
     from pydicom import dcmread
-    from pydicom.uid import CTImageStorage
 
     from dicom_node.intake.spool import Spool as SpoolClass
     from dicom_node_testing.synthetic import write_ct_series
-    from tests.peers import associate
 
     how: list[str] = []
     own_adopt, own_write = SpoolClass.adopt, SpoolClass.write
@@ -325,13 +331,9 @@ def test_an_association_alone_writes_its_data_sets_through_and_not_beside_others
     paths = write_ct_series(hu, tmp_path / "ct", spacing=(2.0, 1.0, 1.0))
     node, port = _scp(tmp_path)
     try:
-        ae = AE(ae_title="STORESCU")
-        ae.add_requested_context(CTImageStorage)
-        assoc, rejected = associate(ae, port, ae_title="DICOM_NODE")
-        assert assoc.is_established, rejected
+        assoc = _ct_association(port)
         alone = [assoc.send_c_store(dcmread(p)).Status for p in paths[:2]]
-        other, rejected = associate(ae, port, ae_title="DICOM_NODE")
-        assert other.is_established, rejected
+        other = _ct_association(port)
         beside = [assoc.send_c_store(dcmread(p)).Status for p in paths[2:]]
         other.release()
         assoc.release()
